@@ -1,0 +1,125 @@
+"""Atomic, digested file commits: temp file in the same directory, fsync, `os.replace`.
+
+A reader sees either the old file or the new one, never a partial file, and a crash at any instant
+leaves at most a stray `.tmp-*` file, which `clean_temp_files` removes on the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+TEMP_MARKER = ".tmp-"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class DigestingFile:
+    """A write-only binary file that hashes (blake2b-128) and counts every byte written through it."""
+
+    def __init__(self, raw):
+        self._raw = raw
+        self._hash = hashlib.blake2b(digest_size=16)
+        self.size = 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self._hash.update(view)
+        self.size += len(view)
+        return self._raw.write(view)
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    def tell(self) -> int:
+        return self.size
+
+    @property
+    def closed(self) -> bool:
+        return self._raw.closed
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def readable(self) -> bool:
+        return False
+
+    @property
+    def digest(self) -> str:
+        return self._hash.hexdigest()
+
+
+@contextmanager
+def atomic_write(path: Path) -> Iterator[DigestingFile]:
+    """Write `path` atomically; the yielded file exposes `.size` and `.digest` once the block ends."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARKER}", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a shared cache must be readable by trainers
+        with os.fdopen(fd, "wb") as raw:
+            out = DigestingFile(raw)
+            yield out
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename durable: fsync the directory entry (a no-op where the OS does not allow it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> tuple[int, str]:
+    """Atomically write `data`; returns (size, digest)."""
+    with atomic_write(path) as f:
+        f.write(data)
+    return f.size, f.digest
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def clean_temp_files(directory: Path) -> int:
+    """Remove temp files left by a killed writer. Call only while holding the stage (no live writer)."""
+    removed = 0
+    if directory.is_dir():
+        for p in directory.glob(f".*{TEMP_MARKER}*"):
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def write_parquet_atomic(path: Path, table) -> tuple[int, str]:
+    """Atomically write a pyarrow Table (its schema must be explicit); returns (size, digest)."""
+    import pyarrow.parquet as pq
+
+    with atomic_write(path) as f:
+        pq.write_table(table, f, compression="zstd")
+    return f.size, f.digest

@@ -1,0 +1,162 @@
+"""Per-shard manifests: the commit point of every stage output, and staleness.
+
+Each shard of each stage has `{cache}/{stage}/_manifests/{shard:05d}.json`. It is written last, after
+every output file has been committed, so an output without a matching manifest counts as missing.
+
+    key = hash(stage, stage_version, keyed params, sorted dep digests)
+
+Keyed params are only those that change the output (model, image size, k, ...); unkeyed params (batch
+size, workers, device) are recorded but do not stale a shard. Downstream stages use their upstream's
+*output* digests as deps, so a rerun that reproduces identical bytes stops the cascade.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from manifests.atomic import write_json_atomic
+from manifests.digest import digest_file_content, digest_json
+
+MANIFEST_DIR = "_manifests"
+
+
+@dataclass(frozen=True)
+class Dep:
+    """One input of a shard: a raw file or an upstream output, by digest."""
+
+    name: str
+    digest: str
+
+
+@dataclass(frozen=True)
+class Out:
+    """One committed output file, relative to the cache root."""
+
+    path: str
+    size: int
+    digest: str
+    rows: int | None = None
+    mtime_ns: int = 0
+
+
+@dataclass
+class ShardSpec:
+    """What a shard must be made from; its `key` decides whether an existing output is reusable."""
+
+    stage: str
+    shard: int
+    stage_version: str
+    params: dict[str, Any]
+    deps: list[Dep]
+    unkeyed: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return fingerprint_key(self.stage, self.stage_version, self.params, [d.digest for d in self.deps])
+
+
+def fingerprint_key(stage: str, stage_version: str, params: dict[str, Any], dep_digests: list[str]) -> str:
+    return digest_json([stage, stage_version, params, sorted(dep_digests)])
+
+
+def manifest_path(cache: Path, stage: str, shard: int) -> Path:
+    return Path(cache) / stage / MANIFEST_DIR / f"{shard:05d}.json"
+
+
+def environment() -> dict[str, str]:
+    env = {"python": sys.version.split()[0], "platform": platform.platform(), "host": socket.gethostname()}
+    for mod in ("torch", "open_clip", "faiss", "pyarrow", "numpy"):
+        module = sys.modules.get(mod)
+        if module is not None:
+            env[mod] = str(getattr(module, "__version__", "?"))
+    return env
+
+
+def stat_out(cache: Path, rel: str, size: int, digest: str, rows: int | None = None) -> Out:
+    """Record an output just committed; its mtime lets `check_shard` notice later alterations cheaply."""
+    return Out(path=rel, size=size, digest=digest, rows=rows, mtime_ns=os.stat(Path(cache) / rel).st_mtime_ns)
+
+
+def commit_manifest(
+    cache: Path, spec: ShardSpec, outs: list[Out], timings: dict[str, float], extra: dict | None = None
+) -> dict[str, Any]:
+    """Write the manifest (the commit point) and return it as a dict."""
+    manifest = {
+        "stage": spec.stage,
+        "shard": spec.shard,
+        "stage_version": spec.stage_version,
+        "key": spec.key,
+        "params": spec.params,
+        "unkeyed": spec.unkeyed,
+        "deps": [{"name": d.name, "digest": d.digest} for d in spec.deps],
+        "outs": [o.__dict__ for o in outs],
+        "env": environment(),
+        "timings": timings,
+        "created": time.time(),
+        **(extra or {}),
+    }
+    write_json_atomic(manifest_path(cache, spec.stage, spec.shard), manifest)
+    return manifest
+
+
+def read_manifest(cache: Path, stage: str, shard: int) -> dict[str, Any] | None:
+    path = manifest_path(cache, stage, shard)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # a torn manifest cannot exist (atomic writes), but a hand-edited one can: redo the shard
+
+
+def list_manifests(cache: Path, stage: str) -> dict[int, dict[str, Any]]:
+    """All readable manifests of a stage, by shard."""
+    out: dict[int, dict[str, Any]] = {}
+    directory = Path(cache) / stage / MANIFEST_DIR
+    if directory.is_dir():
+        for p in sorted(directory.glob("[0-9]*.json")):
+            manifest = read_manifest(cache, stage, int(p.stem))
+            if manifest is not None:
+                out[int(p.stem)] = manifest
+    return out
+
+
+def check_shard(cache: Path, spec: ShardSpec, *, verify: bool = False) -> str | None:
+    """None when the committed shard matches `spec`, else a short reason it must be (re)made.
+
+    Reads only the manifest and file stats; `verify=True` also re-hashes the outputs.
+    """
+    manifest = read_manifest(cache, spec.stage, spec.shard)
+    if manifest is None:
+        return "new shard"
+    if manifest.get("key") == spec.key:
+        return check_outputs(cache, manifest, verify=verify)
+    if manifest.get("stage_version") != spec.stage_version:
+        return f"stage code version {manifest.get('stage_version')} -> {spec.stage_version}"
+    old_params = manifest.get("params", {})
+    changed = sorted(k for k in set(old_params) | set(spec.params) if old_params.get(k) != spec.params.get(k))
+    if changed:
+        return "params changed: " + ", ".join(changed)
+    return "inputs changed"
+
+
+def check_outputs(cache: Path, manifest: dict[str, Any], *, verify: bool = False) -> str | None:
+    for out in manifest.get("outs", []):
+        path = Path(cache) / out["path"]
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return f"output missing: {out['path']}"
+        if st.st_size != out["size"] or (out.get("mtime_ns") and st.st_mtime_ns != out["mtime_ns"]):
+            return f"output altered: {out['path']}"
+        if verify and digest_file_content(path) != out["digest"]:
+            return f"output altered: {out['path']}"
+    return None

@@ -1,0 +1,354 @@
+"""Stage 1, `pipeline embed`: images in, CLIP image embeddings out, as WebDataset shards.
+
+Pure core: `plan_embed(config)` decides which shards must be (re)made and why; `embed_shard(task)`
+makes one shard and returns its manifest (a small dict, so it can run as a Dask task); `run_embed`
+does both in-process. Reading and decoding run in DataLoader workers, CLIP runs batched in the main
+process (bf16 autocast on CUDA), and the writer commits the tar, the sidecar Parquet, the stats and
+finally the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from manifests import (
+    Dep,
+    ShardPlan,
+    ShardSpec,
+    check_shard,
+    clean_temp_files,
+    commit_manifest,
+    digest_file_content,
+    digest_input_file,
+    group_units,
+    list_manifests,
+    read_manifest,
+    write_json_atomic,
+)
+from pipeline.errors import ConfigError
+from pipeline.images import DEFAULT_MAX_PIXELS
+from pipeline.sources import Unit, expand_inputs
+
+STAGE = "embed"
+STAGE_VERSION = "1"
+PLAN_FILE = "_plan.json"
+IMAGE_FORMATS = ("jpg", "png", "webp")
+
+Progress = Callable[[int, list[str]], None]  # (samples just finished, reasons of those dropped)
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    inputs: tuple[str, ...]  # folders, image files, .tar shards, .parquet files; globs and {a..b} braces
+    cache: Path = Path("cache")  # the feature cache directory
+    clip_model: str = "ViT-B-32"  # open_clip architecture, bundled config name, or model-config JSON
+    clip_pretrained: str = "openai"  # open_clip tag or local checkpoint; "" means random weights
+    image_size: int = 256  # stored training resolution (centre-crop + resize); 0 keeps the source size
+    image_format: str = "jpg"  # how stored images are encoded (sources already right are kept as-is)
+    quality: int = 95  # JPEG/WebP quality of re-encoded images
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped (decompression-bomb guard)
+    shard_size: int = 10_000  # images per shard for folder inputs (a tar or Parquet file is one shard)
+    batch_size: int = 256  # images per CLIP forward pass (not keyed: does not change the output)
+    workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))  # decoding processes
+    device: str = "auto"  # "auto" (CUDA if present), "cpu", "cuda", "cuda:1"
+    verify: bool = False  # hash input and output contents instead of trusting size + mtime
+    force: bool = False  # remake every shard even when up to date
+
+    def validate(self) -> None:
+        if not self.inputs:
+            raise ConfigError("give at least one INPUT (a folder, image files, .tar or .parquet files)")
+        if self.image_size < 0 or self.image_size > 8192:
+            raise ConfigError("--image-size must be between 0 (keep source size) and 8192")
+        if self.image_format not in IMAGE_FORMATS:
+            raise ConfigError(f"--image-format must be one of {', '.join(IMAGE_FORMATS)}")
+        if not 1 <= self.quality <= 100:
+            raise ConfigError("--quality must be between 1 and 100")
+        for flag, value in (("--batch-size", self.batch_size), ("--shard-size", self.shard_size)):
+            if value < 1:
+                raise ConfigError(f"{flag} must be at least 1")
+        if self.workers < 0:
+            raise ConfigError("--workers must be 0 (decode in the main process) or more")
+        if self.max_pixels < 1:
+            raise ConfigError("--max-pixels must be positive")
+
+    def keyed_params(self, identity: dict[str, str]) -> dict[str, Any]:
+        """The params that change the output: a change remakes every shard."""
+        return {
+            "clip_model": identity["model"],
+            "clip_weights": identity["weights"],
+            "image_size": self.image_size,
+            "image_format": self.image_format,
+            "quality": self.quality,
+            "max_pixels": self.max_pixels,
+        }
+
+    def unkeyed_params(self) -> dict[str, Any]:
+        # The model arguments as given: later stages load the same CLIP from them (a moved file does not
+        # stale the cache; the keyed identity above is content-based).
+        return {
+            "clip_model_arg": self.clip_model,
+            "clip_pretrained_arg": self.clip_pretrained,
+            "batch_size": self.batch_size,
+            "workers": self.workers,
+            "device": self.device,
+        }
+
+
+@dataclass
+class EmbedTask:
+    """Everything one shard needs; picklable so it can be shipped to a Dask worker."""
+
+    config: EmbedConfig
+    spec: ShardSpec
+    units: list[Unit]
+    reason: str  # why it is being (re)made
+
+
+@dataclass
+class EmbedPlan:
+    tasks: list[EmbedTask]
+    up_to_date: list[int]
+    n_units: int
+    planned_duplicates: int  # image files dropped at planning because their key was already taken
+    clip_identity: dict[str, str]
+
+
+def plan_embed(config: EmbedConfig, *, write_plan: bool = True) -> EmbedPlan:
+    """Map inputs onto the append-only shard plan and find the shards that must be (re)made."""
+    from pipeline.clip import clip_identity
+
+    config.validate()
+    units = expand_inputs(list(config.inputs))
+    identity = clip_identity(config.clip_model, config.clip_pretrained)
+    stage_dir = Path(config.cache) / STAGE
+    plan = ShardPlan.load(stage_dir / PLAN_FILE)
+    by_id = {u.id: u for u in units}
+
+    planned = plan.planned()
+    taken = {by_id[uid].key for uid in planned if uid in by_id and by_id[uid].kind == "image"}
+    new_images, new_files, duplicates = [], [], 0
+    for unit in units:
+        if unit.id in planned:
+            continue
+        if unit.kind == "image":
+            if unit.key in taken:  # a.jpg and a.png, or one path under two INPUT folders
+                duplicates += 1
+                continue
+            taken.add(unit.key)
+            new_images.append(unit.id)
+        else:
+            new_files.append([unit.id])
+    if plan.append(group_units(new_images, config.shard_size) + new_files) and write_plan:
+        plan.save(stage_dir / PLAN_FILE)
+
+    params = config.keyed_params(identity)
+    tasks, up_to_date = [], []
+    for shard, unit_ids in enumerate(plan.shards):
+        members = [by_id[uid] for uid in unit_ids if uid in by_id]
+        deps = [Dep(u.id, digest_input_file(Path(u.path), u.name)) for u in members]
+        spec = ShardSpec(STAGE, shard, STAGE_VERSION, params, deps, config.unkeyed_params())
+        reason = "forced" if config.force else check_shard(config.cache, spec, verify=config.verify)
+        if reason is None and config.verify:
+            reason = _changed_content(config.cache, shard, members)
+        if reason is None:
+            up_to_date.append(shard)
+        else:
+            tasks.append(EmbedTask(config, spec, members, reason))
+    return EmbedPlan(tasks, up_to_date, len(units), duplicates, identity)
+
+
+def embed_shard(task: EmbedTask, progress: Progress | None = None) -> dict[str, Any]:
+    """Make one embed shard and commit it; returns its manifest."""
+    import torch
+
+    from pipeline.clip import cached_clip, encode_images
+    from pipeline.embed_data import Prepared, ShardSamples, shard_loader
+    from pipeline.embed_writer import EmbedShardWriter
+
+    cfg, spec = task.config, task.spec
+    t0 = time.perf_counter()
+    bundle = cached_clip(cfg.clip_model, cfg.clip_pretrained, cfg.device)
+    t_model = time.perf_counter()
+    dataset = ShardSamples(
+        task.units,
+        image_size=cfg.image_size,
+        image_format=cfg.image_format,
+        quality=cfg.quality,
+        max_pixels=cfg.max_pixels,
+        clip_size=bundle.image_size,
+    )
+    loader = shard_loader(
+        dataset, batch_size=cfg.batch_size, workers=cfg.workers, pin_memory=bundle.device.type == "cuda"
+    )
+    prepared: list[Prepared] = []
+    embeddings: dict[int, np.ndarray] = {}
+    dropped: Counter = Counter()
+    seen = 0
+    t_encode = 0.0
+    for ok, bad, pixels in loader:
+        new_drops = [it.reason for it in bad]
+        if ok:
+            t = time.perf_counter()
+            emb = encode_images(bundle, pixels)
+            emb_np = emb.to(torch.float16).cpu().numpy()
+            t_encode += time.perf_counter() - t
+            finite = np.isfinite(emb_np).all(axis=1)
+            for it, vec, good in zip(ok, emb_np, finite, strict=True):
+                if good:
+                    prepared.append(it)
+                    embeddings[it.index] = vec
+                else:
+                    new_drops.append("non_finite_embedding")
+        dropped.update(new_drops)
+        seen += len(ok) + len(bad)
+        if progress:
+            progress(len(ok) + len(bad), new_drops)
+
+    prepared.sort(key=lambda it: it.index)  # workers interleave batches: restore source order
+    converted: Counter = Counter()
+    stage_dir = Path(cfg.cache) / STAGE
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    keys_written: set[str] = set()
+    with EmbedShardWriter(cfg.cache, spec.shard, bundle.dim) as writer:
+        for it in prepared:
+            if it.key in keys_written:
+                dropped["duplicate_key"] += 1
+                continue
+            keys_written.add(it.key)
+            for label in filter(None, (it.meta.get("converted") or "").split(",")):
+                converted[label] += 1
+            writer.write(it.key, it.image, it.ext, embeddings[it.index], it.meta)
+        outs = writer.close()
+    t_end = time.perf_counter()
+    timings = {
+        "total_s": round(t_end - t0, 4),
+        "load_model_s": round(t_model - t0, 4),
+        "encode_s": round(t_encode, 4),
+        "images_per_s": round(len(keys_written) / max(t_end - t_model, 1e-9), 2),
+    }
+    stats = {
+        "shard": spec.shard,
+        "samples_read": seen,
+        "written": len(keys_written),
+        "dropped": dict(sorted(dropped.items())),
+        "converted": dict(sorted(converted.items())),
+        "timings": timings,
+    }
+    write_json_atomic(stage_dir / f"{spec.shard:05d}.stats.json", stats)
+    # Content digests of the raw inputs, so `--verify` can later tell a real change from a touch.
+    content = {u.id: digest_file_content(Path(u.path)) for u in task.units if os.path.exists(u.path)}
+    extra = {
+        "rows": len(keys_written),
+        "dim": bundle.dim,
+        "dropped": stats["dropped"],
+        "input_content": content,
+    }
+    return commit_manifest(cfg.cache, spec, outs, timings, extra=extra)
+
+
+@dataclass
+class EmbedResult:
+    shards_total: int
+    shards_run: list[int]
+    shards_up_to_date: list[int]
+    images_written: int
+    dropped: dict[str, int]
+    seconds: float
+
+
+def run_embed(
+    config: EmbedConfig,
+    progress_factory: Callable[[int], Progress] | None = None,
+) -> EmbedResult:
+    """Plan, then make every stale shard in-process. `progress_factory(n_tasks)` returns a callback."""
+    t0 = time.perf_counter()
+    plan = plan_embed(config)
+    clean_temp_files(Path(config.cache) / STAGE)
+    progress = progress_factory(len(plan.tasks)) if progress_factory else None
+    written, dropped = 0, Counter()
+    if plan.planned_duplicates:
+        dropped["duplicate_key"] += plan.planned_duplicates
+    for task in plan.tasks:
+        manifest = embed_shard(task, progress)
+        written += manifest["rows"]
+        dropped.update(manifest["dropped"])
+    return EmbedResult(
+        shards_total=len(plan.tasks) + len(plan.up_to_date),
+        shards_run=[t.spec.shard for t in plan.tasks],
+        shards_up_to_date=plan.up_to_date,
+        images_written=written,
+        dropped=dict(dropped),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _changed_content(cache: Path, shard: int, members: list[Unit]) -> str | None:
+    """`--verify`: sizes and mtimes can lie (copies that keep mtimes, coarse clocks); contents cannot."""
+    recorded = (read_manifest(cache, STAGE, shard) or {}).get("input_content", {})
+    for unit in members:
+        if recorded.get(unit.id) != digest_file_content(Path(unit.path)):
+            return f"input content changed: {unit.name}"
+    return None
+
+
+def describe_plan(config: EmbedConfig, plan: EmbedPlan) -> dict[str, Any]:
+    """What a dry run prints: the resolved config and the shards that would run, with reasons."""
+    return {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+        "clip": plan.clip_identity,
+        "inputs": plan.n_units,
+        "shards_to_run": {t.spec.shard: t.reason for t in plan.tasks},
+        "shards_up_to_date": len(plan.up_to_date),
+    }
+
+
+@dataclass(frozen=True)
+class EmbeddedClip:
+    """The CLIP that made a cache's image embeddings, as recorded in the embed manifests."""
+
+    clip_model: str  # the --clip-model argument, to load it again
+    clip_pretrained: str  # the --clip-pretrained argument
+    identity: dict[str, str]  # content-based identity (what downstream stages key on)
+    dim: int
+
+
+def embedded_clip(cache: Path) -> EmbeddedClip:
+    """Later stages use the embed stage's CLIP; a cache without one, or with a mix, is refused."""
+    manifests = list_manifests(cache, STAGE)
+    if not manifests:
+        raise ConfigError(
+            f"--cache {cache}: no embed stage found; run `pipeline embed INPUT... --cache {cache}`"
+        )
+    identities = {
+        (m["params"]["clip_model"], m["params"]["clip_weights"], m.get("dim")) for m in manifests.values()
+    }
+    if len(identities) > 1:
+        raise ConfigError(
+            f"--cache {cache}: embed shards were made with different CLIP models; rerun `pipeline embed` "
+            "with one --clip-model/--clip-pretrained so every shard agrees"
+        )
+    first = manifests[min(manifests)]
+    model, weights, dim = identities.pop()
+    unkeyed = first["unkeyed"]
+    return EmbeddedClip(
+        unkeyed["clip_model_arg"], unkeyed["clip_pretrained_arg"], {"model": model, "weights": weights}, dim
+    )
+
+
+def stage_summary(cache: Path) -> dict[str, Any]:
+    """Totals over the committed stats files (for the CLI's closing line and `pipeline status`)."""
+    totals: Counter = Counter()
+    for p in sorted((Path(cache) / STAGE).glob("*.stats.json")):
+        stats = json.loads(p.read_text())
+        totals["written"] += stats["written"]
+        totals.update({f"dropped_{k}": v for k, v in stats["dropped"].items()})
+    return dict(totals)

@@ -1,0 +1,20 @@
+"""Errors shared by every stage.
+
+`ConfigError` is the user's mistake (a flag, a path, an input): the CLI prints it as one line and exits
+with code 2. `SampleSkipped` is a per-item failure: the item is dropped and counted by `reason`.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(Exception):
+    """Bad options or inputs. The message names the flag and how to fix it."""
+
+
+class SampleSkipped(Exception):
+    """One sample cannot be used; `reason` is a short snake_case label counted in the shard stats."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail

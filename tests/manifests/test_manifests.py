@@ -1,0 +1,140 @@
+"""Manifests, fingerprints, the shard plan and atomic commits."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from manifests import (
+    Dep,
+    ShardPlan,
+    ShardSpec,
+    atomic_write,
+    check_shard,
+    clean_temp_files,
+    commit_manifest,
+    digest_file_content,
+    digest_input_file,
+    group_units,
+    read_manifest,
+    stat_out,
+    write_bytes_atomic,
+)
+
+
+def test_atomic_write_commits_with_digest_of_the_bytes(tmp_path):
+    path = tmp_path / "sub" / "out.bin"
+    size, digest = write_bytes_atomic(path, b"hello world")
+    assert path.read_bytes() == b"hello world"
+    assert size == 11
+    assert digest == digest_file_content(path)
+    assert list(path.parent.iterdir()) == [path]  # no temp file left behind
+
+
+def test_atomic_write_failure_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_write(path) as f:
+        f.write(b"partial new content")
+        raise RuntimeError("killed half-way")
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_clean_temp_files_removes_leftovers_of_killed_writers(tmp_path):
+    (tmp_path / ".00001.tar.tmp-abc").write_bytes(b"x")
+    (tmp_path / "00001.tar").write_bytes(b"y")
+    assert clean_temp_files(tmp_path) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["00001.tar"]
+
+
+def test_input_digest_changes_with_size_mtime_and_name_but_not_location(tmp_path):
+    a = tmp_path / "a.jpg"
+    a.write_bytes(b"abc")
+    os.utime(a, ns=(1_000_000_000, 1_000_000_000))
+    base = digest_input_file(a, "a.jpg")
+    assert digest_input_file(a, "b.jpg") != base
+    os.utime(a, ns=(2_000_000_000, 2_000_000_000))
+    assert digest_input_file(a, "a.jpg") != base
+    # content mode ignores the mtime but sees the bytes
+    content = digest_input_file(a, "a.jpg", content=True)
+    os.utime(a, ns=(3_000_000_000, 3_000_000_000))
+    assert digest_input_file(a, "a.jpg", content=True) == content
+    a.write_bytes(b"abd")
+    assert digest_input_file(a, "a.jpg", content=True) != content
+
+
+def _spec(shard=0, params=None, deps=None, version="1"):
+    return ShardSpec("embed", shard, version, params or {"k": 1}, deps or [Dep("a", "d1"), Dep("b", "d2")])
+
+
+def test_key_is_order_insensitive_in_deps_and_sensitive_to_everything_keyed():
+    base = _spec()
+    assert _spec(deps=[Dep("b", "d2"), Dep("a", "d1")]).key == base.key
+    assert _spec(params={"k": 2}).key != base.key
+    assert _spec(version="2").key != base.key
+    assert _spec(deps=[Dep("a", "d1")]).key != base.key
+    unkeyed = _spec()
+    unkeyed.unkeyed = {"batch_size": 7}
+    assert unkeyed.key == base.key
+
+
+def _commit(tmp_path, spec):
+    size, digest = write_bytes_atomic(tmp_path / "embed" / "00000.tar", b"data")
+    return commit_manifest(tmp_path, spec, [stat_out(tmp_path, "embed/00000.tar", size, digest, 1)], {})
+
+
+def test_check_shard_reasons(tmp_path):
+    spec = _spec()
+    assert check_shard(tmp_path, spec) == "new shard"
+    _commit(tmp_path, spec)
+    assert read_manifest(tmp_path, "embed", 0)["key"] == spec.key
+    assert check_shard(tmp_path, spec) is None
+    assert check_shard(tmp_path, _spec(params={"k": 2})) == "params changed: k"
+    assert check_shard(tmp_path, _spec(version="2")) == "stage code version 1 -> 2"
+    assert check_shard(tmp_path, _spec(deps=[Dep("a", "zz")])) == "inputs changed"
+    out = tmp_path / "embed" / "00000.tar"
+    out.write_bytes(b"DATA")  # same size, new mtime
+    os.utime(out, ns=(1, 1))
+    assert check_shard(tmp_path, spec).startswith("output altered")
+    out.unlink()
+    assert check_shard(tmp_path, spec).startswith("output missing")
+
+
+def test_verify_detects_content_change_that_keeps_size_and_mtime(tmp_path):
+    spec = _spec()
+    _commit(tmp_path, spec)
+    out = tmp_path / "embed" / "00000.tar"
+    st = os.stat(out)
+    out.write_bytes(b"DATA")
+    os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert check_shard(tmp_path, spec) is None  # stats cannot see it
+    assert check_shard(tmp_path, spec, verify=True).startswith("output altered")
+
+
+def test_torn_manifest_is_treated_as_missing(tmp_path):
+    spec = _spec()
+    _commit(tmp_path, spec)
+    (tmp_path / "embed" / "_manifests" / "00000.json").write_text('{"stage": "emb')
+    assert check_shard(tmp_path, spec) == "new shard"
+
+
+def test_plan_is_append_only(tmp_path):
+    path = tmp_path / "_plan.json"
+    plan = ShardPlan.load(path)
+    assert plan.append(group_units(["a", "b", "c"], 2)) == [0, 1]
+    plan.save(path)
+    again = ShardPlan.load(path)
+    assert again.shards == [["a", "b"], ["c"]]
+    # known units are ignored, new ones go into new shards; nothing moves
+    assert again.append([["b", "d"], ["e"]]) == [2, 3]
+    assert again.shards == [["a", "b"], ["c"], ["d"], ["e"]]
+    assert again.append([["a"]]) == []
+
+
+def test_plan_refuses_unknown_version(tmp_path):
+    path = tmp_path / "_plan.json"
+    path.write_text('{"version": 99, "shards": []}')
+    with pytest.raises(ValueError, match="version"):
+        ShardPlan.load(path)
