@@ -80,10 +80,14 @@ def synth(
     from pipeline.synth import SynthConfig, run_synth
 
     config = SynthConfig(
-        out=out, n=n, seed=seed, image_size=image_size, max_objects=max_objects, shard_size=shard_size,
+        out=out,
+        n=n,
+        seed=seed,
+        image_size=image_size,
+        max_objects=max_objects,
+        shard_size=shard_size,
         n_captions=n_captions,
     )
-    config.validate()
     with progress_bar("synth", total=n) as advance:
         done = 0
 
@@ -111,14 +115,16 @@ def embed(
     clip_model: ClipModelOpt = "ViT-B-32",
     clip_pretrained: ClipPretrainedOpt = "openai",
     image_size: Annotated[
-        int, typer.Option("--image-size", help="Stored training resolution (centre crop + resize); 0 keeps it.")
+        int, typer.Option("--image-size", help="Stored training size (centre crop + resize); 0 keeps it.")
     ] = 256,
     image_format: Annotated[str, typer.Option("--image-format", help="jpg, png or webp.")] = "jpg",
     quality: Annotated[int, typer.Option("--quality", help="JPEG/WebP quality of re-encoded images.")] = 95,
     max_pixels: Annotated[
         int, typer.Option("--max-pixels", help="Skip larger images (decompression bombs).")
     ] = 64_000_000,
-    shard_size: Annotated[int, typer.Option("--shard-size", help="Images per shard for folder inputs.")] = 10_000,
+    shard_size: Annotated[
+        int, typer.Option("--shard-size", help="Images per shard for folder inputs.")
+    ] = 10_000,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per CLIP forward pass.")] = 256,
     workers: Annotated[
         int | None, typer.Option("--workers", help="Decoding processes (default: min(8, cores)).")
@@ -139,9 +145,20 @@ def embed(
 
     kwargs = {} if workers is None else {"workers": workers}
     config = EmbedConfig(
-        inputs=tuple(inputs), cache=cache, clip_model=clip_model, clip_pretrained=clip_pretrained,
-        image_size=image_size, image_format=image_format, quality=quality, max_pixels=max_pixels,
-        shard_size=shard_size, batch_size=batch_size, device=device, verify=verify, force=force, **kwargs,
+        inputs=tuple(inputs),
+        cache=cache,
+        clip_model=clip_model,
+        clip_pretrained=clip_pretrained,
+        image_size=image_size,
+        image_format=image_format,
+        quality=quality,
+        max_pixels=max_pixels,
+        shard_size=shard_size,
+        batch_size=batch_size,
+        device=device,
+        verify=verify,
+        force=force,
+        **kwargs,
     )
     if dry_run:
         typer.echo(json.dumps(describe_plan(config, plan_embed(config, write_plan=False)), indent=1))

@@ -84,7 +84,6 @@ def resolve_model(clip_model: str) -> tuple[str, str]:
     return clip_model, clip_model
 
 
-
 def weights_identity(model_name: str, clip_pretrained: str | None) -> str:
     if not clip_pretrained:
         return f"random:{RANDOM_WEIGHTS_SEED}"

@@ -43,8 +43,16 @@ def cache_key(key: str) -> str:
 
 
 class ShardSamples(torch.utils.data.IterableDataset):
-    def __init__(self, units: list[Unit], *, image_size: int, image_format: str, quality: int,
-                 max_pixels: int, clip_size: int):
+    def __init__(
+        self,
+        units: list[Unit],
+        *,
+        image_size: int,
+        image_format: str,
+        quality: int,
+        max_pixels: int,
+        clip_size: int,
+    ):
         self.units = units
         self.image_size, self.image_format, self.quality = image_size, image_format, quality
         self.max_pixels, self.clip_size = max_pixels, clip_size

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from manifests import Out, atomic_write, stat_out, write_parquet_atomic
+from pipeline.tars import add_member
 
 
 def embed_schema(dim: int):
@@ -55,16 +56,11 @@ class EmbedShardWriter:
         self._tar = tarfile.open(fileobj=self._tar_file, mode="w|", format=tarfile.USTAR_FORMAT)
         self._rows: dict[str, list] = {name: [] for name in embed_schema(dim).names}
 
-    def _add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), 0, 0o644
-        self._tar.addfile(info, io.BytesIO(data))
-
     def write(self, key: str, image: bytes, ext: str, img_emb: np.ndarray, meta: dict) -> None:
         img_emb = np.asarray(img_emb, dtype=np.float16).reshape(self.dim)
-        self._add(f"{key}.{ext}", image)
-        self._add(f"{key}.img_emb.npy", npy_bytes(img_emb))
-        self._add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        add_member(self._tar, f"{key}.{ext}", image)
+        add_member(self._tar, f"{key}.img_emb.npy", npy_bytes(img_emb))
+        add_member(self._tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
         row = {"key": key, "img_emb": img_emb, **{k: meta.get(k) for k in ("width", "height", "source")}}
         row.update(caption=meta.get("caption"), labels=meta.get("labels"))
         for name, values in self._rows.items():
@@ -89,4 +85,7 @@ class EmbedShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None and not self._tar.closed:
+            # Discarding: stop the tar stream from flushing its buffer into the deleted temp file later.
+            self._tar.closed = self._tar.fileobj.closed = True
         return self._stack.__exit__(exc_type, exc, tb)  # an error before close() discards the temp file

@@ -1,0 +1,29 @@
+"""Shared fixtures; the factories live in `factories.py` beside this file."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests import `factories` (pytest runs in importlib mode)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never try the network from tests
+warnings.filterwarnings("ignore", message=".*random weights.*")
+
+from factories import image_bytes  # noqa: E402
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """Six good images in two sub-folders, with a caption beside one of them."""
+    root = tmp_path / "images"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    for i in range(3):
+        (root / "a" / f"img{i}.jpg").write_bytes(image_bytes((40 * i, 100, 200), size=(48 + i, 40)))
+        (root / "b" / f"pic{i}.PNG").write_bytes(image_bytes((200, 40 * i, 50), fmt="PNG"))
+    (root / "a" / "img0.txt").write_text("a blue picture\n")
+    return root

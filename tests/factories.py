@@ -1,0 +1,32 @@
+"""Small factories of test data: images, tars. Imported by tests as `from factories import ...`."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+TINY_CLIP = "lafite-tiny"  # bundled 64-d open_clip config; random weights in tests
+
+
+def image_bytes(color=(200, 30, 30), size=(40, 30), fmt="JPEG", mode="RGB", **save) -> bytes:
+    rng = np.random.default_rng(sum(color) + size[0] * 7 + size[1])
+    arr = np.clip(np.array(color)[None, None, :] + rng.integers(-20, 20, (size[1], size[0], 3)), 0, 255)
+    img = Image.fromarray(arr.astype(np.uint8), "RGB")
+    if mode != "RGB":
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
