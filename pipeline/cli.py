@@ -163,23 +163,32 @@ def embed(
     if dry_run:
         typer.echo(json.dumps(describe_plan(config, plan_embed(config, write_plan=False)), indent=1))
         return
-    bar = None
-
-    def progress_factory(n_tasks: int):
-        nonlocal bar
-        bar = progress_bar(f"embed {n_tasks} shard(s)", total=None)
-        return bar.__enter__()
-
-    try:
-        result = run_embed(config, progress_factory)
-    finally:
-        if bar is not None:
-            bar.__exit__(None, None, None)
+    with progress_bar("embed", total=None) as advance:
+        result = run_embed(config, advance)
     typer.echo(
         f"embed: {len(result.shards_run)} shard(s) made, {len(result.shards_up_to_date)} up to date; "
         f"{result.images_written:,} images written, {describe_drops(result.dropped)}; "
         f"{result.seconds:.1f} s -> {cache / 'embed'}"
     )
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Where the world, the cache and the results go.")] = Path(
+        "demo"
+    ),
+    preset: Annotated[
+        str, typer.Option("--preset", help="cpu (minutes on 2 cores) or gpu (larger).")
+    ] = "cpu",
+    workers: Annotated[int, typer.Option("--workers", help="Decoding processes.")] = 2,
+) -> None:
+    """Run the whole story offline on the synthetic world and print where the outputs are."""
+    from pipeline.demo import run_demo
+
+    with progress_bar("demo", total=None) as advance:
+        result = run_demo(out, preset, workers, advance)
+    typer.echo(f"demo: world {result.world}, cache {result.cache} ({result.images:,} images embedded)")
 
 
 def main() -> None:

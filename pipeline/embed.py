@@ -265,15 +265,11 @@ class EmbedResult:
     seconds: float
 
 
-def run_embed(
-    config: EmbedConfig,
-    progress_factory: Callable[[int], Progress] | None = None,
-) -> EmbedResult:
-    """Plan, then make every stale shard in-process. `progress_factory(n_tasks)` returns a callback."""
+def run_embed(config: EmbedConfig, progress: Progress | None = None) -> EmbedResult:
+    """Plan, then make every stale shard in-process."""
     t0 = time.perf_counter()
     plan = plan_embed(config)
     clean_temp_files(Path(config.cache) / STAGE)
-    progress = progress_factory(len(plan.tasks)) if progress_factory else None
     written, dropped = 0, Counter()
     if plan.planned_duplicates:
         dropped["duplicate_key"] += plan.planned_duplicates
