@@ -1,19 +1,16 @@
-"""Shared fixtures; the factories live in `factories.py` beside this file."""
+"""Shared fixtures; the factories live in `factories.py` beside this file (on pytest's pythonpath)."""
 
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
+from factories import image_bytes
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests import `factories` (pytest runs in importlib mode)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never try the network from tests
 warnings.filterwarnings("ignore", message=".*random weights.*")
-
-from factories import image_bytes  # noqa: E402
 
 
 @pytest.fixture

@@ -1,0 +1,72 @@
+"""A cache-wide lock so two pipeline runs never write the same cache at once.
+
+`{cache}/.lock` is locked with `flock`, which the kernel releases when the holder exits or is killed
+(SIGKILL included), so a dead run's lock is never stale: the next run simply takes it. The file also
+records the holder's pid, host and start time, for the message the second run prints. The file itself
+is never deleted (deleting it would race with a process that has just opened it).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+LOCK_NAME = ".lock"
+
+
+class LockHeld(Exception):
+    """Another live run holds the cache."""
+
+
+def read_lock(cache: Path) -> dict:
+    try:
+        return json.loads((Path(cache) / LOCK_NAME).read_text() or "{}")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+class CacheLock:
+    """`with CacheLock(cache, wait=30):` waits up to `wait` seconds for the holder, then raises LockHeld."""
+
+    def __init__(self, cache: Path, wait: float = 0.0, poll: float = 0.2):
+        self.path = Path(cache) / LOCK_NAME
+        self.wait, self.poll = wait, poll
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    holder = read_lock(self.path.parent)
+                    raise LockHeld(
+                        f"cache {self.path.parent} is in use by pid {holder.get('pid', '?')} on "
+                        f"{holder.get('host', '?')}; wait for that run to finish or pass --wait SECONDS"
+                    ) from None
+                time.sleep(self.poll)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> CacheLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
