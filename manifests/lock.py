@@ -55,7 +55,8 @@ class CacheLock:
                     ) from None
                 time.sleep(self.poll)
         os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode())
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        os.write(fd, json.dumps(holder).encode())
         self._fd = fd
 
     def release(self) -> None:

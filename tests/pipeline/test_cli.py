@@ -79,11 +79,13 @@ def test_embed_errors_are_one_line(world, tmp_path, extra, message):
 
 def test_embed_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
-    _user_error(["embed", tmp_path / "empty", "--cache", tmp_path / "c", "--clip-model", TINY_CLIP], "no images")
+    args = ["embed", tmp_path / "empty", "--cache", tmp_path / "c", "--clip-model", TINY_CLIP]
+    _user_error(args, "no images")
 
 
 def test_help_is_instant_because_heavy_modules_are_not_imported():
-    code = "import sys, pipeline.cli; print(sorted(m for m in ('torch', 'open_clip', 'faiss') if m in sys.modules))"
+    heavy = "('torch', 'open_clip', 'faiss', 'pyarrow')"
+    code = f"import sys, pipeline.cli; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
