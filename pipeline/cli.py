@@ -25,6 +25,41 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", help="Project config (default: ./pipeline.toml if present). Flags override it."
+        ),
+    ] = None,
+) -> None:
+    """Language-free text-to-image features: synth -> embed -> retrieve -> optimize, into one cache."""
+    from pipeline.config import default_map, read_config
+
+    try:
+        raw = read_config(config)
+        if raw:
+            ctx.default_map = default_map(raw, _commands(), str(config or "pipeline.toml"))
+    except ConfigError as e:
+        _fail(e)
+
+
+def _fail(error: Exception):
+    """One line on stderr, exit code 2. The message is printed verbatim ('[embed]' is no markup)."""
+    from rich.markup import escape
+
+    stderr.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2) from None
+
+
+def _commands() -> dict[str, Callable]:
+    """Command name -> its function, for checking pipeline.toml against the real options."""
+    return {info.name or info.callback.__name__: info.callback for info in app.registered_commands}
+
+
 CacheOpt = Annotated[Path, typer.Option("--cache", help="Feature cache directory.")]
 ClipModelOpt = Annotated[
     str,
@@ -57,8 +92,7 @@ def user_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except ConfigError as e:
-            stderr.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            _fail(e)
 
     return wrapper
 
@@ -104,13 +138,13 @@ def synth(
 @user_errors
 def embed(
     inputs: Annotated[
-        list[str],
+        list[str] | None,
         typer.Argument(
             help="Image folders (recursive), image files, WebDataset .tar shards or .parquet files with an "
             "image-bytes column. Globs and {000..009} brace patterns are expanded.",
             show_default=False,
         ),
-    ],
+    ] = None,
     cache: CacheOpt = Path("cache"),
     clip_model: ClipModelOpt = "ViT-B-32",
     clip_pretrained: ClipPretrainedOpt = "openai",
@@ -145,7 +179,7 @@ def embed(
 
     kwargs = {} if workers is None else {"workers": workers}
     config = EmbedConfig(
-        inputs=tuple(inputs),
+        inputs=tuple(inputs or ()),
         cache=cache,
         clip_model=clip_model,
         clip_pretrained=clip_pretrained,
@@ -189,6 +223,22 @@ def demo(
     with progress_bar("demo", total=None) as advance:
         result = run_demo(out, preset, workers, advance)
     typer.echo(f"demo: world {result.world}, cache {result.cache} ({result.images:,} images embedded)")
+
+
+@app.command()
+@user_errors
+def init(
+    path: Annotated[Path, typer.Argument(help="Where to write the config.")] = Path("pipeline.toml"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a commented pipeline.toml holding every stage option at its default."""
+    from manifests import write_bytes_atomic
+    from pipeline.config import render_default_config
+
+    if path.exists() and not force:
+        raise ConfigError(f"{path} exists; pass --force to overwrite it")
+    write_bytes_atomic(path, render_default_config(_commands()).encode())
+    typer.echo(f"wrote {path}: edit it, then `pipeline run`")
 
 
 def main() -> None:
