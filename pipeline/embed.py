@@ -265,16 +265,17 @@ class EmbedResult:
     seconds: float
 
 
-def run_embed(config: EmbedConfig, progress: Progress | None = None) -> EmbedResult:
-    """Plan, then make every stale shard in-process."""
+def run_embed(config: EmbedConfig, progress: Progress | None = None, executor=None) -> EmbedResult:
+    """Plan, then make every stale shard, in-process or on the given executor (`pipeline.executor`)."""
+    from pipeline.executor import LocalExecutor
+
     t0 = time.perf_counter()
     plan = plan_embed(config)
     clean_temp_files(Path(config.cache) / STAGE)
     written, dropped = 0, Counter()
     if plan.planned_duplicates:
         dropped["duplicate_key"] += plan.planned_duplicates
-    for task in plan.tasks:
-        manifest = embed_shard(task, progress)
+    for manifest in (executor or LocalExecutor()).map(embed_shard, plan.tasks, gpu=True, progress=progress):
         written += manifest["rows"]
         dropped.update(manifest["dropped"])
     return EmbedResult(
