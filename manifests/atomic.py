@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from manifests.faults import crash_point
+
 TEMP_MARKER = ".tmp-"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -71,6 +73,7 @@ def atomic_write(path: Path) -> Iterator[DigestingFile]:
             yield out
             raw.flush()
             os.fsync(raw.fileno())
+        crash_point(f"write:{path.name}:before_replace")
         os.replace(tmp_name, path)
     except BaseException:
         try:

@@ -24,6 +24,7 @@ from typing import Any
 
 from manifests.atomic import write_json_atomic
 from manifests.digest import digest_file_content, digest_json
+from manifests.faults import crash_point
 
 MANIFEST_DIR = "_manifests"
 
@@ -103,6 +104,7 @@ def commit_manifest(
         "created": time.time(),
         **(extra or {}),
     }
+    crash_point(f"{spec.stage}:{spec.shard:05d}:before_manifest")
     write_json_atomic(manifest_path(cache, spec.stage, spec.shard), manifest)
     return manifest
 
