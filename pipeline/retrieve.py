@@ -1,0 +1,693 @@
+"""Stage 2, `pipeline retrieve`: the top-k captions of every image, `retrieve/{i:05d}.parquet`.
+
+Three cached steps, each with per-shard manifests like embed, each skipped when up to date:
+
+1. `captions` (pipeline/captions.py): caption corpus -> CLIP text features, `captions/{j:05d}.parquet`.
+   Shard j: keyed on the CLIP identity; dep = digest of its first caption_id and texts.
+2. `index` (pipeline/index.py): one task -> `index/captions.faiss` + `index/index.json`.
+   Keyed on the index params; deps = every caption shard's Parquet output digest.
+3. `retrieve` (this module): one task per embed shard i -> `retrieve/{i:05d}.parquet` (`key`, `nbr_ids`
+   fixed_size_list<int64>[k], `nbr_sims` fixed_size_list<float32>[k], best first; same keys in the same
+   order as `embed/{i:05d}.parquet`) + `retrieve/{i:05d}.stats.json`.
+   Keyed on k and the search method; deps = the embed shard's Parquet output digest + the index file's
+   digest. A changed index stales every shard; an added embed shard is searched alone.
+
+The CLIP is the embed stage's (`embedded_clip`), never passed again; captions encoded by another CLIP
+(identity or dimension) are refused. `nbr_ids` are `caption_id`s: join them to `captions/*.parquet`.
+
+Quality check (synthetic world): when the embed sidecar carries attribute labels, the stats report the
+attribute precision of the retrieved captions, see `score_attributes`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from manifests import (
+    Dep,
+    ShardSpec,
+    check_outputs,
+    check_shard,
+    clean_temp_files,
+    commit_manifest,
+    list_manifests,
+    stat_out,
+    write_json_atomic,
+    write_parquet_atomic,
+)
+from pipeline.captions import CaptionsConfig, caption_shard_outputs, plan_captions, run_captions
+from pipeline.errors import ConfigError
+from pipeline.index import (
+    AUTO,
+    GPU_FLAT,
+    INDEX_FILE,
+    IndexConfig,
+    ProgressFactory,
+    describe_choice,
+    human_bytes,
+    index_manifest,
+    null_progress,
+    parse_size,
+    plan_index,
+    read_embeddings,
+    require_cuda,
+    run_index,
+    set_nprobe,
+    topk_matmul,
+)
+
+STAGE = "retrieve"
+STAGE_VERSION = "1"
+SCORED_ATTRIBUTES = ("shape", "colour", "size", "position")
+
+Progress = Callable[[int, list[str]], None]
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    cache: Path = Path("cache")  # the feature cache
+    k: int = 16  # captions retrieved per image
+    gpu_flat: bool = False  # exact chunked matmul top-k in torch instead of the FAISS index
+    matmul_device: str = "cuda"  # device of that matmul: fp16 on CUDA; "cpu" runs it in fp32 (tests)
+    batch_size: int = 16_384  # queries per search call (not keyed)
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)  # faiss OpenMP threads
+    force: bool = False  # remake every shard even when up to date
+
+    def validate(self) -> None:
+        if self.k < 1:
+            raise ConfigError("--k must be at least 1")
+        if self.batch_size < 1:
+            raise ConfigError("--query-batch-size must be at least 1")
+        if self.gpu_flat and self.matmul_device.startswith("cuda"):
+            require_cuda("--index gpu-flat")
+
+    @property
+    def method(self) -> str:
+        """Keyed: fp16 and fp32 matmul differ in the last bits of `nbr_sims` and may swap exact ties."""
+        if not self.gpu_flat:
+            return "faiss"
+        return "matmul-fp16" if self.matmul_device.startswith("cuda") else "matmul-fp32"
+
+    def keyed_params(self) -> dict[str, Any]:
+        return {"k": self.k, "method": self.method}
+
+
+@dataclass(frozen=True)
+class RetrieveConfig:
+    """The whole stage: one config per step (each validates its own flags)."""
+
+    captions: CaptionsConfig
+    index: IndexConfig
+    search: SearchConfig
+
+    @classmethod
+    def from_options(
+        cls,
+        *,
+        captions: tuple[str, ...] | list[str],
+        cache: Path = Path("cache"),
+        caption_column: str = "caption",
+        caption_shard_size: int = 100_000,
+        index: str = AUTO,
+        k: int = 16,
+        target_recall: float = 0.95,
+        max_index_memory: str | int = "",
+        batch_size: int = 1024,
+        query_batch_size: int = 16_384,
+        device: str = "auto",
+        threads: int | None = None,
+        force: bool = False,
+    ) -> RetrieveConfig:
+        """Build from CLI-style options (the `pipeline retrieve` flags, one keyword each)."""
+        threads = threads or os.cpu_count() or 1
+        cache = Path(cache)
+        return cls(
+            captions=CaptionsConfig(
+                corpus=tuple(str(c) for c in captions),
+                cache=cache,
+                caption_column=caption_column,
+                shard_size=caption_shard_size,
+                batch_size=batch_size,
+                device=device,
+                force=force,
+            ),
+            index=IndexConfig(
+                cache=cache,
+                index=index,
+                k=k,
+                target_recall=target_recall,
+                max_index_memory=parse_size(max_index_memory),
+                threads=threads,
+                force=force,
+            ),
+            search=SearchConfig(
+                cache=cache,
+                k=k,
+                gpu_flat=index == GPU_FLAT,
+                batch_size=query_batch_size,
+                threads=threads,
+                force=force,
+            ),
+        )
+
+    def validate(self) -> None:
+        self.captions.validate()
+        self.index.validate()
+        self.search.validate()
+        if not (self.captions.cache == self.index.cache == self.search.cache):
+            raise ConfigError("the three retrieve steps must share one --cache")
+        if self.index.k != self.search.k:
+            raise ConfigError("--k must be the same for the index (nprobe tuning) and the search")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Searching
+# ---------------------------------------------------------------------------------------------------------
+
+
+class FaissSearcher:
+    """The committed FAISS index (moved to every GPU when faiss-gpu sees one)."""
+
+    def __init__(self, path: Path, threads: int):
+        import faiss
+
+        from pipeline.index import faiss_gpus
+
+        faiss.omp_set_num_threads(threads)
+        cpu_index = faiss.read_index(str(path))
+        try:
+            self.nlist = int(faiss.extract_index_ivf(cpu_index).nlist)
+            self.nprobe = int(faiss.extract_index_ivf(cpu_index).nprobe)
+        except RuntimeError:
+            self.nlist = self.nprobe = 0
+        self.index, self.gpus = cpu_index, 0
+        if faiss_gpus() > 0:
+            try:
+                self.index, self.gpus = faiss.index_cpu_to_all_gpus(cpu_index), faiss_gpus()
+            except RuntimeError:
+                pass  # not every index type has a GPU version: stay on the CPU
+        self.ntotal = int(cpu_index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        sims, ids = self.index.search(np.ascontiguousarray(queries, np.float32), k)
+        missing = (ids < 0).any(axis=1)
+        nprobe = self.nprobe
+        # An IVF probe can hold fewer than k vectors in all: widen it for those rows until k are found.
+        while missing.any() and 0 < nprobe < self.nlist:
+            nprobe = min(2 * nprobe, self.nlist)
+            set_nprobe(self.index, nprobe)
+            rows = np.flatnonzero(missing)
+            sims[rows], ids[rows] = self.index.search(np.ascontiguousarray(queries[rows], np.float32), k)
+            missing = (ids < 0).any(axis=1)
+        if nprobe != self.nprobe:
+            set_nprobe(self.index, self.nprobe)
+        return sims, ids
+
+
+class MatmulSearcher:
+    """Exact top-k by chunked matmul (`topk_matmul`): fp16 on CUDA, fp32 on the CPU."""
+
+    def __init__(self, db: np.ndarray, device: str = "cuda"):
+        import torch
+
+        self.device = torch.device(device)
+        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        need = db.shape[0] * db.shape[1] * (2 if dtype == torch.float16 else 4)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if need > 0.8 * free:
+                raise ConfigError(
+                    f"--index gpu-flat: the corpus ({db.shape[0]:,} x {db.shape[1]} fp16 = "
+                    f"{human_bytes(need)}) does not fit in the GPU's free memory ({human_bytes(free)}); "
+                    "use --index auto"
+                )
+        self.db = torch.from_numpy(np.ascontiguousarray(db)).to(self.device, dtype)
+        self.ntotal = db.shape[0]
+
+    @classmethod
+    def from_index_file(cls, path: Path, device: str = "cuda") -> MatmulSearcher:
+        import faiss
+
+        index = faiss.read_index(str(path))
+        if not isinstance(index, faiss.IndexFlat):
+            raise ConfigError(f"{path} is not a Flat index; rebuild it with --index gpu-flat --force")
+        db = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+        return cls(db.copy(), device)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        sims, ids = topk_matmul(self.db, torch.from_numpy(np.ascontiguousarray(queries, np.float32)), k)
+        return sims.cpu().numpy(), ids.cpu().numpy()
+
+
+_SEARCHER: dict[tuple, Any] = {}
+
+
+def cached_searcher(config: SearchConfig, index_digest: str):
+    """One loaded index per process (a Dask worker keeps it across the shards it searches)."""
+    key = (str(config.cache), index_digest, config.method, config.matmul_device, config.threads)
+    if key not in _SEARCHER:
+        _SEARCHER.clear()
+        path = Path(config.cache) / INDEX_FILE
+        if config.gpu_flat:
+            _SEARCHER[key] = MatmulSearcher.from_index_file(path, config.matmul_device)
+        else:
+            _SEARCHER[key] = FaissSearcher(path, config.threads)
+    return _SEARCHER[key]
+
+
+def search_batched(
+    searcher, queries: np.ndarray, k: int, batch_size: int, progress: Progress | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    sims = np.zeros((len(queries), k), np.float32)
+    ids = np.zeros((len(queries), k), np.int64)
+    for start in range(0, len(queries), batch_size):
+        stop = start + batch_size
+        sims[start:stop], ids[start:stop] = searcher.search(queries[start:stop], k)
+        if progress:
+            progress(len(queries[start:stop]), [])
+    return sims, ids
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quality: attribute precision on the synthetic world
+# ---------------------------------------------------------------------------------------------------------
+
+SCORING = (
+    "image target = the first object of the image's labels (drawing order). Each retrieved caption is "
+    "parsed with synth.parse_caption; of its objects, the one agreeing with the target on the most "
+    "attributes (first mentioned on ties) is compared attribute by attribute; a caption with no parsable "
+    "object misses every attribute. 'object' = all four attributes agree. precision@1 uses the top "
+    "caption, precision@k the mean over all k; both averaged over labelled images."
+)
+
+
+def _target_object(labels: str | None) -> dict[str, str] | None:
+    if not labels:
+        return None
+    try:
+        data = json.loads(labels)
+    except (json.JSONDecodeError, TypeError):
+        return None
+    objects = data.get("objects") if isinstance(data, dict) else None
+    if not objects or not isinstance(objects[0], dict):
+        return None
+    return objects[0]
+
+
+def best_matching_object(target: dict[str, str], objects: list[dict[str, str]]) -> dict[str, str] | None:
+    """The caption object that agrees with `target` on the most attributes (the first one on ties)."""
+    best, best_score = None, -1
+    for obj in objects:
+        score = sum(obj.get(a) is not None and obj.get(a) == target.get(a) for a in SCORED_ATTRIBUTES)
+        if score > best_score:
+            best, best_score = obj, score
+    return best
+
+
+def score_attributes(labels: list[str | None], nbr_texts: list[list[str]]) -> dict[str, Any] | None:
+    """Attribute precision@1 and @k of retrieved captions against the images' labels (see SCORING).
+
+    `labels`: the embed sidecar's `labels` json per image (None where absent); `nbr_texts`: the retrieved
+    caption texts per image, best first. None when no image carries object labels.
+    """
+    from pipeline.synth import labels_match, parse_caption
+
+    parsed: dict[str, list[dict[str, str]]] = {}
+    names = (*SCORED_ATTRIBUTES, "object")
+    at_1: Counter = Counter()
+    at_k: Counter = Counter()
+    n_scored, k = 0, 0
+    for label, texts in zip(labels, nbr_texts, strict=True):
+        target = _target_object(label)
+        if target is None or not texts:
+            continue
+        n_scored += 1
+        k = len(texts)
+        for rank, text in enumerate(texts):
+            if text not in parsed:
+                parsed[text] = parse_caption(text)
+            obj = best_matching_object(target, parsed[text]) or {}
+            hits = {a: labels_match(obj, target, a) for a in SCORED_ATTRIBUTES}
+            hits["object"] = all(hits.values())
+            for name in names:
+                at_k[name] += hits[name]
+                if rank == 0:
+                    at_1[name] += hits[name]
+    if not n_scored:
+        return None
+    return {
+        "n_scored": n_scored,
+        "k": k,
+        "precision_at_1": {name: round(at_1[name] / n_scored, 4) for name in names},
+        "precision_at_k": {name: round(at_k[name] / (n_scored * k), 4) for name in names},
+        "scoring": SCORING,
+    }
+
+
+_TEXTS: dict[tuple, Any] = {}
+
+
+def caption_texts(cache: Path, index_deps: list[dict[str, str]]):
+    """All caption texts the index was built from, as one pyarrow array indexed by caption_id (cached)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    key = (str(cache), tuple(d["digest"] for d in index_deps))
+    if key not in _TEXTS:
+        _TEXTS.clear()
+        chunks = [pq.read_table(Path(cache) / d["name"], columns=["text"]).column(0) for d in index_deps]
+        _TEXTS[key] = pa.chunked_array([c for chunked in chunks for c in chunked.chunks], pa.string())
+    return _TEXTS[key]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The step: plan, task, run
+# ---------------------------------------------------------------------------------------------------------
+
+
+def retrieve_schema(k: int):
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("nbr_ids", pa.list_(pa.int64(), k), nullable=False),  # caption_ids, best first
+            pa.field("nbr_sims", pa.list_(pa.float32(), k), nullable=False),  # inner products (cosines)
+        ]
+    )
+
+
+@dataclass
+class SearchTask:
+    config: SearchConfig
+    spec: ShardSpec
+    embed_parquet: str  # relative to the cache
+    index_digest: str
+    index_deps: list[dict[str, str]]  # caption shards behind the index (for caption texts)
+    reason: str
+
+
+@dataclass
+class SearchPlan:
+    tasks: list[SearchTask]
+    up_to_date: list[int]
+
+
+def _embed_parquet_out(cache: Path, shard: int, manifest: dict[str, Any]) -> dict[str, Any]:
+    reason = check_outputs(cache, manifest)
+    if reason is not None:
+        raise ConfigError(
+            f"--cache {cache}: embed shard {shard} is not intact ({reason}); rerun `pipeline embed`"
+        )
+    for out in manifest["outs"]:
+        if out["path"].endswith(".parquet"):
+            return out
+    raise ConfigError(f"--cache {cache}: embed shard {shard} has no Parquet sidecar; rerun `pipeline embed`")
+
+
+def plan_search(config: SearchConfig) -> SearchPlan:
+    """One task per embed shard that is stale against the committed index."""
+    config.validate()
+    embed = list_manifests(config.cache, "embed")
+    manifest = index_manifest(config.cache)
+    if manifest is None or check_outputs(config.cache, manifest) is not None:
+        raise ConfigError(
+            f"--cache {config.cache}: no committed caption index; run `pipeline retrieve` without "
+            "--dry-run to build it"
+        )
+    index_out = next(o for o in manifest["outs"] if o["path"] == INDEX_FILE)
+    tasks, up_to_date = [], []
+    unkeyed = {"batch_size": config.batch_size, "threads": config.threads}
+    for shard, m in sorted(embed.items()):
+        out = _embed_parquet_out(config.cache, shard, m)
+        deps = [Dep(out["path"], out["digest"]), Dep(INDEX_FILE, index_out["digest"])]
+        spec = ShardSpec(STAGE, shard, STAGE_VERSION, config.keyed_params(), deps, unkeyed)
+        reason = "forced" if config.force else check_shard(config.cache, spec)
+        if reason is None:
+            up_to_date.append(shard)
+        else:
+            tasks.append(SearchTask(config, spec, out["path"], index_out["digest"], manifest["deps"], reason))
+    return SearchPlan(tasks, up_to_date)
+
+
+def search_shard(task: SearchTask, progress: Progress | None = None) -> dict[str, Any]:
+    """Search one embed shard's images and commit `retrieve/{i:05d}.parquet` + stats; returns the manifest."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cfg, spec = task.config, task.spec
+    cache = Path(cfg.cache)
+    t0 = time.perf_counter()
+    sidecar = pq.read_table(cache / task.embed_parquet, columns=["key", "labels"])
+    keys = sidecar.column("key").to_pylist()
+    queries = read_embeddings(cache / task.embed_parquet).astype(np.float32)
+    searcher = cached_searcher(cfg, task.index_digest)
+    if cfg.k > searcher.ntotal:
+        raise ConfigError(f"--k {cfg.k} is larger than the caption corpus ({searcher.ntotal:,} captions)")
+    t_load = time.perf_counter()
+    sims, ids = search_batched(searcher, queries, cfg.k, cfg.batch_size, progress)
+    t_search = time.perf_counter()
+
+    schema = retrieve_schema(cfg.k)
+    table = pa.table(
+        {
+            "key": pa.array(keys, pa.string()),
+            "nbr_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1), pa.int64()), cfg.k),
+            "nbr_sims": pa.FixedSizeListArray.from_arrays(pa.array(sims.reshape(-1), pa.float32()), cfg.k),
+        },
+        schema=schema,
+    )
+    rel = f"{STAGE}/{spec.shard:05d}.parquet"
+    size, digest = write_parquet_atomic(cache / rel, table)
+
+    labels = sidecar.column("labels").to_pylist()
+    precision = None
+    if any(labels):
+        texts = caption_texts(cache, task.index_deps)
+        flat = texts.take(pa.array(ids.reshape(-1))).to_pylist()
+        nbr_texts = [flat[i * cfg.k : (i + 1) * cfg.k] for i in range(len(keys))]
+        precision = score_attributes(labels, nbr_texts)
+    t_end = time.perf_counter()
+    timings = {
+        "total_s": round(t_end - t0, 4),
+        "load_s": round(t_load - t0, 4),
+        "search_s": round(t_search - t_load, 4),
+        "queries_per_s": round(len(keys) / max(t_search - t_load, 1e-9), 1),
+    }
+    stats = {
+        "shard": spec.shard,
+        "rows": len(keys),
+        "k": cfg.k,
+        "method": cfg.method,
+        "mean_sim_at_1": round(float(sims[:, 0].mean()), 4) if len(keys) else None,
+        "mean_sim_at_k": round(float(sims.mean()), 4) if len(keys) else None,
+        "unique_captions_retrieved": int(len(np.unique(ids))),
+        "precision": precision,
+        "reason": task.reason,
+        "timings": timings,
+    }
+    write_json_atomic(cache / STAGE / f"{spec.shard:05d}.stats.json", stats)
+    extra = {
+        "rows": len(keys),
+        "k": cfg.k,
+        "precision": precision
+        and {
+            "n_scored": precision["n_scored"],
+            "at_1": precision["precision_at_1"],
+            "at_k": precision["precision_at_k"],
+        },
+    }
+    return commit_manifest(cache, spec, [stat_out(cache, rel, size, digest, len(keys))], timings, extra=extra)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RetrieveResult:
+    captions: Any  # CaptionsResult
+    index: Any  # IndexResult
+    shards_run: list[int]
+    shards_up_to_date: list[int]
+    images_searched: int
+    summary: dict[str, Any]  # `retrieve_summary`: over every committed retrieve shard
+    seconds: float
+
+    @property
+    def warnings(self) -> list[str]:
+        info = self.index.info
+        if info.get("target_reached", True):
+            return []
+        return [
+            f"index recall@{info['k']} {info['recall_at_k']:.3f} is below --target-recall "
+            f"{info['target_recall']} even with every IVF list probed (PQ codes lose accuracy); raise "
+            "--max-index-memory or pass --index with a larger PQ"
+        ]
+
+    def summary_lines(self) -> list[str]:
+        """What the CLI prints: one line per step."""
+        cap, info = self.captions, self.index.info
+        recall = f"recall@{info['k']} {info['recall_at_k']:.3f}"
+        if info.get("nprobe"):
+            recall += f" at nprobe {info['nprobe']}/{info['nlist']}"
+        precision = ""
+        if self.summary.get("precision_at_1"):
+            p1 = self.summary["precision_at_1"]
+            precision = "; precision@1 " + ", ".join(f"{a} {p1[a]:.2f}" for a in SCORED_ATTRIBUTES)
+        return [
+            f"captions: {len(cap.shards_run)} shard(s) made ({cap.encoded:,} encoded, {cap.truncated:,} "
+            f"truncated), {len(cap.shards_up_to_date)} up to date; {cap.n_captions:,} unique captions from "
+            f"{cap.corpus['records']:,} records, {_describe_drops(cap.corpus['dropped'])}",
+            f"index: {info['factory']} ({info['search']}) {'built' if self.index.built else 'up to date'}, "
+            f"{info['n_vectors']:,} vectors, {recall}",
+            f"retrieve: {len(self.shards_run)} shard(s) made, {len(self.shards_up_to_date)} up to date; "
+            f"{self.images_searched:,} images searched{precision}; {self.seconds:.1f} s",
+        ]
+
+
+def _describe_drops(dropped: dict[str, int]) -> str:
+    from pipeline.progress import describe_drops
+
+    return describe_drops(dropped)
+
+
+def _check_k(config: RetrieveConfig, n_captions: int) -> None:
+    if config.search.k > n_captions:
+        raise ConfigError(
+            f"--k {config.search.k} is larger than the caption corpus ({n_captions:,} unique captions)"
+        )
+
+
+def run_retrieve(config: RetrieveConfig, progress: ProgressFactory = null_progress) -> RetrieveResult:
+    """Captions, index, search: each step planned against its committed manifests and run if stale.
+
+    `progress(description, total, unit)` is a context manager yielding `advance(n, drop_reasons)`
+    (`pipeline.progress.progress_bar`).
+    """
+    from pipeline.embed import embedded_clip
+
+    t0 = time.perf_counter()
+    config.validate()
+    cache = Path(config.captions.cache)
+    clip = embedded_clip(cache)
+    cplan = plan_captions(config.captions, clip)
+    _check_k(config, cplan.n_captions)  # before encoding anything
+    total = sum(len(t.texts) for t in cplan.tasks)
+    with _bar(progress, f"captions: {len(cplan.tasks)} shard(s)", total, "txt", cplan.tasks) as advance:
+        captions = run_captions(config.captions, clip, cplan, advance)
+    outs = caption_shard_outputs(cache, cplan.n_shards)
+    index = run_index(config.index, outs, cplan.n_captions, clip.dim, progress)
+
+    splan = plan_search(config.search)
+    clean_temp_files(cache / STAGE)
+    rows = sum(list_manifests(cache, "embed")[t.spec.shard].get("rows", 0) for t in splan.tasks)
+    searched = 0
+    with _bar(progress, f"retrieve: {len(splan.tasks)} shard(s)", rows, "img", splan.tasks) as advance:
+        for task in splan.tasks:
+            searched += search_shard(task, advance)["rows"]
+    return RetrieveResult(
+        captions=captions,
+        index=index,
+        shards_run=[t.spec.shard for t in splan.tasks],
+        shards_up_to_date=splan.up_to_date,
+        images_searched=searched,
+        summary=retrieve_summary(cache),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _bar(progress: ProgressFactory, description: str, total: int, unit: str, tasks: list):
+    return progress(description, total=total, unit=unit) if tasks else null_progress()
+
+
+def describe_retrieve(config: RetrieveConfig) -> dict[str, Any]:
+    """The dry run: the resolved plan of all three steps (reads the corpus and manifests, writes nothing)."""
+    from pipeline.embed import embedded_clip
+
+    config.validate()
+    cache = Path(config.captions.cache)
+    clip = embedded_clip(cache)
+    cplan = plan_captions(config.captions, clip)
+    _check_k(config, cplan.n_captions)
+    outs = None if cplan.tasks or cplan.surplus else caption_shard_outputs(cache, cplan.n_shards)
+    iplan = plan_index(config.index, outs, cplan.n_captions, clip.dim)
+    index_changes = iplan.pending or iplan.task is not None
+    embed = list_manifests(cache, "embed")
+    if index_changes:
+        search = {
+            "to_run": "all"
+            if index_manifest(cache) is None
+            else "all, unless the rebuilt index file is byte-identical to the committed one",
+            "shards": len(embed),
+        }
+    else:
+        splan = plan_search(config.search)
+        search = {
+            "to_run": {t.spec.shard: t.reason for t in splan.tasks},
+            "up_to_date": len(splan.up_to_date),
+            "shards": len(embed),
+        }
+    return {
+        "clip": {
+            "model": clip.clip_model,
+            "pretrained": clip.clip_pretrained,
+            "identity": clip.identity,
+            "dim": clip.dim,
+        },
+        "captions": {
+            "corpus": cplan.corpus,
+            "to_run": {t.spec.shard: t.reason for t in cplan.tasks},
+            "up_to_date": len(cplan.up_to_date),
+            "surplus_to_remove": cplan.surplus,
+        },
+        "index": {
+            **describe_choice(iplan.choice, config.index, cplan.n_captions),
+            "status": "pending: caption shards will change"
+            if iplan.pending
+            else (iplan.reason or "up to date"),
+        },
+        "retrieve": {
+            "k": config.search.k,
+            "method": config.search.method,
+            "query_batch_size": config.search.batch_size,
+            **search,
+        },
+    }
+
+
+def retrieve_summary(cache: Path) -> dict[str, Any]:
+    """Totals over the committed retrieve stats: images, and precision weighted by images scored."""
+    totals = {"images": 0, "n_scored": 0}
+    at_1: Counter = Counter()
+    at_k: Counter = Counter()
+    for shard in sorted(list_manifests(cache, STAGE)):
+        path = Path(cache) / STAGE / f"{shard:05d}.stats.json"
+        if not path.exists():
+            continue
+        stats = json.loads(path.read_text())
+        totals["images"] += stats["rows"]
+        p = stats.get("precision")
+        if p:
+            totals["n_scored"] += p["n_scored"]
+            for name, v in p["precision_at_1"].items():
+                at_1[name] += v * p["n_scored"]
+            for name, v in p["precision_at_k"].items():
+                at_k[name] += v * p["n_scored"]
+    if totals["n_scored"]:
+        n = totals["n_scored"]
+        totals["precision_at_1"] = {name: round(v / n, 4) for name, v in at_1.items()}
+        totals["precision_at_k"] = {name: round(v / n, 4) for name, v in at_k.items()}
+    return totals
