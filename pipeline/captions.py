@@ -601,17 +601,24 @@ class CaptionsResult:
 
 
 def run_captions(
-    config: CaptionsConfig, clip, plan: CaptionsPlan | None = None, progress: Progress | None = None
+    config: CaptionsConfig,
+    clip,
+    plan: CaptionsPlan | None = None,
+    progress: Progress | None = None,
+    executor=None,
 ) -> CaptionsResult:
-    """Plan (unless given), then make every stale shard in-process."""
+    """Plan (unless given), then make every stale shard, in-process or on `executor` (pipeline.executor)."""
+    from pipeline.executor import LocalExecutor
+
     t0 = time.perf_counter()
     plan = plan or plan_captions(config, clip)
     stage_dir = Path(config.cache) / STAGE
     clean_temp_files(stage_dir)
     remove_surplus(config.cache, plan.surplus)
     encoded = truncated = 0
-    for task in plan.tasks:
-        manifest = captions_shard(task, progress)
+    for manifest in (executor or LocalExecutor()).map(
+        captions_shard, plan.tasks, gpu=True, progress=progress
+    ):
         encoded += manifest["encoded"]
         truncated += manifest["truncated"]
     stage_dir.mkdir(parents=True, exist_ok=True)

@@ -731,13 +731,17 @@ def run_index(
     n_vectors: int,
     dim: int,
     progress: ProgressFactory = null_progress,
+    executor=None,
 ) -> IndexResult:
-    """Plan and, if stale, build the index in-process."""
+    """Plan and, if stale, build the index: in-process, or as one task on a Dask `executor`."""
     t0 = time.perf_counter()
     plan = plan_index(config, caption_outs, n_vectors, dim)
     clean_temp_files(Path(config.cache) / STAGE)
     if plan.task is not None:
-        index_shard(plan.task, progress)
+        if executor is None or executor.name == "local":
+            index_shard(plan.task, progress)
+        else:  # the build's own progress bars stay on the worker
+            executor.map(index_shard, [plan.task], gpu=True)
     return IndexResult(
         plan.task is not None, plan.reason, read_index_info(config.cache), time.perf_counter() - t0
     )

@@ -571,14 +571,19 @@ def _check_k(config: RetrieveConfig, n_captions: int) -> None:
         )
 
 
-def run_retrieve(config: RetrieveConfig, progress: ProgressFactory = null_progress) -> RetrieveResult:
+def run_retrieve(
+    config: RetrieveConfig, progress: ProgressFactory = null_progress, executor=None
+) -> RetrieveResult:
     """Captions, index, search: each step planned against its committed manifests and run if stale.
 
     `progress(description, total, unit)` is a context manager yielding `advance(n, drop_reasons)`
-    (`pipeline.progress.progress_bar`).
+    (`pipeline.progress.progress_bar`). `executor` (pipeline.executor) runs the shard tasks; the index
+    is one task, and the search tasks read its file from the shared cache.
     """
     from pipeline.embed import embedded_clip
+    from pipeline.executor import LocalExecutor
 
+    executor = executor or LocalExecutor()
     t0 = time.perf_counter()
     config.validate()
     cache = Path(config.captions.cache)
@@ -587,17 +592,17 @@ def run_retrieve(config: RetrieveConfig, progress: ProgressFactory = null_progre
     _check_k(config, cplan.n_captions)  # before encoding anything
     total = sum(len(t.texts) for t in cplan.tasks)
     with _bar(progress, f"captions: {len(cplan.tasks)} shard(s)", total, "txt", cplan.tasks) as advance:
-        captions = run_captions(config.captions, clip, cplan, advance)
+        captions = run_captions(config.captions, clip, cplan, advance, executor)
     outs = caption_shard_outputs(cache, cplan.n_shards)
-    index = run_index(config.index, outs, cplan.n_captions, clip.dim, progress)
+    index = run_index(config.index, outs, cplan.n_captions, clip.dim, progress, executor)
 
     splan = plan_search(config.search)
     clean_temp_files(cache / STAGE)
     rows = sum(list_manifests(cache, "embed")[t.spec.shard].get("rows", 0) for t in splan.tasks)
     searched = 0
     with _bar(progress, f"retrieve: {len(splan.tasks)} shard(s)", rows, "img", splan.tasks) as advance:
-        for task in splan.tasks:
-            searched += search_shard(task, advance)["rows"]
+        for manifest in executor.map(search_shard, splan.tasks, gpu=True, progress=advance):
+            searched += manifest["rows"]
     return RetrieveResult(
         captions=captions,
         index=index,
