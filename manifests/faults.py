@@ -4,7 +4,8 @@
 way a node failure would, so tests can check that every such instant leaves a valid cache. Points:
 `{stage}:{shard:05d}:before_manifest` (outputs committed, manifest not yet) and
 `write:{file name}:before_replace` (temp file complete, not yet renamed). Unset, it costs one dict
-lookup per commit.
+lookup per commit. With `PIPELINE_CRASH_ONCE=FILE` too, only the first process to get there dies
+(it creates FILE first), so a retried task then succeeds: that is how a worker failure is simulated.
 """
 
 from __future__ import annotations
@@ -14,9 +15,17 @@ import os
 import signal
 
 ENV = "PIPELINE_CRASH_AT"
+ONCE_ENV = "PIPELINE_CRASH_ONCE"
 
 
 def crash_point(name: str) -> None:
     pattern = os.environ.get(ENV)
-    if pattern and fnmatch.fnmatchcase(name, pattern):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if not pattern or not fnmatch.fnmatchcase(name, pattern):
+        return
+    marker = os.environ.get(ONCE_ENV)
+    if marker:
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return  # somebody already crashed here once
+    os.kill(os.getpid(), signal.SIGKILL)

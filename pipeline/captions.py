@@ -47,6 +47,7 @@ from manifests import (
     check_shard,
     clean_temp_files,
     commit_manifest,
+    digest_input_file,
     list_manifests,
     manifest_path,
     read_manifest,
@@ -423,6 +424,8 @@ def plan_captions(config: CaptionsConfig, clip) -> CaptionsPlan:
     surplus = sorted(s for s in list_manifests(config.cache, STAGE) if s >= n_shards)
     corpus = {
         "files": [str(p) for p in files],
+        # size + mtime of each corpus file: lets `pipeline status` judge the corpus without reading it
+        "file_digests": {str(p): digest_input_file(p, str(p)) for p in files},
         "records": records,
         "unique_captions": n_captions,
         "dropped": dict(sorted(drops.items())),

@@ -1,0 +1,765 @@
+"""Stage 3, `pipeline optimize`: one pseudo text feature per image, `optimize/{i:05d}.parquet`.
+
+Pure core: `plan_optimize(config)` decides which shards must be (re)made and why; `optimize_shard(task)`
+makes one shard and returns its manifest; `run_optimize` does both, in-process or on a Dask executor.
+The maths lives in
+`pipeline/optimize_methods.py`. Shard i reads `embed/{i:05d}.parquet` (image features, keys, labels) and,
+for `retrieve` and `optimize`, `retrieve/{i:05d}.parquet` (neighbour caption ids and similarities) plus
+the caption features of every `captions/{j:05d}.parquet`, loaded once per process.
+
+Output columns: `key` (the embed sidecar's order, skipped rows left out), `pseudo_txt` (float16 [D],
+unit-norm), `cos_init` and `cos_final` (cosine of the image embedding with the method's starting point
+and with the stored output: the starting point is h0, the retrieve mix, for `optimize` and `retrieve`
+(so the two are equal for `retrieve`), and the image embedding itself for `perturb`, so its
+`cos_init` is 1), `method`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from manifests import (
+    Dep,
+    ShardSpec,
+    check_outputs,
+    check_shard,
+    clean_temp_files,
+    commit_manifest,
+    list_manifests,
+    stat_out,
+    write_json_atomic,
+    write_parquet_atomic,
+)
+from pipeline.errors import ConfigError
+from pipeline.optimize_methods import METHODS, PARAMETRISATIONS, Hyper
+
+STAGE = "optimize"
+STAGE_VERSION = "1"
+BACKENDS = ("auto", "triton", "torch")
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
+# Default Adam learning rates. Adam moves every coordinate by about lr per step, whatever the gradient's
+# scale. `weights`: the k mixing logits start at sim / tau_r, a few units apart, and 0.1 lets 20 steps
+# re-rank the neighbours (in-batch top-1 0.29 -> 0.48 on the structured D=512 world of the tuning run;
+# 0.3 reaches 0.48 too, 0.03 only 0.38). `residual`: delta has D coordinates of size ~1/sqrt(D), so a
+# fixed lr means a D-dependent step; lr = 0.05 / sqrt(D) bounds each step's move of h0 + delta to ~0.05
+# in norm (0.0022 at D=512). Twice that pulled h across half the modality gap towards the images in 20
+# steps (its text-side component 0.67 -> 0.43) for no gain in top-1 (1.0 either way on that world).
+WEIGHTS_LR = 0.1
+RESIDUAL_STEP_NORM = 0.05
+NOISE_STREAM, SHUFFLE_STREAM = 0, 1  # numpy stream ids under (seed, shard)
+
+Progress = Callable[[int, list[str]], None]  # (images just finished, reasons of those dropped)
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    cache: Path = Path("cache")  # the feature cache directory
+    method: str = "optimize"  # optimize | retrieve | perturb
+    param: str = "weights"  # optimize: learn mixing logits over the k neighbours, or a residual offset
+    xi: float = 3.0  # perturb: noise scale relative to |f| (LAFITE's code default)
+    tau_r: float = 0.05  # retrieve/optimize: softmax temperature over the k neighbour similarities
+    tau: float = 0.07  # optimize: InfoNCE temperature
+    proximity: float = 1.0  # optimize: weight of mean |h - h0|^2 (one unit ~ one nat of InfoNCE)
+    steps: int = 20  # optimize: Adam steps per batch (0 gives the retrieve result)
+    lr: float | None = None  # optimize: Adam learning rate; None: 0.1 (weights), 0.05 / sqrt(D) (residual)
+    batch_size: int = 65_536  # optimize: images per batch, clamped to the shard (keyed: the negatives)
+    seed: int = 0  # perturb noise and the batch shuffle, per (seed, shard)
+    backend: str = "auto"  # contrastive kernel: auto | triton | torch (not keyed: same maths)
+    precision: str = "auto"  # loss kernel inputs: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (not keyed)
+    device: str = "auto"  # "auto" (CUDA if present), "cpu", "cuda", "cuda:1" (not keyed)
+    verify: bool = False  # re-hash this stage's outputs instead of trusting size + mtime
+    force: bool = False  # remake every shard even when up to date
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        if self.param not in PARAMETRISATIONS:
+            raise ConfigError(f"--param must be one of {', '.join(PARAMETRISATIONS)}, not {self.param!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        for flag, value in (("--xi", self.xi), ("--proximity", self.proximity)):
+            if not np.isfinite(value) or value < 0:
+                raise ConfigError(f"{flag} must be a finite number >= 0")
+        for flag, value in (("--tau-r", self.tau_r), ("--tau", self.tau), ("--lr", self.lr)):
+            if value is not None and (not np.isfinite(value) or value <= 0):
+                raise ConfigError(f"{flag} must be a finite number > 0")
+        if self.steps < 0:
+            raise ConfigError("--steps must be 0 (keep the retrieve result) or more")
+        if self.batch_size < 1:
+            raise ConfigError("--batch-size must be at least 1")
+        if self.precision not in ("auto", *PRECISIONS):
+            raise ConfigError(f"--precision must be auto, fp32 or bf16, not {self.precision!r}")
+        if self.backend == "triton" and self.device == "cpu":
+            raise ConfigError("--backend triton needs a CUDA device; use --backend torch (or auto) on CPU")
+
+    @property
+    def needs_neighbours(self) -> bool:
+        return self.method != "perturb"
+
+    def learning_rate(self, dim: int) -> float:
+        if self.lr is not None:
+            return self.lr
+        return WEIGHTS_LR if self.param == "weights" else round(RESIDUAL_STEP_NORM / dim**0.5, 8)
+
+    def loss_dtype(self, device) -> str:
+        if self.precision == "auto":
+            return "bfloat16" if device.type == "cuda" else "float32"
+        return PRECISIONS[self.precision]
+
+    def hyper(self, dim: int, device) -> Hyper:
+        return Hyper(
+            method=self.method,
+            param=self.param,
+            xi=self.xi,
+            tau_r=self.tau_r,
+            tau=self.tau,
+            proximity=self.proximity,
+            steps=self.steps,
+            lr=self.learning_rate(dim),
+            backend=self.backend,
+            loss_dtype=self.loss_dtype(device),
+        )
+
+    def keyed_params(self, dim: int, shard_rows: int | None = None) -> dict[str, Any]:
+        """Only what changes this method's output: `--tau` does not stale `retrieve` shards, and the batch
+        size is keyed as clamped to the shard (`shard_rows`): any B >= n gives the same single batch."""
+        if self.method == "perturb":
+            return {"method": "perturb", "xi": self.xi, "seed": self.seed}
+        if self.method == "retrieve":
+            return {"method": "retrieve", "tau_r": self.tau_r}
+        return {
+            "method": "optimize",
+            "param": self.param,
+            "tau_r": self.tau_r,
+            "tau": self.tau,
+            "proximity": self.proximity,
+            "steps": self.steps,
+            "lr": self.learning_rate(dim),  # resolved, so `--lr` equal to the default stales nothing
+            "batch_size": min(self.batch_size, shard_rows or self.batch_size),  # batches are the negatives
+            "seed": self.seed,  # the batch shuffle
+        }
+
+    def unkeyed_params(self) -> dict[str, Any]:
+        # Like embed's device (bf16 autocast on CUDA, fp32 on CPU): these change rounding, not the maths,
+        # and keying them would remake the cache whenever a shard lands on another kind of machine.
+        return {"device": self.device, "backend": self.backend, "precision": self.precision}
+
+
+@dataclass(frozen=True)
+class ShardInputs:
+    """Where shard i's inputs are, relative to the cache."""
+
+    embed: str  # embed/{i:05d}.parquet
+    retrieve: str | None  # retrieve/{i:05d}.parquet (None for perturb)
+    captions: tuple[Dep, ...] = ()  # every caption shard: (relative path, output digest)
+
+
+@dataclass
+class OptimizeTask:
+    """Everything one shard needs; picklable so it can be shipped to a Dask worker."""
+
+    config: OptimizeConfig
+    spec: ShardSpec
+    inputs: ShardInputs
+    dim: int  # feature dimension (the embed stage's CLIP)
+    reason: str  # why it is being (re)made
+
+
+@dataclass
+class OptimizePlan:
+    tasks: list[OptimizeTask]
+    up_to_date: list[int]
+    dim: int
+
+
+def _parquet_out(manifest: dict[str, Any], rel: str) -> dict[str, Any] | None:
+    return next((o for o in manifest.get("outs", []) if o["path"] == rel), None)
+
+
+def caption_deps(cache: Path) -> tuple[Dep, ...]:
+    """The committed caption feature shards, as (path, output digest) deps, in path order."""
+    deps = []
+    for manifest in list_manifests(cache, "captions").values():
+        reason = check_outputs(cache, manifest)
+        if reason is not None:
+            raise ConfigError(f"--cache {cache}: caption features: {reason}; rerun `pipeline retrieve`")
+        for out in manifest.get("outs", []):
+            if out["path"].endswith(".parquet"):
+                deps.append(Dep(out["path"], out["digest"]))
+    if not deps:
+        raise ConfigError(
+            f"--cache {cache}: no caption features (captions/*.parquet); run `pipeline retrieve` first, "
+            "or use --method perturb, which needs only the embed stage"
+        )
+    return tuple(sorted(deps, key=lambda d: d.name))
+
+
+def plan_optimize(config: OptimizeConfig) -> OptimizePlan:
+    """Find the shards that must be (re)made; refuses (ConfigError) when an upstream shard is missing."""
+    from pipeline.embed import embedded_clip
+
+    config.validate()
+    cache = Path(config.cache)
+    dim = embedded_clip(cache).dim  # also refuses a cache without an embed stage, or with mixed models
+    embed = list_manifests(cache, "embed")
+    captions: tuple[Dep, ...] = ()
+    retrieve: dict[int, dict[str, Any]] = {}
+    if config.needs_neighbours:
+        retrieve = list_manifests(cache, "retrieve")
+        missing = sorted(set(embed) - set(retrieve))
+        if missing:
+            shown = ", ".join(str(i) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise ConfigError(
+                f"--method {config.method} needs the retrieve stage, but {len(missing)} of {len(embed)} "
+                f"retrieve shard(s) are missing ({shown}); run `pipeline retrieve --cache {cache}` first, "
+                "or use --method perturb"
+            )
+        captions = caption_deps(cache)
+
+    tasks, up_to_date = [], []
+    for shard, manifest in sorted(embed.items()):
+        embed_rel = f"embed/{shard:05d}.parquet"
+        out = _parquet_out(manifest, embed_rel)
+        if out is None or check_outputs(cache, {"outs": [out]}) is not None:
+            raise ConfigError(f"embed shard {shard}: {embed_rel} missing or altered; rerun `pipeline embed`")
+        deps = [Dep(embed_rel, out["digest"])]
+        retrieve_rel = None
+        if config.needs_neighbours:
+            retrieve_rel = f"retrieve/{shard:05d}.parquet"
+            r_manifest = retrieve[shard]
+            r_out = _parquet_out(r_manifest, retrieve_rel)
+            if r_out is None or check_outputs(cache, {"outs": [r_out]}) is not None:
+                raise ConfigError(
+                    f"retrieve shard {shard}: {retrieve_rel} is missing or altered; rerun `pipeline retrieve`"
+                )
+            embed_digests = {o["digest"] for o in manifest.get("outs", [])}
+            if not embed_digests & {d["digest"] for d in r_manifest.get("deps", [])}:
+                raise ConfigError(
+                    f"retrieve shard {shard} was made from an older embed shard {shard}; "
+                    f"rerun `pipeline retrieve --cache {cache}`"
+                )
+            deps.append(Dep(retrieve_rel, r_out["digest"]))
+            deps.extend(captions)
+        params = config.keyed_params(dim, manifest.get("rows"))
+        spec = ShardSpec(STAGE, shard, STAGE_VERSION, params, deps, config.unkeyed_params())
+        reason = "forced" if config.force else check_shard(cache, spec, verify=config.verify)
+        if reason is None:
+            up_to_date.append(shard)
+        else:
+            inputs = ShardInputs(embed_rel, retrieve_rel, captions)
+            tasks.append(OptimizeTask(config, spec, inputs, dim, reason))
+    return OptimizePlan(tasks, up_to_date, dim)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------------
+
+
+def fixed_rows(column, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed_size_list<float> column as float32 [N, dim] and a bool [N] of non-null rows (NaN fill)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(arr)
+    out = np.full((n, dim), np.nan, dtype=np.float32)
+    present = ~np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    if n:
+        lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False)
+        if np.any(lengths[present] != dim):
+            raise ConfigError(f"feature vectors of length {sorted(set(lengths[present]))}, expected {dim}")
+        out[present] = arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    return out, present
+
+
+def padded_lists(column, fill: float, dtype) -> np.ndarray:
+    """A list column (fixed or ragged) as [N, K] with K the longest list; short or null lists padded."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(arr)
+    if n == 0:
+        return np.zeros((0, 0), dtype=dtype)
+    lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    out = np.full((n, int(lengths.max())), fill, dtype=dtype)
+    values = pc.fill_null(arr.flatten(), pa.scalar(fill, arr.type.value_type))
+    out[np.arange(out.shape[1])[None, :] < lengths[:, None]] = values.to_numpy(zero_copy_only=False)
+    return out
+
+
+@dataclass
+class CaptionBank:
+    """Every caption feature of the cache, rows sorted by caption_id, loaded once per process."""
+
+    key: tuple[str, ...]  # the caption shards' output digests
+    paths: tuple[Path, ...]
+    ids: np.ndarray  # int64 [M], sorted
+    emb: np.ndarray  # float16 [M, D], row r is caption ids[r]
+    usable: np.ndarray  # bool [M]: finite, non-zero features
+    order: np.ndarray  # int64 [M]: row r is row order[r] of the shards concatenated
+    _device: dict = field(default_factory=dict)
+    _texts: list | None = None
+    _parsed: dict = field(default_factory=dict)
+
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of caption ids (any shape); -1 ids (no neighbour) map to -1. Unknown ids: ConfigError."""
+        rows = np.searchsorted(self.ids, ids)
+        rows_clipped = np.minimum(rows, max(len(self.ids) - 1, 0))
+        known = (rows < len(self.ids)) & (self.ids[rows_clipped] == ids) if len(self.ids) else ids < -1
+        unknown = ~known & (ids != -1)
+        if unknown.any():
+            example = int(ids[unknown].flat[0])
+            raise ConfigError(
+                f"{int(unknown.sum())} nbr_ids (e.g. {example}) are not in the caption features; the "
+                "retrieve stage is out of date with captions/: rerun `pipeline retrieve`"
+            )
+        return np.where(known, rows_clipped, -1)
+
+    def on(self, device) -> tuple[Any, Any]:
+        """(features fp16 [M, D], usable bool [M]) as tensors on `device`, cached."""
+        import torch
+
+        key = str(device)
+        if key not in self._device:
+            self._device.clear()
+            self._device[key] = (
+                torch.from_numpy(self.emb).to(device),
+                torch.from_numpy(self.usable).to(device),
+            )
+        return self._device[key]
+
+    def objects(self, row: int) -> list[dict[str, str]]:
+        """Attributes parsed from caption row `row`'s text (synthetic world), cached."""
+        if row not in self._parsed:
+            from pipeline.synth import parse_caption
+
+            if self._texts is None:
+                import pyarrow.parquet as pq
+
+                texts = [
+                    t for p in self.paths for t in pq.read_table(p, columns=["text"])["text"].to_pylist()
+                ]
+                self._texts = [texts[i] for i in self.order]
+            self._parsed[row] = parse_caption(self._texts[row] or "")
+        return self._parsed[row]
+
+
+_BANKS: dict[tuple[str, ...], CaptionBank] = {}
+
+
+def cached_caption_bank(cache: Path, captions: tuple[Dep, ...], dim: int) -> CaptionBank:
+    """One caption bank per process (the last one only), keyed by the caption shards' digests."""
+    key = tuple(d.digest for d in captions)
+    if key not in _BANKS:
+        _BANKS.clear()
+        _BANKS[key] = load_caption_bank(cache, captions, dim)
+    return _BANKS[key]
+
+
+def load_caption_bank(cache: Path, captions: tuple[Dep, ...], dim: int) -> CaptionBank:
+    import pyarrow.parquet as pq
+
+    paths = tuple(Path(cache) / d.name for d in captions)
+    ids, embs = [], []
+    for path in paths:
+        table = pq.read_table(path, columns=["caption_id", "txt_emb"])
+        emb, present = fixed_rows(table["txt_emb"], _caption_dim(table, path, dim))
+        emb[~present] = 0.0  # null features: never usable
+        ids.append(table["caption_id"].to_numpy(zero_copy_only=False).astype(np.int64))
+        embs.append(emb.astype(np.float16))
+    all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    order = np.argsort(all_ids, kind="stable")
+    sorted_ids = all_ids[order]
+    if np.any(sorted_ids[1:] == sorted_ids[:-1]):
+        dup = int(sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]][0])
+        raise ConfigError(f"caption_id {dup} appears twice in captions/*.parquet; rerun `pipeline retrieve`")
+    emb = np.concatenate(embs)[order] if embs else np.zeros((0, dim), np.float16)
+    norms = np.linalg.norm(emb.astype(np.float32), axis=1)
+    usable = np.isfinite(norms) & (norms > 1e-3)
+    return CaptionBank(tuple(d.digest for d in captions), paths, sorted_ids, emb, usable, order)
+
+
+def _caption_dim(table, path: Path, dim: int) -> int:
+    found = table.schema.field("txt_emb").type.list_size
+    if found not in (-1, dim):
+        raise ConfigError(
+            f"{path}: caption features have D={found} but the image embeddings D={dim}; the captions were "
+            "embedded with another CLIP: rerun `pipeline retrieve`"
+        )
+    return dim
+
+
+def read_retrieve(path: Path, keys: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Neighbours aligned to the embed rows `keys`: ids int64 [N, K] (-1: none), sims float32 [N, K], and
+    a bool [N] of rows that have a retrieve row. Keys unknown to embed mean a stale shard: ConfigError."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["key", "nbr_ids", "nbr_sims"])
+    r_keys = table["key"].to_pylist()
+    ids = padded_lists(table["nbr_ids"], -1, np.int64)
+    sims = padded_lists(table["nbr_sims"], np.nan, np.float32)
+    k = max(ids.shape[1], sims.shape[1])
+    ids = np.pad(ids, ((0, 0), (0, k - ids.shape[1])), constant_values=-1)
+    sims = np.pad(sims, ((0, 0), (0, k - sims.shape[1])), constant_values=np.nan)
+    if r_keys == keys:
+        return ids, sims, np.ones(len(keys), dtype=bool)
+    position = {key: i for i, key in enumerate(keys)}
+    stray = [key for key in r_keys if key not in position]
+    if stray or len(set(r_keys)) != len(r_keys):
+        raise ConfigError(
+            f"{path}: keys do not match the embed shard (e.g. {(stray or r_keys)[0]!r}); "
+            "rerun `pipeline retrieve`"
+        )
+    rows = np.array([position[key] for key in r_keys], dtype=np.int64)
+    out_ids = np.full((len(keys), k), -1, dtype=np.int64)
+    out_sims = np.full((len(keys), k), np.nan, dtype=np.float32)
+    out_ids[rows], out_sims[rows] = ids, sims
+    has = np.zeros(len(keys), dtype=bool)
+    has[rows] = True
+    return out_ids, out_sims, has
+
+
+def first_objects(labels: list[str | None]) -> list[dict[str, str] | None]:
+    """The first object of each image's labels JSON (synthetic world), or None."""
+    out = []
+    for text in labels:
+        try:
+            objects = json.loads(text).get("objects") if text else None
+        except (ValueError, AttributeError):
+            objects = None
+        first = objects[0] if isinstance(objects, list) and objects else None
+        out.append(first if isinstance(first, dict) else None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quality figures
+# ---------------------------------------------------------------------------------------------------------
+
+
+def attribute_precision(
+    bank: CaptionBank, rows: np.ndarray, truths: list[dict[str, str]]
+) -> dict[str, float | int | None]:
+    """Per attribute, the share of the nearest captions' stated values that match the image's first object.
+
+    The caption object compared is the one agreeing best with that first object (captions mention a
+    second object, in either order); an attribute a caption does not state is not counted.
+    """
+    from pipeline.synth import ATTRIBUTES
+
+    stated, correct = Counter(), Counter()
+    for row, truth in zip(rows.tolist(), truths, strict=True):
+        if row < 0:
+            continue
+        objects = bank.objects(row)
+        if not objects:
+            continue
+        best = max(objects, key=lambda o: sum(o.get(a) == truth.get(a) for a in ATTRIBUTES))
+        for attr in ATTRIBUTES:
+            if attr in best:
+                stated[attr] += 1
+                correct[attr] += best[attr] == truth.get(attr)
+    out: dict[str, float | int | None] = {
+        attr: round(correct[attr] / stated[attr], 6) if stated[attr] else None for attr in ATTRIBUTES
+    }
+    total = sum(stated.values())
+    out["mean"] = round(sum(correct.values()) / total, 6) if total else None
+    out["n"] = len(truths)
+    return out
+
+
+def _mean(values: np.ndarray) -> float | None:
+    return round(float(values.mean()), 6) if len(values) else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One shard: read -> compute -> quality figures -> write
+# ---------------------------------------------------------------------------------------------------------
+
+
+def optimize_schema(dim: int):
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("key", pa.string()),
+            ("pseudo_txt", pa.list_(pa.float16(), dim)),
+            ("cos_init", pa.float32()),
+            ("cos_final", pa.float32()),
+            ("method", pa.string()),
+        ]
+    )
+
+
+@dataclass
+class ShardRows:
+    """What one shard's inputs hold, after bad rows are set aside (counted in `dropped`)."""
+
+    keys: list[str]  # every embed row's key, in sidecar order
+    keep: np.ndarray  # int64 [n]: the embed rows used, in order
+    f: np.ndarray  # float32 [n, D]: their image features, renormalised
+    dropped: Counter  # reason -> rows
+    truths: list[dict[str, str] | None]  # per kept row: the first object of its labels (synthetic world)
+    nbr_rows: np.ndarray | None = None  # int64 [n, K]: caption bank rows (0 where not valid)
+    nbr_sims: np.ndarray | None = None  # float32 [n, K] (0 where not valid)
+    nbr_valid: np.ndarray | None = None  # bool [n, K]
+
+
+def read_shard_rows(cache: Path, inputs: ShardInputs, dim: int, bank: CaptionBank | None) -> ShardRows:
+    """Read the embed sidecar (and the retrieve shard when `bank` is given); skip and count bad rows."""
+    import pyarrow.parquet as pq
+
+    embed = pq.read_table(cache / inputs.embed)
+    keys = embed["key"].to_pylist()
+    img_emb, present = fixed_rows(embed["img_emb"], dim)
+    drop = np.full(len(keys), "", dtype=object)
+    norms = np.linalg.norm(img_emb, axis=1)
+    drop[~np.isfinite(norms)] = "non_finite_img_emb"
+    drop[np.isfinite(norms) & (norms < 1e-6)] = "zero_img_emb"
+    drop[~present] = "missing_img_emb"
+    if bank is not None:
+        nbr_ids, nbr_sims, has_row = read_retrieve(cache / inputs.retrieve, keys)
+        nbr_rows = bank.rows_of(nbr_ids)  # [N, K], -1 where no neighbour; unknown ids raise
+        valid = (nbr_rows >= 0) & np.isfinite(nbr_sims)
+        valid[valid] = bank.usable[nbr_rows[valid]]
+        ok = drop == ""
+        drop[ok & ~valid.any(axis=1)] = "no_usable_neighbours"
+        drop[ok & ~has_row] = "no_retrieve_row"
+    keep = np.flatnonzero(drop == "")
+    labels = embed["labels"].to_pylist() if "labels" in embed.column_names else [None] * len(keys)
+    rows = ShardRows(
+        keys=keys,
+        keep=keep,
+        f=np.ascontiguousarray(img_emb[keep] / norms[keep, None], dtype=np.float32),
+        dropped=Counter(r for r in drop.tolist() if r),
+        truths=first_objects([labels[i] for i in keep]),
+    )
+    if bank is not None:
+        rows.nbr_valid = valid[keep]
+        rows.nbr_rows = np.where(rows.nbr_valid, nbr_rows[keep], 0)
+        rows.nbr_sims = np.where(rows.nbr_valid, nbr_sims[keep], 0.0).astype(np.float32)
+    return rows
+
+
+def nearest_caption_precision(
+    bank: CaptionBank, features, truths: list[dict[str, str] | None], device
+) -> dict[str, Any] | None:
+    """Attribute precision of the exact nearest caption to each labelled row of `features` [n, D]."""
+    import torch
+
+    from pipeline.optimize_methods import nearest_rows
+
+    labelled = [i for i, truth in enumerate(truths) if truth is not None]
+    if not labelled:
+        return None
+    bank_emb, bank_usable = bank.on(device)
+    sel = torch.as_tensor(labelled, device=device)
+    rows = nearest_rows(features[sel], bank_emb, bank_usable).cpu().numpy()
+    return attribute_precision(bank, rows, [truths[i] for i in labelled])
+
+
+def optimize_shard(task: OptimizeTask, progress: Progress | None = None) -> dict[str, Any]:
+    """Make one optimize shard and commit it; returns its manifest."""
+    import pyarrow as pa
+    import torch
+
+    from pipeline.clip import resolve_device
+    from pipeline.optimize_methods import Neighbours, pseudo_txt_features, split_batches
+
+    cfg, spec, dim = task.config, task.spec, task.dim
+    cache = Path(cfg.cache)
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    bank = cached_caption_bank(cache, task.inputs.captions, dim) if cfg.needs_neighbours else None
+    rows = read_shard_rows(cache, task.inputs, dim, bank)
+    dropped, n = rows.dropped, len(rows.keep)
+    if progress and dropped:
+        progress(0, [reason for reason, count in dropped.items() for _ in range(count)])
+    t_read = time.perf_counter()
+
+    f = torch.from_numpy(rows.f).to(device)  # [n, D]
+    batches = split_batches(n, cfg.batch_size, np.random.default_rng([cfg.seed, spec.shard, SHUFFLE_STREAM]))
+    noise = nbrs = None
+    if cfg.method == "perturb":
+        # Drawn for every row of the shard, so a skipped row does not shift the noise of the others.
+        rng = np.random.default_rng([cfg.seed, spec.shard, NOISE_STREAM])
+        noise = torch.from_numpy(rng.standard_normal((len(rows.keys), dim), dtype=np.float32)[rows.keep])
+        noise = noise.to(device)
+    if bank is not None:
+        nbrs = Neighbours(
+            bank=bank.on(device)[0],
+            rows=torch.from_numpy(rows.nbr_rows).to(device),
+            sims=torch.from_numpy(rows.nbr_sims).to(device),
+            valid=torch.from_numpy(rows.nbr_valid).to(device),
+        )
+    on_batch = (lambda b: progress(b, [])) if progress else None
+    feats = pseudo_txt_features(f, cfg.hyper(dim, device), batches, nbrs=nbrs, noise=noise, progress=on_batch)
+    t_compute = time.perf_counter()
+
+    # Never write NaN or a non-unit vector: check what is actually stored (float16).
+    stored = feats.h_final.to(torch.float16)  # [n, D]
+    stored_norm = stored.float().norm(dim=1)
+    good = (torch.isfinite(stored).all(dim=1) & ((stored_norm - 1).abs() < 1e-2)).cpu().numpy()
+    if not good.all():
+        dropped["degenerate_result"] += int((~good).sum())
+    cos_init = (f * feats.h_init).sum(dim=1).cpu().numpy()[good]
+    cos_final = ((f * stored.float()).sum(dim=1) / stored_norm.clamp_min(1e-12)).cpu().numpy()[good]
+    precision_init = precision_final = None
+    if bank is not None:
+        truths = [t if ok else None for t, ok in zip(rows.truths, good.tolist(), strict=True)]
+        precision_init = nearest_caption_precision(bank, feats.h_init, truths, device)
+        precision_final = (
+            precision_init
+            if cfg.method == "retrieve"
+            else nearest_caption_precision(bank, feats.h_final, truths, device)
+        )
+    t_quality = time.perf_counter()
+
+    written_keys = [rows.keys[i] for i in rows.keep[good]]
+    pseudo = stored.cpu().numpy()[good]
+    table = pa.table(
+        {
+            "key": pa.array(written_keys, pa.string()),
+            "pseudo_txt": pa.FixedSizeListArray.from_arrays(pa.array(pseudo.reshape(-1), pa.float16()), dim),
+            "cos_init": pa.array(cos_init, pa.float32()),
+            "cos_final": pa.array(cos_final, pa.float32()),
+            "method": pa.array([cfg.method] * len(written_keys), pa.string()),
+        },
+        schema=optimize_schema(dim),
+    )
+    rel = f"{STAGE}/{spec.shard:05d}.parquet"
+    size, digest = write_parquet_atomic(cache / rel, table)
+    outs = [stat_out(cache, rel, size, digest, table.num_rows)]
+    t_end = time.perf_counter()
+    timings = {
+        "total_s": round(t_end - t0, 4),
+        "read_s": round(t_read - t0, 4),
+        "compute_s": round(t_compute - t_read, 4),
+        "quality_s": round(t_quality - t_compute, 4),
+        "images_per_s": round(n / max(t_compute - t_read, 1e-9), 2),
+    }
+
+    def figure(value: float) -> float | None:
+        return round(value, 6) if n else None
+
+    stats = {
+        "shard": spec.shard,
+        "method": cfg.method,
+        "params": spec.params,
+        "rows_in": len(rows.keys),
+        "written": len(written_keys),
+        "dropped": dict(sorted(dropped.items())),
+        "cos_init": _mean(cos_init),
+        "cos_final": _mean(cos_final),
+        "top1_init": figure(feats.top1_init),
+        "top1_final": figure(feats.top1_final),
+        "loss_init": figure(feats.loss_init),
+        "loss_final": figure(feats.loss_final),
+        "proximity_final": figure(feats.proximity_final),
+        "steps": cfg.steps if cfg.method == "optimize" else 0,
+        "batches": feats.n_batches,
+        "batch_size": feats.batch_size,
+        "attr_precision_init": precision_init,
+        "attr_precision_final": precision_final,
+        "device": str(device),
+        "loss_dtype": cfg.loss_dtype(device),
+        "timings": timings,
+    }
+    write_json_atomic(cache / STAGE / f"{spec.shard:05d}.stats.json", stats)
+    extra = {"rows": len(written_keys), "dim": dim, "dropped": stats["dropped"]}
+    return commit_manifest(cache, spec, outs, timings, extra=extra)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OptimizeResult:
+    shards_total: int
+    shards_run: list[int]
+    shards_up_to_date: list[int]
+    images_written: int
+    dropped: dict[str, int]
+    seconds: float
+    summary: dict[str, Any]
+
+
+def run_optimize(config: OptimizeConfig, progress: Progress | None = None, executor=None) -> OptimizeResult:
+    """Plan, then make every stale shard, in-process or on the given executor (`pipeline.executor`)."""
+    from pipeline.executor import LocalExecutor
+
+    t0 = time.perf_counter()
+    plan = plan_optimize(config)
+    clean_temp_files(Path(config.cache) / STAGE)
+    written, dropped = 0, Counter()
+    for manifest in (executor or LocalExecutor()).map(
+        optimize_shard, plan.tasks, gpu=True, progress=progress
+    ):
+        written += manifest["rows"]
+        dropped.update(manifest["dropped"])
+    shards = sorted(plan.up_to_date + [t.spec.shard for t in plan.tasks])
+    return OptimizeResult(
+        shards_total=len(shards),
+        shards_run=[t.spec.shard for t in plan.tasks],
+        shards_up_to_date=plan.up_to_date,
+        images_written=written,
+        dropped=dict(dropped),
+        seconds=time.perf_counter() - t0,
+        summary=stage_summary(config.cache, shards),
+    )
+
+
+def describe_plan(config: OptimizeConfig, plan: OptimizePlan) -> dict[str, Any]:
+    """What a dry run prints: the resolved config and the shards that would run, with reasons."""
+    return {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+        "keyed_params": config.keyed_params(plan.dim),
+        "dim": plan.dim,
+        "shards_to_run": {t.spec.shard: t.reason for t in plan.tasks},
+        "shards_up_to_date": len(plan.up_to_date),
+    }
+
+
+SUMMARY_MEANS = ("cos_init", "cos_final", "top1_init", "top1_final", "loss_init", "loss_final")
+
+
+def stage_summary(cache: Path, shards: list[int] | None = None) -> dict[str, Any]:
+    """Totals and written-weighted means over the committed stats files (all of them, or `shards`)."""
+    totals: Counter = Counter()
+    sums: Counter = Counter()
+    weights: Counter = Counter()
+    methods: set[str] = set()
+    for p in sorted((Path(cache) / STAGE).glob("*.stats.json")):
+        stats = json.loads(p.read_text())
+        if shards is not None and stats["shard"] not in shards:
+            continue
+        methods.add(stats["method"])
+        totals["shards"] += 1
+        totals["written"] += stats["written"]
+        totals.update({f"dropped_{k}": v for k, v in stats["dropped"].items()})
+        for name in SUMMARY_MEANS:
+            if stats.get(name) is not None:
+                sums[name] += stats[name] * stats["written"]
+                weights[name] += stats["written"]
+        for when in ("init", "final"):
+            precision = stats.get(f"attr_precision_{when}")
+            if precision and precision.get("mean") is not None:
+                sums[f"attr_precision_{when}"] += precision["mean"] * precision["n"]
+                weights[f"attr_precision_{when}"] += precision["n"]
+    summary: dict[str, Any] = dict(totals)
+    summary["methods"] = sorted(methods)
+    for name, weight in weights.items():
+        summary[name] = round(sums[name] / weight, 6) if weight else None
+    return summary

@@ -1,0 +1,128 @@
+"""`pipeline run`: embed, retrieve, optimize in order, each only on its stale shards.
+
+Each stage plans against what its upstream has committed *after* the upstream ran, so staleness
+propagates by digests: a remade embed shard with new bytes stales its retrieve and optimize shards, and
+one that came out byte-identical stops the cascade. The whole run holds the cache lock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+STAGES = ("embed", "retrieve", "optimize")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    cache: Path = Path("cache")  # the feature cache
+    until: str = "optimize"  # last stage to run
+    force: tuple[str, ...] = ()  # stages whose every shard is remade
+    executor: str = "local"  # local | dask
+    scheduler: str | None = None  # Dask scheduler address (or DASK_SCHEDULER_ADDRESS); none: a LocalCluster
+    workers: int | None = None  # LocalCluster worker processes
+    wait: float = 0.0  # seconds to wait for another run's lock before giving up
+
+    def validate(self) -> None:
+        if self.until not in STAGES:
+            raise ConfigError(f"--until must be one of {', '.join(STAGES)}")
+        for stage in self.force:
+            if stage not in STAGES:
+                raise ConfigError(f"--force {stage}: not a stage (stages: {', '.join(STAGES)})")
+        if self.executor not in ("local", "dask"):
+            raise ConfigError("--executor must be local or dask")
+
+    def stages(self) -> tuple[str, ...]:
+        return STAGES[: STAGES.index(self.until) + 1]
+
+
+def config_from_section(cls, section: dict[str, Any], **overrides):
+    """A stage config from its pipeline.toml section (keys are the CLI option names = config fields)."""
+    names = {f.name for f in fields(cls)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in section.items() if k in names}
+    values.update(overrides)
+    return cls(**values)
+
+
+@dataclass
+class StageConfigs:
+    embed: Any  # EmbedConfig
+    retrieve: Any | None  # RetrieveConfig; None when no caption corpus is configured
+    optimize: Any  # OptimizeConfig
+
+
+def stage_configs(sections: dict[str, dict], cache: Path, force: tuple[str, ...] = ()) -> StageConfigs:
+    """Build every stage's config from the pipeline.toml sections, with one cache for all."""
+    from pipeline.embed import EmbedConfig
+    from pipeline.optimize import OptimizeConfig
+    from pipeline.retrieve import RetrieveConfig
+
+    embed = config_from_section(EmbedConfig, sections.get("embed", {}), cache=cache, force="embed" in force)
+    if not embed.inputs:
+        raise ConfigError(
+            "pipeline.toml: [embed] inputs is empty; list the image folders, tars or Parquet files"
+        )
+    retrieve_section = dict(sections.get("retrieve", {}))
+    retrieve = None
+    if retrieve_section.get("captions"):
+        retrieve_section.pop("dry_run", None)
+        retrieve_section.update(cache=cache, force="retrieve" in force)
+        retrieve_section["captions"] = tuple(retrieve_section["captions"])
+        retrieve = RetrieveConfig.from_options(**retrieve_section)
+    optimize = config_from_section(
+        OptimizeConfig, sections.get("optimize", {}), cache=cache, force="optimize" in force
+    )
+    if retrieve is None and optimize.needs_neighbours:
+        raise ConfigError(
+            f"pipeline.toml: [retrieve] captions is empty, but [optimize] method {optimize.method!r} needs "
+            'retrieved captions; list a caption corpus, or set method = "perturb"'
+        )
+    return StageConfigs(embed, retrieve, optimize)
+
+
+def run_pipeline(configs: StageConfigs, run: RunConfig, progress_factory=None) -> dict[str, Any]:
+    """Run the stages in order under the cache lock; returns each stage's result object."""
+    from manifests.lock import CacheLock, LockHeld
+    from pipeline.executor import make_executor
+
+    run.validate()
+    results: dict[str, Any] = {}
+    try:
+        lock = CacheLock(run.cache, wait=run.wait)
+        lock.acquire()
+    except LockHeld as e:
+        raise ConfigError(str(e)) from None
+    executor = make_executor(run.executor, run.scheduler, run.workers)
+    try:
+        for stage in run.stages():
+            if stage == "embed":
+                from pipeline.embed import run_embed
+
+                with _bar(progress_factory, "embed", "img") as advance:
+                    results[stage] = run_embed(configs.embed, advance, executor)
+            elif stage == "retrieve" and configs.retrieve is not None:
+                from pipeline.retrieve import run_retrieve
+
+                results[stage] = run_retrieve(configs.retrieve, progress_factory or _null_factory, executor)
+            elif stage == "optimize":
+                from pipeline.optimize import run_optimize
+
+                with _bar(progress_factory, "optimize", "img") as advance:
+                    results[stage] = run_optimize(configs.optimize, advance, executor)
+    finally:
+        executor.close()
+        lock.release()
+    return results
+
+
+def _null_factory(description: str = "", total: int | None = None, unit: str = ""):
+    from contextlib import nullcontext
+
+    return nullcontext(lambda n=0, dropped=(): None)
+
+
+def _bar(progress_factory, description: str, unit: str):
+    return (progress_factory or _null_factory)(description, total=None, unit=unit)

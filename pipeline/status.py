@@ -1,0 +1,175 @@
+"""`pipeline status`: per stage, which shards are up to date and why the others are stale.
+
+Reads only manifests, stats files and file stats (sizes, mtimes), never the data: the caption corpus
+is judged by its files' sizes and mtimes, recorded when the captions step last ran. Staleness flows
+downstream: an embed shard that will be remade stales its retrieve and optimize shards; a caption
+corpus that changed stales the index and so every retrieve and optimize shard.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from manifests import check_outputs, digest_input_file, list_manifests
+from pipeline.errors import ConfigError
+
+STAGES = ("embed", "captions", "index", "retrieve", "optimize")
+
+
+@dataclass
+class StageStatus:
+    stage: str
+    up_to_date: list[int] = field(default_factory=list)
+    stale: dict[int, str] = field(default_factory=dict)  # shard -> reason
+    note: str = ""  # stage-level remark (not configured, ...)
+
+    def mark(self, shard: int, reason: str) -> None:
+        """Stale `shard` for `reason`, keeping a reason it already has of its own."""
+        if shard in self.up_to_date:
+            self.up_to_date.remove(shard)
+        self.stale.setdefault(shard, reason)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "up_to_date": len(self.up_to_date),
+            "stale": {str(k): v for k, v in sorted(self.stale.items())},
+            "note": self.note,
+        }
+
+
+def _committed(cache: Path, stage: str) -> StageStatus:
+    """Status from the committed manifests alone: each shard is fine unless its outputs were altered."""
+    status = StageStatus(stage)
+    for shard, manifest in sorted(list_manifests(cache, stage).items()):
+        reason = check_outputs(cache, manifest)
+        if reason:
+            status.stale[shard] = reason
+        else:
+            status.up_to_date.append(shard)
+    return status
+
+
+def embed_status(cache: Path, config) -> StageStatus:
+    from pipeline.embed import plan_embed
+
+    if config is None or not config.inputs:
+        status = _committed(cache, "embed")
+        status.note = "inputs not configured: new or changed images cannot be seen"
+        return status
+    plan = plan_embed(config, write_plan=False)
+    return StageStatus("embed", list(plan.up_to_date), {t.spec.shard: t.reason for t in plan.tasks})
+
+
+def captions_status(cache: Path, config) -> StageStatus:
+    """Stat-only: the corpus files against those recorded by the last captions run."""
+    status = _committed(cache, "captions")
+    if config is None:
+        status.note = "captions not configured"
+        return status
+    from pipeline.captions import CORPUS_FILE, corpus_files
+
+    try:
+        recorded = json.loads((cache / "captions" / CORPUS_FILE).read_text()).get("file_digests", {})
+    except FileNotFoundError:
+        recorded = None
+    files = corpus_files(config.captions.corpus)
+    current = {str(p): digest_input_file(p, str(p)) for p in files}
+    if recorded is None or not status.up_to_date and not status.stale:
+        status.note = "never built"
+        status.stale.setdefault(0, "new shard")
+    elif current != recorded:
+        changed = sorted(set(current) ^ set(recorded) | {p for p in current if recorded.get(p) != current[p]})
+        status.note = "corpus changed: " + ", ".join(Path(p).name for p in changed[:3])
+        for shard in list(status.up_to_date):
+            status.mark(shard, "corpus changed (shards re-checked by content when run)")
+    return status
+
+
+def index_status(cache: Path, captions: StageStatus) -> StageStatus:
+    status = _committed(cache, "index")
+    if not status.up_to_date and not status.stale:
+        status.stale[0] = "new shard"
+    elif captions.stale:
+        status.mark(0, "upstream changed: captions")
+    else:
+        deps = {d["digest"] for d in list_manifests(cache, "index")[0].get("deps", [])}
+        outs = {
+            o["digest"]
+            for m in list_manifests(cache, "captions").values()
+            for o in m["outs"]
+            if o["path"].endswith(".parquet")
+        }
+        if deps != outs:
+            status.mark(0, "upstream changed: captions")
+    return status
+
+
+def retrieve_status(cache: Path, config, embed: StageStatus, index: StageStatus) -> StageStatus:
+    from pipeline.retrieve import plan_search
+
+    shards = sorted(set(embed.up_to_date) | set(embed.stale))
+    if config is None:
+        status = _committed(cache, "retrieve")
+        status.note = "captions not configured"
+    elif index.stale:
+        status = StageStatus("retrieve", [], {s: "upstream changed: index" for s in shards})
+        return status
+    else:
+        plan = plan_search(config.search)
+        status = StageStatus("retrieve", list(plan.up_to_date), {t.spec.shard: t.reason for t in plan.tasks})
+    for shard in shards:
+        if shard in embed.stale:
+            status.mark(shard, "upstream changed: embed")
+        elif shard not in status.up_to_date:
+            status.stale.setdefault(shard, "new shard")
+    return status
+
+
+def optimize_status(cache: Path, config, embed: StageStatus, retrieve: StageStatus) -> StageStatus:
+    from pipeline.optimize import plan_optimize
+
+    shards = sorted(set(embed.up_to_date) | set(embed.stale))
+    upstream = {s: "upstream changed: embed" for s in embed.stale}
+    if config.needs_neighbours:
+        upstream.update({s: "upstream changed: retrieve" for s in retrieve.stale if s not in upstream})
+    try:
+        plan = plan_optimize(config)
+        status = StageStatus("optimize", list(plan.up_to_date), {t.spec.shard: t.reason for t in plan.tasks})
+    except ConfigError:  # an upstream shard is missing or older: it will be redone first
+        status = _committed(cache, "optimize")
+    for shard in shards:
+        if shard in upstream:
+            status.mark(shard, upstream[shard])
+        elif shard not in status.up_to_date:
+            status.stale.setdefault(shard, "new shard")
+    return status
+
+
+def pipeline_status(
+    cache: Path, embed_config=None, retrieve_config=None, optimize_config=None
+) -> list[StageStatus]:
+    cache = Path(cache)
+    embed = embed_status(cache, embed_config)
+    captions = captions_status(cache, retrieve_config)
+    index = index_status(cache, captions)
+    retrieve = retrieve_status(cache, retrieve_config, embed, index)
+    result = [embed, captions, index, retrieve]
+    if optimize_config is not None and (embed.up_to_date or embed.stale):
+        result.append(optimize_status(cache, optimize_config, embed, retrieve))
+    return result
+
+
+def render_status(stages: list[StageStatus], limit: int = 10) -> str:
+    lines = []
+    for s in stages:
+        head = f"{s.stage:9s} {len(s.up_to_date):6,d} up to date, {len(s.stale):6,d} stale"
+        lines.append(head + (f"  ({s.note})" if s.note else ""))
+        for shard, reason in sorted(s.stale.items())[:limit]:
+            lines.append(f"          {shard:05d}  {reason}")
+        if len(s.stale) > limit:
+            lines.append(f"          ... and {len(s.stale) - limit:,} more (--json lists all)")
+    return "\n".join(lines)
