@@ -55,10 +55,17 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def resolve_model(clip_model: str) -> tuple[str, str]:
-    """Register the config with open_clip when needed; returns (open_clip name, model identity)."""
-    import open_clip
+def _builtin_models() -> set[str]:
+    """open_clip's architecture names, read from its config folder without importing it (~3 s of torch)."""
+    import importlib.util
 
+    spec = importlib.util.find_spec("open_clip")
+    folders = spec.submodule_search_locations if spec else None
+    return {p.stem for folder in folders or [] for p in (Path(folder) / "model_configs").glob("*.json")}
+
+
+def model_config(clip_model: str) -> tuple[str, dict[str, Any] | None, str]:
+    """(open_clip name, config dict or None for a built-in, model identity), without importing open_clip."""
     path = Path(clip_model)
     if path.suffix != ".json":
         bundled = BUNDLED_CONFIGS / f"{clip_model}.json"
@@ -69,19 +76,25 @@ def resolve_model(clip_model: str) -> tuple[str, str]:
             raise ConfigError(f"--clip-model {clip_model}: file not found")
         cfg = _read_config_file(path)
         identity = digest_json(cfg)
-        name = f"cfg-{identity[:12]}"
+        return f"cfg-{identity[:12]}", cfg, f"config:{identity}"
+    if clip_model not in _builtin_models():
+        raise ConfigError(
+            f"--clip-model {clip_model}: unknown open_clip architecture; pass a model-config JSON file "
+            f"or one of: lafite-tiny, lafite-small, ViT-B-32, ViT-B-16, ViT-L-14, ..."
+        )
+    return clip_model, None, clip_model
+
+
+def resolve_model(clip_model: str) -> tuple[str, str]:
+    """Register the config with open_clip when needed; returns (open_clip name, model identity)."""
+    name, cfg, identity = model_config(clip_model)
+    if cfg is not None:
         # open_clip keeps its configs in a registry by name; `add_model_config` would register the file's
         # stem, which may clash with a built-in name, so register under a content-derived name instead.
         from open_clip import factory
 
         factory._MODEL_CONFIGS[name] = cfg
-        return name, f"config:{identity}"
-    if clip_model not in open_clip.list_models():
-        raise ConfigError(
-            f"--clip-model {clip_model}: unknown open_clip architecture; pass a model-config JSON file "
-            f"or one of: lafite-tiny, lafite-small, ViT-B-32, ViT-B-16, ViT-L-14, ..."
-        )
-    return clip_model, clip_model
+    return name, identity
 
 
 def weights_identity(model_name: str, clip_pretrained: str | None) -> str:
@@ -158,7 +171,7 @@ def cached_clip(clip_model: str, clip_pretrained: str | None, device: str = "aut
 
 def clip_identity(clip_model: str, clip_pretrained: str | None) -> dict[str, str]:
     """The manifest identity of a model without loading it (cheap: used for staleness checks)."""
-    name, model_identity = resolve_model(clip_model)
+    name, _, model_identity = model_config(clip_model)
     return {"model": model_identity, "weights": weights_identity(name, clip_pretrained or None)}
 
 

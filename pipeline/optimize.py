@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,7 +39,12 @@ from manifests import (
     write_parquet_atomic,
 )
 from pipeline.errors import ConfigError
-from pipeline.optimize_methods import METHODS, PARAMETRISATIONS, Hyper
+
+if TYPE_CHECKING:
+    from pipeline.optimize_methods import Hyper
+
+METHODS = ("optimize", "retrieve", "perturb")
+PARAMETRISATIONS = ("weights", "residual")
 
 STAGE = "optimize"
 STAGE_VERSION = "1"
@@ -115,6 +120,8 @@ class OptimizeConfig:
         return PRECISIONS[self.precision]
 
     def hyper(self, dim: int, device) -> Hyper:
+        from pipeline.optimize_methods import Hyper  # torch: imported only when computing
+
         return Hyper(
             method=self.method,
             param=self.param,

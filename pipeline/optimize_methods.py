@@ -23,9 +23,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-METHODS = ("optimize", "retrieve", "perturb")
-PARAMETRISATIONS = ("weights", "residual")
-
 # Elements of one [rows, columns] fp32 score block in the chunked matmuls below (256 MiB).
 SCORE_BLOCK = 1 << 26
 
