@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,6 +37,9 @@ from manifests import (
 from pipeline.errors import ConfigError
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.sources import Unit, expand_inputs
+
+if TYPE_CHECKING:
+    from pipeline.executor import StageResult
 
 STAGE = "embed"
 STAGE_VERSION = "1"
@@ -255,19 +258,9 @@ def embed_shard(task: EmbedTask, progress: Progress | None = None) -> dict[str, 
     return commit_manifest(cfg.cache, spec, outs, timings, extra=extra)
 
 
-@dataclass
-class EmbedResult:
-    shards_total: int
-    shards_run: list[int]
-    shards_up_to_date: list[int]
-    images_written: int
-    dropped: dict[str, int]
-    seconds: float
-
-
-def run_embed(config: EmbedConfig, progress: Progress | None = None, executor=None) -> EmbedResult:
+def run_embed(config: EmbedConfig, progress: Progress | None = None, executor=None) -> StageResult:
     """Plan, then make every stale shard, in-process or on the given executor (`pipeline.executor`)."""
-    from pipeline.executor import LocalExecutor
+    from pipeline.executor import LocalExecutor, StageResult
 
     t0 = time.perf_counter()
     plan = plan_embed(config)
@@ -278,7 +271,7 @@ def run_embed(config: EmbedConfig, progress: Progress | None = None, executor=No
     for manifest in (executor or LocalExecutor()).map(embed_shard, plan.tasks, gpu=True, progress=progress):
         written += manifest["rows"]
         dropped.update(manifest["dropped"])
-    return EmbedResult(
+    return StageResult(
         shards_total=len(plan.tasks) + len(plan.up_to_date),
         shards_run=[t.spec.shard for t in plan.tasks],
         shards_up_to_date=plan.up_to_date,

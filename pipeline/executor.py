@@ -9,11 +9,26 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 from pipeline.errors import ConfigError
 
 Progress = Callable[[int, list[str]], None]  # (items just finished, reasons of those dropped)
 Count = Callable[[dict], tuple[int, list[str]]]  # what a finished shard's manifest adds to a progress bar
+
+
+@dataclass
+class StageResult:
+    """What a shard-mapped stage reports after a run."""
+
+    shards_total: int
+    shards_run: list[int]
+    shards_up_to_date: list[int]
+    images_written: int
+    dropped: dict[str, int]
+    seconds: float
+    summary: dict[str, Any] = field(default_factory=dict)  # stage-specific totals over committed shards
 
 
 def rows_done(manifest: dict) -> tuple[int, list[str]]:

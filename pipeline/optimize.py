@@ -41,6 +41,7 @@ from manifests import (
 from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
+    from pipeline.executor import StageResult
     from pipeline.optimize_methods import Hyper
 
 METHODS = ("optimize", "retrieve", "perturb")
@@ -692,20 +693,9 @@ def optimize_shard(task: OptimizeTask, progress: Progress | None = None) -> dict
 # ---------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class OptimizeResult:
-    shards_total: int
-    shards_run: list[int]
-    shards_up_to_date: list[int]
-    images_written: int
-    dropped: dict[str, int]
-    seconds: float
-    summary: dict[str, Any]
-
-
-def run_optimize(config: OptimizeConfig, progress: Progress | None = None, executor=None) -> OptimizeResult:
+def run_optimize(config: OptimizeConfig, progress: Progress | None = None, executor=None) -> StageResult:
     """Plan, then make every stale shard, in-process or on the given executor (`pipeline.executor`)."""
-    from pipeline.executor import LocalExecutor
+    from pipeline.executor import LocalExecutor, StageResult
 
     t0 = time.perf_counter()
     plan = plan_optimize(config)
@@ -717,7 +707,7 @@ def run_optimize(config: OptimizeConfig, progress: Progress | None = None, execu
         written += manifest["rows"]
         dropped.update(manifest["dropped"])
     shards = sorted(plan.up_to_date + [t.spec.shard for t in plan.tasks])
-    return OptimizeResult(
+    return StageResult(
         shards_total=len(shards),
         shards_run=[t.spec.shard for t in plan.tasks],
         shards_up_to_date=plan.up_to_date,
