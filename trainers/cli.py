@@ -6,7 +6,13 @@ are not built yet; this app exists so the console script is installed and docume
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from pipeline.cli import user_errors
 
 app = typer.Typer(
     help="Train generators from the feature cache (clip, gan, ldm, sample, eval: not built yet).",
@@ -19,6 +25,453 @@ app = typer.Typer(
 def root(ctx: typer.Context) -> None:
     if ctx.invoked_subcommand is None:
         typer.echo(ctx.get_help())
+
+
+@app.command()
+@user_errors
+def gan(
+    cache: Annotated[
+        Path | None, typer.Option("--cache", help="Feature cache (pipeline embed, + retrieve/optimize).")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Runs directory; the run goes to OUT/{idx:03d}-{name}/. (default: runs)"),
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Run name. (default: gan)")] = None,
+    size: Annotated[
+        str | None,
+        typer.Option(
+            "--size",
+            help="trainers.gan.GAN_SIZES entry: tiny (tests, 32 px), small (64 px), "
+            "base (128-256 px). (default: small)",
+        ),
+    ] = None,
+    condition: Annotated[
+        str | None,
+        typer.Option("--condition", help="optimize, retrieve, perturb or caption. (default: optimize)"),
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", help="Total steps (a resume continues to it). (default: 20000)")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Images per step. (default: 32)")
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option("--lr", help="Adam learning rate of G and D. (default: 0.0025)")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Seed of init, noise and data order. (default: 0)")
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="Checkpoint, or run directory (its latest), to continue in place; the "
+            "model, data and losses come from it.",
+        ),
+    ] = None,
+    sample_every: Annotated[
+        int | None,
+        typer.Option("--sample-every", help="Steps between sample grids (0: end only). (default: 1000)"),
+    ] = None,
+    checkpoint_every: Annotated[
+        int | None,
+        typer.Option("--checkpoint-every", help="Steps between checkpoints (0: end only). (default: 5000)"),
+    ] = None,
+    paired_fraction: Annotated[
+        float | None,
+        typer.Option("--paired-fraction", help="Share of samples given real-caption features. (default: 0)"),
+    ] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompts", help="Sample-grid prompts, one per line. (default: synthetic-world captions)"
+        ),
+    ] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Loader processes. (default: 0)")] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N. (default: auto)")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
+) -> None:
+    """Train the LAFITE-style conditional StyleGAN2-lite on the cache's images and conditions."""
+    from trainers.train_gan import read_prompts, resolve_config, run_gan
+
+    given = dict(
+        cache=cache,
+        out=out,
+        name=name,
+        size=size,
+        condition=condition,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        sample_every=sample_every,
+        checkpoint_every=checkpoint_every,
+        paired_fraction=paired_fraction,
+        workers=workers,
+        device=device,
+    )
+    given = {k: v for k, v in given.items() if v is not None}
+    if prompts is not None:
+        given["prompts"] = read_prompts(prompts)
+    config, checkpoint = resolve_config(given, resume)
+    if dry_run:
+        config.validate()
+        typer.echo(json.dumps(config.to_dict(), indent=1))
+        return
+    result = run_gan(config, resume_state=checkpoint)
+    if not result.losses:
+        typer.echo(
+            f"gan: already at step {result.step:,} of {config.steps:,}; raise --steps to continue "
+            f"-> {result.run_dir}"
+        )
+        return
+    losses = ", ".join(f"{k} {result.losses[k]:.3f}" for k in ("loss_g", "loss_d", "con_g", "con_d"))
+    typer.echo(
+        f"gan: step {result.step:,}, {result.images_per_s:,.1f} img/s; {losses} -> {result.checkpoint}"
+    )
+
+
+@app.command()
+@user_errors
+def sample(
+    checkpoint: Annotated[
+        Path,
+        typer.Option("--checkpoint", help="A `trainers gan` checkpoint, or a run directory (its latest)."),
+    ],
+    prompt: Annotated[
+        list[str] | None, typer.Option("--prompt", help="A prompt (repeatable): one grid row.")
+    ] = None,
+    prompts: Annotated[
+        Path | None, typer.Option("--prompts", help="A file of prompts, one per line.")
+    ] = None,
+    n: Annotated[int, typer.Option("--n", help="Images per prompt.")] = 4,
+    seed: Annotated[int, typer.Option("--seed", help="Same checkpoint, prompts and seed: same pixels.")] = 0,
+    out: Annotated[
+        Path, typer.Option("--out", help="Grid PNG; single images go into a folder named after it.")
+    ] = Path("samples.png"),
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Prompts -> CLIP text features -> a labelled image grid (one row per prompt) and single images."""
+    from trainers.sample import SampleConfig, run_sample
+    from trainers.train_gan import read_prompts
+
+    texts = tuple(prompt or ()) + (read_prompts(prompts) if prompts is not None else ())
+    config = SampleConfig(checkpoint=checkpoint, prompts=texts, out=out, n=n, seed=seed, device=device)
+    result = run_sample(config)
+    typer.echo(
+        f"sample: {len(result.images)} images at {result.resolution}px from step {result.step:,} -> "
+        f"{result.grid} (+ {result.grid.with_suffix('')}/)"
+    )
+
+
+@app.command("clip")
+@user_errors
+def clip_command(
+    shards: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="More image-caption inputs (so `--data world/*.tar` works unquoted).", show_default=False
+        ),
+    ] = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--data",
+            help="Image-caption inputs: WebDataset tars (the synthetic world: `pipeline synth`), folders "
+            "with .txt captions, Parquet; globs. Repeatable.",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Run directory for clip.pt, clip_config.json, clip_eval.json. (default: runs/NNN-clip-SIZE)",
+        ),
+    ] = None,
+    size: Annotated[
+        str, typer.Option("--size", help="tiny (lafite-tiny, 32 px) or small (lafite-small, 64 px).")
+    ] = "tiny",
+    steps: Annotated[int, typer.Option("--steps", help="Optimisation steps.")] = 300,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Pairs per step (the InfoNCE negatives).")
+    ] = 64,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW peak learning rate (warmup, then cosine).")] = 2e-3,
+    seed: Annotated[int, typer.Option("--seed", help="Init, batch order and augmentation.")] = 0,
+    eval_n: Annotated[
+        int, typer.Option("--eval-n", help="Held-out synthetic images for zero-shot accuracy (0: skip).")
+    ] = 600,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUT/clip.pt.")] = False,
+) -> None:
+    """Train a small CLIP (open_clip, bundled config) on image-caption shards, for offline caches.
+
+    Then: `pipeline embed ... --clip-model OUT/clip_config.json --clip-pretrained OUT/clip.pt`.
+    """
+    from pipeline.errors import ConfigError
+    from pipeline.progress import progress_bar
+    from trainers.clip_train import CLIP_SIZES, ClipTrainConfig, describe, train_clip
+
+    if size not in CLIP_SIZES:
+        raise ConfigError(f"--size {size}: choose one of {', '.join(CLIP_SIZES)}")
+    config = ClipTrainConfig(
+        data=tuple(data or ()) + tuple(shards or ()),
+        out=out,
+        size=size,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        eval_n=eval_n,
+        device=device,
+        force=force,
+    )
+    with progress_bar("clip", total=steps, unit="step") as advance:
+        result = train_clip(config, advance)
+    typer.echo(describe(result))
+
+
+@app.command("probe")
+@user_errors
+def probe_command(
+    cache: Annotated[
+        Path | None, typer.Option("--cache", help="Feature cache: the probe is trained at its image size.")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Probe file to write (+ .json beside it). (default: kept in CACHE/_trainers/)"
+        ),
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option("--image-size", help="Image size, instead of --cache.", show_default=False)
+    ] = None,
+    n_train: Annotated[int, typer.Option("--n-train", help="Rendered training images.")] = 6000,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over them.")] = 6,
+    seed: Annotated[int, typer.Option("--seed", help="Training images, init and order.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Train the synthetic world's attribute classifier (the instrument `trainers eval` measures with)."""
+    from dataclasses import replace
+
+    from pipeline.errors import ConfigError
+    from pipeline.progress import progress_bar
+    from trainers.probe import ProbeConfig, cached_probe, describe, save_probe, train_probe
+
+    if (cache is None) == (image_size is None):
+        raise ConfigError("give --cache (its image size is used) or --image-size, not both")
+    base = ProbeConfig(n_train=n_train, epochs=epochs, seed=seed, device=device)
+    if cache is not None:
+        from trainers.data import cache_image_size
+
+        size = cache_image_size(cache)
+    else:
+        size = image_size
+    config = replace(base, image_size=size)
+    config.validate()
+    if out is not None and (out.is_dir() or out.suffix == ""):
+        raise ConfigError(f"--out {out}: give a file path such as probe.pt")
+    with progress_bar("probe", total=None, unit="step") as advance:
+        if out is None:
+            probe, path = cached_probe(cache, config, advance)
+        else:
+            probe = train_probe(config, advance)
+            path = save_probe(probe, out)
+            from manifests import write_json_atomic
+
+            write_json_atomic(
+                out.with_suffix(".json"), {"config": probe.state()["config"], "accuracy": probe.accuracy}
+            )
+    typer.echo(f"{describe(probe)} -> {path or 'memory (cache not writable)'}")
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    checkpoint: Annotated[
+        Path,
+        typer.Option(
+            "--checkpoint", help="A generator checkpoint (or run directory) `trainers sample` can load."
+        ),
+    ],
+    cache: Annotated[Path, typer.Option("--cache", help="The feature cache the generator was trained on.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for eval.json and grid.png.")],
+    prompts: Annotated[
+        Path | None,
+        typer.Option("--prompts", help="Prompts, one per line. (default: synthetic-world captions)"),
+    ] = None,
+    n: Annotated[int, typer.Option("--n", help="Images generated (and real images compared).")] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="Prompts, generator noise, real-image draw.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per generator call.")] = 100,
+    probe: Annotated[
+        Path | None,
+        typer.Option("--probe", help="A `trainers probe` file. (default: trained once per cache)"),
+    ] = None,
+    inception: Annotated[
+        Path | None,
+        typer.Option(
+            "--inception", help="Local inception-2015-12-05.pt for Inception FID (never downloaded)."
+        ),
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """FID (CLIP features offline; Inception when its weights are local), CLIP score, attribute accuracy."""
+    import inspect
+
+    from pipeline.errors import ConfigError
+    from pipeline.progress import progress_bar
+    from trainers.evaluate import EvalConfig, describe, evaluate
+
+    config = EvalConfig(
+        checkpoint=str(checkpoint),
+        cache=cache,
+        out=out,
+        prompts=prompts,
+        n=n,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+        probe=probe,
+        inception=inception,
+    )
+    config.validate()
+    try:
+        from trainers.sample import load_generator
+    except ImportError as e:
+        raise ConfigError(
+            f"trainers eval needs trainers.sample.load_generator, which cannot be imported ({e})"
+        ) from None
+    kwargs = {"device": device} if "device" in inspect.signature(load_generator).parameters else {}
+    generate, info = load_generator(checkpoint, **kwargs)
+    with progress_bar("eval", total=n) as advance:
+        result = evaluate(config, generate, info, progress=advance)
+    typer.echo(f"{describe(result)} -> {out / 'eval.json'}")
+
+
+@app.command("vae")
+@user_errors
+def vae_command(
+    cache: Annotated[Path | None, typer.Option("--cache", help="Feature cache (its images).")] = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="Runs directory; the run goes to OUT/{idx:03d}-{name}/.")
+    ] = Path("runs"),
+    name: Annotated[str, typer.Option("--name", help="Run name.")] = "vae",
+    size: Annotated[
+        str, typer.Option("--size", help="trainers.vae.VAE_SIZES entry: tiny or small.")
+    ] = "small",
+    steps: Annotated[int, typer.Option("--steps", help="Optimisation steps.")] = 10_000,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = 32,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 2e-4,
+    seed: Annotated[int, typer.Option("--seed", help="Init, noise, data order, held-out choice.")] = 0,
+    eval_n: Annotated[int, typer.Option("--eval-n", help="Held-out images for the PSNR in eval.json.")] = 64,
+    checkpoint_every: Annotated[
+        int, typer.Option("--checkpoint-every", help="Steps between checkpoints (0: end only).")
+    ] = 5000,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Train the KL autoencoder (x4 down, 4 latent channels) that `trainers ldm` works in."""
+    from pipeline.progress import progress_bar
+    from trainers.vae import VaeConfig, run_vae
+
+    config = VaeConfig(
+        cache=cache,
+        out=out,
+        name=name,
+        size=size,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        eval_n=eval_n,
+        checkpoint_every=checkpoint_every,
+        device=device,
+    )
+    config.validate()
+    with progress_bar("vae", total=steps, unit="step") as advance:
+        result = run_vae(config, advance)
+    typer.echo(
+        f"vae: step {result.step:,}, loss {result.losses['loss']:.4f}, held-out PSNR {result.psnr:.2f} dB "
+        f"-> {result.checkpoint}"
+    )
+
+
+@app.command("ldm")
+@user_errors
+def ldm_command(
+    cache: Annotated[
+        Path | None, typer.Option("--cache", help="Feature cache (images + conditions).")
+    ] = None,
+    vae: Annotated[
+        Path | None, typer.Option("--vae", help="A `trainers vae` checkpoint or run directory.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Runs directory; the run goes to OUT/{idx:03d}-{name}/.")
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Run name. (default: ldm)")] = None,
+    size: Annotated[
+        str | None, typer.Option("--size", help="trainers.ldm.LDM_SIZES entry: tiny, S or B. (default: S)")
+    ] = None,
+    condition: Annotated[
+        str | None,
+        typer.Option("--condition", help="optimize, retrieve, perturb or caption. (default: optimize)"),
+    ] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Total steps. (default: 50000)")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Images per step. (default: 64)")
+    ] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="AdamW learning rate. (default: 1e-4)")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed. (default: 0)")] = None,
+    init: Annotated[
+        Path | None, typer.Option("--init", help="Start from this `trainers ldm` checkpoint's weights.")
+    ] = None,
+    paired_limit: Annotated[
+        int | None,
+        typer.Option("--paired-limit", help="Few-shot: train on N real pairs (--condition caption)."),
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Checkpoint, or run directory (its latest), to continue.")
+    ] = None,
+    checkpoint_every: Annotated[
+        int | None, typer.Option("--checkpoint-every", help="Steps between checkpoints (0: end only).")
+    ] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Loader processes. (default: 0)")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = None,
+) -> None:
+    """Train the DiT-style latent rectified-flow model on a frozen `trainers vae`, with guidance dropout."""
+    from pipeline.progress import progress_bar
+    from trainers.train_ldm import resolve_config, run_ldm
+
+    given = dict(
+        cache=cache,
+        vae=vae,
+        out=out,
+        name=name,
+        size=size,
+        condition=condition,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        init=init,
+        paired_limit=paired_limit,
+        checkpoint_every=checkpoint_every,
+        workers=workers,
+        device=device,
+    )
+    config, checkpoint = resolve_config({k: v for k, v in given.items() if v is not None}, resume)
+    config.validate()
+    with progress_bar("ldm", total=config.steps, unit="step") as advance:
+        result = run_ldm(config, resume_state=checkpoint, progress=advance)
+    if not result.losses:
+        typer.echo(f"ldm: already at step {result.step:,} of {config.steps:,} -> {result.run_dir}")
+        return
+    typer.echo(
+        f"ldm: step {result.step:,}, loss {result.losses['loss']:.4f}, {result.data['n_images']:,} images "
+        f"({result.data['pairs']:,} pairs) -> {result.checkpoint}"
+    )
 
 
 def main() -> None:

@@ -1,0 +1,151 @@
+"""`trainers clip`: the loss falls, the checkpoint is what `pipeline embed` loads, the eval is written."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipeline.clip import encode_images, encode_texts, load_clip
+from pipeline.embed import EmbedConfig, run_embed
+from pipeline.synth import ATTRIBUTES, SynthConfig, run_synth
+from trainers.cli import app
+from trainers.clip_train import ClipTrainConfig, held_out_images, train_clip
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models on CPU. On this 2-core machine 2 threads are ~1.8x faster when it is idle, but ~10x
+    slower when another process is busy (OpenMP synchronisation: 40 CLIP steps took 25 s vs 2.7 s, the
+    test probe 53 s vs 4.4 s); one thread keeps the suite inside its time budget either way."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    run_synth(SynthConfig(out=out, n=64, shard_size=32, n_captions=40, image_size=32))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory):
+    config = ClipTrainConfig(
+        data=(str(world / "*.tar"),),
+        out=tmp_path_factory.mktemp("run"),
+        steps=40,
+        batch_size=32,
+        warmup=5,
+        eval_n=60,
+        device="cpu",
+    )
+    return train_clip(config)
+
+
+def test_training_lowers_the_contrastive_loss(trained):
+    first, last = np.mean(trained.losses[:5]), np.mean(trained.losses[-5:])
+    assert last < first - 0.5 and last < math.log(32) - 0.3, trained.losses  # below chance for B = 32
+
+
+def test_checkpoint_loads_through_pipeline_clip_and_matches_the_trained_model(trained):
+    pixels, labels = held_out_images(8, seed=3, image_size=32)
+    captions = [lab["caption"] for lab in labels]
+    state = torch.load(trained.checkpoint, weights_only=True)
+    assert set(state) == {"state_dict"}
+    for clip_model in ("lafite-tiny", str(trained.model_config)):
+        bundle = load_clip(clip_model, str(trained.checkpoint), "cpu")
+        in_memory = dataclasses.replace(bundle, model=trained.model)
+        assert bundle.identity["weights"].startswith("file:")
+        torch.testing.assert_close(encode_images(bundle, pixels), encode_images(in_memory, pixels))
+        torch.testing.assert_close(encode_texts(bundle, captions), encode_texts(in_memory, captions))
+    random_init = load_clip("lafite-tiny", None, "cpu")  # the check above can fail: weights matter
+    assert not torch.allclose(encode_images(random_init, pixels), encode_images(bundle, pixels), atol=1e-3)
+
+
+def test_pipeline_embed_uses_the_trained_clip(trained, world, tmp_path):
+    cache = tmp_path / "cache"
+    config = EmbedConfig(
+        inputs=(str(world / "00000.tar"),),
+        cache=cache,
+        clip_model="lafite-tiny",
+        clip_pretrained=str(trained.checkpoint),
+        image_size=32,
+        workers=0,
+    )
+    run_embed(config)
+    table = pq.read_table(cache / "embed" / "00000.parquet")
+    stored = torch.tensor(np.stack(table["img_emb"].to_numpy(zero_copy_only=False)).astype(np.float32))
+    from trainers.data import read_embed
+
+    rows = read_embed(cache)
+    bundle = dataclasses.replace(
+        load_clip("lafite-tiny", str(trained.checkpoint), "cpu"), model=trained.model
+    )
+    torch.testing.assert_close(
+        stored, encode_images(bundle, rows.pixels(range(len(rows)))), atol=2e-3, rtol=0
+    )
+
+
+def test_clip_eval_json_has_zero_shot_accuracy_per_attribute(trained):
+    evaluation = json.loads(trained.eval_path.read_text())
+    assert set(evaluation["zero_shot"]) == set(ATTRIBUTES) == set(evaluation["chance"])
+    for attribute in ATTRIBUTES:
+        assert 0.0 <= evaluation["zero_shot"][attribute] <= 1.0
+        assert 0.0 <= evaluation["zero_shot_single_prompt"][attribute] <= 1.0
+    assert evaluation["eval_images"]["first_index"] >= 10**9  # never an image any synth run wrote
+    assert evaluation["pairs"] == 64 and evaluation["loss_last"] < evaluation["loss_first"]
+    assert json.loads((trained.run_dir / "clip_config.json").read_text())["embed_dim"] == 64
+
+
+def test_clip_cli_trains_and_refuses_to_overwrite(world, tmp_path):
+    run = tmp_path / "run"
+    shards = sorted(str(p) for p in world.glob("*.tar"))
+    args = [
+        "clip",
+        "--data",
+        *shards,
+        "--out",
+        str(run),
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--eval-n",
+        "12",
+    ]
+    result = runner.invoke(app, args + ["--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "clip: 2 steps on 64 pairs" in result.output
+    assert all(
+        (run / name).is_file() for name in ("clip.pt", "clip_config.json", "clip_eval.json", "config.json")
+    )
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "--force" in again.output
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--data", "nowhere/*.tar"], "nowhere"),
+        (["--data", "WORLD", "--size", "huge"], "--size"),
+        (["--data", "WORLD", "--steps", "0"], "--steps"),
+        ([], "--data"),
+    ],
+)
+def test_clip_cli_errors_are_one_line(world, tmp_path, extra, message):
+    extra = [str(world / "00000.tar") if a == "WORLD" else a for a in extra]
+    result = runner.invoke(app, ["clip", "--out", str(tmp_path / "run"), *extra])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith("warning")]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.output, result.output

@@ -1,0 +1,472 @@
+"""trainers.data: the cache loader joins every image with its own key's condition, mixes real captions,
+resumes exactly, refuses missing stages and never writes outside `_trainers/`."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from factories import TINY_CLIP
+from PIL import Image
+
+from manifests import Dep, ShardSpec, commit_manifest, list_manifests, stat_out, write_parquet_atomic
+from pipeline.embed import EmbedConfig, run_embed
+from pipeline.errors import ConfigError
+from pipeline.synth import SynthConfig, run_synth
+from trainers import data
+from trainers.data import LoaderConfig, cache_clip, feature_dim, make_loader, missing_stage_error
+
+N_IMAGES, SHARD, D = 40, 20, 64
+DROPPED_KEY = "000000003"  # the optimize fixture has no row for it
+NO_NEIGHBOUR_KEY = "000000025"  # its retrieve row has only missing neighbours (-1)
+
+
+def unit(key: str, salt: str, dim: int = D) -> np.ndarray:
+    seed = int.from_bytes(hashlib.blake2b(f"{salt}/{key}".encode(), digest_size=8).digest(), "little")
+    v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return (v / np.linalg.norm(v)).astype(np.float16)
+
+
+def commit_stage(cache: Path, stage: str, shard: int, table, deps: list[Dep]) -> None:
+    rel = f"{stage}/{shard:05d}.parquet"
+    size, digest = write_parquet_atomic(cache / rel, table)
+    spec = ShardSpec(stage, shard, "1", {"fixture": True}, deps)
+    commit_manifest(cache, spec, [stat_out(cache, rel, size, digest, table.num_rows)], {})
+
+
+def embed_dep(cache: Path, shard: int) -> Dep:
+    out = next(o for o in list_manifests(cache, "embed")[shard]["outs"] if o["path"].endswith(".parquet"))
+    return Dep(out["path"], out["digest"])
+
+
+def fixed(vectors: np.ndarray, dtype) -> pa.Array:
+    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), dtype), vectors.shape[1])
+
+
+def embed_keys(cache: Path, shard: int) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(cache / "embed" / f"{shard:05d}.parquet", columns=["key"])["key"].to_pylist()
+
+
+CAPTION_IDS = np.arange(30, dtype=np.int64) * 3 + 7  # not 0..M-1: the join must go through caption_id
+
+
+def write_stage_fixtures(cache: Path) -> dict:
+    """optimize/, captions/ (two shards), retrieve/ built by hand; returns the expected features by key."""
+    expected = {"optimize": {}, "neighbours": {}}
+    cap_emb = np.stack([unit(str(i), "caption") for i in CAPTION_IDS])
+    for j, part in enumerate((slice(0, 18), slice(18, 30))):
+        table = pa.table(
+            {
+                "caption_id": pa.array(CAPTION_IDS[part], pa.int64()),
+                "text": pa.array([f"caption {i}" for i in CAPTION_IDS[part]], pa.string()),
+                "txt_emb": fixed(cap_emb[part], pa.float16()),
+            }
+        )
+        commit_stage(cache, "captions", j, table, [])
+    expected["captions"] = dict(zip(CAPTION_IDS.tolist(), cap_emb, strict=True))
+    for shard in (0, 1):
+        keys = embed_keys(cache, shard)
+        kept = [k for k in keys if k != DROPPED_KEY][::-1]  # another order than embed's: join by key
+        pseudo = np.stack([unit(k, "pseudo") for k in kept])
+        expected["optimize"].update(zip(kept, pseudo, strict=True))
+        table = pa.table(
+            {
+                "key": pa.array(kept, pa.string()),
+                "pseudo_txt": fixed(pseudo, pa.float16()),
+                "cos_init": pa.array(np.zeros(len(kept)), pa.float32()),
+                "cos_final": pa.array(np.zeros(len(kept)), pa.float32()),
+                "method": pa.array(["optimize"] * len(kept), pa.string()),
+            }
+        )
+        commit_stage(cache, "optimize", shard, table, [embed_dep(cache, shard)])
+        ids, sims = [], []
+        for key in keys:
+            i = int(key)
+            row_ids = [int(CAPTION_IDS[(i * 7 + t) % 30]) for t in range(4)]
+            row_sims = [0.30 - 0.01 * t + 0.001 * (i % 5) for t in range(4)]
+            if i % 3 == 0:
+                row_ids[3] = -1  # a missing neighbour is masked out
+            if key == NO_NEIGHBOUR_KEY:
+                row_ids = [-1] * 4
+            ids.append(row_ids)
+            sims.append(row_sims)
+            expected["neighbours"][key] = (row_ids, row_sims)
+        table = pa.table(
+            {
+                "key": pa.array(keys, pa.string()),
+                "nbr_ids": fixed(np.array(ids, np.int64), pa.int64()),
+                "nbr_sims": fixed(np.array(sims, np.float32), pa.float32()),
+            }
+        )
+        commit_stage(cache, "retrieve", shard, table, [embed_dep(cache, shard)])
+    return expected
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    run_synth(SynthConfig(out=out, n=N_IMAGES, shard_size=SHARD, n_captions=40, image_size=32))
+    return out
+
+
+def embed(world: Path, cache: Path) -> Path:
+    config = EmbedConfig(
+        inputs=(str(world / "*.tar"),),
+        cache=cache,
+        clip_model=TINY_CLIP,
+        clip_pretrained="",
+        image_size=32,
+        workers=0,
+        batch_size=64,
+    )
+    run_embed(config)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def cache(world, tmp_path_factory):
+    cache = embed(world, tmp_path_factory.mktemp("cache"))
+    return cache, write_stage_fixtures(cache)
+
+
+@pytest.fixture
+def scratch(cache, tmp_path) -> Path:
+    """A private copy of the full cache (copy2 keeps sizes and mtimes), for tests that damage it."""
+    return Path(shutil.copytree(cache[0], tmp_path / "cache"))
+
+
+def tar_images(cache: Path) -> dict[str, np.ndarray]:
+    images = {}
+    for path in sorted((cache / "embed").glob("*.tar")):
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.name.endswith(".jpg"):
+                    data = tar.extractfile(member).read()
+                    img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32)
+                    images[member.name[: -len(".jpg")]] = img.transpose(2, 0, 1) / 127.5 - 1.0
+    return images
+
+
+def sidecar(cache: Path) -> dict[str, dict]:
+    import pyarrow.parquet as pq
+
+    rows = {}
+    for path in sorted((cache / "embed").glob("*.parquet")):
+        for row in pq.read_table(path).to_pylist():
+            rows[row["key"]] = row
+    return rows
+
+
+def expected_retrieve(expected: dict, key: str, tau_r: float) -> np.ndarray:
+    ids, sims = expected["neighbours"][key]
+    valid = [i for i, c in enumerate(ids) if c != -1]
+    logits = np.array([sims[i] / tau_r for i in valid])
+    weights = np.exp(logits - logits.max())
+    weights /= weights.sum()
+    h = sum(w * expected["captions"][ids[i]].astype(np.float32) for w, i in zip(weights, valid, strict=True))
+    return h / np.linalg.norm(h)
+
+
+def caption_features(cache: Path) -> dict[str, np.ndarray]:
+    from pipeline.clip import cached_clip, encode_texts
+
+    rows = sidecar(cache)
+    bundle = cached_clip(TINY_CLIP, "", "cpu")
+    keys = sorted(k for k, r in rows.items() if r["caption"])
+    feats = encode_texts(bundle, [rows[k]["caption"] for k in keys]).numpy()
+    return dict(zip(keys, feats, strict=True))
+
+
+def one_epoch(config: LoaderConfig) -> tuple[list[dict], data.LoaderInfo]:
+    loader = make_loader(config)
+    n = loader.info.n_images
+    assert n % config.batch_size == 0, "pick a batch size that divides the set, so a batch is one epoch's"
+    return [next(loader) for _ in range(n // config.batch_size)], loader.info
+
+
+@pytest.mark.parametrize("condition", ["optimize", "retrieve", "perturb", "caption"])
+def test_every_image_gets_its_own_keys_feature(cache, condition):
+    cache_dir, expected = cache
+    images = tar_images(cache_dir)
+    rows = sidecar(cache_dir)
+    captions = caption_features(cache_dir) if condition == "caption" else None
+    xi = 0.0 if condition == "perturb" else 3.0  # xi = 0: the perturbed feature is the image's own f
+    size = {"optimize": 13, "retrieve": 13, "perturb": 8, "caption": 8}[condition]
+    batches, info = one_epoch(LoaderConfig(cache=cache_dir, condition=condition, batch_size=size, xi=xi))
+    keys = [k for b in batches for k in b["key"]]
+    assert len(keys) == len(set(keys)) == info.n_images  # one epoch: every sample exactly once
+    for batch in batches:
+        assert batch["image"].dtype == torch.float32 and batch["image"].shape[1:] == (3, 32, 32)
+        assert batch["cond"].dtype == torch.float32 and batch["cond"].shape[1] == D
+        assert torch.allclose(batch["cond"].norm(dim=1), torch.ones(len(batch["key"])), atol=1e-5)
+        assert batch["paired"].dtype == torch.bool
+        for key, image, cond, paired in zip(
+            batch["key"], batch["image"], batch["cond"], batch["paired"], strict=True
+        ):
+            # The decoders differ in rounding only: its own image is within a level, any other far off.
+            assert np.abs(image.numpy() - images[key]).mean() < 0.02
+            other = images[next(k for k in images if k != key)]
+            assert np.abs(image.numpy() - other).mean() > 0.05
+            if condition == "optimize":
+                want = expected["optimize"][key].astype(np.float32)
+            elif condition == "retrieve":
+                want = expected_retrieve(expected, key, 0.05)
+            elif condition == "perturb":
+                want = np.asarray(rows[key]["img_emb"], np.float32)
+            else:
+                want = captions[key]
+            want = want / np.linalg.norm(want)
+            np.testing.assert_allclose(cond.numpy(), want, atol=2e-3)
+            assert bool(paired) == (condition == "caption")
+    if condition == "optimize":
+        assert DROPPED_KEY not in keys and info.excluded == {"no_optimize_row": 1}
+    elif condition == "retrieve":
+        assert NO_NEIGHBOUR_KEY not in keys and info.excluded == {"no_usable_neighbours": 1}
+    else:
+        assert info.n_images == N_IMAGES and info.excluded == {}
+
+
+def test_retrieve_mix_uses_tau_r(cache):
+    cache_dir, expected = cache
+    batches, _ = one_epoch(LoaderConfig(cache=cache_dir, condition="retrieve", batch_size=39, tau_r=1.0))
+    batch = batches[0]
+    key = batch["key"][0]
+    np.testing.assert_allclose(batch["cond"][0].numpy(), expected_retrieve(expected, key, 1.0), atol=2e-3)
+    sharp = expected_retrieve(expected, key, 0.05)
+    assert np.abs(batch["cond"][0].numpy() - sharp).max() > 1e-2  # tau_r changed the mix
+
+
+def test_perturb_noise_is_fresh_per_epoch_and_seeded(cache):
+    cache_dir, _ = cache
+    rows = sidecar(cache_dir)
+
+    def two_epochs(seed):
+        loader = make_loader(
+            LoaderConfig(cache=cache_dir, condition="perturb", batch_size=N_IMAGES, seed=seed)
+        )
+        return [
+            {k: c for k, c in zip(b["key"], b["cond"], strict=True)} for b in (next(loader), next(loader))
+        ]
+
+    first, again, other = two_epochs(0), two_epochs(0), two_epochs(1)
+    cosines = []
+    for key in first[0]:
+        f = torch.tensor(np.asarray(rows[key]["img_emb"], np.float32))
+        cosines.append(float(first[0][key] @ (f / f.norm())))
+        assert not torch.allclose(first[0][key], first[1][key])  # fresh noise in epoch 1
+        assert torch.equal(first[0][key], again[0][key]) and torch.equal(first[1][key], again[1][key])
+        assert not torch.allclose(first[0][key], other[0][key])
+    # xi = 3: cos(h, f) = (1 + 3c) / sqrt(10 + 6c) with c = cos(eps, f) ~ N(0, 1/64): ~0.32 on average
+    assert 0.25 < np.mean(cosines) < 0.40 and max(cosines) < 0.9, cosines
+
+
+def test_paired_fraction_mixes_real_caption_features(cache):
+    cache_dir, expected = cache
+    captions = caption_features(cache_dir)
+    loader = make_loader(
+        LoaderConfig(cache=cache_dir, condition="optimize", batch_size=39, paired_fraction=0.5)
+    )
+    assert loader.info.paired_pool == 39 and loader.info.paired_probability == 0.5
+    flags = []
+    for _ in range(8):
+        batch = next(loader)
+        for key, cond, paired in zip(batch["key"], batch["cond"], batch["paired"], strict=True):
+            want = captions[key] if paired else expected["optimize"][key].astype(np.float32)
+            np.testing.assert_allclose(cond.numpy(), want / np.linalg.norm(want), atol=2e-3)
+            flags.append(bool(paired))
+    assert 0.4 < np.mean(flags) < 0.6, np.mean(flags)
+
+
+def test_paired_limit_pairs_a_fixed_few_images_always(cache):
+    cache_dir, _ = cache
+    loader = make_loader(LoaderConfig(cache=cache_dir, condition="perturb", batch_size=20, paired_limit=5))
+    assert loader.info.paired_pool == 5 and loader.info.paired_probability == 1.0
+    paired_keys, unpaired_keys = set(), set()
+    for _ in range(6):  # three epochs
+        batch = next(loader)
+        for key, paired in zip(batch["key"], batch["paired"], strict=True):
+            (paired_keys if paired else unpaired_keys).add(key)
+    assert len(paired_keys) == 5 and not paired_keys & unpaired_keys
+    few_shot = make_loader(LoaderConfig(cache=cache_dir, condition="caption", batch_size=5, paired_limit=5))
+    assert few_shot.info.n_images == 5 and few_shot.info.excluded == {"beyond_paired_limit": N_IMAGES - 5}
+    assert set(next(few_shot)["key"]) == paired_keys  # the same seeded choice of N images
+
+
+def test_start_step_resumes_with_identical_batches_without_decoding_skipped_ones(cache, monkeypatch):
+    cache_dir, _ = cache
+    config = LoaderConfig(cache=cache_dir, condition="perturb", batch_size=7, paired_fraction=0.3, seed=3)
+    fresh = make_loader(config)
+    reference = [next(fresh) for _ in range(12)]  # crosses epoch boundaries (40 images, batches of 7)
+    decoded = []
+    original = data.TarImages.decode
+    monkeypatch.setattr(
+        data.TarImages, "decode", lambda self, raw, what: decoded.append(what) or original(self, raw, what)
+    )
+    resumed = make_loader(config, start_step=9)
+    for step in range(9, 12):
+        batch = next(resumed)
+        assert batch["key"] == reference[step]["key"]
+        assert torch.equal(batch["image"], reference[step]["image"])
+        assert torch.equal(batch["cond"], reference[step]["cond"])
+        assert torch.equal(batch["paired"], reference[step]["paired"])
+    assert len(decoded) == 3 * 7  # only the images of the batches it yielded
+    decoded.clear()
+    far = make_loader(config, start_step=10**9)  # index arithmetic: no epochs replayed
+    assert len(next(far)["key"]) == 7 and len(decoded) == 7
+
+
+def test_worker_processes_give_the_same_batches(cache):
+    cache_dir, _ = cache
+    config = LoaderConfig(cache=cache_dir, condition="perturb", batch_size=10, paired_fraction=0.5)
+    serial = make_loader(config)
+    parallel = make_loader(LoaderConfig(**{**config.__dict__, "workers": 2}))
+    for _ in range(5):
+        a, b = next(serial), next(parallel)
+        assert (
+            a["key"] == b["key"] and torch.equal(a["cond"], b["cond"]) and torch.equal(a["image"], b["image"])
+        )
+
+
+def test_missing_stages_name_the_command_to_run(world, tmp_path):
+    with pytest.raises(ConfigError, match="pipeline embed"):
+        make_loader(LoaderConfig(cache=tmp_path / "nowhere", condition="perturb"))
+    bare = embed(world, tmp_path / "bare")
+    for condition, command in (("optimize", "pipeline optimize"), ("retrieve", "pipeline retrieve")):
+        with pytest.raises(ConfigError, match=command) as info:
+            make_loader(LoaderConfig(cache=bare, condition=condition))
+        assert "\n" not in str(info.value)
+    assert "pipeline optimize" in str(missing_stage_error(bare, "optimize"))
+    assert make_loader(LoaderConfig(cache=bare, condition="perturb")).info.n_images == N_IMAGES
+
+
+def test_only_committed_intact_current_shards_are_read(scratch):
+    manifest = scratch / "optimize" / "_manifests" / "00001.json"
+    manifest.unlink()  # shard 1's output exists but is not committed
+    with pytest.warns(UserWarning, match="pipeline optimize"):
+        loader = make_loader(LoaderConfig(cache=scratch, condition="optimize", batch_size=19))
+    assert loader.info.skipped_shards == {"optimize": {1: "not made yet"}}
+    assert loader.info.n_images == SHARD - 1
+    assert all(int(k) < SHARD for k in next(loader)["key"])
+
+    with open(scratch / "optimize" / "00000.parquet", "ab") as f:
+        f.write(b"being rewritten")  # size no longer matches the manifest: never read
+    with pytest.raises(ConfigError, match="pipeline optimize"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_loader(LoaderConfig(cache=scratch, condition="optimize"))
+
+    stale = json.loads((scratch / "retrieve" / "_manifests" / "00000.json").read_text())
+    stale["deps"][0]["digest"] = "0" * 32  # made from an older embed shard 0
+    (scratch / "retrieve" / "_manifests" / "00000.json").write_text(json.dumps(stale))
+    with pytest.warns(UserWarning, match="stale"):
+        loader = make_loader(LoaderConfig(cache=scratch, condition="retrieve", batch_size=4))
+    assert loader.info.skipped_shards == {"retrieve": {0: "made from an older embed shard (stale)"}}
+    assert all(int(k) >= SHARD for k in next(loader)["key"])
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = Path(dirpath) / name
+            st = path.stat()
+            out[str(path.relative_to(root))] = (
+                st.st_size,
+                st.st_mtime_ns,
+                hashlib.md5(path.read_bytes()).hexdigest(),
+            )
+    return out
+
+
+def test_loader_is_read_only_outside_trainers_dir(scratch):
+    shutil.rmtree(scratch / "_trainers", ignore_errors=True)  # earlier tests may have made it
+    before = snapshot(scratch)
+    for condition in ("optimize", "retrieve", "perturb", "caption"):
+        loader = make_loader(
+            LoaderConfig(cache=scratch, condition=condition, batch_size=8, paired_fraction=0.0)
+        )
+        next(loader)
+    loader = make_loader(LoaderConfig(cache=scratch, condition="optimize", batch_size=8, paired_fraction=0.5))
+    next(loader)
+    after = snapshot(scratch)
+    assert {k: v for k, v in after.items() if k in before} == before  # bytes and mtimes unchanged
+    added = sorted(set(after) - set(before))
+    assert added and all(k.startswith("_trainers/caption_features-") for k in added), added
+    assert len(added) == 1  # one shared file for every run on these embed outputs and this CLIP
+
+
+def test_caption_features_are_computed_once_and_shared(scratch, monkeypatch):
+    make_loader(LoaderConfig(cache=scratch, condition="caption", batch_size=4))
+    monkeypatch.setattr(data, "load_cache_clip", lambda *a, **k: pytest.fail("caption features recomputed"))
+    loader = make_loader(LoaderConfig(cache=scratch, condition="caption", batch_size=4, seed=5))
+    assert loader.info.caption_features and Path(loader.info.caption_features).is_file()
+
+
+def test_config_errors_name_the_flag(cache):
+    cache_dir, _ = cache
+    for kwargs, flag in (
+        ({"condition": "clip"}, "--condition"),
+        ({"paired_fraction": 1.5}, "--paired-fraction"),
+        ({"batch_size": 0}, "--batch-size"),
+        ({"tau_r": 0.0}, "--tau-r"),
+        ({"condition": "caption", "paired_fraction": 0.5}, "--paired-fraction"),
+    ):
+        with pytest.raises(ConfigError, match=flag):
+            make_loader(LoaderConfig(cache=cache_dir, **kwargs))
+
+
+def test_cache_clip_and_feature_dim(cache):
+    cache_dir, _ = cache
+    clip = cache_clip(cache_dir)
+    assert (clip.clip_model, clip.clip_pretrained, feature_dim(cache_dir)) == (TINY_CLIP, "", D)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_tar_index_agrees_with_tarfile(tmp_path, fmt):
+    path = tmp_path / "shard.tar"
+    long_dir = "d" * 90 + "/" + "e" * 60  # needs the USTAR prefix field, or a pax / GNU long name
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, payload in (("a/k1.jpg", b"x" * 700), (f"{long_dir}/k2.png", b"y" * 3), ("k3.json", b"{}")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        index = data.index_tar(fd)
+        assert index == data._index_tar_slow(fd)
+        assert set(index) == {"a/k1", f"{long_dir}/k2"}
+        offset, size, ext = index[f"{long_dir}/k2"]
+        assert os.pread(fd, size, offset) == b"yyy" and ext == "png"
+    finally:
+        os.close(fd)
+
+
+def test_images_without_a_caption_are_left_out_of_caption_and_never_paired(image_folder, tmp_path):
+    cache = tmp_path / "cache"
+    config = EmbedConfig(
+        inputs=(str(image_folder),),
+        cache=cache,
+        clip_model=TINY_CLIP,
+        clip_pretrained="",
+        image_size=32,
+        workers=0,
+    )
+    run_embed(config)  # six images, only a/img0 has a caption
+    loader = make_loader(LoaderConfig(cache=cache, condition="caption", batch_size=2))
+    assert loader.info.n_images == 1 and loader.info.excluded == {"no_caption": 5}
+    assert next(loader)["key"] == ["a/img0", "a/img0"]
+    mixed = make_loader(LoaderConfig(cache=cache, condition="perturb", batch_size=6, paired_fraction=1.0))
+    assert mixed.info.n_images == 6 and mixed.info.paired_pool == 1
+    batch = next(mixed)
+    assert [k for k, p in zip(batch["key"], batch["paired"], strict=True) if p] == ["a/img0"]

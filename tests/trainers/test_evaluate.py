@@ -1,0 +1,248 @@
+"""`trainers eval`: every field is written, and the metrics order an oracle, real images and noise."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from factories import TINY_CLIP
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipeline.embed import EmbedConfig, run_embed
+from pipeline.errors import ConfigError
+from pipeline.synth import Scene, SynthConfig, _place, parse_caption, render_scene, run_synth, sample_scene
+from trainers import evaluate as evaluate_module
+from trainers.cli import app
+from trainers.data import load_cache_clip, read_embed
+from trainers.evaluate import EvalConfig, evaluate, synthetic_prompts
+from trainers.probe import ProbeConfig, save_probe, train_probe
+
+runner = CliRunner()
+N = 80
+INFO = {"clip_model": TINY_CLIP, "clip_pretrained": "", "config": {"paired_fraction": 0.25}, "h_dim": 64}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models on CPU. On this 2-core machine 2 threads are ~1.8x faster when it is idle, but ~10x
+    slower when another process is busy (OpenMP synchronisation: 40 CLIP steps took 25 s vs 2.7 s, the
+    test probe 53 s vs 4.4 s); one thread keeps the suite inside its time budget either way."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    world = tmp_path_factory.mktemp("world")
+    run_synth(SynthConfig(out=world, n=40, shard_size=20, n_captions=40, image_size=32))
+    cache = tmp_path_factory.mktemp("cache")
+    config = EmbedConfig(
+        inputs=(str(world / "*.tar"),),
+        cache=cache,
+        clip_model=TINY_CLIP,
+        clip_pretrained="",
+        image_size=32,
+        workers=0,
+    )
+    run_embed(config)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def probe():
+    return train_probe(ProbeConfig(image_size=32, n_train=2000, epochs=4, n_eval=0, device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def oracle(cache):
+    """Draws exactly what each prompt says: finds the prompt by its CLIP text feature, renders its objects."""
+    prompts = synthetic_prompts(N, 0)
+    bundle = load_cache_clip(read_embed(cache).clip, "cpu")
+    from pipeline.clip import encode_texts
+
+    text = encode_texts(bundle, prompts)
+
+    def generate(cond, seed):
+        images = []
+        for i, row in enumerate(cond):
+            prompt = prompts[int((text @ row).argmax())]
+            objects = parse_caption(prompt)
+            rng = __import__("random").Random(f"{seed}/{i}")
+            background = sample_scene(seed, i).background
+            scene = Scene(objects, _place(objects, rng), background, prompt)
+            pixels = np.asarray(render_scene(scene, 32, np.random.default_rng([seed, i])))
+            images.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
+        return torch.stack(images)
+
+    return generate
+
+
+@pytest.fixture(scope="module")
+def real_images(cache):
+    rows = read_embed(cache)
+
+    def generate(cond, seed):
+        return rows.pixels(np.random.default_rng(seed).integers(0, len(rows), len(cond)))
+
+    return generate
+
+
+def noise(cond, seed):
+    return torch.randint(
+        0, 256, (len(cond), 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def run(cache, tmp_path, name, generate, probe, n=N, **kwargs):
+    config = EvalConfig(
+        checkpoint=f"{name}.pt", cache=cache, out=tmp_path / name, n=n, device="cpu", **kwargs
+    )
+    return evaluate(config, generate, INFO, probe=probe)
+
+
+@pytest.fixture(scope="module")
+def results(cache, oracle, real_images, probe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evals")
+    return {
+        name: run(cache, out, name, generate, probe)
+        for name, generate in (("oracle", oracle), ("real", real_images), ("noise", noise))
+    }
+
+
+def test_eval_writes_every_field(results, tmp_path_factory):
+    result = results["oracle"]
+    out = tmp_path_factory.getbasetemp()
+    written = json.loads(next(out.glob("evals*/oracle/eval.json")).read_text())
+    assert written == json.loads(json.dumps(result))
+    for key in (
+        "fid",
+        "fid_features",
+        "fid_clip",
+        "clip_score",
+        "clip_score_real",
+        "n",
+        "prompts",
+        "checkpoint",
+    ):
+        assert written[key] is not None, key
+    assert written["fid_features"] == f"clip:{TINY_CLIP}" and written["fid_inception"] is None
+    assert written["checkpoint"] == "oracle.pt" and written["n"] == N and written["n_real"] == 40
+    assert (
+        written["prompts"]["source"] == "synthetic (seed 0)"
+        and written["prompts"]["naming_held_out_pairs"] >= 4
+    )
+    assert written["paired"] == {"paired_fraction": 0.25}
+    for key in ("attribute_accuracy", "attribute_accuracy_held_out_pairs", "attribute_accuracy_seen_pairs"):
+        assert set(written[key]) >= {"shape", "colour", "size", "position", "count", "all", "n_objects"}, key
+    assert written["attribute_accuracy_real"]["colour"] > 0.9  # the instrument reads the cache's images
+    grid = Image.open(written["grid"]["file"])
+    assert grid.size == (8 * 34 + 2, 8 * 34 + 2)  # 64 images of 32 px, 8 per row, 2 px gaps
+    prompts_file = next(out.glob("evals*/oracle/grid_prompts.txt"))
+    assert prompts_file.read_text().splitlines() == synthetic_prompts(N, 0)[:64]
+
+
+def test_metrics_order_oracle_real_images_and_noise(results):
+    oracle, real, noisy = results["oracle"], results["real"], results["noise"]
+    assert real["fid"] < noisy["fid"] and oracle["fid"] < noisy["fid"]
+    for attribute in ("colour", "shape", "position"):
+        assert oracle["attribute_accuracy"][attribute] >= 0.8, oracle["attribute_accuracy"]
+        assert noisy["attribute_accuracy"][attribute] <= 0.4, noisy["attribute_accuracy"]
+        assert real["attribute_accuracy"][attribute] <= 0.5  # real images ignore the prompt
+    assert oracle["attribute_accuracy_held_out_pairs"]["colour"] >= 0.8  # pairs no image has
+
+
+def test_prompt_file_without_synthetic_captions_has_no_attribute_accuracy(cache, tmp_path, probe):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# comment\nhello world\n\nan empty room\n")
+    result = run(cache, tmp_path, "free", noise, probe, prompts=prompts, grid=0)
+    assert result["prompts"] == {"source": str(prompts), "unique": 2, "naming_held_out_pairs": 0}
+    assert result["attribute_accuracy"] is None and result["probe"] is None
+    assert not (tmp_path / "free" / "grid.png").exists() and (tmp_path / "free" / "eval.json").is_file()
+
+
+def test_refusals(cache, tmp_path, probe, monkeypatch):
+    with pytest.raises(ConfigError, match="was trained on features of CLIP lafite-small"):
+        evaluate(EvalConfig("x", cache, tmp_path / "a", n=4), noise, {**INFO, "clip_model": "lafite-small"})
+    with pytest.raises(ValueError, match="expected uint8"):
+        run(cache, tmp_path, "bad", lambda cond, seed: torch.zeros(len(cond), 3, 32, 32), probe)
+    with pytest.raises(ConfigError, match="--inception"):
+        EvalConfig("x", cache, tmp_path / "b", inception=tmp_path / "missing.pt").validate()
+    monkeypatch.setattr(evaluate_module, "CLEANFID_INCEPTION", tmp_path / "absent.pt")
+    assert evaluate_module.inception_weights(None) is None  # never downloads: CLIP FID instead
+
+
+@pytest.fixture
+def fake_sampler(monkeypatch):
+    module = types.ModuleType("trainers.sample")
+    calls = []
+
+    def load_generator(ckpt_path, *, device="auto"):
+        calls.append((str(ckpt_path), device))
+        return noise, dict(INFO)
+
+    module.load_generator = load_generator
+    monkeypatch.setitem(sys.modules, "trainers.sample", module)
+    return calls
+
+
+def test_eval_cli_writes_eval_json(cache, probe, tmp_path, fake_sampler):
+    probe_file = save_probe(probe, tmp_path / "probe.pt")
+    out = tmp_path / "out"
+    args = [
+        "eval",
+        "--checkpoint",
+        "run/0000100.pt",
+        "--cache",
+        cache,
+        "--out",
+        out,
+        "--n",
+        16,
+        "--probe",
+        probe_file,
+    ]
+    result = runner.invoke(app, [str(a) for a in args] + ["--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert fake_sampler == [("run/0000100.pt", "cpu")]
+    written = json.loads((out / "eval.json").read_text())
+    assert written["n"] == 16 and written["checkpoint"] == "run/0000100.pt" and (out / "grid.png").is_file()
+    assert written["probe"]["file"] == str(probe_file)
+    assert "eval: n=16" in result.output
+
+
+@pytest.mark.parametrize("extra, message", [(["--cache", "nowhere"], "nowhere"), (["--n", "1"], "--n")])
+def test_eval_cli_errors_are_one_line(cache, tmp_path, fake_sampler, extra, message):
+    args = ["eval", "--checkpoint", "c.pt", "--cache", str(cache), "--out", str(tmp_path / "o"), *extra]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith("warning")]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.output, result.output
+
+
+class FakeInception(torch.nn.Module):
+    """Stands in for clean-fid's TorchScript Inception (same file name, a `layers` submodule, 2048-d)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.Sequential(
+            torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 2048)
+        )
+
+    def forward(self, x, return_features: bool = False):
+        return self.layers(x)
+
+
+def test_inception_fid_is_used_when_its_weights_are_on_disk(cache, tmp_path, probe, monkeypatch):
+    weights = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.script(FakeInception()).save(str(weights))
+    monkeypatch.setattr(evaluate_module, "CLEANFID_INCEPTION", weights)  # clean-fid's download location
+    result = run(cache, tmp_path, "inception", noise, probe, n=12, grid=0)  # clean-fid's resize is slow
+    assert result["fid_features"] == "inception" and result["fid"] == result["fid_inception"]
+    assert result["fid_clip"] is not None and result["fid"] != result["fid_clip"]

@@ -1,0 +1,372 @@
+"""`trainers gan`: model shapes per size, the modulated conv's maths, the condition's effect, training
+steps, bit-for-bit resume, checkpoints, run directories and the CLI (success and one-line errors)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from factories import TINY_CLIP
+from typer.testing import CliRunner
+
+from pipeline.clip import load_clip
+from pipeline.errors import ConfigError
+from trainers.cli import app
+from trainers.gan import GAN_SIZES, ModulatedConv, architecture, build_models, count_params
+from trainers.runs import new_run_dir
+from trainers.train_gan import DataSource, GanConfig, GanTrainer, resolve_config, run_gan
+
+H_DIM = 64  # lafite-tiny's embedding size
+PROMPTS = ("a red circle", "a large blue square on the left")
+
+
+def fake_source(resolution: int = 32, batch_size: int = 4) -> DataSource:
+    """Batches that are a pure function of the step, like the cache loader (so start_step resumes)."""
+
+    def batches(start_step: int):
+        for step in itertools.count(start_step):
+            g = torch.Generator().manual_seed(10_000 + step)
+            image = torch.rand(batch_size, 3, resolution, resolution, generator=g) * 2 - 1  # [B, 3, R, R]
+            cond = F.normalize(torch.randn(batch_size, H_DIM, generator=g), dim=1)  # [B, D]
+            yield {
+                "image": image,
+                "cond": cond,
+                "key": [f"{step}-{i}" for i in range(batch_size)],
+                "paired": torch.zeros(batch_size, dtype=torch.bool),
+            }
+
+    return DataSource(batches, TINY_CLIP, "", H_DIM)
+
+
+def tiny_config(tmp_path, **overrides) -> GanConfig:
+    values = dict(
+        out=tmp_path / "runs",
+        size="tiny",
+        condition="perturb",
+        steps=2,
+        batch_size=4,
+        device="cpu",
+        sample_every=0,
+        checkpoint_every=0,
+        log_every=1,
+        prompts=PROMPTS,
+        samples_per_prompt=2,
+    )
+    return GanConfig(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    return load_clip(TINY_CLIP, None, "cpu")
+
+
+# --- models -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(GAN_SIZES))
+def test_each_size_builds_at_its_resolution(name):
+    resolution = GAN_SIZES[name].resolutions[0]
+    torch.manual_seed(0)
+    G, D = build_models(architecture(name, resolution, H_DIM))
+    z = torch.randn(2, G.size.z_dim)
+    h = F.normalize(torch.randn(2, H_DIM), dim=1)
+    with torch.no_grad():
+        img = G(z, h)
+        logits, f_s = D(img, h)
+    assert img.shape == (2, 3, resolution, resolution)
+    assert logits.shape == (2,) and f_s.shape == (2, H_DIM)
+    assert torch.isfinite(img).all() and torch.isfinite(logits).all()
+
+
+def test_sizes_grow_and_tiny_stays_tiny():
+    counts = [
+        sum(count_params(m) for m in build_models(architecture(n, GAN_SIZES[n].resolutions[0], H_DIM)))
+        for n in ("tiny", "small", "base")
+    ]
+    assert counts[0] < 300_000 < counts[1] < counts[2]
+
+
+def test_modulated_conv_equals_per_sample_weight_conv():
+    """Scaling activations then demodulating = StyleGAN2's per-sample modulated, demodulated weights."""
+    torch.manual_seed(0)
+    conv = ModulatedConv(5, 7, 3, style_dim=6, resolution=8, noise=False, act=False)
+    x, style = torch.randn(3, 5, 8, 8), torch.randn(3, 6)
+    with torch.no_grad():
+        out = conv(x, style)
+        s = conv.affine(style)  # [B, c_in]
+        w = conv.weight * conv.weight_gain * s[:, None, :, None, None]  # [B, c_out, c_in, k, k]
+        w = w * torch.rsqrt(w.square().sum(dim=[2, 3, 4], keepdim=True) + 1e-8)
+        ref = (
+            torch.stack([F.conv2d(x[i : i + 1], w[i], padding=1)[0] for i in range(3)])
+            + conv.bias[:, None, None]
+        )
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_condition_changes_the_image_and_the_logit():
+    torch.manual_seed(0)
+    G, D = build_models(architecture("tiny", 32, H_DIM))
+    z = torch.randn(4, G.size.z_dim)
+    h1, h2 = F.normalize(torch.randn(2, 4, H_DIM), dim=2)
+    with torch.no_grad():
+        same_a = G(z, h1, torch.Generator().manual_seed(1))
+        same_b = G(z, h1, torch.Generator().manual_seed(1))
+        other = G(z, h2, torch.Generator().manual_seed(1))
+        torch.testing.assert_close(same_a, same_b, rtol=0, atol=0)
+        assert (same_a - other).abs().mean() > 0.05 * same_a.abs().mean()
+        assert not torch.allclose(D(same_a, h1)[0], D(same_a, h2)[0])
+
+
+# --- training -----------------------------------------------------------------------------------------
+
+
+def test_training_steps_are_finite_and_move_both_networks(tmp_path, tiny_clip):
+    config = tiny_config(tmp_path, r1_every=2, r1_gamma=1.0)
+    torch.manual_seed(0)
+    trainer = GanTrainer(config, architecture("tiny", 32, H_DIM), tiny_clip, torch.device("cpu"))
+    g0 = [p.detach().clone() for p in trainer.G.parameters()]
+    d0 = [p.detach().clone() for p in trainer.D.parameters()]
+    batches = fake_source().batches(0)
+    seen = [trainer.train_step(next(batches)) for _ in range(3)]
+    assert "r1" in seen[0] and "r1" not in seen[1] and "r1" in seen[2]  # lazy: every r1_every steps
+    for losses in seen:
+        assert all(torch.isfinite(v) for v in losses.values()), losses
+    assert any(not torch.equal(a, p) for a, p in zip(g0, trainer.G.parameters(), strict=True))
+    assert any(not torch.equal(a, p) for a, p in zip(d0, trainer.D.parameters(), strict=True))
+    assert trainer.step == 3
+
+
+def test_contrastive_clip_loss_reaches_the_generator(tmp_path, tiny_clip):
+    """L_ConG goes through the frozen CLIP into G (and not into CLIP)."""
+    from trainers.train_gan import info_nce
+
+    torch.manual_seed(0)
+    trainer = GanTrainer(
+        tiny_config(tmp_path), architecture("tiny", 32, H_DIM), tiny_clip, torch.device("cpu")
+    )
+    batch = next(fake_source().batches(0))
+    fake = trainer.G(torch.randn(4, trainer.G.size.z_dim), batch["cond"])
+    info_nce(trainer.clip_features(fake), batch["cond"], 0.5).backward()
+    grads = [p.grad for p in trainer.G.parameters() if p.grad is not None]
+    assert grads and sum(g.abs().sum() for g in grads) > 0
+    assert all(p.grad is None for p in tiny_clip.model.parameters())
+
+
+def test_info_nce_prefers_matching_pairs():
+    from trainers.train_gan import info_nce
+
+    a = F.normalize(torch.randn(8, 16), dim=1)
+    assert info_nce(a, a, 0.1) < info_nce(a, a.roll(1, dims=0), 0.1)
+
+
+def _tensors(ckpt, prefix=""):
+    """Every tensor in a checkpoint's nested dicts/lists, by path (RNG states included)."""
+    if isinstance(ckpt, torch.Tensor):
+        yield prefix, ckpt
+    elif isinstance(ckpt, dict):
+        for k, v in ckpt.items():
+            yield from _tensors(v, f"{prefix}/{k}")
+    elif isinstance(ckpt, (list, tuple)):
+        for i, v in enumerate(ckpt):
+            yield from _tensors(v, f"{prefix}/{i}")
+
+
+def _losses(run_dir):
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {m["step"]: {k: v for k, v in m.items() if k != "images_per_s"} for m in lines}
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    # r1_every=3: the regulariser fires at step index 3, after the resume point.
+    common = dict(r1_every=3, r1_gamma=1.0, checkpoint_every=2)
+    straight = run_gan(tiny_config(tmp_path / "a", steps=5, **common), fake_source(), progress=False)
+    first = run_gan(tiny_config(tmp_path / "b", steps=2, **common), fake_source(), progress=False)
+    config, ckpt = resolve_config({"steps": 5}, first.checkpoint)
+    assert config.resume == first.checkpoint and config.size == "tiny"
+    resumed = run_gan(config, fake_source(), resume_state=ckpt, progress=False)
+
+    assert resumed.run_dir == first.run_dir and resumed.step == 5
+    assert _losses(resumed.run_dir) == _losses(straight.run_dir)  # steps 1..5, incl. the ones after resume
+    a = dict(_tensors(torch.load(straight.checkpoint, weights_only=True)))
+    b = dict(_tensors(torch.load(resumed.checkpoint, weights_only=True)))
+    assert a.keys() == b.keys() and any(k.startswith("/opt_D/state") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_checkpoint_holds_everything_and_loads_safely(tmp_path):
+    result = run_gan(tiny_config(tmp_path, steps=1), fake_source(), progress=False)
+    assert result.checkpoint.name == "0000001.pt"
+    ckpt = torch.load(result.checkpoint, weights_only=True)
+    assert {
+        "G",
+        "D",
+        "G_ema",
+        "opt_G",
+        "opt_D",
+        "step",
+        "config",
+        "arch",
+        "clip",
+        "rng",
+        "kind",
+    } <= ckpt.keys()
+    assert ckpt["step"] == 1 and ckpt["kind"] == "gan" and ckpt["config"]["size"] == "tiny"
+    assert ckpt["config"]["r1_gamma"] == pytest.approx(0.0002 * 32**2 / 4)  # the auto value, resolved
+    assert {"torch", "numpy", "python"} <= ckpt["rng"].keys()
+    config = json.loads((result.run_dir / "config.json").read_text())
+    assert config["arch"]["resolution"] == 32 and config["clip"]["model"] == TINY_CLIP
+
+
+def test_sample_grids_every_n_steps(tmp_path):
+    from PIL import Image
+
+    from trainers.sample import LABEL_WIDTH
+
+    result = run_gan(tiny_config(tmp_path, steps=3, sample_every=2), fake_source(), progress=False)
+    assert [p.name for p in result.samples] == ["samples-0000002.png", "samples-0000003.png"]
+    with Image.open(result.samples[0]) as grid:
+        assert grid.size == (LABEL_WIDTH + 2 * 32, len(PROMPTS) * 32)
+
+
+def test_run_dirs_are_numbered(tmp_path):
+    assert new_run_dir(tmp_path, "a").name == "000-a"
+    assert new_run_dir(tmp_path, "b").name == "001-b"
+    (tmp_path / "007-old").mkdir()
+    assert new_run_dir(tmp_path, "a").name == "008-a"
+    with pytest.raises(ConfigError, match="--name"):
+        new_run_dir(tmp_path, "../escape")
+
+
+def test_resume_refuses_a_changed_architecture(tmp_path):
+    result = run_gan(tiny_config(tmp_path, steps=1), fake_source(), progress=False)
+    with pytest.raises(ConfigError, match="--size small: the checkpoint was trained with tiny"):
+        resolve_config({"size": "small"}, result.run_dir)
+    config, _ = resolve_config({"steps": 9, "size": "tiny"}, result.run_dir)  # same value: fine
+    assert config.steps == 9 and config.resume == result.checkpoint
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"size": "huge"}, "--size huge"),
+        ({"batch_size": 1}, "--batch-size"),
+        ({"condition": "x"}, "--condition"),
+        ({"lr": -1.0}, "--lr"),
+    ],
+)
+def test_config_errors_name_the_flag(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(tmp_path, **overrides).validate()
+
+
+# --- CLI ----------------------------------------------------------------------------------------------
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    from pipeline.cli import app as pipeline_app
+
+    root = tmp_path_factory.mktemp("gan-cache")
+    for args in (
+        ["synth", "--out", root / "w", "--n", 16, "--shard-size", 8, "--n-captions", 40, "--image-size", 32],
+        [
+            "embed",
+            f"{root / 'w'}/*.tar",
+            "--cache",
+            root / "c",
+            "--clip-model",
+            TINY_CLIP,
+            "--clip-pretrained",
+            "",
+            "--image-size",
+            32,
+            "--workers",
+            0,
+        ],
+    ):
+        result = runner.invoke(pipeline_app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+    return root / "c"
+
+
+def _user_error(args, message):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith("warning")]
+    assert len(lines) == 1 and message in lines[0], result.output
+
+
+def test_cli_trains_then_resumes_from_the_real_cache(cache, tmp_path):
+    args = [
+        "gan",
+        "--cache",
+        cache,
+        "--out",
+        tmp_path,
+        "--name",
+        "cli",
+        "--size",
+        "tiny",
+        "--condition",
+        "perturb",
+        "--steps",
+        2,
+        "--batch-size",
+        4,
+        "--sample-every",
+        1,
+        "--checkpoint-every",
+        1,
+        "--device",
+        "cpu",
+    ]
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "000-cli"
+    assert "gan: step 2" in result.output and str(run / "0000002.pt") in result.output
+    assert {"0000001.pt", "0000002.pt", "samples-0000002.png", "config.json"} <= {
+        p.name for p in run.iterdir()
+    }
+    again = runner.invoke(app, ["gan", "--resume", str(run), "--steps", "3"])
+    assert again.exit_code == 0, again.output
+    assert (run / "0000003.pt").is_file() and not (tmp_path / "001-cli").exists()
+    done = runner.invoke(app, ["gan", "--resume", str(run), "--steps", "3"])
+    assert done.exit_code == 0 and "already at step 3" in done.output
+
+
+def test_cli_dry_run_prints_the_config(cache, tmp_path):
+    result = runner.invoke(app, ["gan", "--cache", str(cache), "--size", "tiny", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["size"] == "tiny"
+
+
+def test_cli_errors_are_one_line(cache, tmp_path):
+    _user_error(
+        ["gan", "--cache", tmp_path / "nope", "--out", tmp_path, "--size", "tiny"], "no such directory"
+    )
+    _user_error(["gan", "--cache", cache, "--out", tmp_path, "--size", "huge"], "--size huge")
+    _user_error(
+        [
+            "gan",
+            "--cache",
+            cache,
+            "--out",
+            tmp_path,
+            "--condition",
+            "optimize",
+            "--size",
+            "tiny",
+            "--device",
+            "cpu",
+        ],
+        "--condition optimize needs the optimize stage",
+    )
+    _user_error(["gan", "--resume", tmp_path / "missing.pt"], "--resume")
+    assert not list(tmp_path.glob("0*-gan"))  # a refused run leaves no run directory behind

@@ -1,0 +1,129 @@
+"""`trainers vae`: shapes, the loss terms, a few steps lowering the reconstruction loss, the held-out PSNR
+and the CLI (success and one-line errors)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from factories import TINY_CLIP
+from typer.testing import CliRunner
+
+from pipeline.clip import load_clip
+from pipeline.errors import ConfigError
+from trainers.cli import app
+from trainers.vae import (
+    VAE_SIZES,
+    AutoencoderKL,
+    ClipPerceptual,
+    VaeConfig,
+    VaeTrainer,
+    kl_loss,
+    load_vae,
+    psnr,
+    vae_architecture,
+)
+
+runner = CliRunner()
+
+
+def make_cache(root, n: int = 16):
+    """A tiny synthetic-world cache at 32 px (embed only, lafite-tiny with random weights)."""
+    from pipeline.cli import app as pipeline_app
+
+    for args in (
+        ["synth", "--out", root / "w", "--n", n, "--shard-size", 8, "--n-captions", 40, "--image-size", 32],
+        ["embed", f"{root / 'w'}/*.tar", "--cache", root / "c", "--clip-model", TINY_CLIP]
+        + ["--clip-pretrained", "", "--image-size", 32, "--workers", 0],
+    ):
+        result = runner.invoke(pipeline_app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+    return root / "c"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return make_cache(tmp_path_factory.mktemp("vae-cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    return load_clip(TINY_CLIP, None, "cpu")
+
+
+@pytest.mark.parametrize("size", list(VAE_SIZES))
+def test_encode_decode_shapes(size):
+    model = AutoencoderKL(vae_architecture(size, 32))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    mean, logvar = model.encode(x)
+    assert mean.shape == logvar.shape == (2, 4, 8, 8)
+    assert model.decode(mean).shape == (2, 3, 32, 32)
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        vae_architecture(size, 30)
+
+
+def test_kl_and_psnr():
+    zeros = torch.zeros(2, 4, 8, 8)
+    assert float(kl_loss(zeros, zeros, 100)) == 0.0  # N(0, I) posterior: no KL
+    assert float(kl_loss(zeros + 1, zeros, 100)) == pytest.approx(0.5 * 256 / 100)
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    assert float(psnr(x + 0.2, x).max()) < 30 < float(psnr(x + 0.002, x).min())
+
+
+def test_perceptual_term_is_zero_for_equal_images_and_has_gradients(tiny_clip):
+    perceptual = ClipPerceptual(tiny_clip)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert float(perceptual(x, x)) < 1e-10
+    y = (x + 0.3 * torch.randn_like(x)).requires_grad_(True)
+    loss = perceptual(y, x)
+    loss.backward()
+    assert float(loss.detach()) > 0 and y.grad is not None and float(y.grad.abs().sum()) > 0
+
+
+def test_a_few_steps_reduce_the_reconstruction_loss(tiny_clip):
+    torch.manual_seed(0)
+    config = VaeConfig(size="tiny", lr=3e-3, batch_size=4, cache=None)
+    trainer = VaeTrainer(config, vae_architecture("tiny", 32), tiny_clip, torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    x = (torch.rand(4, 3, 32, 32, generator=g) > 0.5).float() * 2 - 1  # [4, 3, 32, 32] high contrast
+
+    def recon_l1() -> float:
+        with torch.no_grad():
+            mean, _ = trainer.model.encode(x)
+            return float((trainer.model.decode(mean) - x).abs().mean())
+
+    before = recon_l1()
+    for _ in range(25):
+        losses = trainer.train_step({"image": x})
+        assert all(torch.isfinite(v) for v in losses.values())
+    assert recon_l1() < 0.8 * before
+
+
+def test_cli_trains_checkpoints_and_reports_held_out_psnr(cache, tmp_path):
+    args = ["vae", "--cache", cache, "--out", tmp_path, "--size", "tiny", "--steps", 2, "--batch-size", 4]
+    result = runner.invoke(app, [str(a) for a in args + ["--eval-n", 4, "--device", "cpu"]])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "000-vae"
+    assert "vae: step 2" in result.output and str(run / "0000002.pt") in result.output
+    report = json.loads((run / "eval.json").read_text())
+    assert report["n_eval"] == 4 and 0 < report["psnr_db"] < 100
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"] == {"n_train": 12, "n_eval": 4}  # held-out images are not trained on
+    model, ckpt = load_vae(run)
+    assert ckpt["step"] == 2 and ckpt["arch"]["resolution"] == 32 and not model.training
+
+
+def test_cli_errors_are_one_line(cache, tmp_path):
+    def user_error(args, message):
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 2, result.output
+        lines = [x for x in result.output.splitlines() if x.strip() and not x.startswith("warning")]
+        assert len(lines) == 1 and message in lines[0], result.output
+
+    user_error(["vae", "--cache", cache, "--out", tmp_path, "--size", "huge"], "--size huge")
+    user_error(
+        ["vae", "--cache", tmp_path / "nope", "--out", tmp_path, "--size", "tiny"], "no such directory"
+    )
+    user_error(["vae", "--out", tmp_path], "--cache is required")
+    assert not list(tmp_path.glob("0*-vae"))

@@ -1,0 +1,424 @@
+"""`trainers eval`: how good are a generator's images for a set of prompts?
+
+Pure core: `evaluate(config, generate, info)` takes the generator as a callable,
+`generate(cond float32 [N, D], seed) -> uint8 [N, 3, H, W]` (what `trainers.sample.load_generator`
+returns), so tests can pass fakes; only the CLI command loads a checkpoint.
+
+Metrics, on `n` generated images (prompt i mod len(prompts) for image i) and `n` real cache images:
+
+- `fid`: Frechet distance between generated and real images. Offline the features are the cache's CLIP
+  image embeddings (`fid_features: "clip:<model>"`, clean-fid's `frechet_distance` on their means and
+  covariances); when clean-fid's Inception weights are already on disk (`--inception` or clean-fid's own
+  download location, `/tmp/inception-2015-12-05.pt`) the Inception FID is computed too, with clean-fid's
+  resizer, and becomes `fid` (`fid_features: "inception"`). Nothing is ever downloaded. CLIP-FID values
+  are on another scale than Inception FID: compare them only with each other, on the same cache.
+- `clip_score`: mean of max(100 * cos(image feature, prompt text feature), 0) with the cache's CLIP
+  (torchmetrics' convention); `clip_score_real` is the same for real images and their own captions.
+- `attribute_accuracy`: on the synthetic world, the probe (`trainers.probe`) reads every generated image
+  and is scored against the objects parsed from its prompt (`pipeline.synth.parse_caption`); split into
+  prompts naming a held-out colour-shape pair (never in an image) and the rest. `attribute_accuracy_real`
+  scores real cache images against their own labels: the instrument's ceiling on this cache.
+
+Default prompts: synthetic-world captions from the synth caption generator with a random stream of its
+own (so they are independent of any corpus), starting with one prompt per HELD_OUT_PAIRS pair.
+Outputs: `OUT/eval.json` and `OUT/grid.png` (the first 64 images, 8 per row; prompts in
+`OUT/grid_prompts.txt`, row-major).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from manifests import write_bytes_atomic, write_json_atomic
+from pipeline.errors import ConfigError
+
+CLEANFID_INCEPTION = Path("/tmp/inception-2015-12-05.pt")  # where clean-fid downloads it (Linux/macOS)
+REAL_STREAM = 11  # numpy stream id of the real-image draw
+GRID_COLUMNS = 8
+
+Generate = Callable[[Any, int], Any]  # (cond float32 [N, D], seed) -> uint8 [N, 3, H, W]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    checkpoint: str  # what is evaluated (recorded in eval.json; the CLI loads the generator from it)
+    cache: Path  # the feature cache the generator was trained on: its CLIP and its real images
+    out: Path  # directory for eval.json, grid.png, grid_prompts.txt
+    prompts: Path | None = None  # one prompt per line (# comments); default: synthetic-world prompts
+    n: int = 1000  # images generated (and real images drawn from the cache, at most all of them)
+    seed: int = 0  # prompts, generator noise and the real-image draw
+    batch_size: int = 100  # images per generator call
+    device: str = "auto"  # CLIP, probe and Inception device
+    probe: Path | None = None  # a `trainers probe` file; default: trained once per cache in _trainers/
+    inception: Path | None = None  # inception-2015-12-05.pt; default: clean-fid's location if present
+    grid: int = 64  # images in grid.png
+
+    def validate(self) -> None:
+        for flag, value, lo in (
+            ("--n", self.n, 2),
+            ("--batch-size", self.batch_size, 1),
+            ("--seed", self.seed, 0),
+        ):
+            if value < lo:
+                raise ConfigError(f"{flag} must be at least {lo}")
+        if self.grid < 0:
+            raise ConfigError("--grid must be 0 or more")
+        if self.prompts is not None and not Path(self.prompts).is_file():
+            raise ConfigError(f"--prompts {self.prompts}: file not found (one prompt per line)")
+        if self.inception is not None and not Path(self.inception).is_file():
+            raise ConfigError(
+                f"--inception {self.inception}: file not found; download inception-2015-12-05.pt on a "
+                "connected machine (clean-fid's URL) and pass its path, or leave --inception out "
+                "for CLIP-feature FID"
+            )
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out}: exists and is not a directory")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------------------------------------
+
+
+def synthetic_prompts(n: int, seed: int) -> list[str]:
+    """n synthetic-world captions: one single-object prompt per held-out pair, then 1-2 object captions
+    over every colour-shape pair (held-out ones included), from a random stream of their own."""
+    from pipeline.synth import COLOURS, HELD_OUT_PAIRS, POSITIONS, SHAPES, SIZES, make_caption, sample_objects
+
+    rng = random.Random(f"trainers/eval/prompts/{seed}")
+    prompts = []
+    for colour, shape in HELD_OUT_PAIRS:
+        obj = {"shape": shape, "colour": colour, "size": rng.choice(SIZES), "position": rng.choice(POSITIONS)}
+        prompts.append(make_caption([obj], rng))
+    all_pairs = [(c, s) for c in COLOURS for s in SHAPES]
+    while len(prompts) < n:
+        prompts.append(make_caption(sample_objects(rng, 2, pairs=all_pairs), rng))
+    return prompts[:n]
+
+
+def read_prompts(path: Path) -> list[str]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--prompts {path}: cannot read it ({e})") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ConfigError(f"--prompts {path}: no prompts in it (one per line)")
+    return prompts
+
+
+def names_held_out_pair(objects: list[dict[str, str]]) -> bool:
+    from pipeline.synth import HELD_OUT_PAIRS
+
+    return any((o.get("colour"), o.get("shape")) in HELD_OUT_PAIRS for o in objects)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Features and distances
+# ---------------------------------------------------------------------------------------------------------
+
+
+def frechet(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets [N, D] (clean-fid's formula)."""
+    from cleanfid.fid import frechet_distance
+
+    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    sigma_a, sigma_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    return float(frechet_distance(mu_a, sigma_a, mu_b, sigma_b))
+
+
+def clip_image_features(bundle, pixels, batch_size: int = 256) -> np.ndarray:
+    from pipeline.clip import encode_images
+
+    return np.concatenate(
+        [
+            encode_images(bundle, pixels[i : i + batch_size]).cpu().numpy()
+            for i in range(0, len(pixels), batch_size)
+        ]
+    )
+
+
+def clip_text_features(bundle, texts: list[str], batch_size: int = 256) -> np.ndarray:
+    from pipeline.clip import encode_texts
+
+    return np.concatenate(
+        [
+            encode_texts(bundle, texts[i : i + batch_size]).cpu().numpy()
+            for i in range(0, len(texts), batch_size)
+        ]
+    )
+
+
+def clip_score(image_features: np.ndarray, text_features: np.ndarray) -> float:
+    """mean max(100 * cos, 0) over matched rows (both unit-norm)."""
+    cos = np.sum(image_features * text_features, axis=1)
+    return float(np.mean(np.maximum(100.0 * cos, 0.0)))
+
+
+def inception_weights(explicit: Path | None) -> Path | None:
+    """The local Inception weights to use, or None: never downloads."""
+    if explicit is not None:
+        return Path(explicit)
+    return CLEANFID_INCEPTION if CLEANFID_INCEPTION.is_file() else None
+
+
+def inception_features(weights: Path, pixels, device, batch_size: int = 50) -> np.ndarray:
+    """clean-fid's "clean" mode: PIL bicubic resize to 299 per image, then the TorchScript Inception."""
+    import torch
+    from cleanfid.inception_torchscript import InceptionV3W
+    from cleanfid.resize import build_resizer
+
+    model = InceptionV3W(str(Path(weights).parent), download=False).to(device).eval()
+    resize = build_resizer("clean")
+    feats = []
+    with torch.no_grad():
+        for start in range(0, len(pixels), batch_size):
+            chunk = pixels[start : start + batch_size].permute(0, 2, 3, 1).cpu().numpy()  # [B, H, W, 3]
+            resized = np.stack([resize(img) for img in chunk]).transpose(0, 3, 1, 2)  # [B, 3, 299, 299]
+            feats.append(model(torch.from_numpy(resized).float().to(device)).cpu().numpy())
+    return np.concatenate(feats)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The evaluation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def batch_seed(seed: int, start: int) -> int:
+    return int(np.random.SeedSequence([seed, start]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def generate_images(generate: Generate, cond: np.ndarray, config: EvalConfig, progress=None):
+    """uint8 [N, 3, H, W] from the generator, batch by batch, checked."""
+    import torch
+
+    out = []
+    for start in range(0, len(cond), config.batch_size):
+        chunk = torch.from_numpy(
+            np.ascontiguousarray(cond[start : start + config.batch_size], dtype=np.float32)
+        )
+        images = generate(chunk, batch_seed(config.seed, start))
+        images = torch.as_tensor(images).cpu()
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[:2] != (len(chunk), 3):
+            raise ValueError(
+                f"the generator returned {images.dtype} {tuple(images.shape)}; "
+                f"expected uint8 [{len(chunk)}, 3, H, W]"
+            )
+        out.append(images)
+        if progress:
+            progress(len(chunk))
+    return torch.cat(out)
+
+
+def check_clip(info: dict[str, Any], cache_clip) -> list[str]:
+    """The generator's conditions must live in the cache's CLIP space: refuse a different CLIP; warn
+    (returned) when it cannot be checked."""
+    from pipeline.clip import clip_identity
+
+    model, pretrained = info.get("clip_model"), info.get("clip_pretrained")
+    if model is None:
+        return ["the generator's info names no CLIP; assuming it was trained on this cache's"]
+    try:
+        identity = clip_identity(model, pretrained or None)
+    except ConfigError as e:
+        return [f"cannot check the generator's CLIP ({e}); using the cache's"]
+    if identity != cache_clip.identity:
+        raise ConfigError(
+            f"the checkpoint was trained on features of CLIP {model} / {pretrained!r}, but --cache was "
+            f"made with {cache_clip.clip_model} / {cache_clip.clip_pretrained!r}; pass the cache the run "
+            "was trained on"
+        )
+    return []
+
+
+def paired_record(info: dict[str, Any]) -> dict[str, Any] | None:
+    """What the checkpoint says about real-caption pairs used in training (few-shot runs), if anything."""
+    config = info.get("config") if isinstance(info.get("config"), dict) else {}
+    found = {}
+    for key in ("paired_fraction", "paired_limit", "paired_count", "paired_pool"):
+        for source in (info, config):
+            if key in source and source[key] is not None:
+                found[key] = source[key]
+                break
+    return found or None
+
+
+def evaluate(
+    config: EvalConfig,
+    generate: Generate,
+    info: dict[str, Any] | None = None,
+    *,
+    probe=None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Generate, measure, write OUT/eval.json + OUT/grid.png; returns the eval.json dict."""
+    from pipeline.synth import parse_caption
+    from trainers.data import labels_of, load_cache_clip, read_embed
+    from trainers.probe import ProbeConfig, cached_probe, load_probe, score_objects, summarise
+    from trainers.runs import select_device
+
+    config.validate()
+    info = dict(info or {})
+    t0 = time.perf_counter()
+    device = select_device(config.device)
+    rows = read_embed(config.cache)
+    notes = check_clip(info, rows.clip)
+    bundle = load_cache_clip(rows.clip, str(device))
+
+    if config.prompts is not None:
+        unique = read_prompts(config.prompts)
+        source = str(config.prompts)
+    else:
+        unique = synthetic_prompts(min(config.n, 1000), config.seed)
+        source = f"synthetic (seed {config.seed})"
+    prompts = [unique[i % len(unique)] for i in range(config.n)]
+    text_unique = clip_text_features(bundle, unique)  # [P, D]
+    text = text_unique[np.arange(config.n) % len(unique)]  # [N, D]
+    if info.get("h_dim") not in (None, text.shape[1]):
+        raise ConfigError(
+            f"the generator takes {info['h_dim']}-d conditions but the cache's CLIP gives {text.shape[1]}"
+        )
+
+    generated = generate_images(generate, text, config, progress)  # uint8 [N, 3, H, W]
+    t_generate = time.perf_counter()
+
+    n_real = min(config.n, len(rows))
+    real_rows = np.sort(
+        np.random.default_rng([config.seed, REAL_STREAM]).choice(len(rows), n_real, replace=False)
+    )
+    real = rows.pixels(real_rows)  # uint8 [n_real, 3, S, S]
+    gen_feat = clip_image_features(bundle, generated)  # [N, D]
+    real_feat = clip_image_features(bundle, real)  # [n_real, D]
+    fid_clip = frechet(gen_feat, real_feat)
+    result: dict[str, Any] = {
+        "checkpoint": str(config.checkpoint),
+        "cache": str(config.cache),
+        "n": config.n,
+        "n_real": n_real,
+        "seed": config.seed,
+        "prompts": {
+            "source": source,
+            "unique": len(unique),
+            "naming_held_out_pairs": sum(names_held_out_pair(parse_caption(p)) for p in unique),
+        },
+        "image_size": {"generated": int(generated.shape[-1]), "real": int(real.shape[-1])},
+        "clip": {"clip_model": rows.clip.clip_model, "clip_pretrained": rows.clip.clip_pretrained},
+        "fid_clip": round(fid_clip, 4),
+    }
+    weights = inception_weights(config.inception)
+    if weights is not None:
+        fid_inception = frechet(
+            inception_features(weights, generated, device), inception_features(weights, real, device)
+        )
+        result.update(
+            fid=round(fid_inception, 4), fid_features="inception", fid_inception=round(fid_inception, 4)
+        )
+    else:
+        result.update(fid=round(fid_clip, 4), fid_features=f"clip:{rows.clip.clip_model}", fid_inception=None)
+    if config.n < 2 * gen_feat.shape[1]:
+        notes.append(f"n={config.n} is small for {gen_feat.shape[1]}-d features: FID is biased upwards")
+
+    result["clip_score"] = round(clip_score(gen_feat, text), 4)
+    real_captions = [rows.captions[int(r)] for r in real_rows]
+    have = [i for i, c in enumerate(real_captions) if isinstance(c, str) and c.strip()]
+    result["clip_score_real"] = (
+        round(clip_score(real_feat[have], clip_text_features(bundle, [real_captions[i] for i in have])), 4)
+        if have
+        else None
+    )
+
+    targets = [parse_caption(p) for p in prompts]
+    result["attribute_accuracy"] = result["attribute_accuracy_held_out_pairs"] = None
+    result["attribute_accuracy_seen_pairs"] = result["attribute_accuracy_real"] = None
+    result["probe"] = None
+    if any(targets):
+        if probe is None:
+            if config.probe is not None:
+                probe, probe_file = load_probe(config.probe, str(device)), config.probe
+            else:
+                probe_config = ProbeConfig(device=config.device)
+                probe, probe_file = cached_probe(config.cache, probe_config, image_size=int(real.shape[-1]))
+        else:
+            probe_file = None
+        predictions = probe.predict(generated)
+        result["attribute_accuracy"] = summarise(score_objects(predictions, targets))
+        held = [names_held_out_pair(t) for t in targets]
+        for name, keep in (("held_out_pairs", held), ("seen_pairs", [not h for h in held])):
+            subset = [i for i, k in enumerate(keep) if k and targets[i]]
+            if subset:
+                sub_pred = {k: v[subset] for k, v in predictions.items()}
+                result[f"attribute_accuracy_{name}"] = summarise(
+                    score_objects(sub_pred, [targets[i] for i in subset])
+                )
+        real_labels = [(labels_of(rows, int(r)) or {}).get("objects") for r in real_rows]
+        labelled = [i for i, objs in enumerate(real_labels) if objs]
+        if labelled:
+            real_pred = probe.predict(real[labelled])
+            result["attribute_accuracy_real"] = summarise(
+                score_objects(real_pred, [real_labels[i] for i in labelled])
+            )
+        result["probe"] = {
+            "file": str(probe_file) if probe_file else None,
+            "image_size": probe.config.image_size,
+            "held_out_accuracy": probe.accuracy.get("one_object"),
+        }
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.grid:
+        k = min(config.grid, len(generated))
+        write_grid(out / "grid.png", generated[:k])
+        write_bytes_atomic(out / "grid_prompts.txt", "".join(p + "\n" for p in prompts[:k]).encode())
+        result["grid"] = {"file": str(out / "grid.png"), "images": k, "columns": min(GRID_COLUMNS, k)}
+    result["paired"] = paired_record(info)
+    result["generator"] = {
+        k: v for k, v in info.items() if k in ("kind", "step", "size", "resolution", "h_dim")
+    }
+    result["notes"] = notes
+    result["seconds"] = {"generate": round(t_generate - t0, 2), "total": round(time.perf_counter() - t0, 2)}
+    result["device"] = str(device)
+    _check_finite(result)
+    write_json_atomic(out / "eval.json", result)
+    return result
+
+
+def _check_finite(result: dict[str, Any]) -> None:
+    for key in ("fid", "fid_clip", "clip_score"):
+        value = result.get(key)
+        if value is not None and not math.isfinite(value):
+            result.setdefault("notes", []).append(f"{key} is not finite (degenerate images?)")
+            result[key] = None
+
+
+def write_grid(path: Path, images) -> Path:
+    """uint8 [K, 3, H, W] -> a PNG grid, 8 per row, 2 px gaps."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images, nrow=GRID_COLUMNS, padding=2, pad_value=255)  # [3, H', W'] uint8
+    buffer = io.BytesIO()
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+    write_bytes_atomic(Path(path), buffer.getvalue())
+    return Path(path)
+
+
+def describe(result: dict[str, Any]) -> str:
+    acc = result.get("attribute_accuracy") or {}
+    parts = ", ".join(
+        f"{a} {acc[a]:.2f}" for a in ("shape", "colour", "size", "position") if acc.get(a) is not None
+    )
+    return (
+        f"eval: n={result['n']}, FID ({result['fid_features']}) {result['fid']}, "
+        f"CLIP score {result['clip_score']}" + (f", attributes {parts}" if parts else "")
+    )

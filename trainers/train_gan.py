@@ -1,0 +1,521 @@
+"""`trainers gan`: train the LAFITE-style conditional GAN (`trainers/gan.py`) from the feature cache.
+
+One step, on a batch of real images x with conditions h (pseudo text features, unit norm):
+
+    fake = G(z, h)                                                   one G forward serves both phases
+    D:  softplus(D(fake)) + softplus(-D(x)) + w_D * InfoNCE(f_s(x), h)          (+ lazy R1 on x)
+    G:  softplus(-D(fake)) + w_G * InfoNCE(CLIP(aug(fake)), h) + w_D * InfoNCE(f_s(fake), h)
+    G_ema <- lerp(G, G_ema, beta)
+
+L_ConG uses the cache's CLIP (frozen; gradients flow through it to G) on random crops resized to CLIP's
+input size with CLIP's own normalisation. As in LAFITE, the D-feature contrastive term also appears in G's
+loss on fakes. bf16 autocast on CUDA only; the R1 pass runs in fp32. Resume is bit-for-bit on the CPU:
+the checkpoint holds models, EMA, optimisers and every global RNG state, and the loader restarts at
+`start_step` (sampling draws from its own generator, so writing a grid does not move the RNG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields, replace
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import ConfigError
+from trainers.checkpoints import load_checkpoint, resolve_checkpoint, restore_rng, save_checkpoint
+from trainers.gan import GAN_SIZES, architecture, build_models, check_resolution
+from trainers.runs import check_run_name, new_run_dir, select_device, write_run_config
+
+# Default sample-grid prompts: synthetic-world captions, one with a colour/shape pair no image has
+# (blue star, see pipeline.synth.HELD_OUT_PAIRS) to watch compositional generalisation.
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "a large red circle in the centre",
+    "a small blue square on the left",
+    "a green triangle at the top",
+    "a yellow star on the right",
+    "a purple diamond near the bottom",
+    "an orange cross in the middle",
+    "a red square on the left and a green circle on the right",
+    "a large blue star in the centre",
+)
+
+
+@dataclass(frozen=True)
+class GanConfig:
+    cache: Path | None = None  # feature cache (read-only); on --resume the checkpoint's unless given
+    out: Path = Path("runs")  # the run goes to OUT/{idx:03d}-{name}/
+    name: str = "gan"  # run name (a folder name)
+    size: str = "small"  # GAN_SIZES entry: tiny (tests, 32 px), small (64 px), base (128-256 px)
+    condition: str = "optimize"  # conditioning source: optimize, retrieve, perturb, caption
+    steps: int = 20_000  # total optimisation steps; a resumed run continues up to this
+    batch_size: int = 32  # images per step (InfoNCE contrasts within the batch: at least 2)
+    lr: float = 0.0025  # Adam learning rate of G and D (D's is scaled for lazy R1, as StyleGAN2)
+    seed: int = 0  # model init, z, noise, augmentation and data order
+    paired_fraction: float = 0.0  # share of each batch conditioned on real captions (few-shot runs)
+    workers: int = 0  # loader processes
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    sample_every: int = 1000  # steps between sample grids, 0 for the final one only
+    checkpoint_every: int = 5000  # steps between checkpoints, 0 for the final one only
+    log_every: int = 10  # steps between metrics.jsonl lines and progress-bar loss updates
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS  # sample-grid rows
+    samples_per_prompt: int = 4  # sample-grid columns
+    r1_gamma: float | None = None  # R1 weight; None: StyleGAN2-ADA's heuristic 0.0002 * res^2 / batch
+    r1_every: int = 16  # lazy regularisation: R1 on every 16th step, scaled by 16
+    con_g_weight: float = 10.0  # L_ConG weight (CLIP features of fakes vs h)
+    con_d_weight: float = 5.0  # L_ConD weight (D features vs h: reals for D, fakes for G)
+    tau: float = 0.5  # InfoNCE temperature of both contrastive terms
+    ema_kimg: float = 10.0  # EMA half-life, thousands of images
+    ema_rampup: float = 0.05  # early on, the half-life is at most this share of the images seen
+    resume: Path | None = None  # checkpoint file or run directory (latest checkpoint) to continue
+
+    def validate(self) -> None:
+        from trainers.data import CONDITIONS
+
+        if self.size not in GAN_SIZES:
+            raise ConfigError(f"--size {self.size}: choose one of {', '.join(GAN_SIZES)}")
+        if self.condition not in CONDITIONS:
+            raise ConfigError(f"--condition {self.condition}: choose one of {', '.join(CONDITIONS)}")
+        check_run_name(self.name)
+        for flag, value, lo in (
+            ("--steps", self.steps, 1),
+            ("--batch-size", self.batch_size, 2),
+            ("--sample-every", self.sample_every, 0),
+            ("--workers", self.workers, 0),
+            ("--checkpoint-every", self.checkpoint_every, 0),
+            ("--log-every", self.log_every, 1),
+            ("--seed", self.seed, 0),
+            ("samples_per_prompt", self.samples_per_prompt, 1),
+            ("r1_every", self.r1_every, 1),
+        ):
+            if value < lo:
+                raise ConfigError(f"{flag} must be at least {lo}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError("--lr must be a positive number")
+        if not 0.0 <= self.paired_fraction <= 1.0:
+            raise ConfigError("--paired-fraction must be between 0 and 1")
+        if not self.prompts:
+            raise ConfigError("--prompts: the file has no prompts (one per line)")
+        if (
+            self.tau <= 0
+            or min(self.con_g_weight, self.con_d_weight, self.r1_gamma or 0.0, self.ema_kimg) < 0
+        ):
+            raise ConfigError("tau must be positive and the loss weights, r1_gamma and ema_kimg non-negative")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types (config.json, and the checkpoint, which must load with weights_only=True)."""
+        out = asdict(self)
+        for key in ("cache", "out", "resume"):
+            out[key] = None if out[key] is None else str(out[key])
+        out["prompts"] = list(self.prompts)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GanConfig:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in known}
+        for key in ("cache", "out", "resume"):
+            if values.get(key) is not None:
+                values[key] = Path(values[key])
+        if "prompts" in values:
+            values["prompts"] = tuple(values["prompts"])
+        return cls(**values)
+
+
+# What a resumed run may change; anything else given must match the checkpoint (it shapes the model,
+# the data or the losses, and changing it would not be a continuation).
+RESUME_OVERRIDABLE = (
+    "cache",
+    "steps",
+    "sample_every",
+    "checkpoint_every",
+    "log_every",
+    "device",
+    "workers",
+    "prompts",
+    "samples_per_prompt",
+)
+
+
+def read_prompts(path: Path) -> tuple[str, ...]:
+    """One prompt per line; blank lines and lines starting with # are skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise ConfigError(f"--prompts {path}: cannot read it ({e.strerror})") from None
+    return tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+
+
+def resolve_config(values: dict[str, Any], resume: Path | str | None = None) -> tuple[GanConfig, dict | None]:
+    """CLI values (only those given) -> config; with `resume`, the checkpoint's config with the allowed
+    overrides. Returns the loaded checkpoint too, so a big one is read once."""
+    if resume is None:
+        return GanConfig(**values), None
+    path = resolve_checkpoint(resume, "--resume")
+    ckpt = load_checkpoint(path, "--resume")
+    if ckpt.get("kind") != "gan":
+        raise ConfigError(f"--resume {path}: not a `trainers gan` checkpoint (kind {ckpt.get('kind')!r})")
+    saved = GanConfig.from_dict(ckpt["config"])
+    overrides = {}
+    for key, value in values.items():
+        if key in RESUME_OVERRIDABLE:
+            overrides[key] = value
+        elif value != getattr(saved, key):
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(
+                f"{flag} {value}: the checkpoint was trained with {getattr(saved, key)}; a resumed run keeps "
+                f"its model, data and losses (drop {flag}, or start a new run without --resume)"
+            )
+    return replace(saved, **overrides, resume=path), ckpt
+
+
+@dataclass
+class DataSource:
+    """Where batches come from: the cache loader in real runs, an in-memory fake in tests and benchmarks."""
+
+    batches: Callable[[int], Iterator[dict]]  # start_step -> infinite batches, as trainers.data.make_loader
+    clip_model: str  # the CLIP the conditions live in (pipeline.clip.load_clip arguments)
+    clip_pretrained: str
+    h_dim: int
+
+
+def cache_source(config: GanConfig) -> DataSource:
+    from trainers.data import LoaderConfig, cache_clip, make_loader
+
+    if config.cache is None:
+        raise ConfigError(
+            "--cache is required: the feature cache made by `pipeline embed` (or pass --resume)"
+        )
+    clip = cache_clip(config.cache)
+    loader_config = LoaderConfig(
+        cache=Path(config.cache),
+        condition=config.condition,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        workers=config.workers,
+        paired_fraction=config.paired_fraction,
+    )
+    return DataSource(
+        lambda start_step: make_loader(loader_config, start_step=start_step),
+        clip.clip_model,
+        clip.clip_pretrained,
+        int(clip.dim),
+    )
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
+    """Symmetric InfoNCE between rows of a and b [B, D], cosine similarity, fp32. Plain torch rather than
+    kernels.contrastive_loss: one batch's B x B logits are tiny, so the fused kernel would buy nothing."""
+    a = F.normalize(a.float(), dim=1)  # [B, D]
+    b = F.normalize(b.float(), dim=1)  # [B, D]
+    logits = a @ b.T / tau  # [B, B]
+    target = torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+class GanTrainer:
+    """Models, optimisers and one training step; no files, no loader (the benchmark drives it too)."""
+
+    def __init__(self, config: GanConfig, arch: dict, clip: Any, device: torch.device):
+        self.config, self.arch, self.clip, self.device = config, arch, clip, device
+        self.G, self.D = (m.to(device) for m in build_models(arch))
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=config.lr, betas=(0.0, 0.99), eps=1e-8)
+        # Lazy R1 (StyleGAN2): D's Adam sees the regulariser every r1_every steps, so its lr and beta2
+        # are rescaled as if the regulariser were applied every step.
+        ratio = config.r1_every / (config.r1_every + 1)
+        self.opt_D = torch.optim.Adam(
+            self.D.parameters(), lr=config.lr * ratio, betas=(0.0, 0.99**ratio), eps=1e-8
+        )
+        self.r1_gamma = config.r1_gamma if config.r1_gamma is not None else default_r1_gamma(arch, config)
+        self.clip_mean = torch.tensor(clip.mean, device=device).view(1, 3, 1, 1)
+        self.clip_std = torch.tensor(clip.std, device=device).view(1, 3, 1, 1)
+        self.amp = device.type == "cuda"
+        self.step = 0
+
+    def autocast(self, enabled: bool = True):
+        if self.amp and enabled:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def clip_features(self, img: torch.Tensor) -> torch.Tensor:
+        """CLIP image features of generated images, differentiable w.r.t. the images: a random crop of
+        80-100% of the side per image, resized to CLIP's input, with CLIP's normalisation."""
+        b, size = img.shape[0], self.clip.image_size
+        x = (img.float() + 1) / 2  # [B, 3, R, R] in about [0, 1]
+        scale = torch.empty(b, device=img.device).uniform_(0.8, 1.0)  # [B] crop side / image side
+        shift = (torch.rand(b, 2, device=img.device) * 2 - 1) * (1 - scale)[:, None]  # [B, 2] inside
+        theta = torch.zeros(b, 2, 3, device=img.device)  # [B, 2, 3] affine: scale + shift
+        theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = scale, scale, shift
+        grid = F.affine_grid(theta, [b, 3, size, size], align_corners=False)  # [B, S, S, 2]
+        # [B, 3, S, S]: each crop resampled to CLIP's input size
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        x = (x - self.clip_mean) / self.clip_std
+        return self.clip.model.encode_image(x)  # [B, D]
+
+    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """One D update then one G update; returns detached scalar losses (no host sync)."""
+        cfg = self.config
+        real = batch["image"].to(self.device, non_blocking=True).float()  # [B, 3, R, R] in [-1, 1]
+        h = batch["cond"].to(self.device, non_blocking=True).float()  # [B, D] unit norm
+        b = real.shape[0]
+        do_r1 = self.r1_gamma > 0 and self.step % cfg.r1_every == 0
+        z = torch.randn(b, self.G.size.z_dim, device=self.device)  # [B, z_dim]
+        with self.autocast():
+            fake = self.G(z, h)  # [B, 3, R, R]; D sees it detached, G's loss backpropagates through it
+
+        # Discriminator: logistic loss, L_ConD on reals, lazy R1 (its pass in fp32: a double backward).
+        self.D.requires_grad_(True)
+        real_in = real.detach().requires_grad_(do_r1)
+        with self.autocast():
+            logits_fake, _ = self.D(fake.detach(), h)  # [B]
+        with self.autocast(enabled=not do_r1):
+            logits_real, f_real = self.D(real_in, h)  # [B], [B, D]
+        loss_adv_d = F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
+        loss_con_d = info_nce(f_real, h, cfg.tau)
+        loss_d = loss_adv_d + cfg.con_d_weight * loss_con_d
+        r1 = torch.zeros((), device=self.device)
+        if do_r1:
+            (grad,) = torch.autograd.grad(logits_real.sum(), real_in, create_graph=True)  # [B, 3, R, R]
+            r1 = grad.square().sum(dim=[1, 2, 3]).mean()
+            loss_d = loss_d + r1 * (self.r1_gamma / 2) * cfg.r1_every
+        self.opt_D.zero_grad(set_to_none=True)
+        loss_d.backward()
+        self.opt_D.step()
+
+        # Generator: non-saturating loss, L_ConG through the frozen CLIP, L_ConD on fakes.
+        self.D.requires_grad_(False)
+        with self.autocast():
+            logits_gen, f_fake = self.D(fake, h)  # [B], [B, D]
+            clip_fake = self.clip_features(fake)  # [B, D]
+        loss_adv_g = F.softplus(-logits_gen).mean()
+        loss_con_g = info_nce(clip_fake, h, cfg.tau)
+        loss_con_d_fake = info_nce(f_fake, h, cfg.tau)
+        loss_g = loss_adv_g + cfg.con_g_weight * loss_con_g + cfg.con_d_weight * loss_con_d_fake
+        self.opt_G.zero_grad(set_to_none=True)
+        loss_g.backward()
+        self.opt_G.step()
+        self.D.requires_grad_(True)
+
+        self.step += 1
+        self.update_ema(b)
+        losses = {
+            "loss_g": loss_g,
+            "loss_d": loss_d,
+            "adv_g": loss_adv_g,
+            "adv_d": loss_adv_d,
+            "con_g": loss_con_g,
+            "con_d": loss_con_d,
+            "con_d_fake": loss_con_d_fake,
+        }
+        if do_r1:
+            losses["r1"] = r1
+        return {k: v.detach() for k, v in losses.items()}
+
+    @torch.no_grad()
+    def update_ema(self, batch_size: int) -> None:
+        cfg = self.config
+        ema_nimg = cfg.ema_kimg * 1000
+        if cfg.ema_rampup:
+            ema_nimg = min(ema_nimg, self.step * batch_size * cfg.ema_rampup)
+        beta = 0.5 ** (batch_size / max(ema_nimg, 1e-8))
+        # One fused call instead of a lerp per tensor (base G has ~150 of them).
+        torch._foreach_lerp_(list(self.G_ema.parameters()), list(self.G.parameters()), 1.0 - beta)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "G": self.G.state_dict(),
+            "D": self.D.state_dict(),
+            "G_ema": self.G_ema.state_dict(),
+            "opt_G": self.opt_G.state_dict(),
+            "opt_D": self.opt_D.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, module in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema)):
+            module.load_state_dict(state[key])
+        self.opt_G.load_state_dict(state["opt_G"])
+        self.opt_D.load_state_dict(state["opt_D"])
+
+
+def default_r1_gamma(arch: dict, config: GanConfig) -> float:
+    """StyleGAN2-ADA's `auto` config: 0.0002 * resolution^2 / batch (0.026 at 64 px, batch 32)."""
+    return 0.0002 * arch["resolution"] ** 2 / config.batch_size
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+@dataclass
+class GanResult:
+    run_dir: Path
+    step: int  # steps done in total (including those before a resume)
+    checkpoint: Path | None  # the last checkpoint written
+    losses: dict[str, float]  # of the last step
+    images_per_s: float  # over this invocation's steps
+    samples: list[Path]  # sample grids written
+
+
+def _first_batch_shape(first: dict) -> tuple[int, int]:
+    """(resolution, condition dim) of the cache's batches; a non-square or odd size is refused early."""
+    _, _, height, width = first["image"].shape
+    if height != width:
+        raise ConfigError(
+            f"--cache: images are {width}x{height}; the GAN needs square images "
+            "(rerun `pipeline embed` with --image-size 64)"
+        )
+    try:
+        check_resolution(int(height))
+    except ValueError as e:
+        raise ConfigError(
+            f"--cache: {e} (rerun `pipeline embed` with --image-size 32, 64, 128 or 256)"
+        ) from None
+    return int(height), int(first["cond"].shape[1])
+
+
+def _trim_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop metrics lines past the checkpoint (they are about to be redone)."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line)["step"] <= last_step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+@contextlib.contextmanager
+def _progress(total: int, start: int, enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pipeline.progress import stderr
+
+    columns = [
+        TextColumn("[bold]gan"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("[cyan]{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[losses]}"),
+    ]
+    with Progress(*columns, console=stderr, disable=not (enabled and stderr.is_terminal)) as bar:
+        task = bar.add_task("gan", total=total, completed=start, rate="", losses="")
+        yield lambda **fields: bar.update(task, advance=1, **fields)
+
+
+def run_gan(
+    config: GanConfig,
+    source: DataSource | None = None,
+    resume_state: dict | None = None,
+    progress: bool = True,
+) -> GanResult:
+    """Train (or continue) a run; checkpoints, sample grids, config.json and metrics.jsonl in its dir."""
+    from pipeline.clip import encode_texts, load_clip
+    from trainers.sample import write_grid
+
+    config.validate()
+    device = select_device(config.device)
+    if config.resume is not None:
+        resume_path = resolve_checkpoint(config.resume, "--resume")
+        resume_state = resume_state or load_checkpoint(resume_path, "--resume")
+        if int(resume_state["step"]) >= config.steps:  # nothing to do: say so, touch nothing
+            return GanResult(resume_path.parent, int(resume_state["step"]), resume_path, {}, 0.0, [])
+    source = source or cache_source(config)
+
+    if resume_state is None:  # a new run: the first batch tells the resolution and condition size
+        batches = source.batches(0)
+        first = next(batches)
+        resolution, h_dim = _first_batch_shape(first)
+        if h_dim != source.h_dim:
+            raise ConfigError(
+                f"--cache {config.cache}: conditions are {h_dim}-d but its CLIP is {source.h_dim}-d"
+            )
+        arch = architecture(config.size, resolution, h_dim)
+        batches = chain([first], batches)
+        start_step = 0
+        if config.r1_gamma is None:
+            config = replace(config, r1_gamma=default_r1_gamma(arch, config))
+    else:
+        arch, start_step = resume_state["arch"], int(resume_state["step"])
+        if source.h_dim != arch["h_dim"]:
+            raise ConfigError(
+                f"--cache {config.cache}: its features are {source.h_dim}-d, the checkpoint's "
+                f"{arch['h_dim']}-d (resume with the cache the run was trained on)"
+            )
+        batches = None  # made after the RNG is restored, at start_step
+    clip = load_clip(source.clip_model, source.clip_pretrained or None, str(device))  # seeds torch: first
+    if clip.dim != arch["h_dim"]:
+        raise ConfigError(
+            f"--cache: the CLIP recorded in the cache is {clip.dim}-d but the features are {arch['h_dim']}-d"
+        )
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes every step
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    seed_everything(config.seed)
+    trainer = GanTrainer(config, arch, clip, device)
+    clip_args = {"model": source.clip_model, "pretrained": source.clip_pretrained, "dim": clip.dim}
+    if resume_state is None:
+        run_dir = new_run_dir(config.out, config.name)
+    else:
+        trainer.load_state_dict(resume_state)
+        trainer.step = start_step
+        restore_rng(resume_state["rng"])
+        run_dir = resume_path.parent  # the run continues in its own directory
+        batches = source.batches(start_step)
+        _trim_metrics(run_dir / "metrics.jsonl", start_step)
+    write_run_config(run_dir, {"kind": "gan", **config.to_dict(), "arch": arch, "clip": clip_args})
+
+    prompt_h = encode_texts(clip, list(config.prompts)).clone()  # [P, D]; clone: out of inference mode
+    grid_h = prompt_h.repeat_interleave(config.samples_per_prompt, dim=0)  # [P * n, D]
+    result = GanResult(run_dir, start_step, None, {}, 0.0, [])
+    t0, images = time.perf_counter(), 0
+    with (
+        _progress(config.steps, start_step, progress) as advance,
+        open(run_dir / "metrics.jsonl", "a") as log,
+    ):
+        for step in range(start_step, config.steps):
+            batch = next(batches)
+            losses = trainer.train_step(batch)
+            done, images = step + 1, images + batch["image"].shape[0]
+            last = done == config.steps
+            bar_fields = {}
+            if done % config.log_every == 0 or last:
+                result.losses = {k: float(v) for k, v in losses.items()}
+                result.images_per_s = images / (time.perf_counter() - t0)
+                log.write(
+                    json.dumps({"step": done, **result.losses, "images_per_s": result.images_per_s}) + "\n"
+                )
+                log.flush()
+                shown = ("loss_g", "loss_d", "con_g", "con_d")
+                bar_fields = {
+                    "rate": f"{result.images_per_s:,.0f} img/s",
+                    "losses": " ".join(f"{k} {result.losses[k]:.3f}" for k in shown),
+                }
+            advance(**bar_fields)
+            if (config.sample_every and done % config.sample_every == 0) or last:
+                images_u8 = trainer.G_ema.sample(grid_h, seed=config.seed)  # [P * n, 3, R, R] uint8
+                path = run_dir / f"samples-{done:07d}.png"
+                write_grid(path, images_u8, list(config.prompts), config.samples_per_prompt)
+                result.samples.append(path)
+            if (config.checkpoint_every and done % config.checkpoint_every == 0) or last:
+                state = {
+                    "kind": "gan",
+                    "config": config.to_dict(),
+                    "arch": arch,
+                    "clip": clip_args,
+                    **trainer.state_dict(),
+                }
+                result.checkpoint = save_checkpoint(run_dir, done, state)
+            result.step = done
+    return result

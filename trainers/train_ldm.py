@@ -1,0 +1,393 @@
+"""`trainers ldm`: train the DiT-style latent flow model (`trainers/ldm.py`) on a frozen `trainers vae`.
+
+One step, on a batch of real images x with conditions h (unit-norm text-space features):
+
+    z0 = latent_scale * VAE.encode(x).mean                 frozen, no grad
+    t ~ logit-normal, eps ~ N(0, I), drop ~ Bernoulli(cond_drop)
+    loss = | Dit((1 - t) z0 + t eps, t, h or null) - (eps - z0) |^2
+    EMA <- lerp(model, EMA, decay)
+
+`latent_scale` is 1 / std of the first batch's latents (Stable Diffusion's scale_factor, measured rather
+than fixed, since our VAEs differ per run); it is part of the architecture and kept by resume and --init.
+The posterior mean is used, not a sample: the KL weight is tiny, so the posterior variance is ~0 anyway.
+
+Few-shot: `--init CKPT` starts from another `trainers ldm` checkpoint's weights (model and EMA; a fresh
+optimiser, step 0) of the same architecture, and `--condition caption --paired-limit N` trains on N
+real image-caption pairs; config.json's `data.pairs` records how many the loader used.
+
+bf16 autocast on CUDA only. Resume is bit-for-bit on the CPU, as `trainers gan`: the checkpoint holds
+model, EMA, optimiser and every global RNG state, and the loader restarts at `start_step`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import ConfigError
+from trainers.checkpoints import load_checkpoint, resolve_checkpoint, restore_rng, save_checkpoint
+from trainers.ldm import LDM_SIZES, Dit, flow_loss, ldm_architecture, sample_euler
+from trainers.runs import check_run_name, new_run_dir, select_device, write_run_config
+
+
+@dataclass(frozen=True)
+class LdmConfig:
+    cache: Path | None = None  # feature cache (read-only); on --resume the checkpoint's unless given
+    vae: Path | None = None  # `trainers vae` checkpoint (or run dir: its latest), frozen
+    out: Path = Path("runs")  # the run goes to OUT/{idx:03d}-{name}/
+    name: str = "ldm"  # run name (a folder name)
+    size: str = "S"  # LDM_SIZES entry: tiny (tests), S, B
+    condition: str = "optimize"  # conditioning source: optimize, retrieve, perturb, caption
+    steps: int = 50_000  # total optimisation steps; a resumed run continues up to this
+    batch_size: int = 64  # images per step
+    lr: float = 1e-4  # AdamW learning rate (DiT's, no weight decay)
+    seed: int = 0  # init, t, noise, condition dropout and data order
+    paired_limit: int | None = None  # few-shot: real captions for at most N images (see LoaderConfig)
+    init: Path | None = None  # start from this `trainers ldm` checkpoint's weights (same architecture)
+    cond_drop: float = 0.1  # share of samples trained with the null condition (for guidance)
+    ema_decay: float = 0.9999  # EMA decay per step (warmed up: min(decay, (1 + step) / (10 + step)))
+    guidance: float = 3.0  # default guidance scale recorded for sampling
+    workers: int = 0  # loader processes
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    checkpoint_every: int = 5000  # steps between checkpoints, 0 for the final one only
+    log_every: int = 10  # steps between metrics.jsonl lines
+    sample_every: int = 1000  # steps between sample grids (EMA model, `guidance`), 0 for the final one only
+    sample_steps: int = 25  # Euler steps of the grids
+    samples_per_prompt: int = 4  # grid columns; rows are trainers.train_gan.DEFAULT_PROMPTS
+    resume: Path | None = None  # checkpoint file or run directory (latest checkpoint) to continue
+
+    def validate(self) -> None:
+        from trainers.data import CONDITIONS
+
+        if self.size not in LDM_SIZES:
+            raise ConfigError(f"--size {self.size}: choose one of {', '.join(LDM_SIZES)}")
+        if self.condition not in CONDITIONS:
+            raise ConfigError(f"--condition {self.condition}: choose one of {', '.join(CONDITIONS)}")
+        check_run_name(self.name)
+        for flag, value, lo in (
+            ("--steps", self.steps, 1),
+            ("--batch-size", self.batch_size, 1),
+            ("--seed", self.seed, 0),
+            ("--workers", self.workers, 0),
+            ("--checkpoint-every", self.checkpoint_every, 0),
+            ("--log-every", self.log_every, 1),
+            ("--sample-every", self.sample_every, 0),
+            ("sample_steps", self.sample_steps, 1),
+            ("samples_per_prompt", self.samples_per_prompt, 1),
+        ):
+            if value < lo:
+                raise ConfigError(f"{flag} must be at least {lo}")
+        if self.paired_limit is not None and self.paired_limit < 1:
+            raise ConfigError("--paired-limit must be at least 1")
+        if self.paired_limit is not None and self.condition != "caption":
+            raise ConfigError("--paired-limit N trains on N real pairs: use it with --condition caption")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError("--lr must be a positive number")
+        if not 0.0 <= self.cond_drop < 1.0:
+            raise ConfigError("--cond-drop must be in [0, 1)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError("ema_decay must be in [0, 1)")
+        if self.cache is None:
+            raise ConfigError("--cache is required: the feature cache made by `pipeline embed` (or --resume)")
+        if self.vae is None:
+            raise ConfigError("--vae is required: a `trainers vae` checkpoint or run directory")
+        if self.init is not None and self.resume is not None:
+            raise ConfigError("--init starts a new run from weights; --resume continues one: give one")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("cache", "vae", "out", "init", "resume"):
+            out[key] = None if out[key] is None else str(out[key])
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LdmConfig:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in known}
+        for key in ("cache", "vae", "out", "init", "resume"):
+            if values.get(key) is not None:
+                values[key] = Path(values[key])
+        return cls(**values)
+
+
+RESUME_OVERRIDABLE = (
+    "cache",
+    "steps",
+    "checkpoint_every",
+    "log_every",
+    "device",
+    "workers",
+    "guidance",
+    "sample_every",
+    "sample_steps",
+    "samples_per_prompt",
+)
+
+
+def resolve_config(values: dict[str, Any], resume: Path | str | None = None) -> tuple[LdmConfig, dict | None]:
+    """CLI values (only those given) -> config; with `resume`, the checkpoint's config plus the allowed
+    overrides, and the loaded checkpoint."""
+    if resume is None:
+        return LdmConfig(**values), None
+    path = resolve_checkpoint(resume, "--resume")
+    ckpt = load_checkpoint(path, "--resume")
+    if ckpt.get("kind") != "ldm":
+        raise ConfigError(f"--resume {path}: not a `trainers ldm` checkpoint (kind {ckpt.get('kind')!r})")
+    saved = LdmConfig.from_dict(ckpt["config"])
+    overrides = {}
+    for key, value in values.items():
+        if key in RESUME_OVERRIDABLE:
+            overrides[key] = value
+        elif value != getattr(saved, key):
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(
+                f"{flag} {value}: the checkpoint was trained with {getattr(saved, key)}; a resumed run keeps "
+                f"its model, data and objective (drop {flag}, or start a new run without --resume)"
+            )
+    return replace(saved, **overrides, resume=path, init=None), ckpt
+
+
+class LdmTrainer:
+    """Model, EMA, optimiser, frozen VAE and one training step; no files, no loader."""
+
+    def __init__(self, config: LdmConfig, arch: dict, vae: torch.nn.Module, device: torch.device):
+        self.config, self.arch, self.device = config, arch, device
+        self.model = Dit(arch).to(device)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.vae = vae.to(device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=0.0)
+        self.amp = device.type == "cuda"
+        self.step = 0
+
+    def autocast(self):
+        if self.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def latents(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, R, R] in [-1, 1] -> scaled posterior means [B, 4, R/4, R/4], fp32."""
+        mean, _ = self.vae.encode(images.to(self.device, non_blocking=True).float())
+        return mean.float() * self.arch["latent_scale"]
+
+    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        z0 = self.latents(batch["image"])  # [B, 4, r, r]
+        h = batch["cond"].to(self.device, non_blocking=True).float()  # [B, D]
+        with self.autocast():
+            loss = flow_loss(self.model, z0, h, self.config.cond_drop)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.step += 1
+        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
+        torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1.0 - decay)
+        return {"loss": loss.detach()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any], weights_only: bool = False) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        if not weights_only:
+            self.opt.load_state_dict(state["opt"])
+
+
+ARCH_KEYS_CHECKED_BY_INIT = (
+    "size",
+    "depth",
+    "width",
+    "heads",
+    "patch",
+    "latent_channels",
+    "latent_size",
+    "h_dim",
+)
+
+
+def load_init(path: Path | str, arch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The --init checkpoint, refused unless its architecture matches; -> (ckpt, arch to train with:
+    the init's, so its latent_scale, which its weights were trained with, is kept)."""
+    path = resolve_checkpoint(path, "--init")
+    ckpt = load_checkpoint(path, "--init")
+    if ckpt.get("kind") != "ldm" or "model" not in ckpt:
+        raise ConfigError(f"--init {path}: not a `trainers ldm` checkpoint (kind {ckpt.get('kind')!r})")
+    theirs = ckpt["arch"]
+    diff = [
+        f"{k} {theirs.get(k)} vs {arch[k]}" for k in ARCH_KEYS_CHECKED_BY_INIT if theirs.get(k) != arch[k]
+    ]
+    if diff:
+        raise ConfigError(
+            f"--init {path}: its architecture does not match this run ({'; '.join(diff)}); use a checkpoint "
+            "trained with the same --size, VAE latent shape and CLIP dim"
+        )
+    return ckpt, {**arch, "latent_scale": theirs["latent_scale"]}
+
+
+@dataclass
+class LdmResult:
+    run_dir: Path
+    step: int  # steps done in total (including those before a resume)
+    checkpoint: Path | None  # the last checkpoint written
+    losses: dict[str, float]  # of the last logged step
+    images_per_s: float
+    data: dict[str, Any]  # what the loader used: n_images, pairs
+    samples: list[Path] = field(default_factory=list)  # sample grids written
+
+
+def _trim_metrics(path: Path, last_step: int) -> None:
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= last_step))
+
+
+def run_ldm(config: LdmConfig, resume_state: dict | None = None, progress: Any = None) -> LdmResult:
+    """Train (or continue) a run; checkpoints, config.json and metrics.jsonl in its dir."""
+    from trainers.data import LoaderConfig, cache_clip, make_loader
+    from trainers.train_gan import seed_everything
+    from trainers.vae import load_vae
+
+    config.validate()
+    device = select_device(config.device)
+    if config.resume is not None:
+        resume_path = resolve_checkpoint(config.resume, "--resume")
+        resume_state = resume_state or load_checkpoint(resume_path, "--resume")
+        if int(resume_state["step"]) >= config.steps:
+            return LdmResult(
+                resume_path.parent,
+                int(resume_state["step"]),
+                resume_path,
+                {},
+                0.0,
+                resume_state.get("data", {}),
+            )
+    if config.init is not None:  # refuse a wrong file before reading any data
+        init_path = resolve_checkpoint(config.init, "--init")
+        init_kind = load_checkpoint(init_path, "--init").get("kind")
+        if init_kind != "ldm":
+            raise ConfigError(f"--init {init_path}: not a `trainers ldm` checkpoint (kind {init_kind!r})")
+    clip = cache_clip(config.cache)
+    vae_path = resume_state["vae"]["path"] if resume_state is not None else config.vae
+    vae, vae_ckpt = load_vae(vae_path, "--vae")
+    loader_config = LoaderConfig(
+        cache=Path(config.cache),
+        condition=config.condition,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        workers=config.workers,
+        paired_limit=config.paired_limit,
+    )
+    start_step = 0 if resume_state is None else int(resume_state["step"])
+    batches = make_loader(loader_config, start_step=start_step)
+    info = batches.info
+    if info.image_size != vae_ckpt["arch"]["resolution"]:
+        raise ConfigError(
+            f"--vae {vae_path}: trained on {vae_ckpt['arch']['resolution']}px images, the cache has "
+            f"{info.image_size}px ones"
+        )
+    if info.dim != int(clip.dim):
+        raise ConfigError(f"--cache {config.cache}: conditions are {info.dim}-d but its CLIP is {clip.dim}-d")
+    data = {"n_images": info.n_images, "pairs": info.paired_pool, "condition": info.condition}
+    latent_size = info.image_size // 4
+    if resume_state is None:
+        first = next(batches)
+        with torch.no_grad():
+            mean, _ = vae.encode(first["image"].float())
+        scale = 1.0 / max(float(mean.float().std()), 1e-6)
+        arch = ldm_architecture(
+            config.size, vae_ckpt["arch"]["latent_channels"], latent_size, info.dim, scale
+        )
+        batches = chain([first], batches)
+        init_state = None
+        if config.init is not None:
+            init_state, arch = load_init(config.init, arch)
+    else:
+        arch = resume_state["arch"]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    from pipeline.clip import encode_texts, load_clip
+    from trainers.sample import write_grid
+    from trainers.train_gan import DEFAULT_PROMPTS
+
+    text_clip = load_clip(clip.clip_model, clip.clip_pretrained or None, str(device))  # seeds torch: first
+    prompt_h = encode_texts(text_clip, list(DEFAULT_PROMPTS)).clone()  # [P, D]; clone: out of inference mode
+    grid_h = prompt_h.repeat_interleave(config.samples_per_prompt, dim=0)  # [P * n, D]
+    del text_clip
+    seed_everything(config.seed)
+    trainer = LdmTrainer(config, arch, vae, device)
+    clip_args = {"model": clip.clip_model, "pretrained": clip.clip_pretrained, "dim": int(clip.dim)}
+    if resume_state is None:
+        if init_state is not None:
+            trainer.load_state_dict(init_state, weights_only=True)
+        run_dir = new_run_dir(config.out, config.name)
+    else:
+        trainer.load_state_dict(resume_state)
+        trainer.step = start_step
+        restore_rng(resume_state["rng"])
+        run_dir = resume_path.parent
+        _trim_metrics(run_dir / "metrics.jsonl", start_step)
+    vae_args = {"path": vae_ckpt["path"], "step": int(vae_ckpt["step"]), "arch": vae_ckpt["arch"]}
+    write_run_config(
+        run_dir,
+        {
+            "kind": "ldm",
+            **config.to_dict(),
+            "arch": arch,
+            "clip": clip_args,
+            "vae_ckpt": vae_args,
+            "data": data,
+        },
+    )
+    result = LdmResult(run_dir, start_step, None, {}, 0.0, data)
+    t0, images = time.perf_counter(), 0
+    with open(run_dir / "metrics.jsonl", "a") as log:
+        for step in range(start_step, config.steps):
+            batch = next(batches)
+            losses = trainer.train_step(batch)
+            done, images = step + 1, images + batch["image"].shape[0]
+            last = done == config.steps
+            if done % config.log_every == 0 or last:
+                result.losses = {k: float(v) for k, v in losses.items()}
+                result.images_per_s = images / (time.perf_counter() - t0)
+                log.write(
+                    json.dumps({"step": done, **result.losses, "images_per_s": result.images_per_s}) + "\n"
+                )
+                log.flush()
+            if progress is not None:
+                progress(1)
+            if (config.checkpoint_every and done % config.checkpoint_every == 0) or last:
+                state = {
+                    "kind": "ldm",
+                    "config": config.to_dict(),
+                    "arch": arch,
+                    "clip": clip_args,
+                    "vae": vae_args,
+                    "data": data,
+                    **trainer.state_dict(),
+                }
+                result.checkpoint = save_checkpoint(run_dir, done, state)
+            if (config.sample_every and done % config.sample_every == 0) or last:
+                # a private generator for the noise: writing a grid does not move the training RNG
+                noise = torch.randn(
+                    (len(grid_h), arch["latent_channels"], arch["latent_size"], arch["latent_size"]),
+                    generator=torch.Generator().manual_seed(config.seed),
+                ).to(device)  # [P * n, C, r, r]
+                with trainer.autocast():
+                    z = sample_euler(trainer.ema, noise, grid_h, config.sample_steps, config.guidance)
+                    images = trainer.vae.decode(z.float() / arch["latent_scale"]).float()  # [P * n, 3, R, R]
+                images_u8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+                path = run_dir / f"samples-{done:07d}.png"
+                write_grid(path, images_u8, list(DEFAULT_PROMPTS), config.samples_per_prompt)
+                result.samples.append(path)
+            result.step = done
+    return result

@@ -1,0 +1,372 @@
+"""`trainers vae`: a small KL autoencoder (x4 down, 4 latent channels) for the latent diffusion model.
+
+One step, on a batch of real images x in [-1, 1]:
+
+    mean, logvar = E(x);  z = mean + exp(logvar / 2) * eps;  x' = D(z)
+    loss = |x - x'|_1  +  w_p * CLIP-perceptual(x', x)  +  w_kl * KL(q(z|x) || N(0, I))
+
+The perceptual term compares the cache's (frozen) CLIP image tower's intermediate token features
+(forward hooks on the visual transformer's resblocks, unit-normalised per token, MSE averaged over the
+blocks): offline there is no VGG/LPIPS, and the CLIP the cache was made with is always at hand. KL is
+summed over latent elements and divided by the image elements, with w_kl = 1e-6: the ratio Stable
+Diffusion's autoencoder uses (it sums both terms), so the latent stays close to an image, barely
+regularised. No patch discriminator yet (issue 7 has it): reconstructions are blurrier than SD's.
+
+A held-out slice of the cache (`eval_n` images, a fixed seeded choice) is never trained on; the run's
+`eval.json` reports the reconstruction PSNR on it (posterior mean, no sampling).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class VaeSize:
+    channels: tuple[int, int, int]  # widths at full, 1/2 and 1/4 resolution
+    latent_channels: int = 4
+
+
+VAE_SIZES: dict[str, VaeSize] = {
+    "tiny": VaeSize((8, 16, 16)),  # tests: a few thousand parameters
+    "small": VaeSize((32, 64, 128)),  # 32-64 px synthetic world
+}
+DOWNSAMPLE = 4  # latent side = image side / 4
+
+
+def _norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(8, c), c)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = _norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1(F.silu(self.norm1(x)))
+        y = self.conv2(F.silu(self.norm2(y)))
+        return self.skip(x) + y
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, arch: dict[str, Any]):
+        super().__init__()
+        c0, c1, c2 = arch["channels"]
+        zc = arch["latent_channels"]
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, c0, 3, padding=1),
+            ResBlock(c0, c0),
+            nn.Conv2d(c0, c0, 3, stride=2, padding=1),  # R/2
+            ResBlock(c0, c1),
+            nn.Conv2d(c1, c1, 3, stride=2, padding=1),  # R/4
+            ResBlock(c1, c2),
+            _norm(c2),
+            nn.SiLU(),
+            nn.Conv2d(c2, 2 * zc, 3, padding=1),  # mean and log-variance
+        )
+        self.decoder = nn.Sequential(
+            nn.Conv2d(zc, c2, 3, padding=1),
+            ResBlock(c2, c2),
+            nn.Upsample(scale_factor=2, mode="nearest"),  # R/2
+            nn.Conv2d(c2, c2, 3, padding=1),
+            ResBlock(c2, c1),
+            nn.Upsample(scale_factor=2, mode="nearest"),  # R
+            nn.Conv2d(c1, c1, 3, padding=1),
+            ResBlock(c1, c0),
+            _norm(c0),
+            nn.SiLU(),
+            nn.Conv2d(c0, 3, 3, padding=1),
+        )
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, 3, R, R] in [-1, 1] -> posterior (mean, logvar), each [B, 4, R/4, R/4]."""
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """[B, 4, R/4, R/4] -> [B, 3, R, R] (about [-1, 1], not clamped)."""
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mean, logvar = self.encode(x)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)  # [B, 4, R/4, R/4]
+        return self.decode(z), mean, logvar
+
+
+def vae_architecture(size: str, resolution: int) -> dict[str, Any]:
+    if size not in VAE_SIZES:
+        raise ConfigError(f"--size {size}: choose one of {', '.join(VAE_SIZES)}")
+    if resolution % DOWNSAMPLE:
+        raise ConfigError(f"--cache: images are {resolution}px; the autoencoder needs a multiple of 4")
+    spec = VAE_SIZES[size]
+    return {
+        "size": size,
+        "channels": list(spec.channels),
+        "latent_channels": spec.latent_channels,
+        "resolution": resolution,
+    }
+
+
+class ClipPerceptual:
+    """Distance between CLIP image-tower token features of two image batches (hooks on each resblock)."""
+
+    def __init__(self, clip: Any):
+        visual = clip.model.visual
+        blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+        if blocks is None:
+            raise ConfigError(
+                "--cache: the perceptual loss needs a CLIP with a vision transformer (open_clip ViT); "
+                f"this cache's image tower is {type(visual).__name__}"
+            )
+        self.clip, self.blocks = clip, blocks
+        device = next(clip.model.parameters()).device
+        self.mean = torch.tensor(clip.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(clip.std, device=device).view(1, 3, 1, 1)
+
+    def _tokens(self, img: torch.Tensor) -> list[torch.Tensor]:
+        size = self.clip.image_size
+        x = (img.float() + 1) / 2  # [B, 3, R, R] about [0, 1]
+        if x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        features: list[torch.Tensor] = []
+        # hooks only for this forward: the CLIP may be shared, and must not keep collecting afterwards
+        hooks = [b.register_forward_hook(lambda _m, _i, out: features.append(out)) for b in self.blocks]
+        try:
+            self.clip.model.visual((x - self.mean) / self.std)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return [F.normalize(f.float(), dim=-1) for f in features]
+
+    def __call__(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            want = self._tokens(target)
+        got = self._tokens(recon)
+        return torch.stack([F.mse_loss(g, w) for g, w in zip(got, want, strict=True)]).mean()
+
+
+def kl_loss(mean: torch.Tensor, logvar: torch.Tensor, image_elems: int) -> torch.Tensor:
+    """KL(N(mean, var) || N(0, I)) summed over latent elements, per image element, mean over the batch."""
+    kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).sum(dim=[1, 2, 3])  # [B]
+    return kl.mean() / image_elems
+
+
+def psnr(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of [-1, 1] images (peak 1 on the [0, 1] scale) -> [B]."""
+    mse = ((recon.clamp(-1, 1) - target) / 2).square().mean(dim=[1, 2, 3])  # [B]
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VaeConfig:
+    cache: Path | None = None  # feature cache (its images; conditions are not used)
+    out: Path = Path("runs")  # the run goes to OUT/{idx:03d}-{name}/
+    name: str = "vae"  # run name (a folder name)
+    size: str = "small"  # VAE_SIZES entry
+    steps: int = 10_000  # optimisation steps
+    batch_size: int = 32  # images per step
+    lr: float = 2e-4  # Adam learning rate
+    seed: int = 0  # init, posterior noise, data order and the held-out choice
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    perceptual_weight: float = 0.5  # CLIP-feature term weight
+    kl_weight: float = 1e-6  # KL weight (per image element, see the module docstring)
+    eval_n: int = 64  # held-out images for the PSNR in eval.json (never trained on)
+    checkpoint_every: int = 5000  # steps between checkpoints, 0 for the final one only
+    log_every: int = 10  # steps between metrics.jsonl lines
+
+    def validate(self) -> None:
+        from trainers.runs import check_run_name
+
+        if self.size not in VAE_SIZES:
+            raise ConfigError(f"--size {self.size}: choose one of {', '.join(VAE_SIZES)}")
+        if self.cache is None:
+            raise ConfigError("--cache is required: the feature cache made by `pipeline embed`")
+        check_run_name(self.name)
+        for flag, value, lo in (
+            ("--steps", self.steps, 1),
+            ("--batch-size", self.batch_size, 1),
+            ("--seed", self.seed, 0),
+            ("--eval-n", self.eval_n, 1),
+            ("--checkpoint-every", self.checkpoint_every, 0),
+            ("--log-every", self.log_every, 1),
+        ):
+            if value < lo:
+                raise ConfigError(f"{flag} must be at least {lo}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError("--lr must be a positive number")
+        if min(self.perceptual_weight, self.kl_weight) < 0:
+            raise ConfigError("the perceptual and KL weights must be non-negative")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("cache", "out"):
+            out[key] = None if out[key] is None else str(out[key])
+        return out
+
+
+class VaeTrainer:
+    """Model, optimiser and one step; no files, no loader."""
+
+    def __init__(self, config: VaeConfig, arch: dict, clip: Any, device: torch.device):
+        self.config, self.arch, self.device = config, arch, device
+        self.model = AutoencoderKL(arch).to(device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=config.lr, betas=(0.5, 0.9))
+        self.perceptual = ClipPerceptual(clip) if config.perceptual_weight > 0 else None
+
+    def losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        recon, mean, logvar = self.model(x)  # [B, 3, R, R], [B, 4, r, r] x 2
+        l1 = (recon - x).abs().mean()
+        perc = self.perceptual(recon, x) if self.perceptual else torch.zeros((), device=x.device)
+        kl = kl_loss(mean, logvar, x[0].numel())
+        cfg = self.config
+        total = l1 + cfg.perceptual_weight * perc + cfg.kl_weight * kl
+        return {"loss": total, "l1": l1, "perceptual": perc, "kl": kl}
+
+    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        x = batch["image"].to(self.device, non_blocking=True).float()  # [B, 3, R, R]
+        losses = self.losses(x)
+        self.opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        self.opt.step()
+        return {k: v.detach() for k, v in losses.items()}
+
+    @torch.no_grad()
+    def eval_psnr(self, images: torch.Tensor, batch_size: int = 64) -> float:
+        self.model.eval()
+        scores = []
+        for i in range(0, len(images), batch_size):
+            x = images[i : i + batch_size].to(self.device).float()
+            mean, _ = self.model.encode(x)
+            scores.append(psnr(self.model.decode(mean), x).cpu())
+        self.model.train()
+        return float(torch.cat(scores).mean())
+
+
+@dataclass
+class VaeResult:
+    run_dir: Path
+    step: int
+    checkpoint: Path
+    losses: dict[str, float]  # of the last step
+    psnr: float  # held-out reconstruction PSNR, dB
+    images_per_s: float
+
+
+def split_cache(config: VaeConfig):
+    """(training loader, held-out images float [-1, 1] [n, 3, R, R], loader info): a fixed seeded
+    `eval_n` of the cache's images are held out (at most half of them)."""
+    from trainers.data import CacheDataset, CacheLoader, LoaderConfig, build_dataset
+
+    # perturb needs only the embed stage; the conditions are ignored here
+    loader_config = LoaderConfig(
+        cache=Path(config.cache), condition="perturb", batch_size=config.batch_size, seed=config.seed
+    )
+    dataset, info = build_dataset(loader_config)
+    n = len(dataset.rows_idx)
+    n_eval = min(config.eval_n, n // 2)
+    if n_eval < 1:
+        raise ConfigError(f"--cache {config.cache}: {n} image(s); the autoencoder needs at least 2")
+    held = np.zeros(n, dtype=bool)
+    held[np.random.default_rng([config.seed, 7]).permutation(n)[:n_eval]] = True
+    train = CacheDataset(
+        dataset.rows,
+        dataset.rows_idx[~held],
+        dataset.cond[~held],
+        seed=config.seed,
+        perturb_xi=None,
+        paired_feat=None,
+        paired_pool=np.zeros(int((~held).sum()), dtype=bool),
+        paired_probability=0.0,
+    )
+    eval_images = dataset.rows.pixels(dataset.rows_idx[held]).float().div_(127.5).sub_(1.0)
+    loader = CacheLoader(train, info, config.batch_size, 0, 0)
+    return loader, eval_images, info
+
+
+def run_vae(config: VaeConfig, progress: Any = None) -> VaeResult:
+    """Train a run from scratch; checkpoints, config.json, metrics.jsonl and eval.json in its dir."""
+    import json
+
+    from manifests import write_json_atomic
+    from pipeline.clip import load_clip
+    from trainers.checkpoints import save_checkpoint
+    from trainers.data import cache_clip
+    from trainers.runs import new_run_dir, select_device, write_run_config
+    from trainers.train_gan import seed_everything
+
+    config.validate()
+    device = select_device(config.device)
+    clip_info = cache_clip(config.cache)
+    loader, eval_images, info = split_cache(config)
+    arch = vae_architecture(config.size, int(eval_images.shape[-1]))
+    clip = load_clip(clip_info.clip_model, clip_info.clip_pretrained or None, str(device))  # seeds torch
+    clip_args = {"model": clip_info.clip_model, "pretrained": clip_info.clip_pretrained, "dim": clip.dim}
+    seed_everything(config.seed)
+    trainer = VaeTrainer(config, arch, clip, device)
+    run_dir = new_run_dir(config.out, config.name)
+    data = {"n_train": len(loader.dataset), "n_eval": len(eval_images)}
+    write_run_config(
+        run_dir, {"kind": "vae", **config.to_dict(), "arch": arch, "clip": clip_args, "data": data}
+    )
+    t0, images, losses, checkpoint = time.perf_counter(), 0, {}, None
+    with open(run_dir / "metrics.jsonl", "a") as log:
+        for step in range(config.steps):
+            batch = next(loader)
+            step_losses = trainer.train_step(batch)
+            done, images = step + 1, images + batch["image"].shape[0]
+            last = done == config.steps
+            if done % config.log_every == 0 or last:
+                losses = {k: float(v) for k, v in step_losses.items()}
+                log.write(json.dumps({"step": done, **losses}) + "\n")
+                log.flush()
+            if progress is not None:
+                progress(1)
+            if (config.checkpoint_every and done % config.checkpoint_every == 0) or last:
+                state = {
+                    "kind": "vae",
+                    "config": config.to_dict(),
+                    "arch": arch,
+                    "clip": clip_args,
+                    "model": trainer.model.state_dict(),
+                    "opt": trainer.opt.state_dict(),
+                }
+                checkpoint = save_checkpoint(run_dir, done, state)
+    rate = images / (time.perf_counter() - t0)
+    score = trainer.eval_psnr(eval_images)
+    write_json_atomic(
+        run_dir / "eval.json", {"step": config.steps, "psnr_db": score, "n_eval": len(eval_images), **losses}
+    )
+    return VaeResult(run_dir, config.steps, checkpoint, losses, score, rate)
+
+
+def load_vae(path: Path | str, flag: str = "--vae") -> tuple[AutoencoderKL, dict[str, Any]]:
+    """A `trainers vae` checkpoint (file or run directory) -> (model in eval mode, frozen, CPU; ckpt)."""
+    from trainers.checkpoints import load_checkpoint, resolve_checkpoint
+
+    path = resolve_checkpoint(path, flag)
+    ckpt = load_checkpoint(path, flag)
+    if ckpt.get("kind") != "vae":
+        raise ConfigError(f"{flag} {path}: not a `trainers vae` checkpoint (kind {ckpt.get('kind')!r})")
+    model = AutoencoderKL(ckpt["arch"])
+    model.load_state_dict(ckpt["model"])
+    ckpt["path"] = str(path.resolve())
+    return model.eval().requires_grad_(False), ckpt
