@@ -210,20 +210,33 @@ def embed(
 @app.command()
 @user_errors
 def demo(
-    out: Annotated[Path, typer.Option("--out", help="Where the world, the cache and the results go.")] = Path(
+    out: Annotated[Path, typer.Option("--out", help="Where the world, the cache and the runs go.")] = Path(
         "demo"
     ),
     preset: Annotated[
-        str, typer.Option("--preset", help="cpu (minutes on 2 cores) or gpu (larger).")
-    ] = "cpu",
+        str, typer.Option("--preset", help="cpu (about 10 min on 2 cores) or gpu (larger).")
+    ] = ("cpu"),
     workers: Annotated[int, typer.Option("--workers", help="Decoding processes.")] = 2,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
-    """Run the whole story offline on the synthetic world and print where the outputs are."""
+    """The whole story offline on the synthetic world: synth, train a small CLIP, pipeline run, train a
+    small GAN on the pseudo text features, sample and evaluate; prints where the outputs are."""
     from pipeline.demo import run_demo
 
-    with progress_bar("demo", total=None) as advance:
-        result = run_demo(out, preset, workers, advance)
-    typer.echo(f"demo: world {result.world}, cache {result.cache} ({result.images:,} images embedded)")
+    result = run_demo(out, preset, workers, device)
+    attrs = result.eval.get("attribute_accuracy") or {}
+    typer.echo(f"world:    {result.world}")
+    typer.echo(f"cache:    {result.cache}   (pipeline status --cache {result.cache})")
+    typer.echo(f"clip:     {result.clip_eval}")
+    typer.echo(f"gan run:  {result.gan_run}")
+    typer.echo(f"samples:  {result.grid}")
+    typer.echo(f"eval:     {result.eval_json}")
+    summary = ", ".join(f"{k} {v:.2f}" for k, v in attrs.items() if isinstance(v, (int, float)))
+    typer.echo(
+        f"FID ({result.eval.get('fid_features')}) {result.eval.get('fid', float('nan')):.2f}, "
+        f"CLIP score {result.eval.get('clip_score', float('nan')):.2f}"
+        + (f", attribute accuracy: {summary}" if summary else "")
+    )
 
 
 @app.command()

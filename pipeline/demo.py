@@ -1,7 +1,12 @@
-"""`pipeline demo`: the whole story on the synthetic world, offline, in one command.
+"""`pipeline demo`: the whole language-free story on the synthetic world, offline, in one command.
 
-Today it renders the world and runs the pipeline stages that exist on it with the bundled tiny CLIP
-(random weights until `trainers clip` can train one); each step is the same core the CLI runs.
+1. render the world (labelled images + an independent caption corpus);
+2. train a small CLIP on its image-caption pairs (`trainers clip`): no pretrained CLIP offline;
+3. `pipeline run` with that CLIP: embed, retrieve, optimize (pseudo text features from images alone);
+4. train a small LAFITE GAN on the pseudo text features (`trainers gan`);
+5. sample a grid for real prompts and evaluate (`trainers sample`, `trainers eval`).
+
+Each step is the same core its own command runs; outputs land under `--out`.
 """
 
 from __future__ import annotations
@@ -9,42 +14,131 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import ConfigError
+
 PRESETS = {
-    # images, captions, stored px, CLIP config, batch size
-    "cpu": dict(n=1000, n_captions=5000, image_size=64, clip_model="lafite-tiny", batch_size=128),
-    "gpu": dict(n=20000, n_captions=100000, image_size=64, clip_model="lafite-small", batch_size=1024),
+    # cpu: about 10 minutes on 2 cores; gpu: larger world, 64 px, longer training
+    "cpu": dict(
+        n=2000,
+        n_captions=5000,
+        image_size=32,
+        clip_size="tiny",
+        clip_steps=300,
+        gan_size="tiny",
+        gan_steps=1500,
+        gan_batch=32,
+        eval_n=500,
+        batch_size=256,
+    ),
+    "gpu": dict(
+        n=20000,
+        n_captions=100000,
+        image_size=64,
+        clip_size="small",
+        clip_steps=3000,
+        gan_size="small",
+        gan_steps=20000,
+        gan_batch=64,
+        eval_n=5000,
+        batch_size=1024,
+    ),
 }
+DEMO_PROMPTS = (
+    "a small red circle on the left",
+    "a large blue square at the top",
+    "one tiny green triangle in the centre",
+    "a big yellow star on the right",
+    "a purple diamond at the bottom",
+    "a red triangle in the centre",  # a colour/shape pair no training image has
+)
 
 
 @dataclass(frozen=True)
 class DemoResult:
     world: Path
     cache: Path
-    images: int
+    clip_eval: Path
+    gan_run: Path
+    grid: Path
+    eval_json: Path
+    eval: dict
 
 
-def run_demo(out: Path, preset: str = "cpu", workers: int = 2, progress=None) -> DemoResult:
-    from pipeline.embed import EmbedConfig, run_embed
-    from pipeline.errors import ConfigError
+def run_demo(out: Path, preset: str = "cpu", workers: int = 2, device: str = "auto") -> DemoResult:
+    from pipeline.embed import EmbedConfig
+    from pipeline.optimize import OptimizeConfig
+    from pipeline.retrieve import RetrieveConfig
+    from pipeline.run import RunConfig, StageConfigs, run_pipeline
     from pipeline.synth import SynthConfig, run_synth
+    from trainers.clip_train import ClipTrainConfig, train_clip
+    from trainers.evaluate import EvalConfig, evaluate
+    from trainers.sample import SampleConfig, load_generator, run_sample
+    from trainers.train_gan import GanConfig, run_gan
 
     if preset not in PRESETS:
         raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
-    world, cache = Path(out) / "world", Path(out) / "cache"
+    out = Path(out)
+    world, cache = out / "world", out / "cache"
     synth = run_synth(
         SynthConfig(out=world, n=p["n"], n_captions=p["n_captions"], image_size=p["image_size"])
     )
-    embedded = run_embed(
-        EmbedConfig(
-            inputs=tuple(str(s) for s in synth.shards),
+    shards = tuple(str(s) for s in synth.shards)
+
+    clip = train_clip(
+        ClipTrainConfig(
+            data=shards,
+            out=out / "clip",
+            size=p["clip_size"],
+            steps=p["clip_steps"],
+            device=device,
+            force=True,
+        )
+    )
+    configs = StageConfigs(
+        embed=EmbedConfig(
+            inputs=shards,
             cache=cache,
-            clip_model=p["clip_model"],
-            clip_pretrained="",
+            clip_model=str(clip.model_config),
+            clip_pretrained=str(clip.checkpoint),
             image_size=p["image_size"],
             batch_size=p["batch_size"],
             workers=workers,
+            device=device,
         ),
-        progress,
+        retrieve=RetrieveConfig.from_options(
+            captions=(str(synth.captions_parquet),), cache=cache, device=device
+        ),
+        optimize=OptimizeConfig(cache=cache, device=device),
     )
-    return DemoResult(world=world, cache=cache, images=embedded.images_written)
+    run_pipeline(configs, RunConfig(cache=cache))
+
+    gan = run_gan(
+        GanConfig(
+            cache=cache,
+            out=out / "runs",
+            name="gan-demo",
+            size=p["gan_size"],
+            steps=p["gan_steps"],
+            batch_size=p["gan_batch"],
+            device=device,
+            sample_every=max(p["gan_steps"] // 3, 1),
+            checkpoint_every=0,
+        )
+    )
+    sample = run_sample(
+        SampleConfig(
+            checkpoint=gan.checkpoint, prompts=DEMO_PROMPTS, out=out / "samples.png", n=6, device=device
+        )
+    )
+    generate, info = load_generator(gan.checkpoint, device=device)
+    evaluation = evaluate(
+        EvalConfig(
+            checkpoint=str(gan.checkpoint), cache=cache, out=out / "eval", n=p["eval_n"], device=device
+        ),
+        generate,
+        info,
+    )
+    return DemoResult(
+        world, cache, clip.eval_path, gan.run_dir, sample.grid, out / "eval" / "eval.json", evaluation
+    )

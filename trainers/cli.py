@@ -1,7 +1,8 @@
-"""The `trainers` command: generators trained from the frozen feature cache.
+"""The `trainers` command: generators trained from the frozen feature cache, one thin command each.
 
-The trainers themselves (clip, gan, ldm, sample, eval) are tracked in the project's issues 6 and 7 and
-are not built yet; this app exists so the console script is installed and documented.
+Commands turn options into a config and call the core in its module: `clip` (trainers/clip_train.py),
+`probe` (probe.py), `gan` (train_gan.py), `vae` (vae.py), `ldm` (train_ldm.py), `sample` (sample.py),
+`eval` (evaluate.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import typer
 from pipeline.cli import user_errors
 
 app = typer.Typer(
-    help="Train generators from the feature cache (clip, gan, ldm, sample, eval: not built yet).",
+    help="Train generators from the frozen feature cache: clip, probe, gan, vae, ldm, sample, eval.",
     add_completion=False,
     pretty_exceptions_enable=False,
 )
@@ -139,7 +140,7 @@ def gan(
 def sample(
     checkpoint: Annotated[
         Path,
-        typer.Option("--checkpoint", help="A `trainers gan` checkpoint, or a run directory (its latest)."),
+        typer.Option("--checkpoint", help="A `trainers gan` or `ldm` checkpoint, or a run directory."),
     ],
     prompt: Annotated[
         list[str] | None, typer.Option("--prompt", help="A prompt (repeatable): one grid row.")
@@ -153,13 +154,26 @@ def sample(
         Path, typer.Option("--out", help="Grid PNG; single images go into a folder named after it.")
     ] = Path("samples.png"),
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    steps: Annotated[int | None, typer.Option("--steps", help="LDM sampler steps (default 50).")] = None,
+    guidance: Annotated[
+        float | None, typer.Option("--guidance", help="LDM classifier-free guidance (default: the run's).")
+    ] = None,
 ) -> None:
     """Prompts -> CLIP text features -> a labelled image grid (one row per prompt) and single images."""
     from trainers.sample import SampleConfig, run_sample
     from trainers.train_gan import read_prompts
 
     texts = tuple(prompt or ()) + (read_prompts(prompts) if prompts is not None else ())
-    config = SampleConfig(checkpoint=checkpoint, prompts=texts, out=out, n=n, seed=seed, device=device)
+    config = SampleConfig(
+        checkpoint=checkpoint,
+        prompts=texts,
+        out=out,
+        n=n,
+        seed=seed,
+        device=device,
+        steps=steps,
+        guidance=guidance,
+    )
     result = run_sample(config)
     typer.echo(
         f"sample: {len(result.images)} images at {result.resolution}px from step {result.step:,} -> "
@@ -317,13 +331,15 @@ def eval_command(
         ),
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    steps: Annotated[int | None, typer.Option("--steps", help="LDM sampler steps (default 50).")] = None,
+    guidance: Annotated[
+        float | None, typer.Option("--guidance", help="LDM classifier-free guidance (default: the run's).")
+    ] = None,
 ) -> None:
     """FID (CLIP features offline; Inception when its weights are local), CLIP score, attribute accuracy."""
-    import inspect
-
-    from pipeline.errors import ConfigError
     from pipeline.progress import progress_bar
     from trainers.evaluate import EvalConfig, describe, evaluate
+    from trainers.sample import load_generator
 
     config = EvalConfig(
         checkpoint=str(checkpoint),
@@ -338,14 +354,7 @@ def eval_command(
         inception=inception,
     )
     config.validate()
-    try:
-        from trainers.sample import load_generator
-    except ImportError as e:
-        raise ConfigError(
-            f"trainers eval needs trainers.sample.load_generator, which cannot be imported ({e})"
-        ) from None
-    kwargs = {"device": device} if "device" in inspect.signature(load_generator).parameters else {}
-    generate, info = load_generator(checkpoint, **kwargs)
+    generate, info = load_generator(checkpoint, device=device, steps=steps, guidance=guidance)
     with progress_bar("eval", total=n) as advance:
         result = evaluate(config, generate, info, progress=advance)
     typer.echo(f"{describe(result)} -> {out / 'eval.json'}")

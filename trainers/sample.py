@@ -28,9 +28,14 @@ LABEL_MARGIN = 4
 Generate = Callable[..., Any]  # (cond: Tensor [N, D] float32, seed: int) -> uint8 Tensor [N, 3, H, W]
 
 
-def load_generator(ckpt_path: Path | str, *, device: str = "auto") -> tuple[Generate, dict[str, Any]]:
+def load_generator(
+    ckpt_path: Path | str, *, device: str = "auto", steps: int | None = None, guidance: float | None = None
+) -> tuple[Generate, dict[str, Any]]:
     """The checkpoint's EMA generator (eval mode) as `generate(cond, seed)`, and what it was trained with:
-    kind, step, config, clip_model, clip_pretrained, resolution, h_dim, size."""
+    kind, step, config, clip_model, clip_pretrained, resolution, h_dim, size. GAN and LDM checkpoints
+    both work; `steps` (sampler steps, default 50) and `guidance` (default: the run's) apply to an LDM."""
+    import functools
+
     import torch
 
     from trainers.checkpoints import load_checkpoint, resolve_checkpoint
@@ -39,6 +44,12 @@ def load_generator(ckpt_path: Path | str, *, device: str = "auto") -> tuple[Gene
 
     path = resolve_checkpoint(ckpt_path, "--checkpoint")
     ckpt = load_checkpoint(path, "--checkpoint")
+    if ckpt.get("kind") == "ldm":
+        from trainers.ldm_sample import load_ldm_generator
+
+        generate, info = load_ldm_generator(path, device=device)
+        sampler = {k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None}
+        return functools.partial(generate, **sampler), info
     if ckpt.get("kind") != "gan" or "G_ema" not in ckpt:
         raise ConfigError(f"--checkpoint {path}: not a `trainers gan` checkpoint (kind {ckpt.get('kind')!r})")
     arch = ckpt["arch"]
@@ -118,12 +129,14 @@ def write_grid(path: Path, images: Any, prompts: list[str], n: int) -> Path:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    checkpoint: Path  # a `trainers gan` checkpoint, or a run directory (its latest checkpoint)
+    checkpoint: Path  # a `trainers gan` or `trainers ldm` checkpoint, or a run directory (its latest)
     prompts: tuple[str, ...]  # one grid row each
     out: Path = Path("samples.png")  # the grid; single images go into a folder named after it
     n: int = 4  # images per prompt
     seed: int = 0  # same checkpoint, prompts and seed: same pixels
     device: str = "auto"
+    steps: int | None = None  # LDM sampler steps (None: 50)
+    guidance: float | None = None  # LDM classifier-free guidance scale (None: the run's)
 
     def validate(self) -> None:
         if not self.prompts:
@@ -148,7 +161,9 @@ def run_sample(config: SampleConfig) -> SampleResult:
     from pipeline.clip import encode_texts, load_clip
 
     config.validate()
-    generate, info = load_generator(config.checkpoint, device=config.device)
+    generate, info = load_generator(
+        config.checkpoint, device=config.device, steps=config.steps, guidance=config.guidance
+    )
     clip = load_clip(info["clip_model"], info["clip_pretrained"] or None, config.device)
     if clip.dim != info["h_dim"]:
         raise ConfigError(

@@ -183,7 +183,7 @@ def fake_sampler(monkeypatch):
     module = types.ModuleType("trainers.sample")
     calls = []
 
-    def load_generator(ckpt_path, *, device="auto"):
+    def load_generator(ckpt_path, *, device="auto", steps=None, guidance=None):
         calls.append((str(ckpt_path), device))
         return noise, dict(INFO)
 

@@ -258,3 +258,37 @@ def test_cli_trains_and_errors_are_one_line(world, tmp_path):
 def test_config_replace_keeps_validation():
     with pytest.raises(ConfigError, match="--vae is required"):
         replace(LdmConfig(cache="c"), size="tiny").validate()
+
+
+def test_sample_command_takes_ldm_checkpoints_with_steps_and_guidance(world, tmp_path):
+    from trainers.sample import load_generator
+
+    run = run_ldm(tiny_config(world, tmp_path, steps=1))
+    generate, info = load_generator(run.checkpoint, device="cpu", steps=2, guidance=0.0)
+    assert info["kind"] == "ldm"
+    g = torch.Generator().manual_seed(0)
+    a, b = (F.normalize(torch.randn(2, H_DIM, generator=g), dim=1) for _ in range(2))
+    assert torch.equal(generate(a, seed=3), generate(b, seed=3))  # guidance 0 was applied
+    out = tmp_path / "grid.png"
+    args = [
+        "sample",
+        "--checkpoint",
+        run.checkpoint,
+        "--prompt",
+        "a red circle",
+        "--prompt",
+        "a blue star",
+        "--n",
+        2,
+        "--steps",
+        2,
+        "--guidance",
+        2.0,
+        "--out",
+        out,
+        "--device",
+        "cpu",
+    ]
+    result = runner.invoke(app, [str(x) for x in args])
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and len(list((tmp_path / "grid").glob("*.png"))) == 4
