@@ -214,7 +214,7 @@ def demo(
         "demo"
     ),
     preset: Annotated[
-        str, typer.Option("--preset", help="cpu (about 10 min on 2 cores) or gpu (larger).")
+        str, typer.Option("--preset", help="cpu (about 7 min on 2 cores), gpu (larger) or smoke (wiring).")
     ] = ("cpu"),
     workers: Annotated[int, typer.Option("--workers", help="Decoding processes.")] = 2,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -231,7 +231,7 @@ def demo(
     typer.echo(f"gan run:  {result.gan_run}")
     typer.echo(f"samples:  {result.grid}")
     typer.echo(f"eval:     {result.eval_json}")
-    summary = ", ".join(f"{k} {v:.2f}" for k, v in attrs.items() if isinstance(v, (int, float)))
+    summary = ", ".join(f"{k} {attrs[k]:.2f}" for k in ("shape", "colour", "size", "position") if k in attrs)
     typer.echo(
         f"FID ({result.eval.get('fid_features')}) {result.eval.get('fid', float('nan')):.2f}, "
         f"CLIP score {result.eval.get('clip_score', float('nan')):.2f}"

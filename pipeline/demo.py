@@ -17,7 +17,20 @@ from pathlib import Path
 from pipeline.errors import ConfigError
 
 PRESETS = {
-    # cpu: about 10 minutes on 2 cores; gpu: larger world, 64 px, longer training
+    # smoke: a minute, checks the wiring (the test suite runs it); cpu: about 7 minutes on 2 cores;
+    # gpu: larger world, 64 px, longer training
+    "smoke": dict(
+        n=96,
+        n_captions=300,
+        image_size=32,
+        clip_size="tiny",
+        clip_steps=10,
+        gan_size="tiny",
+        gan_steps=4,
+        gan_batch=8,
+        eval_n=32,
+        batch_size=32,
+    ),
     "cpu": dict(
         n=2000,
         n_captions=5000,
