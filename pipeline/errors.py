@@ -18,3 +18,10 @@ class SampleSkipped(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+def require_at_least(*checks: tuple[str, float, float]) -> None:
+    """`require_at_least(("--steps", steps, 1), ...)`: a ConfigError for the first value under its bound."""
+    for flag, value, lowest in checks:
+        if value < lowest:
+            raise ConfigError(f"{flag} must be at least {lowest}")

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from manifests import write_bytes_atomic, write_json_atomic
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, require_at_least
 
 CLIP_SIZES = {"tiny": "lafite-tiny", "small": "lafite-small"}  # --size -> bundled open_clip config
 HELD_OUT_INDEX = 10**9  # first index of the evaluation images: beyond any `pipeline synth` key (9 digits)
@@ -66,15 +66,13 @@ class ClipTrainConfig:
             raise ConfigError(f"--size {self.size}: choose one of {', '.join(CLIP_SIZES)}")
         if not self.data:
             raise ConfigError("--data: give the image-caption shards to train on (e.g. 'world/*.tar')")
-        for flag, value, lo in (
+        require_at_least(
             ("--steps", self.steps, 1),
             ("--batch-size", self.batch_size, 2),
             ("--warmup", self.warmup, 0),
             ("--eval-n", self.eval_n, 0),
             ("--seed", self.seed, 0),
-        ):
-            if value < lo:
-                raise ConfigError(f"{flag} must be at least {lo}")
+        )
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError("--lr must be a positive number")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from manifests import write_bytes_atomic, write_json_atomic
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, require_at_least
 
 CLEANFID_INCEPTION = Path("/tmp/inception-2015-12-05.pt")  # where clean-fid downloads it (Linux/macOS)
 REAL_STREAM = 11  # numpy stream id of the real-image draw
@@ -63,13 +63,11 @@ class EvalConfig:
     grid: int = 64  # images in grid.png
 
     def validate(self) -> None:
-        for flag, value, lo in (
+        require_at_least(
             ("--n", self.n, 2),
             ("--batch-size", self.batch_size, 1),
             ("--seed", self.seed, 0),
-        ):
-            if value < lo:
-                raise ConfigError(f"{flag} must be at least {lo}")
+        )
         if self.grid < 0:
             raise ConfigError("--grid must be 0 or more")
         if self.prompts is not None and not Path(self.prompts).is_file():

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from manifests import digest_json, write_bytes_atomic
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, require_at_least
 
 PROBE_VERSION = "1"
 TRAIN_SEED_OFFSET = 7_000_001  # synth seed of the training images = this + seed (any seed would do)
@@ -61,16 +61,14 @@ class ProbeConfig:
     def validate(self) -> None:
         if not 16 <= self.image_size <= 1024:
             raise ConfigError("--image-size must be between 16 and 1024")
-        for flag, value, lo in (
+        require_at_least(
             ("--n-train", self.n_train, 16),
             ("--epochs", self.epochs, 1),
             ("--batch-size", self.batch_size, 2),
             ("--width", self.width, 4),
             ("--n-eval", self.n_eval, 0),
             ("--seed", self.seed, 0),
-        ):
-            if value < lo:
-                raise ConfigError(f"{flag} must be at least {lo}")
+        )
         if self.max_objects not in (1, 2):
             raise ConfigError("--max-objects must be 1 or 2")
         if not (math.isfinite(self.lr) and self.lr > 0):

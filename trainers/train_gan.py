@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, require_at_least
 from trainers.checkpoints import load_checkpoint, resolve_checkpoint, restore_rng, save_checkpoint
 from trainers.gan import GAN_SIZES, architecture, build_models, check_resolution
 from trainers.runs import check_run_name, new_run_dir, select_device, write_run_config
@@ -87,7 +87,7 @@ class GanConfig:
         if self.condition not in CONDITIONS:
             raise ConfigError(f"--condition {self.condition}: choose one of {', '.join(CONDITIONS)}")
         check_run_name(self.name)
-        for flag, value, lo in (
+        require_at_least(
             ("--steps", self.steps, 1),
             ("--batch-size", self.batch_size, 2),
             ("--sample-every", self.sample_every, 0),
@@ -97,9 +97,7 @@ class GanConfig:
             ("--seed", self.seed, 0),
             ("samples_per_prompt", self.samples_per_prompt, 1),
             ("r1_every", self.r1_every, 1),
-        ):
-            if value < lo:
-                raise ConfigError(f"{flag} must be at least {lo}")
+        )
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError("--lr must be a positive number")
         if not 0.0 <= self.paired_fraction <= 1.0:

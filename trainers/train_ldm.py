@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, require_at_least
 from trainers.checkpoints import load_checkpoint, resolve_checkpoint, restore_rng, save_checkpoint
 from trainers.ldm import LDM_SIZES, Dit, flow_loss, ldm_architecture, sample_euler
 from trainers.runs import check_run_name, new_run_dir, select_device, write_run_config
@@ -73,7 +73,7 @@ class LdmConfig:
         if self.condition not in CONDITIONS:
             raise ConfigError(f"--condition {self.condition}: choose one of {', '.join(CONDITIONS)}")
         check_run_name(self.name)
-        for flag, value, lo in (
+        require_at_least(
             ("--steps", self.steps, 1),
             ("--batch-size", self.batch_size, 1),
             ("--seed", self.seed, 0),
@@ -83,9 +83,7 @@ class LdmConfig:
             ("--sample-every", self.sample_every, 0),
             ("sample_steps", self.sample_steps, 1),
             ("samples_per_prompt", self.samples_per_prompt, 1),
-        ):
-            if value < lo:
-                raise ConfigError(f"{flag} must be at least {lo}")
+        )
         if self.paired_limit is not None and self.paired_limit < 1:
             raise ConfigError("--paired-limit must be at least 1")
         if self.paired_limit is not None and self.condition != "caption":

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, require_at_least
 
 
 @dataclass(frozen=True)
@@ -201,16 +201,14 @@ class VaeConfig:
         if self.cache is None:
             raise ConfigError("--cache is required: the feature cache made by `pipeline embed`")
         check_run_name(self.name)
-        for flag, value, lo in (
+        require_at_least(
             ("--steps", self.steps, 1),
             ("--batch-size", self.batch_size, 1),
             ("--seed", self.seed, 0),
             ("--eval-n", self.eval_n, 1),
             ("--checkpoint-every", self.checkpoint_every, 0),
             ("--log-every", self.log_every, 1),
-        ):
-            if value < lo:
-                raise ConfigError(f"{flag} must be at least {lo}")
+        )
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError("--lr must be a positive number")
         if min(self.perceptual_weight, self.kl_weight) < 0:

@@ -90,7 +90,7 @@ def test_load_generator_refuses_non_checkpoints(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="--checkpoint .*junk.pt: not a readable checkpoint"):
         load_generator(tmp_path / "junk.pt")
-    torch.save({"kind": "ldm", "step": 1}, tmp_path / "other.pt")
+    torch.save({"kind": "clip", "step": 1}, tmp_path / "other.pt")  # neither gan nor ldm
     with pytest.raises(ConfigError, match="not a `trainers gan` checkpoint"):
         load_generator(tmp_path / "other.pt")
 
