@@ -9,7 +9,6 @@ finally the manifest.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import Counter
@@ -332,13 +331,3 @@ def embedded_clip(cache: Path) -> EmbeddedClip:
     return EmbeddedClip(
         unkeyed["clip_model_arg"], unkeyed["clip_pretrained_arg"], {"model": model, "weights": weights}, dim
     )
-
-
-def stage_summary(cache: Path) -> dict[str, Any]:
-    """Totals over the committed stats files (for the CLI's closing line and `pipeline status`)."""
-    totals: Counter = Counter()
-    for p in sorted((Path(cache) / STAGE).glob("*.stats.json")):
-        stats = json.loads(p.read_text())
-        totals["written"] += stats["written"]
-        totals.update({f"dropped_{k}": v for k, v in stats["dropped"].items()})
-    return dict(totals)
