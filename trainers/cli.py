@@ -380,11 +380,34 @@ def vae_command(
         int, typer.Option("--checkpoint-every", help="Steps between checkpoints (0: end only).")
     ] = 5000,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    encode: Annotated[
+        Path | None,
+        typer.Option(
+            "--encode",
+            help="Instead of training: encode the cache's images with this `trainers vae` checkpoint (or "
+            "run directory) into CACHE/latents/{vae_id}/, which `trainers ldm --vae` then reads. Only "
+            "stale or new shards are encoded; uses --batch-size and --device.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Train the KL autoencoder (x4 down, 4 latent channels) that `trainers ldm` works in."""
+    """Train the KL autoencoder (x4 down, 4 latent channels) that `trainers ldm` works in.
+
+    With --encode CKPT: precompute that VAE's latents of every embed shard once (no training).
+    """
     from pipeline.progress import progress_bar
     from trainers.vae import VaeConfig, run_vae
 
+    if encode is not None:
+        from pipeline.errors import ConfigError
+        from trainers.latents import describe, encode_latents
+
+        if cache is None:
+            raise ConfigError("--cache is required: the feature cache whose images --encode encodes")
+        with progress_bar("vae --encode", total=None, unit="img") as advance:
+            summary = encode_latents(cache, encode, batch_size, device, advance)
+        typer.echo(describe(summary))
+        return
     config = VaeConfig(
         cache=cache,
         out=out,

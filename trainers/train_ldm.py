@@ -10,6 +10,8 @@ One step, on a batch of real images x with conditions h (unit-norm text-space fe
 `latent_scale` is 1 / std of the first batch's latents (Stable Diffusion's scale_factor, measured rather
 than fixed, since our VAEs differ per run); it is part of the architecture and kept by resume and --init.
 The posterior mean is used, not a sample: the KL weight is tiny, so the posterior variance is ~0 anyway.
+When `trainers vae --cache C --encode VAE` has precomputed this VAE's latents (`trainers/latents.py`),
+they are looked up by key instead (the same numbers); images without one are encoded on the fly.
 
 Few-shot: `--init CKPT` starts from another `trainers ldm` checkpoint's weights (model and EMA; a fresh
 optimiser, step 0) of the same architecture, and `--condition caption --paired-limit N` trains on N
@@ -165,6 +167,7 @@ class LdmTrainer:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=0.0)
         self.amp = device.type == "cuda"
         self.step = 0
+        self.latent_cache = None  # trainers.latents.LatentCache of this VAE (`trainers vae --encode`), if any
 
     def autocast(self):
         if self.amp:
@@ -172,13 +175,16 @@ class LdmTrainer:
         return contextlib.nullcontext()
 
     @torch.no_grad()
-    def latents(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, R, R] in [-1, 1] -> scaled posterior means [B, 4, R/4, R/4], fp32."""
-        mean, _ = self.vae.encode(images.to(self.device, non_blocking=True).float())
-        return mean.float() * self.arch["latent_scale"]
+    def latents(self, images: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor:
+        """[B, 3, R, R] in [-1, 1] -> scaled posterior means [B, 4, R/4, R/4], fp32; the cached latents of
+        `keys` where `latent_cache` has them (the same numbers), the rest encoded now."""
+        from trainers.latents import posterior_means
+
+        mean = posterior_means(self.vae, images, keys, self.latent_cache, self.device)
+        return mean * self.arch["latent_scale"]
 
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
-        z0 = self.latents(batch["image"])  # [B, 4, r, r]
+        z0 = self.latents(batch["image"], batch.get("key"))  # [B, 4, r, r]
         h = batch["cond"].to(self.device, non_blocking=True).float()  # [B, D]
         with self.autocast():
             loss = flow_loss(self.model, z0, h, self.config.cond_drop)
@@ -251,6 +257,7 @@ def _trim_metrics(path: Path, last_step: int) -> None:
 def run_ldm(config: LdmConfig, resume_state: dict | None = None, progress: Any = None) -> LdmResult:
     """Train (or continue) a run; checkpoints, config.json and metrics.jsonl in its dir."""
     from trainers.data import LoaderConfig, cache_clip, make_loader
+    from trainers.latents import load_latent_cache, posterior_means
     from trainers.train_gan import seed_everything
     from trainers.vae import load_vae
 
@@ -276,6 +283,7 @@ def run_ldm(config: LdmConfig, resume_state: dict | None = None, progress: Any =
     clip = cache_clip(config.cache)
     vae_path = resume_state["vae"]["path"] if resume_state is not None else config.vae
     vae, vae_ckpt = load_vae(vae_path, "--vae")
+    latent_cache = load_latent_cache(config.cache, vae_ckpt["path"])  # None: encode every batch on the fly
     loader_config = LoaderConfig(
         cache=Path(config.cache),
         condition=config.condition,
@@ -298,8 +306,7 @@ def run_ldm(config: LdmConfig, resume_state: dict | None = None, progress: Any =
     latent_size = info.image_size // 4
     if resume_state is None:
         first = next(batches)
-        with torch.no_grad():
-            mean, _ = vae.encode(first["image"].float())
+        mean = posterior_means(vae, first["image"], first.get("key"), latent_cache)
         scale = 1.0 / max(float(mean.float().std()), 1e-6)
         arch = ldm_architecture(
             config.size, vae_ckpt["arch"]["latent_channels"], latent_size, info.dim, scale
@@ -323,6 +330,7 @@ def run_ldm(config: LdmConfig, resume_state: dict | None = None, progress: Any =
     del text_clip
     seed_everything(config.seed)
     trainer = LdmTrainer(config, arch, vae, device)
+    trainer.latent_cache = latent_cache
     clip_args = {"model": clip.clip_model, "pretrained": clip.clip_pretrained, "dim": int(clip.dim)}
     if resume_state is None:
         if init_state is not None:
@@ -344,6 +352,10 @@ def run_ldm(config: LdmConfig, resume_state: dict | None = None, progress: Any =
             "clip": clip_args,
             "vae_ckpt": vae_args,
             "data": data,
+            "latents": {
+                "stage": latent_cache.stage if latent_cache else None,
+                "cached": len(latent_cache) if latent_cache else 0,
+            },
         },
     )
     result = LdmResult(run_dir, start_step, None, {}, 0.0, data)
