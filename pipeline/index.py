@@ -27,7 +27,6 @@ import os
 import re
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ from manifests import (
     write_bytes_atomic,
 )
 from pipeline.errors import ConfigError
+from pipeline.progress import null_progress
 
 STAGE = "index"
 STAGE_VERSION = "1"
@@ -62,11 +62,6 @@ ADD_CHUNK = 65_536  # vectors per add() call (progress granularity)
 
 # (description, total, unit) -> a context manager yielding advance(n, drop_reasons): `progress_bar`'s shape
 ProgressFactory = Callable[..., Any]
-
-
-@contextmanager
-def null_progress(description: str = "", total: int | None = None, unit: str = ""):
-    yield lambda n=0, dropped=(): None
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,12 @@ def progress_bar(description: str, total: int | None, unit: str = "img") -> Iter
         yield advance
 
 
+@contextmanager
+def null_progress(description: str = "", total: int | None = None, unit: str = "") -> Iterator:
+    """`progress_bar`'s shape, showing nothing: for callers without a terminal (Dask tasks, the demo)."""
+    yield lambda n=0, dropped=(): None
+
+
 def describe_drops(dropped: dict[str, int]) -> str:
     if not dropped:
         return "none dropped"

@@ -55,7 +55,6 @@ from pipeline.index import (
     describe_choice,
     human_bytes,
     index_manifest,
-    null_progress,
     parse_size,
     plan_index,
     read_embeddings,
@@ -64,6 +63,7 @@ from pipeline.index import (
     set_nprobe,
     topk_matmul,
 )
+from pipeline.progress import null_progress
 
 STAGE = "retrieve"
 STAGE_VERSION = "1"

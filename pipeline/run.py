@@ -104,9 +104,10 @@ def run_pipeline(configs: StageConfigs, run: RunConfig, progress_factory=None) -
                 with _bar(progress_factory, "embed", "img") as advance:
                     results[stage] = run_embed(configs.embed, advance, executor)
             elif stage == "retrieve" and configs.retrieve is not None:
+                from pipeline.progress import null_progress
                 from pipeline.retrieve import run_retrieve
 
-                results[stage] = run_retrieve(configs.retrieve, progress_factory or _null_factory, executor)
+                results[stage] = run_retrieve(configs.retrieve, progress_factory or null_progress, executor)
             elif stage == "optimize":
                 from pipeline.optimize import run_optimize
 
@@ -118,11 +119,7 @@ def run_pipeline(configs: StageConfigs, run: RunConfig, progress_factory=None) -
     return results
 
 
-def _null_factory(description: str = "", total: int | None = None, unit: str = ""):
-    from contextlib import nullcontext
-
-    return nullcontext(lambda n=0, dropped=(): None)
-
-
 def _bar(progress_factory, description: str, unit: str):
-    return (progress_factory or _null_factory)(description, total=None, unit=unit)
+    from pipeline.progress import null_progress
+
+    return (progress_factory or null_progress)(description, total=None, unit=unit)
