@@ -30,3 +30,19 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return path
+
+
+def tiny_cache(root: Path, n: int = 16) -> Path:
+    """A synthetic-world cache at 32 px under `root` (embed only, lafite-tiny with random weights)."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    for args in (
+        ["synth", "--out", root / "w", "--n", n, "--shard-size", 8, "--n-captions", 40, "--image-size", 32],
+        ["embed", f"{root / 'w'}/*.tar", "--cache", root / "c", "--clip-model", TINY_CLIP]
+        + ["--clip-pretrained", "", "--image-size", 32, "--workers", 0],
+    ):
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+    return root / "c"

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from factories import TINY_CLIP
+from factories import tiny_cache
 from typer.testing import CliRunner
 
 from pipeline.errors import ConfigError
@@ -25,25 +25,11 @@ H_DIM = 64  # lafite-tiny
 runner = CliRunner()
 
 
-def make_cache(root, n: int = 16):
-    """A tiny synthetic-world cache at 32 px (embed only, lafite-tiny with random weights)."""
-    from pipeline.cli import app as pipeline_app
-
-    for args in (
-        ["synth", "--out", root / "w", "--n", n, "--shard-size", 8, "--n-captions", 40, "--image-size", 32],
-        ["embed", f"{root / 'w'}/*.tar", "--cache", root / "c", "--clip-model", TINY_CLIP]
-        + ["--clip-pretrained", "", "--image-size", 32, "--workers", 0],
-    ):
-        result = runner.invoke(pipeline_app, [str(a) for a in args])
-        assert result.exit_code == 0, result.output
-    return root / "c"
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """(cache, vae checkpoint): a 16-image cache and a 1-step tiny VAE."""
     root = tmp_path_factory.mktemp("ldm-world")
-    cache = make_cache(root)
+    cache = tiny_cache(root)
     vae = run_vae(
         VaeConfig(cache=cache, out=root / "runs", size="tiny", steps=1, batch_size=4, eval_n=2, device="cpu")
     )

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from factories import TINY_CLIP
+from factories import TINY_CLIP, tiny_cache
 from typer.testing import CliRunner
 
 from pipeline.clip import load_clip
@@ -28,23 +28,9 @@ from trainers.vae import (
 runner = CliRunner()
 
 
-def make_cache(root, n: int = 16):
-    """A tiny synthetic-world cache at 32 px (embed only, lafite-tiny with random weights)."""
-    from pipeline.cli import app as pipeline_app
-
-    for args in (
-        ["synth", "--out", root / "w", "--n", n, "--shard-size", 8, "--n-captions", 40, "--image-size", 32],
-        ["embed", f"{root / 'w'}/*.tar", "--cache", root / "c", "--clip-model", TINY_CLIP]
-        + ["--clip-pretrained", "", "--image-size", 32, "--workers", 0],
-    ):
-        result = runner.invoke(pipeline_app, [str(a) for a in args])
-        assert result.exit_code == 0, result.output
-    return root / "c"
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    return make_cache(tmp_path_factory.mktemp("vae-cache"))
+    return tiny_cache(tmp_path_factory.mktemp("vae-cache"))
 
 
 @pytest.fixture(scope="module")
