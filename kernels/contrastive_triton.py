@@ -9,19 +9,21 @@ online reductions use `exp2`; every statistic they return (row/column log-sum-ex
 base 2 and the loss is converted back with ln(2) on the host.
 
 Kernels:
-- `_lse_kernel`: each program owns BLOCK_M rows of `a`, loops over all column tiles of `b` and keeps a
-  running max and running sum per row (online log-sum-exp), fp32 accumulation. Launched twice: with
-  (a, b) = (h, f) it gives the row log-sum-exp and the diagonal t_ii, with (a, b) = (f, h) the column
-  log-sum-exp (t^T has the same diagonal). Two launches instead of one fused pass because a fused
-  column reduction would need atomics or an (N / BLOCK_M) x N partial buffer.
+- `_fwd_kernel`: one pass over the logits for both reductions. Rows and columns are cut into G groups
+  of equal size (a multiple of both tile sizes); program (g_r, g_c) walks its super-tile tile by tile,
+  keeping the online (running max, running sum) log-sum-exp of each row in registers and merging each
+  tile into its own row of a G x N column-partial buffer. A G x N row-partial buffer receives the row
+  results, and the host folds both over G. Every logit is computed once (2 N^2 D flops), with no
+  atomics and no N x N or (N / BLOCK_M) x N buffer: 2 G N floats of partials (128 MiB at N = 2**20).
 - `_dh_kernel`: each program owns BLOCK_M rows and BLOCK_DO columns of dH and loops over all column
   tiles, recomputing t, so every dH element is written by exactly one program: no atomics, results
-  are bit-for-bit deterministic. When D > BLOCK_DO the t tiles are recomputed once per BLOCK_DO slice;
-  the alternative, a BLOCK_M x D fp32 accumulator, does not fit in registers for D = 512..768.
+  are bit-for-bit deterministic. With BLOCK_DO >= D (the default up to D = 512) each logit is
+  recomputed once: 4 N^2 D flops for the backward, 6 N^2 D in all, against the 4 N^2 D the benchmark
+  counts as model flops. Wider D is cut into BLOCK_DO slices, each recomputing t.
 
-Pointer offsets: the part that scales with N is 64-bit (the row-block start is cast to int64 before
-multiplying by the stride; column tiles advance a pointer by BLOCK_N * stride per step), the in-tile
-part (< BLOCK * stride) is int32, so N * D may exceed 2**31 elements.
+Pointer offsets: the part that scales with N is 64-bit (program ids are cast to int64 before
+multiplying by group or block sizes and strides; column tiles advance a pointer by BLOCK_N * stride per
+step), the in-tile part (< BLOCK * stride) is int32, so N * D may exceed 2**31 elements.
 
 Dot precision: 16-bit inputs go to the tensor cores with fp32 accumulation; fp32 inputs use
 input_precision="ieee" (true fp32 FMA, no TF32). TF32 keeps only 10 mantissa bits, a relative error
@@ -43,6 +45,8 @@ from kernels.contrastive import validate_inputs, validate_tau
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
+# Value of masked logits (base 2): below any real logit, and finite so masked-only maxima stay finite.
+_MASKED = tl.constexpr(-1.0e30)
 
 
 def _interpreting() -> bool:
@@ -56,70 +60,93 @@ def _interpreting() -> bool:
 
 
 @triton.jit
-def _lse_kernel(
-    a_ptr,
-    b_ptr,
-    lse2_ptr,
+def _fwd_kernel(
+    h_ptr,
+    f_ptr,
+    row_part_ptr,
+    col_part_ptr,
     diag2_ptr,
     N,
     D,
-    stride_a,
-    stride_b,
+    stride_h,
+    stride_f,
+    group_size,  # rows (and columns) per group; a multiple of BLOCK_M and BLOCK_N
     scale_log2,  # log2(e) / tau
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    WRITE_DIAG: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """lse2[i] = log2 sum_j exp2(t_ij) with t = a b^T * scale_log2; diag2[i] = t_ii if WRITE_DIAG."""
-    pid = tl.program_id(0)
-    start_m = pid.to(tl.int64) * BLOCK_M
+    """Program (g_r, g_c) owns the super-tile (row group g_r) x (column group g_c) of t = h f^T * scale_log2:
+
+    row_part[g_c, i] = log2 sum_{j in group g_c} exp2(t_ij)   for every row i of group g_r
+    col_part[g_r, j] = log2 sum_{i in group g_r} exp2(t_ij)   for every column j of group g_c
+    diag2[i] = t_ii                                           (written by the programs with g_r == g_c)
+
+    Each logit tile is computed once and feeds both reductions. The row statistics live in registers
+    over the column loop; the column statistics of the program's own slice of `col_part` are read,
+    merged and written back once per tile. No other program touches that slice, so there are no
+    atomics and the result is deterministic. col_part must start at -inf.
+    """
+    g_r = tl.program_id(0).to(tl.int64)
+    g_c = tl.program_id(1).to(tl.int64)
+    row_lo = g_r * group_size
+    row_hi = tl.minimum(row_lo + group_size, N)
+    col_lo = g_c * group_size
+    col_hi = tl.minimum(col_lo + group_size, N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    rows = start_m + offs_m  # int64
-    row_mask = rows < N
-    a_base = a_ptr + start_m * stride_a
-    b_base = b_ptr  # advanced by BLOCK_N rows per step; pointer arithmetic is 64-bit
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of t over columns seen so far
-    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(t - m_i)
-    diag = tl.zeros([BLOCK_M], tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        cols = start_n + offs_n
-        col_mask = cols < N
-        t = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + offs_d
-            d_mask = d < D
-            a = tl.load(
-                a_base + offs_m[:, None] * stride_a + d[None, :],
-                mask=row_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )
-            # b loaded transposed: a BLOCK_D x BLOCK_N tile.
-            b_t = tl.load(
-                b_base + offs_n[None, :] * stride_b + d[:, None],
-                mask=d_mask[:, None] & col_mask[None, :],
-                other=0.0,
-            )
-            t = tl.dot(a, b_t, t, input_precision=INPUT_PRECISION)
-        t = t * scale_log2
-        t = tl.where(col_mask[None, :], t, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(t, axis=1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(t - m_new[:, None]), axis=1)
-        m_i = m_new
-        if WRITE_DIAG:
-            # Only the tiles that intersect the diagonal pay for the extraction.
+    for start_m in range(row_lo, row_hi, BLOCK_M):
+        rows = start_m + offs_m  # int64
+        row_mask = rows < row_hi
+        h_base = h_ptr + start_m * stride_h
+        f_base = f_ptr + col_lo * stride_f  # advanced by BLOCK_N rows per step
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of t over the columns seen
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(t - m_i)
+        diag = tl.zeros([BLOCK_M], tl.float32)
+        for start_n in range(col_lo, col_hi, BLOCK_N):
+            cols = start_n + offs_n
+            col_mask = cols < col_hi
+            t = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + offs_d
+                d_mask = d < D
+                a = tl.load(
+                    h_base + offs_m[:, None] * stride_h + d[None, :],
+                    mask=row_mask[:, None] & d_mask[None, :],
+                    other=0.0,
+                )
+                # f loaded transposed: a BLOCK_D x BLOCK_N tile.
+                b_t = tl.load(
+                    f_base + offs_n[None, :] * stride_f + d[:, None],
+                    mask=d_mask[:, None] & col_mask[None, :],
+                    other=0.0,
+                )
+                t = tl.dot(a, b_t, t, input_precision=INPUT_PRECISION)
+            # Padding rows and columns get a finite stand-in for -inf: exp2 of it is 0 next to any real
+            # logit, and a padding row's (or column's) own statistics, never stored, stay NaN-free.
+            t = tl.where(row_mask[:, None] & col_mask[None, :], t * scale_log2, _MASKED)
+            m_new = tl.maximum(m_i, tl.max(t, axis=1))
+            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(t - m_new[:, None]), axis=1)
+            m_i = m_new
+
+            col_ptrs = col_part_ptr + g_r * N + cols
+            old = tl.load(col_ptrs, mask=col_mask, other=float("-inf"))
+            c_new = tl.maximum(old, tl.max(t, axis=0))
+            c_sum = tl.exp2(old - c_new) + tl.sum(tl.exp2(t - c_new[None, :]), axis=0)
+            tl.store(col_ptrs, c_new + tl.log2(c_sum), mask=col_mask)
+
+            # Only the tiles that intersect the diagonal pay for its extraction.
             if (start_n < start_m + BLOCK_M) & (start_n + BLOCK_N > start_m):
                 is_diag = rows[:, None] == cols[None, :]
                 diag += tl.sum(tl.where(is_diag, t, 0.0), axis=1)
-        b_base += BLOCK_N * stride_b
+            f_base += BLOCK_N * stride_f
 
-    tl.store(lse2_ptr + rows, m_i + tl.log2(l_i), mask=row_mask)
-    if WRITE_DIAG:
-        tl.store(diag2_ptr + rows, diag, mask=row_mask)
+        tl.store(row_part_ptr + g_c * N + rows, m_i + tl.log2(l_i), mask=row_mask)
+        if g_r == g_c:
+            tl.store(diag2_ptr + rows, diag, mask=row_mask)
 
 
 @triton.jit
@@ -216,40 +243,55 @@ def _dh_kernel(
 class TritonConfig:
     """Block sizes and launch parameters for both kernels (not autotuned; see `default_config`)."""
 
-    fwd_block_m: int  # rows of `a` per program in _lse_kernel
-    fwd_block_n: int  # column tile width in _lse_kernel
+    fwd_block_m: int  # rows per logit tile in _fwd_kernel
+    fwd_block_n: int  # columns per logit tile in _fwd_kernel
     bwd_block_m: int  # rows of dH per program in _dh_kernel
     bwd_block_n: int  # column tile width in _dh_kernel
     block_d: int  # reduction slice over D when computing a logit tile (ragged tail masked)
     block_do: int  # dH columns per program in _dh_kernel; t is recomputed ceil(D / block_do) times
     num_warps: int
     num_stages: int
+    # The forward splits rows and columns into up to `fwd_groups` groups each: fwd_groups**2 programs,
+    # and 2 * fwd_groups * N floats of partial statistics.
+    fwd_groups: int = 16
 
 
 def default_config(dtype: torch.dtype, dim: int) -> TritonConfig:
-    """Launch parameters for an H100, chosen from the usual flash-attention shapes, not measured here.
+    """Launch parameters for an H100, from the usual GEMM / flash-attention shapes, not timed yet.
 
-    Forward: 128 x 64 logit tile per step (8 warps, 32 fp32 registers per thread for the tile), D in
-    slices of 64. Backward: 64-row programs with up to 256 dH columns each (16-bit inputs), so the
-    fp32 accumulator is 64 registers per thread with 8 warps; D = 512 gives two slices per row block.
-    fp32 inputs (ieee FMA path) use 128-column dH slices and 2 pipeline stages to stay inside shared
-    memory with 4-byte tiles. None of this has been run on a GPU yet: tune with
-    benchmarks/bench_contrastive.py before trusting it.
+    16-bit inputs: 128 x 128 forward logit tiles (8 warps, 64 fp32 accumulator registers per
+    thread), D in slices of 64, 16 x 16 super-tiles = 256 programs (two waves on 132 SMs at one
+    program per SM). Backward: 64-row programs owning all dH columns up to D = 512 (a 64 x 512 fp32
+    accumulator, 128 registers per thread), so each logit tile is recomputed once; wider D in slices
+    of 512. fp32 inputs (the ieee FMA path, no tensor cores) use smaller tiles. Every default
+    compiles for sm_90 without register spills and within shared memory, which
+    `python -m kernels.compile_check` verifies offline (tests/kernels/test_compile_check.py);
+    speed needs benchmarks/bench_contrastive.py on the GPU.
     Under the interpreter every block is 16 wide (the minimum tl.dot size) to keep CPU tests fast.
     """
     pow2_dim = max(16, triton.next_power_of_2(dim))
     if _interpreting():
-        return TritonConfig(16, 16, 16, 16, 16, min(pow2_dim, 32), num_warps=1, num_stages=1)
+        return TritonConfig(16, 16, 16, 16, 16, min(pow2_dim, 32), num_warps=1, num_stages=1, fwd_groups=2)
+    if dtype == torch.float32:
+        return TritonConfig(
+            fwd_block_m=128,
+            fwd_block_n=64,
+            bwd_block_m=64,
+            bwd_block_n=32,
+            block_d=min(32, pow2_dim),
+            block_do=min(128, pow2_dim),
+            num_warps=8,
+            num_stages=2,
+        )
     return TritonConfig(
         fwd_block_m=128,
-        fwd_block_n=64,
+        fwd_block_n=128,
         bwd_block_m=64,
         bwd_block_n=64,
         block_d=min(64, pow2_dim),
-        # fp32 halves the dH slice: a 64 x 256 fp32 operand tile is 64 KiB of shared memory per stage.
-        block_do=min(128 if dtype == torch.float32 else 256, pow2_dim),
+        block_do=min(512, pow2_dim),
         num_warps=8,
-        num_stages=2 if dtype == torch.float32 else 3,
+        num_stages=3,
     )
 
 
@@ -270,12 +312,39 @@ def _check_launch(h: torch.Tensor, f: torch.Tensor, tau: float, config: TritonCo
         value = getattr(config, name)
         if value < 16 or value & (value - 1):
             raise ValueError(f"TritonConfig.{name} must be a power of two >= 16, got {value}")
+    if config.fwd_groups < 1:
+        raise ValueError(f"TritonConfig.fwd_groups must be >= 1, got {config.fwd_groups}")
     return config
 
 
 def _input_precision(dtype: torch.dtype) -> str | None:
     # None = Triton's default, which only matters for fp32 operands; see the module docstring.
     return "ieee" if dtype == torch.float32 else None
+
+
+def fwd_meta(config: TritonConfig, dtype: torch.dtype) -> dict:
+    """Compile-time parameters of `_fwd_kernel` (constexprs and launch options) for a config."""
+    return dict(
+        BLOCK_M=config.fwd_block_m,
+        BLOCK_N=config.fwd_block_n,
+        BLOCK_D=config.block_d,
+        INPUT_PRECISION=_input_precision(dtype),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+
+
+def bwd_meta(config: TritonConfig, dtype: torch.dtype) -> dict:
+    """Compile-time parameters of `_dh_kernel` (constexprs and launch options) for a config."""
+    return dict(
+        BLOCK_M=config.bwd_block_m,
+        BLOCK_N=config.bwd_block_n,
+        BLOCK_D=config.block_d,
+        BLOCK_DO=config.block_do,
+        INPUT_PRECISION=_input_precision(dtype),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
 
 
 def _device_guard(t: torch.Tensor):
@@ -288,31 +357,37 @@ def contrastive_forward_triton(
     """Loss (fp32 scalar) plus the base-2 row and column log-sum-exps that the backward needs."""
     config = _check_launch(h, f, tau, config)
     n, dim = h.shape
-    lse2_row = torch.empty(n, dtype=torch.float32, device=h.device)
-    lse2_col = torch.empty(n, dtype=torch.float32, device=h.device)
+    align = max(config.fwd_block_m, config.fwd_block_n)
+    group_size = triton.cdiv(triton.cdiv(n, align), config.fwd_groups) * align
+    groups = triton.cdiv(n, group_size)  # every group has at least one row
+    row_part = torch.empty(groups, n, dtype=torch.float32, device=h.device)
+    col_part = torch.full((groups, n), float("-inf"), dtype=torch.float32, device=h.device)
     diag2 = torch.empty(n, dtype=torch.float32, device=h.device)
-    scale_log2 = _LOG2E / tau
-    precision = _input_precision(h.dtype)
-    grid = (triton.cdiv(n, config.fwd_block_m),)
-    common = dict(
-        BLOCK_M=config.fwd_block_m,
-        BLOCK_N=config.fwd_block_n,
-        BLOCK_D=config.block_d,
-        INPUT_PRECISION=precision,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
     with _device_guard(h):
-        _lse_kernel[grid](
-            h, f, lse2_row, diag2, n, dim, h.stride(0), f.stride(0), scale_log2, WRITE_DIAG=True, **common
+        _fwd_kernel[(groups, groups)](
+            h,
+            f,
+            row_part,
+            col_part,
+            diag2,
+            n,
+            dim,
+            h.stride(0),
+            f.stride(0),
+            group_size,
+            _LOG2E / tau,
+            **fwd_meta(config, h.dtype),
         )
-        # diag2 is passed only as a placeholder pointer; WRITE_DIAG=False never touches it.
-        _lse_kernel[grid](
-            f, h, lse2_col, diag2, n, dim, f.stride(0), h.stride(0), scale_log2, WRITE_DIAG=False, **common
-        )
+    lse2_row, lse2_col = _logsumexp2(row_part), _logsumexp2(col_part)
     per_row = (lse2_row - diag2) + (lse2_col - diag2)
     loss = per_row.sum(dtype=torch.float64) * (0.5 * _LN2 / n)
     return loss.to(torch.float32), lse2_row, lse2_col
+
+
+def _logsumexp2(parts: torch.Tensor) -> torch.Tensor:
+    """log2 sum_g exp2(parts[g]) over the groups (dim 0), in place on `parts`; all columns finite."""
+    top = parts.amax(dim=0)
+    return top + parts.sub_(top).exp2_().sum(dim=0).log2_()
 
 
 def contrastive_backward_triton(
@@ -345,20 +420,16 @@ def contrastive_backward_triton(
             dh.stride(0),
             _LOG2E / tau,
             0.5 / (n * tau),
-            BLOCK_M=config.bwd_block_m,
-            BLOCK_N=config.bwd_block_n,
-            BLOCK_D=config.block_d,
-            BLOCK_DO=config.block_do,
-            INPUT_PRECISION=_input_precision(h.dtype),
-            num_warps=config.num_warps,
-            num_stages=config.num_stages,
+            **bwd_meta(config, h.dtype),
         )
     return dh
 
 
 __all__ = [
     "TritonConfig",
+    "bwd_meta",
     "contrastive_backward_triton",
     "contrastive_forward_triton",
     "default_config",
+    "fwd_meta",
 ]

@@ -426,6 +426,31 @@ def test_child_triton_block_configs(config_index, dtype):
 
 
 @child_only
+@pytest.mark.parametrize("groups", [1, 3, 64])
+def test_child_triton_forward_groups(groups):
+    """The super-tile split of the forward: one program; three groups with a ragged last one (N = 100
+    in groups of 48); more groups asked for than there are tiles. Same statistics either way."""
+    from kernels.contrastive_triton import TritonConfig, contrastive_forward_triton
+
+    config = TritonConfig(16, 16, 16, 16, 16, 32, num_warps=1, num_stages=1, fwd_groups=groups)
+    check_against_reference(100, 40, torch.float32, 0.05, "triton", triton_config=config)
+    h, f = make_pair(100, 40, torch.float32)
+    _, row, col = contrastive_forward_triton(h.detach(), f, 0.05, config)
+    _, lse_row, lse_col = contrastive_forward_torch(h.detach(), f, 0.05)
+    ln2 = 0.6931471805599453
+    torch.testing.assert_close(row * ln2, lse_row, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(col * ln2, lse_col, rtol=1e-6, atol=1e-5)
+
+
+@child_only
+def test_child_triton_rectangular_forward_tiles():
+    from kernels.contrastive_triton import TritonConfig
+
+    config = TritonConfig(16, 32, 32, 16, 16, 16, num_warps=1, num_stages=1, fwd_groups=2)
+    check_against_reference(70, 24, torch.bfloat16, 0.07, "triton", triton_config=config)
+
+
+@child_only
 @pytest.mark.parametrize("dim", [1, 3])
 def test_child_triton_tiny_dims(dim):
     check_against_reference(7, dim, torch.float32, 0.07, "triton")
@@ -483,11 +508,14 @@ def test_child_triton_launcher_validation():
     bad = TritonConfig(24, 16, 16, 16, 16, 16, num_warps=1, num_stages=1)
     with pytest.raises(ValueError, match="power of two"):
         contrastive_forward_triton(h.detach(), f, 0.1, bad)
+    no_groups = TritonConfig(16, 16, 16, 16, 16, 16, num_warps=1, num_stages=1, fwd_groups=0)
+    with pytest.raises(ValueError, match="fwd_groups"):
+        contrastive_forward_triton(h.detach(), f, 0.1, no_groups)
     with pytest.raises(TypeError, match="same dtype"):
         contrastive_forward_triton(h.detach(), f.half(), 0.1)
 
 
-N_CHILD_TESTS = len(INTERP_GRID) + 4 + 2 + 2 + 4  # grid, block configs, tiny dims, norms, singles
+N_CHILD_TESTS = len(INTERP_GRID) + 4 + 3 + 1 + 2 + 2 + 4  # grid, configs, groups, tiles, dims, norms, singles
 
 
 # ----------------------------------------------------------------------------------------------
@@ -533,7 +561,7 @@ def test_gpu_triton_deterministic_and_auto_dispatch():
 @needs_cuda
 def test_gpu_triton_offsets_beyond_int32():
     # 65536 x 32769 > 2**31 elements: the last row blocks start past int32 offsets. Forward only
-    # (the backward would recompute logits ceil(32769 / 256) times).
+    # (the backward would recompute logits ceil(32769 / 512) times).
     from kernels.contrastive_triton import contrastive_forward_triton
 
     n, dim, tau = 65536, 32769, 0.07
