@@ -1,10 +1,11 @@
 """Compile the contrastive kernels ahead of time for a CUDA architecture, no GPU needed.
 
-Triton's wheel ships ptxas and cuobjdump, so the whole lowering (Triton IR -> PTX -> cubin) runs on
-any machine. For each kernel and launch configuration this reports what decides whether the config
-is viable on the card before anything is timed: registers per thread, bytes spilled to local memory (from `ptxas -v`),
-shared memory, and which instructions the dots became (Hopper warp-group MMA `wgmma`, Ampere-style
-`mma.sync`, or plain FMA). It says nothing about speed: benchmarks/bench_contrastive.py does, on a GPU.
+Triton's wheel ships ptxas, so the whole lowering (Triton IR -> PTX -> cubin) runs on any machine.
+For each kernel and launch configuration this reports what decides whether the config is viable on
+the card before anything is timed: registers per thread, bytes spilled to local memory (from
+`ptxas -v`), shared memory, and which instructions the dots became (Hopper warp-group MMA `wgmma`,
+Ampere-style `mma.sync`, or plain FMA). It says nothing about speed: benchmarks/bench_contrastive.py
+does, on a GPU.
 
 The signatures mirror what the launchers pass at run time (pointers 16-byte aligned and, like
 N, D and the strides in practice, divisible by 16), so the code compiled here is the code the JIT
@@ -25,7 +26,14 @@ from pathlib import Path
 
 import torch
 
-from kernels.contrastive_triton import TritonConfig, _dh_kernel, _fwd_kernel, bwd_meta, default_config, fwd_meta
+from kernels.contrastive_triton import (
+    TritonConfig,
+    _dh_kernel,
+    _fwd_kernel,
+    bwd_meta,
+    default_config,
+    fwd_meta,
+)
 
 TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 DTYPES = {name: dtype for dtype, name in TYPE_NAMES.items()}
@@ -127,8 +135,9 @@ def _ptxas_usage(ptx: str, arch: int) -> dict[str, int]:
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "kernel.ptx"
         source.write_text(ptx)
+        cubin = Path(tmp) / "kernel.cubin"
         proc = subprocess.run(
-            [str(ptxas), f"-arch=sm_{arch}{suffix}", "-v", str(source), "-o", str(Path(tmp) / "kernel.cubin")],
+            [str(ptxas), f"-arch=sm_{arch}{suffix}", "-v", str(source), "-o", str(cubin)],
             capture_output=True,
             text=True,
             check=True,
@@ -183,7 +192,9 @@ def check_config(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90 = H100)")
     parser.add_argument("--dims", default="64,512,768", help="comma-separated feature dimensions D")
     parser.add_argument("--dtypes", default="bf16,fp16,fp32", help="comma-separated: bf16, fp16, fp32")
