@@ -30,15 +30,30 @@ def device_name(device: str) -> str:
 
 
 def append_rows(name: str, rows: list[dict]) -> Path:
-    """Append rows (dicts with the same keys) to benchmarks/results/{name}.csv, header on first write."""
+    """Append rows (dicts with the same keys) to benchmarks/results/{name}.csv, header on first write.
+
+    When the rows bring columns the file lacks, the file is rewritten once with the union of the
+    columns (earlier rows get empty cells), so old measurements are kept and stay aligned.
+    """
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.csv"
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    fields, old_rows = list(rows[0]), []
+    if path.exists():
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            old_fields = list(reader.fieldnames or [])
+            if set(fields) <= set(old_fields):
+                with open(path, "a", newline="") as out:
+                    csv.DictWriter(out, fieldnames=old_fields).writerows(rows)
+                return path
+            old_rows = list(reader)
+            fields = old_fields + [c for c in fields if c not in old_fields]
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(old_rows + rows)
+    tmp.replace(path)
     return path
 
 

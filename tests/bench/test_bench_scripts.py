@@ -1,0 +1,81 @@
+"""The benchmark scripts' plumbing: CSV rows kept aligned, and the contrastive sweep on a CPU.
+
+No timing is asserted (speed targets are checked by running the scripts, see BENCHMARKS.md); these
+tests make sure the scripts run, write what they claim, and reject bad options.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_script_{name}", BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # the scripts put benchmarks/ on sys.path for `common`
+    return module
+
+
+@pytest.fixture
+def results_dir(tmp_path, monkeypatch):
+    load_script("bench_contrastive")
+    common = sys.modules["common"]
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    return tmp_path
+
+
+def read_rows(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames), list(reader)
+
+
+def test_append_rows_keeps_old_rows_when_columns_grow(results_dir):
+    from common import append_rows
+
+    append_rows("demo", [{"a": 1, "b": 2}])
+    append_rows("demo", [{"b": 4, "a": 3}])  # same columns, other order: plain append
+    path = append_rows("demo", [{"a": 5, "b": 6, "c": 7}])  # a new column: rewrite with the union
+    header, rows = read_rows(path)
+    assert header == ["a", "b", "c"]
+    assert [(r["a"], r["b"], r["c"]) for r in rows] == [("1", "2", ""), ("3", "4", ""), ("5", "6", "7")]
+    append_rows("demo", [{"a": 8, "b": 9}])  # fewer columns than the file: appended, blank cell
+    assert read_rows(path)[1][-1] == {"a": "8", "b": "9", "c": ""}
+    assert not list(results_dir.glob("*.tmp"))
+
+
+def test_contrastive_sweep_on_cpu_writes_rows(results_dir, capsys):
+    bench = load_script("bench_contrastive")
+    bench.main(
+        ["--device", "cpu", "--sizes", "64,32", "--dim", "16", "--impls", "chunked,naive", "--reps", "1"]
+    )
+    header, rows = read_rows(results_dir / "contrastive.csv")
+    assert {"median_ms", "tflops", "peak_mem_gib", "work_mem_gib", "config", "commit", "device"} <= set(
+        header
+    )
+    assert [(r["impl"], r["dtype"], r["N"]) for r in rows] == [
+        (impl, dtype, n) for n in ("32", "64") for impl in ("chunked", "naive") for dtype in ("bf16", "fp32")
+    ]
+    assert all(r["status"] == "ok" and float(r["median_ms"]) > 0 for r in rows)
+    assert "triton rows skipped" in capsys.readouterr().out
+
+
+def test_contrastive_rejects_bad_options():
+    bench = load_script("bench_contrastive")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--set", "no_such_field=1"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--set", "num_warps=eight"])
+    assert bench.parse_args(["--set", "num_warps=4,fwd_groups=8"]).overrides == {
+        "num_warps": 4,
+        "fwd_groups": 8,
+    }
+    with pytest.raises(SystemExit, match="unknown"):
+        bench.main(["--device", "cpu", "--impls", "cublas"])
