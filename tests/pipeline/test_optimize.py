@@ -382,12 +382,12 @@ def test_a_changed_caption_shard_reruns_every_shard_but_not_perturb(tmp_path):
 
 
 def test_the_caption_bank_is_loaded_once_per_process(tmp_path, monkeypatch):
-    import pipeline.optimize as optimize
+    import pipeline.optimize_inputs as optimize_inputs
 
     calls = []
-    real = optimize.load_caption_bank
-    monkeypatch.setattr(optimize, "_BANKS", {})
-    monkeypatch.setattr(optimize, "load_caption_bank", lambda *a: calls.append(1) or real(*a))
+    real = optimize_inputs.load_caption_bank
+    monkeypatch.setattr(optimize_inputs, "_BANKS", {})
+    monkeypatch.setattr(optimize_inputs, "load_caption_bank", lambda *a: calls.append(1) or real(*a))
     cache = tmp_path / "cache"
     structured_world(cache, shards=(20, 20, 20))
     run_optimize(_config(cache, method="retrieve"))
