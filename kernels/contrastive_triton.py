@@ -60,6 +60,46 @@ def _interpreting() -> bool:
 
 
 @triton.jit
+def _logit_tile(
+    h_base,
+    f_base,
+    stride_h,
+    stride_f,
+    row_mask,
+    col_mask,
+    D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """h[rows] f[cols]^T as a BLOCK_M x BLOCK_N fp32 tile, D in slices of BLOCK_D (masked tails read 0).
+
+    h_base and f_base point at the tile's first row of h and of f; rows past the masks read 0.
+    """
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    t = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + offs_d
+        d_mask = d < D
+        a = tl.load(
+            h_base + offs_m[:, None] * stride_h + d[None, :],
+            mask=row_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        # f loaded transposed: a BLOCK_D x BLOCK_N tile.
+        b_t = tl.load(
+            f_base + offs_n[None, :] * stride_f + d[:, None],
+            mask=d_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        )
+        t = tl.dot(a, b_t, t, input_precision=INPUT_PRECISION)
+    return t
+
+
+@triton.jit
 def _fwd_kernel(
     h_ptr,
     f_ptr,
@@ -96,7 +136,6 @@ def _fwd_kernel(
     col_hi = tl.minimum(col_lo + group_size, N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
 
     for start_m in range(row_lo, row_hi, BLOCK_M):
         rows = start_m + offs_m  # int64
@@ -109,22 +148,19 @@ def _fwd_kernel(
         for start_n in range(col_lo, col_hi, BLOCK_N):
             cols = start_n + offs_n
             col_mask = cols < col_hi
-            t = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                d = d0 + offs_d
-                d_mask = d < D
-                a = tl.load(
-                    h_base + offs_m[:, None] * stride_h + d[None, :],
-                    mask=row_mask[:, None] & d_mask[None, :],
-                    other=0.0,
-                )
-                # f loaded transposed: a BLOCK_D x BLOCK_N tile.
-                b_t = tl.load(
-                    f_base + offs_n[None, :] * stride_f + d[:, None],
-                    mask=d_mask[:, None] & col_mask[None, :],
-                    other=0.0,
-                )
-                t = tl.dot(a, b_t, t, input_precision=INPUT_PRECISION)
+            t = _logit_tile(
+                h_base,
+                f_base,
+                stride_h,
+                stride_f,
+                row_mask,
+                col_mask,
+                D,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_D,
+                INPUT_PRECISION,
+            )
             # Padding rows and columns get a finite stand-in for -inf: exp2 of it is 0 next to any real
             # logit, and a padding row's (or column's) own statistics, never stored, stay NaN-free.
             t = tl.where(row_mask[:, None] & col_mask[None, :], t * scale_log2, _MASKED)
@@ -176,7 +212,6 @@ def _dh_kernel(
     start_m = pid_m.to(tl.int64) * BLOCK_M
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_do = pid_do * BLOCK_DO + tl.arange(0, BLOCK_DO)
     rows = start_m + offs_m
     row_mask = rows < N
@@ -189,21 +224,19 @@ def _dh_kernel(
     for start_n in range(0, N, BLOCK_N):
         cols = start_n + offs_n
         col_mask = cols < N
-        t = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + offs_d
-            d_mask = d < D
-            h = tl.load(
-                h_base + offs_m[:, None] * stride_h + d[None, :],
-                mask=row_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )
-            f_t = tl.load(
-                f_base + offs_n[None, :] * stride_f + d[:, None],
-                mask=d_mask[:, None] & col_mask[None, :],
-                other=0.0,
-            )
-            t = tl.dot(h, f_t, t, input_precision=INPUT_PRECISION)
+        t = _logit_tile(
+            h_base,
+            f_base,
+            stride_h,
+            stride_f,
+            row_mask,
+            col_mask,
+            D,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+            INPUT_PRECISION,
+        )
         t = t * scale_log2
         lse_c = tl.load(lse2_col_ptr + cols, mask=col_mask, other=0.0)
         # For valid (i, j), t_ij <= both log-sum-exps, so both exponentials are <= 1 at any tau.
