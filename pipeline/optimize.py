@@ -2,10 +2,10 @@
 
 Pure core: `plan_optimize(config)` decides which shards must be (re)made and why; `optimize_shard(task)`
 makes one shard and returns its manifest; `run_optimize` does both, in-process or on a Dask executor.
-The maths lives in
-`pipeline/optimize_methods.py`, the reading of inputs in `pipeline/optimize_inputs.py`. Shard i reads `embed/{i:05d}.parquet` (image features, keys, labels) and,
-for `retrieve` and `optimize`, `retrieve/{i:05d}.parquet` (neighbour caption ids and similarities) plus
-the caption features of every `captions/{j:05d}.parquet`, loaded once per process.
+The maths lives in `pipeline/optimize_methods.py`, the reading of inputs in `pipeline/optimize_inputs.py`.
+Shard i reads `embed/{i:05d}.parquet` (image features, keys, labels) and, for `retrieve` and `optimize`,
+`retrieve/{i:05d}.parquet` (neighbour caption ids and similarities) plus the caption features of every
+`captions/{j:05d}.parquet`, loaded once per process.
 
 Output columns: `key` (the embed sidecar's order, skipped rows left out), `pseudo_txt` (float16 [D],
 unit-norm), `cos_init` and `cos_final` (cosine of the image embedding with the method's starting point

@@ -443,6 +443,20 @@ def test_child_triton_forward_groups(groups):
 
 
 @child_only
+@pytest.mark.parametrize("dtype,dim", [(torch.bfloat16, 512), (torch.float32, 200), (torch.float16, 72)])
+def test_child_triton_gpu_default_configs(dtype, dim, monkeypatch):
+    """The launch configs a GPU gets (128-wide tiles, 16 groups, all of D per dH program), run by the
+    interpreter: their masking and grouping are checked here even though their speed needs the GPU."""
+    from kernels import contrastive_triton
+
+    monkeypatch.setattr(contrastive_triton, "_interpreting", lambda: False)
+    config = contrastive_triton.default_config(dtype, dim)
+    assert config.fwd_block_m == 128 and config.fwd_groups == 16
+    monkeypatch.undo()
+    check_against_reference(300, dim, dtype, 0.03, "triton", triton_config=config)
+
+
+@child_only
 def test_child_triton_rectangular_forward_tiles():
     from kernels.contrastive_triton import TritonConfig
 
@@ -515,7 +529,7 @@ def test_child_triton_launcher_validation():
         contrastive_forward_triton(h.detach(), f.half(), 0.1)
 
 
-N_CHILD_TESTS = len(INTERP_GRID) + 4 + 3 + 1 + 2 + 2 + 4  # grid, configs, groups, tiles, dims, norms, singles
+N_CHILD_TESTS = len(INTERP_GRID) + 4 + 3 + 3 + 1 + 2 + 2 + 4  # grid, configs, groups, GPU configs, tiles, ...
 
 
 # ----------------------------------------------------------------------------------------------

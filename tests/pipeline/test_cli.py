@@ -39,7 +39,10 @@ def world(tmp_path_factory):
 
 def test_synth_writes_shards_and_corpus(world):
     assert sorted(p.name for p in world.iterdir()) == [
-        "00000.tar", "00001.tar", "captions.parquet", "captions.txt"
+        "00000.tar",
+        "00001.tar",
+        "captions.parquet",
+        "captions.txt",
     ]
     assert len((world / "captions.txt").read_text().splitlines()) == 40
 
@@ -50,8 +53,20 @@ def test_synth_bad_option(tmp_path):
 
 def test_embed_then_noop_rerun_then_dry_run(world, tmp_path):
     cache = tmp_path / "cache"
-    args = ["embed", f"{world}/*.tar", "--cache", cache, "--clip-model", TINY_CLIP, "--clip-pretrained", "",
-            "--image-size", 32, "--workers", 0]
+    args = [
+        "embed",
+        f"{world}/*.tar",
+        "--cache",
+        cache,
+        "--clip-model",
+        TINY_CLIP,
+        "--clip-pretrained",
+        "",
+        "--image-size",
+        32,
+        "--workers",
+        0,
+    ]
     first = _ok(args)
     assert "2 shard(s) made, 0 up to date; 12 images written" in first.output
     second = _ok(args)

@@ -90,7 +90,7 @@ def test_init_writes_a_config_that_loads_back(project):
     result = runner.invoke(app, ["init"])
     assert result.exit_code == 0, result.output
     text = (project / "pipeline.toml").read_text()
-    assert "[embed]" in text and "clip_model = \"ViT-B-32\"" in text and "# Images per CLIP" in text
+    assert "[embed]" in text and 'clip_model = "ViT-B-32"' in text and "# Images per CLIP" in text
     again = runner.invoke(app, ["init"])
     assert again.exit_code == 2 and "exists" in again.output
     # every written key is accepted by the checker, and the defaults come back unchanged
