@@ -37,8 +37,8 @@ from kernels.contrastive_triton import (
 
 TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 DTYPES = {name: dtype for dtype, name in TYPE_NAMES.items()}
-# Largest dynamic shared memory per block on sm_90 (227 KiB).
-SM90_MAX_SHARED = 232_448
+# Largest dynamic shared memory per block, by compute capability x 10 (sm_90: 227 KiB).
+MAX_SHARED = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
 MAX_REGISTERS = 255
 
 # Runtime arguments of each kernel, in order: (name, Triton type or "int" for an i32 scalar that the
@@ -77,6 +77,7 @@ _BWD_ARGS = [
 @dataclass(frozen=True)
 class KernelReport:
     kernel: str
+    arch: int  # compute capability x 10
     dtype: str
     dim: int
     registers: int  # per thread
@@ -88,7 +89,7 @@ class KernelReport:
 
     @property
     def viable(self) -> bool:
-        return self.spill_bytes == 0 and self.stack_bytes == 0 and self.shared_bytes <= SM90_MAX_SHARED
+        return self.spill_bytes == 0 and self.stack_bytes == 0 and self.shared_bytes <= MAX_SHARED[self.arch]
 
     def line(self) -> str:
         flag = "ok" if self.viable else "NOT VIABLE"
@@ -126,7 +127,8 @@ def _ptxas_usage(ptx: str, arch: int) -> dict[str, int]:
     """Registers, spill stores and stack bytes from the bundled ptxas in verbose mode.
 
     cuobjdump's resource summary of the cubin reports LOCAL:0 even for spilling kernels, so the
-    numbers come from `ptxas -v` on the same PTX, for the same `sm_XXa` target that Triton uses.
+    numbers come from `ptxas -v` on the same PTX with the options Triton 3.8 passes (its
+    `make_cubin`: -lineinfo, --regAllocOptLevel=2, the `sm_XXa` target on Hopper).
     """
     import triton.backends.nvidia as nvidia
 
@@ -137,7 +139,8 @@ def _ptxas_usage(ptx: str, arch: int) -> dict[str, int]:
         source.write_text(ptx)
         cubin = Path(tmp) / "kernel.cubin"
         proc = subprocess.run(
-            [str(ptxas), f"-arch=sm_{arch}{suffix}", "-v", str(source), "-o", str(cubin)],
+            [str(ptxas), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name=sm_{arch}{suffix}"]
+            + [str(source), "-o", str(cubin)],
             capture_output=True,
             text=True,
             check=True,
@@ -166,8 +169,10 @@ def _dot_instructions(ptx: str) -> str:
 def check_config(
     dtype: torch.dtype, dim: int, config: TritonConfig | None = None, arch: int = 90
 ) -> list[KernelReport]:
-    """Compile both kernels for `arch` with `config` (default: `default_config(dtype, dim)`)."""
-    config = config or default_config(dtype, dim)
+    """Compile both kernels for `arch` with `config` (default: `default_config(dtype, dim, arch)`)."""
+    if arch not in MAX_SHARED:
+        raise ValueError(f"arch must be one of {sorted(MAX_SHARED)}, got {arch}")
+    config = config or default_config(dtype, dim, arch)
     reports = []
     for name, kernel, args, meta in (
         ("forward", _fwd_kernel, _FWD_ARGS, fwd_meta(config, dtype)),
@@ -178,6 +183,7 @@ def check_config(
         reports.append(
             KernelReport(
                 kernel=name,
+                arch=arch,
                 dtype=TYPE_NAMES[dtype],
                 dim=dim,
                 registers=usage["registers"],
@@ -195,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90 = H100)")
+    parser.add_argument(
+        "--arch", type=int, default=90, choices=sorted(MAX_SHARED), help="compute capability x 10 (90 = H100)"
+    )
     parser.add_argument("--dims", default="64,512,768", help="comma-separated feature dimensions D")
     parser.add_argument("--dtypes", default="bf16,fp16,fp32", help="comma-separated: bf16, fp16, fp32")
     args = parser.parse_args(argv)
@@ -203,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     for dtype_name in args.dtypes.split(","):
         for dim in (int(d) for d in args.dims.split(",")):
             dtype = DTYPES[dtype_name.strip()]
-            print(default_config(dtype, dim))
+            print(default_config(dtype, dim, args.arch))
             for report in check_config(dtype, dim, arch=args.arch):
                 print("  " + report.line(), flush=True)
                 all_viable &= report.viable

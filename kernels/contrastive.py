@@ -8,7 +8,7 @@
 Neither backend materialises the N x N logits:
 - "triton" (`kernels.contrastive_triton`): fused kernels with online log-sum-exp over tiles.
 - "torch": a chunked implementation, O(N * chunk_rows) memory, that also serves CPUs.
-"auto" picks triton for CUDA tensors when triton imports, torch otherwise.
+"auto" picks triton for CUDA tensors on Ampere or newer when triton imports, torch otherwise.
 
 The loss is returned as a float32 scalar whatever the input dtype; the gradient has the dtype of H.
 F is frozen: it gets no gradient, and passing an F that requires grad raises instead of silently
@@ -73,8 +73,14 @@ def _resolve_backend(backend: str, h: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if h.is_cuda and _triton_importable() else "torch"
+        return "triton" if h.is_cuda and _triton_supported(h.device) else "torch"
     return backend
+
+
+def _triton_supported(device: torch.device) -> bool:
+    """Triton imports and the GPU is Ampere or newer (bf16 tensor-core dots; the configs are checked
+    for sm_80+ by kernels.compile_check). Older GPUs take the torch path under backend="auto"."""
+    return _triton_importable() and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,7 +200,7 @@ def contrastive_loss(
         h: pseudo text features, float16/bfloat16/float32.
         f: image features, same shape, dtype and device as h; must not require grad.
         tau: temperature > 0 (tested down to 0.01).
-        backend: "auto" (triton for CUDA tensors if importable, else torch), "triton" or "torch".
+        backend: "auto" (triton for CUDA tensors on sm_80+ if importable, else torch), "triton" or "torch".
         chunk_rows: rows per chunk for the torch backend; default `default_chunk_rows(N)`.
         triton_config: a `kernels.contrastive_triton.TritonConfig` overriding the block sizes.
 

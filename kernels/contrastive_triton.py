@@ -289,16 +289,19 @@ class TritonConfig:
     fwd_groups: int = 16
 
 
-def default_config(dtype: torch.dtype, dim: int) -> TritonConfig:
-    """Launch parameters for an H100, from the usual GEMM / flash-attention shapes, not timed yet.
+def default_config(dtype: torch.dtype, dim: int, arch: int = 90) -> TritonConfig:
+    """Launch parameters for compute capability `arch` (x 10: 90 = H100, 80 = A100), from the usual
+    GEMM / flash-attention shapes, not timed yet.
 
     16-bit inputs: 128 x 128 forward logit tiles (8 warps, 64 fp32 accumulator registers per
     thread), D in slices of 64, 16 x 16 super-tiles = 256 programs (two waves on 132 SMs at one
     program per SM). Backward: 64-row programs owning all dH columns up to D = 512 (a 64 x 512 fp32
     accumulator, 128 registers per thread), so each logit tile is recomputed once; wider D in slices
-    of 512. fp32 inputs (the ieee FMA path, no tensor cores) use smaller tiles. Every default
-    compiles for sm_90 without register spills and within shared memory, which
-    `python -m kernels.compile_check` verifies offline (tests/kernels/test_compile_check.py);
+    of 512. Before Hopper (mma.sync keeps accumulators differently) that accumulator spills, so dH
+    slices are 256 wide there and column tiles 32. fp32 inputs (the ieee FMA path, no tensor cores)
+    use smaller tiles.
+    Every default compiles for sm_80, sm_86, sm_89 and sm_90 without register spills and within shared
+    memory, which `python -m kernels.compile_check` verifies offline (tests/kernels/test_compile_check.py);
     speed needs benchmarks/bench_contrastive.py on the GPU.
     Under the interpreter every block is 16 wide (the minimum tl.dot size) to keep CPU tests fast.
     """
@@ -316,13 +319,14 @@ def default_config(dtype: torch.dtype, dim: int) -> TritonConfig:
             num_warps=8,
             num_stages=2,
         )
+    hopper = arch >= 90
     return TritonConfig(
         fwd_block_m=128,
         fwd_block_n=128,
         bwd_block_m=64,
-        bwd_block_n=64,
+        bwd_block_n=64 if hopper else 32,
         block_d=min(64, pow2_dim),
-        block_do=min(512, pow2_dim),
+        block_do=min(512 if hopper else 256, pow2_dim),
         num_warps=8,
         num_stages=3,
     )
@@ -340,7 +344,7 @@ def _check_launch(h: torch.Tensor, f: torch.Tensor, tau: float, config: TritonCo
     if not (h.is_contiguous() and f.is_contiguous()):
         raise ValueError("the triton backend needs contiguous h and f; call .contiguous() first")
     if config is None:
-        config = default_config(h.dtype, h.shape[1])
+        config = default_config(h.dtype, h.shape[1], _arch(h.device))
     for name in ("fwd_block_m", "fwd_block_n", "bwd_block_m", "bwd_block_n", "block_d", "block_do"):
         value = getattr(config, name)
         if value < 16 or value & (value - 1):
@@ -348,6 +352,14 @@ def _check_launch(h: torch.Tensor, f: torch.Tensor, tau: float, config: TritonCo
     if config.fwd_groups < 1:
         raise ValueError(f"TritonConfig.fwd_groups must be >= 1, got {config.fwd_groups}")
     return config
+
+
+def _arch(device: torch.device) -> int:
+    """Compute capability x 10 of a CUDA device (90 for an H100); 90 elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def _input_precision(dtype: torch.dtype) -> str | None:

@@ -36,17 +36,35 @@ def _needs_ptxas():
 @pytest.mark.parametrize("dim", [64, 512, 768])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_default_configs_fit_an_h100(dtype, dim):
-    from kernels.compile_check import SM90_MAX_SHARED, check_config
+    from kernels.compile_check import MAX_SHARED, check_config
 
     reports = check_config(dtype, dim, arch=90)
     assert [r.kernel for r in reports] == ["forward", "backward dh"]
     for report in reports:
         assert report.spill_bytes == 0 and report.stack_bytes == 0, report.line()
         assert 0 < report.registers <= 255, report.line()
-        assert 0 < report.shared_bytes <= SM90_MAX_SHARED, report.line()
+        assert 0 < report.shared_bytes <= MAX_SHARED[90], report.line()
         assert report.viable
         expected = "fma" if dtype == torch.float32 else "wgmma"  # fp32 runs ieee FMA by design
         assert report.dot_instructions == expected, report.line()
+
+
+@pytest.mark.parametrize("arch", [80, 89])
+def test_default_configs_fit_ampere_and_ada(arch):
+    # mma.sync needs more registers than wgmma for the same accumulator: smaller dH tiles there.
+    from kernels.compile_check import check_config
+
+    for dtype, dim in ((torch.bfloat16, 64), (torch.bfloat16, 512), (torch.float32, 512)):
+        for report in check_config(dtype, dim, arch=arch):
+            assert report.viable, report.line()
+            assert report.dot_instructions == ("fma" if dtype == torch.float32 else "mma.sync")
+
+
+def test_unknown_arch_is_refused():
+    from kernels.compile_check import check_config
+
+    with pytest.raises(ValueError, match="arch must be one of"):
+        check_config(torch.bfloat16, 512, arch=70)
 
 
 def test_a_spilling_config_is_reported():

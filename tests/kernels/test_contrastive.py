@@ -215,6 +215,22 @@ def test_auto_backend_uses_torch_on_cpu():
     assert torch.equal(auto, torch_loss)
 
 
+def test_auto_backend_needs_ampere_for_triton(monkeypatch):
+    import kernels.contrastive as contrastive
+
+    class CudaTensorStub:  # what _resolve_backend looks at
+        is_cuda = True
+        device = torch.device("cuda", 0)
+
+    monkeypatch.setattr(contrastive, "_triton_importable", lambda: True)
+    for capability, expected in (((7, 5), "torch"), ((8, 0), "triton"), ((9, 0), "triton")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert contrastive._resolve_backend("auto", CudaTensorStub()) == expected
+    monkeypatch.setattr(contrastive, "_triton_importable", lambda: False)
+    assert contrastive._resolve_backend("auto", CudaTensorStub()) == "torch"
+    assert contrastive._resolve_backend("triton", CudaTensorStub()) == "triton"  # explicit: as asked
+
+
 def test_no_grad_for_h_is_fine():
     h, f = make_pair(9, 16, torch.float32)
     loss = contrastive_loss(h.detach(), f, 0.1, backend="torch")
