@@ -5,6 +5,8 @@ against the DiT step alone on latents already in memory (the baseline: what a la
 give). Sampling: 50 Euler steps with guidance 1 (one forward per step) against guidance 3 (two), then
 the VAE decode. Synthetic inputs, no cache needed.
 
+Also reached as `python benchmarks/bench_train.py --model ldm [these options]`.
+
     python benchmarks/bench_ldm.py                                  # CPU: tiny at 32 px
     python benchmarks/bench_ldm.py --device cuda --size S --resolution 64 --batch 64
 """
@@ -44,7 +46,7 @@ def timed(fn, device: torch.device, reps: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from trainers.ldm import Dit, flow_loss, ldm_architecture, sample_euler
     from trainers.vae import DOWNSAMPLE, AutoencoderKL, vae_architecture
 
@@ -61,7 +63,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--sample-steps", type=int, default=50)
     parser.add_argument("--no-csv", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     size = args.size or ("S" if cuda else "tiny")

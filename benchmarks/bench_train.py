@@ -1,4 +1,7 @@
-"""Benchmark `trainers gan` training: images/s and peak GPU memory of the training step.
+"""Benchmark the trainers: `--model gan` (default, below) or `--model ldm` (benchmarks/bench_ldm.py:
+latent-diffusion training images/s and peak memory, sampling images/s at 50 steps; its options follow).
+
+`trainers gan` training: images/s and peak GPU memory of the training step.
 
 Times `GanTrainer.train_step` (the D update with lazy R1 at its interval, the G update with L_ConG
 through the frozen CLIP, the EMA update) for a fixed number of steps after warm-up, from two sources:
@@ -21,6 +24,7 @@ step time, which a busy shared machine disturbs much less (one stalled step does
     python benchmarks/bench_train.py                                   # CUDA: small, 64 px, batch 32,64
     python benchmarks/bench_train.py --device cpu --steps 16           # tiny, 32 px, batch 8,32
     python benchmarks/bench_train.py --device cpu --cache cache --condition perturb
+    python benchmarks/bench_train.py --model ldm --device cuda --size S --resolution 64
 """
 
 from __future__ import annotations
@@ -95,10 +99,18 @@ def time_steps(
     return per_step, total, peak
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    choose = argparse.ArgumentParser(add_help=False)
+    choose.add_argument("--model", choices=["gan", "ldm"], default="gan")
+    chosen, rest = choose.parse_known_args(argv)
+    if chosen.model == "ldm":
+        import bench_ldm
+
+        return bench_ldm.main(rest)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--model", choices=["gan", "ldm"], default="gan", help="ldm: see bench_ldm.py")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", help="GAN_SIZES entry (default: small on CUDA, tiny on CPU)")
     parser.add_argument("--resolution", type=int, help="synthetic image size (default: 64 CUDA, 32 CPU)")
@@ -110,7 +122,7 @@ def main() -> None:
     parser.add_argument("--condition", default="perturb", help="loader condition (perturb needs only embed)")
     parser.add_argument("--workers", type=int, default=0, help="loader processes")
     parser.add_argument("--no-csv", action="store_true", help="print only, append nothing")
-    args = parser.parse_args()
+    args = parser.parse_args(rest)
     warnings.filterwarnings("ignore", message=".*random weights.*")
 
     from pipeline.clip import load_clip

@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_suite.sh kernels       # full-size Triton tests + offline compile report
 #   bash benchmarks/gpu_suite.sh contrastive   # bench_contrastive, N = 4,096 .. 1,048,576
 #   bash benchmarks/gpu_suite.sh optimize      # bench_optimize up to N = 1,048,576 (1M images/min target)
-#   bash benchmarks/gpu_suite.sh stages        # bench_embed / bench_retrieve / bench_train / bench_ldm on CUDA
+#   bash benchmarks/gpu_suite.sh stages        # bench_embed / bench_retrieve / bench_train (gan, ldm) on CUDA
 #
 # Logs and the CSVs under benchmarks/results/ are copied to $OUT (default /tmp/gpu-suite) so that a
 # device call brings them back; record them in BENCHMARKS.md with the device, date and commit.
@@ -43,7 +43,7 @@ case "$phase" in
             --workers 16 --batch-size 512 --image-size 224 --source-size 256
         run 200 python benchmarks/bench_retrieve.py --device cuda
         run 100 python benchmarks/bench_train.py --device cuda --size small
-        run 100 python benchmarks/bench_ldm.py --device cuda --size S --resolution 64
+        run 100 python benchmarks/bench_train.py --model ldm --device cuda --size S --resolution 64
         ;;
     *)
         echo "unknown phase: $phase" >&2

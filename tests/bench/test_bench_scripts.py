@@ -79,3 +79,25 @@ def test_contrastive_rejects_bad_options():
     }
     with pytest.raises(SystemExit, match="unknown"):
         bench.main(["--device", "cpu", "--impls", "cublas"])
+
+
+def test_bench_train_runs_the_gan_and_dispatches_ldm(results_dir, capsys):
+    bench = load_script("bench_train")
+    bench.main(["--device", "cpu", "--batch-sizes", "2", "--steps", "1", "--warmup", "0", "--no-csv"])
+    assert "synthetic" in capsys.readouterr().out
+    ldm_args = [
+        "--device",
+        "cpu",
+        "--batch",
+        "2",
+        "--sample-batch",
+        "2",
+        "--reps",
+        "1",
+        "--sample-steps",
+        "2",
+    ]
+    bench.main(["--model", "ldm", *ldm_args, "--no-csv"])
+    out = capsys.readouterr().out
+    assert "VAE encode + DiT step" in out and "2 Euler steps" in out
+    assert not list(results_dir.glob("*.csv"))  # --no-csv wrote nothing
