@@ -376,6 +376,13 @@ def vae_command(
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 2e-4,
     seed: Annotated[int, typer.Option("--seed", help="Init, noise, data order, held-out choice.")] = 0,
     eval_n: Annotated[int, typer.Option("--eval-n", help="Held-out images for the PSNR in eval.json.")] = 64,
+    disc_weight: Annotated[
+        float,
+        typer.Option("--disc-weight", help="Patch-discriminator (hinge) term weight; 0 trains without one."),
+    ] = 0.0,
+    disc_start: Annotated[
+        int, typer.Option("--disc-start", help="Warm-up: the first step with the discriminator terms.")
+    ] = 2000,
     checkpoint_every: Annotated[
         int, typer.Option("--checkpoint-every", help="Steps between checkpoints (0: end only).")
     ] = 5000,
@@ -418,6 +425,8 @@ def vae_command(
         lr=lr,
         seed=seed,
         eval_n=eval_n,
+        disc_weight=disc_weight,
+        disc_start=disc_start,
         checkpoint_every=checkpoint_every,
         device=device,
     )

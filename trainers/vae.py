@@ -4,13 +4,20 @@ One step, on a batch of real images x in [-1, 1]:
 
     mean, logvar = E(x);  z = mean + exp(logvar / 2) * eps;  x' = D(z)
     loss = |x - x'|_1  +  w_p * CLIP-perceptual(x', x)  +  w_kl * KL(q(z|x) || N(0, I))
+           [ + w_d * -mean(P(x'))   once step >= disc_start, with --disc-weight w_d > 0 ]
 
 The perceptual term compares the cache's (frozen) CLIP image tower's intermediate token features
 (forward hooks on the visual transformer's resblocks, unit-normalised per token, MSE averaged over the
 blocks): offline there is no VGG/LPIPS, and the CLIP the cache was made with is always at hand. KL is
 summed over latent elements and divided by the image elements, with w_kl = 1e-6: the ratio Stable
 Diffusion's autoencoder uses (it sums both terms), so the latent stays close to an image, barely
-regularised. No patch discriminator yet (issue 7 has it): reconstructions are blurrier than SD's.
+regularised.
+
+Optional patch discriminator (`--disc-weight`, off by default): P is a small PatchGAN (real/fake logits
+per overlapping patch, about a quarter of the image wide), trained with the hinge loss
+mean(relu(1 - P(x))) + mean(relu(1 + P(x'))) after each autoencoder step from step `disc_start` on (the
+warm-up: reconstructions should be roughly right before they are made sharp); the autoencoder then
+adds w_d times the generator hinge term -mean(P(x')). Fixed weight, no adaptive balancing.
 
 A held-out slice of the cache (`eval_n` images, a fixed seeded choice) is never trained on; the run's
 `eval.json` reports the reconstruction PSNR on it (posterior mean, no sampling).
@@ -121,6 +128,29 @@ def vae_architecture(size: str, resolution: int) -> dict[str, Any]:
     }
 
 
+class PatchDiscriminator(nn.Module):
+    """Real/fake logits per overlapping patch: two stride-2 convolutions then two 3 x 3 ones, so a logit
+    sees about 22 px of the image ([B, 3, R, R] -> [B, 1, R/4, R/4])."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        c = channels
+        self.net = nn.Sequential(
+            nn.Conv2d(3, c, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(c, 2 * c, 4, stride=2, padding=1),
+            _norm(2 * c),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * c, 4 * c, 3, padding=1),
+            _norm(4 * c),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(4 * c, 1, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 class ClipPerceptual:
     """Distance between CLIP image-tower token features of two image batches (hooks on each resblock)."""
 
@@ -189,6 +219,8 @@ class VaeConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     perceptual_weight: float = 0.5  # CLIP-feature term weight
     kl_weight: float = 1e-6  # KL weight (per image element, see the module docstring)
+    disc_weight: float = 0.0  # patch-discriminator term weight; 0: no discriminator
+    disc_start: int = 2000  # first step with the adversarial terms (the warm-up before it)
     eval_n: int = 64  # held-out images for the PSNR in eval.json (never trained on)
     checkpoint_every: int = 5000  # steps between checkpoints, 0 for the final one only
     log_every: int = 10  # steps between metrics.jsonl lines
@@ -206,6 +238,7 @@ class VaeConfig:
             ("--batch-size", self.batch_size, 1),
             ("--seed", self.seed, 0),
             ("--eval-n", self.eval_n, 1),
+            ("--disc-start", self.disc_start, 0),
             ("--checkpoint-every", self.checkpoint_every, 0),
             ("--log-every", self.log_every, 1),
         )
@@ -213,6 +246,10 @@ class VaeConfig:
             raise ConfigError("--lr must be a positive number")
         if min(self.perceptual_weight, self.kl_weight) < 0:
             raise ConfigError("the perceptual and KL weights must be non-negative")
+        if not (math.isfinite(self.disc_weight) and self.disc_weight >= 0):
+            raise ConfigError(
+                f"--disc-weight must be a number >= 0 (0: no discriminator), got {self.disc_weight}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -229,23 +266,53 @@ class VaeTrainer:
         self.model = AutoencoderKL(arch).to(device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=config.lr, betas=(0.5, 0.9))
         self.perceptual = ClipPerceptual(clip) if config.perceptual_weight > 0 else None
+        self.disc = self.disc_opt = None
+        if config.disc_weight > 0:
+            self.disc = PatchDiscriminator(arch["channels"][1]).to(device)
+            self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=config.lr, betas=(0.5, 0.9))
+        self.step = 0  # steps taken; the adversarial terms start at config.disc_start
 
-    def losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    @property
+    def adversarial(self) -> bool:
+        return self.disc is not None and self.step >= self.config.disc_start
+
+    def losses(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The autoencoder's loss terms on x, and the reconstruction."""
         recon, mean, logvar = self.model(x)  # [B, 3, R, R], [B, 4, r, r] x 2
         l1 = (recon - x).abs().mean()
         perc = self.perceptual(recon, x) if self.perceptual else torch.zeros((), device=x.device)
         kl = kl_loss(mean, logvar, x[0].numel())
         cfg = self.config
+        terms = {"l1": l1, "perceptual": perc, "kl": kl}
         total = l1 + cfg.perceptual_weight * perc + cfg.kl_weight * kl
-        return {"loss": total, "l1": l1, "perceptual": perc, "kl": kl}
+        if self.adversarial:
+            self.disc.requires_grad_(False)  # the generator term trains the autoencoder only
+            terms["g_adv"] = -self.disc(recon).mean()
+            self.disc.requires_grad_(True)
+            total = total + cfg.disc_weight * terms["g_adv"]
+        return {"loss": total, **terms}, recon
 
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         x = batch["image"].to(self.device, non_blocking=True).float()  # [B, 3, R, R]
-        losses = self.losses(x)
+        losses, recon = self.losses(x)
         self.opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         self.opt.step()
+        if self.adversarial:
+            real, fake = self.disc(x), self.disc(recon.detach())
+            losses["d_loss"] = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+            self.disc_opt.zero_grad(set_to_none=True)
+            losses["d_loss"].backward()
+            self.disc_opt.step()
+        self.step += 1
         return {k: v.detach() for k, v in losses.items()}
+
+    def state(self) -> dict[str, Any]:
+        """Model, optimiser and (when there is one) discriminator state, for a checkpoint."""
+        out = {"model": self.model.state_dict(), "opt": self.opt.state_dict()}
+        if self.disc is not None:
+            out.update(disc=self.disc.state_dict(), disc_opt=self.disc_opt.state_dict())
+        return out
 
     @torch.no_grad()
     def eval_psnr(self, images: torch.Tensor, batch_size: int = 64) -> float:
@@ -344,8 +411,7 @@ def run_vae(config: VaeConfig, progress: Any = None) -> VaeResult:
                     "config": config.to_dict(),
                     "arch": arch,
                     "clip": clip_args,
-                    "model": trainer.model.state_dict(),
-                    "opt": trainer.opt.state_dict(),
+                    **trainer.state(),
                 }
                 checkpoint = save_checkpoint(run_dir, done, state)
     rate = images / (time.perf_counter() - t0)

@@ -17,6 +17,7 @@ from trainers.vae import (
     VAE_SIZES,
     AutoencoderKL,
     ClipPerceptual,
+    PatchDiscriminator,
     VaeConfig,
     VaeTrainer,
     kl_loss,
@@ -112,4 +113,51 @@ def test_cli_errors_are_one_line(cache, tmp_path):
         ["vae", "--cache", tmp_path / "nope", "--out", tmp_path, "--size", "tiny"], "no such directory"
     )
     user_error(["vae", "--out", tmp_path], "--cache is required")
+    user_error(["vae", "--cache", cache, "--out", tmp_path, "--disc-weight", -1], "--disc-weight")
+    user_error(["vae", "--cache", cache, "--out", tmp_path, "--disc-start", -1], "--disc-start")
     assert not list(tmp_path.glob("0*-vae"))
+
+
+def test_patch_discriminator_gives_a_logit_per_patch():
+    disc = PatchDiscriminator(8)
+    assert disc(torch.zeros(2, 3, 32, 32)).shape == (2, 1, 8, 8)
+    assert disc(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 16, 16)
+
+
+def test_discriminator_starts_after_the_warm_up_and_trains(tiny_clip):
+    torch.manual_seed(0)
+    config = VaeConfig(size="tiny", batch_size=4, disc_weight=0.1, disc_start=2, perceptual_weight=0.0)
+    trainer = VaeTrainer(config, vae_architecture("tiny", 32), tiny_clip, torch.device("cpu"))
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    disc_before = [p.detach().clone() for p in trainer.disc.parameters()]
+    warm_up = [trainer.train_step({"image": x}) for _ in range(2)]
+    assert all("g_adv" not in losses and "d_loss" not in losses for losses in warm_up)
+    assert all(torch.equal(a, b) for a, b in zip(disc_before, trainer.disc.parameters(), strict=True))
+    adversarial = [trainer.train_step({"image": x}) for _ in range(2)]
+    for losses in adversarial:
+        assert {"g_adv", "d_loss"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
+        # the autoencoder's loss includes the weighted generator term
+        expected = losses["l1"] + config.kl_weight * losses["kl"] + config.disc_weight * losses["g_adv"]
+        torch.testing.assert_close(losses["loss"], expected)
+    assert not all(torch.equal(a, b) for a, b in zip(disc_before, trainer.disc.parameters(), strict=True))
+    assert all(p.requires_grad for p in trainer.disc.parameters())
+    assert {"model", "opt", "disc", "disc_opt"} == set(trainer.state())
+
+
+def test_no_discriminator_by_default(tiny_clip):
+    trainer = VaeTrainer(VaeConfig(size="tiny"), vae_architecture("tiny", 32), tiny_clip, torch.device("cpu"))
+    assert trainer.disc is None and set(trainer.state()) == {"model", "opt"}
+
+
+def test_cli_trains_with_the_discriminator(cache, tmp_path):
+    args = ["vae", "--cache", cache, "--out", tmp_path, "--size", "tiny", "--steps", 3, "--batch-size", 4]
+    args += ["--eval-n", 4, "--device", "cpu", "--disc-weight", 0.5, "--disc-start", 1]
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "000-vae"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "d_loss" in lines[-1] and "g_adv" in lines[-1]
+    ckpt = torch.load(run / "0000003.pt", weights_only=True)
+    assert "disc" in ckpt and "disc_opt" in ckpt and ckpt["config"]["disc_weight"] == 0.5
+    model, _ = load_vae(run)  # the discriminator is not part of what `trainers ldm` loads
+    assert not model.training
