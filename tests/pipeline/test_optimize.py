@@ -2,8 +2,8 @@
 params, bad inputs and the CLI.
 
 Fixtures are written directly (embed sidecars, caption shards, retrieve shards and their manifests) by
-`CacheFactory`, so these tests do not depend on the embed or retrieve code. The structured world: image
-features f = normalize(c_g + noise) around 12 object classes g, caption features
+`pipeline.cache_writer.CacheWriter`, so these tests do not depend on the embed or retrieve code. The
+structured world: image features f = normalize(c_g + noise) around 12 object classes g, caption features
 t = normalize(c_g + noise + gap) (the same classes, offset along one "modality gap" direction), captions
 templated from the class's attributes, and the top-k captions of each image by exact search.
 """
@@ -20,9 +20,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from manifests import Dep, ShardSpec, commit_manifest, list_manifests, stat_out, write_parquet_atomic
+from manifests import list_manifests
+from pipeline.cache_writer import CacheWriter
 from pipeline.cli import app
-from pipeline.embed_writer import embed_schema
 from pipeline.errors import ConfigError
 from pipeline.optimize import OptimizeConfig, plan_optimize, run_optimize
 from pipeline.optimize_methods import (
@@ -61,93 +61,12 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-class CacheFactory:
-    """Writes minimal stage outputs plus manifests, as embed / retrieve would commit them."""
-
-    def __init__(self, cache, dim: int = D):
-        self.cache, self.dim = cache, dim
-
-    def _commit(self, stage: str, shard: int, rel: str, table, deps: list[Dep], extra: dict | None = None):
-        size, digest = write_parquet_atomic(self.cache / rel, table)
-        out = stat_out(self.cache, rel, size, digest, table.num_rows)
-        params = {"clip_model": "test-model", "clip_weights": "test-weights"} if stage == "embed" else {}
-        unkeyed = {"clip_model_arg": "test", "clip_pretrained_arg": ""} if stage == "embed" else {}
-        spec = ShardSpec(stage, shard, "1", params, deps, unkeyed)
-        commit_manifest(
-            self.cache, spec, [out], {}, extra={"rows": table.num_rows, "dim": self.dim, **(extra or {})}
-        )
-        return digest
-
-    def embed(self, shard: int, keys: list[str], img_emb: np.ndarray, labels: list[str | None] | None = None):
-        n = len(keys)
-        schema = embed_schema(self.dim)
-        emb = np.asarray(img_emb, np.float16).reshape(n, self.dim)
-        table = pa.table(
-            {
-                "key": pa.array(keys, pa.string()),
-                "img_emb": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), self.dim),
-                "width": pa.array([64] * n, pa.int32()),
-                "height": pa.array([64] * n, pa.int32()),
-                "source": pa.array(["test"] * n, pa.string()),
-                "caption": pa.array([None] * n, pa.string()),
-                "labels": pa.array(labels or [None] * n, pa.string()),
-            },
-            schema=schema,
-        )
-        return self._commit(
-            "embed", shard, f"embed/{shard:05d}.parquet", table, [Dep(f"raw{shard}", str(shard))]
-        )
-
-    def captions(self, shard: int, ids: np.ndarray, texts: list[str], txt_emb: np.ndarray):
-        schema = pa.schema(
-            [("caption_id", pa.int64()), ("text", pa.string()), ("txt_emb", pa.list_(pa.float16(), self.dim))]
-        )
-        emb = np.asarray(txt_emb, np.float16)
-        table = pa.table(
-            {
-                "caption_id": pa.array(np.asarray(ids, np.int64)),
-                "text": pa.array(texts, pa.string()),
-                "txt_emb": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), self.dim),
-            },
-            schema=schema,
-        )
-        return self._commit("captions", shard, f"captions/{shard:05d}.parquet", table, [Dep("corpus", "c")])
-
-    def retrieve(
-        self, shard: int, keys: list[str], nbr_ids: np.ndarray, nbr_sims: np.ndarray, embed_digest=None
-    ):
-        k = np.asarray(nbr_ids).shape[1] if len(keys) else K
-        schema = pa.schema(
-            [
-                ("key", pa.string()),
-                ("nbr_ids", pa.list_(pa.int64(), k)),
-                ("nbr_sims", pa.list_(pa.float32(), k)),
-            ]
-        )
-        table = pa.table(
-            {
-                "key": pa.array(keys, pa.string()),
-                "nbr_ids": pa.FixedSizeListArray.from_arrays(
-                    pa.array(np.asarray(nbr_ids, np.int64).reshape(-1)), k
-                ),
-                "nbr_sims": pa.FixedSizeListArray.from_arrays(
-                    pa.array(np.asarray(nbr_sims, np.float32).reshape(-1)), k
-                ),
-            },
-            schema=schema,
-        )
-        if embed_digest is None:
-            embed_digest = list_manifests(self.cache, "embed")[shard]["outs"][0]["digest"]
-        deps = [Dep(f"embed/{shard:05d}.parquet", embed_digest)]
-        return self._commit("retrieve", shard, f"retrieve/{shard:05d}.parquet", table, deps)
-
-
 def structured_world(
     cache, *, shards=(96, 80), n_captions=480, noise=1.0, gap=1.0, seed=0, labels=True
 ) -> dict:
     """Embed shards of `shards` images, two caption shards and exact top-K retrieve shards."""
     rng = np.random.default_rng(seed)
-    factory = CacheFactory(cache)
+    factory = CacheWriter(cache, D)
     centres = _unit(rng.standard_normal((len(OBJECTS), D)))
     gap_dir = _unit(rng.standard_normal(D))
     classes = np.arange(n_captions) % len(OBJECTS)
@@ -369,7 +288,7 @@ def test_a_changed_caption_shard_reruns_every_shard_but_not_perturb(tmp_path):
     structured_world(cache)
     run_optimize(_config(cache, method="retrieve"))
     table = pq.read_table(cache / "captions" / "00001.parquet")
-    CacheFactory(cache).captions(
+    CacheWriter(cache, D).captions(
         1,
         table.column("caption_id").to_numpy(),
         table.column("text").to_pylist(),
@@ -413,7 +332,7 @@ def test_a_missing_retrieve_shard_is_a_clear_error_but_perturb_needs_only_embed(
 
     only_embed = tmp_path / "only_embed"
     rng = np.random.default_rng(0)
-    CacheFactory(only_embed).embed(0, ["a", "b", "c"], _unit(rng.standard_normal((3, D))))
+    CacheWriter(only_embed, D).embed(0, ["a", "b", "c"], _unit(rng.standard_normal((3, D))))
     assert run_optimize(_config(only_embed, method="perturb")).images_written == 3
     with pytest.raises(ConfigError, match="pipeline retrieve"):
         run_optimize(_config(only_embed, method="retrieve"))
@@ -471,10 +390,10 @@ def test_perturb_noise_of_a_row_does_not_depend_on_other_rows_being_skipped(tmp_
     rng = np.random.default_rng(3)
     img = _unit(rng.standard_normal((6, D)))
     a, b = tmp_path / "a", tmp_path / "b"
-    CacheFactory(a).embed(0, list("uvwxyz"), img)
+    CacheWriter(a, D).embed(0, list("uvwxyz"), img)
     bad = img.copy()
     bad[1] = np.nan
-    CacheFactory(b).embed(0, list("uvwxyz"), bad)
+    CacheWriter(b, D).embed(0, list("uvwxyz"), bad)
     for cache in (a, b):
         run_optimize(_config(cache, method="perturb"))
     ha, hb = _pseudo(_read(a)), _pseudo(_read(b))
