@@ -120,9 +120,34 @@ def clean_temp_files(directory: Path) -> int:
 
 
 def write_parquet_atomic(path: Path, table) -> tuple[int, str]:
-    """Atomically write a pyarrow Table (its schema must be explicit); returns (size, digest)."""
+    """Atomically write a pyarrow Table (its schema must be explicit); returns (size, digest).
+
+    zstd throughout; dictionary encoding only for non-float columns. Feature vectors (float16/32 lists)
+    never repeat, so a dictionary only costs time: on 100k x 512 float16 caption features it made the
+    write 2.6 s instead of 0.9 s and the read 0.85 s instead of 0.30 s. Float leaves are written with
+    BYTE_STREAM_SPLIT (their bytes grouped by position, which zstd then compresses: -10% on such
+    features), for float16 from pyarrow 17 on, where it is supported.
+    """
     import pyarrow.parquet as pq
 
+    dictionary, split = _parquet_encodings(table.schema)
     with atomic_write(path) as f:
-        pq.write_table(table, f, compression="zstd")
+        pq.write_table(table, f, compression="zstd", use_dictionary=dictionary, column_encoding=split or None)
     return f.size, f.digest
+
+
+def _parquet_encodings(schema) -> tuple[list[str], dict[str, str]]:
+    """(leaf columns to dictionary-encode, {float leaf: "BYTE_STREAM_SPLIT"}) as Parquet column paths."""
+    import pyarrow as pa
+
+    split_float16 = int(pa.__version__.split(".")[0]) >= 17
+    dictionary, split = [], {}
+    for field in schema:
+        kind, path = field.type, field.name
+        while pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+            kind, path = kind.value_type, f"{path}.list.element"
+        if not pa.types.is_floating(kind):
+            dictionary.append(path)
+        elif split_float16 or not pa.types.is_float16(kind):
+            split[path] = "BYTE_STREAM_SPLIT"
+    return dictionary, split

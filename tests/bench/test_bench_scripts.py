@@ -101,3 +101,34 @@ def test_bench_train_runs_the_gan_and_dispatches_ldm(results_dir, capsys):
     out = capsys.readouterr().out
     assert "VAE encode + DiT step" in out and "2 Euler steps" in out
     assert not list(results_dir.glob("*.csv"))  # --no-csv wrote nothing
+
+
+def test_optimize_whole_stage_and_core_on_cpu(results_dir, tmp_path):
+    bench = load_script("bench_optimize")
+    args = ["--device", "cpu", "--n", "96", "--batch-size", "64", "--shard-size", "64", "--steps", "2"]
+    args += ["--captions", "120", "--clusters", "6", "--dim", "16", "--k", "4", "--cache-dir", str(tmp_path)]
+    bench.main(args)
+    _, rows = read_rows(results_dir / "optimize.csv")
+    assert [(r["mode"], r["method"]) for r in rows] == [
+        ("stage", "retrieve"),
+        ("stage", "optimize"),
+        ("core", "retrieve"),
+        ("core", "optimize"),
+    ]
+    assert all(float(r["images_per_s"]) > 0 for r in rows)
+    kept = tmp_path / "bench-optimize-96"  # --cache-dir keeps the cache: two shards, all optimised
+    assert sorted(p.name for p in (kept / "optimize").glob("*.parquet")) == ["00000.parquet", "00001.parquet"]
+    with pytest.raises(SystemExit, match="exists"):  # and never builds over an existing folder
+        bench.main(args)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--modes", "stage,everything"])
+
+
+def test_parquet_writers_compared(results_dir):
+    bench = load_script("bench_parquet")
+    bench.main(["--n", "300", "--dim", "16", "--reps", "1"])
+    _, rows = read_rows(results_dir / "parquet.csv")
+    assert [r["writer"] for r in rows] == ["previous: zstd + dictionary", "write_parquet_atomic"]
+    assert all(float(r["read_s"]) > 0 and float(r["size_mb"]) > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        bench.main(["--reps", "0"])

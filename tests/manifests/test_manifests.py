@@ -138,3 +138,38 @@ def test_plan_refuses_unknown_version(tmp_path):
     path.write_text('{"version": 99, "shards": []}')
     with pytest.raises(ValueError, match="version"):
         ShardPlan.load(path)
+
+
+def test_parquet_features_skip_the_dictionary_and_keep_their_values(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from manifests import write_parquet_atomic
+
+    rng = np.random.default_rng(0)
+    table = pa.table(
+        {
+            "key": pa.array([f"k{i}" for i in range(50)]),
+            "emb": pa.FixedSizeListArray.from_arrays(
+                pa.array(rng.standard_normal(50 * 8).astype(np.float16)), 8
+            ),
+            "sims": pa.array(
+                [list(rng.random(3).astype(np.float32)) for _ in range(50)], pa.list_(pa.float32())
+            ),
+            "score": pa.array(rng.random(50)),
+            "rows": pa.array(np.arange(50), pa.int64()),
+        }
+    )
+    size, digest = write_parquet_atomic(tmp_path / "t.parquet", table)
+    assert size == (tmp_path / "t.parquet").stat().st_size and len(digest) == 32
+    assert pq.read_table(tmp_path / "t.parquet").equals(table)  # bit-exact, float16 included
+    meta = pq.ParquetFile(tmp_path / "t.parquet").metadata.row_group(0)
+    encodings = {meta.column(i).path_in_schema: meta.column(i).encodings for i in range(meta.num_columns)}
+    for float_leaf in ("emb.list.element", "sims.list.element", "score"):
+        assert "RLE_DICTIONARY" not in encodings[float_leaf]
+    assert "BYTE_STREAM_SPLIT" in encodings["score"] and "BYTE_STREAM_SPLIT" in encodings["sims.list.element"]
+    for other in ("key", "rows"):
+        assert "RLE_DICTIONARY" in encodings[other]
+    # the same table gives the same bytes (outputs stay byte-identical for identical inputs)
+    assert write_parquet_atomic(tmp_path / "u.parquet", table)[1] == digest
