@@ -17,40 +17,10 @@ import numpy as np
 
 from manifests import Dep
 from pipeline.errors import ConfigError
+from pipeline.features import fixed_rows, usable_rows
 
 if TYPE_CHECKING:
     from pipeline.optimize import ShardInputs
-
-
-def fixed_rows(column, dim: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """A fixed_size_list<float> column as `dtype` [N, dim] (a new, writable array; null rows NaN) and a
-    bool [N] of non-null rows."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    n = len(arr)
-    present = ~np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-    if n == 0:
-        return np.zeros((0, dim), dtype=dtype), present
-    lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False)
-    if np.any(lengths[present] != dim):
-        raise ConfigError(f"feature vectors of length {sorted(set(lengths[present]))}, expected {dim}")
-    values = arr.flatten().to_numpy(zero_copy_only=False)
-    if present.all():  # the usual case: one conversion, no fill
-        return values.reshape(n, dim).astype(dtype), present
-    out = np.full((n, dim), np.nan, dtype=dtype)
-    out[present] = values.reshape(-1, dim)
-    return out, present
-
-
-def row_norms(x: np.ndarray, chunk: int = 65_536) -> np.ndarray:
-    """float32 L2 norm of each row of x (any float dtype), accumulated in float32 chunk by chunk."""
-    out = np.empty(len(x), dtype=np.float32)
-    for start in range(0, len(x), chunk):
-        part = x[start : start + chunk].astype(np.float32, copy=False)
-        out[start : start + chunk] = np.sqrt(np.einsum("ij,ij->i", part, part))
-    return out
 
 
 def padded_lists(column, fill: float, dtype) -> np.ndarray:
@@ -158,9 +128,7 @@ def load_caption_bank(cache: Path, captions: tuple[Dep, ...], dim: int) -> Capti
     emb = embs[0] if len(embs) == 1 else np.concatenate(embs) if embs else np.zeros((0, dim), np.float16)
     if np.any(order != np.arange(len(order))):  # caption ids usually come sorted: no copy then
         emb = emb[order]
-    norms = row_norms(emb)
-    usable = np.isfinite(norms) & (norms > 1e-3)
-    return CaptionBank(tuple(d.digest for d in captions), paths, sorted_ids, emb, usable, order)
+    return CaptionBank(tuple(d.digest for d in captions), paths, sorted_ids, emb, usable_rows(emb), order)
 
 
 def _caption_dim(table, path: Path, dim: int) -> int:

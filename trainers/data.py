@@ -46,6 +46,7 @@ import numpy as np
 
 from manifests import digest_json, list_manifests, write_bytes_atomic
 from pipeline.errors import ConfigError
+from pipeline.features import fixed_rows, usable_rows
 
 if TYPE_CHECKING:
     import torch
@@ -172,22 +173,6 @@ def read_parquet_committed(cache: Path, out: dict[str, Any], columns: list[str] 
         return None
     with os.fdopen(fd, "rb") as f:
         return pq.read_table(f, columns=columns)
-
-
-def fixed_size_rows(column, dim: int) -> np.ndarray:
-    """A list<float> column as float32 [N, dim]; null or wrong-length rows become NaN rows."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    out = np.full((len(arr), dim), np.nan, dtype=np.float32)
-    if len(arr) == 0:
-        return out
-    lengths = pc.list_value_length(arr).fill_null(-1).to_numpy(zero_copy_only=False)
-    good = lengths == dim
-    if good.any():
-        out[good] = arr.filter(pa.array(good)).flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-    return out
 
 
 def _raise_fd_limit(needed: int) -> None:
@@ -426,7 +411,7 @@ def read_embed(cache: Path) -> EmbedRows:
         parts["offsets"].append(np.array([m[0] if m else -1 for m in found], dtype=np.int64))
         parts["sizes"].append(np.array([m[1] if m else 0 for m in found], dtype=np.int64))
         parts["shard_of"].append(np.full(len(shard_keys), shard, dtype=np.int32))
-        parts["img_emb"].append(fixed_size_rows(table["img_emb"], clip.dim).astype(np.float16))
+        parts["img_emb"].append(fixed_rows(table["img_emb"], clip.dim, np.float16, "nan")[0])
         keys += shard_keys
         captions += (
             table["caption"].to_pylist() if "caption" in table.column_names else [None] * len(shard_keys)
@@ -544,7 +529,7 @@ def optimize_features(rows: EmbedRows) -> tuple[np.ndarray, dict[int, str]]:
                 f"optimize shard {shard} holds keys that embed shard {shard} does not; "
                 "rerun `pipeline optimize`"
             )
-        out[idx] = fixed_size_rows(table["pseudo_txt"], rows.clip.dim)
+        out[idx] = fixed_rows(table["pseudo_txt"], rows.clip.dim, np.float32, "nan")[0]
     return out, skipped
 
 
@@ -577,7 +562,7 @@ def caption_bank(cache: Path, dim: int) -> CaptionBank:
                 "to finish or rerun it"
             )
         ids.append(table["caption_id"].to_numpy(zero_copy_only=False).astype(np.int64))
-        embs.append(fixed_size_rows(table["txt_emb"], dim).astype(np.float16))
+        embs.append(fixed_rows(table["txt_emb"], dim, np.float16, "nan")[0])
     if not ids:
         raise ConfigError(
             f"--cache {cache}: no caption features (captions/*.parquet) for the retrieve neighbours; run "
@@ -586,8 +571,7 @@ def caption_bank(cache: Path, dim: int) -> CaptionBank:
     all_ids = np.concatenate(ids)
     order = np.argsort(all_ids, kind="stable")
     emb = np.concatenate(embs)[order]
-    norms = np.linalg.norm(emb.astype(np.float32), axis=1)
-    bank = CaptionBank(all_ids[order], emb, np.isfinite(norms) & (norms > 1e-3), key)
+    bank = CaptionBank(all_ids[order], emb, usable_rows(emb), key)
     _CAPTION_BANKS.clear()
     _CAPTION_BANKS[key] = bank
     return bank
@@ -730,11 +714,6 @@ class LoaderInfo:
     skipped_shards: dict[str, dict[int, str]]  # stage -> shard -> reason
     caption_features: str | None  # the shared caption-feature file, when captions were needed
     clip: dict[str, Any]  # clip_model, clip_pretrained, identity
-
-
-def _usable(features: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(features.astype(np.float32), axis=1)
-    return np.isfinite(norms) & (norms > 1e-3)
 
 
 class CacheDataset:
@@ -917,7 +896,7 @@ def build_dataset(config: LoaderConfig) -> tuple[CacheDataset, LoaderInfo]:
         caption_path = str(caption_features_path(rows))
         if config.condition == "caption":
             cond, reason = caption_feat, "no_caption"
-    usable = _usable(cond)
+    usable = usable_rows(cond)
     excluded[reason] += int((keep & ~usable).sum())
     keep &= usable
     rows_idx = np.flatnonzero(keep)
@@ -939,7 +918,7 @@ def build_dataset(config: LoaderConfig) -> tuple[CacheDataset, LoaderInfo]:
         pool = np.ones(len(rows_idx), dtype=bool)
         paired_feat, probability = None, 1.0  # `cond` is the caption feature already
     elif caption_feat is not None:
-        candidates = np.flatnonzero(_usable(caption_feat[rows_idx]))
+        candidates = np.flatnonzero(usable_rows(caption_feat[rows_idx]))
         if len(candidates) == 0:
             raise ConfigError(
                 f"--cache {cache}: --paired-fraction/--paired-limit need images with captions, and none "
