@@ -12,7 +12,7 @@ N, D and the strides in practice, divisible by 16), so the code compiled here is
 would build for those shapes.
 
     python -m kernels.compile_check                         # default configs, sm_90, D = 64, 512, 768
-    python -m kernels.compile_check --arch 90 --dims 512 --dtypes bf16
+    python -m kernels.compile_check --arch 80 --dims 512 --dtypes bf16    # an A100
 """
 
 from __future__ import annotations
@@ -39,11 +39,10 @@ TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp3
 DTYPES = {name: dtype for dtype, name in TYPE_NAMES.items()}
 # Largest dynamic shared memory per block, by compute capability x 10 (sm_90: 227 KiB).
 MAX_SHARED = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
-MAX_REGISTERS = 255
 
-# Runtime arguments of each kernel, in order: (name, Triton type or "int" for an i32 scalar that the
-# JIT would mark divisible by 16, "float" for an fp32 scalar, "in"/"out" for pointers to the input
-# dtype, "f32" for fp32 pointers).
+# Runtime arguments of each kernel, in order: (name, kind) with kind "in" for a pointer to the input
+# dtype, "f32" for an fp32 pointer, "int" for an i32 scalar that the JIT would mark divisible by 16 and
+# "float" for an fp32 scalar.
 _FWD_ARGS = [
     ("h_ptr", "in"),
     ("f_ptr", "in"),
@@ -120,7 +119,7 @@ def _compile(kernel, args, meta: dict, dtype: torch.dtype, arch: int):
     signature, attrs = _triton_signature(args, dtype)
     signature.update({name: "constexpr" for name in meta})
     source = ASTSource(fn=kernel, signature=signature, constexprs=meta, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options), options["num_warps"]
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def _ptxas_usage(ptx: str, arch: int) -> dict[str, int]:
@@ -178,7 +177,7 @@ def check_config(
         ("forward", _fwd_kernel, _FWD_ARGS, fwd_meta(config, dtype)),
         ("backward dh", _dh_kernel, _BWD_ARGS, bwd_meta(config, dtype)),
     ):
-        compiled, num_warps = _compile(kernel, args, meta, dtype, arch)
+        compiled = _compile(kernel, args, meta, dtype, arch)
         usage = _ptxas_usage(compiled.asm["ptx"], arch)
         reports.append(
             KernelReport(
@@ -191,7 +190,7 @@ def check_config(
                 stack_bytes=usage["stack"],
                 shared_bytes=int(compiled.metadata.shared),
                 dot_instructions=_dot_instructions(compiled.asm["ptx"]),
-                num_warps=num_warps,
+                num_warps=meta["num_warps"],
             )
         )
     return reports
