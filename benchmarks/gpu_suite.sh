@@ -2,7 +2,8 @@
 # The GPU checks that the CPU-only CI cannot do, in phases that each fit one 10-minute device call.
 #
 #   bash benchmarks/gpu_suite.sh kernels       # full-size Triton tests + offline compile report
-#   bash benchmarks/gpu_suite.sh contrastive   # bench_contrastive, N = 4,096 .. 1,048,576
+#   bash benchmarks/gpu_suite.sh contrastive   # bench_contrastive, N = 4,096 .. 262,144, every impl
+#   bash benchmarks/gpu_suite.sh contrastive-1m  # N = 524,288 and 1,048,576 (naive is long out of memory)
 #   bash benchmarks/gpu_suite.sh optimize      # bench_optimize up to N = 1,048,576 (1M images/min target)
 #   bash benchmarks/gpu_suite.sh stages        # bench_embed / bench_retrieve / bench_train (gan, ldm) on CUDA
 #
@@ -15,7 +16,7 @@
 set -uo pipefail
 out=${OUT:-/tmp/gpu-suite}
 mkdir -p "$out"
-phase=${1:?usage: gpu_suite.sh kernels|contrastive|optimize|stages}
+phase=${1:?usage: gpu_suite.sh kernels|contrastive|contrastive-1m|optimize|stages}
 log="$out/$phase.log"
 export PYTHONUNBUFFERED=1
 
@@ -33,7 +34,12 @@ case "$phase" in
         run 420 python -m pytest tests/kernels -q -p no:cacheprovider -rs
         ;;
     contrastive)
-        run 560 python benchmarks/bench_contrastive.py --device cuda --time-budget 20
+        run 560 python benchmarks/bench_contrastive.py --device cuda --time-budget 20 \
+            --sizes 4096,8192,16384,32768,65536,131072,262144
+        ;;
+    contrastive-1m)
+        run 560 python benchmarks/bench_contrastive.py --device cuda --time-budget 30 \
+            --sizes 524288,1048576 --impls triton,chunked
         ;;
     optimize)
         run 560 python benchmarks/bench_optimize.py --device cuda --n 65536,262144,1048576
