@@ -43,6 +43,23 @@ def fixed_rows(
     return out, good
 
 
+def padded_lists(column, fill: float, dtype) -> np.ndarray:
+    """A list column (fixed or ragged) as [N, K], K the longest list and at least 1; short or null lists
+    padded with `fill`."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(arr)
+    if n == 0:
+        return np.zeros((0, 1), dtype=dtype)
+    lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    out = np.full((n, max(int(lengths.max()), 1)), fill, dtype=dtype)
+    values = pc.fill_null(arr.flatten(), pa.scalar(fill, arr.type.value_type))
+    out[np.arange(out.shape[1])[None, :] < lengths[:, None]] = values.to_numpy(zero_copy_only=False)
+    return out
+
+
 def row_norms(x: np.ndarray, chunk: int = 65_536) -> np.ndarray:
     """float32 L2 norm of each row of x (any float dtype), accumulated in float32 chunk by chunk."""
     out = np.empty(len(x), dtype=np.float32)

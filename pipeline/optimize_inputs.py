@@ -17,26 +17,10 @@ import numpy as np
 
 from manifests import Dep
 from pipeline.errors import ConfigError
-from pipeline.features import fixed_rows, usable_rows
+from pipeline.features import fixed_rows, padded_lists, usable_rows
 
 if TYPE_CHECKING:
     from pipeline.optimize import ShardInputs
-
-
-def padded_lists(column, fill: float, dtype) -> np.ndarray:
-    """A list column (fixed or ragged) as [N, K] with K the longest list; short or null lists padded."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    n = len(arr)
-    if n == 0:
-        return np.zeros((0, 0), dtype=dtype)
-    lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    out = np.full((n, int(lengths.max())), fill, dtype=dtype)
-    values = pc.fill_null(arr.flatten(), pa.scalar(fill, arr.type.value_type))
-    out[np.arange(out.shape[1])[None, :] < lengths[:, None]] = values.to_numpy(zero_copy_only=False)
-    return out
 
 
 @dataclass

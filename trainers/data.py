@@ -46,7 +46,7 @@ import numpy as np
 
 from manifests import digest_json, list_manifests, write_bytes_atomic
 from pipeline.errors import ConfigError
-from pipeline.features import fixed_rows, usable_rows
+from pipeline.features import fixed_rows, padded_lists, usable_rows
 
 if TYPE_CHECKING:
     import torch
@@ -515,6 +515,16 @@ def _row_positions(rows: EmbedRows) -> dict[int, dict[str, int]]:
     return positions
 
 
+def _embed_rows_of(table, where: dict[str, int], stage: str, shard: int) -> np.ndarray:
+    """int64 embed-row index of each of a `stage` shard's keys; a key embed does not hold is stale."""
+    idx = np.array([where.get(k, -1) for k in table["key"].to_pylist()], dtype=np.int64)
+    if idx.size and (idx < 0).any():
+        raise ConfigError(
+            f"{stage} shard {shard} holds keys that embed shard {shard} does not; rerun `pipeline {stage}`"
+        )
+    return idx
+
+
 def optimize_features(rows: EmbedRows) -> tuple[np.ndarray, dict[int, str]]:
     """float32 [N, D] pseudo_txt per embed row (NaN rows where the optimize stage has none), and the
     shards not usable with why."""
@@ -522,13 +532,7 @@ def optimize_features(rows: EmbedRows) -> tuple[np.ndarray, dict[int, str]]:
     out = np.full((len(rows), rows.clip.dim), np.nan, dtype=np.float32)
     positions = _row_positions(rows)
     for shard, table in tables.items():
-        where = positions[shard]
-        idx = np.array([where.get(k, -1) for k in table["key"].to_pylist()], dtype=np.int64)
-        if idx.size and (idx < 0).any():
-            raise ConfigError(
-                f"optimize shard {shard} holds keys that embed shard {shard} does not; "
-                "rerun `pipeline optimize`"
-            )
+        idx = _embed_rows_of(table, positions[shard], "optimize", shard)
         out[idx] = fixed_rows(table["pseudo_txt"], rows.clip.dim, np.float32, "nan")[0]
     return out, skipped
 
@@ -580,22 +584,15 @@ def caption_bank(cache: Path, dim: int) -> CaptionBank:
 def retrieve_features(rows: EmbedRows, tau_r: float, chunk: int = 8192) -> tuple[np.ndarray, dict[int, str]]:
     """float32 [N, D] h0 per embed row (see the module docstring; NaN rows without a usable neighbour),
     and the shards not usable with why."""
-    import pyarrow as pa
 
     tables, skipped = _stage_rows(rows, "retrieve", ["key", "nbr_ids", "nbr_sims"])
     bank = caption_bank(rows.cache, rows.clip.dim)
     out = np.full((len(rows), rows.clip.dim), np.nan, dtype=np.float32)
     positions = _row_positions(rows)
     for shard, table in tables.items():
-        where = positions[shard]
-        idx = np.array([where.get(k, -1) for k in table["key"].to_pylist()], dtype=np.int64)
-        if idx.size and (idx < 0).any():
-            raise ConfigError(
-                f"retrieve shard {shard} holds keys that embed shard {shard} does not; "
-                "rerun `pipeline retrieve`"
-            )
-        nbr_ids = _padded(table["nbr_ids"], -1, np.int64, pa)
-        nbr_sims = _padded(table["nbr_sims"], np.nan, np.float32, pa)
+        idx = _embed_rows_of(table, positions[shard], "retrieve", shard)
+        nbr_ids = padded_lists(table["nbr_ids"], -1, np.int64)
+        nbr_sims = padded_lists(table["nbr_sims"], np.nan, np.float32)
         for start in range(0, len(idx), chunk):
             ids = nbr_ids[start : start + chunk]  # [c, K]
             sims = nbr_sims[start : start + chunk]  # [c, K]
@@ -619,21 +616,6 @@ def retrieve_features(rows: EmbedRows, tau_r: float, chunk: int = 8192) -> tuple
             h0 = np.where(ok[:, None], h0 / np.maximum(norms, 1e-12), np.nan)
             out[idx[start : start + chunk]] = h0
     return out, skipped
-
-
-def _padded(column, fill, dtype, pa) -> np.ndarray:
-    """A (fixed or ragged) list column as [N, K]; short and null lists padded with `fill`."""
-    import pyarrow.compute as pc
-
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    n = len(arr)
-    if n == 0:
-        return np.zeros((0, 1), dtype=dtype)
-    lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    out = np.full((n, max(int(lengths.max()), 1)), fill, dtype=dtype)
-    values = pc.fill_null(arr.flatten(), pa.scalar(fill, arr.type.value_type)).to_numpy(zero_copy_only=False)
-    out[np.arange(out.shape[1])[None, :] < lengths[:, None]] = values
-    return out
 
 
 def caption_features_path(rows: EmbedRows) -> Path:

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.features import fixed_rows, row_norms, usable_rows
+from pipeline.features import fixed_rows, padded_lists, row_norms, usable_rows
 
 
 def test_all_rows_present_convert_in_one_step():
@@ -54,3 +54,14 @@ def test_row_norms_and_usable_rows_work_in_chunks():
     x[7, 1] = np.inf
     usable = usable_rows(x)
     assert usable.sum() == 997 and not usable[[3, 5, 7]].any()
+
+
+def test_padded_lists_pad_short_and_null_lists_to_the_longest():
+    column = pa.chunked_array([pa.array([[1, 2, 3], [4], None, []], pa.list_(pa.int64()))])
+    np.testing.assert_array_equal(
+        padded_lists(column, -1, np.int64), [[1, 2, 3], [4, -1, -1], [-1] * 3, [-1] * 3]
+    )
+    sims = padded_lists(pa.array([[0.5, None]], pa.list_(pa.float32())), np.nan, np.float32)
+    assert sims[0, 0] == 0.5 and np.isnan(sims[0, 1])  # null values take the fill too
+    assert padded_lists(pa.array([[], None], pa.list_(pa.int64())), -1, np.int64).shape == (2, 1)
+    assert padded_lists(pa.array([], pa.list_(pa.int64())), -1, np.int64).shape == (0, 1)
