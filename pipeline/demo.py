@@ -1,10 +1,12 @@
 """`pipeline demo`: the whole language-free story on the synthetic world, offline, in one command.
 
 1. render the world (labelled images + an independent caption corpus);
-2. train a small CLIP on its image-caption pairs (`trainers clip`): no pretrained CLIP offline;
+2. train a small CLIP on its own stream of fresh synthetic pairs (`trainers clip`): a real CLIP is
+   pretrained on pairs other than the generator's images, and none can be downloaded offline;
 3. `pipeline run` with that CLIP: embed, retrieve, optimize (pseudo text features from images alone);
-4. train a small LAFITE GAN on the pseudo text features (`trainers gan`);
-5. sample a grid for real prompts and evaluate (`trainers sample`, `trainers eval`).
+4. `trainers compare`: one LAFITE GAN per (condition, seed) at the same budget, trained on the LAFITE
+   baseline (`perturb`) and on the pipeline's pseudo text features (`optimize`), each evaluated the same
+   way, with a table, figures and a sample grid of real prompts.
 
 Each step is the same core its own command runs; outputs land under `--out`.
 """
@@ -17,45 +19,40 @@ from pathlib import Path
 from pipeline.errors import ConfigError
 
 PRESETS = {
-    # smoke: a minute, checks the wiring (the test suite runs it); cpu: about 7 minutes on 2 cores;
-    # gpu: larger world, 64 px, longer training
+    # smoke: a minute, checks the wiring (the test suite runs it); cpu: under 20 minutes on 2 cores (the
+    # CLIP about 4.5, the compare about 10; BENCHMARKS.md); gpu: larger world, longer training
     "smoke": dict(
         n=96,
         n_captions=300,
         image_size=32,
-        clip_size="tiny",
-        clip_steps=10,
-        gan_size="tiny",
-        gan_steps=4,
-        gan_batch=8,
-        eval_n=32,
+        max_objects=1,
+        clip=dict(size="tiny", steps=10, batch_size=33, pretrain_n=99, eval_n=32),
+        compare="smoke",
+        seeds=(0,),
         batch_size=32,
     ),
     "cpu": dict(
         n=2000,
         n_captions=5000,
         image_size=32,
-        clip_size="tiny",
-        clip_steps=300,
-        gan_size="tiny",
-        gan_steps=1500,
-        gan_batch=32,
-        eval_n=500,
+        max_objects=1,  # as the CLIP's pretraining stream: the recipe that reads every attribute (>= 0.9)
+        clip=dict(size="rn32"),
+        compare="cpu",
+        seeds=(0, 1),
         batch_size=256,
     ),
     "gpu": dict(
         n=20000,
         n_captions=100000,
-        image_size=64,
-        clip_size="small",
-        clip_steps=3000,
-        gan_size="small",
-        gan_steps=20000,
-        gan_batch=64,
-        eval_n=5000,
+        image_size=32,
+        max_objects=2,
+        clip=dict(size="rn32", max_objects=2, steps=20000, batch_size=510, pretrain_n=400_000),
+        compare="gpu",
+        seeds=(0, 1, 2),
         batch_size=1024,
     ),
 }
+DEMO_CONDITIONS = ("perturb", "optimize")  # the LAFITE baseline against the pipeline's features
 DEMO_PROMPTS = (
     "a small red circle on the left",
     "a large blue square at the top",
@@ -71,10 +68,7 @@ class DemoResult:
     world: Path
     cache: Path
     clip_eval: Path
-    gan_run: Path
-    grid: Path
-    eval_json: Path
-    eval: dict
+    compare: object  # trainers.compare.CompareResult
 
 
 def run_demo(out: Path, preset: str = "cpu", workers: int = 2, device: str = "auto") -> DemoResult:
@@ -84,9 +78,7 @@ def run_demo(out: Path, preset: str = "cpu", workers: int = 2, device: str = "au
     from pipeline.run import RunConfig, StageConfigs, run_pipeline
     from pipeline.synth import SynthConfig, run_synth
     from trainers.clip_train import ClipTrainConfig, train_clip
-    from trainers.evaluate import EvalConfig, evaluate
-    from trainers.sample import SampleConfig, load_generator, run_sample
-    from trainers.train_gan import GanConfig, run_gan
+    from trainers.compare import CompareConfig, compare_progress, run_compare
 
     if preset not in PRESETS:
         raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}")
@@ -94,20 +86,17 @@ def run_demo(out: Path, preset: str = "cpu", workers: int = 2, device: str = "au
     out = Path(out)
     world, cache = out / "world", out / "cache"
     synth = run_synth(
-        SynthConfig(out=world, n=p["n"], n_captions=p["n_captions"], image_size=p["image_size"])
+        SynthConfig(
+            out=world,
+            n=p["n"],
+            n_captions=p["n_captions"],
+            image_size=p["image_size"],
+            max_objects=p["max_objects"],
+        )
     )
     shards = tuple(str(s) for s in synth.shards)
 
-    clip = train_clip(
-        ClipTrainConfig(
-            data=shards,
-            out=out / "clip",
-            size=p["clip_size"],
-            steps=p["clip_steps"],
-            device=device,
-            force=True,
-        )
-    )
+    clip = train_clip(ClipTrainConfig(out=out / "clip", device=device, force=True, **p["clip"]))
     configs = StageConfigs(
         embed=EmbedConfig(
             inputs=shards,
@@ -126,32 +115,15 @@ def run_demo(out: Path, preset: str = "cpu", workers: int = 2, device: str = "au
     )
     run_pipeline(configs, RunConfig(cache=cache))
 
-    gan = run_gan(
-        GanConfig(
-            cache=cache,
-            out=out / "runs",
-            name="gan-demo",
-            size=p["gan_size"],
-            steps=p["gan_steps"],
-            batch_size=p["gan_batch"],
-            device=device,
-            sample_every=max(p["gan_steps"] // 3, 1),
-            checkpoint_every=0,
-        )
+    config = CompareConfig.from_preset(
+        p["compare"],
+        "gan",
+        cache=cache,
+        out=out / "compare",
+        conditions=DEMO_CONDITIONS,
+        seeds=p["seeds"],
+        device=device,
     )
-    sample = run_sample(
-        SampleConfig(
-            checkpoint=gan.checkpoint, prompts=DEMO_PROMPTS, out=out / "samples.png", n=6, device=device
-        )
-    )
-    generate, info = load_generator(gan.checkpoint, device=device)
-    evaluation = evaluate(
-        EvalConfig(
-            checkpoint=str(gan.checkpoint), cache=cache, out=out / "eval", n=p["eval_n"], device=device
-        ),
-        generate,
-        info,
-    )
-    return DemoResult(
-        world, cache, clip.eval_path, gan.run_dir, sample.grid, out / "eval" / "eval.json", evaluation
-    )
+    with compare_progress() as progress:
+        result = run_compare(config, progress)
+    return DemoResult(world, cache, clip.eval_path, result)

@@ -273,37 +273,6 @@ def plan_optimize(config: OptimizeConfig) -> OptimizePlan:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def attribute_precision(
-    bank: CaptionBank, rows: np.ndarray, truths: list[dict[str, str]]
-) -> dict[str, float | int | None]:
-    """Per attribute, the share of the nearest captions' stated values that match the image's first object.
-
-    The caption object compared is the one agreeing best with that first object (captions mention a
-    second object, in either order); an attribute a caption does not state is not counted.
-    """
-    from pipeline.synth import ATTRIBUTES
-
-    stated, correct = Counter(), Counter()
-    for row, truth in zip(rows.tolist(), truths, strict=True):
-        if row < 0:
-            continue
-        objects = bank.objects(row)
-        if not objects:
-            continue
-        best = max(objects, key=lambda o: sum(o.get(a) == truth.get(a) for a in ATTRIBUTES))
-        for attr in ATTRIBUTES:
-            if attr in best:
-                stated[attr] += 1
-                correct[attr] += best[attr] == truth.get(attr)
-    out: dict[str, float | int | None] = {
-        attr: round(correct[attr] / stated[attr], 6) if stated[attr] else None for attr in ATTRIBUTES
-    }
-    total = sum(stated.values())
-    out["mean"] = round(sum(correct.values()) / total, 6) if total else None
-    out["n"] = len(truths)
-    return out
-
-
 def _mean(values: np.ndarray) -> float | None:
     return round(float(values.mean()), 6) if len(values) else None
 
@@ -330,9 +299,12 @@ def optimize_schema(dim: int):
 def nearest_caption_precision(
     bank: CaptionBank, features, truths: list[dict[str, str] | None], device
 ) -> dict[str, Any] | None:
-    """Attribute precision of the exact nearest caption to each labelled row of `features` [n, D]."""
+    """Attribute precision (`pipeline.attribute_precision`) of the exact nearest caption of the bank to
+    each labelled row of `features` [n, D]; `truths`: each row's target object, None where unlabelled.
+    A row with no usable caption in the bank is not scored."""
     import torch
 
+    from pipeline.attribute_precision import attribute_precision
     from pipeline.optimize_methods import nearest_rows
 
     labelled = [i for i, truth in enumerate(truths) if truth is not None]
@@ -341,7 +313,10 @@ def nearest_caption_precision(
     bank_emb, bank_usable = bank.on(device)
     sel = torch.as_tensor(labelled, device=device)
     rows = nearest_rows(features[sel], bank_emb, bank_usable).cpu().numpy()
-    return attribute_precision(bank, rows, [truths[i] for i in labelled])
+    return attribute_precision(
+        (truths[i], bank.objects(row) if row >= 0 else None)
+        for i, row in zip(labelled, rows.tolist(), strict=True)
+    )
 
 
 def optimize_shard(task: OptimizeTask, progress: Progress | None = None) -> dict[str, Any]:

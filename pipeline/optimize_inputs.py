@@ -7,7 +7,6 @@ a one-line `ConfigError` that names the stage to rerun. The caption bank is load
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,16 +155,10 @@ def read_retrieve(path: Path, keys: list[str]) -> tuple[np.ndarray, np.ndarray, 
 
 
 def first_objects(labels: list[str | None]) -> list[dict[str, str] | None]:
-    """The first object of each image's labels JSON (synthetic world), or None."""
-    out = []
-    for text in labels:
-        try:
-            objects = json.loads(text).get("objects") if text else None
-        except (ValueError, AttributeError):
-            objects = None
-        first = objects[0] if isinstance(objects, list) and objects else None
-        out.append(first if isinstance(first, dict) else None)
-    return out
+    """The attribute-precision target of each image's labels JSON (its first object), or None."""
+    from pipeline.attribute_precision import target_object
+
+    return [target_object(text) for text in labels]
 
 
 @dataclass

@@ -16,7 +16,8 @@ The CLIP is the embed stage's (`embedded_clip`), never passed again; captions en
 (identity or dimension) are refused. `nbr_ids` are `caption_id`s: join them to `captions/*.parquet`.
 
 Quality check (synthetic world): when the embed sidecar carries attribute labels, the stats report the
-attribute precision of the retrieved captions, see `score_attributes`.
+attribute precision of the retrieved captions (`score_attributes`; the definition is
+pipeline/attribute_precision.py's).
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ from manifests import (
     write_json_atomic,
     write_parquet_atomic,
 )
+from pipeline.attribute_precision import (
+    ATTRIBUTES,
+    DEFINITION,
+    attribute_precision,
+    target_object,
+)
 from pipeline.captions import CaptionsConfig, caption_shard_outputs, plan_captions, run_captions
 from pipeline.errors import ConfigError
 from pipeline.index import (
@@ -67,7 +74,6 @@ from pipeline.progress import null_progress
 
 STAGE = "retrieve"
 STAGE_VERSION = "1"
-SCORED_ATTRIBUTES = ("shape", "colour", "size", "position")
 
 Progress = Callable[[int, list[str]], None]
 
@@ -283,75 +289,40 @@ def search_batched(
 # Quality: attribute precision on the synthetic world
 # ---------------------------------------------------------------------------------------------------------
 
-SCORING = (
-    "image target = the first object of the image's labels (drawing order). Each retrieved caption is "
-    "parsed with synth.parse_caption; of its objects, the one agreeing with the target on the most "
-    "attributes (first mentioned on ties) is compared attribute by attribute; a caption with no parsable "
-    "object misses every attribute. 'object' = all four attributes agree. precision@1 uses the top "
-    "caption, precision@k the mean over all k; both averaged over labelled images."
-)
-
-
-def _target_object(labels: str | None) -> dict[str, str] | None:
-    if not labels:
-        return None
-    try:
-        data = json.loads(labels)
-    except (json.JSONDecodeError, TypeError):
-        return None
-    objects = data.get("objects") if isinstance(data, dict) else None
-    if not objects or not isinstance(objects[0], dict):
-        return None
-    return objects[0]
-
-
-def best_matching_object(target: dict[str, str], objects: list[dict[str, str]]) -> dict[str, str] | None:
-    """The caption object that agrees with `target` on the most attributes (the first one on ties)."""
-    best, best_score = None, -1
-    for obj in objects:
-        score = sum(obj.get(a) is not None and obj.get(a) == target.get(a) for a in SCORED_ATTRIBUTES)
-        if score > best_score:
-            best, best_score = obj, score
-    return best
-
 
 def score_attributes(labels: list[str | None], nbr_texts: list[list[str]]) -> dict[str, Any] | None:
-    """Attribute precision@1 and @k of retrieved captions against the images' labels (see SCORING).
+    """Attribute precision@1 and @k of retrieved captions against the images' labels.
 
+    The definition is `pipeline.attribute_precision`'s (recorded in the stats as `scoring`): precision@1
+    scores the top caption, precision@k every one of the k (each image weighs the same, k captions each).
     `labels`: the embed sidecar's `labels` json per image (None where absent); `nbr_texts`: the retrieved
     caption texts per image, best first. None when no image carries object labels.
     """
-    from pipeline.synth import labels_match, parse_caption
+    from pipeline.synth import parse_caption
 
     parsed: dict[str, list[dict[str, str]]] = {}
-    names = (*SCORED_ATTRIBUTES, "object")
-    at_1: Counter = Counter()
-    at_k: Counter = Counter()
-    n_scored, k = 0, 0
-    for label, texts in zip(labels, nbr_texts, strict=True):
-        target = _target_object(label)
-        if target is None or not texts:
-            continue
-        n_scored += 1
-        k = len(texts)
-        for rank, text in enumerate(texts):
-            if text not in parsed:
-                parsed[text] = parse_caption(text)
-            obj = best_matching_object(target, parsed[text]) or {}
-            hits = {a: labels_match(obj, target, a) for a in SCORED_ATTRIBUTES}
-            hits["object"] = all(hits.values())
-            for name in names:
-                at_k[name] += hits[name]
-                if rank == 0:
-                    at_1[name] += hits[name]
-    if not n_scored:
+
+    def objects(text: str) -> list[dict[str, str]]:
+        if text not in parsed:
+            parsed[text] = parse_caption(text)
+        return parsed[text]
+
+    scored = [
+        (target, texts)
+        for label, texts in zip(labels, nbr_texts, strict=True)
+        if (target := target_object(label)) is not None and texts
+    ]
+    if not scored:
         return None
+    at_1 = attribute_precision((target, objects(texts[0])) for target, texts in scored)
+    at_k = attribute_precision((target, objects(text)) for target, texts in scored for text in texts)
+    figures = (*ATTRIBUTES, "object", "mean")
     return {
-        "n_scored": n_scored,
-        "k": k,
-        "precision_at_1": {name: round(at_1[name] / n_scored, 4) for name in names},
-        "precision_at_k": {name: round(at_k[name] / (n_scored * k), 4) for name in names},
-        "scoring": SCORING,
+        "n_scored": len(scored),
+        "k": len(scored[-1][1]),
+        "precision_at_1": {name: at_1[name] for name in figures},
+        "precision_at_k": {name: at_k[name] for name in figures},
+        "scoring": f"{DEFINITION}; precision@1: the top caption, precision@k: all k of every image",
     }
 
 
@@ -546,7 +517,7 @@ class RetrieveResult:
         precision = ""
         if self.summary.get("precision_at_1"):
             p1 = self.summary["precision_at_1"]
-            precision = "; precision@1 " + ", ".join(f"{a} {p1[a]:.2f}" for a in SCORED_ATTRIBUTES)
+            precision = "; precision@1 " + ", ".join(f"{a} {p1[a]:.2f}" for a in ATTRIBUTES)
         return [
             f"captions: {len(cap.shards_run)} shard(s) made ({cap.encoded:,} encoded, {cap.truncated:,} "
             f"truncated), {len(cap.shards_up_to_date)} up to date; {cap.n_captions:,} unique captions from "

@@ -2,7 +2,7 @@
 
 Commands turn options into a config and call the core in its module: `clip` (trainers/clip_train.py),
 `probe` (probe.py), `gan` (train_gan.py), `vae` (vae.py), `ldm` (train_ldm.py), `sample` (sample.py),
-`eval` (evaluate.py).
+`eval` (evaluate.py), `compare` (compare.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import typer
 from pipeline.cli import user_errors
 
 app = typer.Typer(
-    help="Train generators from the frozen feature cache: clip, probe, gan, vae, ldm, sample, eval.",
+    help="Train generators from the frozen feature cache: clip, probe, gan, vae, ldm, sample, eval, compare.",
     add_completion=False,
     pretty_exceptions_enable=False,
 )
@@ -207,12 +207,44 @@ def clip_command(
         ),
     ] = None,
     size: Annotated[
-        str, typer.Option("--size", help="tiny (lafite-tiny, 32 px) or small (lafite-small, 64 px).")
-    ] = "tiny",
-    steps: Annotated[int, typer.Option("--steps", help="Optimisation steps.")] = 300,
+        str,
+        typer.Option(
+            "--size",
+            help="rn32 (lafite-rn32: ModifiedResNet, 32 px; sees shape, colour, size and position), tiny "
+            "(lafite-tiny ViT, 32 px; for tests) or small (lafite-small ViT, 64 px).",
+        ),
+    ] = "rn32",
+    steps: Annotated[int, typer.Option("--steps", help="Optimisation steps.")] = 3000,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", help="Pairs per step (the InfoNCE negatives).")
-    ] = 64,
+        int,
+        typer.Option(
+            "--batch-size", help="Pairs per step (the InfoNCE negatives), in whole contrast groups."
+        ),
+    ] = 129,
+    pretrain_n: Annotated[
+        int,
+        typer.Option(
+            "--pretrain-n",
+            help="Without --data: how many fresh synthetic pairs to render for training (indices from "
+            "2*10^9, disjoint from every `pipeline synth` world and from the held-out eval images).",
+        ),
+    ] = 40000,
+    contrast_group: Annotated[
+        int,
+        typer.Option(
+            "--contrast-group",
+            help="Without --data: scenes per group that differ only in the first object's shape, so each "
+            "batch forces the loss to learn shape (1: independent pairs).",
+        ),
+    ] = 3,
+    max_objects: Annotated[
+        int,
+        typer.Option(
+            "--max-objects",
+            help="Without --data: objects per training image, 1 or 2 (2 binds attributes to objects in "
+            "two-object scenes but reads single objects less well in the same time; BENCHMARKS.md).",
+        ),
+    ] = 1,
     lr: Annotated[float, typer.Option("--lr", help="AdamW peak learning rate (warmup, then cosine).")] = 2e-3,
     seed: Annotated[int, typer.Option("--seed", help="Init, batch order and augmentation.")] = 0,
     eval_n: Annotated[
@@ -221,7 +253,8 @@ def clip_command(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUT/clip.pt.")] = False,
 ) -> None:
-    """Train a small CLIP (open_clip, bundled config) on image-caption shards, for offline caches.
+    """Train a small CLIP (open_clip, bundled config) for offline caches: on a fresh synthetic stream by
+    default (a real CLIP is pretrained on other pairs than the generator's), or on given image-caption shards.
 
     Then: `pipeline embed ... --clip-model OUT/clip_config.json --clip-pretrained OUT/clip.pt`.
     """
@@ -237,6 +270,9 @@ def clip_command(
         size=size,
         steps=steps,
         batch_size=batch_size,
+        pretrain_n=pretrain_n,
+        contrast_group=contrast_group,
+        max_objects=max_objects,
         lr=lr,
         seed=seed,
         eval_n=eval_n,
@@ -513,6 +549,125 @@ def ldm_command(
         f"ldm: step {result.step:,}, loss {result.losses['loss']:.4f}, {result.data['n_images']:,} images "
         f"({result.data['pairs']:,} pairs) -> {result.checkpoint}"
     )
+
+
+@app.command("compare")
+@user_errors
+def compare_command(
+    cache: Annotated[Path, typer.Option("--cache", help="Feature cache every run trains on.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Comparison directory: runs/, results.csv, report.md, figures.")
+    ],
+    generator: Annotated[str, typer.Option("--generator", help="gan, or ldm (one shared VAE).")] = "gan",
+    conditions: Annotated[
+        str, typer.Option("--conditions", help="Comma-separated: perturb, retrieve, optimize, caption.")
+    ] = "perturb,retrieve,optimize,caption",
+    seeds: Annotated[
+        str, typer.Option("--seeds", help="Comma-separated seeds: one run per condition and seed.")
+    ] = "0,1",
+    preset: Annotated[
+        str,
+        typer.Option(
+            "--preset",
+            help="Budget: smoke (seconds, tests), cpu (~10 min on 2 cores for 2 conditions x 2 seeds), gpu.",
+        ),
+    ] = "cpu",
+    size: Annotated[
+        str | None, typer.Option("--size", help="Generator size. (default: the preset's)", show_default=False)
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option("--steps", help="Steps of every run. (default: the preset's)", show_default=False),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size", help="Images per step of every run. (default: the preset's)", show_default=False
+        ),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            "--lr", help="Learning rate of every run. (default: the generator's)", show_default=False
+        ),
+    ] = None,
+    eval_n: Annotated[
+        int | None,
+        typer.Option(
+            "--eval-n",
+            help="Images `trainers eval` generates per run. (default: the preset's)",
+            show_default=False,
+        ),
+    ] = None,
+    eval_seed: Annotated[int, typer.Option("--eval-seed", help="Eval prompts and noise, for every run.")] = 0,
+    probe: Annotated[
+        Path | None,
+        typer.Option(
+            "--probe", help="A `trainers probe` file. (default: trained once per cache)", show_default=False
+        ),
+    ] = None,
+    vae_size: Annotated[
+        str | None, typer.Option("--vae-size", help="ldm: the shared VAE's size.", show_default=False)
+    ] = None,
+    vae_steps: Annotated[
+        int | None, typer.Option("--vae-steps", help="ldm: the shared VAE's steps.", show_default=False)
+    ] = None,
+    sample_steps: Annotated[
+        int | None,
+        typer.Option("--sample-steps", help="ldm: sampler steps in eval and samples.", show_default=False),
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    features_only: Annotated[
+        bool,
+        typer.Option(
+            "--features-only", help="Only the feature-level table and histograms (seconds, no training)."
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the resolved config and which runs would run, and exit.")
+    ] = False,
+) -> None:
+    """One generator per (condition, seed) at the same budget, the same eval for each, and a report.
+
+    Each run is committed with a manifest: a rerun makes only the missing or stale runs.
+    """
+    from trainers import compare as core
+
+    config = core.CompareConfig.from_preset(
+        preset,
+        generator,
+        cache=cache,
+        out=out,
+        conditions=core.parse_list(conditions, "--conditions"),
+        seeds=core.parse_list(seeds, "--seeds", int),
+        size=size,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        eval_n=eval_n,
+        eval_seed=eval_seed,
+        probe=probe,
+        vae_size=vae_size,
+        vae_steps=vae_steps,
+        sample_steps=sample_steps,
+        device=device,
+    )
+    config.validate()
+    if dry_run:
+        typer.echo(json.dumps(config.to_dict(), indent=1))
+        plan = core.plan_compare(config)
+        for name, reason in plan.reasons.items():
+            typer.echo(f"{name}: {'up to date' if reason is None else 'would run: ' + reason}")
+        return
+    if features_only:
+        report = core.features_only(config)
+        table = Path(config.out) / "features.md"
+        typer.echo(table.read_text() if table.is_file() else json.dumps(report, indent=1))
+        typer.echo(f"compare --features-only -> {config.out}")
+        return
+    with core.compare_progress() as advance:
+        result = core.run_compare(config, advance)
+    typer.echo(core.describe(result))
 
 
 def main() -> None:

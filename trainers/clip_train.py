@@ -29,7 +29,6 @@ import json
 import math
 import random
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -39,19 +38,25 @@ import numpy as np
 
 from manifests import write_bytes_atomic, write_json_atomic
 from pipeline.errors import ConfigError, require_at_least
+from trainers.clip_data import PRETRAIN_INDEX, batch_rows, read_pairs, render_pairs
 
-CLIP_SIZES = {"tiny": "lafite-tiny", "small": "lafite-small"}  # --size -> bundled open_clip config
+# --size -> bundled open_clip config: rn32 (ModifiedResNet, 32 px) is the one that sees every attribute;
+# tiny is for tests; small is a 64 px ViT
+CLIP_SIZES = {"rn32": "lafite-rn32", "tiny": "lafite-tiny", "small": "lafite-small"}
 HELD_OUT_INDEX = 10**9  # first index of the evaluation images: beyond any `pipeline synth` key (9 digits)
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
 @dataclass(frozen=True)
 class ClipTrainConfig:
-    data: tuple[str, ...]  # image+caption inputs: WebDataset tars (the synthetic world), folders, Parquet
-    out: Path | None  # run directory (clip.pt, clip_config.json, clip_eval.json); None: runs/NNN-clip-SIZE
-    size: str = "tiny"  # tiny | small (bundled open_clip configs lafite-tiny / lafite-small)
-    steps: int = 300  # optimisation steps
-    batch_size: int = 64  # pairs per step (the InfoNCE negatives)
+    data: tuple[str, ...] = ()  # image+caption inputs (tars, folders, Parquet); (): a fresh synthetic stream
+    out: Path | None = None  # run dir (clip.pt, clip_config.json, clip_eval.json); None: runs/NNN-clip-SIZE
+    size: str = "rn32"  # a CLIP_SIZES key (bundled open_clip configs)
+    steps: int = 3000  # optimisation steps
+    batch_size: int = 129  # pairs per step (the InfoNCE negatives), rounded down to whole contrast groups
+    pretrain_n: int = 40000  # fresh synthetic pairs rendered for training when no --data is given
+    contrast_group: int = 3  # scenes per group that differ only in shape (see trainers.clip_data)
+    max_objects: int = 1  # objects per synthetic training image (1 or 2; see bench_clip in BENCHMARKS.md)
     lr: float = 2e-3  # AdamW peak learning rate (3e-3 collapsed to a constant embedding on the tiny model)
     weight_decay: float = 0.1  # on matrices only
     warmup: int = 50  # linear warmup steps (clamped to steps // 2)
@@ -64,9 +69,11 @@ class ClipTrainConfig:
     def validate(self) -> None:
         if self.size not in CLIP_SIZES:
             raise ConfigError(f"--size {self.size}: choose one of {', '.join(CLIP_SIZES)}")
-        if not self.data:
-            raise ConfigError("--data: give the image-caption shards to train on (e.g. 'world/*.tar')")
+        if self.max_objects not in (1, 2):
+            raise ConfigError("--max-objects must be 1 or 2")
         require_at_least(
+            ("--pretrain-n", self.pretrain_n, 2),
+            ("--contrast-group", self.contrast_group, 1),
             ("--steps", self.steps, 1),
             ("--batch-size", self.batch_size, 2),
             ("--warmup", self.warmup, 0),
@@ -86,48 +93,6 @@ class ClipTrainConfig:
             raise ConfigError(
                 f"--out {out}: already holds clip.pt; pass --force to overwrite it or another --out"
             )
-
-
-@dataclass
-class PairedImages:
-    pixels: Any  # uint8 [N, 3, S, S]
-    captions: list[str]
-    dropped: dict[str, int]  # samples skipped, by reason
-
-
-def read_pairs(inputs: tuple[str, ...], image_size: int) -> PairedImages:
-    """Every sample with an image and a caption, decoded and fitted to `image_size` (centre crop)."""
-    import torch
-    from PIL import Image
-
-    from pipeline.images import fit_square
-    from pipeline.sources import Skip, expand_inputs, read_unit
-
-    units = expand_inputs(list(inputs))
-    arrays, captions, dropped = [], [], Counter()
-    for unit in units:
-        for item in read_unit(unit):
-            if isinstance(item, Skip):
-                dropped[item.reason] += 1
-                continue
-            if not item.caption:
-                dropped["no_caption"] += 1
-                continue
-            try:
-                with Image.open(io.BytesIO(item.data)) as img:
-                    rgb = fit_square(img.convert("RGB"), image_size)
-                    arrays.append(np.asarray(rgb, dtype=np.uint8))
-            except Exception:  # noqa: BLE001 - any decoder failure is one dropped sample
-                dropped["undecodable"] += 1
-                continue
-            captions.append(item.caption)
-    if len(captions) < 2:
-        raise ConfigError(
-            f"--data: found {len(captions)} image-caption pair(s) in {len(units)} input(s); training needs "
-            "at least 2 (the synthetic world's shards have a caption per image: `pipeline synth`)"
-        )
-    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # [N, 3, S, S]
-    return PairedImages(pixels, captions, dict(dropped))
 
 
 def build_clip(size: str, seed: int, device):
@@ -230,7 +195,12 @@ def train_clip(config: ClipTrainConfig, progress: Callable[[int], None] | None =
         config = replace(config, out=new_run_dir(Path("runs"), f"clip-{config.size}"))
     model, tokenizer, name, model_cfg, mean, std, image_size = build_clip(config.size, config.seed, device)
     t0 = time.perf_counter()
-    data = read_pairs(config.data, image_size)
+    if config.data:
+        data = read_pairs(config.data, image_size)
+    else:
+        data = render_pairs(
+            config.pretrain_n, config.seed, image_size, config.contrast_group, config.max_objects
+        )
     tokens = tokenizer(data.captions)  # [N, context_length]
     t_read = time.perf_counter()
 
@@ -239,14 +209,9 @@ def train_clip(config: ClipTrainConfig, progress: Callable[[int], None] | None =
     loss_fn = ClipLoss()
     generator = torch.Generator().manual_seed(config.seed)
     n = len(data.captions)
-    batch = min(config.batch_size, n)
-    order = torch.randperm(n, generator=generator)
-    cursor, losses = 0, []
+    losses = []
     for step in range(config.steps):
-        if cursor + batch > n:  # a new epoch: reshuffle, drop the ragged end
-            order, cursor = torch.randperm(n, generator=generator), 0
-        idx = order[cursor : cursor + batch]
-        cursor += batch
+        idx = batch_rows(data, config.batch_size, generator)  # [B]
         images = normalise(augment(data.pixels[idx], generator), mean, std).to(device)  # [B, 3, S, S]
         text = tokens[idx].to(device)  # [B, L]
         for optimizer in optimizers:
@@ -287,7 +252,15 @@ def train_clip(config: ClipTrainConfig, progress: Callable[[int], None] | None =
         "pairs": n,
         "dropped": data.dropped,
         "steps": config.steps,
-        "batch_size": batch,
+        "batch_size": int(idx.numel()),
+        "training_data": list(config.data)
+        or {
+            "stream": "fresh synthetic pairs",
+            "first_index": PRETRAIN_INDEX,
+            "seed": config.seed,
+            "contrast_group": config.contrast_group,
+            "max_objects": config.max_objects,
+        },
         "loss_first": round(float(np.mean(losses[: max(1, min(10, len(losses) // 10))])), 4),
         "loss_last": round(float(np.mean(losses[-max(1, min(10, len(losses) // 10)) :])), 4),
         "loss_every_10": [round(v, 4) for v in losses[::10]],
@@ -299,6 +272,9 @@ def train_clip(config: ClipTrainConfig, progress: Callable[[int], None] | None =
         with torch.no_grad():
             evaluation.update(
                 zero_shot(model, tokenizer, mean, std, image_size, config.eval_n, config.eval_seed, device)
+            )
+            evaluation["zero_shot_two_objects"] = zero_shot_slots(
+                model, tokenizer, mean, std, image_size, config.eval_n, config.eval_seed, device
             )
     eval_path = out / "clip_eval.json"
     write_json_atomic(eval_path, evaluation)
@@ -399,6 +375,46 @@ def zero_shot(model, tokenizer, mean, std, image_size: int, n: int, seed: int, d
         "image_to_caption_top1": round(top1, 4),
         "eval_images": {"n": n, "seed": seed, "first_index": HELD_OUT_INDEX, "objects": 1},
     }
+
+
+def zero_shot_slots(model, tokenizer, mean, std, image_size: int, n: int, seed: int, device) -> dict:
+    """Zero-shot accuracy per object slot on held-out two-object images, by caption swap: for slot i and
+    attribute a, the candidates are the image's true caption with slot i's a set to each possible value
+    (same template and wording), and the prediction is the candidate of highest cosine. This asks whether
+    the CLIP binds each attribute to the right object, which class prompts cannot."""
+    import torch
+
+    from pipeline.synth import COLOURS, POSITIONS, SHAPES, SIZES, make_caption
+
+    values = {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "position": POSITIONS}
+    pixels, labels = held_out_images(n, seed, image_size, max_objects=2)
+    keep = [i for i, lab in enumerate(labels) if len(lab["objects"]) == 2]
+    if not keep:
+        return {}
+    img = torch.cat(
+        [
+            model.encode_image(normalise(pixels[keep[i : i + 256]], mean, std).to(device), normalize=True)
+            for i in range(0, len(keep), 256)
+        ]
+    ).float()  # [m, D]
+    accuracy: dict[str, dict[str, float]] = {}
+    for slot in (0, 1):
+        accuracy[f"object_{slot + 1}"] = {}
+        for attribute, names in values.items():
+            texts, truth = [], []
+            for i in keep:
+                objects = labels[i]["objects"]
+                truth.append(names.index(objects[slot][attribute]))
+                for value in names:
+                    swapped = [dict(o) for o in objects]
+                    swapped[slot][attribute] = value
+                    texts.append(make_caption(swapped, random.Random(f"trainers/clip/slots/{i}")))
+            txt = encode_text_batched(model, tokenizer, texts, device).view(len(keep), len(names), -1)
+            pred = torch.einsum("md,mcd->mc", img, txt).argmax(dim=1).cpu()
+            accuracy[f"object_{slot + 1}"][attribute] = round(
+                float((pred == torch.tensor(truth)).float().mean()), 4
+            )
+    return {**accuracy, "n_images": len(keep), "seed": seed}
 
 
 def describe(result: ClipTrainResult) -> str:

@@ -88,9 +88,9 @@ class EvalConfig:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def synthetic_prompts(n: int, seed: int) -> list[str]:
-    """n synthetic-world captions: one single-object prompt per held-out pair, then 1-2 object captions
-    over every colour-shape pair (held-out ones included), from a random stream of their own."""
+def synthetic_prompts(n: int, seed: int, max_objects: int = 2) -> list[str]:
+    """n synthetic-world captions: one single-object prompt per held-out pair, then 1..max_objects object
+    captions over every colour-shape pair (held-out ones included), from a random stream of their own."""
     from pipeline.synth import COLOURS, HELD_OUT_PAIRS, POSITIONS, SHAPES, SIZES, make_caption, sample_objects
 
     rng = random.Random(f"trainers/eval/prompts/{seed}")
@@ -100,8 +100,18 @@ def synthetic_prompts(n: int, seed: int) -> list[str]:
         prompts.append(make_caption([obj], rng))
     all_pairs = [(c, s) for c in COLOURS for s in SHAPES]
     while len(prompts) < n:
-        prompts.append(make_caption(sample_objects(rng, 2, pairs=all_pairs), rng))
+        prompts.append(make_caption(sample_objects(rng, max_objects, pairs=all_pairs), rng))
     return prompts[:n]
+
+
+def world_max_objects(rows, sample: int = 2000) -> int:
+    """The most objects any of (a seeded sample of) the cache's labelled images has; 2 without labels.
+    Prompts then ask for no more objects than the generator's world shows."""
+    from trainers.data import labels_of
+
+    pick = np.random.default_rng(0).permutation(len(rows))[:sample]
+    counts = [len((labels_of(rows, int(r)) or {}).get("objects") or []) for r in pick]
+    return max(counts, default=0) or 2
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -274,12 +284,14 @@ def evaluate(
     notes = check_clip(info, rows.clip)
     bundle = load_cache_clip(rows.clip, str(device))
 
+    max_objects = None
     if config.prompts is not None:
         unique = read_prompts(config.prompts)
         source = str(config.prompts)
     else:
-        unique = synthetic_prompts(min(config.n, 1000), config.seed)
-        source = f"synthetic (seed {config.seed})"
+        max_objects = world_max_objects(rows)
+        unique = synthetic_prompts(min(config.n, 1000), config.seed, max_objects)
+        source = f"synthetic (seed {config.seed}, 1-{max_objects} objects: as the cache's images)"
     prompts = [unique[i % len(unique)] for i in range(config.n)]
     text_unique = clip_text_features(bundle, unique)  # [P, D]
     text = text_unique[np.arange(config.n) % len(unique)]  # [N, D]
@@ -308,6 +320,7 @@ def evaluate(
         "prompts": {
             "source": source,
             "unique": len(unique),
+            "max_objects": max_objects,
             "naming_held_out_pairs": sum(names_held_out_pair(parse_caption(p)) for p in unique),
         },
         "image_size": {"generated": int(generated.shape[-1]), "real": int(real.shape[-1])},

@@ -347,7 +347,13 @@ def score_objects(
     predictions: dict[str, np.ndarray], targets: list[list[dict[str, str]]]
 ) -> dict[str, list[bool]]:
     """Per named attribute, one bool per scored object (see the module docstring); `count` one per image,
-    `all` one per object (every attribute it names right). Objects may be partial ("a red star")."""
+    `all` one per object (every attribute it names right). Objects may be partial ("a red star").
+
+    The probe's reading of an object is turned into an object (the position of its slot when the slot is
+    one of the k seen, and the shape, colour and size read there), then scored with the hit rule every
+    attribute-precision figure uses (`pipeline.attribute_precision.object_hits`)."""
+    from pipeline.attribute_precision import object_hits
+
     vocab = vocabulary()
     scores: dict[str, list[bool]] = {a: [] for a in ("shape", "colour", "size", "position", "count", "all")}
     for i, objects in enumerate(targets):
@@ -361,22 +367,23 @@ def score_objects(
         seen = {s for s in ranked[: len(objects)] if occupied[s]}
         read: set[int] = set()
         for obj in objects:
-            correct = []
-            slot = (
-                vocab["position"].index(obj["position"]) if obj.get("position") in vocab["position"] else None
-            )
-            if slot is not None:
-                correct.append(slot in seen)
-                scores["position"].append(correct[-1])
+            named = obj.get("position")
+            slot = vocab["position"].index(named) if named in vocab["position"] else None
+            position_seen = slot is not None and slot in seen  # right even if another object read it
             if slot is None or slot not in seen or slot in read:
                 free = [s for s in ranked if s not in read]
                 slot = free[0] if free else ranked[0]
             read.add(slot)
-            for attr in SLOT_ATTRIBUTES:
-                if obj.get(attr) in vocab[attr]:
-                    correct.append(int(predictions[attr][i, slot]) == vocab[attr].index(obj[attr]))
-                    scores[attr].append(correct[-1])
-            scores["all"].append(all(correct))
+            reading = {a: vocab[a][int(predictions[a][i, slot])] for a in SLOT_ATTRIBUTES}
+            if position_seen:
+                reading["position"] = named
+            # Values outside the vocabulary are not scored (a hand-written prompt's typo is not a miss).
+            named_object = {a: v for a, v in obj.items() if a in vocab and v in vocab[a]}
+            hits = object_hits(named_object, reading)
+            for attr in vocab:
+                if attr in hits:
+                    scores[attr].append(hits[attr])
+            scores["all"].append(hits["object"])
         scores["count"].append(int(occupied.sum()) == len(objects))
     return scores
 

@@ -393,10 +393,15 @@ def _trim_metrics(path: Path, last_step: int) -> None:
 
 
 @contextlib.contextmanager
-def _progress(total: int, start: int, enabled: bool):
+def _progress(total: int, start: int, enabled: bool | Callable[[int], None]):
+    """The run's own bar; a callable `enabled` is called with 1 per step instead (a caller's bar)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pipeline.progress import stderr
+
+    if callable(enabled):
+        yield lambda **fields: enabled(1)
+        return
 
     columns = [
         TextColumn("[bold]gan"),
@@ -415,9 +420,10 @@ def run_gan(
     config: GanConfig,
     source: DataSource | None = None,
     resume_state: dict | None = None,
-    progress: bool = True,
+    progress: bool | Callable[[int], None] = True,
 ) -> GanResult:
-    """Train (or continue) a run; checkpoints, sample grids, config.json and metrics.jsonl in its dir."""
+    """Train (or continue) a run; checkpoints, sample grids, config.json and metrics.jsonl in its dir.
+    `progress`: show the run's bar (True), nothing (False), or call `progress(1)` after every step."""
     from pipeline.clip import encode_texts, load_clip
     from trainers.sample import write_grid
 

@@ -122,18 +122,19 @@ def test_stats_report_attribute_precision_of_retrieved_captions(base):
     precision = stats["precision"]
     assert precision["n_scored"] == stats["rows"] == 20 and precision["k"] == K
     for at in ("precision_at_1", "precision_at_k"):
-        assert set(precision[at]) == {"shape", "colour", "size", "position", "object"}
+        assert set(precision[at]) == {"shape", "colour", "size", "position", "object", "mean"}
         assert all(0.0 <= v <= 1.0 for v in precision[at].values())
     # Recompute precision@1 for shape from the outputs, the caption texts and the image labels.
     _, texts = _caption_bank(cache)
     _, ids, _ = _retrieved(cache, 0)
     labels = pq.read_table(cache / "embed" / "00000.parquet", columns=["labels"]).column(0).to_pylist()
+    from pipeline.attribute_precision import matching_object
     from pipeline.synth import parse_caption
 
     hits = []
     for label, row in zip(labels, ids, strict=True):
         target = json.loads(label)["objects"][0]
-        best = rt.best_matching_object(target, parse_caption(texts[row[0]]))
+        best = matching_object(target, parse_caption(texts[row[0]]))
         hits.append(best is not None and best.get("shape") == target["shape"])
     assert precision["precision_at_1"]["shape"] == pytest.approx(np.mean(hits), abs=1e-4)
     empty = json.loads((cache / "retrieve" / "00003.stats.json").read_text())
@@ -165,6 +166,7 @@ def test_score_attributes_on_hand_made_captions():
         "size": 1.0,
         "position": 1.0,
         "object": 1.0,
+        "mean": 1.0,
     }
     at_k = score["precision_at_k"]
     assert at_k["shape"] == pytest.approx((2 + 3) / 6, abs=1e-4)
@@ -172,6 +174,7 @@ def test_score_attributes_on_hand_made_captions():
     assert at_k["size"] == pytest.approx((2 + 2) / 6, abs=1e-4)
     assert at_k["position"] == pytest.approx((1 + 3) / 6, abs=1e-4)
     assert at_k["object"] == pytest.approx((1 + 2) / 6, abs=1e-4)
+    assert at_k["mean"] == pytest.approx((5 + 4 + 4 + 4) / 24, abs=1e-4)
     assert rt.score_attributes([None], [["a red circle"]]) is None
 
 

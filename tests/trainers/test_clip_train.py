@@ -14,9 +14,10 @@ from typer.testing import CliRunner
 
 from pipeline.clip import encode_images, encode_texts, load_clip
 from pipeline.embed import EmbedConfig, run_embed
-from pipeline.synth import ATTRIBUTES, SynthConfig, run_synth
+from pipeline.synth import ATTRIBUTES, SynthConfig, parse_caption, run_synth
 from trainers.cli import app
-from trainers.clip_train import ClipTrainConfig, held_out_images, train_clip
+from trainers.clip_data import PRETRAIN_INDEX, batch_rows, contrast_group, render_pairs
+from trainers.clip_train import HELD_OUT_INDEX, ClipTrainConfig, held_out_images, train_clip
 
 runner = CliRunner()
 
@@ -36,6 +37,7 @@ def trained(world, tmp_path_factory):
     config = ClipTrainConfig(
         data=(str(world / "*.tar"),),
         out=tmp_path_factory.mktemp("run"),
+        size="tiny",
         steps=40,
         batch_size=32,
         warmup=5,
@@ -132,7 +134,9 @@ def test_clip_cli_trains_and_refuses_to_overwrite(world, tmp_path):
         (["--data", "nowhere/*.tar"], "nowhere"),
         (["--data", "WORLD", "--size", "huge"], "--size"),
         (["--data", "WORLD", "--steps", "0"], "--steps"),
-        ([], "--data"),
+        (["--contrast-group", "7"], "--contrast-group"),
+        (["--max-objects", "3"], "--max-objects"),
+        (["--pretrain-n", "1"], "--pretrain-n"),
     ],
 )
 def test_clip_cli_errors_are_one_line(world, tmp_path, extra, message):
@@ -141,3 +145,42 @@ def test_clip_cli_errors_are_one_line(world, tmp_path, extra, message):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith("warning")]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.output, result.output
+
+
+def test_contrast_groups_differ_only_in_the_first_objects_shape():
+    for index in range(PRETRAIN_INDEX, PRETRAIN_INDEX + 12):
+        pairs = contrast_group(seed=0, index=index, group=3, image_size=32, max_objects=2)
+        objects = [parse_caption(caption) for _, caption in pairs]
+        assert len({tuple(o[0].items()) for o in objects}) == 3  # three different first objects...
+        assert len({o[0]["shape"] for o in objects}) == 3  # ...by shape
+        for other in objects[1:]:
+            assert [{k: v for k, v in o.items() if k != "shape"} for o in other[:1]] == [
+                {k: v for k, v in objects[0][0].items() if k != "shape"}
+            ]
+            assert other[1:] == objects[0][1:]  # the second object, if any, is the same
+        images = [image for image, _ in pairs]
+        assert all(image.shape == (3, 32, 32) for image in images)
+        assert not torch.equal(images[0], images[1])
+
+
+def test_the_pretraining_stream_is_disjoint_from_worlds_and_eval_images():
+    assert PRETRAIN_INDEX >= 2 * HELD_OUT_INDEX  # eval images use [10^9, 2 * 10^9), worlds < 10^9
+    pairs = render_pairs(10, seed=0, image_size=32, group=3, max_objects=1)
+    assert len(pairs.captions) == 12 and pairs.group == 3  # whole groups, rounded up
+    rows = batch_rows(pairs, batch=7, generator=torch.Generator().manual_seed(0))
+    assert len(rows) == 6 and all(int(rows[i]) // 3 == int(rows[i + 1]) // 3 for i in (0, 1, 3, 4))
+
+
+def test_the_stream_recipe_at_test_size_lowers_the_loss_and_beats_chance_on_colour(tmp_path):
+    config = ClipTrainConfig(
+        out=tmp_path / "run", size="rn32", steps=200, batch_size=33, pretrain_n=990, warmup=20, eval_n=120,
+        device="cpu",
+    )  # fmt: skip
+    result = train_clip(config)
+    first, last = np.mean(result.losses[:5]), np.mean(result.losses[-5:])
+    assert last < first - 0.5, result.losses
+    ev = result.evaluation
+    assert ev["zero_shot"]["colour"] > ev["chance"]["colour"] + 0.25, ev["zero_shot"]
+    assert ev["training_data"]["first_index"] == PRETRAIN_INDEX
+    slots = ev["zero_shot_two_objects"]
+    assert slots["n_images"] > 20 and set(slots["object_1"]) == set(ATTRIBUTES)

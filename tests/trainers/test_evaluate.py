@@ -127,7 +127,7 @@ def test_eval_writes_every_field(results, tmp_path_factory):
     assert written["fid_features"] == f"clip:{TINY_CLIP}" and written["fid_inception"] is None
     assert written["checkpoint"] == "oracle.pt" and written["n"] == N and written["n_real"] == 40
     assert (
-        written["prompts"]["source"] == "synthetic (seed 0)"
+        written["prompts"]["source"].startswith("synthetic (seed 0, 1-2 objects")
         and written["prompts"]["naming_held_out_pairs"] >= 4
     )
     assert written["paired"] == {"paired_fraction": 0.25}
@@ -137,7 +137,8 @@ def test_eval_writes_every_field(results, tmp_path_factory):
     grid = Image.open(written["grid"]["file"])
     assert grid.size == (8 * 34 + 2, 8 * 34 + 2)  # 64 images of 32 px, 8 per row, 2 px gaps
     prompts_file = next(out.glob("evals*/oracle/grid_prompts.txt"))
-    assert prompts_file.read_text().splitlines() == synthetic_prompts(N, 0)[:64]
+    max_objects = written["prompts"]["max_objects"]
+    assert prompts_file.read_text().splitlines() == synthetic_prompts(N, 0, max_objects)[:64]
 
 
 def test_metrics_order_oracle_real_images_and_noise(results):
@@ -154,7 +155,12 @@ def test_prompt_file_without_synthetic_captions_has_no_attribute_accuracy(cache,
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# comment\nhello world\n\nan empty room\n")
     result = run(cache, tmp_path, "free", noise, probe, prompts=prompts, grid=0)
-    assert result["prompts"] == {"source": str(prompts), "unique": 2, "naming_held_out_pairs": 0}
+    assert result["prompts"] == {
+        "source": str(prompts),
+        "unique": 2,
+        "max_objects": None,
+        "naming_held_out_pairs": 0,
+    }
     assert result["attribute_accuracy"] is None and result["probe"] is None
     assert not (tmp_path / "free" / "grid.png").exists() and (tmp_path / "free" / "eval.json").is_file()
 

@@ -1,0 +1,749 @@
+"""`trainers compare`: one generator per (condition, seed) at the same budget, the same eval for each.
+
+This is how a user decides which pseudo text features to train on: every conditioning source
+(`perturb`, `retrieve`, `optimize`, `caption`) gets the same generator, steps, batch, size and learning
+rate, is evaluated by `trainers eval` with the same n, prompts and seed, and is sampled for the same
+prompts. The report (trainers/compare_report.py) puts the runs side by side, with the chance and
+real-image rows, and the feature-level Lafite2 Figure 1 histograms (trainers/compare_features.py).
+
+    OUT/runs/{condition}-s{seed}/000-{gan|ldm}/     the run (its final checkpoint, config.json, metrics)
+    OUT/runs/{condition}-s{seed}/eval/eval.json     `trainers eval` of it
+    OUT/runs/{condition}-s{seed}/samples.png        `trainers sample` of the sample prompts (+ samples/)
+    OUT/vae/000-vae/                                ldm only: one VAE, trained once, shared by every run
+    OUT/_manifests/{condition}-s{seed}.json         the run's commit point, written last
+    OUT/_manifests/vae.json
+    OUT/results.json, results.csv, report.md, accuracy_bars.png, samples.png
+    OUT/features.json, features.md, similarity_histograms.png       (feature level, no training)
+
+Each run is a keyed unit, like a stage shard (manifests/):
+
+    key = hash("compare/{generator}", COMPARE_VERSION, keyed params, sorted dep digests)
+
+Keyed params: the generator's whole config except where it writes and how it runs (out, name, device,
+workers, how often it logs, samples and checkpoints), the eval settings (n, seed, batch, prompts) and the
+sample prompts and seed. Deps: the cache CLIP's identity; the output digests of the stages the condition
+reads (embed tars and sidecars for all; + optimize; + retrieve and captions); the probe (its config, or
+the --probe file's content); for ldm the shared VAE checkpoint's content digest. So a rerun does
+nothing when every run is committed, changing the budget reruns every run, adding a condition or a seed
+runs only the new ones, and a run killed at any instant (a run directory without a matching manifest)
+is removed and redone. The whole compare holds OUT/.lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from manifests import (
+    Dep,
+    check_outputs,
+    clean_temp_files,
+    digest_file_content,
+    digest_json,
+    stat_out,
+    write_json_atomic,
+)
+from manifests.faults import crash_point
+from manifests.manifest import MANIFEST_DIR, environment, fingerprint_key
+from pipeline.errors import ConfigError, require_at_least
+
+COMPARE_VERSION = "1"
+GENERATORS = ("gan", "ldm")
+CONDITIONS = ("perturb", "retrieve", "optimize", "caption")  # trainers.data.CONDITIONS, in report order
+RUNS_DIR = "runs"
+VAE_UNIT = "vae"
+
+# Budgets per preset and generator; explicit flags override them. Sized on the 2-core development machine,
+# one torch thread, the lafite-tiny CLIP (32 px): a tiny-GAN step of batch 32 takes 0.11 s idle and
+# 0.155 s with another training job on the other core (200 steps: 31 s; 0.17 s with a patch-4 CLIP in
+# L_ConG); `trainers eval` of 500 images 1.2 s; the default probe about 15 s, once per cache. So the cpu
+# preset's 2 conditions x 2 seeds of 1,000 GAN steps take 4 x (110-155 s + 3 s) + 20 s: 8-11 minutes.
+# ldm: a tiny-DiT step of batch 32 on cached latents 12 ms, a tiny-VAE step 70 ms, eval of 500 images at
+# 50 sampler steps 4.5 s: 2,000 VAE steps + 4 x 6,000 steps is about 8 minutes. gpu: not measured yet
+# (no GPU was lent); the demo's and `trainers gan`'s GPU defaults.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # seconds: checks the wiring (the tests); a probe far too small to measure anything
+    "smoke": {
+        "gan": dict(size="tiny", steps=2, batch_size=4, eval_n=16),
+        "ldm": dict(
+            size="tiny", steps=2, batch_size=4, eval_n=16, vae_size="tiny", vae_steps=2, sample_steps=4
+        ),
+        "probe": dict(probe_n_train=64, probe_epochs=1, probe_n_eval=0),
+    },
+    # about 10 minutes on 2 cores for 2 conditions x 2 seeds, 32 px
+    "cpu": {
+        "gan": dict(size="tiny", steps=1000, batch_size=32, eval_n=500),
+        "ldm": dict(size="tiny", steps=6000, batch_size=32, eval_n=500, vae_size="tiny", vae_steps=2000),
+        "probe": dict(),
+    },
+    # one GPU: the small (64 px) and S sizes, the single-run commands' GPU-scale defaults
+    "gpu": {
+        "gan": dict(size="small", steps=20_000, batch_size=64, eval_n=5000),
+        "ldm": dict(size="S", steps=50_000, batch_size=64, eval_n=5000, vae_size="small", vae_steps=10_000),
+        "probe": dict(),
+    },
+}
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    cache: Path  # the feature cache every run trains on and is evaluated against
+    out: Path  # the comparison directory (layout in the module docstring)
+    generator: str = "gan"  # gan (trainers gan) or ldm (trainers vae once + trainers ldm)
+    conditions: tuple[str, ...] = CONDITIONS  # conditioning sources compared, in report order
+    seeds: tuple[int, ...] = (0, 1)  # one run per (condition, seed); the spread over seeds is the error bar
+    preset: str = "cpu"  # smoke | cpu | gpu: where the budget below came from (recorded only)
+    size: str = "tiny"  # generator size: trainers.gan.GAN_SIZES or trainers.ldm.LDM_SIZES entry
+    steps: int = 1000  # training steps of every run
+    batch_size: int = 32  # images per step of every run (and of the VAE)
+    lr: float | None = None  # learning rate of every run; None: the generator's default
+    eval_n: int = 500  # images `trainers eval` generates per run (and real images it compares)
+    eval_seed: int = 0  # eval prompts, noise and real-image draw: the same for every run
+    eval_batch_size: int = 100  # images per generator call in eval (keyed: it seeds the noise per batch)
+    probe: Path | None = None  # a `trainers probe` file; None: trained once per cache with probe_* below
+    probe_n_train: int = 6000  # the probe's rendered training images (trainers.probe.ProbeConfig)
+    probe_epochs: int = 6  # the probe's passes over them
+    probe_n_eval: int = 1000  # the probe's own held-out check (recorded in its file)
+    vae_size: str = "tiny"  # ldm: trainers.vae.VAE_SIZES entry of the shared VAE
+    vae_steps: int = 2000  # ldm: the shared VAE's training steps
+    sample_steps: int = 50  # ldm: sampler steps in eval and samples
+    sample_prompts: tuple[str, ...] | None = None  # samples.png rows; None: pipeline.demo.DEMO_PROMPTS
+    sample_seed: int = 0  # noise of the sample images
+    device: str = "auto"  # auto, cpu, cuda, cuda:N (recorded, not keyed)
+    features: bool = True  # also write the feature-level report (trainers.compare_features)
+
+    @classmethod
+    def from_preset(cls, preset: str = "cpu", generator: str = "gan", **given: Any) -> CompareConfig:
+        """The preset's budget for the generator, then every value in `given` that is not None."""
+        if preset not in PRESETS:
+            raise ConfigError(f"--preset {preset}: choose one of {', '.join(PRESETS)}")
+        if generator not in GENERATORS:
+            raise ConfigError(f"--generator {generator}: choose one of {', '.join(GENERATORS)}")
+        values = {**PRESETS[preset][generator], **PRESETS[preset]["probe"]}
+        values.update({k: v for k, v in given.items() if v is not None})
+        return cls(preset=preset, generator=generator, **values)
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        if self.sample_prompts is not None:
+            return self.sample_prompts
+        from pipeline.demo import DEMO_PROMPTS  # here: the demo runs a compare, so no import at the top
+
+        return DEMO_PROMPTS
+
+    def validate(self) -> None:
+        from trainers.gan import GAN_SIZES
+        from trainers.ldm import LDM_SIZES
+        from trainers.vae import VAE_SIZES
+
+        if self.generator not in GENERATORS:
+            raise ConfigError(f"--generator {self.generator}: choose one of {', '.join(GENERATORS)}")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"--preset {self.preset}: choose one of {', '.join(PRESETS)}")
+        if not self.conditions:
+            raise ConfigError(f"--conditions: give at least one of {', '.join(CONDITIONS)}")
+        for condition in self.conditions:
+            if condition not in CONDITIONS:
+                raise ConfigError(f"--conditions {condition}: choose from {', '.join(CONDITIONS)}")
+        if len(set(self.conditions)) != len(self.conditions):
+            raise ConfigError("--conditions: a condition is listed twice")
+        if not self.seeds:
+            raise ConfigError("--seeds: give at least one seed, e.g. 0,1")
+        if min(self.seeds) < 0 or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError("--seeds: seeds must be distinct and 0 or more")
+        sizes = GAN_SIZES if self.generator == "gan" else LDM_SIZES
+        if self.size not in sizes:
+            raise ConfigError(f"--size {self.size}: the {self.generator} sizes are {', '.join(sizes)}")
+        if self.generator == "ldm" and self.vae_size not in VAE_SIZES:
+            raise ConfigError(f"--vae-size {self.vae_size}: choose one of {', '.join(VAE_SIZES)}")
+        require_at_least(
+            ("--steps", self.steps, 1),
+            ("--batch-size", self.batch_size, 2),  # the GAN's InfoNCE contrasts within the batch
+            ("--eval-n", self.eval_n, 2),
+            ("--eval-seed", self.eval_seed, 0),
+            ("eval_batch_size", self.eval_batch_size, 1),
+            ("probe_n_train", self.probe_n_train, 16),
+            ("probe_epochs", self.probe_epochs, 1),
+            ("probe_n_eval", self.probe_n_eval, 0),
+            ("--vae-steps", self.vae_steps, 1),
+            ("--sample-steps", self.sample_steps, 1),
+            ("sample_seed", self.sample_seed, 0),
+        )
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError("--lr must be a positive number")
+        if self.probe is not None and not Path(self.probe).is_file():
+            raise ConfigError(
+                f"--probe {self.probe}: file not found; make one with `trainers probe --out FILE`"
+            )
+        if not self.prompts or not all(p.strip() for p in self.prompts):
+            raise ConfigError("sample prompts: give at least one non-empty prompt")
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out}: exists and is not a directory")
+        if not Path(self.cache).is_dir():
+            raise ConfigError(f"--cache {self.cache}: no such directory; make one with `pipeline embed`")
+        with contextlib.suppress(ValueError):
+            Path(self.cache).resolve().relative_to(out.resolve())
+            raise ConfigError(f"--out {out}: the cache is inside it; give a separate directory")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("cache", "out", "probe"):
+            out[key] = None if out[key] is None else str(out[key])
+        out["conditions"], out["seeds"] = list(self.conditions), list(self.seeds)
+        out["sample_prompts"] = list(self.prompts)
+        return out
+
+
+def parse_list(text: str, flag: str, kind: type = str) -> tuple:
+    """`perturb,optimize` / `0,1` -> a tuple; a bad item is a ConfigError naming the flag."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        return tuple(kind(item) for item in items)
+    except ValueError:
+        raise ConfigError(f"{flag} {text}: give comma-separated {kind.__name__} values, e.g. 0,1") from None
+
+
+def command_line(config: CompareConfig) -> str:
+    """The one command that reproduces this comparison (every budget flag spelled out)."""
+    parts = [
+        f"trainers compare --cache {config.cache} --out {config.out} --generator {config.generator}",
+        f"--conditions {','.join(config.conditions)} --seeds {','.join(map(str, config.seeds))}",
+        f"--preset {config.preset} --size {config.size} --steps {config.steps}",
+        f"--batch-size {config.batch_size} --eval-n {config.eval_n}",
+    ]
+    if config.lr is not None:
+        parts.append(f"--lr {config.lr}")
+    if config.eval_seed:
+        parts.append(f"--eval-seed {config.eval_seed}")
+    if config.probe is not None:
+        parts.append(f"--probe {config.probe}")
+    if config.generator == "ldm":
+        parts.append(f"--vae-size {config.vae_size} --vae-steps {config.vae_steps}")
+        parts.append(f"--sample-steps {config.sample_steps}")
+    return " ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Units: one per (condition, seed), plus the shared VAE of an ldm compare
+# ---------------------------------------------------------------------------------------------------------
+
+# Generator-config fields that say where a run writes and how it runs, not what it learns: not keyed.
+UNKEYED = {
+    "gan": ("cache", "out", "name", "workers", "device", "sample_every", "checkpoint_every", "log_every")
+    + ("prompts", "samples_per_prompt", "resume"),
+    "ldm": ("cache", "vae", "out", "name", "workers", "device", "checkpoint_every", "log_every")
+    + ("sample_every", "sample_steps", "samples_per_prompt", "resume"),
+    "vae": ("cache", "out", "name", "device", "checkpoint_every", "log_every"),
+}
+
+
+@dataclass
+class Unit:
+    """One keyed piece of work: a generator run with its eval and samples, or the shared VAE."""
+
+    name: str  # "{condition}-s{seed}" or "vae": the names of its folder and its manifest
+    kind: str  # gan, ldm or vae
+    train: Any  # the GanConfig / LdmConfig / VaeConfig it trains with
+    params: dict[str, Any]  # keyed
+    deps: list[Dep]
+    condition: str | None = None
+    seed: int | None = None
+
+    @property
+    def key(self) -> str:
+        return fingerprint_key(
+            f"compare/{self.kind}", COMPARE_VERSION, self.params, [d.digest for d in self.deps]
+        )
+
+    @property
+    def folder(self) -> str:
+        return VAE_UNIT if self.kind == "vae" else f"{RUNS_DIR}/{self.name}"
+
+
+def manifest_file(out: Path, name: str) -> Path:
+    return Path(out) / MANIFEST_DIR / f"{name}.json"
+
+
+def read_unit_manifest(out: Path, name: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(manifest_file(out, name).read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None  # a hand-edited or foreign file: redo the unit
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def check_unit(out: Path, unit: Unit) -> str | None:
+    """None when the unit is committed with this key and intact outputs, else why it must be (re)made."""
+    manifest = read_unit_manifest(out, unit.name)
+    if manifest is None:
+        return "unfinished (no manifest)" if (Path(out) / unit.folder).exists() else "new run"
+    if manifest.get("key") == unit.key:
+        return check_outputs(out, manifest)
+    old, new = _flatten(manifest.get("params", {})), _flatten(unit.params)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed:
+        return "params changed: " + ", ".join(changed)
+    if manifest.get("version") != COMPARE_VERSION:
+        return f"compare code version {manifest.get('version')} -> {COMPARE_VERSION}"
+    return "inputs changed (cache, probe or VAE)"
+
+
+def cache_deps(cache: Path, condition: str) -> list[Dep]:
+    """What a run on `condition` reads from the cache, by output digest; a missing stage is refused here,
+    before anything is trained."""
+    from manifests import list_manifests
+    from trainers.data import cache_clip, missing_stage_error
+
+    deps = [Dep("clip", digest_json(cache_clip(cache).identity))]
+    stages = {"optimize": ("optimize",), "retrieve": ("retrieve", "captions")}.get(condition, ())
+    for stage, suffixes in (("embed", (".tar", ".parquet")),) + tuple((s, (".parquet",)) for s in stages):
+        manifests = list_manifests(cache, stage)
+        if not manifests:
+            raise missing_stage_error(cache, condition)
+        for manifest in manifests.values():  # stats files hold timings: only the data outputs count
+            deps += [
+                Dep(o["path"], o["digest"]) for o in manifest.get("outs", []) if o["path"].endswith(suffixes)
+            ]
+    return deps
+
+
+def probe_config(config: CompareConfig, image_size: int):
+    from trainers.probe import ProbeConfig
+
+    return ProbeConfig(
+        image_size=image_size,
+        n_train=config.probe_n_train,
+        epochs=config.probe_epochs,
+        n_eval=config.probe_n_eval,
+        device=config.device,
+    )
+
+
+def probe_dep(config: CompareConfig, image_size: int) -> Dep:
+    if config.probe is not None:
+        return Dep("probe", digest_file_content(Path(config.probe)))
+    return Dep("probe", digest_json(probe_config(config, image_size).keyed()))
+
+
+def eval_params(config: CompareConfig) -> dict[str, Any]:
+    from trainers.evaluate import EvalConfig
+
+    grid = EvalConfig.__dataclass_fields__["grid"].default
+    params = {"n": config.eval_n, "seed": config.eval_seed, "batch_size": config.eval_batch_size}
+    params.update(prompts="synthetic", grid=grid)
+    samples = {"prompts": list(config.prompts), "seed": config.sample_seed, "n": 1}
+    if config.generator == "ldm":
+        params["sampler_steps"] = samples["sampler_steps"] = config.sample_steps
+    return {"eval": params, "samples": samples}
+
+
+def _keyed(kind: str, train_dict: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in train_dict.items() if k not in UNKEYED[kind]}
+
+
+def vae_unit(config: CompareConfig, embed_deps: list[Dep]) -> Unit:
+    from trainers.vae import VaeConfig
+
+    train = VaeConfig(
+        cache=Path(config.cache),
+        out=Path(config.out) / VAE_UNIT,
+        name="vae",
+        size=config.vae_size,
+        steps=config.vae_steps,
+        batch_size=config.batch_size,
+        seed=0,
+        device=config.device,
+        checkpoint_every=0,
+    )
+    return Unit(VAE_UNIT, "vae", train, {"train": _keyed("vae", train.to_dict())}, embed_deps)
+
+
+def run_units(config: CompareConfig, probe: Dep, vae: tuple[Path, str] | None) -> list[Unit]:
+    """One unit per (condition, seed), conditions first in their given order. `vae`: the shared VAE's
+    checkpoint and content digest (ldm)."""
+    units = []
+    for condition in config.conditions:
+        deps = cache_deps(Path(config.cache), condition) + [probe]
+        for seed in config.seeds:
+            name = f"{condition}-s{seed}"
+            folder = Path(config.out) / RUNS_DIR / name
+            common = dict(
+                cache=Path(config.cache),
+                out=folder,
+                name=config.generator,
+                size=config.size,
+                condition=condition,
+                steps=config.steps,
+                batch_size=config.batch_size,
+                seed=seed,
+                device=config.device,
+                checkpoint_every=0,
+                sample_every=0,
+            )
+            if config.lr is not None:
+                common["lr"] = config.lr
+            if config.generator == "gan":
+                from trainers.train_gan import GanConfig
+
+                train, unit_deps = GanConfig(**common), deps
+            else:
+                from trainers.train_ldm import LdmConfig
+
+                vae_path, vae_digest = vae if vae is not None else (None, "not trained yet")
+                train, unit_deps = LdmConfig(vae=vae_path, **common), deps + [Dep("vae", vae_digest)]
+            params = {
+                "generator": config.generator,
+                "condition": condition,
+                "seed": seed,
+                "train": _keyed(config.generator, train.to_dict()),
+                **eval_params(config),
+            }
+            units.append(Unit(name, config.generator, train, params, unit_deps, condition, seed))
+    return units
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Doing a unit
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _outs(out: Path, files: list[Path]) -> list[dict[str, Any]]:
+    records = []
+    for path in files:
+        rel = path.relative_to(out).as_posix()
+        records.append(stat_out(out, rel, path.stat().st_size, digest_file_content(path)).__dict__)
+    return records
+
+
+def commit_unit(out: Path, unit: Unit, files: list[Path], timings: dict[str, float], extra: dict) -> dict:
+    """Write the unit's manifest: the commit point, after every file it lists is in place."""
+    manifest = {
+        "unit": unit.name,
+        "kind": unit.kind,
+        "version": COMPARE_VERSION,
+        "key": unit.key,
+        "params": unit.params,
+        "unkeyed": {"device": unit.train.device, "cache": str(unit.train.cache)},
+        "deps": [{"name": d.name, "digest": d.digest} for d in unit.deps],
+        "outs": _outs(out, files),
+        "env": environment(),
+        "timings": timings,
+        "created": time.time(),
+        **extra,
+    }
+    crash_point(f"compare:{unit.name}:before_manifest")
+    write_json_atomic(manifest_file(out, unit.name), manifest)
+    return manifest
+
+
+def _restart(out: Path, unit: Unit) -> Path:
+    """Forget a stale or unfinished unit: its manifest first (so no crash can leave it looking valid),
+    then its folder."""
+    manifest_file(out, unit.name).unlink(missing_ok=True)
+    folder = Path(out) / unit.folder
+    shutil.rmtree(folder, ignore_errors=True)
+    return folder
+
+
+def do_vae(config: CompareConfig, unit: Unit, progress: Callable[..., None]) -> dict:
+    from trainers.vae import run_vae
+
+    out = Path(config.out)
+    _restart(out, unit)
+    progress(status="vae: train")
+    t0 = time.perf_counter()
+    result = run_vae(unit.train, lambda n: progress(steps=n))
+    files = [result.checkpoint, result.run_dir / "eval.json"]
+    extra = {"checkpoint": result.checkpoint.relative_to(out).as_posix(), "psnr_db": result.psnr}
+    return commit_unit(out, unit, files, {"train_s": round(time.perf_counter() - t0, 2)}, extra)
+
+
+def do_run(config: CompareConfig, unit: Unit, probe: Any, progress: Callable[..., None]) -> dict:
+    """Train, evaluate and sample one run, then commit it."""
+    from trainers.evaluate import EvalConfig, evaluate
+    from trainers.sample import SampleConfig, load_generator, run_sample
+
+    out = Path(config.out)
+    folder = _restart(out, unit)
+    ldm = unit.kind == "ldm"
+    tick = lambda n: progress(steps=n)  # noqa: E731
+    progress(status=f"{unit.name}: train")
+    t0 = time.perf_counter()
+    if ldm:
+        from trainers.train_ldm import run_ldm
+
+        checkpoint = run_ldm(unit.train, progress=tick).checkpoint
+    else:
+        from trainers.train_gan import run_gan
+
+        checkpoint = run_gan(unit.train, progress=tick).checkpoint
+    t_train = time.perf_counter()
+
+    progress(status=f"{unit.name}: eval")
+    sampler = {"steps": config.sample_steps} if ldm else {}
+    generate, info = load_generator(checkpoint, device=config.device, **sampler)
+    eval_config = EvalConfig(
+        checkpoint=str(checkpoint),
+        cache=Path(config.cache),
+        out=folder / "eval",
+        n=config.eval_n,
+        seed=config.eval_seed,
+        batch_size=config.eval_batch_size,
+        device=config.device,
+    )
+    evaluate(eval_config, generate, info, probe=probe)
+    t_eval = time.perf_counter()
+
+    progress(status=f"{unit.name}: samples")
+    sample = run_sample(
+        SampleConfig(
+            checkpoint=checkpoint,
+            prompts=config.prompts,
+            out=folder / "samples.png",
+            n=1,
+            seed=config.sample_seed,
+            device=config.device,
+            steps=config.sample_steps if ldm else None,
+        )
+    )
+    files = [checkpoint, folder / "eval" / "eval.json", sample.grid, *sample.images]
+    timings = {
+        "train_s": round(t_train - t0, 2),
+        "eval_s": round(t_eval - t_train, 2),
+        "total_s": round(time.perf_counter() - t0, 2),
+    }
+    extra = {
+        "condition": unit.condition,
+        "seed": unit.seed,
+        "checkpoint": checkpoint.relative_to(out).as_posix(),
+        "eval": (folder / "eval" / "eval.json").relative_to(out).as_posix(),
+        "samples": [p.relative_to(out).as_posix() for p in sample.images],
+    }
+    return commit_unit(out, unit, files, timings, extra)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The comparison
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompareResult:
+    config: CompareConfig
+    rows: list[dict[str, Any]]  # one per run, results.csv's rows
+    summary: dict[str, dict[str, dict[str, float | None]]]  # condition -> metric -> mean/std/min/max/n
+    chance: dict[str, dict[str, float]]  # acc / acc_seen / acc_held_out -> attribute -> chance
+    real: dict[str, float | None]  # real images: clip_score and attribute accuracy (the ceiling)
+    ran: list[str]  # units (re)made by this call
+    up_to_date: list[str]  # units already committed
+    reasons: dict[str, str] = field(default_factory=dict)  # unit -> why it was (re)made
+    files: dict[str, Path] = field(default_factory=dict)  # results_json, results_csv, report, figures...
+    features: dict[str, Any] | None = None  # the feature-level report, when written
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def noop_progress(**_: Any) -> None:
+    return None
+
+
+@dataclass
+class Plan:
+    units: list[Unit]  # the runs, in report order
+    vae: Unit | None  # ldm: the shared VAE
+    probe: Dep  # the probe every eval uses, as a dep of every run
+    reasons: dict[str, str | None]  # unit -> why it must be (re)made, None when committed
+
+
+def plan_compare(config: CompareConfig) -> Plan:
+    """Which units are committed and which must run (and why), reading only manifests and file stats.
+    For ldm with a VAE still to train, every run is planned against a VAE not known yet."""
+    from trainers.data import cache_image_size
+
+    cache, out = Path(config.cache), Path(config.out)
+    probe = probe_dep(config, cache_image_size(cache))
+    vae, vae_checkpoint, reasons = None, None, {}
+    if config.generator == "ldm":
+        vae = vae_unit(config, cache_deps(cache, "perturb"))  # perturb: the embed stage alone
+        reasons[VAE_UNIT] = check_unit(out, vae)
+        if reasons[VAE_UNIT] is None:
+            vae_checkpoint = _vae_checkpoint(out)
+    units = run_units(config, probe, vae_checkpoint)
+    for unit in units:
+        pending_vae = vae is not None and reasons[VAE_UNIT] is not None
+        reasons[unit.name] = "the shared VAE is trained first" if pending_vae else check_unit(out, unit)
+    return Plan(units, vae, probe, reasons)
+
+
+def _vae_checkpoint(out: Path) -> tuple[Path, str]:
+    """The committed VAE's checkpoint and its content digest (from its manifest)."""
+    manifest = read_unit_manifest(out, VAE_UNIT)
+    ckpt = next(o for o in manifest["outs"] if o["path"] == manifest["checkpoint"])
+    return Path(out) / ckpt["path"], ckpt["digest"]
+
+
+def _probe(config: CompareConfig):
+    from trainers.data import cache_image_size
+    from trainers.probe import cached_probe, load_probe
+
+    if config.probe is not None:
+        return load_probe(Path(config.probe), config.device)
+    image_size = cache_image_size(Path(config.cache))
+    return cached_probe(Path(config.cache), probe_config(config, image_size), image_size=image_size)[0]
+
+
+def _lock(out: Path):
+    from manifests.lock import CacheLock, LockHeld, read_lock
+
+    lock = CacheLock(out)
+    try:
+        lock.acquire()
+    except LockHeld:
+        holder = read_lock(out)
+        raise ConfigError(
+            f"--out {out}: another `trainers compare` (pid {holder.get('pid', '?')} on "
+            f"{holder.get('host', '?')}) is writing it; wait for it to finish or give another --out"
+        ) from None
+    return lock
+
+
+def run_compare(config: CompareConfig, progress: Callable[..., None] | None = None) -> CompareResult:
+    """Make every missing or stale run, then the results, report, figures and feature-level report.
+
+    `progress(**fields)` is called with `total_runs=` and `total_steps=`, then `steps=n` after training
+    steps, `runs=1` after each committed run, and `status=` text (see `compare_progress`)."""
+    from trainers.compare_report import write_outputs
+
+    config.validate()
+    progress = progress or noop_progress
+    t0 = time.perf_counter()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)
+    try:
+        for folder in (out, out / MANIFEST_DIR):
+            clean_temp_files(folder)
+        plan = plan_compare(config)
+        reasons = {name: r for name, r in plan.reasons.items() if r is not None}
+        todo = [u for u in plan.units if u.name in reasons]
+        vae_todo = plan.vae is not None and VAE_UNIT in reasons
+        vae_steps = plan.vae.train.steps if vae_todo else 0
+        progress(total_runs=len(todo), total_steps=sum(u.train.steps for u in todo) + vae_steps)
+        ran = []
+        if plan.vae is not None and todo:
+            if vae_todo:
+                do_vae(config, plan.vae, progress)
+                ran.append(VAE_UNIT)
+            plan = _with_vae(config, plan, progress)
+            todo = [u for u in plan.units if check_unit(out, u) is not None]
+            names = {u.name for u in todo}
+            for unit in plan.units:  # a VAE retrained byte-identical keeps its runs
+                if unit.name not in names:
+                    reasons.pop(unit.name, None)
+            progress(total_runs=len(todo), total_steps=sum(u.train.steps for u in todo) + vae_steps)
+        if todo:
+            probe = _probe(config)
+            for unit in todo:
+                do_run(config, unit, probe, progress)
+                ran.append(unit.name)
+                progress(runs=1)
+        progress(status="report")
+        up_to_date = [u.name for u in plan.units if u.name not in ran]
+        result = CompareResult(config, [], {}, {}, {}, ran, up_to_date, reasons)
+        write_outputs(config, plan.units, result)
+        result.seconds = time.perf_counter() - t0
+        return result
+    finally:
+        lock.release()
+
+
+def _with_vae(config: CompareConfig, plan: Plan, progress: Callable[..., None]) -> Plan:
+    """With the shared VAE committed: encode the cache's latents with it (`trainers vae --encode`, which
+    encodes only stale shards) and key every ldm run on its checkpoint's digest."""
+    from trainers.latents import encode_latents
+
+    checkpoint = _vae_checkpoint(Path(config.out))
+    progress(status="vae --encode")
+    encode_latents(Path(config.cache), checkpoint[0], batch_size=64, device=config.device)
+    return replace(plan, units=run_units(config, plan.probe, checkpoint))
+
+
+def features_only(config: CompareConfig) -> dict[str, Any]:
+    """The feature-level report alone (no training): OUT/features.json, features.md and the histograms."""
+    from trainers.compare_features import feature_report
+
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    return feature_report(
+        Path(config.cache),
+        Path(config.out),
+        methods=config.conditions,
+        device=config.device,
+        seed=config.eval_seed,
+    )
+
+
+@contextlib.contextmanager
+def compare_progress(enabled: bool = True) -> Iterator[Callable[..., None]]:
+    """A rich bar over runs and one over training steps, on stderr (terminals only), with the status."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from pipeline.progress import stderr
+
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+    ]
+    with Progress(*columns, console=stderr, disable=not (enabled and stderr.is_terminal)) as bar:
+        runs = bar.add_task("compare runs", total=None, status="")
+        steps = bar.add_task("steps", total=None, status="")
+
+        def update(**fields: Any) -> None:
+            if "total_runs" in fields:
+                bar.update(runs, total=fields["total_runs"])
+                bar.update(steps, total=fields["total_steps"])
+            if fields.get("runs"):
+                bar.advance(runs, fields["runs"])
+            if fields.get("steps"):
+                bar.advance(steps, fields["steps"])
+            if "status" in fields:
+                bar.update(runs, status=fields["status"])
+
+        yield update
+
+
+def describe(result: CompareResult) -> str:
+    from trainers.compare_report import text_table
+
+    done = f"{len(result.ran)} run(s) made, {len(result.up_to_date)} up to date"
+    report = result.files.get("report")
+    notes = "".join(f"note: {note}\n" for note in result.notes)
+    return f"{text_table(result)}\n{notes}compare: {done} in {result.seconds:.0f} s -> {report}"

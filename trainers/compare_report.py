@@ -1,0 +1,456 @@
+"""`trainers compare`'s outputs: results.json / results.csv (one row per run), report.md (mean ± spread
+over seeds per condition, with chance and real-image rows), accuracy_bars.png and samples.png.
+
+Everything here is made from committed units (their manifests and eval.json files), so it is rewritten
+cheaply on every compare, including a rerun that trains nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from manifests import write_bytes_atomic, write_json_atomic
+from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from trainers.compare import CompareConfig, CompareResult, Unit
+
+ATTRIBUTES = ("shape", "colour", "size", "position")  # what the probe reads, in table order
+SCORES = (*ATTRIBUTES, "count", "all")  # trainers.probe.score_objects: all = every named attribute right
+SPLITS = {  # results column prefix -> eval.json field
+    "acc": "attribute_accuracy",
+    "acc_seen": "attribute_accuracy_seen_pairs",
+    "acc_held_out": "attribute_accuracy_held_out_pairs",
+}
+METRICS = ("fid", "clip_score") + tuple(f"{p}_{a}" for p in SPLITS for a in SCORES)
+ID_COLUMNS = ("generator", "condition", "seed", "size", "steps", "batch_size", "lr")
+CSV_COLUMNS = (*ID_COLUMNS, "fid_features", *METRICS, "train_s", "eval_s", "checkpoint", "key")
+TABLE = (("fid", "FID"), ("clip_score", "CLIP score")) + tuple((f"acc_{a}", a) for a in (*ATTRIBUTES, "all"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rows and statistics
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_row(unit: Unit, manifest: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
+    """One results row: what the run was, and what its eval measured."""
+    train = unit.train
+    row: dict[str, Any] = {
+        "generator": unit.kind,
+        "condition": unit.condition,
+        "seed": unit.seed,
+        "size": train.size,
+        "steps": train.steps,
+        "batch_size": train.batch_size,
+        "lr": train.lr,
+        "fid_features": evaluation.get("fid_features"),
+        "fid": evaluation.get("fid"),
+        "clip_score": evaluation.get("clip_score"),
+    }
+    for prefix, key in SPLITS.items():
+        accuracy = evaluation.get(key) or {}
+        row.update({f"{prefix}_{a}": accuracy.get(a) for a in SCORES})
+    timings = manifest.get("timings", {})
+    row.update(
+        train_s=timings.get("train_s"),
+        eval_s=timings.get("eval_s"),
+        checkpoint=manifest.get("checkpoint"),
+        key=manifest.get("key"),
+    )
+    return row
+
+
+def stats(values: list[float | None]) -> dict[str, float | None]:
+    """mean, std (sample, over seeds; None for one seed), min, max and n of the values given."""
+    kept = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not kept:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    array = np.asarray(kept)
+    std = float(array.std(ddof=1)) if len(kept) > 1 else None
+    return {
+        "mean": round(float(array.mean()), 4),
+        "std": None if std is None else round(std, 4),
+        "min": round(float(array.min()), 4),
+        "max": round(float(array.max()), 4),
+        "n": len(kept),
+    }
+
+
+def summarise(rows: list[dict[str, Any]], conditions: tuple[str, ...]) -> dict[str, dict[str, dict]]:
+    return {c: {m: stats([r[m] for r in rows if r["condition"] == c]) for m in METRICS} for c in conditions}
+
+
+def chance_levels(evaluation: dict[str, Any]) -> tuple[dict[str, dict[str, float]], str]:
+    """Chance accuracy per split (`acc`, `acc_seen`, `acc_held_out`) and attribute, and where it comes
+    from: eval.json's own chance levels when it has them, else the expected score of uniform guessing on
+    the eval's own prompts under the probe's rule (shape, colour, size: 1/|values| per named object;
+    position: k/5 for a prompt naming k objects, since any k of the 5 slots count as seen; `all`: the
+    product over the attributes an object names)."""
+    for key in ("chance", "attribute_chance", "attribute_accuracy_chance"):
+        given = evaluation.get(key)
+        if isinstance(given, dict) and any(given.get(a) is not None for a in ATTRIBUTES):
+            levels = {a: given[a] for a in (*ATTRIBUTES, "all") if given.get(a) is not None}
+            return {prefix: levels for prefix in SPLITS}, "eval.json"
+    from pipeline.synth import parse_caption
+    from trainers.evaluate import names_held_out_pair, synthetic_prompts
+    from trainers.probe import vocabulary
+
+    vocab = vocabulary()
+    n, seed = int(evaluation["n"]), int(evaluation["seed"])
+    max_objects = (evaluation.get("prompts") or {}).get("max_objects") or 2
+    unique = synthetic_prompts(min(n, 1000), seed, max_objects)  # as trainers.evaluate draws them
+    scores: dict[str, dict[str, list[float]]] = {p: {a: [] for a in (*ATTRIBUTES, "all")} for p in SPLITS}
+    for i in range(n):
+        objects = parse_caption(unique[i % len(unique)])
+        split = "acc_held_out" if names_held_out_pair(objects) else "acc_seen"
+        for obj in objects:
+            guesses = {
+                a: min(1.0, len(objects) / len(vocab[a])) if a == "position" else 1.0 / len(vocab[a])
+                for a in ATTRIBUTES
+                if obj.get(a) in vocab[a]
+            }
+            guesses["all"] = float(np.prod(list(guesses.values())))
+            for prefix in ("acc", split):
+                for a, value in guesses.items():
+                    scores[prefix][a].append(value)
+    chance = {
+        prefix: {a: round(float(np.mean(v)), 4) for a, v in by_attr.items() if v}
+        for prefix, by_attr in scores.items()
+    }
+    return chance, "expected score of uniform guessing on the eval prompts"
+
+
+def real_levels(evaluation: dict[str, Any]) -> dict[str, float | None]:
+    """Real cache images scored by the same probe (the instrument's ceiling) and their CLIP score."""
+    real = {"clip_score": evaluation.get("clip_score_real")}
+    accuracy = evaluation.get("attribute_accuracy_real") or {}
+    real.update({f"acc_{a}": accuracy.get(a) for a in SCORES})
+    return real
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------
+
+
+def write_outputs(config: CompareConfig, units: list[Unit], result: CompareResult) -> None:
+    """Fill `result` (rows, summary, chance, real, features, files) and write every output file."""
+    from trainers.compare import read_unit_manifest
+
+    out = Path(config.out)
+    manifests, evaluations = {}, {}
+    for unit in units:
+        manifest = read_unit_manifest(out, unit.name)
+        if manifest is None or manifest.get("key") != unit.key:
+            raise ConfigError(f"--out {out}: run {unit.name} is not committed; rerun `trainers compare`")
+        manifests[unit.name] = manifest
+        evaluations[unit.name] = json.loads((out / manifest["eval"]).read_text())
+    result.rows = [run_row(u, manifests[u.name], evaluations[u.name]) for u in units]
+    result.summary = summarise(result.rows, config.conditions)
+    first = evaluations[units[0].name]
+    result.chance, chance_source = chance_levels(first)
+    result.real = real_levels(first)
+
+    if config.features:
+        result.features = _feature_report(config, result)
+    files = result.files
+    files["results_json"] = out / "results.json"
+    write_json_atomic(
+        files["results_json"],
+        {
+            "config": config.to_dict(),
+            "command": _command(config),
+            "rows": result.rows,
+            "summary": result.summary,
+            "chance": result.chance,
+            "chance_source": chance_source,
+            "real": result.real,
+            "eval": {k: first.get(k) for k in ("n", "n_real", "seed", "prompts", "fid_features", "probe")},
+        },
+    )
+    files["results_csv"] = out / "results.csv"
+    write_bytes_atomic(files["results_csv"], csv_text(result.rows).encode())
+    files["accuracy_bars"] = plot_accuracy(out / "accuracy_bars.png", config, result)
+    samples = {
+        u.condition: [out / p for p in manifests[u.name]["samples"]]
+        for u in units
+        if u.seed == config.seeds[0]
+    }
+    files["samples"] = plot_samples(out / "samples.png", config, samples)
+    for name in ("features.md", "features.json", "similarity_histograms.png"):
+        if (out / name).is_file() and result.features is not None:
+            files[name.replace(".", "_")] = out / name
+    files["report"] = out / "report.md"
+    report = report_markdown(config, result, first, chance_source)
+    write_bytes_atomic(files["report"], report.encode())
+
+
+def _command(config: CompareConfig) -> str:
+    from trainers.compare import command_line
+
+    return command_line(config)
+
+
+def _feature_report(config: CompareConfig, result: CompareResult) -> dict[str, Any] | None:
+    """trainers.compare_features on the cache; a full compare keeps its runs' report without it."""
+    from trainers.compare import features_only
+
+    try:
+        return features_only(config)
+    except (ImportError, ConfigError) as e:
+        result.notes.append(f"feature-level report not written: {e}")
+        return None
+
+
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(CSV_COLUMNS), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CSV_COLUMNS})
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if abs(value) < 10 else f"{value:.{max(digits - 2, 1)}f}"
+
+
+def cell(s: dict[str, float | None], spread: bool = True) -> str:
+    """'0.512 ± 0.021 (0.497-0.527)': mean ± std over seeds (min-max); one seed: the value alone."""
+    if s["mean"] is None:
+        return "-"
+    text = _number(s["mean"])
+    if s["std"] is not None:
+        text += f" ± {_number(s['std'])}"
+        if spread:
+            text += f" ({_number(s['min'])}-{_number(s['max'])})"
+    return text
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def main_table(result: CompareResult) -> list[str]:
+    """Overall metrics per condition, with the chance and real-image rows."""
+    header = ["condition", "runs"] + [label for _, label in TABLE]
+    rows = []
+    for condition, summary in result.summary.items():
+        n = sum(r["condition"] == condition for r in result.rows)
+        rows.append([condition, str(n)] + [cell(summary[m]) for m, _ in TABLE])
+    chance = result.chance.get("acc", {})
+    rows.append(["chance", ""] + ["-", "-"] + [_number(chance.get(m[4:])) for m, _ in TABLE[2:]])
+    rows.append(["real images", ""] + ["-"] + [_number(result.real.get(m)) for m, _ in TABLE[1:]])
+    return _table(header, rows)
+
+
+def split_table(result: CompareResult) -> list[str]:
+    """Accuracy on prompts naming only colour-shape pairs seen in training vs a held-out pair."""
+    header = ["condition"]
+    for a in (*ATTRIBUTES, "all"):
+        header += [f"{a} seen", f"{a} held-out"]
+    rows = []
+    for condition, summary in result.summary.items():
+        row = [condition]
+        for a in (*ATTRIBUTES, "all"):
+            row += [cell(summary[f"acc_seen_{a}"], False), cell(summary[f"acc_held_out_{a}"], False)]
+        rows.append(row)
+    chance = ["chance"]
+    for a in (*ATTRIBUTES, "all"):
+        for prefix in ("acc_seen", "acc_held_out"):
+            chance.append(_number(result.chance.get(prefix, {}).get(a)))
+    return _table(header, rows + [chance])
+
+
+def text_table(result: CompareResult) -> str:
+    """The main table, for the terminal."""
+    return "\n".join(main_table(result))
+
+
+def report_markdown(
+    config: CompareConfig, result: CompareResult, evaluation: dict[str, Any], chance_source: str
+) -> str:
+    seeds = ", ".join(map(str, config.seeds))
+    lr = "the generator's default lr" if config.lr is None else f"lr {config.lr}"
+    lines = [
+        f"# trainers compare: {', '.join(config.conditions)}",
+        "",
+        f"One `{config.generator}` (size {config.size}) per condition and seed ({seeds}), each trained "
+        f"{config.steps:,} steps of batch {config.batch_size} with {lr}, and evaluated by `trainers eval` "
+        f"with the same {evaluation.get('n')} prompts and seed {config.eval_seed} (probe on "
+        f"{(evaluation.get('probe') or {}).get('image_size')} px images). Cells: mean ± std over seeds "
+        "(min-max). FID is on "
+        f"`{evaluation.get('fid_features')}` features (lower is better; compare it only within this table); "
+        "CLIP score and attribute accuracy are higher-is-better. `all`: every attribute of an object right.",
+        "",
+        *main_table(result),
+        "",
+        f"Chance: {chance_source}. Real images: the cache's own images scored against their labels by the "
+        "same probe, the instrument's ceiling.",
+        "",
+        "## Seen vs held-out colour-shape pairs",
+        "",
+        "Accuracy on eval prompts naming only pairs some training image has (seen) vs a pair no image has "
+        "(held-out: compositional generalisation). Mean ± std over seeds.",
+        "",
+        *split_table(result),
+        "",
+        "## Figures",
+        "",
+        "![attribute accuracy per condition](accuracy_bars.png)",
+        "",
+        f"![samples: one row per prompt, one column per condition (seed {config.seeds[0]})](samples.png)",
+        "",
+    ]
+    lines += ["## Feature level", ""]
+    if result.features is not None:
+        lines += [
+            "The pseudo text features themselves, no training: [features.md](features.md) "
+            "([features.json](features.json)).",
+            "",
+            "![Lafite2 Figure 1: cosine similarity histograms](similarity_histograms.png)",
+            "",
+        ]
+    else:
+        lines += [
+            "; ".join(result.notes) or "not written (features disabled).",
+            "",
+            f"Write it alone with `trainers compare --cache {config.cache} --out {config.out} "
+            "--features-only`.",
+            "",
+        ]
+    lines += ["## Runs", ""]
+    lines += _table(
+        ["run", "train s", "eval s", "checkpoint", "key"],
+        [
+            [
+                f"{r['condition']}-s{r['seed']}",
+                _number(r["train_s"], 1),
+                _number(r["eval_s"], 1),
+                f"`{r['checkpoint']}`",
+                f"`{r['key'][:12]}`",
+            ]
+            for r in result.rows
+        ],
+    )
+    lines += [
+        "",
+        "## Command",
+        "",
+        "```bash",
+        _command(config),
+        "```",
+        "",
+        "<details><summary>Resolved config</summary>",
+        "",
+        "```json",
+        json.dumps(config.to_dict(), indent=1),
+        "```",
+        "",
+        "</details>",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Figures (matplotlib without pyplot: no global state, no display needed)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _save(fig, path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    write_bytes_atomic(path, buffer.getvalue())
+    return path
+
+
+def plot_accuracy(path: Path, config: CompareConfig, result: CompareResult) -> Path:
+    """Grouped bars: attribute on x, one bar per condition (error bars: std over seeds), chance as a
+    dashed line and real images as a dotted one over each group."""
+    from matplotlib.figure import Figure
+
+    attributes = (*ATTRIBUTES, "all")
+    conditions = list(config.conditions)
+    fig = Figure(figsize=(1.6 + 1.5 * len(attributes), 4.0))
+    ax = fig.add_subplot()
+    width = 0.8 / len(conditions)
+    for i, condition in enumerate(conditions):
+        summary = result.summary[condition]
+        means = [summary[f"acc_{a}"]["mean"] or 0.0 for a in attributes]
+        errors = [summary[f"acc_{a}"]["std"] or 0.0 for a in attributes]
+        x = np.arange(len(attributes)) - 0.4 + width * (i + 0.5)
+        ax.bar(x, means, width * 0.9, yerr=errors, capsize=3, label=condition, color=f"C{i}")
+    for j, a in enumerate(attributes):
+        span, chance = (j - 0.45, j + 0.45), result.chance.get("acc", {}).get(a)
+        if chance is not None:
+            ax.plot(span, [chance] * 2, "k--", lw=1.2, label="chance" if j == 0 else None)
+        if result.real.get(f"acc_{a}") is not None:
+            ax.plot(
+                span,
+                [result.real[f"acc_{a}"]] * 2,
+                ":",
+                color="0.4",
+                lw=1.5,
+                label="real images" if j == 0 else None,
+            )
+    ax.set_xticks(np.arange(len(attributes)), attributes)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("attribute accuracy of generated images")
+    ax.set_title(
+        f"{config.generator} {config.size}, {config.steps:,} steps x {config.batch_size}; "
+        f"seeds {', '.join(map(str, config.seeds))}",
+        fontsize=10,
+    )
+    ax.legend(fontsize=8, ncol=2, loc="upper right")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_samples(path: Path, config: CompareConfig, samples: dict[str, list[Path]]) -> Path:
+    """One row per sample prompt, one column per condition (the first seed's run)."""
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    prompts, conditions = list(config.prompts), list(config.conditions)
+    cell_in = 1.3
+    fig = Figure(figsize=(2.4 + cell_in * len(conditions), 0.5 + cell_in * len(prompts)))
+    axes = fig.subplots(len(prompts), len(conditions), squeeze=False)
+    for col, condition in enumerate(conditions):
+        files = samples.get(condition, [])
+        for row, prompt in enumerate(prompts):
+            ax = axes[row][col]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row < len(files) and files[row].is_file():
+                with Image.open(files[row]) as image:
+                    ax.imshow(np.asarray(image.convert("RGB")), interpolation="nearest")
+            if row == 0:
+                ax.set_title(condition, fontsize=9)
+            if col == 0:
+                ax.set_ylabel(
+                    "\n".join(textwrap.wrap(prompt, 22)), rotation=0, ha="right", va="center", fontsize=7
+                )
+    left = 2.2 / (2.4 + cell_in * len(conditions))
+    fig.subplots_adjust(left=left, right=0.98, top=0.92, bottom=0.02, wspace=0.06, hspace=0.08)
+    return _save(fig, path)
