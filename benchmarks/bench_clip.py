@@ -32,6 +32,7 @@ ATTRIBUTES = ("shape", "colour", "size", "position")
 # arm -> ClipTrainConfig overrides. g = scenes per contrast group (1: independent pairs), o = objects.
 ARMS: dict[str, dict] = {
     "tiny-g1": dict(size="tiny", contrast_group=1),  # the baseline: the old config, random batches
+    "tiny-g3": dict(size="tiny", contrast_group=3),  # the old config (ViT, 8 px patches) with groups
     "rn32-g1": dict(size="rn32", contrast_group=1),
     "rn32-g3": dict(size="rn32", contrast_group=3),  # the default
     "rn32-g6": dict(size="rn32", contrast_group=6),

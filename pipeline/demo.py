@@ -74,6 +74,7 @@ class DemoResult:
 def run_demo(out: Path, preset: str = "cpu", workers: int = 2, device: str = "auto") -> DemoResult:
     from pipeline.embed import EmbedConfig
     from pipeline.optimize import OptimizeConfig
+    from pipeline.progress import progress_bar
     from pipeline.retrieve import RetrieveConfig
     from pipeline.run import RunConfig, StageConfigs, run_pipeline
     from pipeline.synth import SynthConfig, run_synth
@@ -96,7 +97,9 @@ def run_demo(out: Path, preset: str = "cpu", workers: int = 2, device: str = "au
     )
     shards = tuple(str(s) for s in synth.shards)
 
-    clip = train_clip(ClipTrainConfig(out=out / "clip", device=device, force=True, **p["clip"]))
+    clip_config = ClipTrainConfig(out=out / "clip", device=device, force=True, **p["clip"])
+    with progress_bar("clip", total=clip_config.steps, unit="step") as advance:
+        clip = train_clip(clip_config, advance)
     configs = StageConfigs(
         embed=EmbedConfig(
             inputs=shards,

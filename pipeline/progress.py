@@ -1,4 +1,4 @@
-"""Rich progress bars for long stages: items/s and drops by reason, on stderr."""
+"""Rich progress bars for long stages: items/s, ETA and drops by reason, on stderr."""
 
 from __future__ import annotations
 
@@ -7,23 +7,37 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 stderr = Console(stderr=True)
+
+
+def bar_columns(field: str) -> list:
+    """Description, bar, done/total, the task's `rate` field, elapsed, ETA, then the task's `field`."""
+    return [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("[cyan]{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn(f"{{task.fields[{field}]}}"),
+    ]
 
 
 @contextmanager
 def progress_bar(description: str, total: int | None, unit: str = "img") -> Iterator:
     """Yields `advance(n, dropped_reasons)`; shows the rate and the drop counts as work proceeds."""
     drops: Counter = Counter()
-    columns = [
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("[cyan]{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[drops]}"),
-    ]
+    columns = bar_columns("drops")
     with Progress(*columns, console=stderr, transient=False, disable=not stderr.is_terminal) as bar:
         task = bar.add_task(description, total=total, drops="", rate="")
 

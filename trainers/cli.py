@@ -569,7 +569,7 @@ def compare_command(
         str,
         typer.Option(
             "--preset",
-            help="Budget: smoke (seconds, tests), cpu (~10 min on 2 cores for 2 conditions x 2 seeds), gpu.",
+            help="Budget: smoke (seconds, tests), cpu (~7 min on 2 cores for 2 conditions x 2 seeds), gpu.",
         ),
     ] = "cpu",
     size: Annotated[

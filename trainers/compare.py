@@ -64,7 +64,8 @@ VAE_UNIT = "vae"
 # one torch thread, the lafite-tiny CLIP (32 px): a tiny-GAN step of batch 32 takes 0.11 s idle and
 # 0.155 s with another training job on the other core (200 steps: 31 s; 0.17 s with a patch-4 CLIP in
 # L_ConG); `trainers eval` of 500 images 1.2 s; the default probe about 15 s, once per cache. So the cpu
-# preset's 2 conditions x 2 seeds of 1,000 GAN steps take 4 x (110-155 s + 3 s) + 20 s: 8-11 minutes.
+# preset's 2 conditions x 2 seeds of 1,000 GAN steps take 4 x (110-155 s + 3 s) + 20 s: 8-11 minutes
+# (measured with lafite-rn32 on a quiet machine: 408 s for the 4 runs, probe and reports included).
 # ldm: a tiny-DiT step of batch 32 on cached latents 12 ms, a tiny-VAE step 70 ms, eval of 500 images at
 # 50 sampler steps 4.5 s: 2,000 VAE steps + 4 x 6,000 steps is about 8 minutes. gpu: not measured yet
 # (no GPU was lent); the demo's and `trainers gan`'s GPU defaults.
@@ -702,29 +703,14 @@ def features_only(config: CompareConfig) -> dict[str, Any]:
 @contextlib.contextmanager
 def compare_progress(enabled: bool = True) -> Iterator[Callable[..., None]]:
     """A rich bar over runs and one over training steps, on stderr (terminals only), with the status."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import Progress
 
-    from pipeline.progress import stderr
+    from pipeline.progress import bar_columns, stderr
 
-    columns = [
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
-    ]
+    columns = bar_columns("status")
     with Progress(*columns, console=stderr, disable=not (enabled and stderr.is_terminal)) as bar:
-        runs = bar.add_task("compare runs", total=None, status="")
-        steps = bar.add_task("steps", total=None, status="")
+        runs = bar.add_task("compare runs", total=None, status="", rate="")
+        steps = bar.add_task("steps", total=None, status="", rate="")
 
         def update(**fields: Any) -> None:
             if "total_runs" in fields:
@@ -734,6 +720,8 @@ def compare_progress(enabled: bool = True) -> Iterator[Callable[..., None]]:
                 bar.advance(runs, fields["runs"])
             if fields.get("steps"):
                 bar.advance(steps, fields["steps"])
+                speed = bar.tasks[steps].speed
+                bar.update(steps, rate=f"{speed:,.1f} steps/s" if speed else "")
             if "status" in fields:
                 bar.update(runs, status=fields["status"])
 

@@ -132,3 +132,14 @@ def test_parquet_writers_compared(results_dir):
     assert all(float(r["read_s"]) > 0 and float(r["size_mb"]) > 0 for r in rows)
     with pytest.raises(SystemExit):
         bench.main(["--reps", "0"])
+
+
+def test_clip_sweep_writes_a_row_per_arm_and_rejects_unknown_arms(results_dir):
+    bench = load_script("bench_clip")
+    rows = bench.main(["--arms", "tiny-g1,rn32-g3", "--steps", "2", "--pretrain-n", "12", "--eval-n", "8"])
+    assert [r["arm"] for r in rows] == ["tiny-g1", "rn32-g3"]
+    assert rows[1]["model"] == "lafite-rn32" and rows[1]["contrast_group"] == 3
+    fields, written = read_rows(results_dir / "clip.csv")
+    assert len(written) == 2 and {"shape", "colour", "size", "position", "object_2_shape"} <= set(fields)
+    with pytest.raises(SystemExit):
+        bench.main(["--arms", "vit-huge"])
