@@ -1,11 +1,13 @@
-"""`trainers clip`: train a small open_clip model on paired image-caption shards (the synthetic world).
+"""`trainers clip`: train a small open_clip model for offline caches (no pretrained CLIP can be fetched).
 
-Offline there is no pretrained CLIP, so the demo trains its own: one of the bundled configs
-(`lafite-tiny`, `lafite-small`), open_clip's `ClipLoss` (symmetric InfoNCE with the learnable logit scale,
-clamped at 100 like open_clip's trainer), AdamW without weight decay on gains, biases and the logit scale,
-linear warmup then cosine decay. The images are decoded once into memory at the model's input size (the
-synthetic world is a few thousand 32-64 px images); augmentation is a brightness jitter only (see
-`augment`).
+Like a real CLIP it is pretrained on pairs other than the generator's: by default a fresh stream of
+synthetic pairs in shape contrast groups (`trainers.clip_data`), or the pairs of given shards (`--data`).
+The default bundled config is `lafite-rn32` (open_clip ModifiedResNet, 32 px), chosen by
+`benchmarks/bench_clip.py`: the ViT configs (`lafite-tiny`, `lafite-small`) do not learn shape at 32 px.
+Training: open_clip's `ClipLoss` (symmetric InfoNCE with the learnable logit scale, clamped at 100 like
+open_clip's trainer), AdamW without weight decay on gains, biases and the logit scale (SparseAdam for the
+token embedding), linear warmup then cosine decay; the pairs are decoded once into memory at the
+model's input size; augmentation is a brightness jitter only (see `augment`).
 
 Outputs in RUN (the `--out` directory):
 
@@ -19,7 +21,8 @@ Outputs in RUN (the `--out` directory):
 Zero-shot: each attribute value (red, circle, small, left...) is a class whose text feature is the mean
 of the features of captions of every single-object combination with that value (prompt ensembling over
 the other attributes), and each held-out one-object image is assigned the class of highest cosine. The
-single-prompt variant ("a red object" vs "a blue object"...) is reported too.
+single-prompt variant ("a red object" vs "a blue object"...) is reported too, and, per object slot on
+held-out two-object images, the caption-swap accuracy (`zero_shot_slots`).
 """
 
 from __future__ import annotations

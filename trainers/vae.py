@@ -6,12 +6,12 @@ One step, on a batch of real images x in [-1, 1]:
     loss = |x - x'|_1  +  w_p * CLIP-perceptual(x', x)  +  w_kl * KL(q(z|x) || N(0, I))
            [ + w_d * -mean(P(x'))   once step >= disc_start, with --disc-weight w_d > 0 ]
 
-The perceptual term compares the cache's (frozen) CLIP image tower's intermediate token features
-(forward hooks on the visual transformer's resblocks, unit-normalised per token, MSE averaged over the
-blocks): offline there is no VGG/LPIPS, and the CLIP the cache was made with is always at hand. KL is
-summed over latent elements and divided by the image elements, with w_kl = 1e-6: the ratio Stable
-Diffusion's autoencoder uses (it sums both terms), so the latent stays close to an image, barely
-regularised.
+The perceptual term compares the cache's (frozen) CLIP image tower's intermediate features (forward
+hooks on a ViT's resblocks or a ModifiedResNet's four stages, unit-normalised per token or position, MSE
+averaged over the blocks): offline there is no VGG/LPIPS, and the CLIP the cache was made with is always
+at hand. KL is summed over latent elements and divided by the image elements, with w_kl = 1e-6: the
+ratio Stable Diffusion's autoencoder uses (it sums both terms), so the latent stays close to an image,
+barely regularised.
 
 Optional patch discriminator (`--disc-weight`, off by default): P is a small PatchGAN (real/fake logits
 per overlapping patch, about a quarter of the image wide), trained with the hinge loss
@@ -152,15 +152,20 @@ class PatchDiscriminator(nn.Module):
 
 
 class ClipPerceptual:
-    """Distance between CLIP image-tower token features of two image batches (hooks on each resblock)."""
+    """Distance between CLIP image-tower features of two image batches: hooks on each resblock of a ViT
+    (token features [B, L, C]) or on each stage of a ModifiedResNet (feature maps [B, C, H, W])."""
 
     def __init__(self, clip: Any):
         visual = clip.model.visual
         blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+        self.channel_dim = -1  # ViT tokens: normalise each token's channels
+        if blocks is None and all(hasattr(visual, f"layer{i}") for i in range(1, 5)):
+            blocks = [getattr(visual, f"layer{i}") for i in range(1, 5)]
+            self.channel_dim = 1  # ResNet maps: normalise each position's channels
         if blocks is None:
             raise ConfigError(
-                "--cache: the perceptual loss needs a CLIP with a vision transformer (open_clip ViT); "
-                f"this cache's image tower is {type(visual).__name__}"
+                "--cache: the perceptual loss needs an open_clip ViT or ModifiedResNet image tower; "
+                f"this cache's is {type(visual).__name__}"
             )
         self.clip, self.blocks = clip, blocks
         device = next(clip.model.parameters()).device
@@ -180,7 +185,7 @@ class ClipPerceptual:
         finally:
             for hook in hooks:
                 hook.remove()
-        return [F.normalize(f.float(), dim=-1) for f in features]
+        return [F.normalize(f.float(), dim=self.channel_dim) for f in features]
 
     def __call__(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

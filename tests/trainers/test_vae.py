@@ -58,8 +58,11 @@ def test_kl_and_psnr():
     assert float(psnr(x + 0.2, x).max()) < 30 < float(psnr(x + 0.002, x).min())
 
 
-def test_perceptual_term_is_zero_for_equal_images_and_has_gradients(tiny_clip):
-    perceptual = ClipPerceptual(tiny_clip)
+@pytest.mark.parametrize("tower", ["vit", "resnet"])
+def test_perceptual_term_is_zero_for_equal_images_and_has_gradients(tiny_clip, tower):
+    clip = tiny_clip if tower == "vit" else load_clip("lafite-rn32", None, "cpu")
+    perceptual = ClipPerceptual(clip)
+    assert len(perceptual.blocks) == (4 if tower == "resnet" else 2)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     assert float(perceptual(x, x)) < 1e-10
     y = (x + 0.3 * torch.randn_like(x)).requires_grad_(True)
