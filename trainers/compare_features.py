@@ -134,6 +134,10 @@ def feature_report(
             results[method] = row
             scored[method] = samples
 
+        if "caption" not in scored and t is not None and usable_rows(t).any():
+            # Lafite2 Fig. 1 always sets the features against cos(image, own real caption), compared or not
+            have = usable_rows(t)
+            scored["caption"] = {"image": np.sum(f[have] * _unit(t[have]), axis=1)}
         reference = _caption_reference(t, seed)
         histograms = _histograms(scored, reference)
         report: dict[str, Any] = {

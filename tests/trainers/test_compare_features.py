@@ -108,3 +108,10 @@ def test_caption_needs_captions(caches, tmp_path, monkeypatch):
 def test_unknown_methods_are_refused(caches, tmp_path):
     with pytest.raises(ConfigError, match="choose from"):
         feature_report(caches["full"], tmp_path / "f", methods=("optimise",), device="cpu")
+
+
+def test_the_real_caption_reference_is_plotted_even_when_caption_is_not_compared(caches, tmp_path):
+    report = feature_report(caches["full"], tmp_path / "f", methods=("perturb",), device="cpu")
+    assert "caption" not in report["methods"]
+    series = report["histograms"]["series"]
+    assert series["caption/image"]["n"] > 0 and "perturb/image" in series
