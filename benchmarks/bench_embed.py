@@ -6,6 +6,11 @@ Parquet + manifests. Encoder alone: the same images, already decoded and on the 
 
     python benchmarks/bench_embed.py                       # CPU, lafite-tiny, small
     python benchmarks/bench_embed.py --device cuda --model ViT-B-32 --n-images 50000 --workers 16
+    python benchmarks/bench_embed.py --daemon-arms         # decoding inside a Dask worker, three ways
+
+`--daemon-arms` adds end-to-end runs in a child process, as in a Dask worker: `processes` (a non-daemonic
+child: DataLoader worker processes), `threads` (a daemonic child, as Dask workers are: `shard_loader`
+decodes with threads) and `inline` (a daemonic child, --workers 0). Arms alternate within each rep.
 
 Source images are synthetic-world scenes rendered at --source-size (about 14 KB JPEGs at 256 px); a
 few hundred unique ones are cycled so that generating the input takes seconds, not minutes.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import multiprocessing
 import statistics
 import sys
 import tarfile
@@ -81,6 +87,40 @@ def encoder_only(bundle, unique: list[bytes], n_images: int, batch_size: int, im
     return n_batches * batch_size / statistics.median(times)
 
 
+def _embed_in_child(config, results) -> None:
+    from pipeline.clip import cached_clip
+    from pipeline.embed import run_embed
+
+    cached_clip(config.clip_model, config.clip_pretrained, config.device)  # model load is not timed
+    t = time.perf_counter()
+    result = run_embed(config)
+    results.put((time.perf_counter() - t, result.images_written))
+
+
+def daemon_arms(config, n_images: int, workers: int, reps: int) -> dict[str, float]:
+    """img/s (median of reps) of run_embed in a child process: processes, threads, or inline decoding."""
+    from dataclasses import replace
+
+    ctx = multiprocessing.get_context("spawn")  # what Dask workers use
+    arms = {"processes": (False, workers), "threads": (True, workers), "inline": (True, 0)}
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for rep in range(reps):
+        for name, (daemon, arm_workers) in arms.items():
+            cache = Path(str(config.cache) + f"-{name}{rep}")
+            results = ctx.Queue()
+            child = ctx.Process(
+                target=_embed_in_child,
+                args=(replace(config, cache=cache, workers=arm_workers), results),
+                daemon=daemon,
+            )
+            child.start()
+            seconds, written = results.get()
+            child.join()
+            assert written == n_images, (name, written)
+            times[name].append(seconds)
+    return {name: n_images / statistics.median(t) for name, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -95,6 +135,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--unique", type=int, default=256)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--daemon-arms", action="store_true", help="also time decoding as in a Dask worker")
     args = parser.parse_args()
 
     from pipeline.clip import cached_clip
@@ -125,6 +166,7 @@ def main() -> None:
             e2e_times.append(time.perf_counter() - t)
             assert result.images_written == args.n_images, result
         e2e = args.n_images / statistics.median(e2e_times)
+        in_child = daemon_arms(config, args.n_images, args.workers, args.reps) if args.daemon_arms else {}
     base = stamp(args.device)
     common = {
         "model": args.model,
@@ -139,6 +181,10 @@ def main() -> None:
     rows.append(
         {**base, **common, "path": "end_to_end", "images_per_s": round(e2e, 1), "ratio": round(e2e / enc, 3)}
     )
+    for name, speed in in_child.items():
+        workers = 0 if name == "inline" else args.workers
+        row = {"path": f"child_{name}", "workers": workers, "images_per_s": round(speed, 1)}
+        rows.append({**base, **common, **row, "ratio": round(speed / enc, 3)})
     path = append_rows("embed", rows)
     print_table(
         rows,

@@ -5,7 +5,11 @@ input tar per shard, manifests with the real fingerprint keys, and small output 
 subprocesses (Python start-up and imports included), `pipeline status` and `pipeline run`, which must
 find nothing to do. The baseline in the same run is the floor: reading every manifest JSON once.
 
-    python benchmarks/bench_status.py --shards 10000
+Then the cost of `pipeline status --verify` (content digests) per GB of outputs, on a second cache of
+`--verify-shards` shards holding `--verify-gb` in all, against the floor of hashing the same bytes
+in-process; page cache warm (just written) and, where this process may drop it (root), cold.
+
+    python benchmarks/bench_status.py --shards 10000 --verify-gb 1
 
 Targets on a 2-core machine: status under 5 s, no-op run under 10 s at 10,000 shards.
 """
@@ -39,9 +43,11 @@ method = "perturb"
 """
 
 
-def build(root: Path, shards: int) -> None:
-    """Inputs, plan and committed manifests for `shards` shards, made through the stages' own planners."""
-    from manifests import commit_manifest, stat_out, write_bytes_atomic
+def build(root: Path, shards: int, payload: int = 0) -> None:
+    """Inputs, plan and committed manifests for `shards` shards, made through the stages' own planners.
+
+    Each of the three outputs per shard holds `payload` random bytes (default: its own name)."""
+    from manifests import commit_manifest, digest_file_content, stat_out, write_bytes_atomic
     from pipeline.embed import EmbedConfig, plan_embed
     from pipeline.optimize import OptimizeConfig, plan_optimize
 
@@ -61,15 +67,17 @@ def build(root: Path, shards: int) -> None:
         outs = []
         for ext in ("tar", "parquet"):
             rel = f"embed/{task.spec.shard:05d}.{ext}"
-            size, digest = write_bytes_atomic(cache / rel, f"{rel}".encode())
+            size, digest = write_bytes_atomic(cache / rel, os.urandom(payload) if payload else rel.encode())
             outs.append(stat_out(cache, rel, size, digest, 1))
         write_bytes_atomic(
             cache / "embed" / f"{task.spec.shard:05d}.stats.json", b'{"written": 1, "dropped": {}}'
         )
-        commit_manifest(cache, task.spec, outs, {}, extra={"rows": 1, "dim": 64, "dropped": {}})
+        content = {u.id: digest_file_content(Path(u.path)) for u in task.units}  # what --verify compares
+        extra = {"rows": 1, "dim": 64, "dropped": {}, "input_content": content}
+        commit_manifest(cache, task.spec, outs, {}, extra=extra)
     for task in plan_optimize(OptimizeConfig(cache=cache, method="perturb")).tasks:
         rel = f"optimize/{task.spec.shard:05d}.parquet"
-        size, digest = write_bytes_atomic(cache / rel, rel.encode())
+        size, digest = write_bytes_atomic(cache / rel, os.urandom(payload) if payload else rel.encode())
         commit_manifest(cache, task.spec, [stat_out(cache, rel, size, digest, 1)], {}, extra={"rows": 1})
 
 
@@ -81,11 +89,60 @@ def timed(args: list[str], cwd: Path) -> tuple[float, str]:
     return time.perf_counter() - t, proc.stdout
 
 
+def drop_page_cache() -> bool:
+    """Write back and drop the page cache (root only), so the next read comes from the disk."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def verify_rows(shards: int, gigabytes: float, cold: bool = True) -> list[dict]:
+    """Seconds per GB of `status --verify` over plain `status`, and of hashing the bytes (the floor).
+
+    `cold` also measures with the page cache dropped (machine-wide, so only where root allows it)."""
+    from manifests import digest_file_content
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        build(root, shards, payload=int(gigabytes * 1e9 / (3 * shards)))
+        outputs = [p for p in (root / "cache").rglob("*") if p.suffix in (".tar", ".parquet")]
+        gb = sum(p.stat().st_size for p in outputs) / 1e9
+        plain_s, _ = timed(["status"], root)
+        rows = []
+        for page_cache in ("warm", "cold") if cold else ("warm",):
+            if page_cache == "cold" and not drop_page_cache():
+                continue
+            t = time.perf_counter()
+            for p in outputs:
+                digest_file_content(p)
+            floor_s = time.perf_counter() - t
+            if page_cache == "cold":
+                drop_page_cache()
+            verify_s, out = timed(["status", "--verify"], root)
+            assert " 0 stale" in out.splitlines()[0], out
+            base = {**stamp("cpu"), "shards": shards, "cores": os.cpu_count(), "gb": round(gb, 4)}
+            rows += [
+                {**base, "what": f"hash every output in-process, floor ({page_cache})",
+                 "seconds": round(floor_s, 2), "s_per_gb": round(floor_s / gb, 2), "target_s": ""},
+                {**base, "what": f"pipeline status --verify minus status ({page_cache})",
+                 "seconds": round(verify_s - plain_s, 2), "s_per_gb": round((verify_s - plain_s) / gb, 2),
+                 "target_s": ""},
+            ]  # fmt: skip
+        return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--shards", type=int, default=10_000)
+    parser.add_argument(
+        "--verify-gb", type=float, default=1.0, help="Outputs of the --verify cache (0: skip)."
+    )
+    parser.add_argument("--verify-shards", type=int, default=100)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -107,9 +164,11 @@ def main() -> None:
         {**base, "what": "pipeline status", "seconds": round(status_s, 2), "target_s": 5},
         {**base, "what": "pipeline run (no-op)", "seconds": round(run_s, 2), "target_s": 10},
     ]
+    if args.verify_gb > 0:
+        rows += verify_rows(args.verify_shards, args.verify_gb)
     append_rows("status", rows)
     print(f"(built the {args.shards:,}-shard cache in {build_s:.1f} s)")
-    print_table(rows, ["device", "shards", "what", "seconds", "target_s"])
+    print_table(rows, ["device", "shards", "what", "seconds", "s_per_gb", "target_s"])
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def append_rows(name: str, rows: list[dict]) -> Path:
     """
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.csv"
-    fields, old_rows = list(rows[0]), []
+    fields, old_rows = list(dict.fromkeys(k for row in rows for k in row)), []  # union, in first-seen order
     if path.exists():
         with open(path, newline="") as f:
             reader = csv.DictReader(f)

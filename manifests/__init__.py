@@ -12,6 +12,7 @@ from manifests.manifest import (
     Dep,
     Out,
     ShardSpec,
+    absent_reason,
     check_outputs,
     check_shard,
     commit_manifest,
@@ -19,12 +20,14 @@ from manifests.manifest import (
     manifest_path,
     read_manifest,
     stat_out,
+    verifying_outputs,
 )
 from manifests.plan import ShardPlan, group_units
 
 __all__ = [
     "Dep",
     "Out",
+    "absent_reason",
     "ShardPlan",
     "ShardSpec",
     "atomic_write",
@@ -41,6 +44,7 @@ __all__ = [
     "manifest_path",
     "read_manifest",
     "stat_out",
+    "verifying_outputs",
     "write_bytes_atomic",
     "write_json_atomic",
     "write_parquet_atomic",

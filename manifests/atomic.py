@@ -15,7 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from manifests.faults import crash_point
+from manifests.errors import DISK_FULL_ERRNOS, disk_full
+from manifests.faults import crash_point, disk_full_point
 
 TEMP_MARKER = ".tmp-"
 _UMASK = os.umask(0)
@@ -29,12 +30,20 @@ class DigestingFile:
         self._raw = raw
         self._hash = hashlib.blake2b(digest_size=16)
         self.size = 0
+        self.error: OSError | None = None  # the first failed write (torch.save re-raises it as RuntimeError)
 
     def write(self, data) -> int:
+        if self.error is not None:  # a writer that swallowed the failure must not go on
+            raise self.error
         view = memoryview(data).cast("B")
+        try:
+            written = self._raw.write(view)
+        except OSError as e:
+            self.error = e
+            raise
         self._hash.update(view)
         self.size += len(view)
-        return self._raw.write(view)
+        return written
 
     def flush(self) -> None:
         self._raw.flush()
@@ -62,24 +71,36 @@ class DigestingFile:
 
 @contextmanager
 def atomic_write(path: Path) -> Iterator[DigestingFile]:
-    """Write `path` atomically; the yielded file exposes `.size` and `.digest` once the block ends."""
+    """Write `path` atomically; the yielded file exposes `.size` and `.digest` once the block ends.
+
+    A full disk (ENOSPC, EDQUOT) raises `DiskFull` naming the file, after the temp file is removed.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARKER}", dir=path.parent)
+    out = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARKER}", dir=path.parent)
+    except OSError as e:
+        raise disk_full(path, 0) if e.errno in DISK_FULL_ERRNOS else e from None
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a shared cache must be readable by trainers
         with os.fdopen(fd, "wb") as raw:
             out = DigestingFile(raw)
             yield out
             raw.flush()
+            disk_full_point(str(path))
             os.fsync(raw.fileno())
         crash_point(f"write:{path.name}:before_replace")
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as e:
         try:
+            reached = os.path.getsize(tmp_name)  # what the file system took before it filled
             os.unlink(tmp_name)
         except FileNotFoundError:
-            pass
+            reached = 0
+        cause = e if isinstance(e, OSError) else getattr(out, "error", None)
+        if cause is not None and cause.errno in DISK_FULL_ERRNOS:
+            raise disk_full(path, reached) from None
         raise
     fsync_dir(path.parent)
 

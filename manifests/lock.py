@@ -1,4 +1,8 @@
-"""A cache-wide lock so two pipeline runs never write the same cache at once.
+"""A cache-wide lock so two commands never write the same cache at once.
+
+Every command that writes a cache's stage outputs (`pipeline run`, `embed`, `retrieve`, `optimize`,
+`trainers vae --encode`) holds it for its whole run; a second one waits up to `--wait` seconds or stops
+with one line naming the holder. Readers (status, trainers) never take it.
 
 `{cache}/.lock` is locked with `flock`, which the kernel releases when the holder exits or is killed
 (SIGKILL included), so a dead run's lock is never stale: the next run simply takes it. The file also
@@ -15,17 +19,19 @@ import socket
 import time
 from pathlib import Path
 
+from manifests.errors import CacheFault
+
 LOCK_NAME = ".lock"
 
 
-class LockHeld(Exception):
+class LockHeld(CacheFault):
     """Another live run holds the cache."""
 
 
 def read_lock(cache: Path) -> dict:
     try:
         return json.loads((Path(cache) / LOCK_NAME).read_text() or "{}")
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (OSError, ValueError):  # absent, or bytes a crash or a hand left: only used in a message
         return {}
 
 

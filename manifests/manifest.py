@@ -18,6 +18,9 @@ import platform
 import socket
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,19 @@ from manifests.digest import digest_file_content, digest_json
 from manifests.faults import crash_point
 
 MANIFEST_DIR = "_manifests"
+# `pipeline run --verify` / `status --verify`: every output check in the plans re-hashes the bytes,
+# once per file (several stages check the embed outputs): path -> content digest, or None when off.
+_VERIFIED: ContextVar[dict[str, str] | None] = ContextVar("verified_outputs", default=None)
+
+
+@contextmanager
+def verifying_outputs(enabled: bool = True) -> Iterator[None]:
+    """Within the block, `check_outputs` (so every stage's planning) compares content digests too."""
+    token = _VERIFIED.set(_VERIFIED.get() if _VERIFIED.get() is not None or not enabled else {})
+    try:
+        yield
+    finally:
+        _VERIFIED.reset(token)
 
 
 @dataclass(frozen=True)
@@ -119,6 +135,15 @@ def read_manifest(cache: Path, stage: str, shard: int) -> dict[str, Any] | None:
         return None  # a torn manifest cannot exist (atomic writes), but a hand-edited one can: redo the shard
 
 
+def absent_reason(cache: Path, stage: str, shard: int) -> str:
+    """Why a shard without a readable manifest must be made: new, or its manifest is missing or damaged."""
+    if manifest_path(cache, stage, shard).exists():
+        return "manifest unreadable (damaged): shard will be remade"
+    if any((Path(cache) / stage).glob(f"{shard:05d}.*")):
+        return "manifest missing (outputs exist without it): shard will be remade"
+    return "new shard"
+
+
 def list_manifests(cache: Path, stage: str) -> dict[int, dict[str, Any]]:
     """All readable manifests of a stage, by shard."""
     out: dict[int, dict[str, Any]] = {}
@@ -138,7 +163,7 @@ def check_shard(cache: Path, spec: ShardSpec, *, verify: bool = False) -> str | 
     """
     manifest = read_manifest(cache, spec.stage, spec.shard)
     if manifest is None:
-        return "new shard"
+        return absent_reason(cache, spec.stage, spec.shard)
     if manifest.get("key") == spec.key:
         return check_outputs(cache, manifest, verify=verify)
     if manifest.get("stage_version") != spec.stage_version:
@@ -151,6 +176,8 @@ def check_shard(cache: Path, spec: ShardSpec, *, verify: bool = False) -> str | 
 
 
 def check_outputs(cache: Path, manifest: dict[str, Any], *, verify: bool = False) -> str | None:
+    """None when every output matches the manifest's size and mtime (and digest, when verifying)."""
+    verified = _VERIFIED.get()
     for out in manifest.get("outs", []):
         path = Path(cache) / out["path"]
         try:
@@ -159,6 +186,15 @@ def check_outputs(cache: Path, manifest: dict[str, Any], *, verify: bool = False
             return f"output missing: {out['path']}"
         if st.st_size != out["size"] or (out.get("mtime_ns") and st.st_mtime_ns != out["mtime_ns"]):
             return f"output altered: {out['path']}"
-        if verify and digest_file_content(path) != out["digest"]:
-            return f"output altered: {out['path']}"
+        if (verify or verified is not None) and _content_digest(path, st, verified) != out["digest"]:
+            return f"output damaged (content digest differs): {out['path']}"
     return None
+
+
+def _content_digest(path: Path, st: os.stat_result, memo: dict[str, str] | None) -> str:
+    key = f"{path}:{st.st_size}:{st.st_mtime_ns}"  # a file remade meanwhile is hashed again
+    if memo is None:
+        return digest_file_content(path)
+    if key not in memo:
+        memo[key] = digest_file_content(path)
+    return memo[key]

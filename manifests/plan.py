@@ -8,11 +8,11 @@ every file to another shard.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from manifests.atomic import write_json_atomic
+from manifests.errors import Unreadable, read_json
 
 PLAN_VERSION = 1
 
@@ -22,14 +22,30 @@ class ShardPlan:
     shards: list[list[str]] = field(default_factory=list)  # unit ids of each shard, in reading order
 
     @classmethod
-    def load(cls, path: Path) -> ShardPlan:
+    def load(cls, path: Path, fix: str = "restore it from a backup") -> ShardPlan:
+        """The plan at `path` (empty when absent); a damaged file raises `Unreadable` naming `fix`."""
         try:
-            data = json.loads(Path(path).read_text())
+            data = read_json(path, fix)
         except FileNotFoundError:
             return cls()
-        if data.get("version") != PLAN_VERSION:
-            raise ValueError(f"{path}: unsupported shard plan version {data.get('version')}")
-        return cls(shards=[list(s) for s in data["shards"]])
+        if not isinstance(data, dict) or data.get("version") != PLAN_VERSION:
+            raise Unreadable(f"{path}: not a shard plan of version {PLAN_VERSION}; {fix}")
+        shards = data.get("shards")
+        if not isinstance(shards, list) or not all(isinstance(s, list) for s in shards):
+            raise Unreadable(f"{path}: its shard list is damaged; {fix}")
+        return cls(shards=[[str(u) for u in s] for s in shards])
+
+    @classmethod
+    def from_manifests(cls, manifests: dict[int, dict]) -> ShardPlan:
+        """Rebuild a lost plan: shard i's units are the deps its manifest recorded, in reading order.
+
+        A shard without a readable manifest comes back empty, so its units are planned anew (into new
+        shards) and no committed shard changes index.
+        """
+        shards: list[list[str]] = [[] for _ in range(max(manifests, default=-1) + 1)]
+        for shard, manifest in manifests.items():
+            shards[shard] = [d["name"] for d in manifest.get("deps", [])]
+        return cls(shards=shards)
 
     def save(self, path: Path) -> None:
         write_json_atomic(path, {"version": PLAN_VERSION, "shards": self.shards})

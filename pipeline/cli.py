@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from manifests.lock import CacheLock
 from pipeline.errors import ConfigError
 from pipeline.progress import describe_drops, progress_bar, stderr
 
@@ -62,6 +63,19 @@ def _commands() -> dict[str, Callable]:
 
 
 CacheOpt = Annotated[Path, typer.Option("--cache", help="Feature cache directory.")]
+WaitOpt = Annotated[
+    float,
+    typer.Option(
+        "--wait",
+        help="Seconds to wait for another command that is writing this cache (default: stop at once).",
+    ),
+]
+RepairOpt = Annotated[
+    bool,
+    typer.Option(
+        "--repair", help="Rebuild a damaged embed shard plan (embed/_plan.json) from the manifests."
+    ),
+]
 ClipModelOpt = Annotated[
     str,
     typer.Option(
@@ -84,16 +98,34 @@ def _one_line_warnings() -> None:
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
 
 
+def writing(cache: Path, wait: float = 0.0, *, create: bool = False) -> CacheLock:
+    """The lock every command that writes the cache holds; only embed may create the cache."""
+    if not create and not Path(cache).is_dir():
+        raise ConfigError(
+            f"--cache {cache}: no such directory, so no embed stage found; run `pipeline embed INPUT... "
+            f"--cache {cache}` first"
+        )
+    return CacheLock(cache, wait=wait)
+
+
 def user_errors(command: Callable) -> Callable:
-    """A ConfigError becomes one line on stderr and exit code 2, never a traceback."""
+    """A ConfigError or CacheFault (disk full, a damaged file) becomes one line on stderr and exit code 2,
+    never a traceback. An ENOSPC that escaped the atomic writers (a third-party writer) reads the same."""
+    from manifests.errors import DISK_FULL_ERRNOS, CacheFault
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         _one_line_warnings()
         try:
             return command(*args, **kwargs)
-        except ConfigError as e:
+        except (ConfigError, CacheFault) as e:
             _fail(e)
+        except OSError as e:
+            if e.errno not in DISK_FULL_ERRNOS:
+                raise
+            _fail(
+                f"no space left on device ({e.filename or e}); free space and rerun: committed work is kept"
+            )
 
     return wrapper
 
@@ -162,13 +194,20 @@ def embed(
     ] = 10_000,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per CLIP forward pass.")] = 256,
     workers: Annotated[
-        int | None, typer.Option("--workers", help="Decoding processes (default: min(8, cores)).")
+        int | None,
+        typer.Option(
+            "--workers",
+            help="Decoding processes (default: min(8, cores)); threads inside a Dask worker, whose "
+            "processes may not have children.",
+        ),
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     verify: Annotated[
         bool, typer.Option("--verify", help="Hash file contents instead of trusting size and mtime.")
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Remake every shard.")] = False,
+    repair: RepairOpt = False,
+    wait: WaitOpt = 0.0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved plan and exit.")] = False,
 ) -> None:
     """Embed images with CLIP into the cache: embed/{i}.tar (image, img_emb.npy, json) + .parquet sidecar.
@@ -193,12 +232,13 @@ def embed(
         device=device,
         verify=verify,
         force=force,
+        repair=repair,
         **kwargs,
     )
     if dry_run:
         typer.echo(json.dumps(describe_plan(config, plan_embed(config, write_plan=False)), indent=1))
         return
-    with progress_bar("embed", total=None) as advance:
+    with writing(cache, wait, create=True), progress_bar("embed", total=None) as advance:
         result = run_embed(config, advance)
     typer.echo(
         f"embed: {len(result.shards_run)} shard(s) made, {len(result.shards_up_to_date)} up to date; "
@@ -300,6 +340,7 @@ def retrieve(
     force: Annotated[
         bool, typer.Option("--force", help="Redo every step; accept captions encoded by another CLIP.")
     ] = False,
+    wait: WaitOpt = 0.0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved plan and exit.")] = False,
 ) -> None:
     """Top-k captions per image: caption features (captions/), a FAISS index (index/), search (retrieve/).
@@ -326,7 +367,8 @@ def retrieve(
     if dry_run:
         typer.echo(json.dumps(describe_retrieve(config), indent=1))
         return
-    result = run_retrieve(config, progress_bar)
+    with writing(cache, wait):
+        result = run_retrieve(config, progress_bar)
     for warning in result.warnings:
         warnings.warn(warning, stacklevel=1)
     for line in result.summary_lines():
@@ -388,6 +430,7 @@ def optimize(
         typer.Option("--verify", help="Re-hash this stage's outputs instead of trusting size and mtime."),
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Remake every shard.")] = False,
+    wait: WaitOpt = 0.0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved plan and exit.")] = False,
 ) -> None:
     """Pseudo text features per image: optimize/{i}.parquet (pseudo_txt, cos_init, cos_final) + stats.
@@ -418,7 +461,7 @@ def optimize(
     if dry_run:
         typer.echo(json.dumps(describe_plan(config, plan_optimize(config)), indent=1))
         return
-    with progress_bar("optimize", total=None) as advance:
+    with writing(cache, wait), progress_bar("optimize", total=None) as advance:
         result = run_optimize(config, advance)
     s = result.summary
 
@@ -460,7 +503,16 @@ def run(
     workers: Annotated[
         int | None, typer.Option("--workers", help="Start a LocalCluster of N workers when no scheduler.")
     ] = None,
-    wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for another run's lock.")] = 0.0,
+    wait: WaitOpt = 0.0,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Re-hash every input and output instead of trusting size and mtime, and remake what is "
+            "damaged (bit rot, a bad copy).",
+        ),
+    ] = False,
+    repair: RepairOpt = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print what would run and why, and exit.")
     ] = False,
@@ -470,17 +522,19 @@ def run(
     Edit pipeline.toml (`pipeline init` writes one), then `pipeline run`: it does exactly the work the
     change requires. Two runs on one cache never write at once: the second waits (--wait) or stops.
     """
+    from manifests import verifying_outputs
     from pipeline.run import RunConfig, run_pipeline, stage_configs
     from pipeline.status import pipeline_status, render_status
 
     sections = _sections(ctx)
     if not sections:
         raise ConfigError("no pipeline.toml found: write one with `pipeline init` (or pass --config FILE)")
-    run_config = RunConfig(cache, until, tuple(force or ()), executor, scheduler, workers, wait)
+    run_config = RunConfig(cache, until, tuple(force or ()), executor, scheduler, workers, wait, verify)
     run_config.validate()
-    configs = stage_configs(sections, cache, run_config.force)
+    configs = stage_configs(sections, cache, run_config.force, verify=verify, repair=repair)
     if dry_run:
-        stages = pipeline_status(cache, configs.embed, configs.retrieve, configs.optimize)
+        with verifying_outputs(verify):
+            stages = pipeline_status(cache, configs.embed, configs.retrieve, configs.optimize)
         typer.echo(render_status(stages))
         return
     results = run_pipeline(configs, run_config, progress_bar)
@@ -507,16 +561,32 @@ def status(
     ctx: typer.Context,
     cache: CacheOpt = Path("cache"),
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Also re-hash every input and output against its recorded digest (reads all the data; "
+            "see BENCHMARKS.md for the cost per GB). `pipeline run --verify` then remakes what is damaged.",
+        ),
+    ] = False,
 ) -> None:
-    """Per stage: shards up to date, and the stale ones with the reason (reads manifests and stats only)."""
+    """Per stage: shards up to date, and the stale ones with the reason.
+
+    Reads manifests and file stats only (sizes, mtimes), so it is instant and cannot see bytes that
+    changed in place: `--verify` checks content digests too.
+    """
+    from manifests import verifying_outputs
     from pipeline.run import stage_configs
     from pipeline.status import pipeline_status, render_status
 
     sections = _sections(ctx)
-    configs = stage_configs(sections, cache) if sections.get("embed", {}).get("inputs") else None
-    stages = pipeline_status(
-        cache, *(configs.embed, configs.retrieve, configs.optimize) if configs else (None, None, None)
+    configs = (
+        stage_configs(sections, cache, verify=verify) if sections.get("embed", {}).get("inputs") else None
     )
+    with verifying_outputs(verify):
+        stages = pipeline_status(
+            cache, *(configs.embed, configs.retrieve, configs.optimize) if configs else (None, None, None)
+        )
     if as_json:
         typer.echo(json.dumps([s.to_dict() for s in stages], indent=1))
     else:

@@ -47,7 +47,7 @@ def resolve_device(device: str = "auto"):
 def _read_config_file(path: Path) -> dict[str, Any]:
     try:
         cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
         raise ConfigError(f"--clip-model {path}: not a readable model-config JSON ({e})") from None
     cfg = cfg.get("model_cfg", cfg)  # also accept open_clip's open_clip_config.json layout
     if not isinstance(cfg, dict) or "vision_cfg" not in cfg or "text_cfg" not in cfg:

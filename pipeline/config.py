@@ -44,7 +44,7 @@ def read_config(path: Path | None) -> dict[str, Any]:
             return _toml().load(f)
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: file not found") from None
-    except _toml().TOMLDecodeError as e:
+    except (_toml().TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
 
 
@@ -151,7 +151,7 @@ def render_default_config(commands: dict[str, Callable]) -> str:
             continue
         lines += ["", f"[{name}]"]
         for option in command_options(command):
-            if option.name in ("cache", "force", "verify"):
+            if option.name in ("cache", "force", "verify", "repair", "wait"):
                 continue
             value = list(option.default or []) if option.kind == "list" else option.default
             lines.append(f"# {option.help}" if option.help else f"# {option.name}")

@@ -2,9 +2,9 @@
 
 Pure core: `plan_embed(config)` decides which shards must be (re)made and why; `embed_shard(task)`
 makes one shard and returns its manifest (a small dict, so it can run as a Dask task); `run_embed`
-does both in-process. Reading and decoding run in DataLoader workers, CLIP runs batched in the main
-process (bf16 autocast on CUDA), and the writer commits the tar, the sidecar Parquet, the stats and
-finally the manifest.
+does both in-process. Reading and decoding run in DataLoader workers (threads inside a Dask worker),
+CLIP runs batched in the main process (bf16 autocast on CUDA), and the writer commits the tar, the
+sidecar Parquet, the stats and finally the manifest.
 """
 
 from __future__ import annotations
@@ -60,10 +60,11 @@ class EmbedConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped (decompression-bomb guard)
     shard_size: int = 10_000  # images per shard for folder inputs (a tar or Parquet file is one shard)
     batch_size: int = 256  # images per CLIP forward pass (not keyed: does not change the output)
-    workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))  # decoding processes
+    workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))  # decoders (threads in Dask)
     device: str = "auto"  # "auto" (CUDA if present), "cpu", "cuda", "cuda:1"
     verify: bool = False  # hash input and output contents instead of trusting size + mtime
     force: bool = False  # remake every shard even when up to date
+    repair: bool = False  # rebuild a damaged shard plan (_plan.json) from the committed manifests
 
     def validate(self) -> None:
         if not self.inputs:
@@ -132,7 +133,7 @@ def plan_embed(config: EmbedConfig, *, write_plan: bool = True) -> EmbedPlan:
     units = expand_inputs(list(config.inputs))
     identity = clip_identity(config.clip_model, config.clip_pretrained)
     stage_dir = Path(config.cache) / STAGE
-    plan = ShardPlan.load(stage_dir / PLAN_FILE)
+    plan = load_plan(config, write=write_plan)
     by_id = {u.id: u for u in units}
 
     planned = plan.planned()
@@ -166,6 +167,30 @@ def plan_embed(config: EmbedConfig, *, write_plan: bool = True) -> EmbedPlan:
         else:
             tasks.append(EmbedTask(config, spec, members, reason))
     return EmbedPlan(tasks, up_to_date, len(units), duplicates, identity)
+
+
+def load_plan(config: EmbedConfig, *, write: bool) -> ShardPlan:
+    """The cache's shard plan; a damaged one is an error naming `--repair`, which rebuilds it."""
+    import warnings
+
+    from manifests.errors import Unreadable
+
+    path = Path(config.cache) / STAGE / PLAN_FILE
+    fix = (
+        f"rebuild it from the embed manifests with `pipeline run --cache {config.cache} --repair` "
+        "(or `pipeline embed INPUT... --repair`)"
+    )
+    try:
+        return ShardPlan.load(path, fix)
+    except Unreadable:
+        if not config.repair:
+            raise
+    manifests = list_manifests(config.cache, STAGE)
+    plan = ShardPlan.from_manifests(manifests)
+    warnings.warn(f"{path} was damaged: rebuilt from {len(manifests)} embed manifest(s)", stacklevel=2)
+    if write:
+        plan.save(path)
+    return plan
 
 
 def embed_shard(task: EmbedTask, progress: Progress | None = None) -> dict[str, Any]:

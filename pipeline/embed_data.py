@@ -1,11 +1,16 @@
 """The embed stage's input pipeline: a torch IterableDataset that reads, decodes and resizes one shard.
 
 Runs in DataLoader worker processes; worker w of W prepares the samples whose index % W == w, and the
-stage restores source order afterwards.
+stage restores source order afterwards. A daemonic process (a Dask worker) may not start children, so
+there the same W workers are threads, giving the same batches.
 """
 
 from __future__ import annotations
 
+import itertools
+import multiprocessing
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -63,7 +68,10 @@ class ShardSamples(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[Prepared | Dropped]:
         info = torch.utils.data.get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        return self.partition(*((info.id, info.num_workers) if info else (0, 1)))
+
+    def partition(self, worker: int, n_workers: int) -> Iterator[Prepared | Dropped]:
+        """What worker `worker` of `n_workers` prepares: the samples whose index % n_workers == worker."""
         for index, item in enumerate(self._raw()):
             if index % n_workers == worker:
                 yield self.prepare(index, item)
@@ -107,6 +115,20 @@ def collate(items: list[Prepared | Dropped]) -> tuple[list[Prepared], list[Dropp
 
 
 def shard_loader(dataset: ShardSamples, *, batch_size: int, workers: int, pin_memory: bool):
+    """Batches of `collate`'s (prepared, dropped, pixels), decoded by `workers` DataLoader processes.
+
+    A daemonic process may not start children ("daemonic processes are not allowed to have children"),
+    and Dask worker processes are daemonic, LocalCluster's and `dask worker`'s alike; there the workers
+    are threads (`thread_batches`), which give the same batches.
+    """
+    # Threads rather than non-daemonic Dask workers whose DataLoader could start processes: PIL's decode,
+    # resize and encode release the GIL, and a Dask worker's children are spawned, paying a torch import
+    # per worker per shard. Inside a child process, 2 workers, 2 CPU cores, lafite-tiny, 1024 images of
+    # 512 px stored at 256 in 512-image shards: threads 243 img/s, processes 122, inline (0 workers) 173;
+    # 256 px sources kept as-is, 1024-image shards: threads 577, processes 332, inline 588
+    # (benchmarks/bench_embed.py --daemon-arms).
+    if workers and multiprocessing.current_process().daemon:
+        return thread_batches(dataset, batch_size=batch_size, workers=workers, pin_memory=pin_memory)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -115,3 +137,60 @@ def shard_loader(dataset: ShardSamples, *, batch_size: int, workers: int, pin_me
         pin_memory=pin_memory,
         prefetch_factor=4 if workers else None,
     )
+
+
+_DONE = object()
+
+
+def thread_batches(
+    dataset: ShardSamples, *, batch_size: int, workers: int, pin_memory: bool = False, prefetch: int = 4
+) -> Iterator[tuple[list[Prepared], list[Dropped], torch.Tensor | None]]:
+    """The DataLoader's batches, from threads: thread w batches `dataset.partition(w, workers)` as worker
+    process w would, and batches are taken round-robin over the threads still running, as the
+    DataLoader takes them, so every batch holds the same samples (CLIP's output bits may depend on a
+    batch's make-up) and arrives in the same order."""
+    queues = [queue.Queue(prefetch) for _ in range(workers)]
+    stop = threading.Event()
+
+    def put(worker: int, item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                queues[worker].put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False  # the consumer left early
+
+    def fill(worker: int) -> None:
+        try:
+            items = dataset.partition(worker, workers)
+            while batch := list(itertools.islice(items, batch_size)):
+                ok, bad, pixels = collate(batch)
+                if pin_memory and pixels is not None:
+                    pixels = pixels.pin_memory()
+                if not put(worker, (ok, bad, pixels)):
+                    return
+            put(worker, _DONE)
+        except BaseException as e:  # re-raised by the consumer, as the DataLoader re-raises a worker's
+            put(worker, e)
+
+    threads = [
+        threading.Thread(target=fill, args=(w,), name=f"decode-{w}", daemon=True) for w in range(workers)
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        running = list(range(workers))
+        while running:
+            for worker in list(running):
+                got = queues[worker].get()
+                if got is _DONE:
+                    running.remove(worker)
+                elif isinstance(got, BaseException):
+                    raise got
+                else:
+                    yield got
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()

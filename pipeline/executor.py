@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from manifests.errors import DiskFull, with_space_needed
 from pipeline.errors import ConfigError
 
 Progress = Callable[[int, list[str]], None]  # (items just finished, reasons of those dropped)
@@ -50,7 +51,13 @@ class LocalExecutor:
         progress: Progress | None = None,
         count: Count = rows_done,
     ) -> list[dict]:
-        return [fn(task, progress) for task in tasks]
+        tasks, results = list(tasks), []
+        try:
+            for task in tasks:
+                results.append(fn(task, progress))
+        except DiskFull as e:
+            raise space_needed(e, tasks, results) from None
+        return results
 
     def close(self) -> None:
         pass
@@ -110,17 +117,32 @@ class DaskExecutor:
             key = f"{spec.stage}-{spec.shard:05d}-{spec.key[:16]}"
             futures.append(self.client.submit(fn, task, key=key, retries=self.retries, resources=resources))
         results = []
-        for future in as_completed(futures):
-            result = future.result()  # re-raises the task's exception once its retries are spent
-            if progress:
-                progress(*count(result))
-            results.append(result)
+        try:
+            for future in as_completed(futures):
+                result = future.result()  # re-raises the task's exception once its retries are spent
+                if progress:
+                    progress(*count(result))
+                results.append(result)
+        except DiskFull as e:
+            self.client.cancel(futures)
+            raise space_needed(e, tasks, results) from None
         return results
 
     def close(self) -> None:
         self.client.close()
         if self._cluster is not None:
             self._cluster.close()
+
+
+def space_needed(error: DiskFull, tasks: list, done: list[dict]) -> DiskFull:
+    """A full disk mid-stage: name the cache and estimate what the unfinished shards need."""
+    from manifests import list_manifests
+
+    cache, stage = tasks[0].config.cache, tasks[0].spec.stage
+    sizes = [sum(o["size"] for o in m.get("outs", [])) for m in done]
+    if not sizes:
+        sizes = [sum(o["size"] for o in m.get("outs", [])) for m in list_manifests(cache, stage).values()]
+    return with_space_needed(error, cache, sizes, len(tasks) - len(done))
 
 
 def make_executor(executor: str, scheduler: str | None = None, workers: int | None = None):

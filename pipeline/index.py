@@ -743,8 +743,10 @@ def run_index(
 
 
 def read_index_info(cache: Path) -> dict[str, Any]:
+    from manifests.errors import VERIFY_FIX, read_json
+
     try:
-        return json.loads((Path(cache) / INFO_FILE).read_text())
+        return read_json(Path(cache) / INFO_FILE, VERIFY_FIX.format(cache=cache))
     except FileNotFoundError:
         return {}
 

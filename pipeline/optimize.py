@@ -16,7 +16,6 @@ and with the stored output: the starting point is h0, the retrieve mix, for `opt
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -481,8 +480,10 @@ def stage_summary(cache: Path, shards: list[int] | None = None) -> dict[str, Any
     sums: Counter = Counter()
     weights: Counter = Counter()
     methods: set[str] = set()
+    from manifests.errors import read_json, remake_shard_fix
+
     for p in sorted((Path(cache) / STAGE).glob("*.stats.json")):
-        stats = json.loads(p.read_text())
+        stats = read_json(p, remake_shard_fix(cache, STAGE, int(p.name.split(".")[0])))
         if shards is not None and stats["shard"] not in shards:
             continue
         methods.add(stats["method"])

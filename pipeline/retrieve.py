@@ -22,7 +22,6 @@ pipeline/attribute_precision.py's).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import Counter
@@ -646,6 +645,8 @@ def describe_retrieve(config: RetrieveConfig) -> dict[str, Any]:
 
 def retrieve_summary(cache: Path) -> dict[str, Any]:
     """Totals over the committed retrieve stats: images, and precision weighted by images scored."""
+    from manifests.errors import read_json, remake_shard_fix
+
     totals = {"images": 0, "n_scored": 0}
     at_1: Counter = Counter()
     at_k: Counter = Counter()
@@ -653,7 +654,7 @@ def retrieve_summary(cache: Path) -> dict[str, Any]:
         path = Path(cache) / STAGE / f"{shard:05d}.stats.json"
         if not path.exists():
             continue
-        stats = json.loads(path.read_text())
+        stats = read_json(path, remake_shard_fix(cache, STAGE, shard))
         totals["images"] += stats["rows"]
         p = stats.get("precision")
         if p:

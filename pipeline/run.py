@@ -25,6 +25,7 @@ class RunConfig:
     scheduler: str | None = None  # Dask scheduler address (or DASK_SCHEDULER_ADDRESS); none: a LocalCluster
     workers: int | None = None  # LocalCluster worker processes
     wait: float = 0.0  # seconds to wait for another run's lock before giving up
+    verify: bool = False  # re-hash every input and output instead of trusting size + mtime; remake damage
 
     def validate(self) -> None:
         if self.until not in STAGES:
@@ -54,13 +55,26 @@ class StageConfigs:
     optimize: Any  # OptimizeConfig
 
 
-def stage_configs(sections: dict[str, dict], cache: Path, force: tuple[str, ...] = ()) -> StageConfigs:
-    """Build every stage's config from the pipeline.toml sections, with one cache for all."""
+def stage_configs(
+    sections: dict[str, dict],
+    cache: Path,
+    force: tuple[str, ...] = (),
+    *,
+    verify: bool = False,
+    repair: bool = False,
+) -> StageConfigs:
+    """Build every stage's config from the pipeline.toml sections, with one cache for all.
+
+    `verify` and `repair` are the run's: embed re-hashes its inputs, and rebuilds a damaged shard plan.
+    """
     from pipeline.embed import EmbedConfig
     from pipeline.optimize import OptimizeConfig
     from pipeline.retrieve import RetrieveConfig
 
-    embed = config_from_section(EmbedConfig, sections.get("embed", {}), cache=cache, force="embed" in force)
+    embed_section = sections.get("embed", {})
+    embed = config_from_section(
+        EmbedConfig, embed_section, cache=cache, force="embed" in force, verify=verify, repair=repair
+    )
     if not embed.inputs:
         raise ConfigError(
             "pipeline.toml: [embed] inputs is empty; list the image folders, tars or Parquet files"
@@ -73,7 +87,7 @@ def stage_configs(sections: dict[str, dict], cache: Path, force: tuple[str, ...]
         retrieve_section["captions"] = tuple(retrieve_section["captions"])
         retrieve = RetrieveConfig.from_options(**retrieve_section)
     optimize = config_from_section(
-        OptimizeConfig, sections.get("optimize", {}), cache=cache, force="optimize" in force
+        OptimizeConfig, sections.get("optimize", {}), cache=cache, force="optimize" in force, verify=verify
     )
     if retrieve is None and optimize.needs_neighbours:
         raise ConfigError(
@@ -85,38 +99,39 @@ def stage_configs(sections: dict[str, dict], cache: Path, force: tuple[str, ...]
 
 def run_pipeline(configs: StageConfigs, run: RunConfig, progress_factory=None) -> dict[str, Any]:
     """Run the stages in order under the cache lock; returns each stage's result object."""
-    from manifests.lock import CacheLock, LockHeld
+    from manifests import verifying_outputs
+    from manifests.lock import CacheLock
     from pipeline.executor import make_executor
 
     run.validate()
     results: dict[str, Any] = {}
-    try:
-        lock = CacheLock(run.cache, wait=run.wait)
-        lock.acquire()
-    except LockHeld as e:
-        raise ConfigError(str(e)) from None
-    executor = make_executor(run.executor, run.scheduler, run.workers)
-    try:
-        for stage in run.stages():
-            if stage == "embed":
-                from pipeline.embed import run_embed
+    with CacheLock(run.cache, wait=run.wait), verifying_outputs(run.verify):
+        executor = make_executor(run.executor, run.scheduler, run.workers)
+        try:
+            for stage in run.stages():
+                results[stage] = _run_stage(stage, configs, executor, progress_factory)
+        finally:
+            executor.close()
+    return {stage: result for stage, result in results.items() if result is not None}
 
-                with _bar(progress_factory, "embed", "img") as advance:
-                    results[stage] = run_embed(configs.embed, advance, executor)
-            elif stage == "retrieve" and configs.retrieve is not None:
-                from pipeline.progress import null_progress
-                from pipeline.retrieve import run_retrieve
 
-                results[stage] = run_retrieve(configs.retrieve, progress_factory or null_progress, executor)
-            elif stage == "optimize":
-                from pipeline.optimize import run_optimize
+def _run_stage(stage: str, configs: StageConfigs, executor, progress_factory):
+    if stage == "embed":
+        from pipeline.embed import run_embed
 
-                with _bar(progress_factory, "optimize", "img") as advance:
-                    results[stage] = run_optimize(configs.optimize, advance, executor)
-    finally:
-        executor.close()
-        lock.release()
-    return results
+        with _bar(progress_factory, "embed", "img") as advance:
+            return run_embed(configs.embed, advance, executor)
+    if stage == "retrieve":
+        if configs.retrieve is None:
+            return None
+        from pipeline.progress import null_progress
+        from pipeline.retrieve import run_retrieve
+
+        return run_retrieve(configs.retrieve, progress_factory or null_progress, executor)
+    from pipeline.optimize import run_optimize
+
+    with _bar(progress_factory, "optimize", "img") as advance:
+        return run_optimize(configs.optimize, advance, executor)
 
 
 def _bar(progress_factory, description: str, unit: str):

@@ -8,12 +8,12 @@ corpus that changed stales the index and so every retrieve and optimize shard.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from manifests import check_outputs, digest_input_file, list_manifests
+from manifests import absent_reason, check_outputs, digest_input_file, list_manifests
+from manifests.errors import read_json
 from pipeline.errors import ConfigError
 
 STAGES = ("embed", "captions", "index", "retrieve", "optimize")
@@ -73,7 +73,8 @@ def captions_status(cache: Path, config) -> StageStatus:
     from pipeline.captions import CORPUS_FILE, corpus_files
 
     try:
-        recorded = json.loads((cache / "captions" / CORPUS_FILE).read_text()).get("file_digests", {})
+        corpus = read_json(cache / "captions" / CORPUS_FILE, f"rerun `pipeline retrieve --cache {cache}`")
+        recorded = corpus.get("file_digests", {})
     except FileNotFoundError:
         recorded = None
     files = corpus_files(config.captions.corpus)
@@ -119,13 +120,18 @@ def retrieve_status(cache: Path, config, embed: StageStatus, index: StageStatus)
         status = StageStatus("retrieve", [], {s: "upstream changed: index" for s in shards})
         return status
     else:
-        plan = plan_search(config.search)
-        status = StageStatus("retrieve", list(plan.up_to_date), {t.spec.shard: t.reason for t in plan.tasks})
+        try:
+            plan = plan_search(config.search)
+            status = StageStatus(
+                "retrieve", list(plan.up_to_date), {t.spec.shard: t.reason for t in plan.tasks}
+            )
+        except ConfigError:  # an embed shard is damaged or missing: it will be redone first
+            status = _committed(cache, "retrieve")
     for shard in shards:
         if shard in embed.stale:
             status.mark(shard, "upstream changed: embed")
         elif shard not in status.up_to_date:
-            status.stale.setdefault(shard, "new shard")
+            status.stale.setdefault(shard, absent_reason(cache, "retrieve", shard))
     return status
 
 
@@ -145,7 +151,7 @@ def optimize_status(cache: Path, config, embed: StageStatus, retrieve: StageStat
         if shard in upstream:
             status.mark(shard, upstream[shard])
         elif shard not in status.up_to_date:
-            status.stale.setdefault(shard, "new shard")
+            status.stale.setdefault(shard, absent_reason(cache, "optimize", shard))
     return status
 
 

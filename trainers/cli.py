@@ -22,6 +22,16 @@ app = typer.Typer(
 )
 
 
+AllowPartialOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-partial",
+        help="Train on the usable shards when some are being rewritten, stale or not made yet (without "
+        "it: wait briefly, then refuse); config.json records the rows used.",
+    ),
+]
+
+
 @app.callback(invoke_without_command=True)
 def root(ctx: typer.Context) -> None:
     if ctx.invoked_subcommand is None:
@@ -89,6 +99,7 @@ def gan(
             "--prompts", help="Sample-grid prompts, one per line. (default: synthetic-world captions)"
         ),
     ] = None,
+    allow_partial: AllowPartialOpt = False,
     workers: Annotated[int | None, typer.Option("--workers", help="Loader processes. (default: 0)")] = None,
     device: Annotated[
         str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N. (default: auto)")
@@ -111,6 +122,7 @@ def gan(
         sample_every=sample_every,
         checkpoint_every=checkpoint_every,
         paired_fraction=paired_fraction,
+        allow_partial=allow_partial or None,  # not given: a resumed run keeps its own
         workers=workers,
         device=device,
     )
@@ -422,6 +434,7 @@ def vae_command(
     checkpoint_every: Annotated[
         int, typer.Option("--checkpoint-every", help="Steps between checkpoints (0: end only).")
     ] = 5000,
+    allow_partial: AllowPartialOpt = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     encode: Annotated[
         Path | None,
@@ -447,7 +460,10 @@ def vae_command(
 
         if cache is None:
             raise ConfigError("--cache is required: the feature cache whose images --encode encodes")
-        with progress_bar("vae --encode", total=None, unit="img") as advance:
+        from pipeline.cli import writing
+
+        # latents/ is a stage of the cache: written under its lock, like the pipeline's stages
+        with writing(cache), progress_bar("vae --encode", total=None, unit="img") as advance:
             summary = encode_latents(cache, encode, batch_size, device, advance)
         typer.echo(describe(summary))
         return
@@ -465,6 +481,7 @@ def vae_command(
         disc_start=disc_start,
         checkpoint_every=checkpoint_every,
         device=device,
+        allow_partial=allow_partial,
     )
     config.validate()
     with progress_bar("vae", total=steps, unit="step") as advance:
@@ -514,6 +531,7 @@ def ldm_command(
     checkpoint_every: Annotated[
         int | None, typer.Option("--checkpoint-every", help="Steps between checkpoints (0: end only).")
     ] = None,
+    allow_partial: AllowPartialOpt = False,
     workers: Annotated[int | None, typer.Option("--workers", help="Loader processes. (default: 0)")] = None,
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = None,
 ) -> None:
@@ -537,6 +555,7 @@ def ldm_command(
         checkpoint_every=checkpoint_every,
         workers=workers,
         device=device,
+        allow_partial=allow_partial or None,  # not given: a resumed run keeps its own
     )
     config, checkpoint = resolve_config({k: v for k, v in given.items() if v is not None}, resume)
     config.validate()
@@ -616,6 +635,14 @@ def compare_command(
         int | None,
         typer.Option("--sample-steps", help="ldm: sampler steps in eval and samples.", show_default=False),
     ] = None,
+    allow_partial: Annotated[
+        bool,
+        typer.Option(
+            "--allow-partial",
+            help="Every run trains on the usable shards when some are being rewritten, stale or not made "
+            "yet (without it: wait briefly, then refuse); each config.json and eval.json records the rows.",
+        ),
+    ] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     features_only: Annotated[
         bool,
@@ -651,6 +678,7 @@ def compare_command(
         vae_steps=vae_steps,
         sample_steps=sample_steps,
         device=device,
+        allow_partial=allow_partial,
     )
     config.validate()
     if dry_run:

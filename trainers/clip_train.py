@@ -28,7 +28,6 @@ held-out two-object images, the caption-swap accuracy (`zero_shot_slots`).
 from __future__ import annotations
 
 import io
-import json
 import math
 import random
 import time
@@ -40,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from manifests import write_bytes_atomic, write_json_atomic
+from manifests.errors import read_json
 from pipeline.errors import ConfigError, require_at_least
 from trainers.clip_data import PRETRAIN_INDEX, batch_rows, read_pairs, render_pairs
 
@@ -432,4 +432,5 @@ def describe(result: ClipTrainResult) -> str:
 
 
 def read_eval(run_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(run_dir) / "clip_eval.json").read_text())
+    fix = f"retrain with `trainers clip --out {run_dir} --force` to remake it"
+    return read_json(Path(run_dir) / "clip_eval.json", fix)

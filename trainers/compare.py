@@ -32,10 +32,10 @@ is removed and redone. The whole compare holds OUT/.lock.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -50,6 +50,7 @@ from manifests import (
     stat_out,
     write_json_atomic,
 )
+from manifests.errors import Unreadable, read_json
 from manifests.faults import crash_point
 from manifests.manifest import MANIFEST_DIR, environment, fingerprint_key
 from pipeline.errors import ConfigError, require_at_least
@@ -118,6 +119,7 @@ class CompareConfig:
     sample_prompts: tuple[str, ...] | None = None  # samples.png rows; None: pipeline.demo.DEMO_PROMPTS
     sample_seed: int = 0  # noise of the sample images
     device: str = "auto"  # auto, cpu, cuda, cuda:N (recorded, not keyed)
+    allow_partial: bool = False  # runs may train on a partial cache (unkeyed: the cache deps are keyed)
     features: bool = True  # also write the feature-level report (trainers.compare_features)
 
     @classmethod
@@ -226,6 +228,8 @@ def command_line(config: CompareConfig) -> str:
         parts.append(f"--eval-seed {config.eval_seed}")
     if config.probe is not None:
         parts.append(f"--probe {config.probe}")
+    if config.allow_partial:
+        parts.append("--allow-partial")
     if config.generator == "ldm":
         parts.append(f"--vae-size {config.vae_size} --vae-steps {config.vae_steps}")
         parts.append(f"--sample-steps {config.sample_steps}")
@@ -239,10 +243,10 @@ def command_line(config: CompareConfig) -> str:
 # Generator-config fields that say where a run writes and how it runs, not what it learns: not keyed.
 UNKEYED = {
     "gan": ("cache", "out", "name", "workers", "device", "sample_every", "checkpoint_every", "log_every")
-    + ("prompts", "samples_per_prompt", "resume"),
+    + ("prompts", "samples_per_prompt", "resume", "allow_partial"),
     "ldm": ("cache", "vae", "out", "name", "workers", "device", "checkpoint_every", "log_every")
-    + ("sample_every", "sample_steps", "samples_per_prompt", "resume"),
-    "vae": ("cache", "out", "name", "device", "checkpoint_every", "log_every"),
+    + ("sample_every", "sample_steps", "samples_per_prompt", "resume", "allow_partial"),
+    "vae": ("cache", "out", "name", "device", "checkpoint_every", "log_every", "allow_partial"),
 }
 
 
@@ -274,10 +278,19 @@ def manifest_file(out: Path, name: str) -> Path:
 
 
 def read_unit_manifest(out: Path, name: str) -> dict[str, Any] | None:
+    """The unit's commit point, or None: absent, or damaged (the unit is then redone, with a warning)."""
+    path = manifest_file(out, name)
+    fix = "the run is redone"
     try:
-        return json.loads(manifest_file(out, name).read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None  # a hand-edited or foreign file: redo the unit
+        manifest = read_json(path, fix)
+        if not isinstance(manifest, dict):
+            raise Unreadable(f"{path}: not a compare manifest (a JSON object); {fix}")
+        return manifest
+    except FileNotFoundError:
+        return None
+    except Unreadable as e:
+        warnings.warn(str(e), stacklevel=2)
+        return None
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -372,6 +385,7 @@ def vae_unit(config: CompareConfig, embed_deps: list[Dep]) -> Unit:
         seed=0,
         device=config.device,
         checkpoint_every=0,
+        allow_partial=config.allow_partial,
     )
     return Unit(VAE_UNIT, "vae", train, {"train": _keyed("vae", train.to_dict())}, embed_deps)
 
@@ -397,6 +411,7 @@ def run_units(config: CompareConfig, probe: Dep, vae: tuple[Path, str] | None) -
                 device=config.device,
                 checkpoint_every=0,
                 sample_every=0,
+                allow_partial=config.allow_partial,
             )
             if config.lr is not None:
                 common["lr"] = config.lr

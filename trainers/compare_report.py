@@ -144,7 +144,8 @@ def real_levels(evaluation: dict[str, Any]) -> dict[str, float | None]:
 
 def write_outputs(config: CompareConfig, units: list[Unit], result: CompareResult) -> None:
     """Fill `result` (rows, summary, chance, real, features, files) and write every output file."""
-    from trainers.compare import read_unit_manifest
+    from manifests.errors import read_json
+    from trainers.compare import manifest_file, read_unit_manifest
 
     out = Path(config.out)
     manifests, evaluations = {}, {}
@@ -153,7 +154,8 @@ def write_outputs(config: CompareConfig, units: list[Unit], result: CompareResul
         if manifest is None or manifest.get("key") != unit.key:
             raise ConfigError(f"--out {out}: run {unit.name} is not committed; rerun `trainers compare`")
         manifests[unit.name] = manifest
-        evaluations[unit.name] = json.loads((out / manifest["eval"]).read_text())
+        fix = f"delete {manifest_file(out, unit.name)} and rerun `trainers compare`: the run is redone"
+        evaluations[unit.name] = read_json(out / manifest["eval"], fix)
     result.rows = [run_row(u, manifests[u.name], evaluations[u.name]) for u in units]
     result.summary = summarise(result.rows, config.conditions)
     first = evaluations[units[0].name]

@@ -24,6 +24,13 @@ from the embed shard's current sidecar. Each file is opened once, checked with `
 through that descriptor, so a later rewrite of the path (the pipeline commits with `os.replace`) cannot
 change what this run reads. Nothing in the pipeline-owned directories is ever written.
 
+A cache the condition can only partly use (a shard being rewritten, stale, or not made yet by its stage)
+is waited for, re-reading the manifests for up to `PARTIAL_WAIT_S`, then refused with a `PartialCache`
+naming the shards; `allow_partial` trains on the rest instead, and `LoaderInfo.record()` says exactly
+which rows (the run's config.json and every eval.json of it keep that record). A committed file that does
+not decode, or whose Parquet bytes differ from the manifest's digest (bit rot), is an `Unreadable` naming
+the file and `pipeline run --verify`; a damaged derived file in `_trainers/` is recomputed with a warning.
+
 Order: the sample stream is the concatenation of epoch permutations, epoch e from (seed, e); batch s is
 stream positions [s*B, (s+1)*B). So `make_loader(cfg, start_step=s)` resumes by arithmetic, without
 decoding anything it skips, and every random draw depends only on (seed, epoch, sample), never on the
@@ -35,6 +42,7 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -44,7 +52,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from manifests import digest_json, list_manifests, write_bytes_atomic
+from manifests import digest_bytes, digest_json, list_manifests, write_bytes_atomic
+from manifests.errors import CacheFault, damaged
 from pipeline.errors import ConfigError
 from pipeline.features import fixed_rows, padded_lists, usable_rows
 
@@ -59,6 +68,15 @@ CAPTION_FEATURES_VERSION = "1"
 IMAGE_EXTS = ("jpg", "png", "webp")
 # numpy stream ids under the seed: every random draw is a pure function of (seed, stream, ...)
 SHUFFLE_STREAM, NOISE_STREAM, PAIRED_STREAM, POOL_STREAM = 0, 1, 2, 3
+# How long a loader waits for shards being rewritten (or not made yet) to be committed before refusing a
+# partial cache: a stage commits a shard's manifest right after replacing its files.
+PARTIAL_WAIT_S = 30.0
+PARTIAL_POLL_S = 1.0  # between re-reads of the manifests while waiting
+STAGE_COMMANDS = {
+    "embed": "pipeline embed INPUT... --cache {cache}",
+    "retrieve": "pipeline retrieve --captions CORPUS --cache {cache}",
+    "optimize": "pipeline optimize --cache {cache}",
+}
 
 
 @dataclass(frozen=True)
@@ -74,6 +92,8 @@ class LoaderConfig:
     )
     xi: float = 3.0  # LAFITE perturbation strength for condition="perturb"
     tau_r: float = 0.05  # softmax temperature for condition="retrieve"
+    allow_partial: bool = False  # train on the usable shards when some are being rewritten, stale or unmade
+    partial_wait_s: float | None = None  # seconds to wait for them to be committed; None: PARTIAL_WAIT_S
 
     def validate(self) -> None:
         if self.condition not in CONDITIONS:
@@ -97,6 +117,8 @@ class LoaderConfig:
             raise ConfigError("--xi must be a finite number >= 0")
         if not np.isfinite(self.tau_r) or self.tau_r <= 0:
             raise ConfigError("--tau-r must be a positive number")
+        if self.partial_wait_s is not None and not self.partial_wait_s >= 0:
+            raise ConfigError("partial_wait_s must be 0 or more seconds")
 
     @property
     def needs_captions(self) -> bool:
@@ -128,18 +150,40 @@ def feature_dim(cache: Path) -> int:
 
 def missing_stage_error(cache: Path, condition: str) -> ConfigError:
     """The one-line error for a condition whose stage has nothing committed, naming the command to run."""
-    run = {
-        "optimize": f"run `pipeline optimize --cache {cache}` (after `pipeline retrieve`)",
-        "retrieve": f"run `pipeline retrieve --captions CORPUS --cache {cache}`",
-        "perturb": f"run `pipeline embed INPUT... --cache {cache}`",
-        "caption": f"run `pipeline embed INPUT... --cache {cache}` on images that have captions",
-    }[condition]
     stage = {"optimize": "optimize", "retrieve": "retrieve"}.get(condition, "embed")
+    run = f"run `{STAGE_COMMANDS[stage].format(cache=cache)}`" + {
+        "optimize": " (after `pipeline retrieve`)",
+        "caption": " on images that have captions",
+    }.get(condition, "")
     alternative = ", or train with --condition perturb (needs only embed)" if stage != "embed" else ""
     return ConfigError(
         f"--cache {cache}: --condition {condition} needs the {stage} stage, which has no committed "
         f"shards; {run}{alternative}"
     )
+
+
+class PartialCache(ConfigError):
+    """Shards a condition reads that cannot be used now: being rewritten, stale, or not made yet."""
+
+    def __init__(
+        self,
+        cache: Path,
+        skipped: dict[str, dict[int, str]],
+        waited: float | None = None,
+        rest: bool = True,  # whether the other shards could be trained on (--allow-partial)
+    ):
+        self.skipped = skipped  # stage -> shard -> reason
+        after = f" after waiting {waited:.3g} s for them to be committed" if waited is not None else ""
+        runs = " or ".join(f"`{STAGE_COMMANDS[stage].format(cache=cache)}`" for stage in skipped)
+        partial = (
+            ", or pass --allow-partial to train on the rest (the run's config.json records the rows used)"
+            if rest
+            else " (no other shard is usable, so --allow-partial cannot help)"
+        )
+        super().__init__(
+            f"--cache {cache}: part of the cache is not usable{after}: {describe_skipped(skipped)}. Wait for "
+            f"the running stage to commit them or rerun it ({runs}){partial}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -165,14 +209,26 @@ def open_committed(cache: Path, out: dict[str, Any]) -> int | None:
 
 
 def read_parquet_committed(cache: Path, out: dict[str, Any], columns: list[str] | None = None):
-    """A pyarrow Table of a committed Parquet output, or None (see `open_committed`)."""
+    """A pyarrow Table of a committed Parquet output, or None (see `open_committed`). Bytes that differ
+    from the manifest's digest or do not decode (bit rot: size and mtime unchanged) are `damaged`.
+
+    Hashing costs about 1 s per GB (blake2b), small next to decoding: most flipped bytes in a Parquet file
+    (the float columns) decode without an error into different numbers, so the digest is the only check."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     fd = open_committed(cache, out)
     if fd is None:
         return None
+    path = Path(cache) / out["path"]
     with os.fdopen(fd, "rb") as f:
-        return pq.read_table(f, columns=columns)
+        data = f.read()
+    if out.get("digest") and digest_bytes(data) != out["digest"]:
+        raise damaged(path, ValueError("its content digest differs from its manifest's"), cache)
+    try:
+        return pq.read_table(pa.BufferReader(data), columns=columns)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise damaged(path, e, cache) from e
 
 
 def _raise_fd_limit(needed: int) -> None:
@@ -295,9 +351,8 @@ class TarImages:
                 with Image.open(io.BytesIO(data)) as img:
                     array = np.asarray(img.convert("RGB"))
             except Exception as e:  # noqa: BLE001 - any decoder failure is the same problem here
-                raise RuntimeError(
-                    f"{what}: cannot decode the stored image ({e}); rerun `pipeline embed`"
-                ) from None
+                # embed stored only images it had decoded: this one was damaged since
+                raise damaged(what, e, self.cache) from None
             pixels = torch.from_numpy(array.copy()).permute(2, 0, 1)
         if self.image_size == 0:
             self.image_size = int(pixels.shape[-1])
@@ -344,7 +399,7 @@ class EmbedRows:
     img_emb: np.ndarray  # float16 [N, D]
     captions: list[str | None]
     labels: list[str | None]  # JSON strings (the source's json), or None
-    offsets: np.ndarray  # int64 [N]: image member data offset in the shard's tar (-1: no image member)
+    offsets: np.ndarray  # int64 [N]: image member data offset in the shard's tar
     sizes: np.ndarray  # int64 [N]
     images: TarImages
     skipped_shards: dict[int, str] = field(default_factory=dict)  # shard -> why it was not read
@@ -360,7 +415,8 @@ class EmbedRows:
         """uint8 [3, S, S] of row `row`."""
         shard = int(self.shard_of[row])
         data = self.images.read(shard, int(self.offsets[row]), int(self.sizes[row]))
-        return self.images.decode(data, f"embed shard {shard} key {self.keys[row]!r}")
+        tar = self.cache / self.images.tar_outs[shard]["path"]
+        return self.images.decode(data, f"{tar} (the image of key {self.keys[row]!r})")
 
     def pixels(self, rows) -> torch.Tensor:
         """uint8 [B, 3, S, S] of several rows."""
@@ -380,9 +436,10 @@ class EmbedRows:
         )
 
 
-def read_embed(cache: Path) -> EmbedRows:
+def read_embed(cache: Path, warn: bool = True) -> EmbedRows:
     """The committed embed rows of a cache. Shards whose files do not match their manifest are skipped
-    (and listed in `skipped_shards`); none readable is a ConfigError naming `pipeline embed`."""
+    (listed in `skipped_shards`, and warned about unless `warn` is False); none readable is a ConfigError
+    naming `pipeline embed` (a `PartialCache` when some were skipped). A damaged shard is `Unreadable`."""
     cache = Path(cache)
     clip = cache_clip(cache)
     manifests = list_manifests(cache, "embed")
@@ -399,17 +456,21 @@ def read_embed(cache: Path) -> EmbedRows:
             skipped[shard] = "manifest lists no tar or no sidecar"
             continue
         fd = open_committed(cache, t_out)
-        table = read_parquet_committed(cache, p_out) if fd is not None else None
+        try:
+            table = read_parquet_committed(cache, p_out) if fd is not None else None
+            shard_keys = table["key"].to_pylist() if table is not None else []
+            found = _image_members(cache, t_out, fd, shard_keys) if table is not None else []
+        except BaseException:  # a damaged shard: hold no descriptors
+            for held in [fd, *fds.values()] if fd is not None else fds.values():
+                os.close(held)
+            raise
         if fd is None or table is None:
             if fd is not None:
                 os.close(fd)
             skipped[shard] = "files missing or being rewritten (size differs from the manifest)"
             continue
-        members = index_tar(fd)
-        shard_keys = table["key"].to_pylist()
-        found = [members.get(k) for k in shard_keys]
-        parts["offsets"].append(np.array([m[0] if m else -1 for m in found], dtype=np.int64))
-        parts["sizes"].append(np.array([m[1] if m else 0 for m in found], dtype=np.int64))
+        parts["offsets"].append(np.array([m[0] for m in found], dtype=np.int64))
+        parts["sizes"].append(np.array([m[1] for m in found], dtype=np.int64))
         parts["shard_of"].append(np.full(len(shard_keys), shard, dtype=np.int32))
         parts["img_emb"].append(fixed_rows(table["img_emb"], clip.dim, np.float16, "nan")[0])
         keys += shard_keys
@@ -421,11 +482,13 @@ def read_embed(cache: Path) -> EmbedRows:
         parquet_outs[shard], tar_outs[shard], fds[shard] = p_out, t_out, fd
         stored_sizes.add(int(manifest.get("params", {}).get("image_size", 0)))
     if not shards:
+        if skipped:
+            raise PartialCache(cache, {"embed": skipped}, rest=False)
         raise ConfigError(
             f"--cache {cache}: no committed embed shard could be read; run `pipeline embed INPUT... "
             f"--cache {cache}`"
         )
-    if skipped:
+    if skipped and warn:
         warnings.warn(
             f"--cache {cache}: skipped {len(skipped)} embed shard(s): {_describe(skipped)}", stacklevel=2
         )
@@ -449,12 +512,36 @@ def read_embed(cache: Path) -> EmbedRows:
     )
 
 
+def _image_members(
+    cache: Path, t_out: dict[str, Any], fd: int, keys: list[str]
+) -> list[tuple[int, int, str]]:
+    """(offset, size, ext) of each sidecar key's image in the shard's tar. Embed stores one for every row,
+    so a tar that does not parse, or a key without its image (a damaged header), is `damaged`."""
+    path = Path(cache) / t_out["path"]
+    try:
+        members = index_tar(fd)
+    except (tarfile.TarError, ValueError, OSError) as e:
+        raise damaged(path, e, cache) from None
+    found = [members.get(k) for k in keys]
+    lost = [k for k, m in zip(keys, found, strict=True) if m is None]
+    if lost:
+        raise damaged(
+            path, ValueError(f"{len(lost)} of its {len(keys)} images are missing, e.g. {lost[0]!r}"), cache
+        )
+    return found
+
+
 def _describe(skipped: dict[int, str]) -> str:
     by_reason = Counter(skipped.values())
     return "; ".join(
         f"{reason} ({', '.join(str(s) for s, r in sorted(skipped.items()) if r == reason)[:60]})"
         for reason in by_reason
     )
+
+
+def describe_skipped(skipped: dict[str, dict[int, str]]) -> str:
+    """stage -> shard -> reason, as `optimize shards: not made yet (1, 2); ...`."""
+    return "; ".join(f"{stage} shards: {_describe(s)}" for stage, s in skipped.items())
 
 
 def cache_image_size(cache: Path) -> int:
@@ -474,8 +561,11 @@ def cache_image_size(cache: Path) -> int:
 
 
 def _stage_rows(rows: EmbedRows, stage: str, columns: list[str]) -> tuple[dict[int, Any], dict[int, str]]:
-    """The committed tables of `stage` aligned to the embed shards read; shard -> why not, for the rest."""
+    """The committed tables of `stage` aligned to the embed shards read; shard -> why not, for the rest.
+    A stage that never ran is a ConfigError naming it; one with no usable shard now, a `PartialCache`."""
     manifests = list_manifests(rows.cache, stage)
+    if not manifests:
+        raise missing_stage_error(rows.cache, stage)
     tables, skipped = {}, {}
     for shard in rows.shards:
         manifest = manifests.get(shard)
@@ -498,13 +588,7 @@ def _stage_rows(rows: EmbedRows, stage: str, columns: list[str]) -> tuple[dict[i
             else:
                 tables[shard] = table
     if not tables:
-        raise missing_stage_error(rows.cache, stage)
-    if skipped:
-        warnings.warn(
-            f"--cache {rows.cache}: {stage} stage: {len(skipped)} of {len(rows.shards)} shard(s) not usable "
-            f"({_describe(skipped)}); their images are left out: rerun `pipeline {stage}` to include them",
-            stacklevel=3,
-        )
+        raise PartialCache(rows.cache, {stage: skipped}, rest=False)
     return tables, skipped
 
 
@@ -633,10 +717,11 @@ def caption_features(rows: EmbedRows, batch_size: int = 256, device: str = "auto
     if path.is_file():
         try:
             cached = np.load(path, allow_pickle=False)
-            if cached.shape == (n, dim):
-                return cached
-        except (OSError, ValueError):
-            pass  # a foreign or damaged file: recompute and replace it
+            if cached.shape != (n, dim):
+                raise ValueError(f"shape {cached.shape}, not {(n, dim)}")
+            return cached
+        except (OSError, ValueError) as e:  # derived, so trainers remake it rather than fail
+            warnings.warn(f"{path}: cannot be read ({e}); recomputing it", stacklevel=2)
     todo = [i for i, c in enumerate(rows.captions) if isinstance(c, str) and c.strip()]
     out = np.full((n, dim), np.nan, dtype=np.float16)
     if todo:
@@ -696,6 +781,24 @@ class LoaderInfo:
     skipped_shards: dict[str, dict[int, str]]  # stage -> shard -> reason
     caption_features: str | None  # the shared caption-feature file, when captions were needed
     clip: dict[str, Any]  # clip_model, clip_pretrained, identity
+    shards: dict[str, list[int]] = field(default_factory=dict)  # stage -> shards read
+    keys_digest: str = ""  # digest_json of the sample set's keys, in sample order
+
+    def record(self) -> dict[str, Any]:
+        """Exactly which rows a run trains on (plain JSON types): kept in its config.json and checkpoints,
+        and copied into every eval.json of it, so a run on a partial cache (--allow-partial) says so."""
+        return {
+            "condition": self.condition,
+            "n_images": self.n_images,
+            "partial": bool(self.skipped_shards),
+            "shards": {stage: list(shards) for stage, shards in self.shards.items()},
+            "skipped_shards": {
+                stage: {str(shard): why for shard, why in s.items()}
+                for stage, s in self.skipped_shards.items()
+            },
+            "excluded": dict(self.excluded),
+            "keys_digest": self.keys_digest,
+        }
 
 
 class CacheDataset:
@@ -838,7 +941,13 @@ class CacheLoader:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        batch = next(self._iter)
+        try:
+            batch = next(self._iter)
+        except CacheFault as e:
+            lines = str(e).strip().splitlines()
+            if len(lines) > 1:  # re-raised from a worker with its traceback: keep the one-line message
+                raise type(e)(lines[-1].partition(": ")[2]) from None
+            raise
         self.step += 1
         return batch
 
@@ -848,25 +957,73 @@ class CacheLoader:
         self.dataset.rows.images.close()
 
 
+def _read_sources(config: LoaderConfig) -> tuple[EmbedRows, np.ndarray | None, dict[str, dict[int, str]]]:
+    """(embed rows, the optimize/retrieve features or None, stage -> shard -> why not usable), read once."""
+    rows = read_embed(config.cache, warn=False)
+    skipped = {"embed": rows.skipped_shards} if rows.skipped_shards else {}
+    try:
+        if config.condition == "optimize":
+            cond, stage_skipped = optimize_features(rows)
+        elif config.condition == "retrieve":
+            cond, stage_skipped = retrieve_features(rows, config.tau_r)
+        else:
+            return rows, None, skipped
+    except PartialCache as e:
+        rows.images.close()
+        raise PartialCache(config.cache, {**skipped, **e.skipped}) from None
+    except BaseException:
+        rows.images.close()
+        raise
+    if stage_skipped:
+        skipped[config.condition] = stage_skipped
+    return rows, cond, skipped
+
+
+def _read_committed(config: LoaderConfig) -> tuple[EmbedRows, np.ndarray | None, dict[str, dict[int, str]]]:
+    """`_read_sources`, once every shard the condition reads is usable: while some are not (being
+    rewritten, stale, not made yet), re-read up to `partial_wait_s`, then raise `PartialCache`; with
+    `allow_partial`, take the usable ones at once (with a warning)."""
+    wait = PARTIAL_WAIT_S if config.partial_wait_s is None else config.partial_wait_s
+    start, told = time.monotonic(), False
+    while True:
+        try:
+            found = _read_sources(config)
+            skipped = found[2]
+        except PartialCache as e:  # nothing usable at all yet
+            found, skipped = None, e.skipped
+        if found is not None and (not skipped or config.allow_partial):
+            if skipped:
+                warnings.warn(
+                    f"--cache {config.cache}: --allow-partial: leaving out {describe_skipped(skipped)}",
+                    stacklevel=3,
+                )
+            return found
+        if found is not None:
+            found[0].images.close()
+        waited = time.monotonic() - start
+        if waited >= wait:
+            raise PartialCache(config.cache, skipped, waited, rest=found is not None)
+        if not told:  # the wait can take `wait` seconds: say why
+            told = True
+            warnings.warn(
+                f"--cache {config.cache}: waiting up to {wait:g} s for {describe_skipped(skipped)}",
+                stacklevel=3,
+            )
+        time.sleep(min(PARTIAL_POLL_S, wait - waited))
+
+
 def build_dataset(config: LoaderConfig) -> tuple[CacheDataset, LoaderInfo]:
     """Read the cache and join every image with its condition (see the module docstring)."""
     config.validate()
     cache = Path(config.cache)
-    rows = read_embed(cache)
-    skipped = {"embed": rows.skipped_shards} if rows.skipped_shards else {}
+    rows, cond, skipped = _read_committed(config)
     excluded: Counter = Counter()
-    keep = rows.offsets >= 0
-    excluded["no_image_in_tar"] += int((~keep).sum())
-
-    if config.condition in ("optimize", "retrieve"):
-        if config.condition == "optimize":
-            cond, stage_skipped = optimize_features(rows)
-        else:
-            cond, stage_skipped = retrieve_features(rows, config.tau_r)
+    keep = np.ones(len(rows), dtype=bool)
+    from_stage, stage_skipped = cond is not None, skipped.get(config.condition, {})
+    if from_stage:
         if stage_skipped:
-            skipped[config.condition] = stage_skipped
             in_skipped = np.isin(rows.shard_of, list(stage_skipped))
-            excluded[f"{config.condition}_shard_not_usable"] += int((keep & in_skipped).sum())
+            excluded[f"{config.condition}_shard_not_usable"] += int(in_skipped.sum())
             keep &= ~in_skipped
         reason = "no_optimize_row" if config.condition == "optimize" else "no_usable_neighbours"
     else:
@@ -942,6 +1099,11 @@ def build_dataset(config: LoaderConfig) -> tuple[CacheDataset, LoaderInfo]:
             "clip_pretrained": rows.clip.clip_pretrained,
             "identity": rows.clip.identity,
         },
+        shards={
+            "embed": list(rows.shards),
+            **({config.condition: [s for s in rows.shards if s not in stage_skipped]} if from_stage else {}),
+        },
+        keys_digest=digest_json([rows.keys[int(r)] for r in rows_idx]),
     )
     return dataset, info
 

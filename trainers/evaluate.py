@@ -272,7 +272,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Generate, measure, write OUT/eval.json + OUT/grid.png; returns the eval.json dict."""
     from pipeline.synth import parse_caption
-    from trainers.data import labels_of, load_cache_clip, read_embed
+    from trainers.data import describe_skipped, labels_of, load_cache_clip, read_embed
     from trainers.probe import ProbeConfig, cached_probe, load_probe, score_objects, summarise
     from trainers.runs import select_device
 
@@ -280,8 +280,11 @@ def evaluate(
     info = dict(info or {})
     t0 = time.perf_counter()
     device = select_device(config.device)
-    rows = read_embed(config.cache)
+    rows = read_embed(config.cache, warn=False)
     notes = check_clip(info, rows.clip)
+    if rows.skipped_shards:  # the real images are drawn from the committed rest
+        skipped = describe_skipped({"embed": rows.skipped_shards})
+        notes.append(f"real images drawn without {skipped}")
     bundle = load_cache_clip(rows.clip, str(device))
 
     max_objects = None
@@ -393,6 +396,7 @@ def evaluate(
         write_bytes_atomic(out / "grid_prompts.txt", "".join(p + "\n" for p in prompts[:k]).encode())
         result["grid"] = {"file": str(out / "grid.png"), "images": k, "columns": min(GRID_COLUMNS, k)}
     result["paired"] = paired_record(info)
+    result["training_data"] = info.get("data")  # the rows the run trained on (LoaderInfo.record)
     result["generator"] = {
         k: v for k, v in info.items() if k in ("kind", "step", "size", "resolution", "h_dim")
     }

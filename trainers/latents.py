@@ -211,9 +211,11 @@ class LatentCache:
 def load_latent_cache(cache: Path | str, vae_checkpoint: Path | str) -> LatentCache | None:
     """The latents `encode_latents` committed for this VAE checkpoint file, or None when there are none.
     Shards made from an older embed shard (their deps no longer match) or whose file is missing or
-    altered are left out: those images are encoded on the fly."""
+    altered are left out: those images are encoded on the fly. A damaged one (bit rot) is removed too,
+    with a warning, so the next `trainers vae --encode` remakes it."""
     import pyarrow as pa
 
+    from manifests.errors import Unreadable
     from trainers.data import _out, read_parquet_committed
 
     cache = Path(cache)
@@ -235,10 +237,14 @@ def load_latent_cache(cache: Path | str, vae_checkpoint: Path | str) -> LatentCa
         deps = {(d["name"], d["digest"]) for d in manifest.get("deps", [])}
         if not deps or not deps <= wanted:
             continue  # made from an older embed shard
-        table = read_parquet_committed(cache, out)
-        if table is None:
+        try:
+            table = read_parquet_committed(cache, out)
+            if table is None:
+                continue
+            this = tuple(json.loads(table.schema.metadata[b"latent_shape"]))
+        except (Unreadable, KeyError, TypeError, ValueError):
+            _forget_damaged(cache / out["path"], cache, vae_checkpoint)
             continue
-        this = tuple(json.loads(table.schema.metadata[b"latent_shape"]))
         if shape is not None and this != shape:
             continue
         shape = this
@@ -250,6 +256,19 @@ def load_latent_cache(cache: Path | str, vae_checkpoint: Path | str) -> LatentCa
     if not keys or shape is None:
         return None
     return LatentCache(keys, np.concatenate(parts), stage)
+
+
+def _forget_damaged(path: Path, cache: Path, vae_checkpoint: Path | str) -> None:
+    """Latents are derived: a damaged shard is encoded on the fly instead, and removed so `--encode`
+    sees it missing and remakes it (it would pass the size and mtime check otherwise)."""
+    import warnings
+
+    try:
+        path.unlink(missing_ok=True)
+        fix = f"removed; `trainers vae --cache {cache} --encode {vae_checkpoint}` remakes it"
+    except OSError as e:
+        fix = f"cannot remove it ({e.strerror}); delete it and rerun `trainers vae --encode`"
+    warnings.warn(f"{path}: damaged latents, so its images are encoded on the fly; {fix}", stacklevel=3)
 
 
 def posterior_means(

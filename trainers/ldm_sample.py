@@ -22,7 +22,7 @@ def load_ldm_generator(
     ckpt_path: Path | str, *, device: str = "auto", vae_path: Path | str | None = None
 ) -> tuple[Generate, dict[str, Any]]:
     """-> (generate(cond [N, D], seed, steps=50, guidance=<the run's>) -> uint8 [N, 3, R, R] on the CPU,
-    info: kind, step, config, clip_model, clip_pretrained, resolution, h_dim, size, checkpoint, vae).
+    info: kind, step, config, clip_model, clip_pretrained, resolution, h_dim, size, checkpoint, vae, data).
     `vae_path` overrides the VAE checkpoint the LDM checkpoint records (e.g. a run directory moved)."""
     import torch
 
@@ -76,5 +76,6 @@ def load_ldm_generator(
         "checkpoint": str(path),
         "vae": vae_ckpt["path"],
         "guidance": default_guidance,
+        "data": ckpt.get("data"),  # the rows it was trained on (trainers.data.LoaderInfo.record)
     }
     return generate, info

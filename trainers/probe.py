@@ -453,8 +453,8 @@ def cached_probe(
     if path.is_file():
         try:
             return load_probe(path, config.device), path
-        except ConfigError:
-            pass  # damaged or foreign: retrain and replace it
+        except ConfigError as e:  # damaged or foreign: derived, so retrain and replace it
+            warnings.warn(f"{e}; retraining it", stacklevel=2)
     probe = train_probe(config, progress)
     try:
         save_probe(probe, path)

@@ -6,11 +6,13 @@ order they were started) and holds `config.json`, checkpoints `{step:07d}.pt` an
 
 from __future__ import annotations
 
+import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
-from manifests import write_json_atomic
+from manifests import write_bytes_atomic, write_json_atomic
 from pipeline.errors import ConfigError
 
 RUN_DIR_RE = re.compile(r"^(\d{3,})-")
@@ -56,3 +58,26 @@ def write_run_config(run_dir: Path, config: dict[str, Any]) -> Path:
     path = Path(run_dir) / "config.json"
     write_json_atomic(path, config)
     return path
+
+
+def trim_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop the metrics.jsonl lines past the checkpoint (they are about to be redone), and any
+    line that does not parse (a run killed mid-write leaves half a line), with a warning."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept, damaged = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            step = None
+        if not isinstance(step, int):
+            damaged += 1
+        elif step <= last_step:
+            kept.append(line)
+    if damaged:
+        warnings.warn(f"{path}: dropped {damaged} unreadable line(s)", stacklevel=2)
+    write_bytes_atomic(path, "".join(line + "\n" for line in kept).encode())

@@ -32,8 +32,9 @@ def load_generator(
     ckpt_path: Path | str, *, device: str = "auto", steps: int | None = None, guidance: float | None = None
 ) -> tuple[Generate, dict[str, Any]]:
     """The checkpoint's EMA generator (eval mode) as `generate(cond, seed)`, and what it was trained with:
-    kind, step, config, clip_model, clip_pretrained, resolution, h_dim, size. GAN and LDM checkpoints
-    both work; `steps` (sampler steps, default 50) and `guidance` (default: the run's) apply to an LDM."""
+    kind, step, config, clip_model, clip_pretrained, resolution, h_dim, size, data (the rows trained on;
+    None in older checkpoints). GAN and LDM checkpoints both work; `steps` (sampler steps, default 50) and
+    `guidance` (default: the run's) apply to an LDM."""
     import functools
 
     import torch
@@ -75,6 +76,7 @@ def load_generator(
         "h_dim": arch["h_dim"],
         "size": arch["size"],
         "checkpoint": str(path),
+        "data": ckpt.get("data"),  # the rows it was trained on (trainers.data.LoaderInfo.record)
     }
     return generate, info
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from pipeline.errors import ConfigError, require_at_least
 from trainers.checkpoints import load_checkpoint, resolve_checkpoint, restore_rng, save_checkpoint
 from trainers.gan import GAN_SIZES, architecture, build_models, check_resolution
-from trainers.runs import check_run_name, new_run_dir, select_device, write_run_config
+from trainers.runs import check_run_name, new_run_dir, select_device, trim_metrics, write_run_config
 
 # Default sample-grid prompts: synthetic-world captions, one with a colour/shape pair no image has
 # (blue star, see pipeline.synth.HELD_OUT_PAIRS) to watch compositional generalisation.
@@ -63,6 +63,7 @@ class GanConfig:
     lr: float = 0.0025  # Adam learning rate of G and D (D's is scaled for lazy R1, as StyleGAN2)
     seed: int = 0  # model init, z, noise, augmentation and data order
     paired_fraction: float = 0.0  # share of each batch conditioned on real captions (few-shot runs)
+    allow_partial: bool = False  # train on the usable shards of a partial cache (trainers.data.LoaderConfig)
     workers: int = 0  # loader processes
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     sample_every: int = 1000  # steps between sample grids, 0 for the final one only
@@ -134,6 +135,7 @@ class GanConfig:
 # the data or the losses, and changing it would not be a continuation).
 RESUME_OVERRIDABLE = (
     "cache",
+    "allow_partial",
     "steps",
     "sample_every",
     "checkpoint_every",
@@ -202,6 +204,7 @@ def cache_source(config: GanConfig) -> DataSource:
         seed=config.seed,
         workers=config.workers,
         paired_fraction=config.paired_fraction,
+        allow_partial=config.allow_partial,
     )
     return DataSource(
         lambda start_step: make_loader(loader_config, start_step=start_step),
@@ -384,12 +387,10 @@ def _first_batch_shape(first: dict) -> tuple[int, int]:
     return int(height), int(first["cond"].shape[1])
 
 
-def _trim_metrics(path: Path, last_step: int) -> None:
-    """On resume, drop metrics lines past the checkpoint (they are about to be redone)."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line)["step"] <= last_step]
-        path.write_text("".join(line + "\n" for line in kept))
+def _data_record(batches: Iterator[dict]) -> dict[str, Any] | None:
+    """Which rows the run trains on (`trainers.data.LoaderInfo.record`); None for an in-memory source."""
+    info = getattr(batches, "info", None)
+    return info.record() if info is not None else None
 
 
 @contextlib.contextmanager
@@ -438,6 +439,7 @@ def run_gan(
 
     if resume_state is None:  # a new run: the first batch tells the resolution and condition size
         batches = source.batches(0)
+        data = _data_record(batches)
         first = next(batches)
         resolution, h_dim = _first_batch_shape(first)
         if h_dim != source.h_dim:
@@ -477,8 +479,11 @@ def run_gan(
         restore_rng(resume_state["rng"])
         run_dir = resume_path.parent  # the run continues in its own directory
         batches = source.batches(start_step)
-        _trim_metrics(run_dir / "metrics.jsonl", start_step)
-    write_run_config(run_dir, {"kind": "gan", **config.to_dict(), "arch": arch, "clip": clip_args})
+        data = _data_record(batches)
+        trim_metrics(run_dir / "metrics.jsonl", start_step)
+    write_run_config(
+        run_dir, {"kind": "gan", **config.to_dict(), "arch": arch, "clip": clip_args, "data": data}
+    )
 
     prompt_h = encode_texts(clip, list(config.prompts)).clone()  # [P, D]; clone: out of inference mode
     grid_h = prompt_h.repeat_interleave(config.samples_per_prompt, dim=0)  # [P * n, D]
@@ -518,6 +523,7 @@ def run_gan(
                     "config": config.to_dict(),
                     "arch": arch,
                     "clip": clip_args,
+                    "data": data,
                     **trainer.state_dict(),
                 }
                 result.checkpoint = save_checkpoint(run_dir, done, state)

@@ -38,7 +38,7 @@ import torch
 from pipeline.errors import ConfigError, require_at_least
 from trainers.checkpoints import load_checkpoint, resolve_checkpoint, restore_rng, save_checkpoint
 from trainers.ldm import LDM_SIZES, Dit, flow_loss, ldm_architecture, sample_euler
-from trainers.runs import check_run_name, new_run_dir, select_device, write_run_config
+from trainers.runs import check_run_name, new_run_dir, select_device, trim_metrics, write_run_config
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class LdmConfig:
     lr: float = 1e-4  # AdamW learning rate (DiT's, no weight decay)
     seed: int = 0  # init, t, noise, condition dropout and data order
     paired_limit: int | None = None  # few-shot: real captions for at most N images (see LoaderConfig)
+    allow_partial: bool = False  # train on the usable shards of a partial cache (see LoaderConfig)
     init: Path | None = None  # start from this `trainers ldm` checkpoint's weights (same architecture)
     cond_drop: float = 0.1  # share of samples trained with the null condition (for guidance)
     ema_decay: float = 0.9999  # EMA decay per step (warmed up: min(decay, (1 + step) / (10 + step)))
@@ -121,6 +122,7 @@ class LdmConfig:
 
 RESUME_OVERRIDABLE = (
     "cache",
+    "allow_partial",
     "steps",
     "checkpoint_every",
     "log_every",
@@ -244,14 +246,8 @@ class LdmResult:
     checkpoint: Path | None  # the last checkpoint written
     losses: dict[str, float]  # of the last logged step
     images_per_s: float
-    data: dict[str, Any]  # what the loader used: n_images, pairs
+    data: dict[str, Any]  # what the loader used: LoaderInfo.record() and pairs
     samples: list[Path] = field(default_factory=list)  # sample grids written
-
-
-def _trim_metrics(path: Path, last_step: int) -> None:
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= last_step))
 
 
 def run_ldm(config: LdmConfig, resume_state: dict | None = None, progress: Any = None) -> LdmResult:
@@ -291,6 +287,7 @@ def run_ldm(config: LdmConfig, resume_state: dict | None = None, progress: Any =
         seed=config.seed,
         workers=config.workers,
         paired_limit=config.paired_limit,
+        allow_partial=config.allow_partial,
     )
     start_step = 0 if resume_state is None else int(resume_state["step"])
     batches = make_loader(loader_config, start_step=start_step)
@@ -302,7 +299,7 @@ def run_ldm(config: LdmConfig, resume_state: dict | None = None, progress: Any =
         )
     if info.dim != int(clip.dim):
         raise ConfigError(f"--cache {config.cache}: conditions are {info.dim}-d but its CLIP is {clip.dim}-d")
-    data = {"n_images": info.n_images, "pairs": info.paired_pool, "condition": info.condition}
+    data = {**info.record(), "pairs": info.paired_pool}
     latent_size = info.image_size // 4
     if resume_state is None:
         first = next(batches)
@@ -341,7 +338,7 @@ def run_ldm(config: LdmConfig, resume_state: dict | None = None, progress: Any =
         trainer.step = start_step
         restore_rng(resume_state["rng"])
         run_dir = resume_path.parent
-        _trim_metrics(run_dir / "metrics.jsonl", start_step)
+        trim_metrics(run_dir / "metrics.jsonl", start_step)
     vae_args = {"path": vae_ckpt["path"], "step": int(vae_ckpt["step"]), "arch": vae_ckpt["arch"]}
     write_run_config(
         run_dir,

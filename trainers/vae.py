@@ -227,6 +227,7 @@ class VaeConfig:
     disc_weight: float = 0.0  # patch-discriminator term weight; 0: no discriminator
     disc_start: int = 2000  # first step with the adversarial terms (the warm-up before it)
     eval_n: int = 64  # held-out images for the PSNR in eval.json (never trained on)
+    allow_partial: bool = False  # train on the usable shards of a partial cache (trainers.data.LoaderConfig)
     checkpoint_every: int = 5000  # steps between checkpoints, 0 for the final one only
     log_every: int = 10  # steps between metrics.jsonl lines
 
@@ -348,7 +349,11 @@ def split_cache(config: VaeConfig):
 
     # perturb needs only the embed stage; the conditions are ignored here
     loader_config = LoaderConfig(
-        cache=Path(config.cache), condition="perturb", batch_size=config.batch_size, seed=config.seed
+        cache=Path(config.cache),
+        condition="perturb",
+        batch_size=config.batch_size,
+        seed=config.seed,
+        allow_partial=config.allow_partial,
     )
     dataset, info = build_dataset(loader_config)
     n = len(dataset.rows_idx)
@@ -393,7 +398,7 @@ def run_vae(config: VaeConfig, progress: Any = None) -> VaeResult:
     seed_everything(config.seed)
     trainer = VaeTrainer(config, arch, clip, device)
     run_dir = new_run_dir(config.out, config.name)
-    data = {"n_train": len(loader.dataset), "n_eval": len(eval_images)}
+    data = {**info.record(), "n_train": len(loader.dataset), "n_eval": len(eval_images)}
     write_run_config(
         run_dir, {"kind": "vae", **config.to_dict(), "arch": arch, "clip": clip_args, "data": data}
     )
@@ -416,13 +421,15 @@ def run_vae(config: VaeConfig, progress: Any = None) -> VaeResult:
                     "config": config.to_dict(),
                     "arch": arch,
                     "clip": clip_args,
+                    "data": data,
                     **trainer.state(),
                 }
                 checkpoint = save_checkpoint(run_dir, done, state)
     rate = images / (time.perf_counter() - t0)
     score = trainer.eval_psnr(eval_images)
     write_json_atomic(
-        run_dir / "eval.json", {"step": config.steps, "psnr_db": score, "n_eval": len(eval_images), **losses}
+        run_dir / "eval.json",
+        {"step": config.steps, "psnr_db": score, "n_eval": len(eval_images), **losses, "training_data": data},
     )
     return VaeResult(run_dir, config.steps, checkpoint, losses, score, rate)
 

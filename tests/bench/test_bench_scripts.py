@@ -143,3 +143,14 @@ def test_clip_sweep_writes_a_row_per_arm_and_rejects_unknown_arms(results_dir):
     assert len(written) == 2 and {"shape", "colour", "size", "position", "object_2_shape"} <= set(fields)
     with pytest.raises(SystemExit):
         bench.main(["--arms", "vit-huge"])
+
+
+def test_status_verify_cost_rows(results_dir):
+    bench = load_script("bench_status")
+    rows = bench.verify_rows(shards=3, gigabytes=0.003, cold=False)
+    warm = [r for r in rows if r["what"].endswith("(warm)")]
+    assert [r["what"].split(" (")[0] for r in warm] == [
+        "hash every output in-process, floor",
+        "pipeline status --verify minus status",
+    ]
+    assert all(r["gb"] > 0 and isinstance(r["s_per_gb"], float) for r in rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,7 @@ from manifests import (
     stat_out,
     write_bytes_atomic,
 )
+from manifests.errors import Unreadable
 
 
 def test_atomic_write_commits_with_digest_of_the_bytes(tmp_path):
@@ -110,14 +112,32 @@ def test_verify_detects_content_change_that_keeps_size_and_mtime(tmp_path):
     out.write_bytes(b"DATA")
     os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert check_shard(tmp_path, spec) is None  # stats cannot see it
-    assert check_shard(tmp_path, spec, verify=True).startswith("output altered")
+    assert check_shard(tmp_path, spec, verify=True).startswith("output damaged")
 
 
-def test_torn_manifest_is_treated_as_missing(tmp_path):
+def test_torn_manifest_means_the_shard_is_remade_and_says_so(tmp_path):
     spec = _spec()
     _commit(tmp_path, spec)
     (tmp_path / "embed" / "_manifests" / "00000.json").write_text('{"stage": "emb')
-    assert check_shard(tmp_path, spec) == "new shard"
+    assert check_shard(tmp_path, spec) == "manifest unreadable (damaged): shard will be remade"
+    (tmp_path / "embed" / "_manifests" / "00000.json").unlink()
+    assert check_shard(tmp_path, spec).startswith("manifest missing (outputs exist without it)")
+
+
+def test_plan_is_rebuilt_from_the_manifests_keeping_every_shard_index():
+    manifests = {0: {"deps": [{"name": "a"}, {"name": "b"}]}, 2: {"deps": [{"name": "d"}]}}
+    assert ShardPlan.from_manifests(manifests).shards == [["a", "b"], [], ["d"]]
+
+
+def test_disk_full_survives_pickling_with_its_message():
+    import pickle
+
+    from manifests.errors import DiskFull, with_space_needed
+
+    error = with_space_needed(DiskFull("no space left on device writing x", 4096), Path("c"), [], 3)
+    again = pickle.loads(pickle.dumps(error))
+    assert str(again) == str(error) and again.written == 4096
+    assert "The 3 unfinished shard(s) need at least 12.3 KB" in str(again)
 
 
 def test_plan_is_append_only(tmp_path):
@@ -136,8 +156,11 @@ def test_plan_is_append_only(tmp_path):
 def test_plan_refuses_unknown_version(tmp_path):
     path = tmp_path / "_plan.json"
     path.write_text('{"version": 99, "shards": []}')
-    with pytest.raises(ValueError, match="version"):
+    with pytest.raises(Unreadable, match="version"):
         ShardPlan.load(path)
+    path.write_bytes(b"\xff\x00")
+    with pytest.raises(Unreadable, match="_plan.json: not valid JSON .*; rebuild it"):
+        ShardPlan.load(path, "rebuild it")
 
 
 def test_parquet_features_skip_the_dictionary_and_keep_their_values(tmp_path):

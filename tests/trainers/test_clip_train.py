@@ -102,6 +102,16 @@ def test_clip_eval_json_has_zero_shot_accuracy_per_attribute(trained):
     assert json.loads((trained.run_dir / "clip_config.json").read_text())["embed_dim"] == 64
 
 
+def test_a_damaged_clip_eval_json_is_one_line_naming_it_and_the_fix(tmp_path):
+    from manifests.errors import Unreadable
+    from trainers.clip_train import read_eval
+
+    (tmp_path / "clip_eval.json").write_bytes(b'{"zero_shot": {"shape": 0.\xff')
+    with pytest.raises(Unreadable, match="clip_eval.json: not valid JSON .*--force") as info:
+        read_eval(tmp_path)
+    assert str(tmp_path) in str(info.value) and "\n" not in str(info.value)
+
+
 def test_clip_cli_trains_and_refuses_to_overwrite(world, tmp_path):
     run = tmp_path / "run"
     shards = sorted(str(p) for p in world.glob("*.tar"))

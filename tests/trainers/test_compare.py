@@ -159,6 +159,27 @@ def test_sigkill_then_rerun_commits_every_run_once(cache, tmp_path, point, commi
     assert len(rerun.rows) == 2 and (out / "report.md").is_file()
 
 
+def test_a_damaged_eval_json_is_one_line_and_a_damaged_manifest_redoes_its_run(cache, tmp_path):
+    out = tmp_path / "cmp"
+    config = smoke(cache, out, conditions=("perturb",))
+    assert run_compare(config).ran == ["perturb-s0"]
+    evaluation, manifest = out / "runs/perturb-s0/eval/eval.json", out / "_manifests/perturb-s0.json"
+    for path in (evaluation, manifest):  # bit rot: one byte, size and mtime unchanged
+        st = path.stat()
+        path.write_bytes(b"\xff" + path.read_bytes()[1:])
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        if path == evaluation:
+            args = ["compare", "--cache", str(cache), "--out", str(out), "--conditions", "perturb"]
+            result = runner.invoke(app, [*args, "--seeds", "0", *SMOKE])
+            assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+            lines = [x for x in result.output.splitlines() if x.strip() and not x.startswith("warning")]
+            assert len(lines) == 1 and str(evaluation) in lines[0] and str(manifest) in lines[0], lines
+    with pytest.warns(UserWarning, match="perturb-s0.json: not valid JSON .*the run is redone"):
+        again = run_compare(config)
+    assert again.ran == ["perturb-s0"] and json.loads(manifest.read_text())["unit"] == "perturb-s0"
+    assert json.loads(evaluation.read_text())["n"] == config.eval_n  # remade with the run
+
+
 def test_ldm_trains_one_shared_vae(cache, tmp_path):
     out = tmp_path / "cmp"
     result = run_compare(
@@ -183,6 +204,9 @@ def test_cli_runs_and_prints_the_table(cache, tmp_path):
     dry = runner.invoke(app, [*args, *SMOKE, "--steps", "5", "--dry-run"])
     assert dry.exit_code == 0, dry.output
     assert "perturb-s0: would run: params changed: train.steps" in dry.output
+    partial = runner.invoke(app, [*args, *SMOKE, "--allow-partial", "--dry-run"])
+    assert partial.exit_code == 0, partial.output
+    assert '"allow_partial": true' in partial.output and "perturb-s0: up to date" in partial.output  # unkeyed
 
 
 def test_cli_features_only_trains_nothing(cache, tmp_path):

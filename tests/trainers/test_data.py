@@ -1,5 +1,6 @@
 """trainers.data: the cache loader joins every image with its own key's condition, mixes real captions,
-resumes exactly, refuses missing stages and never writes outside `_trainers/`."""
+resumes exactly, refuses missing stages, waits for or refuses a partial cache (or records it with
+allow_partial), names damaged files in one line, and never writes outside `_trainers/`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import json
 import os
 import shutil
 import tarfile
-import warnings
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +20,24 @@ import pytest
 import torch
 from factories import TINY_CLIP
 from PIL import Image
+from typer.testing import CliRunner
 
-from manifests import Dep, ShardSpec, commit_manifest, list_manifests, stat_out, write_parquet_atomic
+from manifests import (
+    Dep,
+    ShardSpec,
+    commit_manifest,
+    digest_json,
+    list_manifests,
+    stat_out,
+    write_bytes_atomic,
+    write_parquet_atomic,
+)
+from manifests.errors import Unreadable
 from pipeline.embed import EmbedConfig, run_embed
 from pipeline.errors import ConfigError
 from pipeline.synth import SynthConfig, run_synth
 from trainers import data
+from trainers.cli import app
 from trainers.data import LoaderConfig, cache_clip, feature_dim, make_loader, missing_stage_error
 
 N_IMAGES, SHARD, D = 40, 20, 64
@@ -351,28 +365,193 @@ def test_missing_stages_name_the_command_to_run(world, tmp_path):
     assert make_loader(LoaderConfig(cache=bare, condition="perturb")).info.n_images == N_IMAGES
 
 
+def partial(scratch: Path, condition: str, **kwargs) -> LoaderConfig:
+    """allow_partial, no wait: what these tests look at is which shards are left out."""
+    return LoaderConfig(cache=scratch, condition=condition, allow_partial=True, partial_wait_s=0, **kwargs)
+
+
 def test_only_committed_intact_current_shards_are_read(scratch):
     manifest = scratch / "optimize" / "_manifests" / "00001.json"
     manifest.unlink()  # shard 1's output exists but is not committed
-    with pytest.warns(UserWarning, match="pipeline optimize"):
-        loader = make_loader(LoaderConfig(cache=scratch, condition="optimize", batch_size=19))
+    with pytest.raises(ConfigError, match="not made yet [(]1[)].*pipeline optimize.*--allow-partial"):
+        make_loader(LoaderConfig(cache=scratch, condition="optimize", partial_wait_s=0))
+    with pytest.warns(UserWarning, match="leaving out optimize shards: not made yet"):
+        loader = make_loader(partial(scratch, "optimize", batch_size=19))
     assert loader.info.skipped_shards == {"optimize": {1: "not made yet"}}
     assert loader.info.n_images == SHARD - 1
     assert all(int(k) < SHARD for k in next(loader)["key"])
 
     with open(scratch / "optimize" / "00000.parquet", "ab") as f:
         f.write(b"being rewritten")  # size no longer matches the manifest: never read
-    with pytest.raises(ConfigError, match="pipeline optimize"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        make_loader(LoaderConfig(cache=scratch, condition="optimize"))
+    with pytest.raises(ConfigError, match="pipeline optimize.*--allow-partial cannot help"):
+        make_loader(partial(scratch, "optimize"))  # nothing usable is left: refused even so
 
     stale = json.loads((scratch / "retrieve" / "_manifests" / "00000.json").read_text())
     stale["deps"][0]["digest"] = "0" * 32  # made from an older embed shard 0
     (scratch / "retrieve" / "_manifests" / "00000.json").write_text(json.dumps(stale))
+    with pytest.raises(ConfigError, match="stale.*pipeline retrieve"):
+        make_loader(LoaderConfig(cache=scratch, condition="retrieve", partial_wait_s=0))
     with pytest.warns(UserWarning, match="stale"):
-        loader = make_loader(LoaderConfig(cache=scratch, condition="retrieve", batch_size=4))
+        loader = make_loader(partial(scratch, "retrieve", batch_size=4))
     assert loader.info.skipped_shards == {"retrieve": {0: "made from an older embed shard (stale)"}}
     assert all(int(k) >= SHARD for k in next(loader)["key"])
+
+    with open(scratch / "embed" / "00001.tar", "ab") as f:
+        f.write(b"\0" * 512)  # embed is rewriting shard 1
+    with pytest.raises(ConfigError, match="embed shards: files missing or being rewritten .* [(]1[)]"):
+        make_loader(LoaderConfig(cache=scratch, condition="perturb", partial_wait_s=0))
+    with pytest.warns(UserWarning, match="leaving out embed shards"):
+        loader = make_loader(partial(scratch, "perturb", batch_size=4))
+    assert loader.info.skipped_shards == {
+        "embed": {1: "files missing or being rewritten (size differs from the manifest)"}
+    }
+    assert loader.info.n_images == SHARD and loader.info.shards == {"embed": [0]}
+
+
+def test_a_shard_committed_during_the_wait_is_used(scratch):
+    path = scratch / "optimize" / "00001.parquet"
+    committed = path.read_bytes()
+    path.write_bytes(committed + b"half of a rewrite")
+
+    def commit():  # the running stage finishes its rewrite (the same bytes again)
+        time.sleep(0.6)
+        write_bytes_atomic(path, committed)
+
+    writer = threading.Thread(target=commit)
+    writer.start()
+    t0 = time.monotonic()
+    with pytest.warns(UserWarning, match="waiting up to 20 s for optimize shards: file missing or being"):
+        loader = make_loader(
+            LoaderConfig(cache=scratch, condition="optimize", batch_size=13, partial_wait_s=20)
+        )
+    writer.join()
+    assert 0.6 <= time.monotonic() - t0 < 20
+    assert loader.info.skipped_shards == {} and loader.info.n_images == N_IMAGES - 1
+    assert loader.info.record()["partial"] is False
+
+
+runner = CliRunner()
+
+
+def gan_args(cache: Path, out: Path, condition: str, *extra) -> list[str]:
+    args = ["gan", "--cache", cache, "--out", out, "--size", "tiny", "--condition", condition, "--steps", 1]
+    args += ["--batch-size", 4, "--sample-every", 0, "--checkpoint-every", 1, "--device", "cpu", *extra]
+    return [str(a) for a in args]
+
+
+def one_line_error(result) -> str:
+    """The CLI's refusal: exit code 2 and one line (besides warnings), never a traceback."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith("warning")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_a_shard_being_rewritten_is_refused_after_the_wait(scratch, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "PARTIAL_WAIT_S", 0.5, raising=False)
+    with open(scratch / "optimize" / "00001.parquet", "ab") as f:
+        f.write(b"being rewritten")  # its size differs from the manifest
+    t0 = time.monotonic()
+    line = one_line_error(runner.invoke(app, gan_args(scratch, tmp_path / "runs", "optimize")))
+    assert time.monotonic() - t0 >= 0.5
+    assert "after waiting" in line and "optimize shards: file missing or being rewritten (1)" in line
+    assert f"pipeline optimize --cache {scratch}" in line and "--allow-partial" in line
+    assert not (tmp_path / "runs").exists()  # refused before a run directory was made
+
+
+def test_allow_partial_trains_on_the_rest_and_records_the_rows(scratch, tmp_path):
+    from trainers.evaluate import EvalConfig, evaluate
+    from trainers.sample import load_generator
+
+    with open(scratch / "optimize" / "00001.parquet", "ab") as f:
+        f.write(b"being rewritten")
+    with pytest.warns(UserWarning, match="leaving out optimize shards: file missing or being rewritten"):
+        result = runner.invoke(app, gan_args(scratch, tmp_path, "optimize", "--allow-partial"))
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((tmp_path / "000-gan" / "config.json").read_text())["data"]
+    used = [k for k in embed_keys(scratch, 0) if k != DROPPED_KEY]  # shard 0, in sample order
+    assert recorded == {
+        "condition": "optimize",
+        "n_images": len(used),
+        "partial": True,
+        "shards": {"embed": [0, 1], "optimize": [0]},
+        "skipped_shards": {"optimize": {"1": "file missing or being rewritten"}},
+        "excluded": {"no_optimize_row": 1, "optimize_shard_not_usable": SHARD},
+        "keys_digest": digest_json(used),
+    }
+    generate, info = load_generator(tmp_path / "000-gan", device="cpu")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello world\n")
+    config = EvalConfig("run", scratch, tmp_path / "eval", prompts=prompts, n=8, device="cpu", grid=0)
+    evaluate(config, generate, info)
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["training_data"] == recorded
+
+
+def flip_middle(path: Path, n: int = 16) -> None:
+    """Bit rot: n bytes in the middle of the file change; its size and mtime stay the same."""
+    st = path.stat()
+    raw = bytearray(path.read_bytes())
+    mid = len(raw) // 2
+    raw[mid : mid + n] = bytes(b ^ 0xFF for b in raw[mid : mid + n])
+    path.write_bytes(bytes(raw))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize(
+    "rel, condition", [("embed/00000.parquet", "perturb"), ("optimize/00001.parquet", "optimize")]
+)
+def test_bit_rot_in_a_committed_file_is_one_line_naming_it_and_verify(scratch, tmp_path, rel, condition):
+    flip_middle(scratch / rel)
+    line = one_line_error(runner.invoke(app, gan_args(scratch, tmp_path, condition)))
+    assert str(scratch / rel) in line and f"pipeline run --cache {scratch} --verify" in line
+
+
+def tar_member(tar: Path, name: str) -> tuple[int, int]:
+    """(header offset, data offset) of a member."""
+    with tarfile.open(tar) as archive:
+        info = archive.getmember(name)
+        return info.offset, info.offset_data
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_damaged_stored_image_is_unreadable_naming_its_tar(scratch, workers):
+    tar = scratch / "embed" / "00000.tar"
+    _, start = tar_member(tar, "000000004.jpg")
+    st = tar.stat()
+    with open(tar, "r+b") as f:
+        f.seek(start)
+        f.write(b"\0" * 64)  # no decoder recognises it any more
+    os.utime(tar, ns=(st.st_atime_ns, st.st_mtime_ns))
+    loader = make_loader(
+        LoaderConfig(cache=scratch, condition="perturb", batch_size=N_IMAGES, workers=workers)
+    )
+    with pytest.raises(Unreadable) as info:
+        next(loader)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{tar} (the image of key '000000004')")
+    assert f"pipeline run --cache {scratch} --verify" in message
+
+
+def test_a_damaged_tar_header_is_unreadable_not_fewer_images(scratch):
+    tar = scratch / "embed" / "00001.tar"
+    header, _ = tar_member(tar, "000000030.jpg")
+    st = tar.stat()
+    with open(tar, "r+b") as f:
+        f.seek(header + 3)
+        f.write(b"X")  # one byte of the member name: its key no longer matches the sidecar
+    os.utime(tar, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(Unreadable, match="00001.tar: cannot be decoded .*'000000030'.*--verify"):
+        make_loader(LoaderConfig(cache=scratch, condition="perturb"))
+
+
+def test_damaged_caption_features_are_recomputed_with_a_warning(scratch):
+    shutil.rmtree(scratch / "_trainers", ignore_errors=True)
+    first = make_loader(LoaderConfig(cache=scratch, condition="caption", batch_size=4)).info.caption_features
+    Path(first).write_bytes(b"not an array")  # a damaged derived file
+    with pytest.warns(UserWarning, match="caption_features-.*cannot be read.*recomputing it"):
+        again = make_loader(LoaderConfig(cache=scratch, condition="caption", batch_size=4))
+    assert np.load(again.info.caption_features).shape == (N_IMAGES, D)
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int, str]]:

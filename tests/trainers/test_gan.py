@@ -341,10 +341,31 @@ def test_cli_trains_then_resumes_from_the_real_cache(cache, tmp_path):
     assert done.exit_code == 0 and "already at step 3" in done.output
 
 
+def test_resume_and_sample_survive_a_damaged_config_json_and_a_half_written_metrics_line(cache, tmp_path):
+    args = ["gan", "--cache", cache, "--out", tmp_path, "--size", "tiny", "--condition", "perturb"]
+    args += ["--steps", 1, "--batch-size", 4, "--sample-every", 0, "--device", "cpu"]
+    assert runner.invoke(app, [str(a) for a in args]).exit_code == 0
+    run = tmp_path / "000-gan"
+    config = run / "config.json"
+    config.write_bytes(b"\xff" + config.read_bytes()[1:])  # bit rot: config.json is only ever written
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "loss_g": 1.')  # a run killed in the middle of a line
+    sample = runner.invoke(app, ["sample", "--checkpoint", str(run), "--prompt", "a red circle", "--n", "1"]
+                           + ["--out", str(tmp_path / "s.png"), "--device", "cpu"])  # fmt: skip
+    assert sample.exit_code == 0, sample.output
+    with pytest.warns(UserWarning, match="metrics.jsonl: dropped 1 unreadable line"):
+        resumed = runner.invoke(app, ["gan", "--resume", str(run), "--steps", "2"])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(config.read_text())["steps"] == 2  # rewritten whole by the resumed run
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_cli_dry_run_prints_the_config(cache, tmp_path):
     result = runner.invoke(app, ["gan", "--cache", str(cache), "--size", "tiny", "--dry-run"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["size"] == "tiny"
+    assert json.loads(result.stdout)["size"] == "tiny" and json.loads(result.stdout)["allow_partial"] is False
+    partial = runner.invoke(app, ["gan", "--cache", str(cache), "--allow-partial", "--dry-run"])
+    assert json.loads(partial.stdout)["allow_partial"] is True
 
 
 def test_cli_errors_are_one_line(cache, tmp_path):

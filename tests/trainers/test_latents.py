@@ -4,6 +4,7 @@ shard encoded alone, cached latents giving the same LDM step as encoding on the 
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow.parquet as pq
 import pytest
@@ -178,3 +179,21 @@ def test_cli_encode_and_one_line_errors(world, tmp_path):
     user_error(["vae", "--cache", cache, "--encode", ckpt, "--batch-size", 0], "--batch-size")
     user_error(["vae", "--cache", tmp_path / "nope", "--encode", ckpt], "no such directory")
     assert "--encode" in runner.invoke(app, ["vae", "--help"]).output
+
+
+def test_a_damaged_latents_shard_is_encoded_on_the_fly_and_remade(world):
+    _, cache, ckpt = world
+    encode_latents(cache, ckpt, device="cpu")
+    before = len(load_latent_cache(cache, ckpt))
+    path = cache / latents_stage(vae_digest(ckpt)) / "00000.parquet"
+    st = path.stat()
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # bit rot: one byte of a latent, size and mtime unchanged
+    path.write_bytes(bytes(raw))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.warns(UserWarning, match="00000.parquet: damaged latents, .* encoded on the fly; removed"):
+        lat = load_latent_cache(cache, ckpt)
+    assert len(lat) == before - 8 and not path.exists()  # shard 0's 8 images fall back to the encoder
+    redo = encode_latents(cache, ckpt, device="cpu")
+    assert redo.shards_run == [0] and "output missing" in redo.reasons[0]
+    assert len(load_latent_cache(cache, ckpt)) == before

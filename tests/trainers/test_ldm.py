@@ -225,11 +225,25 @@ def test_cli_trains_and_errors_are_one_line(world, tmp_path):
         app,
         [
             str(a)
-            for a in base + ["--steps", 1, "--batch-size", 4, "--condition", "caption", "--paired-limit", 3]
+            for a in base
+            + [
+                "--steps",
+                1,
+                "--batch-size",
+                4,
+                "--condition",
+                "caption",
+                "--paired-limit",
+                3,
+                "--allow-partial",
+            ]
         ],
     )
     assert result.exit_code == 0, result.output
     assert "ldm: step 1" in result.output and "(3 pairs)" in result.output
+    config = json.loads((tmp_path / "000-ldm" / "config.json").read_text())
+    assert config["allow_partial"] is True and config["data"]["partial"] is False  # the cache is whole
+    assert config["data"]["n_images"] == 3 and config["data"]["shards"] == {"embed": [0, 1]}
     assert {"0000001.pt", "samples-0000001.png", "config.json"} <= {
         p.name for p in (tmp_path / "000-ldm").iterdir()
     }

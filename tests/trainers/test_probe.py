@@ -119,6 +119,12 @@ def test_cached_probe_trains_once_per_cache(tmp_path, monkeypatch):
     again, same = cached_probe(cache, config)
     assert same == path and again.config == first.config
 
+    monkeypatch.undo()
+    path.write_bytes(b"\0" * path.stat().st_size)  # a damaged derived file is retrained, with a warning
+    with pytest.warns(UserWarning, match="probe-.*: not a probe file .*; retraining it"):
+        remade, _ = cached_probe(cache, config)
+    assert remade.config == first.config and probe_module.load_probe(path, "cpu").config == first.config
+
 
 def test_probe_cli_writes_the_file_and_its_accuracy(tmp_path):
     out = tmp_path / "p.pt"

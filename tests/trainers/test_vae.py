@@ -92,14 +92,20 @@ def test_a_few_steps_reduce_the_reconstruction_loss(tiny_clip):
 
 def test_cli_trains_checkpoints_and_reports_held_out_psnr(cache, tmp_path):
     args = ["vae", "--cache", cache, "--out", tmp_path, "--size", "tiny", "--steps", 2, "--batch-size", 4]
-    result = runner.invoke(app, [str(a) for a in args + ["--eval-n", 4, "--device", "cpu"]])
+    result = runner.invoke(
+        app, [str(a) for a in args + ["--eval-n", 4, "--device", "cpu", "--allow-partial"]]
+    )
     assert result.exit_code == 0, result.output
     run = tmp_path / "000-vae"
     assert "vae: step 2" in result.output and str(run / "0000002.pt") in result.output
     report = json.loads((run / "eval.json").read_text())
     assert report["n_eval"] == 4 and 0 < report["psnr_db"] < 100
     config = json.loads((run / "config.json").read_text())
-    assert config["data"] == {"n_train": 12, "n_eval": 4}  # held-out images are not trained on
+    data = config["data"]
+    assert (data["n_train"], data["n_eval"]) == (12, 4)  # held-out images are not trained on
+    assert data["n_images"] == 16 and data["partial"] is False and data["shards"] == {"embed": [0, 1]}
+    assert config["allow_partial"] is True
+    assert report["training_data"] == data  # eval.json keeps the same record of the rows
     model, ckpt = load_vae(run)
     assert ckpt["step"] == 2 and ckpt["arch"]["resolution"] == 32 and not model.training
 
