@@ -18,9 +18,14 @@ from manifests.manifest import (
     commit_manifest,
     list_manifests,
     manifest_path,
+    migrate_stats,
     read_manifest,
+    read_stats,
+    remove_stats,
     stat_out,
+    stats_path,
     verifying_outputs,
+    write_stats,
 )
 from manifests.plan import ShardPlan, group_units
 
@@ -42,10 +47,15 @@ __all__ = [
     "group_units",
     "list_manifests",
     "manifest_path",
+    "migrate_stats",
     "read_manifest",
+    "read_stats",
+    "remove_stats",
+    "stats_path",
     "stat_out",
     "verifying_outputs",
     "write_bytes_atomic",
     "write_json_atomic",
     "write_parquet_atomic",
+    "write_stats",
 ]

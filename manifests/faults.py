@@ -10,6 +10,11 @@ lookup per commit. With `PIPELINE_CRASH_ONCE=FILE` too, only the first process t
 `PIPELINE_ENOSPC_AT=embed/00001.*` (an fnmatch pattern matched against the end of the file's path) makes
 that atomic write fail with ENOSPC once its bytes are written, the way a full disk does, for machines
 where tests cannot mount a small tmpfs.
+
+`PIPELINE_STALL_AT=embed:decode` (an fnmatch pattern) makes the process sleep `PIPELINE_STALL_S` seconds
+(default 60) there, the way a worker stuck on a huge image does, so tests can kill a command while its
+workers are busy; it says so on stderr first (`stalled at NAME in PID`). Points: `embed:decode` (a
+decode worker, per sample), `trainers:load` (a loader worker, per batch).
 """
 
 from __future__ import annotations
@@ -18,10 +23,14 @@ import errno
 import fnmatch
 import os
 import signal
+import sys
+import time
 
 ENV = "PIPELINE_CRASH_AT"
 ONCE_ENV = "PIPELINE_CRASH_ONCE"
 ENOSPC_ENV = "PIPELINE_ENOSPC_AT"
+STALL_ENV = "PIPELINE_STALL_AT"
+STALL_S_ENV = "PIPELINE_STALL_S"
 
 
 def crash_point(name: str) -> None:
@@ -41,3 +50,10 @@ def disk_full_point(path: str) -> None:
     pattern = os.environ.get(ENOSPC_ENV)
     if pattern and fnmatch.fnmatchcase(path, f"*{pattern}"):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
+def stall_point(name: str) -> None:
+    pattern = os.environ.get(STALL_ENV)
+    if pattern and fnmatch.fnmatchcase(name, pattern):
+        print(f"stalled at {name} in {os.getpid()}", file=sys.stderr, flush=True)
+        time.sleep(float(os.environ.get(STALL_S_ENV, "60")))

@@ -12,6 +12,7 @@ size, workers, device) are recorded but do not stale a shard. Downstream stages 
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import platform
@@ -30,6 +31,11 @@ from manifests.digest import digest_file_content, digest_json
 from manifests.faults import crash_point
 
 MANIFEST_DIR = "_manifests"
+# Per-shard statistics, in an underscore folder that Parquet dataset discovery ignores, so a stage folder
+# of Parquet files reads as one table (pyarrow, pandas, HF datasets). Caches made before kept them as
+# `{stage}/{i:05d}.stats.json`: still read there, and moved on the shard's next commit.
+STATS_DIR = "_stats"
+STAT_CACHE_FILE = "_stat_cache.json"  # copied outputs (new mtime) whose bytes were verified: copied_output_ok
 # `pipeline run --verify` / `status --verify`: every output check in the plans re-hashes the bytes,
 # once per file (several stages check the embed outputs): path -> content digest, or None when off.
 _VERIFIED: ContextVar[dict[str, str] | None] = ContextVar("verified_outputs", default=None)
@@ -86,6 +92,48 @@ def fingerprint_key(stage: str, stage_version: str, params: dict[str, Any], dep_
 
 def manifest_path(cache: Path, stage: str, shard: int) -> Path:
     return Path(cache) / stage / MANIFEST_DIR / f"{shard:05d}.json"
+
+
+def stats_path(cache: Path, stage: str, shard: int) -> Path:
+    return Path(cache) / stage / STATS_DIR / f"{shard:05d}.json"
+
+
+def _legacy_stats_path(cache: Path, stage: str, shard: int) -> Path:
+    return Path(cache) / stage / f"{shard:05d}.stats.json"
+
+
+def write_stats(cache: Path, stage: str, shard: int, stats: dict[str, Any]) -> None:
+    """Commit a shard's statistics (before its manifest), replacing a copy in the old layout."""
+    write_json_atomic(stats_path(cache, stage, shard), stats)
+    _legacy_stats_path(cache, stage, shard).unlink(missing_ok=True)
+
+
+def read_stats(cache: Path, stage: str, shard: int) -> dict[str, Any] | None:
+    """A shard's statistics (either layout), or None; damaged bytes are `Unreadable` naming the fix."""
+    from manifests.errors import read_json, remake_shard_fix
+
+    for path in (stats_path(cache, stage, shard), _legacy_stats_path(cache, stage, shard)):
+        try:
+            return read_json(path, remake_shard_fix(cache, stage, shard))
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def migrate_stats(cache: Path, stage: str) -> int:
+    """Move stats left in the old layout into `_stats/` (call while holding the cache lock)."""
+    moved = 0
+    for old in sorted((Path(cache) / stage).glob("[0-9]*.stats.json")):
+        new = stats_path(cache, stage, int(old.name.split(".")[0]))
+        new.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(old, new)
+        moved += 1
+    return moved
+
+
+def remove_stats(cache: Path, stage: str, shard: int) -> None:
+    for path in (stats_path(cache, stage, shard), _legacy_stats_path(cache, stage, shard)):
+        path.unlink(missing_ok=True)
 
 
 def environment() -> dict[str, str]:
@@ -176,7 +224,11 @@ def check_shard(cache: Path, spec: ShardSpec, *, verify: bool = False) -> str | 
 
 
 def check_outputs(cache: Path, manifest: dict[str, Any], *, verify: bool = False) -> str | None:
-    """None when every output matches the manifest's size and mtime (and digest, when verifying)."""
+    """None when every output matches the manifest's size and mtime (and digest, when verifying).
+
+    An output whose size matches but whose mtime does not (a copy: `cp -r`, rsync without -t, tar, a
+    restore) is checked by content once, and its new stat remembered (`copied_output_ok`).
+    """
     verified = _VERIFIED.get()
     for out in manifest.get("outs", []):
         path = Path(cache) / out["path"]
@@ -184,11 +236,67 @@ def check_outputs(cache: Path, manifest: dict[str, Any], *, verify: bool = False
             st = os.stat(path)
         except FileNotFoundError:
             return f"output missing: {out['path']}"
-        if st.st_size != out["size"] or (out.get("mtime_ns") and st.st_mtime_ns != out["mtime_ns"]):
+        if st.st_size != out["size"]:
             return f"output altered: {out['path']}"
-        if (verify or verified is not None) and _content_digest(path, st, verified) != out["digest"]:
+        if out.get("mtime_ns") and st.st_mtime_ns != out["mtime_ns"]:
+            if not copied_output_ok(path, st, out["digest"], verified):
+                return f"output altered: {out['path']}"
+        elif (verify or verified is not None) and _content_digest(path, st, verified) != out["digest"]:
             return f"output damaged (content digest differs): {out['path']}"
     return None
+
+
+def copied_output_ok(path: Path, st: os.stat_result, digest: str, memo: dict[str, str] | None = None) -> bool:
+    """Whether an output with a new mtime still holds its committed bytes: one content hash, then its
+    (size, mtime, digest) is remembered in the folder's `_stat_cache.json` so later checks are stat-only.
+
+    Safe without the lock: an entry only vouches for exactly that size and mtime, which a rewrite changes.
+    """
+    entries = _stat_cache(path.parent)
+    stat = [st.st_size, st.st_mtime_ns, digest]
+    if entries.get(path.name) == stat:
+        return True
+    if _content_digest(path, st, memo) != digest:
+        return False
+    entries[path.name] = stat
+    _STAT_CACHE_DIRTY.add(path.parent)
+    return True
+
+
+# folder -> {file name: [size, mtime_ns, digest]}, loaded once per process and written back at exit
+_STAT_CACHES: dict[Path, dict[str, list]] = {}
+_STAT_CACHE_DIRTY: set[Path] = set()
+
+
+def _stat_cache(folder: Path) -> dict[str, list]:
+    if folder not in _STAT_CACHES:
+        try:
+            loaded = json.loads((folder / STAT_CACHE_FILE).read_text())
+        except (OSError, ValueError):
+            loaded = {}
+        _STAT_CACHES[folder] = loaded if isinstance(loaded, dict) else {}
+    return _STAT_CACHES[folder]
+
+
+@atexit.register
+def flush_stat_caches() -> None:
+    """Write the entries this process added (merged with the file's own: another process may have
+    added some). No fsync, no lock: losing an entry costs one more hash, nothing else; a cache on a
+    read-only mount is still judged right, just hashed again next time."""
+    for folder in sorted(_STAT_CACHE_DIRTY):
+        path = folder / STAT_CACHE_FILE
+        try:
+            on_disk = json.loads(path.read_text())
+        except (OSError, ValueError):
+            on_disk = {}
+        merged = {**(on_disk if isinstance(on_disk, dict) else {}), **_STAT_CACHES[folder]}
+        tmp = folder / f".{STAT_CACHE_FILE}.tmp-{os.getpid()}"
+        try:
+            tmp.write_text(json.dumps(merged, separators=(",", ":")))
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+    _STAT_CACHE_DIRTY.clear()
 
 
 def _content_digest(path: Path, st: os.stat_result, memo: dict[str, str] | None) -> str:

@@ -50,10 +50,13 @@ from manifests import (
     digest_input_file,
     list_manifests,
     manifest_path,
+    migrate_stats,
     read_manifest,
+    remove_stats,
     stat_out,
     write_json_atomic,
     write_parquet_atomic,
+    write_stats,
 )
 from pipeline.errors import ConfigError
 
@@ -423,9 +426,10 @@ def plan_captions(config: CaptionsConfig, clip) -> CaptionsPlan:
         )
     surplus = sorted(s for s in list_manifests(config.cache, STAGE) if s >= n_shards)
     corpus = {
-        "files": [str(p) for p in files],
-        # size + mtime of each corpus file: lets `pipeline status` judge the corpus without reading it
-        "file_digests": {str(p): digest_input_file(p, str(p)) for p in files},
+        "files": [str(p.resolve()) for p in files],
+        # size + mtime of each corpus file by resolved path: lets `pipeline status` judge the corpus
+        # without reading it, however its path is spelled
+        "file_digests": {str(p.resolve()): digest_input_file(p, str(p.resolve())) for p in files},
         "records": records,
         "unique_captions": n_captions,
         "dropped": dict(sorted(drops.items())),
@@ -549,7 +553,6 @@ def captions_shard(task: CaptionsTask, progress: Progress | None = None) -> dict
         },
         schema=schema,
     )
-    stage_dir = Path(cfg.cache) / STAGE
     rel = f"{STAGE}/{spec.shard:05d}.parquet"
     size, digest = write_parquet_atomic(Path(cfg.cache) / rel, table)
     t_end = time.perf_counter()
@@ -572,7 +575,7 @@ def captions_shard(task: CaptionsTask, progress: Progress | None = None) -> dict
         "reason": task.reason,
         "timings": timings,
     }
-    write_json_atomic(stage_dir / f"{spec.shard:05d}.stats.json", stats)
+    write_stats(cfg.cache, STAGE, spec.shard, stats)
     extra = {
         "rows": n,
         "dim": dim,
@@ -587,8 +590,8 @@ def remove_surplus(cache: Path, shards: list[int]) -> None:
     """Uncommit (manifest first), then delete, shards beyond the end of a corpus that shrank."""
     for shard in shards:
         manifest_path(cache, STAGE, shard).unlink(missing_ok=True)
-        for suffix in (".parquet", ".stats.json"):
-            (Path(cache) / STAGE / f"{shard:05d}{suffix}").unlink(missing_ok=True)
+        (Path(cache) / STAGE / f"{shard:05d}.parquet").unlink(missing_ok=True)
+        remove_stats(cache, STAGE, shard)
 
 
 @dataclass
@@ -617,6 +620,7 @@ def run_captions(
     plan = plan or plan_captions(config, clip)
     stage_dir = Path(config.cache) / STAGE
     clean_temp_files(stage_dir)
+    migrate_stats(config.cache, STAGE)
     remove_surplus(config.cache, plan.surplus)
     encoded = truncated = 0
     for manifest in (executor or LocalExecutor()).map(

@@ -17,15 +17,29 @@ import typer
 
 from manifests.lock import CacheLock
 from pipeline.errors import ConfigError
+from pipeline.help import ordered_group
 from pipeline.progress import describe_drops, progress_bar, stderr
 
+COMMAND_ORDER = ("init", "synth", "embed", "retrieve", "optimize", "run", "status", "demo")  # as run
+
 app = typer.Typer(
+    cls=ordered_group(COMMAND_ORDER),
     help="Language-free text-to-image features: synth -> embed -> retrieve -> optimize, into one cache.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",  # docstring paragraphs re-flow instead of keeping source line breaks
 )
+
+ThreadsOpt = Annotated[  # a root option of both apps (pipeline.processes.start_threads)
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="Torch threads of the command's process (default: OMP_NUM_THREADS, else the CPUs it may use, "
+        "shared with the worker processes it starts). On a machine shared with other jobs, use 1.",
+    ),
+]
 
 
 @app.callback()
@@ -37,10 +51,13 @@ def root(
             "--config", help="Project config (default: ./pipeline.toml if present). Flags override it."
         ),
     ] = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Language-free text-to-image features: synth -> embed -> retrieve -> optimize, into one cache."""
     from pipeline.config import default_map, read_config
+    from pipeline.processes import start_threads
 
+    start_threads(threads)
     try:
         raw = read_config(config)
         if raw:
@@ -88,8 +105,9 @@ ClipPretrainedOpt = Annotated[
     str,
     typer.Option(
         "--clip-pretrained",
-        help="open_clip pretrained tag (openai, laion2b_s34b_b79k) or a local checkpoint file; '' for "
-        "random weights. Offline? Download the checkpoint elsewhere and pass its path.",
+        help="auto (the model's openai weights where open_clip has them, else random weights with a "
+        "warning), an open_clip pretrained tag (openai, laion2b_s34b_b79k) or a local checkpoint file; '' "
+        "for random weights. Offline? Download the checkpoint elsewhere and pass its path.",
     ),
 ]
 
@@ -180,7 +198,7 @@ def embed(
     ] = None,
     cache: CacheOpt = Path("cache"),
     clip_model: ClipModelOpt = "ViT-B-32",
-    clip_pretrained: ClipPretrainedOpt = "openai",
+    clip_pretrained: ClipPretrainedOpt = "auto",
     image_size: Annotated[
         int, typer.Option("--image-size", help="Stored training size (centre crop + resize); 0 keeps it.")
     ] = 256,
@@ -206,6 +224,15 @@ def embed(
         bool, typer.Option("--verify", help="Hash file contents instead of trusting size and mtime.")
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Remake every shard.")] = False,
+    key_prefix: Annotated[
+        str,
+        typer.Option(
+            "--key-prefix",
+            help="Keys must be unique in a cache: none (as the source gives them; two inputs holding one "
+            "key are refused before anything is written), input (each key prefixed with its input "
+            "folder's name: dl1/000000012) or a TEMPLATE using {input}, {parent}, {stem}.",
+        ),
+    ] = "none",
     repair: RepairOpt = False,
     wait: WaitOpt = 0.0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved plan and exit.")] = False,
@@ -215,7 +242,7 @@ def embed(
     Reruns do only what changed: new images go into new shards, a changed image remakes its shard, a
     changed model or image size remakes everything.
     """
-    from pipeline.embed import EmbedConfig, describe_plan, plan_embed, run_embed
+    from pipeline.embed import EmbedConfig, describe_dropped_sources, describe_plan, plan_embed, run_embed
 
     kwargs = {} if workers is None else {"workers": workers}
     config = EmbedConfig(
@@ -233,6 +260,7 @@ def embed(
         verify=verify,
         force=force,
         repair=repair,
+        key_prefix=key_prefix,
         **kwargs,
     )
     if dry_run:
@@ -245,6 +273,8 @@ def embed(
         f"{result.images_written:,} images written, {describe_drops(result.dropped)}; "
         f"{result.seconds:.1f} s -> {cache / 'embed'}"
     )
+    for line in describe_dropped_sources(result, cache):
+        typer.echo(line)
 
 
 @app.command()
@@ -270,7 +300,8 @@ def demo(
     zero_shot = read_eval(result.clip_eval.parent).get("zero_shot") or {}
     files = result.compare.files
     typer.echo(f"world:    {result.world}")
-    typer.echo(f"cache:    {result.cache}   (pipeline status --cache {result.cache})")
+    typer.echo(f"cache:    {result.cache}")
+    typer.echo(f"config:   {result.config}   (pipeline --config {result.config} status, or run)")
     typer.echo(
         f"clip:     {result.clip_eval}   (zero-shot "
         + ", ".join(f"{k} {v:.2f}" for k, v in zero_shot.items())
@@ -430,13 +461,22 @@ def optimize(
         typer.Option("--verify", help="Re-hash this stage's outputs instead of trusting size and mtime."),
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Remake every shard.")] = False,
+    variant: Annotated[
+        str,
+        typer.Option(
+            "--variant",
+            help="Make a named variant beside the default one, in optimize-NAME/ (trainers read it with "
+            "--condition optimize:NAME); '' is the default variant, optimize/.",
+        ),
+    ] = "",
     wait: WaitOpt = 0.0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved plan and exit.")] = False,
 ) -> None:
     """Pseudo text features per image: optimize/{i}.parquet (pseudo_txt, cos_init, cos_final) + stats.
 
     The method and its params are keyed: switching --method reruns this stage only, and a rerun with
-    the same params does nothing.
+    the same params does nothing. `--variant NAME` keeps several methods or params side by side, each
+    with its own shards and manifests, so training on one never waits for restaging another.
     """
     from pipeline.optimize import OptimizeConfig, describe_plan, plan_optimize, run_optimize
 
@@ -457,11 +497,12 @@ def optimize(
         device=device,
         verify=verify,
         force=force,
+        variant=variant,
     )
     if dry_run:
         typer.echo(json.dumps(describe_plan(config, plan_optimize(config)), indent=1))
         return
-    with writing(cache, wait), progress_bar("optimize", total=None) as advance:
+    with writing(cache, wait), progress_bar(config.stage, total=None) as advance:
         result = run_optimize(config, advance)
     s = result.summary
 
@@ -470,9 +511,9 @@ def optimize(
         return "n/a" if before is None or after is None else f"{before:{fmt}} -> {after:{fmt}}"
 
     typer.echo(
-        f"optimize: {len(result.shards_run)} shard(s) made, {len(result.shards_up_to_date)} up to date; "
-        f"{s.get('written', 0):,} pseudo features ({', '.join(s.get('methods', [])) or method}), "
-        f"{describe_drops(result.dropped)}; {result.seconds:.1f} s -> {cache / 'optimize'}"
+        f"{config.stage}: {len(result.shards_run)} shard(s) made, {len(result.shards_up_to_date)} up to "
+        f"date; {s.get('written', 0):,} pseudo features ({', '.join(s.get('methods', [])) or method}), "
+        f"{describe_drops(result.dropped)}; {result.seconds:.1f} s -> {cache / config.stage}"
     )
     typer.echo(
         f"  cos(image, pseudo) {change('cos')}; in-batch top-1 {change('top1')}; "
@@ -534,7 +575,9 @@ def run(
     configs = stage_configs(sections, cache, run_config.force, verify=verify, repair=repair)
     if dry_run:
         with verifying_outputs(verify):
-            stages = pipeline_status(cache, configs.embed, configs.retrieve, configs.optimize)
+            stages = pipeline_status(
+                cache, configs.embed, configs.retrieve, configs.optimize, configs.variants
+            )
         typer.echo(render_status(stages))
         return
     results = run_pipeline(configs, run_config, progress_bar)
@@ -544,15 +587,20 @@ def run(
             f"embed: {len(r.shards_run)} shard(s) made, {len(r.shards_up_to_date)} up to date; "
             f"{r.images_written:,} images written, {describe_drops(r.dropped)}"
         )
+        from pipeline.embed import describe_dropped_sources
+
+        for line in describe_dropped_sources(r, cache):
+            typer.echo(line)
     if "retrieve" in results:
         for line in results["retrieve"].summary_lines():
             typer.echo(line)
-    if "optimize" in results:
-        r = results["optimize"]
-        typer.echo(
-            f"optimize: {len(r.shards_run)} shard(s) made, {len(r.shards_up_to_date)} up to date; "
-            f"{r.images_written:,} pseudo text features written"
-        )
+    for optimize in configs.optimizers():
+        if optimize.stage in results:
+            r = results[optimize.stage]
+            typer.echo(
+                f"{optimize.stage}: {len(r.shards_run)} shard(s) made, {len(r.shards_up_to_date)} up to "
+                f"date; {r.images_written:,} pseudo text features written"
+            )
 
 
 @app.command()
@@ -584,8 +632,10 @@ def status(
         stage_configs(sections, cache, verify=verify) if sections.get("embed", {}).get("inputs") else None
     )
     with verifying_outputs(verify):
-        stages = pipeline_status(
-            cache, *(configs.embed, configs.retrieve, configs.optimize) if configs else (None, None, None)
+        stages = (
+            pipeline_status(cache, configs.embed, configs.retrieve, configs.optimize, configs.variants)
+            if configs
+            else pipeline_status(cache)
         )
     if as_json:
         typer.echo(json.dumps([s.to_dict() for s in stages], indent=1))

@@ -2,13 +2,22 @@
 
 `--clip-model` is an open_clip architecture name (`ViT-B-32`), one of the configs bundled in
 `pipeline/clip_configs/` (`lafite-tiny`, `lafite-small`), or a model-config JSON file. `--clip-pretrained`
-is an open_clip tag (`openai`, `laion2b_s34b_b79k`), a local checkpoint file, or empty for random
-weights (seeded, so two runs agree). The `identity` dict fingerprints both for the manifests.
+is `auto` (the default: the model's `openai` weights where open_clip has them, otherwise random weights
+with a warning), an open_clip tag (`openai`, `laion2b_s34b_b79k`), a local checkpoint file, or empty for
+random weights (seeded, so two runs agree). The `identity` dict fingerprints both for the manifests; `auto`
+has the identity of what it resolves to, so a cache made with `openai` or `''` stays up to date.
+
+A tag's weights come from the local Hugging Face cache when they are there (the hub is not asked); else
+the hub is tried once, with a short timeout, and an unreachable hub (or HF_HUB_OFFLINE) is one error line
+at once, rather than huggingface_hub's minute of retries.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +28,13 @@ from pipeline.errors import ConfigError
 
 BUNDLED_CONFIGS = Path(__file__).parent / "clip_configs"
 RANDOM_WEIGHTS_SEED = 0
+AUTO = "auto"  # --clip-pretrained's default
+AUTO_TAG = "openai"  # what `auto` picks where open_clip has it
+HUB_TIMEOUT_S = 3.0  # to find out whether the hub answers at all
+OFFLINE_FIX = (
+    "download them on a connected machine and pass the file (--clip-pretrained /path/to/{file}), or use a "
+    "bundled config with random weights (--clip-model lafite-tiny --clip-pretrained '')"
+)
 
 
 @dataclass
@@ -97,7 +113,25 @@ def resolve_model(clip_model: str) -> tuple[str, str]:
     return name, identity
 
 
+def _pretrained_tags(name: str) -> list[str]:
+    import open_clip
+
+    return open_clip.list_pretrained_tags_by_model(name)
+
+
+def resolve_pretrained(clip_model: str, clip_pretrained: str | None) -> str:
+    """The --clip-pretrained value to load: `auto` -> `openai` where open_clip has that tag for the model,
+    else '' (random weights); anything else as given ('' for None)."""
+    if clip_pretrained != AUTO:
+        return clip_pretrained or ""
+    name, cfg, _ = model_config(clip_model)
+    if cfg is not None:  # a config of our own (bundled or a JSON file): open_clip publishes no weights
+        return ""
+    return AUTO_TAG if AUTO_TAG in _pretrained_tags(name) else ""
+
+
 def weights_identity(model_name: str, clip_pretrained: str | None) -> str:
+    """Of a resolved --clip-pretrained value (`resolve_pretrained`)."""
     if not clip_pretrained:
         return f"random:{RANDOM_WEIGHTS_SEED}"
     path = Path(clip_pretrained)
@@ -106,39 +140,205 @@ def weights_identity(model_name: str, clip_pretrained: str | None) -> str:
     return f"tag:{clip_pretrained}"
 
 
-def load_clip(clip_model: str, clip_pretrained: str | None = None, device: str = "auto") -> ClipBundle:
-    """Load an open_clip model in eval mode. Errors are `ConfigError`s naming the flag and the fix."""
+# ---------------------------------------------------------------------------------------------------------
+# Weights of an open_clip tag: the local cache first, the hub once
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _hub_files(cfg: dict[str, Any]) -> tuple[str, list[str]] | None:
+    """(repo id, file names open_clip tries in order) for a tag on the hub: a .safetensors twin first."""
+    if not cfg.get("hf_hub"):
+        return None
+    repo, filename = os.path.split(cfg["hf_hub"])
+    filename = filename or "open_clip_pytorch_model.bin"  # open_clip's HF_WEIGHTS_NAME
+    if filename == "open_clip_pytorch_model.bin":  # as open_clip.pretrained._get_safe_alternatives
+        return repo, ["open_clip_model.safetensors", filename]
+    if filename.endswith((".bin", ".pth")):
+        return repo, [filename[:-4] + ".safetensors", filename]
+    return repo, [filename]
+
+
+def cached_weights_file(name: str, tag: str) -> Path | None:
+    """The tag's weights file where open_clip would find it without the network, or None."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(name, tag) or {}
+    if cfg.get("file"):
+        return Path(cfg["file"]) if Path(cfg["file"]).is_file() else None
+    hub = _hub_files(cfg)
+    if hub is not None:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in hub[1]:
+            found = try_to_load_from_cache(hub[0], filename)
+            if isinstance(found, str):
+                return Path(found)
+        return None
+    url = cfg.get("url")  # open_clip's own download folder for URL-only tags
+    path = Path("~/.cache/clip").expanduser() / os.path.basename(url) if url else None
+    return path if path is not None and path.is_file() else None
+
+
+def _offline_reason(url: str | None = None) -> str | None:
+    """Why the weights cannot be downloaded, found in at most HUB_TIMEOUT_S (one TCP connect to the hub,
+    or to the proxy the environment names for it), or None when it answers. `url`: a URL-only tag's."""
+    import socket
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if url is None and (
+        constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    ):
+        return "HF_HUB_OFFLINE is set"
+    target = urlsplit(url or constants.ENDPOINT)
+    proxy = urllib.request.getproxies().get(target.scheme)
+    if proxy and not urllib.request.proxy_bypass(target.hostname or ""):
+        target = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((target.hostname, port), timeout=HUB_TIMEOUT_S).close()
+    except OSError as e:
+        return f"{target.hostname} cannot be reached ({e.strerror or e})"
+    return None
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """huggingface_hub in offline mode for the block: a cached file is returned without asking the hub."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _check_tag_weights(clip_model: str, name: str, tag: str, flag: str) -> bool:
+    """Whether the tag's weights are on disk; a ConfigError at once when they are not and the hub cannot
+    be reached (huggingface_hub would retry for about a minute, printing each retry twice)."""
+    import open_clip
+
+    if cached_weights_file(name, tag) is not None:
+        return True
+    cfg = open_clip.get_pretrained_cfg(name, tag) or {}
+    hub = _hub_files(cfg)
+    reason = _offline_reason(None if hub else cfg.get("url"))
+    if reason is not None:
+        file = hub[1][-1] if hub else "checkpoint.bin"
+        raise ConfigError(
+            f"{flag}: could not download {clip_model}'s {tag} weights: they are not in the local cache and "
+            f"{reason}; " + OFFLINE_FIX.format(file=file)
+        )
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _DropOpenClipNotices(logging.Filter):
+    """open_clip's root-logger lines that our own warning or error line says instead."""
+
+    NOTICES = ("No pretrained weights loaded", "Failed to download weights for tag")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.NOTICES)
+
+
+@contextlib.contextmanager
+def open_clip_quiet():
+    """Drop open_clip's `WARNING:root:No pretrained weights loaded for model 'cfg-...'` (and its failed
+    download line) for the block: we say it ourselves, once, where it matters. The placeholder handler
+    keeps `logging.warning` from installing a root stderr handler (basicConfig), which would print every
+    later log line twice."""
+    root = logging.getLogger()
+    notice, placeholder = _DropOpenClipNotices(), logging.NullHandler()
+    root.addFilter(notice)
+    root.addHandler(placeholder)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
+        root.removeHandler(placeholder)
+
+
+def _one_line(e: Exception, limit: int = 300) -> str:
+    text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_checkpoint_file(path: str, clip_model: str) -> None:
+    """A readable torch file holding a CLIP state dict (possibly under "state_dict"), or a one-line
+    ConfigError. Memory-mapped, so a large file costs little to check before open_clip loads it."""
+    import torch
+
+    from pipeline.torch_files import load_torch_file
+
+    ckpt = load_torch_file(path, "--clip-pretrained", expect="a CLIP checkpoint", mmap=True)
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("kind"), str) and "state_dict" not in ckpt:
+        raise ConfigError(
+            f"--clip-pretrained {path}: cannot load into {clip_model}: a `trainers {ckpt['kind']}` "
+            "checkpoint, not CLIP weights (`trainers clip` writes RUN/clip.pt)"
+        )
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(v, torch.Tensor) for v in state.values())
+    ):
+        what = f"a {type(state).__name__}" if not isinstance(state, dict) else "a dict of other things"
+        raise ConfigError(f"--clip-pretrained {path}: holds {what}, not a state dict of CLIP weights")
+
+
+def load_clip(clip_model: str, clip_pretrained: str | None = AUTO, device: str = "auto") -> ClipBundle:
+    """Load an open_clip model in eval mode. Errors are `ConfigError`s naming the flag and the fix.
+    `clip_pretrained`: `auto`, a tag, a checkpoint file, or ''/None for random weights."""
     import open_clip
     import torch
 
     name, model_identity = resolve_model(clip_model)
     torch_device = resolve_device(device)
-    pretrained = clip_pretrained or None
-    if pretrained is None:
-        warnings.warn(
-            f"--clip-pretrained not given: {clip_model} has random weights (fine for tests, useless for "
-            "real features)",
-            stacklevel=2,
-        )
-    elif not Path(pretrained).is_file():
+    pretrained = resolve_pretrained(clip_model, clip_pretrained)
+    flag = f"--clip-pretrained {clip_pretrained}" + (f" ({pretrained})" if clip_pretrained == AUTO else "")
+    hub_cached = False
+    if not pretrained:
+        if clip_pretrained == AUTO:
+            warnings.warn(
+                f"--clip-pretrained auto: open_clip has no pretrained weights for {clip_model}, so it has "
+                "random weights (fine for tests, useless for real features); pass a checkpoint file, or "
+                "--clip-pretrained '' to choose random weights without this warning",
+                stacklevel=2,
+            )
+    elif Path(pretrained).is_file():
+        _check_checkpoint_file(pretrained, clip_model)
+    else:
         if Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") or "/" in pretrained:
-            raise ConfigError(f"--clip-pretrained {pretrained}: checkpoint file not found")
+            raise ConfigError(f"{flag}: checkpoint file not found")
         if not open_clip.get_pretrained_cfg(name, pretrained):
-            tags = open_clip.list_pretrained_tags_by_model(name)
+            tags = _pretrained_tags(name)
             raise ConfigError(
-                f"--clip-pretrained {pretrained}: not a file and not an open_clip tag for {clip_model}"
+                f"{flag}: not a file and not an open_clip tag for {clip_model}"
                 + (f" (tags: {', '.join(tags)})" if tags else "")
             )
+        hub_cached = _check_tag_weights(clip_model, name, pretrained, flag)
     torch.manual_seed(RANDOM_WEIGHTS_SEED)  # random weights are part of the identity: make them reproducible
     try:
-        model = open_clip.create_model(name, pretrained=pretrained, device=torch_device, weights_only=True)
-    except RuntimeError as e:
-        if "download" in str(e).lower():
+        with open_clip_quiet(), _hub_offline() if hub_cached else contextlib.nullcontext():
+            model = open_clip.create_model(
+                name, pretrained=pretrained or None, device=torch_device, weights_only=True
+            )
+    except Exception as e:  # noqa: BLE001 - the file was checked: what is left is its fit to the model
+        if not Path(pretrained).is_file() and "download" in str(e).lower():
             raise ConfigError(
-                f"--clip-pretrained {pretrained}: could not download the weights (no network?). Download "
-                f"them on a connected machine and pass the file: --clip-pretrained /path/to/checkpoint.bin"
+                f"{flag}: could not download the weights ({_one_line(e, 160)}); "
+                + OFFLINE_FIX.format(file="")
             ) from None
-        raise ConfigError(f"--clip-pretrained {pretrained}: cannot load into {clip_model}: {e}") from None
+        raise ConfigError(f"{flag}: cannot load into {clip_model}: {_one_line(e)}") from None
     model.eval().requires_grad_(False)
     cfg = open_clip.get_model_config(name)
     preprocess = open_clip.get_model_preprocess_cfg(model)
@@ -170,9 +370,13 @@ def cached_clip(clip_model: str, clip_pretrained: str | None, device: str = "aut
 
 
 def clip_identity(clip_model: str, clip_pretrained: str | None) -> dict[str, str]:
-    """The manifest identity of a model without loading it (cheap: used for staleness checks)."""
+    """The manifest identity of a model without loading it (cheap: used for staleness checks; `auto` on
+    an open_clip architecture imports open_clip to read its tags, ~3 s)."""
     name, _, model_identity = model_config(clip_model)
-    return {"model": model_identity, "weights": weights_identity(name, clip_pretrained or None)}
+    return {
+        "model": model_identity,
+        "weights": weights_identity(name, resolve_pretrained(clip_model, clip_pretrained)),
+    }
 
 
 def autocast(device):

@@ -127,6 +127,9 @@ def default_map(
                 values[key] = _check_type(f"{source}: {key}", value, params[key].kind)
         for key, value in sections.get(name, {}).items():
             key = key.replace("-", "_")
+            if name == "optimize" and key == "variants":
+                values[key] = _variants(value, params, source)
+                continue
             if key not in params:
                 raise ConfigError(
                     f"{source}: [{name}] unknown key '{key}' (known: {', '.join(sorted(params))})"
@@ -135,6 +138,22 @@ def default_map(
         if values:
             result[name] = values
     return result
+
+
+def _variants(tables: Any, params: dict[str, Option], source: str) -> dict[str, dict[str, Any]]:
+    """`[optimize.variants.NAME]` tables: each holds optimize options that override `[optimize]`'s."""
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise ConfigError(f"{source}: [optimize] variants must be tables, such as [optimize.variants.lafite]")
+    checked = {}
+    for variant, table in tables.items():
+        where = f"{source}: [optimize.variants.{variant}]"
+        checked[variant] = {}
+        for key, value in table.items():
+            key = key.replace("-", "_")
+            if key not in params or key in ("cache", "variant", "dry_run", "force", "wait", "verify"):
+                raise ConfigError(f"{where} unknown key '{key}'")
+            checked[variant][key] = _check_type(f"{where} {key}", value, params[key].kind)
+    return checked
 
 
 def render_default_config(commands: dict[str, Callable]) -> str:

@@ -8,13 +8,22 @@
    baseline (`perturb`) and on the pipeline's pseudo text features (`optimize`), each evaluated the same
    way, with a table, figures and a sample grid of real prompts.
 
-Each step is the same core its own command runs; outputs land under `--out`.
+Each step is the same core its own command runs; outputs land under `--out`, with the `pipeline.toml` of
+step 3 (absolute paths), so `pipeline run` and `pipeline status` work in that folder. A rerun into the
+same folder redoes only what changed: a world and a CLIP made with the same settings are kept (so nothing
+downstream is restaged), a CLIP trained anew restages the captions its predecessor encoded, and the
+compare keeps its committed runs. Each step ends with one plain line on stderr (its time and rate).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import ConfigError
 
@@ -68,65 +77,197 @@ class DemoResult:
     world: Path
     cache: Path
     clip_eval: Path
+    config: Path  # the pipeline.toml of step 3
     compare: object  # trainers.compare.CompareResult
 
 
+N_STEPS = 4
+WORLD_RECORD = "demo_world.json"  # in the world folder: the SynthConfig and files the demo rendered
+CLIP_UNKEYED = ("out", "device", "force")  # ClipTrainConfig fields that do not change what is learnt
+
+
 def run_demo(out: Path, preset: str = "cpu", workers: int = 2, device: str = "auto") -> DemoResult:
-    from pipeline.embed import EmbedConfig
-    from pipeline.optimize import OptimizeConfig
+    from manifests import list_manifests
     from pipeline.progress import progress_bar
-    from pipeline.retrieve import RetrieveConfig
-    from pipeline.run import RunConfig, StageConfigs, run_pipeline
-    from pipeline.synth import SynthConfig, run_synth
+    from pipeline.run import RunConfig, run_pipeline, stage_configs
+    from pipeline.synth import SynthConfig
     from trainers.clip_train import ClipTrainConfig, train_clip
     from trainers.compare import CompareConfig, compare_progress, run_compare
 
     if preset not in PRESETS:
         raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
-    out = Path(out)
-    world, cache = out / "world", out / "cache"
-    synth = run_synth(
-        SynthConfig(
+    out = Path(out).resolve()  # pipeline.toml and the manifests then name the same files from anywhere
+    world, cache, config_path = out / "world", out / "cache", out / "pipeline.toml"
+
+    with demo_step(1, "synth") as step:
+        synth_config = SynthConfig(
             out=world,
             n=p["n"],
             n_captions=p["n_captions"],
             image_size=p["image_size"],
             max_objects=p["max_objects"],
         )
-    )
-    shards = tuple(str(s) for s in synth.shards)
+        synth, rendered = synth_world(synth_config)
+        if rendered:
+            step.what = (
+                f"{synth.n_images:,} images in {len(synth.shards)} shard(s), {synth.n_captions:,} captions"
+            )
+            step.done, step.unit = synth.n_images, "img"
+        else:
+            step.what = f"kept {world} (rendered with the same settings)"
 
-    clip_config = ClipTrainConfig(out=out / "clip", device=device, force=True, **p["clip"])
-    with progress_bar("clip", total=clip_config.steps, unit="step") as advance:
-        clip = train_clip(clip_config, advance)
-    configs = StageConfigs(
-        embed=EmbedConfig(
-            inputs=shards,
+    with demo_step(2, "clip") as step:
+        clip_config = ClipTrainConfig(out=out / "clip", device=device, force=True, **p["clip"])
+        clip_dir = Path(clip_config.out)
+        retrained = not trained_clip(clip_config)
+        if retrained:
+            (clip_dir / "clip_eval.json").unlink(missing_ok=True)  # written last: marks a complete run
+            with progress_bar("clip", total=clip_config.steps, unit="step") as advance:
+                train_clip(clip_config, advance)
+            step.what = f"{clip_config.steps:,} steps -> {clip_dir}"
+            step.done, step.unit = clip_config.steps, "step"
+        else:
+            step.what = f"reused {clip_dir} (trained with the same settings)"
+
+    with demo_step(3, "pipeline") as step:
+        sections = {
+            "embed": {
+                "inputs": [str(s) for s in synth.shards],
+                "clip_model": str(clip_dir / "clip_config.json"),
+                "clip_pretrained": str(clip_dir / "clip.pt"),
+                "image_size": p["image_size"],
+                "batch_size": p["batch_size"],
+                "workers": workers,
+                "device": device,
+            },
+            "retrieve": {"captions": [str(synth.captions_parquet)], "device": device},
+            "optimize": {"device": device},
+        }
+        write_pipeline_toml(config_path, cache, sections)
+        # A new CLIP re-embeds every image, and the captions its predecessor encoded must be redone too
+        # (`pipeline retrieve` refuses to mix two CLIPs without --force).
+        force = ("retrieve",) if retrained and list_manifests(cache, "captions") else ()
+        results = run_pipeline(
+            stage_configs(sections, cache, force), RunConfig(cache, force=force), progress_bar
+        )
+        embedded, optimized = results["embed"].images_written, results["optimize"].images_written
+        step.what = f"{embedded:,} images embedded, {optimized:,} pseudo text features -> {config_path}"
+        step.done, step.unit = embedded, "img"
+
+    with demo_step(4, "compare") as step:
+        config = CompareConfig.from_preset(
+            p["compare"],
+            "gan",
             cache=cache,
-            clip_model=str(clip.model_config),
-            clip_pretrained=str(clip.checkpoint),
-            image_size=p["image_size"],
-            batch_size=p["batch_size"],
-            workers=workers,
+            out=out / "compare",
+            conditions=DEMO_CONDITIONS,
+            seeds=p["seeds"],
             device=device,
-        ),
-        retrieve=RetrieveConfig.from_options(
-            captions=(str(synth.captions_parquet),), cache=cache, device=device
-        ),
-        optimize=OptimizeConfig(cache=cache, device=device),
-    )
-    run_pipeline(configs, RunConfig(cache=cache))
+        )
+        with compare_progress() as progress:
+            result = run_compare(config, progress)
+        step.what = f"{len(result.ran)} run(s) made, {len(result.up_to_date)} up to date"
+        step.done, step.unit = len(result.ran), "run"
+    return DemoResult(world, cache, clip_dir / "clip_eval.json", config_path, result)
 
-    config = CompareConfig.from_preset(
-        p["compare"],
-        "gan",
-        cache=cache,
-        out=out / "compare",
-        conditions=DEMO_CONDITIONS,
-        seeds=p["seeds"],
-        device=device,
-    )
-    with compare_progress() as progress:
-        result = run_compare(config, progress)
-    return DemoResult(world, cache, clip.eval_path, result)
+
+@dataclass
+class Step:
+    """What a demo step reports when it ends: `what` it did, and `done` items of `unit` for its rate."""
+
+    what: str = ""
+    done: int = 0
+    unit: str = ""
+
+
+@contextmanager
+def demo_step(index: int, name: str) -> Iterator[Step]:
+    """Time one step; at its end print `demo 2/4 clip: WHAT in 0:04:31, 11 step/s` on stderr, so a log
+    shows each step even where no bar is drawn."""
+    from pipeline.progress import format_clock, format_rate, print_line
+
+    t0 = time.perf_counter()
+    step = Step()
+    yield step
+    seconds = time.perf_counter() - t0
+    rate = f", {format_rate(step.done / seconds, step.unit)}" if step.done and step.unit else ""
+    print_line(f"demo {index}/{N_STEPS} {name}: {step.what} in {format_clock(seconds)}{rate}")
+
+
+def synth_world(config) -> tuple[Any, bool]:
+    """(SynthResult, rendered now?): the world already rendered there with the same settings, its files
+    untouched since (sizes and mtimes as recorded), is kept, so nothing downstream sees a change."""
+    from manifests import write_json_atomic
+    from pipeline.synth import SynthResult, run_synth
+
+    record_path = Path(config.out) / WORLD_RECORD
+    wanted = json.loads(json.dumps(asdict(config), default=str))
+    try:
+        record = json.loads(record_path.read_text())
+        if record["config"] == wanted and record["files"] == _file_stats(record["files"]):
+            result = record["result"]
+            paths = {"shards": [Path(s) for s in result["shards"]]}
+            paths.update({k: Path(result[k]) for k in ("captions_parquet", "captions_txt")})
+            return SynthResult(**{**result, **paths, "held_out_pairs": SynthResult.held_out_pairs}), False
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no record, or another world: render it
+    record_path.unlink(missing_ok=True)
+    result = run_synth(config)
+    files = [str(p) for p in (*result.shards, result.captions_parquet, result.captions_txt)]
+    record = {"config": wanted, "result": json.loads(json.dumps(asdict(result), default=str))}
+    write_json_atomic(record_path, {**record, "files": _file_stats(files)})
+    return result, True
+
+
+def _file_stats(files) -> dict[str, list[int]]:
+    import os
+
+    stats = {}
+    for path in files:
+        st = os.stat(path)
+        stats[path] = [st.st_size, st.st_mtime_ns]
+    return stats
+
+
+def trained_clip(config) -> bool:
+    """Whether `config.out` holds a complete CLIP run (its eval, written last, is there) trained with
+    `config` (where it ran aside): then the demo reuses it, and a rerun re-embeds nothing."""
+    out = Path(config.out)
+    if not all((out / name).is_file() for name in ("clip.pt", "clip_config.json", "clip_eval.json")):
+        return False
+    try:
+        recorded = json.loads((out / "config.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    wanted = json.loads(json.dumps(asdict(config), default=str))  # as train_clip records it
+    return isinstance(recorded, dict) and _learnt(recorded) == _learnt(wanted)
+
+
+def _learnt(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in CLIP_UNKEYED}
+
+
+def write_pipeline_toml(path: Path, cache: Path, sections: dict[str, dict[str, Any]]) -> None:
+    """The demo's pipeline.toml: what step 3 ran, with absolute paths (`pipeline.toml` paths are read
+    from the working directory), so `pipeline run` there, or `--config PATH` from anywhere, sees it."""
+    from manifests import write_bytes_atomic
+
+    lines = [
+        "# Written by `pipeline demo`: the pipeline it ran. `pipeline run` or `pipeline status` in this",
+        "# folder (or with --config THIS_FILE from anywhere) use it; the demo rewrites it on each run.",
+        f"cache = {_toml_value(str(cache))}",
+    ]
+    for name, values in sections.items():
+        lines += ["", f"[{name}]", *(f"{key} = {_toml_value(value)}" for key, value in values.items())]
+    text = "\n".join(lines) + "\n"
+    if not path.is_file() or path.read_text() != text:
+        write_bytes_atomic(path, text.encode())
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value) if isinstance(value, (int, float)) else json.dumps(value)  # a JSON string is TOML

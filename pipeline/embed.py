@@ -30,12 +30,14 @@ from manifests import (
     digest_input_file,
     group_units,
     list_manifests,
+    migrate_stats,
     read_manifest,
-    write_json_atomic,
+    write_stats,
 )
 from pipeline.errors import ConfigError
 from pipeline.images import DEFAULT_MAX_PIXELS
-from pipeline.sources import Unit, expand_inputs
+from pipeline.paths import recorded_path, resolve_recorded
+from pipeline.sources import Unit, check_key_prefix, expand_inputs, key_prefix, unit_keys
 
 if TYPE_CHECKING:
     from pipeline.executor import StageResult
@@ -43,6 +45,8 @@ if TYPE_CHECKING:
 STAGE = "embed"
 STAGE_VERSION = "1"
 PLAN_FILE = "_plan.json"
+DROPPED_SOURCES = 100  # dropped inputs named per reason in a shard's stats
+DROPPED_EXAMPLES = 3  # ... in its manifest, and printed at the end of a run
 IMAGE_FORMATS = ("jpg", "png", "webp")
 
 Progress = Callable[[int, list[str]], None]  # (samples just finished, reasons of those dropped)
@@ -53,7 +57,7 @@ class EmbedConfig:
     inputs: tuple[str, ...]  # folders, image files, .tar shards, .parquet files; globs and {a..b} braces
     cache: Path = Path("cache")  # the feature cache directory
     clip_model: str = "ViT-B-32"  # open_clip architecture, bundled config name, or model-config JSON
-    clip_pretrained: str = "openai"  # open_clip tag or local checkpoint; "" means random weights
+    clip_pretrained: str = "auto"  # auto (openai where open_clip has it), tag, checkpoint file; "": random
     image_size: int = 256  # stored training resolution (centre-crop + resize); 0 keeps the source size
     image_format: str = "jpg"  # how stored images are encoded (sources already right are kept as-is)
     quality: int = 95  # JPEG/WebP quality of re-encoded images
@@ -65,6 +69,7 @@ class EmbedConfig:
     verify: bool = False  # hash input and output contents instead of trusting size + mtime
     force: bool = False  # remake every shard even when up to date
     repair: bool = False  # rebuild a damaged shard plan (_plan.json) from the committed manifests
+    key_prefix: str = "none"  # none | input | TEMPLATE with {input}, {parent}, {stem} (sources.key_prefix)
 
     def validate(self) -> None:
         if not self.inputs:
@@ -82,6 +87,7 @@ class EmbedConfig:
             raise ConfigError("--workers must be 0 (decode in the main process) or more")
         if self.max_pixels < 1:
             raise ConfigError("--max-pixels must be positive")
+        check_key_prefix(self.key_prefix)
 
     def keyed_params(self, identity: dict[str, str]) -> dict[str, Any]:
         """The params that change the output: a change remakes every shard."""
@@ -92,14 +98,16 @@ class EmbedConfig:
             "image_format": self.image_format,
             "quality": self.quality,
             "max_pixels": self.max_pixels,
+            # none leaves keys as they are: caches made before the option stay up to date
+            **({} if self.key_prefix == "none" else {"key_prefix": self.key_prefix}),
         }
 
     def unkeyed_params(self) -> dict[str, Any]:
         # The model arguments as given: later stages load the same CLIP from them (a moved file does not
         # stale the cache; the keyed identity above is content-based).
         return {
-            "clip_model_arg": self.clip_model,
-            "clip_pretrained_arg": self.clip_pretrained,
+            "clip_model_arg": recorded_path(self.clip_model),
+            "clip_pretrained_arg": recorded_path(self.clip_pretrained),
             "batch_size": self.batch_size,
             "workers": self.workers,
             "device": self.device,
@@ -137,16 +145,20 @@ def plan_embed(config: EmbedConfig, *, write_plan: bool = True) -> EmbedPlan:
     by_id = {u.id: u for u in units}
 
     planned = plan.planned()
-    taken = {by_id[uid].key for uid in planned if uid in by_id and by_id[uid].kind == "image"}
+
+    def prefixed(unit: Unit) -> str:
+        return key_prefix(unit, config.key_prefix) + unit.key
+
+    taken = {prefixed(by_id[uid]) for uid in planned if uid in by_id and by_id[uid].kind == "image"}
     new_images, new_files, duplicates = [], [], 0
     for unit in units:
         if unit.id in planned:
             continue
         if unit.kind == "image":
-            if unit.key in taken:  # a.jpg and a.png, or one path under two INPUT folders
+            if prefixed(unit) in taken:  # a.jpg and a.png, or one path under two INPUT folders
                 duplicates += 1
                 continue
-            taken.add(unit.key)
+            taken.add(prefixed(unit))
             new_images.append(unit.id)
         else:
             new_files.append([unit.id])
@@ -166,7 +178,43 @@ def plan_embed(config: EmbedConfig, *, write_plan: bool = True) -> EmbedPlan:
             up_to_date.append(shard)
         else:
             tasks.append(EmbedTask(config, spec, members, reason))
+    if tasks:
+        check_unique_keys(config, tasks, up_to_date)
     return EmbedPlan(tasks, up_to_date, len(units), duplicates, identity)
+
+
+def check_unique_keys(config: EmbedConfig, tasks: list[EmbedTask], up_to_date: list[int]) -> None:
+    """Before anything is written: no key may come from two inputs (img2dataset and `pipeline synth`
+    both number every download from 000000000), against the committed shards too. Keys repeated
+    within one input are dropped as `duplicate_key` when written, as before."""
+    import pyarrow.parquet as pq
+
+    from pipeline.embed_data import cache_key
+
+    owner: dict[str, str] = {}  # cache key -> the input (path) that holds it
+    for shard in up_to_date:
+        out = next(
+            o for o in read_manifest(config.cache, STAGE, shard)["outs"] if o["path"].endswith(".parquet")
+        )
+        table = pq.read_table(Path(config.cache) / out["path"], columns=["key", "source"])
+        for key, source in zip(table["key"].to_pylist(), table["source"].to_pylist(), strict=True):
+            owner.setdefault(key, source.split("#")[0])
+    for task in tasks:
+        for unit in task.units:
+            prefix = key_prefix(unit, config.key_prefix)
+            for key in dict.fromkeys(cache_key(prefix + k) for k in unit_keys(unit)):
+                other = owner.setdefault(key, unit.path)
+                if other != unit.path:
+                    raise ConfigError(_collision(config, key, other, unit))
+
+
+def _collision(config: EmbedConfig, key: str, first: str, unit: Unit) -> str:
+    fix = (
+        "pass --key-prefix input to prefix each key with its input folder's name"
+        if config.key_prefix == "none"
+        else "pass --key-prefix TEMPLATE with {input}, {parent} and {stem}, such as '{parent}-{stem}'"
+    )
+    return f"inputs {first} and {unit.path} both hold key {key!r}, and keys must be unique in a cache; {fix}"
 
 
 def load_plan(config: EmbedConfig, *, write: bool) -> ShardPlan:
@@ -212,6 +260,7 @@ def embed_shard(task: EmbedTask, progress: Progress | None = None) -> dict[str, 
         quality=cfg.quality,
         max_pixels=cfg.max_pixels,
         clip_size=bundle.image_size,
+        key_prefix=cfg.key_prefix,
     )
     loader = shard_loader(
         dataset, batch_size=cfg.batch_size, workers=cfg.workers, pin_memory=bundle.device.type == "cuda"
@@ -219,9 +268,19 @@ def embed_shard(task: EmbedTask, progress: Progress | None = None) -> dict[str, 
     prepared: list[Prepared] = []
     embeddings: dict[int, np.ndarray] = {}
     dropped: Counter = Counter()
+    dropped_sources: dict[str, list[str]] = {}  # reason -> the first DROPPED_SOURCES sources
+
+    def drop(reason: str, source: str) -> None:
+        dropped[reason] += 1
+        named = dropped_sources.setdefault(reason, [])
+        if len(named) < DROPPED_SOURCES:
+            named.append(source)
+
     seen = 0
     t_encode = 0.0
     for ok, bad, pixels in loader:
+        for it in bad:
+            drop(it.reason, it.source)
         new_drops = [it.reason for it in bad]
         if ok:
             t = time.perf_counter()
@@ -235,7 +294,7 @@ def embed_shard(task: EmbedTask, progress: Progress | None = None) -> dict[str, 
                     embeddings[it.index] = vec
                 else:
                     new_drops.append("non_finite_embedding")
-        dropped.update(new_drops)
+                    drop("non_finite_embedding", it.meta["source"])
         seen += len(ok) + len(bad)
         if progress:
             progress(len(ok) + len(bad), new_drops)
@@ -248,7 +307,7 @@ def embed_shard(task: EmbedTask, progress: Progress | None = None) -> dict[str, 
     with EmbedShardWriter(cfg.cache, spec.shard, bundle.dim) as writer:
         for it in prepared:
             if it.key in keys_written:
-                dropped["duplicate_key"] += 1
+                drop("duplicate_key", it.meta["source"])
                 continue
             keys_written.add(it.key)
             for label in filter(None, (it.meta.get("converted") or "").split(",")):
@@ -267,16 +326,18 @@ def embed_shard(task: EmbedTask, progress: Progress | None = None) -> dict[str, 
         "samples_read": seen,
         "written": len(keys_written),
         "dropped": dict(sorted(dropped.items())),
+        "dropped_sources": dict(sorted(dropped_sources.items())),
         "converted": dict(sorted(converted.items())),
         "timings": timings,
     }
-    write_json_atomic(stage_dir / f"{spec.shard:05d}.stats.json", stats)
+    write_stats(cfg.cache, STAGE, spec.shard, stats)
     # Content digests of the raw inputs, so `--verify` can later tell a real change from a touch.
     content = {u.id: digest_file_content(Path(u.path)) for u in task.units if os.path.exists(u.path)}
     extra = {
         "rows": len(keys_written),
         "dim": bundle.dim,
         "dropped": stats["dropped"],
+        "dropped_examples": {r: s[:DROPPED_EXAMPLES] for r, s in stats["dropped_sources"].items()},
         "input_content": content,
     }
     return commit_manifest(cfg.cache, spec, outs, timings, extra=extra)
@@ -288,13 +349,20 @@ def run_embed(config: EmbedConfig, progress: Progress | None = None, executor=No
 
     t0 = time.perf_counter()
     plan = plan_embed(config)
+    if hasattr(progress, "set_total"):  # a pipeline.progress bar: the samples of the shards to run
+        from pipeline.sources import count_samples
+
+        progress.set_total(count_samples([u for task in plan.tasks for u in task.units]))
     clean_temp_files(Path(config.cache) / STAGE)
-    written, dropped = 0, Counter()
+    migrate_stats(config.cache, STAGE)
+    written, dropped, examples = 0, Counter(), {}
     if plan.planned_duplicates:
         dropped["duplicate_key"] += plan.planned_duplicates
     for manifest in (executor or LocalExecutor()).map(embed_shard, plan.tasks, gpu=True, progress=progress):
         written += manifest["rows"]
         dropped.update(manifest["dropped"])
+        for reason, sources in manifest.get("dropped_examples", {}).items():
+            examples[reason] = (examples.get(reason, []) + sources)[:DROPPED_EXAMPLES]
     return StageResult(
         shards_total=len(plan.tasks) + len(plan.up_to_date),
         shards_run=[t.spec.shard for t in plan.tasks],
@@ -302,7 +370,18 @@ def run_embed(config: EmbedConfig, progress: Progress | None = None, executor=No
         images_written=written,
         dropped=dict(dropped),
         seconds=time.perf_counter() - t0,
+        summary={"dropped_examples": dict(sorted(examples.items()))},
     )
+
+
+def describe_dropped_sources(result: StageResult, cache: Path) -> list[str]:
+    """A few dropped inputs per reason, for the end of a run; the stats keep the first 100 per shard."""
+    lines = []
+    for reason, sources in result.summary.get("dropped_examples", {}).items():
+        more = result.dropped.get(reason, 0) - len(sources)
+        tail = f" and {more:,} more (listed in {Path(cache) / STAGE / '_stats'})" if more > 0 else ""
+        lines.append(f"  dropped {reason}: {', '.join(sources)}{tail}")
+    return lines
 
 
 def _changed_content(cache: Path, shard: int, members: list[Unit]) -> str | None:
@@ -353,6 +432,7 @@ def embedded_clip(cache: Path) -> EmbeddedClip:
     first = manifests[min(manifests)]
     model, weights, dim = identities.pop()
     unkeyed = first["unkeyed"]
-    return EmbeddedClip(
-        unkeyed["clip_model_arg"], unkeyed["clip_pretrained_arg"], {"model": model, "weights": weights}, dim
+    model_arg, pretrained_arg = (
+        resolve_recorded(unkeyed[name], Path(cache)) for name in ("clip_model_arg", "clip_pretrained_arg")
     )
+    return EmbeddedClip(model_arg, pretrained_arg, {"model": model, "weights": weights}, dim)

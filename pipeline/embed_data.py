@@ -12,16 +12,18 @@ import multiprocessing
 import queue
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from manifests.faults import stall_point
 from pipeline.errors import SampleSkipped
 from pipeline.images import fit_square, prepare_image
-from pipeline.sources import RawSample, Skip, Unit, read_unit
+from pipeline.processes import limit_threads, loader_worker_init
+from pipeline.sources import RawSample, Skip, Unit, key_prefix, read_unit
 
 
 @dataclass
@@ -38,6 +40,7 @@ class Prepared:
 class Dropped:
     index: int
     reason: str
+    source: str = ""  # the file (tar#key, parquet#row) it came from, named in the shard's stats
 
 
 def cache_key(key: str) -> str:
@@ -57,14 +60,17 @@ class ShardSamples(torch.utils.data.IterableDataset):
         quality: int,
         max_pixels: int,
         clip_size: int,
+        key_prefix: str = "none",  # `--key-prefix` (pipeline.sources.key_prefix)
     ):
         self.units = units
         self.image_size, self.image_format, self.quality = image_size, image_format, quality
-        self.max_pixels, self.clip_size = max_pixels, clip_size
+        self.max_pixels, self.clip_size, self.key_prefix = max_pixels, clip_size, key_prefix
 
     def _raw(self) -> Iterator[RawSample | Skip]:
         for unit in self.units:
-            yield from read_unit(unit)
+            prefix = key_prefix(unit, self.key_prefix)
+            for item in read_unit(unit):
+                yield replace(item, key=prefix + item.key) if prefix and isinstance(item, RawSample) else item
 
     def __iter__(self) -> Iterator[Prepared | Dropped]:
         info = torch.utils.data.get_worker_info()
@@ -77,8 +83,9 @@ class ShardSamples(torch.utils.data.IterableDataset):
                 yield self.prepare(index, item)
 
     def prepare(self, index: int, item: RawSample | Skip) -> Prepared | Dropped:
+        stall_point("embed:decode")
         if isinstance(item, Skip):
-            return Dropped(index, item.reason)
+            return Dropped(index, item.reason, item.source)
         try:
             prepared = prepare_image(
                 item.data,
@@ -88,7 +95,7 @@ class ShardSamples(torch.utils.data.IterableDataset):
                 quality=self.quality,
             )
         except SampleSkipped as e:
-            return Dropped(index, e.reason)
+            return Dropped(index, e.reason, item.source)
         pixels = prepared.pixels
         if self.image_size == 0 and pixels.shape[:2] != (self.clip_size, self.clip_size):
             # Source sizes vary: bring each to the CLIP resolution here so the batch can be stacked.
@@ -127,6 +134,7 @@ def shard_loader(dataset: ShardSamples, *, batch_size: int, workers: int, pin_me
     # 512 px stored at 256 in 512-image shards: threads 243 img/s, processes 122, inline (0 workers) 173;
     # 256 px sources kept as-is, 1024-image shards: threads 577, processes 332, inline 588
     # (benchmarks/bench_embed.py --daemon-arms).
+    limit_threads(workers)  # CLIP here shares the cores with the decoders
     if workers and multiprocessing.current_process().daemon:
         return thread_batches(dataset, batch_size=batch_size, workers=workers, pin_memory=pin_memory)
     return torch.utils.data.DataLoader(
@@ -136,6 +144,7 @@ def shard_loader(dataset: ShardSamples, *, batch_size: int, workers: int, pin_me
         collate_fn=collate,
         pin_memory=pin_memory,
         prefetch_factor=4 if workers else None,
+        worker_init_fn=loader_worker_init() if workers else None,
     )
 
 

@@ -16,6 +16,7 @@ and with the stored output: the starting point is h0, the retrieve mix, for `opt
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -33,9 +34,11 @@ from manifests import (
     clean_temp_files,
     commit_manifest,
     list_manifests,
+    migrate_stats,
+    read_stats,
     stat_out,
-    write_json_atomic,
     write_parquet_atomic,
+    write_stats,
 )
 from pipeline.errors import ConfigError
 from pipeline.optimize_inputs import CaptionBank, cached_caption_bank, read_shard_rows
@@ -65,6 +68,26 @@ NOISE_STREAM, SHUFFLE_STREAM = 0, 1  # numpy stream ids under (seed, shard)
 Progress = Callable[[int, list[str]], None]  # (images just finished, reasons of those dropped)
 
 
+VARIANT_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+VARIANT_DIR_RE = re.compile(rf"^{STAGE}(-[A-Za-z0-9_]{{1,64}})?$")
+
+
+def variant_stage(variant: str) -> str:
+    """`optimize` for the default variant (the layout caches always had), `optimize-{variant}` else."""
+    return f"{STAGE}-{variant}" if variant else STAGE
+
+
+def check_variant(variant: str) -> None:
+    if variant and not VARIANT_RE.match(variant):
+        raise ConfigError(f"--variant {variant}: use letters, digits and _ only (at most 64)")
+
+
+def committed_variants(cache: Path) -> list[str]:
+    """The variants a cache holds shards of: '' (the default) and every `optimize-{name}/`."""
+    names = {p.parent.name for p in Path(cache).glob(f"{STAGE}*/_manifests")}
+    return sorted(n.removeprefix(f"{STAGE}-") if n != STAGE else "" for n in names if VARIANT_DIR_RE.match(n))
+
+
 @dataclass(frozen=True)
 class OptimizeConfig:
     cache: Path = Path("cache")  # the feature cache directory
@@ -83,8 +106,15 @@ class OptimizeConfig:
     device: str = "auto"  # "auto" (CUDA if present), "cpu", "cuda", "cuda:1" (not keyed)
     verify: bool = False  # re-hash this stage's outputs instead of trusting size + mtime
     force: bool = False  # remake every shard even when up to date
+    variant: str = ""  # a named variant beside the default: its own shards in optimize-{variant}/
+
+    @property
+    def stage(self) -> str:
+        """The stage (and folder) this variant's shards and manifests live in."""
+        return variant_stage(self.variant)
 
     def validate(self) -> None:
+        check_variant(self.variant)
         if self.method not in METHODS:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
         if self.param not in PARAMETRISATIONS:
@@ -257,7 +287,7 @@ def plan_optimize(config: OptimizeConfig) -> OptimizePlan:
             deps.append(Dep(retrieve_rel, r_out["digest"]))
             deps.extend(captions)
         params = config.keyed_params(dim, manifest.get("rows"))
-        spec = ShardSpec(STAGE, shard, STAGE_VERSION, params, deps, config.unkeyed_params())
+        spec = ShardSpec(config.stage, shard, STAGE_VERSION, params, deps, config.unkeyed_params())
         reason = "forced" if config.force else check_shard(cache, spec, verify=config.verify)
         if reason is None:
             up_to_date.append(shard)
@@ -387,7 +417,7 @@ def optimize_shard(task: OptimizeTask, progress: Progress | None = None) -> dict
         },
         schema=optimize_schema(dim),
     )
-    rel = f"{STAGE}/{spec.shard:05d}.parquet"
+    rel = f"{spec.stage}/{spec.shard:05d}.parquet"
     size, digest = write_parquet_atomic(cache / rel, table)
     outs = [stat_out(cache, rel, size, digest, table.num_rows)]
     t_end = time.perf_counter()
@@ -425,7 +455,7 @@ def optimize_shard(task: OptimizeTask, progress: Progress | None = None) -> dict
         "loss_dtype": cfg.loss_dtype(device),
         "timings": timings,
     }
-    write_json_atomic(cache / STAGE / f"{spec.shard:05d}.stats.json", stats)
+    write_stats(cache, spec.stage, spec.shard, stats)
     extra = {"rows": len(written_keys), "dim": dim, "dropped": stats["dropped"]}
     return commit_manifest(cache, spec, outs, timings, extra=extra)
 
@@ -441,7 +471,8 @@ def run_optimize(config: OptimizeConfig, progress: Progress | None = None, execu
 
     t0 = time.perf_counter()
     plan = plan_optimize(config)
-    clean_temp_files(Path(config.cache) / STAGE)
+    clean_temp_files(Path(config.cache) / config.stage)
+    migrate_stats(config.cache, config.stage)
     written, dropped = 0, Counter()
     for manifest in (executor or LocalExecutor()).map(
         optimize_shard, plan.tasks, gpu=True, progress=progress
@@ -456,7 +487,7 @@ def run_optimize(config: OptimizeConfig, progress: Progress | None = None, execu
         images_written=written,
         dropped=dict(dropped),
         seconds=time.perf_counter() - t0,
-        summary=stage_summary(config.cache, shards),
+        summary=stage_summary(config.cache, shards, config.stage),
     )
 
 
@@ -474,17 +505,15 @@ def describe_plan(config: OptimizeConfig, plan: OptimizePlan) -> dict[str, Any]:
 SUMMARY_MEANS = ("cos_init", "cos_final", "top1_init", "top1_final", "loss_init", "loss_final")
 
 
-def stage_summary(cache: Path, shards: list[int] | None = None) -> dict[str, Any]:
+def stage_summary(cache: Path, shards: list[int] | None = None, stage: str = STAGE) -> dict[str, Any]:
     """Totals and written-weighted means over the committed stats files (all of them, or `shards`)."""
     totals: Counter = Counter()
     sums: Counter = Counter()
     weights: Counter = Counter()
     methods: set[str] = set()
-    from manifests.errors import read_json, remake_shard_fix
-
-    for p in sorted((Path(cache) / STAGE).glob("*.stats.json")):
-        stats = read_json(p, remake_shard_fix(cache, STAGE, int(p.name.split(".")[0])))
-        if shards is not None and stats["shard"] not in shards:
+    for shard in sorted(list_manifests(cache, stage)):
+        stats = read_stats(cache, stage, shard) if shards is None or shard in shards else None
+        if stats is None:
             continue
         methods.add(stats["method"])
         totals["shards"] += 1

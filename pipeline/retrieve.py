@@ -8,7 +8,7 @@ Three cached steps, each with per-shard manifests like embed, each skipped when 
    Keyed on the index params; deps = every caption shard's Parquet output digest.
 3. `retrieve` (this module): one task per embed shard i -> `retrieve/{i:05d}.parquet` (`key`, `nbr_ids`
    fixed_size_list<int64>[k], `nbr_sims` fixed_size_list<float32>[k], best first; same keys in the same
-   order as `embed/{i:05d}.parquet`) + `retrieve/{i:05d}.stats.json`.
+   order as `embed/{i:05d}.parquet`) + `retrieve/_stats/{i:05d}.json`.
    Keyed on k and the search method; deps = the embed shard's Parquet output digest + the index file's
    digest. A changed index stales every shard; an added embed shard is searched alone.
 
@@ -40,9 +40,11 @@ from manifests import (
     clean_temp_files,
     commit_manifest,
     list_manifests,
+    migrate_stats,
+    read_stats,
     stat_out,
-    write_json_atomic,
     write_parquet_atomic,
+    write_stats,
 )
 from pipeline.attribute_precision import (
     ATTRIBUTES,
@@ -467,7 +469,7 @@ def search_shard(task: SearchTask, progress: Progress | None = None) -> dict[str
         "reason": task.reason,
         "timings": timings,
     }
-    write_json_atomic(cache / STAGE / f"{spec.shard:05d}.stats.json", stats)
+    write_stats(cache, STAGE, spec.shard, stats)
     extra = {
         "rows": len(keys),
         "k": cfg.k,
@@ -568,6 +570,7 @@ def run_retrieve(
 
     splan = plan_search(config.search)
     clean_temp_files(cache / STAGE)
+    migrate_stats(cache, STAGE)
     rows = sum(list_manifests(cache, "embed")[t.spec.shard].get("rows", 0) for t in splan.tasks)
     searched = 0
     with _bar(progress, f"retrieve: {len(splan.tasks)} shard(s)", rows, "img", splan.tasks) as advance:
@@ -645,16 +648,13 @@ def describe_retrieve(config: RetrieveConfig) -> dict[str, Any]:
 
 def retrieve_summary(cache: Path) -> dict[str, Any]:
     """Totals over the committed retrieve stats: images, and precision weighted by images scored."""
-    from manifests.errors import read_json, remake_shard_fix
-
     totals = {"images": 0, "n_scored": 0}
     at_1: Counter = Counter()
     at_k: Counter = Counter()
     for shard in sorted(list_manifests(cache, STAGE)):
-        path = Path(cache) / STAGE / f"{shard:05d}.stats.json"
-        if not path.exists():
+        stats = read_stats(cache, STAGE, shard)
+        if stats is None:
             continue
-        stats = read_json(path, remake_shard_fix(cache, STAGE, shard))
         totals["images"] += stats["rows"]
         p = stats.get("precision")
         if p:

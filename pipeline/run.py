@@ -52,7 +52,12 @@ def config_from_section(cls, section: dict[str, Any], **overrides):
 class StageConfigs:
     embed: Any  # EmbedConfig
     retrieve: Any | None  # RetrieveConfig; None when no caption corpus is configured
-    optimize: Any  # OptimizeConfig
+    optimize: Any  # OptimizeConfig of the default variant
+    variants: tuple = ()  # OptimizeConfig of each [optimize.variants.NAME], made beside it
+
+    def optimizers(self) -> tuple:
+        """Every optimize variant the config declares, the default first."""
+        return (self.optimize, *self.variants)
 
 
 def stage_configs(
@@ -86,15 +91,28 @@ def stage_configs(
         retrieve_section.update(cache=cache, force="retrieve" in force)
         retrieve_section["captions"] = tuple(retrieve_section["captions"])
         retrieve = RetrieveConfig.from_options(**retrieve_section)
-    optimize = config_from_section(
-        OptimizeConfig, sections.get("optimize", {}), cache=cache, force="optimize" in force, verify=verify
-    )
-    if retrieve is None and optimize.needs_neighbours:
-        raise ConfigError(
-            f"pipeline.toml: [retrieve] captions is empty, but [optimize] method {optimize.method!r} needs "
-            'retrieved captions; list a caption corpus, or set method = "perturb"'
+    section = dict(sections.get("optimize", {}))
+    declared = section.pop("variants", {})
+    optimizers = [
+        config_from_section(
+            OptimizeConfig,
+            {**section, **table},
+            cache=cache,
+            force="optimize" in force,
+            verify=verify,
+            variant=name,
         )
-    return StageConfigs(embed, retrieve, optimize)
+        for name, table in {"": {}, **declared}.items()
+    ]
+    for optimize in optimizers:
+        optimize.validate()
+        if retrieve is None and optimize.needs_neighbours:
+            where = f"[optimize.variants.{optimize.variant}]" if optimize.variant else "[optimize]"
+            raise ConfigError(
+                f"pipeline.toml: [retrieve] captions is empty, but {where} method {optimize.method!r} needs "
+                'retrieved captions; list a caption corpus, or set method = "perturb"'
+            )
+    return StageConfigs(embed, retrieve, optimizers[0], tuple(optimizers[1:]))
 
 
 def run_pipeline(configs: StageConfigs, run: RunConfig, progress_factory=None) -> dict[str, Any]:
@@ -109,7 +127,11 @@ def run_pipeline(configs: StageConfigs, run: RunConfig, progress_factory=None) -
         executor = make_executor(run.executor, run.scheduler, run.workers)
         try:
             for stage in run.stages():
-                results[stage] = _run_stage(stage, configs, executor, progress_factory)
+                if stage == "optimize":
+                    for optimize in configs.optimizers():
+                        results[optimize.stage] = _run_optimize(optimize, executor, progress_factory)
+                else:
+                    results[stage] = _run_stage(stage, configs, executor, progress_factory)
         finally:
             executor.close()
     return {stage: result for stage, result in results.items() if result is not None}
@@ -121,17 +143,19 @@ def _run_stage(stage: str, configs: StageConfigs, executor, progress_factory):
 
         with _bar(progress_factory, "embed", "img") as advance:
             return run_embed(configs.embed, advance, executor)
-    if stage == "retrieve":
-        if configs.retrieve is None:
-            return None
-        from pipeline.progress import null_progress
-        from pipeline.retrieve import run_retrieve
+    if configs.retrieve is None:
+        return None
+    from pipeline.progress import null_progress
+    from pipeline.retrieve import run_retrieve
 
-        return run_retrieve(configs.retrieve, progress_factory or null_progress, executor)
+    return run_retrieve(configs.retrieve, progress_factory or null_progress, executor)
+
+
+def _run_optimize(config, executor, progress_factory):
     from pipeline.optimize import run_optimize
 
-    with _bar(progress_factory, "optimize", "img") as advance:
-        return run_optimize(configs.optimize, advance, executor)
+    with _bar(progress_factory, config.stage, "img") as advance:
+        return run_optimize(config, advance, executor)
 
 
 def _bar(progress_factory, description: str, unit: str):

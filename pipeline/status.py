@@ -14,6 +14,7 @@ from typing import Any
 
 from manifests import absent_reason, check_outputs, digest_input_file, list_manifests
 from manifests.errors import read_json
+from manifests.manifest import MANIFEST_DIR
 from pipeline.errors import ConfigError
 
 STAGES = ("embed", "captions", "index", "retrieve", "optimize")
@@ -77,13 +78,19 @@ def captions_status(cache: Path, config) -> StageStatus:
         recorded = corpus.get("file_digests", {})
     except FileNotFoundError:
         recorded = None
-    files = corpus_files(config.captions.corpus)
-    current = {str(p): digest_input_file(p, str(p)) for p in files}
+    current = {str(p.resolve()) for p in corpus_files(config.captions.corpus)}
     if recorded is None or not status.up_to_date and not status.stale:
         status.note = "never built"
         status.stale.setdefault(0, "new shard")
-    elif current != recorded:
-        changed = sorted(set(current) ^ set(recorded) | {p for p in current if recorded.get(p) != current[p]})
+        return status
+    # Older caches recorded each file as it was spelled (relative to where that run was): compare resolved
+    # paths, and each file's stats digest under the name it was recorded with.
+    spelled = {str(Path(name).resolve()): name for name in recorded}
+    changed = sorted(set(current) ^ set(spelled))
+    changed += [
+        p for p in current & set(spelled) if digest_input_file(Path(p), spelled[p]) != recorded[spelled[p]]
+    ]
+    if changed:
         status.note = "corpus changed: " + ", ".join(Path(p).name for p in changed[:3])
         for shard in list(status.up_to_date):
             status.mark(shard, "corpus changed (shards re-checked by content when run)")
@@ -144,29 +151,57 @@ def optimize_status(cache: Path, config, embed: StageStatus, retrieve: StageStat
         upstream.update({s: "upstream changed: retrieve" for s in retrieve.stale if s not in upstream})
     try:
         plan = plan_optimize(config)
-        status = StageStatus("optimize", list(plan.up_to_date), {t.spec.shard: t.reason for t in plan.tasks})
+        status = StageStatus(
+            config.stage, list(plan.up_to_date), {t.spec.shard: t.reason for t in plan.tasks}
+        )
     except ConfigError:  # an upstream shard is missing or older: it will be redone first
-        status = _committed(cache, "optimize")
+        status = _committed(cache, config.stage)
     for shard in shards:
         if shard in upstream:
             status.mark(shard, upstream[shard])
         elif shard not in status.up_to_date:
-            status.stale.setdefault(shard, absent_reason(cache, "optimize", shard))
+            status.stale.setdefault(shard, absent_reason(cache, config.stage, shard))
     return status
 
 
 def pipeline_status(
-    cache: Path, embed_config=None, retrieve_config=None, optimize_config=None
+    cache: Path, embed_config=None, retrieve_config=None, optimize_config=None, variants=()
 ) -> list[StageStatus]:
+    """Every pipeline stage (and each configured optimize variant), then every other stage the cache holds
+    manifests of (undeclared variants, latents/...).
+
+    Without a config a stage is judged from its committed manifests alone. A path that is not a
+    cache (missing, or holding no manifests while nothing is configured) is a ConfigError.
+    """
     cache = Path(cache)
+    if not cache.is_dir():
+        raise ConfigError(
+            f"--cache {cache}: no such directory; `pipeline run` (or `pipeline embed`) makes it"
+        )
+    others = other_stages(cache)
+    if embed_config is None and not others and next(cache.glob("*/_manifests/*.json"), None) is None:
+        raise ConfigError(f"--cache {cache}: not a pipeline cache (no stage manifests in it)")
     embed = embed_status(cache, embed_config)
     captions = captions_status(cache, retrieve_config)
     index = index_status(cache, captions)
     retrieve = retrieve_status(cache, retrieve_config, embed, index)
     result = [embed, captions, index, retrieve]
     if optimize_config is not None and (embed.up_to_date or embed.stale):
-        result.append(optimize_status(cache, optimize_config, embed, retrieve))
-    return result
+        for config in (optimize_config, *variants):
+            result.append(optimize_status(cache, config, embed, retrieve))
+    elif optimize_config is None and (cache / "optimize" / MANIFEST_DIR).is_dir():
+        optimize = _committed(cache, "optimize")
+        optimize.note = "not configured: judged from its manifests"
+        result.append(optimize)
+    shown = {s.stage for s in result}
+    return result + [_committed(cache, stage) for stage in others if stage not in shown]
+
+
+def other_stages(cache: Path) -> list[str]:
+    """Stages outside the pipeline's own that hold manifests, such as `latents/{vae_id}`."""
+    found = {p.parent.relative_to(cache).as_posix() for p in Path(cache).glob("*/*/_manifests")}
+    found |= {p.parent.name for p in Path(cache).glob("*/_manifests")}
+    return sorted(found - set(STAGES))
 
 
 def render_status(stages: list[StageStatus], limit: int = 10) -> str:

@@ -46,3 +46,22 @@ def tiny_cache(root: Path, n: int = 16) -> Path:
         result = CliRunner().invoke(app, [str(a) for a in args])
         assert result.exit_code == 0, result.output
     return root / "c"
+
+
+# A pipeline.toml for a synthetic world in world/ (tars + captions.parquet), cache in cache/.
+RUN_CONFIG = f"""
+cache = "cache"
+[embed]
+inputs = ["world/*.tar"]
+clip_model = "{TINY_CLIP}"
+clip_pretrained = ""
+image_size = 32
+workers = 0
+batch_size = 16
+[retrieve]
+captions = ["world/captions.parquet"]
+k = 4
+[optimize]
+steps = 3
+batch_size = 16
+"""

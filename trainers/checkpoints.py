@@ -18,6 +18,7 @@ import torch
 
 from manifests import atomic_write
 from pipeline.errors import ConfigError
+from pipeline.torch_files import load_torch_file
 
 CHECKPOINT_RE = re.compile(r"^(\d{7})\.pt$")
 
@@ -88,11 +89,13 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(path: Path, flag: str = "--checkpoint") -> dict[str, Any]:
-    """Load on the CPU with the safe unpickler; an unreadable file is a ConfigError naming the flag."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ConfigError(f"{flag} {path}: file not found") from None
-    except Exception as e:  # a truncated file, a foreign pickle, a non-checkpoint: all the user's to fix
-        raise ConfigError(f"{flag} {path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+def load_checkpoint(path: Path, flag: str = "--checkpoint", kinds: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Load on the CPU with the safe unpickler; an unreadable file, or one that is not a checkpoint dict
+    (of one of `kinds`, when given), is a one-line ConfigError naming the flag."""
+    ckpt = load_torch_file(path, flag)
+    wanted = " or ".join(f"`trainers {k}`" for k in kinds) or "trainers"
+    if not isinstance(ckpt, dict):
+        raise ConfigError(f"{flag} {path}: holds a {type(ckpt).__name__}, not a {wanted} checkpoint")
+    if kinds and ckpt.get("kind") not in kinds:
+        raise ConfigError(f"{flag} {path}: not a {wanted} checkpoint (kind {ckpt.get('kind')!r})")
+    return ckpt

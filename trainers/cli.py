@@ -13,12 +13,17 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli import user_errors
+from pipeline.cli import ThreadsOpt, user_errors
+from pipeline.help import ordered_group
+
+COMMAND_ORDER = ("clip", "probe", "gan", "vae", "ldm", "sample", "eval", "compare")  # as run
 
 app = typer.Typer(
+    cls=ordered_group(COMMAND_ORDER),
     help="Train generators from the frozen feature cache: clip, probe, gan, vae, ldm, sample, eval, compare.",
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # as `pipeline`: docstring paragraphs re-flow, not keep source line breaks
 )
 
 
@@ -33,7 +38,10 @@ AllowPartialOpt = Annotated[
 
 
 @app.callback(invoke_without_command=True)
-def root(ctx: typer.Context) -> None:
+def root(ctx: typer.Context, threads: ThreadsOpt = None) -> None:
+    from pipeline.processes import start_threads
+
+    start_threads(threads)
     if ctx.invoked_subcommand is None:
         typer.echo(ctx.get_help())
 
@@ -107,7 +115,8 @@ def gan(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
 ) -> None:
     """Train the LAFITE-style conditional StyleGAN2-lite on the cache's images and conditions."""
-    from trainers.train_gan import read_prompts, resolve_config, run_gan
+    from trainers.evaluate import read_prompts  # its errors name an undecodable or empty file
+    from trainers.train_gan import resolve_config, run_gan
 
     given = dict(
         cache=cache,
@@ -128,7 +137,7 @@ def gan(
     )
     given = {k: v for k, v in given.items() if v is not None}
     if prompts is not None:
-        given["prompts"] = read_prompts(prompts)
+        given["prompts"] = tuple(read_prompts(prompts))
     config, checkpoint = resolve_config(given, resume)
     if dry_run:
         config.validate()
@@ -172,10 +181,10 @@ def sample(
     ] = None,
 ) -> None:
     """Prompts -> CLIP text features -> a labelled image grid (one row per prompt) and single images."""
+    from trainers.evaluate import read_prompts  # its errors name an undecodable or empty file
     from trainers.sample import SampleConfig, run_sample
-    from trainers.train_gan import read_prompts
 
-    texts = tuple(prompt or ()) + (read_prompts(prompts) if prompts is not None else ())
+    texts = tuple(prompt or ()) + (tuple(read_prompts(prompts)) if prompts is not None else ())
     config = SampleConfig(
         checkpoint=checkpoint,
         prompts=texts,
@@ -384,7 +393,8 @@ def eval_command(
         float | None, typer.Option("--guidance", help="LDM classifier-free guidance (default: the run's).")
     ] = None,
 ) -> None:
-    """FID (CLIP features offline; Inception when its weights are local), CLIP score, attribute accuracy."""
+    """FID (CLIP features offline; Inception when its weights are local), CLIP score, attribute accuracy,
+    each printed and written beside its reference: real images (FID: two halves of them) or chance."""
     from pipeline.progress import progress_bar
     from trainers.evaluate import EvalConfig, describe, evaluate
     from trainers.sample import load_generator

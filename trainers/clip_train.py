@@ -103,11 +103,12 @@ def build_clip(size: str, seed: int, device):
     import open_clip
     import torch
 
-    from pipeline.clip import resolve_model
+    from pipeline.clip import open_clip_quiet, resolve_model
 
     name, _ = resolve_model(CLIP_SIZES[size])
     torch.manual_seed(seed)
-    model = open_clip.create_model(name, device=device)
+    with open_clip_quiet():  # its "No pretrained weights loaded" notice: random init is the point here
+        model = open_clip.create_model(name, device=device)
     cfg = open_clip.get_model_config(name)
     pre = open_clip.get_model_preprocess_cfg(model)
     image_size = pre.get("size", cfg["vision_cfg"]["image_size"])

@@ -142,6 +142,7 @@ class CompareConfig:
         return DEMO_PROMPTS
 
     def validate(self) -> None:
+        from trainers.data import check_condition
         from trainers.gan import GAN_SIZES
         from trainers.ldm import LDM_SIZES
         from trainers.vae import VAE_SIZES
@@ -153,8 +154,9 @@ class CompareConfig:
         if not self.conditions:
             raise ConfigError(f"--conditions: give at least one of {', '.join(CONDITIONS)}")
         for condition in self.conditions:
-            if condition not in CONDITIONS:
-                raise ConfigError(f"--conditions {condition}: choose from {', '.join(CONDITIONS)}")
+            check_condition(
+                condition, "--conditions"
+            )  # optimize:VARIANT compares a variant (`pipeline optimize --variant`)
         if len(set(self.conditions)) != len(self.conditions):
             raise ConfigError("--conditions: a condition is listed twice")
         if not self.seeds:
@@ -323,10 +325,12 @@ def cache_deps(cache: Path, condition: str) -> list[Dep]:
     """What a run on `condition` reads from the cache, by output digest; a missing stage is refused here,
     before anything is trained."""
     from manifests import list_manifests
-    from trainers.data import cache_clip, missing_stage_error
+    from trainers.data import cache_clip, condition_stage, missing_stage_error
 
     deps = [Dep("clip", digest_json(cache_clip(cache).identity))]
-    stages = {"optimize": ("optimize",), "retrieve": ("retrieve", "captions")}.get(condition, ())
+    stages = {"embed": (), "retrieve": ("retrieve", "captions")}.get(
+        condition_stage(condition), (condition_stage(condition),)
+    )
     for stage, suffixes in (("embed", (".tar", ".parquet")),) + tuple((s, (".parquet",)) for s in stages):
         manifests = list_manifests(cache, stage)
         if not manifests:
@@ -397,7 +401,7 @@ def run_units(config: CompareConfig, probe: Dep, vae: tuple[Path, str] | None) -
     for condition in config.conditions:
         deps = cache_deps(Path(config.cache), condition) + [probe]
         for seed in config.seeds:
-            name = f"{condition}-s{seed}"
+            name = f"{condition.replace(':', '.')}-s{seed}"  # optimize:NAME -> optimize.NAME-s0
             folder = Path(config.out) / RUNS_DIR / name
             common = dict(
                 cache=Path(config.cache),
@@ -717,28 +721,26 @@ def features_only(config: CompareConfig) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def compare_progress(enabled: bool = True) -> Iterator[Callable[..., None]]:
-    """A rich bar over runs and one over training steps, on stderr (terminals only), with the status."""
-    from rich.progress import Progress
+    """A bar over runs and one over training steps, with the status (`pipeline.progress`: live on a
+    terminal, plain lines elsewhere)."""
+    from pipeline.progress import bar_columns, make_progress
 
-    from pipeline.progress import bar_columns, stderr
-
-    columns = bar_columns("status")
-    with Progress(*columns, console=stderr, disable=not (enabled and stderr.is_terminal)) as bar:
-        runs = bar.add_task("compare runs", total=None, status="", rate="")
-        steps = bar.add_task("steps", total=None, status="", rate="")
+    if not enabled:
+        yield noop_progress
+        return
+    with make_progress(*bar_columns("status")) as bar:
+        runs = bar.add_task("compare runs", total=None, status="")
+        steps = bar.add_task("compare steps", total=None, status="", unit="step")
 
         def update(**fields: Any) -> None:
             if "total_runs" in fields:
                 bar.update(runs, total=fields["total_runs"])
                 bar.update(steps, total=fields["total_steps"])
-            if fields.get("runs"):
-                bar.advance(runs, fields["runs"])
             if fields.get("steps"):
-                bar.advance(steps, fields["steps"])
-                speed = bar.tasks[steps].speed
-                bar.update(steps, rate=f"{speed:,.1f} steps/s" if speed else "")
-            if "status" in fields:
-                bar.update(runs, status=fields["status"])
+                bar.update(steps, advance=fields["steps"])
+            if fields.get("runs") or "status" in fields:
+                status = {"status": fields["status"]} if "status" in fields else {}
+                bar.update(runs, advance=fields.get("runs", 0), **status)
 
         yield update
 

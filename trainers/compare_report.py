@@ -91,47 +91,33 @@ def summarise(rows: list[dict[str, Any]], conditions: tuple[str, ...]) -> dict[s
 
 def chance_levels(evaluation: dict[str, Any]) -> tuple[dict[str, dict[str, float]], str]:
     """Chance accuracy per split (`acc`, `acc_seen`, `acc_held_out`) and attribute, and where it comes
-    from: eval.json's own chance levels when it has them, else the expected score of uniform guessing on
-    the eval's own prompts under the probe's rule (shape, colour, size: 1/|values| per named object;
-    position: k/5 for a prompt naming k objects, since any k of the 5 slots count as seen; `all`: the
-    product over the attributes an object names)."""
-    for key in ("chance", "attribute_chance", "attribute_accuracy_chance"):
-        given = evaluation.get(key)
-        if isinstance(given, dict) and any(given.get(a) is not None for a in ATTRIBUTES):
-            levels = {a: given[a] for a in (*ATTRIBUTES, "all") if given.get(a) is not None}
-            return {prefix: levels for prefix in SPLITS}, "eval.json"
+    from: eval.json's own `attribute_accuracy*_chance` (trainers.evaluate.attribute_chance, the one
+    definition); an eval.json written before it had them gets the same function on the synthetic
+    prompts that eval drew."""
+    given = {prefix: evaluation.get(f"{key}_chance") for prefix, key in SPLITS.items()}
+    if any(isinstance(levels, dict) for levels in given.values()):
+        levels = {prefix: levels for prefix, levels in given.items() if isinstance(levels, dict)}
+        return levels, "eval.json's chance levels (the expected score of uniform guessing on its prompts)"
     from pipeline.synth import parse_caption
-    from trainers.evaluate import names_held_out_pair, synthetic_prompts
-    from trainers.probe import vocabulary
+    from trainers.evaluate import attribute_chance, names_held_out_pair, synthetic_prompts
 
-    vocab = vocabulary()
     n, seed = int(evaluation["n"]), int(evaluation["seed"])
     max_objects = (evaluation.get("prompts") or {}).get("max_objects") or 2
     unique = synthetic_prompts(min(n, 1000), seed, max_objects)  # as trainers.evaluate draws them
-    scores: dict[str, dict[str, list[float]]] = {p: {a: [] for a in (*ATTRIBUTES, "all")} for p in SPLITS}
-    for i in range(n):
-        objects = parse_caption(unique[i % len(unique)])
-        split = "acc_held_out" if names_held_out_pair(objects) else "acc_seen"
-        for obj in objects:
-            guesses = {
-                a: min(1.0, len(objects) / len(vocab[a])) if a == "position" else 1.0 / len(vocab[a])
-                for a in ATTRIBUTES
-                if obj.get(a) in vocab[a]
-            }
-            guesses["all"] = float(np.prod(list(guesses.values())))
-            for prefix in ("acc", split):
-                for a, value in guesses.items():
-                    scores[prefix][a].append(value)
-    chance = {
-        prefix: {a: round(float(np.mean(v)), 4) for a, v in by_attr.items() if v}
-        for prefix, by_attr in scores.items()
+    targets = [parse_caption(unique[i % len(unique)]) for i in range(n)]
+    splits = {
+        "acc": targets,
+        "acc_seen": [t for t in targets if not names_held_out_pair(t)],
+        "acc_held_out": [t for t in targets if names_held_out_pair(t)],
     }
-    return chance, "expected score of uniform guessing on the eval prompts"
+    chance = {prefix: attribute_chance(subset) or {} for prefix, subset in splits.items()}
+    return chance, "expected score of uniform guessing on the eval prompts (trainers.evaluate)"
 
 
 def real_levels(evaluation: dict[str, Any]) -> dict[str, float | None]:
-    """Real cache images scored by the same probe (the instrument's ceiling) and their CLIP score."""
-    real = {"clip_score": evaluation.get("clip_score_real")}
+    """Real cache images scored by the same probe (the instrument's ceiling), their CLIP score, and the FID
+    of two disjoint halves of them (in the FID's features)."""
+    real = {"fid": evaluation.get("fid_real"), "clip_score": evaluation.get("clip_score_real")}
     accuracy = evaluation.get("attribute_accuracy_real") or {}
     real.update({f"acc_{a}": accuracy.get(a) for a in SCORES})
     return real
@@ -156,6 +142,7 @@ def write_outputs(config: CompareConfig, units: list[Unit], result: CompareResul
         manifests[unit.name] = manifest
         fix = f"delete {manifest_file(out, unit.name)} and rerun `trainers compare`: the run is redone"
         evaluations[unit.name] = read_json(out / manifest["eval"], fix)
+    check_provenance(units, evaluations)
     result.rows = [run_row(u, manifests[u.name], evaluations[u.name]) for u in units]
     result.summary = summarise(result.rows, config.conditions)
     first = evaluations[units[0].name]
@@ -194,6 +181,21 @@ def write_outputs(config: CompareConfig, units: list[Unit], result: CompareResul
     files["report"] = out / "report.md"
     report = report_markdown(config, result, first, chance_source)
     write_bytes_atomic(files["report"], report.encode())
+
+
+def check_provenance(units: list, evaluations: dict[str, dict]) -> None:
+    """Runs summarised in one row (one condition, several seeds) must have read the same features."""
+    seen: dict[str, tuple[str, Any]] = {}
+    for unit in units:
+        record = (evaluations[unit.name].get("training_data") or {}).get("provenance") or {}
+        mark = (record.get("manifests_digest"), record.get("method"))
+        first = seen.setdefault(unit.condition, (unit.name, mark))
+        if first[1] != mark:
+            raise ConfigError(
+                f"runs {first[0]} and {unit.name} of condition {unit.condition} read different features "
+                f"(method, manifests {first[1]} vs {mark}): the cache changed between them; rerun "
+                "`trainers compare`, which remakes the stale runs"
+            )
 
 
 def _command(config: CompareConfig) -> str:
@@ -252,14 +254,17 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def main_table(result: CompareResult) -> list[str]:
     """Overall metrics per condition, with the chance and real-image rows."""
-    header = ["condition", "runs"] + [label for _, label in TABLE]
+    from trainers.evaluate import fid_label
+
+    features = next((r.get("fid_features") for r in result.rows), None)
+    header = ["condition", "runs", fid_label(features)] + [label for _, label in TABLE[1:]]
     rows = []
     for condition, summary in result.summary.items():
         n = sum(r["condition"] == condition for r in result.rows)
         rows.append([condition, str(n)] + [cell(summary[m]) for m, _ in TABLE])
     chance = result.chance.get("acc", {})
     rows.append(["chance", ""] + ["-", "-"] + [_number(chance.get(m[4:])) for m, _ in TABLE[2:]])
-    rows.append(["real images", ""] + ["-"] + [_number(result.real.get(m)) for m, _ in TABLE[1:]])
+    rows.append(["real images", ""] + [_number(result.real.get(m)) for m, _ in TABLE])
     return _table(header, rows)
 
 
@@ -305,7 +310,8 @@ def report_markdown(
         *main_table(result),
         "",
         f"Chance: {chance_source}. Real images: the cache's own images scored against their labels by the "
-        "same probe, the instrument's ceiling.",
+        "same probe, the instrument's ceiling; their CLIP score against their own captions; their FID: "
+        "two disjoint halves of them against each other.",
         "",
         "## Seen vs held-out colour-shape pairs",
         "",

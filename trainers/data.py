@@ -54,6 +54,7 @@ import numpy as np
 
 from manifests import digest_bytes, digest_json, list_manifests, write_bytes_atomic
 from manifests.errors import CacheFault, damaged
+from manifests.faults import stall_point
 from pipeline.errors import ConfigError
 from pipeline.features import fixed_rows, padded_lists, usable_rows
 
@@ -79,10 +80,43 @@ STAGE_COMMANDS = {
 }
 
 
+def stage_command(stage: str, cache: Path) -> str:
+    """The command that makes `stage` (an optimize variant's included) in `cache`."""
+    if stage.startswith("optimize-"):
+        return f"pipeline optimize --variant {stage.removeprefix('optimize-')} --cache {cache}"
+    return STAGE_COMMANDS[stage].format(cache=cache)
+
+
+def parse_condition(condition: str) -> tuple[str, str]:
+    """`optimize:NAME` -> ("optimize", "NAME"): the optimize stage's variant NAME; others have none."""
+    base, _, variant = condition.partition(":")
+    return base, variant
+
+
+def check_condition(condition: str, flag: str = "--condition") -> None:
+    from pipeline.optimize import check_variant
+
+    base, variant = parse_condition(condition)
+    if base not in CONDITIONS or (":" in condition and base != "optimize"):
+        raise ConfigError(
+            f"{flag} {condition}: choose one of {', '.join(CONDITIONS)}, or optimize:VARIANT (a variant "
+            "made by `pipeline optimize --variant VARIANT`)"
+        )
+    check_variant(variant)
+
+
+def condition_stage(condition: str) -> str:
+    """The stage whose shards a condition reads its features from (embed for perturb and caption)."""
+    from pipeline.optimize import variant_stage
+
+    base, variant = parse_condition(condition)
+    return {"optimize": variant_stage(variant), "retrieve": "retrieve"}.get(base, "embed")
+
+
 @dataclass(frozen=True)
 class LoaderConfig:
     cache: Path
-    condition: str = "optimize"  # optimize | retrieve | perturb | caption
+    condition: str = "optimize"  # optimize[:VARIANT] | retrieve | perturb | caption
     batch_size: int = 64
     seed: int = 0
     workers: int = 0  # DataLoader worker processes
@@ -96,8 +130,7 @@ class LoaderConfig:
     partial_wait_s: float | None = None  # seconds to wait for them to be committed; None: PARTIAL_WAIT_S
 
     def validate(self) -> None:
-        if self.condition not in CONDITIONS:
-            raise ConfigError(f"--condition must be one of {', '.join(CONDITIONS)}, not {self.condition!r}")
+        check_condition(self.condition)
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be at least 1")
         if self.workers < 0:
@@ -149,12 +182,15 @@ def feature_dim(cache: Path) -> int:
 
 
 def missing_stage_error(cache: Path, condition: str) -> ConfigError:
-    """The one-line error for a condition whose stage has nothing committed, naming the command to run."""
-    stage = {"optimize": "optimize", "retrieve": "retrieve"}.get(condition, "embed")
-    run = f"run `{STAGE_COMMANDS[stage].format(cache=cache)}`" + {
+    """The one-line error for a condition (or the stage it reads: optimize-NAME is optimize:NAME) whose
+    stage has nothing committed, naming the command to run."""
+    if condition.startswith("optimize-"):
+        condition = condition.replace("-", ":", 1)
+    stage = condition_stage(condition)
+    run = f"run `{stage_command(stage, cache)}`" + {
         "optimize": " (after `pipeline retrieve`)",
         "caption": " on images that have captions",
-    }.get(condition, "")
+    }.get(parse_condition(condition)[0], "")
     alternative = ", or train with --condition perturb (needs only embed)" if stage != "embed" else ""
     return ConfigError(
         f"--cache {cache}: --condition {condition} needs the {stage} stage, which has no committed "
@@ -174,7 +210,7 @@ class PartialCache(ConfigError):
     ):
         self.skipped = skipped  # stage -> shard -> reason
         after = f" after waiting {waited:.3g} s for them to be committed" if waited is not None else ""
-        runs = " or ".join(f"`{STAGE_COMMANDS[stage].format(cache=cache)}`" for stage in skipped)
+        runs = " or ".join(f"`{stage_command(stage, cache)}`" for stage in skipped)
         partial = (
             ", or pass --allow-partial to train on the rest (the run's config.json records the rows used)"
             if rest
@@ -493,7 +529,12 @@ def read_embed(cache: Path, warn: bool = True) -> EmbedRows:
             f"--cache {cache}: skipped {len(skipped)} embed shard(s): {_describe(skipped)}", stacklevel=2
         )
     if len(set(keys)) != len(keys):
-        raise ConfigError(f"--cache {cache}: a key appears in two embed shards; rerun `pipeline embed`")
+        twice = next(k for k, n in Counter(keys).items() if n > 1)
+        raise ConfigError(
+            f"--cache {cache}: key {twice!r} appears in two embed shards (inputs whose keys collide, "
+            "embedded before embed refused them); rebuild the cache with `pipeline embed INPUT... "
+            "--key-prefix input --force` so every key is prefixed with its input folder's name"
+        )
     image_size = stored_sizes.pop() if len(stored_sizes) == 1 else 0
     return EmbedRows(
         cache=cache,
@@ -609,14 +650,14 @@ def _embed_rows_of(table, where: dict[str, int], stage: str, shard: int) -> np.n
     return idx
 
 
-def optimize_features(rows: EmbedRows) -> tuple[np.ndarray, dict[int, str]]:
-    """float32 [N, D] pseudo_txt per embed row (NaN rows where the optimize stage has none), and the
-    shards not usable with why."""
-    tables, skipped = _stage_rows(rows, "optimize", ["key", "pseudo_txt"])
+def optimize_features(rows: EmbedRows, stage: str = "optimize") -> tuple[np.ndarray, dict[int, str]]:
+    """float32 [N, D] pseudo_txt per embed row (NaN rows where the optimize stage, or its variant
+    `stage`, has none), and the shards not usable with why."""
+    tables, skipped = _stage_rows(rows, stage, ["key", "pseudo_txt"])
     out = np.full((len(rows), rows.clip.dim), np.nan, dtype=np.float32)
     positions = _row_positions(rows)
     for shard, table in tables.items():
-        idx = _embed_rows_of(table, positions[shard], "optimize", shard)
+        idx = _embed_rows_of(table, positions[shard], stage, shard)
         out[idx] = fixed_rows(table["pseudo_txt"], rows.clip.dim, np.float32, "nan")[0]
     return out, skipped
 
@@ -783,6 +824,7 @@ class LoaderInfo:
     clip: dict[str, Any]  # clip_model, clip_pretrained, identity
     shards: dict[str, list[int]] = field(default_factory=dict)  # stage -> shards read
     keys_digest: str = ""  # digest_json of the sample set's keys, in sample order
+    provenance: dict[str, Any] = field(default_factory=dict)  # where the condition came from (`provenance`)
 
     def record(self) -> dict[str, Any]:
         """Exactly which rows a run trains on (plain JSON types): kept in its config.json and checkpoints,
@@ -798,6 +840,7 @@ class LoaderInfo:
             },
             "excluded": dict(self.excluded),
             "keys_digest": self.keys_digest,
+            "provenance": self.provenance,
         }
 
 
@@ -866,6 +909,7 @@ class CacheDataset:
     def __getitem__(self, positions: list[int]) -> dict[str, Any]:
         import torch
 
+        stall_point("trainers:load")
         samples, epochs, paired = self.samples(positions)
         cond = self.cond[samples].astype(np.float32)  # [B, D]
         if self.perturb_xi is not None:
@@ -924,8 +968,11 @@ class CacheLoader:
     ):
         import torch
 
+        from pipeline.processes import limit_threads, loader_worker_init
+
         self.dataset, self.info = dataset, info
         self.step = start_step
+        limit_threads(workers)  # training here shares the cores with the loader workers
         self._loader = torch.utils.data.DataLoader(
             dataset,
             sampler=BatchPositions(batch_size, start_step),
@@ -934,6 +981,7 @@ class CacheLoader:
             collate_fn=_identity,
             prefetch_factor=4 if workers else None,
             pin_memory=torch.cuda.is_available(),  # batches go to the GPU next
+            worker_init_fn=loader_worker_init() if workers else None,
         )
         self._iter = iter(self._loader)
 
@@ -961,10 +1009,11 @@ def _read_sources(config: LoaderConfig) -> tuple[EmbedRows, np.ndarray | None, d
     """(embed rows, the optimize/retrieve features or None, stage -> shard -> why not usable), read once."""
     rows = read_embed(config.cache, warn=False)
     skipped = {"embed": rows.skipped_shards} if rows.skipped_shards else {}
+    stage = condition_stage(config.condition)
     try:
-        if config.condition == "optimize":
-            cond, stage_skipped = optimize_features(rows)
-        elif config.condition == "retrieve":
+        if stage.startswith("optimize"):
+            cond, stage_skipped = optimize_features(rows, stage)
+        elif stage == "retrieve":
             cond, stage_skipped = retrieve_features(rows, config.tau_r)
         else:
             return rows, None, skipped
@@ -975,7 +1024,7 @@ def _read_sources(config: LoaderConfig) -> tuple[EmbedRows, np.ndarray | None, d
         rows.images.close()
         raise
     if stage_skipped:
-        skipped[config.condition] = stage_skipped
+        skipped[stage] = stage_skipped
     return rows, cond, skipped
 
 
@@ -1019,13 +1068,14 @@ def build_dataset(config: LoaderConfig) -> tuple[CacheDataset, LoaderInfo]:
     rows, cond, skipped = _read_committed(config)
     excluded: Counter = Counter()
     keep = np.ones(len(rows), dtype=bool)
-    from_stage, stage_skipped = cond is not None, skipped.get(config.condition, {})
+    stage = condition_stage(config.condition)
+    from_stage, stage_skipped = cond is not None, skipped.get(stage, {})
     if from_stage:
         if stage_skipped:
             in_skipped = np.isin(rows.shard_of, list(stage_skipped))
-            excluded[f"{config.condition}_shard_not_usable"] += int(in_skipped.sum())
+            excluded[f"{stage}_shard_not_usable"] += int(in_skipped.sum())
             keep &= ~in_skipped
-        reason = "no_optimize_row" if config.condition == "optimize" else "no_usable_neighbours"
+        reason = "no_usable_neighbours" if stage == "retrieve" else "no_optimize_row"
     else:
         cond, reason = rows.img_emb, "bad_img_emb"
 
@@ -1101,11 +1151,42 @@ def build_dataset(config: LoaderConfig) -> tuple[CacheDataset, LoaderInfo]:
         },
         shards={
             "embed": list(rows.shards),
-            **({config.condition: [s for s in rows.shards if s not in stage_skipped]} if from_stage else {}),
+            **({stage: [s for s in rows.shards if s not in stage_skipped]} if from_stage else {}),
         },
         keys_digest=digest_json([rows.keys[int(r)] for r in rows_idx]),
+        provenance=provenance(config, rows, [s for s in rows.shards if s not in stage_skipped]),
     )
     return dataset, info
+
+
+def provenance(config: LoaderConfig, rows: EmbedRows, shards: list[int]) -> dict[str, Any]:
+    """Exactly where a run's condition came from: the stage and variant, the method and keyed params its
+    shards were made with, and a digest of those shards' manifests (their keys and output digests), so
+    two runs agree on it only when they read the same features. Perturb and caption are computed here
+    from the embed stage, with the loader's own params."""
+    base, variant = parse_condition(config.condition)
+    stage = condition_stage(config.condition)
+    manifests = list_manifests(rows.cache, stage)
+    made = [manifests[s] for s in shards if s in manifests]
+    params = [m.get("params", {}) for m in made]
+    if base == "perturb":
+        method, keyed = "perturb", {"xi": config.xi, "seed": config.seed}
+    elif base == "caption":
+        method, keyed = "caption", {}
+    elif base == "retrieve":
+        method, keyed = "retrieve", {"tau_r": config.tau_r, "search": params[0] if params else {}}
+    else:
+        method, keyed = (params[0].get("method") if params else None), params[0] if params else {}
+    return {
+        "stage": stage,
+        "variant": variant if base == "optimize" else None,
+        "method": method,
+        "params": keyed,
+        "mixed_params": any(p != params[0] for p in params),  # shards made with different params
+        "manifests_digest": digest_json(
+            [[m["shard"], m.get("key"), [o["digest"] for o in m["outs"]]] for m in made]
+        ),
+    }
 
 
 def _pool_subset(n: int, limit: int, seed: int) -> np.ndarray:

@@ -4,19 +4,24 @@ Pure core: `evaluate(config, generate, info)` takes the generator as a callable,
 `generate(cond float32 [N, D], seed) -> uint8 [N, 3, H, W]` (what `trainers.sample.load_generator`
 returns), so tests can pass fakes; only the CLI command loads a checkpoint.
 
-Metrics, on `n` generated images (prompt i mod len(prompts) for image i) and `n` real cache images:
+Metrics, on `n` generated images (prompt i mod len(prompts) for image i) and `n` real cache images, each
+with its reference under the same name plus `_real` (what real images score) or `_chance`:
 
 - `fid`: Frechet distance between generated and real images. Offline the features are the cache's CLIP
   image embeddings (`fid_features: "clip:<model>"`, clean-fid's `frechet_distance` on their means and
-  covariances); when clean-fid's Inception weights are already on disk (`--inception` or clean-fid's own
-  download location, `/tmp/inception-2015-12-05.pt`) the Inception FID is computed too, with clean-fid's
-  resizer, and becomes `fid` (`fid_features: "inception"`). Nothing is ever downloaded. CLIP-FID values
-  are on another scale than Inception FID: compare them only with each other, on the same cache.
+  covariances); when clean-fid's Inception weights are already on disk (`--inception FILE` or clean-fid's
+  own download location, `/tmp/inception-2015-12-05.pt`) the Inception FID is computed too, with
+  clean-fid's resizer, and becomes `fid` (`fid_features: "inception"`). Nothing is ever downloaded.
+  CLIP-FID values are on another scale than Inception FID: compare them only with each other, on the same
+  cache (the printed line says which: "FID (CLIP features)"). `fid_real` (and `fid_clip_real`,
+  `fid_inception_real`): the same FID between two disjoint halves of the real images (`n_real_halves`),
+  what real images score against real images.
 - `clip_score`: mean of max(100 * cos(image feature, prompt text feature), 0) with the cache's CLIP
   (torchmetrics' convention); `clip_score_real` is the same for real images and their own captions.
 - `attribute_accuracy`: on the synthetic world, the probe (`trainers.probe`) reads every generated image
   and is scored against the objects parsed from its prompt (`pipeline.synth.parse_caption`); split into
-  prompts naming a held-out colour-shape pair (never in an image) and the rest. `attribute_accuracy_real`
+  prompts naming a held-out colour-shape pair (never in an image) and the rest. Each has its
+  `..._chance`: uniform guessing on the same prompts (`attribute_chance`). `attribute_accuracy_real`
   scores real cache images against their own labels: the instrument's ceiling on this cache.
 
 Default prompts: synthetic-world captions from the synth caption generator with a random stream of its
@@ -44,6 +49,8 @@ from pipeline.errors import ConfigError, require_at_least
 CLEANFID_INCEPTION = Path("/tmp/inception-2015-12-05.pt")  # where clean-fid downloads it (Linux/macOS)
 REAL_STREAM = 11  # numpy stream id of the real-image draw
 GRID_COLUMNS = 8
+ATTRIBUTES = ("shape", "colour", "size", "position")  # what the probe reads
+FID_KEYS = ("fid", "fid_real", "fid_clip", "fid_clip_real", "fid_inception", "fid_inception_real")
 
 Generate = Callable[[Any, int], Any]  # (cond float32 [N, D], seed) -> uint8 [N, 3, H, W]
 
@@ -181,13 +188,32 @@ def inception_weights(explicit: Path | None) -> Path | None:
     return CLEANFID_INCEPTION if CLEANFID_INCEPTION.is_file() else None
 
 
-def inception_features(weights: Path, pixels, device, batch_size: int = 50) -> np.ndarray:
-    """clean-fid's "clean" mode: PIL bicubic resize to 299 per image, then the TorchScript Inception."""
+def load_inception(weights: Path, device, flag: str = "--inception"):
+    """clean-fid's TorchScript Inception from the file given (any name), as `features(x float [B, 3, 299,
+    299] in 0..255) -> [B, 2048]`: clean-fid's InceptionV3W forward, which itself only loads a file named
+    inception-2015-12-05.pt from a folder."""
     import torch
-    from cleanfid.inception_torchscript import InceptionV3W
+
+    from pipeline.torch_files import load_torchscript_file
+
+    base = load_torchscript_file(weights, flag, expect="clean-fid's inception-2015-12-05.pt")
+    if not isinstance(getattr(base, "layers", None), torch.nn.Module):
+        raise ConfigError(
+            f"{flag} {weights}: a TorchScript archive, but not clean-fid's Inception (no layers)"
+        )
+    layers = base.layers.to(device).eval()
+
+    def features(x):
+        return layers.forward((x - 128) / 128).view(x.shape[0], 2048)
+
+    return features
+
+
+def inception_features(model, pixels, device, batch_size: int = 50) -> np.ndarray:
+    """clean-fid's "clean" mode: PIL bicubic resize to 299 per image, then `load_inception`'s model."""
+    import torch
     from cleanfid.resize import build_resizer
 
-    model = InceptionV3W(str(Path(weights).parent), download=False).to(device).eval()
     resize = build_resizer("clean")
     feats = []
     with torch.no_grad():
@@ -196,6 +222,43 @@ def inception_features(weights: Path, pixels, device, batch_size: int = 50) -> n
             resized = np.stack([resize(img) for img in chunk]).transpose(0, 3, 1, 2)  # [B, 3, 299, 299]
             feats.append(model(torch.from_numpy(resized).float().to(device)).cpu().numpy())
     return np.concatenate(feats)
+
+
+def real_halves_fid(real_features: np.ndarray) -> float | None:
+    """FID between two disjoint halves of the real images (alternate rows of the seeded draw): what FID
+    reads for real images, the floor a generator's FID is to be read against. Each half has n_real / 2
+    images, so small-n bias puts it a little above the floor at n_real (FID is biased upwards)."""
+    if len(real_features) < 4:
+        return None
+    return frechet(real_features[0::2], real_features[1::2])
+
+
+def fid_label(fid_features: str | None) -> str:
+    """'FID (CLIP features)' or 'FID (Inception features)': a CLIP-feature FID is on another scale."""
+    return "FID (Inception features)" if fid_features == "inception" else "FID (CLIP features)"
+
+
+def attribute_chance(targets: list[list[dict[str, str]]]) -> dict[str, float] | None:
+    """The expected score of uniform guessing on these prompts' objects under the probe's rule
+    (trainers.probe.score_objects): shape, colour, size: 1/|values| per named object; position: k/5 for a
+    prompt naming k objects, since any k of the 5 slots count as seen; `all`: the product over the
+    attributes an object names. Averaged over objects, as the accuracies are."""
+    from trainers.probe import vocabulary
+
+    vocab = vocabulary()
+    scores: dict[str, list[float]] = {a: [] for a in (*ATTRIBUTES, "all")}
+    for objects in targets:
+        for obj in objects:
+            guesses = {
+                a: min(1.0, len(objects) / len(vocab[a])) if a == "position" else 1.0 / len(vocab[a])
+                for a in ATTRIBUTES
+                if obj.get(a) in vocab[a]
+            }
+            guesses["all"] = float(np.prod(list(guesses.values())))
+            for a, value in guesses.items():
+                scores[a].append(value)
+    chance = {a: round(float(np.mean(v)), 4) for a, v in scores.items() if v}
+    return chance or None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -280,6 +343,16 @@ def evaluate(
     info = dict(info or {})
     t0 = time.perf_counter()
     device = select_device(config.device)
+    # The user's files first, so a bad one is refused before any image is generated.
+    weights = inception_weights(config.inception)
+    inception = None
+    if weights is not None:
+        flag = "--inception" if config.inception is not None else "--inception (clean-fid's download)"
+        inception = load_inception(weights, device, flag)
+    if probe is None and config.probe is not None:
+        probe, probe_file = load_probe(config.probe, str(device)), config.probe
+    else:
+        probe_file = None
     rows = read_embed(config.cache, warn=False)
     notes = check_clip(info, rows.clip)
     if rows.skipped_shards:  # the real images are drawn from the committed rest
@@ -314,6 +387,7 @@ def evaluate(
     gen_feat = clip_image_features(bundle, generated)  # [N, D]
     real_feat = clip_image_features(bundle, real)  # [n_real, D]
     fid_clip = frechet(gen_feat, real_feat)
+    fid_clip_real = real_halves_fid(real_feat)
     result: dict[str, Any] = {
         "checkpoint": str(config.checkpoint),
         "cache": str(config.cache),
@@ -328,18 +402,26 @@ def evaluate(
         },
         "image_size": {"generated": int(generated.shape[-1]), "real": int(real.shape[-1])},
         "clip": {"clip_model": rows.clip.clip_model, "clip_pretrained": rows.clip.clip_pretrained},
-        "fid_clip": round(fid_clip, 4),
     }
-    weights = inception_weights(config.inception)
-    if weights is not None:
-        fid_inception = frechet(
-            inception_features(weights, generated, device), inception_features(weights, real, device)
-        )
-        result.update(
-            fid=round(fid_inception, 4), fid_features="inception", fid_inception=round(fid_inception, 4)
-        )
+    # Each metric has its reference under its own name + `_real`: the real images' value (FID: two
+    # disjoint halves of them, n_real_halves); attribute accuracies have `_chance` on the same prompts.
+    fid_inception = fid_inception_real = None
+    if inception is not None:
+        real_inception = inception_features(inception, real, device)
+        fid_inception = frechet(inception_features(inception, generated, device), real_inception)
+        fid_inception_real = real_halves_fid(real_inception)
+        result.update(fid=fid_inception, fid_real=fid_inception_real, fid_features="inception")
     else:
-        result.update(fid=round(fid_clip, 4), fid_features=f"clip:{rows.clip.clip_model}", fid_inception=None)
+        result.update(fid=fid_clip, fid_real=fid_clip_real, fid_features=f"clip:{rows.clip.clip_model}")
+    result.update(
+        n_real_halves=[len(real_rows[0::2]), len(real_rows[1::2])],
+        fid_clip=fid_clip,
+        fid_clip_real=fid_clip_real,
+        fid_inception=fid_inception,
+        fid_inception_real=fid_inception_real,
+    )
+    for key in FID_KEYS:
+        result[key] = None if result[key] is None else round(result[key], 4)
     if config.n < 2 * gen_feat.shape[1]:
         notes.append(f"n={config.n} is small for {gen_feat.shape[1]}-d features: FID is biased upwards")
 
@@ -353,28 +435,24 @@ def evaluate(
     )
 
     targets = [parse_caption(p) for p in prompts]
-    result["attribute_accuracy"] = result["attribute_accuracy_held_out_pairs"] = None
-    result["attribute_accuracy_seen_pairs"] = result["attribute_accuracy_real"] = None
-    result["probe"] = None
+    for name in ("", "_held_out_pairs", "_seen_pairs"):
+        result[f"attribute_accuracy{name}"] = result[f"attribute_accuracy{name}_chance"] = None
+    result["attribute_accuracy_real"] = result["probe"] = None
     if any(targets):
         if probe is None:
-            if config.probe is not None:
-                probe, probe_file = load_probe(config.probe, str(device)), config.probe
-            else:
-                probe_config = ProbeConfig(device=config.device)
-                probe, probe_file = cached_probe(config.cache, probe_config, image_size=int(real.shape[-1]))
-        else:
-            probe_file = None
+            probe_config = ProbeConfig(device=config.device)
+            probe, probe_file = cached_probe(config.cache, probe_config, image_size=int(real.shape[-1]))
         predictions = probe.predict(generated)
         result["attribute_accuracy"] = summarise(score_objects(predictions, targets))
+        result["attribute_accuracy_chance"] = attribute_chance(targets)
         held = [names_held_out_pair(t) for t in targets]
-        for name, keep in (("held_out_pairs", held), ("seen_pairs", [not h for h in held])):
+        for name, keep in (("_held_out_pairs", held), ("_seen_pairs", [not h for h in held])):
             subset = [i for i, k in enumerate(keep) if k and targets[i]]
             if subset:
                 sub_pred = {k: v[subset] for k, v in predictions.items()}
-                result[f"attribute_accuracy_{name}"] = summarise(
-                    score_objects(sub_pred, [targets[i] for i in subset])
-                )
+                sub_targets = [targets[i] for i in subset]
+                result[f"attribute_accuracy{name}"] = summarise(score_objects(sub_pred, sub_targets))
+                result[f"attribute_accuracy{name}_chance"] = attribute_chance(sub_targets)
         real_labels = [(labels_of(rows, int(r)) or {}).get("objects") for r in real_rows]
         labelled = [i for i, objs in enumerate(real_labels) if objs]
         if labelled:
@@ -409,7 +487,7 @@ def evaluate(
 
 
 def _check_finite(result: dict[str, Any]) -> None:
-    for key in ("fid", "fid_clip", "clip_score"):
+    for key in (*FID_KEYS, "clip_score", "clip_score_real"):
         value = result.get(key)
         if value is not None and not math.isfinite(value):
             result.setdefault("notes", []).append(f"{key} is not finite (degenerate images?)")
@@ -429,11 +507,22 @@ def write_grid(path: Path, images) -> Path:
 
 
 def describe(result: dict[str, Any]) -> str:
+    """One line: each number with its reference, e.g. `FID (CLIP features) 0.09 (real halves 0.05)`."""
+
+    def number(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
     acc = result.get("attribute_accuracy") or {}
+    chance = result.get("attribute_accuracy_chance") or {}
+    real = result.get("attribute_accuracy_real") or {}
     parts = ", ".join(
-        f"{a} {acc[a]:.2f}" for a in ("shape", "colour", "size", "position") if acc.get(a) is not None
+        f"{a} {acc[a]:.2f} (chance {number(chance.get(a))}, real {number(real.get(a))})"
+        for a in ATTRIBUTES
+        if acc.get(a) is not None
     )
     return (
-        f"eval: n={result['n']}, FID ({result['fid_features']}) {result['fid']}, "
-        f"CLIP score {result['clip_score']}" + (f", attributes {parts}" if parts else "")
+        f"eval: n={result['n']}, {fid_label(result.get('fid_features'))} {result['fid']} "
+        f"(real halves {result.get('fid_real')}), "
+        f"CLIP score {result['clip_score']} (real {result.get('clip_score_real')})"
+        + (f", attributes {parts}" if parts else "")
     )

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.paths import resolve_recorded
 from trainers.sample import Generate
 
 
@@ -68,8 +69,9 @@ def load_ldm_generator(
         "kind": "ldm",
         "step": int(ckpt["step"]),
         "config": ckpt["config"],
-        "clip_model": ckpt["clip"]["model"],
-        "clip_pretrained": ckpt["clip"]["pretrained"],
+        # older runs recorded the cache's CLIP files relative to where they ran: find them from here
+        "clip_model": resolve_recorded(ckpt["clip"]["model"], path),
+        "clip_pretrained": resolve_recorded(ckpt["clip"]["pretrained"], path),
         "resolution": vae_ckpt["arch"]["resolution"],
         "h_dim": arch["h_dim"],
         "size": arch["size"],

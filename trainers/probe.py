@@ -273,7 +273,8 @@ def augment(crops, generator):
 
 
 def train_probe(config: ProbeConfig, progress: Callable[[int], None] | None = None) -> Probe:
-    """Render, train, evaluate on held-out images. `progress(n)` after each n training steps.
+    """Render, train, evaluate on held-out images. `progress(n)` after each n training steps (and
+    `progress.set_total(steps)` first, where it has one).
 
     The training unit is a slot crop: every occupied slot and as many empty ones, drawn afresh each
     epoch. Empty slots outnumber objects ~2:1, and only their presence is learnt, so subsampling them
@@ -305,6 +306,8 @@ def train_probe(config: ProbeConfig, progress: Callable[[int], None] | None = No
         optimizer, max_lr=config.lr, total_steps=steps_per_epoch * config.epochs, pct_start=0.15
     )
     generator = torch.Generator().manual_seed(config.seed)
+    if hasattr(progress, "set_total"):  # a pipeline.progress bar: the step count is known only now
+        progress.set_total(steps_per_epoch * config.epochs)
     probe.net.train()
     for _ in range(config.epochs):
         chosen = negatives[torch.randperm(len(negatives), generator=generator)[: len(positives)]]
@@ -409,18 +412,12 @@ def save_probe(probe: Probe, path: Path) -> Path:
 
 
 def load_probe(path: Path, device: str = "auto") -> Probe:
-    import torch
-
+    from pipeline.torch_files import load_torch_file
     from trainers.runs import select_device
 
-    try:
-        state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ConfigError(
-            f"--probe {path}: file not found; make one with `trainers probe --out {path}`"
-        ) from None
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a file that is not a checkpoint
-        raise ConfigError(f"--probe {path}: not a probe file ({type(e).__name__})") from None
+    if not Path(path).exists():
+        raise ConfigError(f"--probe {path}: file not found; make one with `trainers probe --out {path}`")
+    state = load_torch_file(path, "--probe", expect="a `trainers probe` file")
     if not isinstance(state, dict) or state.get("kind") != "probe":
         raise ConfigError(f"--probe {path}: not a `trainers probe` file")
     if state.get("version") != PROBE_VERSION:

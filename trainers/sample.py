@@ -21,6 +21,7 @@ from typing import Any
 
 from manifests import write_bytes_atomic
 from pipeline.errors import ConfigError
+from pipeline.paths import resolve_recorded
 
 LABEL_WIDTH = 200  # pixels of prompt text at the left of each grid row
 LABEL_MARGIN = 4
@@ -44,7 +45,7 @@ def load_generator(
     from trainers.runs import select_device
 
     path = resolve_checkpoint(ckpt_path, "--checkpoint")
-    ckpt = load_checkpoint(path, "--checkpoint")
+    ckpt = load_checkpoint(path, "--checkpoint", kinds=("gan", "ldm"))
     if ckpt.get("kind") == "ldm":
         from trainers.ldm_sample import load_ldm_generator
 
@@ -70,8 +71,9 @@ def load_generator(
         "kind": "gan",
         "step": int(ckpt["step"]),
         "config": ckpt["config"],
-        "clip_model": ckpt["clip"]["model"],
-        "clip_pretrained": ckpt["clip"]["pretrained"],
+        # older runs recorded the cache's CLIP files relative to where they ran: find them from here
+        "clip_model": resolve_recorded(ckpt["clip"]["model"], path),
+        "clip_pretrained": resolve_recorded(ckpt["clip"]["pretrained"], path),
         "resolution": arch["resolution"],
         "h_dim": arch["h_dim"],
         "size": arch["size"],

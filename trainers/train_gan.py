@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import ConfigError, require_at_least
+from pipeline.paths import absolute
 from trainers.checkpoints import load_checkpoint, resolve_checkpoint, restore_rng, save_checkpoint
 from trainers.gan import GAN_SIZES, architecture, build_models, check_resolution
 from trainers.runs import check_run_name, new_run_dir, select_device, trim_metrics, write_run_config
@@ -81,12 +82,11 @@ class GanConfig:
     resume: Path | None = None  # checkpoint file or run directory (latest checkpoint) to continue
 
     def validate(self) -> None:
-        from trainers.data import CONDITIONS
+        from trainers.data import check_condition
 
         if self.size not in GAN_SIZES:
             raise ConfigError(f"--size {self.size}: choose one of {', '.join(GAN_SIZES)}")
-        if self.condition not in CONDITIONS:
-            raise ConfigError(f"--condition {self.condition}: choose one of {', '.join(CONDITIONS)}")
+        check_condition(self.condition)
         check_run_name(self.name)
         require_at_least(
             ("--steps", self.steps, 1),
@@ -115,7 +115,7 @@ class GanConfig:
         """Plain JSON types (config.json, and the checkpoint, which must load with weights_only=True)."""
         out = asdict(self)
         for key in ("cache", "out", "resume"):
-            out[key] = None if out[key] is None else str(out[key])
+            out[key] = absolute(out[key])
         out["prompts"] = list(self.prompts)
         return out
 
@@ -393,28 +393,37 @@ def _data_record(batches: Iterator[dict]) -> dict[str, Any] | None:
     return info.record() if info is not None else None
 
 
+BAR_LOSSES = {"loss_g": "G", "loss_d": "D", "con_g": "cG", "con_d": "cD"}  # the bar's, in this order
+
+
+def bar_losses(losses: dict[str, float]) -> str:
+    """`G 1.23 D 0.567 cG 12.3 cD 4.56`: short, so the bar keeps 80 columns (metrics.jsonl has them all)."""
+    return " ".join(f"{label} {losses[k]:.3g}" for k, label in BAR_LOSSES.items() if k in losses)
+
+
 @contextlib.contextmanager
 def _progress(total: int, start: int, enabled: bool | Callable[[int], None]):
-    """The run's own bar; a callable `enabled` is called with 1 per step instead (a caller's bar)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from pipeline.progress import stderr
+    """The run's own bar (`pipeline.progress`: live on a terminal, plain lines elsewhere), advanced with
+    `advance(rate=, losses=)` per step; a callable `enabled` is called with 1 per step instead (a
+    caller's bar)."""
+    from pipeline.progress import bar_columns, make_progress
 
     if callable(enabled):
         yield lambda **fields: enabled(1)
         return
+    if not enabled:
+        yield lambda **fields: None
+        return
+    with make_progress(*bar_columns("losses")) as bar:
+        task = bar.add_task("gan", total=total, completed=start, rate="", losses="", unit="step")
 
-    columns = [
-        TextColumn("[bold]gan"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("[cyan]{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[losses]}"),
-    ]
-    with Progress(*columns, console=stderr, disable=not (enabled and stderr.is_terminal)) as bar:
-        task = bar.add_task("gan", total=total, completed=start, rate="", losses="")
-        yield lambda **fields: bar.update(task, advance=1, **fields)
+        def advance(rate: str | None = None, losses: dict[str, float] | None = None) -> None:
+            fields = {"rate": rate} if rate else {}
+            if losses:
+                fields["losses"] = bar_losses(losses)
+            bar.update(task, advance=1, **fields)
+
+        yield advance
 
 
 def run_gan(
@@ -506,11 +515,7 @@ def run_gan(
                     json.dumps({"step": done, **result.losses, "images_per_s": result.images_per_s}) + "\n"
                 )
                 log.flush()
-                shown = ("loss_g", "loss_d", "con_g", "con_d")
-                bar_fields = {
-                    "rate": f"{result.images_per_s:,.0f} img/s",
-                    "losses": " ".join(f"{k} {result.losses[k]:.3f}" for k in shown),
-                }
+                bar_fields = {"rate": f"{result.images_per_s:,.0f} img/s", "losses": result.losses}
             advance(**bar_fields)
             if (config.sample_every and done % config.sample_every == 0) or last:
                 images_u8 = trainer.G_ema.sample(grid_h, seed=config.seed)  # [P * n, 3, R, R] uint8

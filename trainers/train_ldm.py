@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import ConfigError, require_at_least
+from pipeline.paths import absolute
 from trainers.checkpoints import load_checkpoint, resolve_checkpoint, restore_rng, save_checkpoint
 from trainers.ldm import LDM_SIZES, Dit, flow_loss, ldm_architecture, sample_euler
 from trainers.runs import check_run_name, new_run_dir, select_device, trim_metrics, write_run_config
@@ -69,12 +70,11 @@ class LdmConfig:
     resume: Path | None = None  # checkpoint file or run directory (latest checkpoint) to continue
 
     def validate(self) -> None:
-        from trainers.data import CONDITIONS
+        from trainers.data import check_condition
 
         if self.size not in LDM_SIZES:
             raise ConfigError(f"--size {self.size}: choose one of {', '.join(LDM_SIZES)}")
-        if self.condition not in CONDITIONS:
-            raise ConfigError(f"--condition {self.condition}: choose one of {', '.join(CONDITIONS)}")
+        check_condition(self.condition)
         check_run_name(self.name)
         require_at_least(
             ("--steps", self.steps, 1),
@@ -107,7 +107,7 @@ class LdmConfig:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         for key in ("cache", "vae", "out", "init", "resume"):
-            out[key] = None if out[key] is None else str(out[key])
+            out[key] = absolute(out[key])
         return out
 
     @classmethod

@@ -439,9 +439,7 @@ def load_vae(path: Path | str, flag: str = "--vae") -> tuple[AutoencoderKL, dict
     from trainers.checkpoints import load_checkpoint, resolve_checkpoint
 
     path = resolve_checkpoint(path, flag)
-    ckpt = load_checkpoint(path, flag)
-    if ckpt.get("kind") != "vae":
-        raise ConfigError(f"{flag} {path}: not a `trainers vae` checkpoint (kind {ckpt.get('kind')!r})")
+    ckpt = load_checkpoint(path, flag, kinds=("vae",))
     model = AutoencoderKL(ckpt["arch"])
     model.load_state_dict(ckpt["model"])
     ckpt["path"] = str(path.resolve())

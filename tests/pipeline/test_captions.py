@@ -225,7 +225,7 @@ def test_shards_hold_contiguous_ids_and_clip_features(cache, tmp_path):
     np.testing.assert_allclose(second["txt_emb"].astype(np.float32), expected, atol=2e-3)
     norms = np.linalg.norm(first["txt_emb"].astype(np.float32), axis=1)
     np.testing.assert_allclose(norms, 1.0, atol=2e-3)
-    stats = json.loads((cache / "captions" / "00001.stats.json").read_text())
+    stats = json.loads((cache / "captions" / "_stats" / "00001.json").read_text())
     assert stats["rows"] == 10 and stats["encoded"] == 10 and stats["first_caption_id"] == 20
     assert stats["dropped_while_reading"] == {"duplicate": 1, "empty": 1}
 
@@ -275,12 +275,8 @@ def test_shrunk_corpus_removes_surplus_shards(cache, tmp_path):
     _corpus(corpus, _texts(25))
     result = cap.run_captions(_config(cache, corpus), clip)
     assert result.shards_run == [1] and result.shards_total == 2
-    assert sorted(p.name for p in (cache / "captions").glob("0*")) == [
-        "00000.parquet",
-        "00000.stats.json",
-        "00001.parquet",
-        "00001.stats.json",
-    ]
+    assert sorted(p.name for p in (cache / "captions").glob("0*")) == ["00000.parquet", "00001.parquet"]
+    assert sorted(p.name for p in (cache / "captions" / "_stats").iterdir()) == ["00000.json", "00001.json"]
     assert sorted(p.name for p in (cache / "captions" / "_manifests").iterdir()) == [
         "00000.json",
         "00001.json",
@@ -292,7 +288,7 @@ def test_long_captions_are_counted_as_truncated(cache, tmp_path):
     corpus = _corpus(tmp_path / "c.txt", ["short one", long])
     result = cap.run_captions(_config(cache, corpus), embedded_clip(cache))
     assert result.truncated == 1
-    assert json.loads((cache / "captions" / "00000.stats.json").read_text())["truncated"] == 1
+    assert json.loads((cache / "captions" / "_stats" / "00000.json").read_text())["truncated"] == 1
 
 
 def test_empty_corpus_is_a_config_error(cache, tmp_path):

@@ -95,5 +95,5 @@ def test_init_writes_a_config_that_loads_back(project):
     assert again.exit_code == 2 and "exists" in again.output
     # every written key is accepted by the checker, and the defaults come back unchanged
     text = text.replace("inputs = []", 'inputs = ["imgs"]').replace('"ViT-B-32"', f'"{TINY_CLIP}"')
-    _write(project / "pipeline.toml", text.replace('clip_pretrained = "openai"', 'clip_pretrained = ""'))
+    _write(project / "pipeline.toml", text.replace('clip_pretrained = "auto"', 'clip_pretrained = ""'))
     assert _dry_run("embed")["config"]["image_size"] == 256

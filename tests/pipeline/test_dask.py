@@ -37,7 +37,7 @@ def default_project(tmp_path, world, monkeypatch):
         ("inputs = []", 'inputs = ["world/*.tar"]'),
         ("captions = []", 'captions = ["world/captions.parquet"]'),
         ('clip_model = "ViT-B-32"', f'clip_model = "{TINY_CLIP}"'),
-        ('clip_pretrained = "openai"', 'clip_pretrained = ""'),
+        ('clip_pretrained = "auto"', 'clip_pretrained = ""'),
     ):
         assert default in text, default
         text = text.replace(default, ours, 1)

@@ -1,21 +1,37 @@
-"""`pipeline demo`: the whole story end to end (the smoke preset: tiny sizes, a few steps each)."""
+"""`pipeline demo`: the whole story end to end (the smoke preset: tiny sizes, a few steps each), and a
+rerun into the same folder."""
 
 from __future__ import annotations
 
 import csv
 import json
+import re
+from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
+from pipeline import clip as clip_module
+from pipeline import demo as demo_module
 from pipeline.cli import app
 
 
-def test_demo_smoke_runs_every_step_and_prints_the_comparison(tmp_path):
-    out = tmp_path / "demo"
-    result = CliRunner().invoke(
+def run_demo(out: Path):
+    return CliRunner().invoke(
         app, ["demo", "--out", str(out), "--preset", "smoke", "--workers", "0", "--device", "cpu"]
     )
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    result = run_demo(out)
     assert result.exit_code == 0, result.output
+    return out, result
+
+
+def test_demo_smoke_runs_every_step_and_prints_the_comparison(demo):
+    out, result = demo
     for name in (
         "compare/samples.png",
         "compare/report.md",
@@ -33,6 +49,55 @@ def test_demo_smoke_runs_every_step_and_prints_the_comparison(tmp_path):
     for stage in ("embed", "captions", "index", "retrieve", "optimize"):
         assert list((out / "cache" / stage / "_manifests").glob("*.json")), stage
     assert "perturb" in result.output and "optimize" in result.output and "zero-shot" in result.output
+    # one plain line per step, with its time (the output is no terminal here)
+    for i, step in enumerate(("synth", "clip", "pipeline", "compare"), 1):
+        assert re.search(rf"^demo {i}/4 {step}: .*\bin \d+:\d\d:\d\d\b", result.output, re.M), result.output
+
+
+def folders(root: Path) -> set[Path]:
+    return {p.relative_to(root) for p in root.rglob("*") if p.is_dir()}
+
+
+def assert_up_to_date(out: Path, monkeypatch) -> None:
+    """`pipeline status` in the demo's folder (its pipeline.toml) sees every stage configured and fresh,
+    and `pipeline run --config` from elsewhere has nothing to do."""
+    runner = CliRunner()
+    monkeypatch.chdir(out)
+    result = runner.invoke(app, ["status", "--json"])
+    assert result.exit_code == 0, result.output
+    for stage in json.loads(result.stdout):
+        assert stage["up_to_date"] > 0 and not stage["stale"], stage
+        assert "not configured" not in stage["note"], stage
+    monkeypatch.chdir(out.parent)
+    result = runner.invoke(app, ["--config", str(out / "pipeline.toml"), "run"])
+    assert result.exit_code == 0, result.output
+    assert "embed: 0 shard(s) made" in result.output and "optimize: 0 shard(s) made" in result.output
+
+
+def test_demo_reruns_in_its_folder(demo, monkeypatch):
+    out, _ = demo
+    before = folders(out)
+    result = run_demo(out)  # same presets: the trained CLIP is reused, nothing is restaged
+    assert result.exit_code == 0, result.output
+    assert "demo 1/4 synth: kept" in result.output and "demo 2/4 clip: reused" in result.output, result.output
+    assert "demo 3/4 pipeline: 0 images embedded" in result.output, result.output
+    assert "compare: 0 run(s) made, 2 up to date" in result.output, result.output
+    assert folders(out) == before
+    assert (out / "pipeline.toml").is_file()
+    assert_up_to_date(out, monkeypatch)
+
+    # a CLIP trained anew (other bytes) stales the captions encoded by the old one: the demo restages them
+    smoke = demo_module.PRESETS["smoke"]
+    monkeypatch.setitem(demo_module.PRESETS, "smoke", {**smoke, "clip": {**smoke["clip"], "seed": 1}})
+    # a fresh process, as each `pipeline demo` is: `cached_clip` keys on the checkpoint's path, so in this
+    # process it would serve the CLIP of the runs above from the rewritten file
+    monkeypatch.setattr(clip_module, "_LOADED", {})
+    monkeypatch.chdir(out.parent)
+    result = run_demo(out)
+    assert result.exit_code == 0, result.output
+    assert "compare: 2 run(s) made" in result.output, result.output
+    assert folders(out) == before
+    assert_up_to_date(out, monkeypatch)
 
 
 def test_demo_bad_preset_is_one_line(tmp_path):

@@ -44,7 +44,7 @@ def _sidecar(cache, shard=0):
 
 
 def _stats(cache, shard=0):
-    return json.loads((cache / "embed" / f"{shard:05d}.stats.json").read_text())
+    return json.loads((cache / "embed" / "_stats" / f"{shard:05d}.json").read_text())
 
 
 def test_folder_outputs_read_back_with_webdataset_and_pyarrow(image_folder, tmp_path):

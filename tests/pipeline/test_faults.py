@@ -20,41 +20,15 @@ from typer.testing import CliRunner
 
 from manifests.faults import ENOSPC_ENV
 from pipeline.cli import app
-from pipeline.synth import SynthConfig, run_synth
-from tests.pipeline.test_run import CONFIG
 
 runner = CliRunner()
 EMBED = ["embed", "world/00000.tar", "world/00001.tar", "world/00002.tar", "--clip-model", TINY_CLIP]
 EMBED += ["--clip-pretrained", "", "--image-size", "32", "--workers", "0"]
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """A project whose cache went through `pipeline run`, and a pristine copy of it.
-
-    Restored at the same path for each test: the cache records its inputs by absolute path.
-    """
-    root = tmp_path_factory.mktemp("faults") / "project"
-    run_synth(SynthConfig(out=root / "world", n=48, shard_size=16, n_captions=120, image_size=32))
-    (root / "pipeline.toml").write_text(CONFIG)
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        _cli("run")
-    finally:
-        os.chdir(cwd)
-    pristine = root.parent / "pristine"
-    shutil.copytree(root, pristine, symlinks=True)
-    return root, pristine
-
-
 @pytest.fixture
-def project(built, monkeypatch):
-    root, pristine = built
-    shutil.rmtree(root)
-    shutil.copytree(pristine, root, symlinks=True)
-    monkeypatch.chdir(root)
-    return root
+def project(ran_project):
+    return ran_project
 
 
 def _cli(*args, code=0, env=None):
@@ -180,7 +154,7 @@ def test_deleted_manifest_is_manifest_missing_not_new_shard(project):
     ("path", "command"),
     [
         ("cache/index/index.json", "run"),
-        ("cache/optimize/00000.stats.json", "optimize"),
+        ("cache/optimize/_stats/00000.json", "optimize"),
         ("cache/captions/_corpus.json", "status"),
     ],
 )

@@ -103,7 +103,7 @@ def _read(cache, shard=0):
 
 
 def _stats(cache, shard=0):
-    return json.loads((cache / "optimize" / f"{shard:05d}.stats.json").read_text())
+    return json.loads((cache / "optimize" / "_stats" / f"{shard:05d}.json").read_text())
 
 
 def _pseudo(table) -> np.ndarray:

@@ -118,7 +118,7 @@ def test_outputs_line_up_with_embed_shards_and_equal_brute_force_top_k(base):
 
 def test_stats_report_attribute_precision_of_retrieved_captions(base):
     cache = base["cache"]
-    stats = json.loads((cache / "retrieve" / "00000.stats.json").read_text())
+    stats = json.loads((cache / "retrieve" / "_stats" / "00000.json").read_text())
     precision = stats["precision"]
     assert precision["n_scored"] == stats["rows"] == 20 and precision["k"] == K
     for at in ("precision_at_1", "precision_at_k"):
@@ -137,7 +137,7 @@ def test_stats_report_attribute_precision_of_retrieved_captions(base):
         best = matching_object(target, parse_caption(texts[row[0]]))
         hits.append(best is not None and best.get("shape") == target["shape"])
     assert precision["precision_at_1"]["shape"] == pytest.approx(np.mean(hits), abs=1e-4)
-    empty = json.loads((cache / "retrieve" / "00003.stats.json").read_text())
+    empty = json.loads((cache / "retrieve" / "_stats" / "00003.json").read_text())
     assert empty["rows"] == 0 and empty["precision"] is None
 
 
@@ -181,12 +181,12 @@ def test_score_attributes_on_hand_made_captions():
 def test_rerun_is_a_noop_and_a_new_embed_shard_is_searched_alone(cache, base):
     again = rt.run_retrieve(_config(cache, base["corpus"]))
     assert again.captions.shards_run == [] and not again.index.built and again.shards_run == []
-    extra = run_synth(
-        SynthConfig(out=base["root"] / "more", n=5, shard_size=5, n_captions=40, seed=3, image_size=32)
+    extra = run_synth(  # its 13th shard holds keys 60-64, which the cache's 60 images do not
+        SynthConfig(out=base["root"] / "more", n=65, shard_size=5, n_captions=40, seed=3, image_size=32)
     )
     run_embed(
         EmbedConfig(
-            inputs=(*base["inputs"], str(extra.shards[0])),  # embed takes all inputs: the old and one new
+            inputs=(*base["inputs"], str(extra.shards[12])),  # embed takes all inputs: the old and one new
             cache=cache,
             clip_model=TINY_CLIP,
             clip_pretrained="",

@@ -12,7 +12,7 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from factories import TINY_CLIP
+from factories import RUN_CONFIG as CONFIG
 from typer.testing import CliRunner
 
 from manifests.lock import CacheLock
@@ -21,23 +21,6 @@ from pipeline.synth import SynthConfig, run_synth
 
 runner = CliRunner()
 CLI = [sys.executable, "-c", "from pipeline.cli import main; main()"]
-
-CONFIG = f"""
-cache = "cache"
-[embed]
-inputs = ["world/*.tar"]
-clip_model = "{TINY_CLIP}"
-clip_pretrained = ""
-image_size = 32
-workers = 0
-batch_size = 16
-[retrieve]
-captions = ["world/captions.parquet"]
-k = 4
-[optimize]
-steps = 3
-batch_size = 16
-"""
 
 
 @pytest.fixture(scope="module")
@@ -108,16 +91,16 @@ def test_each_change_reruns_exactly_what_it_requires(project, world_template):
     assert not status["embed"]["stale"] and not status["retrieve"]["stale"]
     assert _made(_cli("run")) == {"embed": 0, "captions": 0, "index": False, "retrieve": 0, "optimize": 3}
 
-    # appended images: only the new shard, through every stage
-    run_synth(SynthConfig(out=project / "more", n=16, seed=9, shard_size=16, n_captions=40, image_size=32))
-    shutil.copy(project / "more" / "00000.tar", project / "world" / "00003.tar")
+    # appended images: only the new shard, through every stage (keys 48-63: a cache's keys are unique)
+    run_synth(SynthConfig(out=project / "more", n=64, seed=9, shard_size=16, n_captions=40, image_size=32))
+    shutil.copy(project / "more" / "00003.tar", project / "world" / "00003.tar")
     status = _status()
     assert status["embed"]["stale"] == {"3": "new shard"}
     assert status["retrieve"]["stale"] == {"3": "upstream changed: embed"}
     assert _made(_cli("run")) == {"embed": 1, "captions": 0, "index": False, "retrieve": 1, "optimize": 1}
 
-    # one changed image: one shard per stage
-    shutil.copy(project / "more" / "00000.tar", project / "world" / "00001.tar")
+    # changed images (the same keys): one shard per stage
+    shutil.copy(project / "more" / "00001.tar", project / "world" / "00001.tar")
     status = _status()
     assert status["embed"]["stale"] == {"1": "inputs changed"}
     assert status["optimize"]["stale"] == {"1": "upstream changed: embed"}

@@ -252,5 +252,5 @@ def test_cells_and_chance_levels():
     assert chance["acc"]["shape"] == pytest.approx(1 / 6, abs=1e-4)
     assert chance["acc"]["size"] == pytest.approx(0.5, abs=1e-4)
     assert 0.2 <= chance["acc"]["position"] <= 0.4  # k/5 for prompts naming k = 1 or 2 objects
-    given, source = chance_levels({"chance": {"shape": 0.1, "colour": 0.2}})
-    assert source == "eval.json" and given["acc_seen"] == {"shape": 0.1, "colour": 0.2}
+    given, source = chance_levels({"attribute_accuracy_seen_pairs_chance": {"shape": 0.1, "colour": 0.2}})
+    assert source.startswith("eval.json") and given["acc_seen"] == {"shape": 0.1, "colour": 0.2}

@@ -64,7 +64,9 @@ def test_every_method_on_a_full_cache(caches, tmp_path):
     assert sum(series["optimize/image"]["counts"]) == N and "caption/random_real_pair" in series
 
     # The optimize row scores the stored pseudo features like the stage's stats score its output.
-    stats = [json.loads(p.read_text()) for p in sorted((caches["full"] / "optimize").glob("*.stats.json"))]
+    stats = [
+        json.loads(p.read_text()) for p in sorted((caches["full"] / "optimize" / "_stats").glob("*.json"))
+    ]
     precision = report["methods"]["optimize"]["attribute_precision"]
     for name in ("shape", "colour", "size", "position", "object", "mean"):
         stage = sum(s["attr_precision_final"][name] * s["attr_precision_final"]["n"] for s in stats) / N

@@ -471,6 +471,7 @@ def test_allow_partial_trains_on_the_rest_and_records_the_rows(scratch, tmp_path
     assert result.exit_code == 0, result.output
     recorded = json.loads((tmp_path / "000-gan" / "config.json").read_text())["data"]
     used = [k for k in embed_keys(scratch, 0) if k != DROPPED_KEY]  # shard 0, in sample order
+    assert recorded.pop("provenance")["stage"] == "optimize"  # its contents: tests/pipeline/test_variants.py
     assert recorded == {
         "condition": "optimize",
         "n_images": len(used),
@@ -485,7 +486,8 @@ def test_allow_partial_trains_on_the_rest_and_records_the_rows(scratch, tmp_path
     prompts.write_text("hello world\n")
     config = EvalConfig("run", scratch, tmp_path / "eval", prompts=prompts, n=8, device="cpu", grid=0)
     evaluate(config, generate, info)
-    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["training_data"] == recorded
+    training_data = json.loads((tmp_path / "eval" / "eval.json").read_text())["training_data"]
+    assert training_data.pop("provenance")["stage"] == "optimize" and training_data == recorded
 
 
 def flip_middle(path: Path, n: int = 16) -> None:

@@ -9,6 +9,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from bad_torch_files import bad_torch_files
 from factories import TINY_CLIP
 from PIL import Image
 from typer.testing import CliRunner
@@ -244,3 +245,81 @@ def test_inception_fid_is_used_when_its_weights_are_on_disk(cache, tmp_path, pro
     result = run(cache, tmp_path, "inception", noise, probe, n=12, grid=0)  # clean-fid's resize is slow
     assert result["fid_features"] == "inception" and result["fid"] == result["fid_inception"]
     assert result["fid_clip"] is not None and result["fid"] != result["fid_clip"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# References beside every number, and unreadable user files
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_every_metric_has_its_reference_beside_it(results, tmp_path_factory):
+    out = tmp_path_factory.getbasetemp()
+    written = json.loads(next(out.glob("evals*/oracle/eval.json")).read_text())
+    for metric in ("fid", "fid_clip", "clip_score"):  # named after the metric: beside it in the sorted file
+        assert written[f"{metric}_real"] is not None, metric
+    for split in ("", "_held_out_pairs", "_seen_pairs"):
+        assert set(written[f"attribute_accuracy{split}_chance"]) == {*evaluate_module.ATTRIBUTES, "all"}
+    assert written["fid_inception"] is None and written["fid_inception_real"] is None
+    assert written["fid_real"] == written["fid_clip_real"] and written["n_real_halves"] == [20, 20]
+    assert 0 <= written["fid_real"] < results["noise"]["fid"]
+    chance = written["attribute_accuracy_chance"]
+    assert chance["shape"] == pytest.approx(1 / 6, abs=1e-3) and chance["size"] == pytest.approx(
+        0.5, abs=1e-3
+    )
+    assert 0.2 <= chance["position"] <= 0.4 and chance["all"] < chance["shape"]
+    assert written["attribute_accuracy_chance"] == results["noise"]["attribute_accuracy_chance"]  # prompts
+    line = evaluate_module.describe(written)
+    assert "FID (CLIP features) " in line and "real halves" in line and "chance" in line, line
+    assert f"CLIP score {written['clip_score']} (real {written['clip_score_real']})" in line, line
+
+
+def test_compare_reads_chance_levels_from_eval_json(results):
+    from trainers.compare_report import chance_levels
+
+    chance, source = chance_levels(results["oracle"])
+    assert source.startswith("eval.json")
+    assert chance["acc"] == results["oracle"]["attribute_accuracy_chance"]
+    assert chance["acc_held_out"] == results["oracle"]["attribute_accuracy_held_out_pairs_chance"]
+
+
+def test_eval_cli_unreadable_files_are_one_line(cache, tmp_path, probe):
+    bad = bad_torch_files(tmp_path / "bad")
+    jpeg, _ = bad["jpeg"]
+    good_probe = save_probe(probe, tmp_path / "probe.pt")
+    state_dict = tmp_path / "inception-2015-12-05.pt"  # the right name, the wrong kind of file
+    torch.save({"w": torch.zeros(2)}, state_dict)
+    base = ["eval", "--cache", str(cache), "--out", str(tmp_path / "o"), "--n", "4", "--device", "cpu"]
+    for extra, message in (
+        (["--checkpoint", str(jpeg)], f"--checkpoint {jpeg}: a JPEG image"),
+        (["--checkpoint", str(bad["truncated"][0])], "truncated"),
+        (["--checkpoint", "CKPT", "--probe", str(jpeg)], f"--probe {jpeg}: a JPEG image"),
+        (["--checkpoint", "CKPT", "--probe", str(good_probe), "--inception", str(jpeg)], "--inception"),
+        (["--checkpoint", "CKPT", "--probe", str(good_probe), "--inception", str(state_dict)], "TorchScript"),
+        (["--checkpoint", "CKPT", "--prompts", str(jpeg)], f"--prompts {jpeg}"),
+    ):
+        uses_fake = "CKPT" in extra
+        with pytest.MonkeyPatch.context() as patch:
+            if uses_fake:
+                patch.setitem(sys.modules, "trainers.sample", _fake_sampler_module())
+            result = runner.invoke(app, base + [a if a != "CKPT" else "c.pt" for a in extra])
+        assert result.exit_code == 2, result.output
+        lines = [
+            line for line in result.output.splitlines() if line.strip() and not line.startswith("warning")
+        ]
+        assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.output, result.output
+
+
+def test_inception_weights_are_read_from_the_file_given(cache, tmp_path, probe, monkeypatch):
+    """--inception names a file; any name works (not only clean-fid's inception-2015-12-05.pt)."""
+    weights = tmp_path / "my-inception.pt"
+    torch.jit.script(FakeInception()).save(str(weights))
+    monkeypatch.setattr(evaluate_module, "CLEANFID_INCEPTION", tmp_path / "absent.pt")
+    result = run(cache, tmp_path, "named", noise, probe, n=12, grid=0, inception=weights)
+    assert result["fid_features"] == "inception" and result["fid_real"] == result["fid_inception_real"]
+    assert "FID (Inception features) " in evaluate_module.describe(result)
+
+
+def _fake_sampler_module():
+    module = types.ModuleType("trainers.sample")
+    module.load_generator = lambda ckpt_path, **kwargs: (noise, dict(INFO))
+    return module

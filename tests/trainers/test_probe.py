@@ -121,7 +121,7 @@ def test_cached_probe_trains_once_per_cache(tmp_path, monkeypatch):
 
     monkeypatch.undo()
     path.write_bytes(b"\0" * path.stat().st_size)  # a damaged derived file is retrained, with a warning
-    with pytest.warns(UserWarning, match="probe-.*: not a probe file .*; retraining it"):
+    with pytest.warns(UserWarning, match="probe-.*: not a `trainers probe` file .*; retraining it"):
         remade, _ = cached_probe(cache, config)
     assert remade.config == first.config and probe_module.load_probe(path, "cpu").config == first.config
 

@@ -4,11 +4,13 @@ single images, and the CLI (success and one-line errors)."""
 from __future__ import annotations
 
 import itertools
+import re
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from bad_torch_files import bad_torch_files
 from factories import TINY_CLIP
 from PIL import Image
 from typer.testing import CliRunner
@@ -88,10 +90,15 @@ def test_load_generator_uses_the_ema_weights(checkpoint, tmp_path):
 
 def test_load_generator_refuses_non_checkpoints(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match="--checkpoint .*junk.pt: not a readable checkpoint"):
+    with pytest.raises(ConfigError, match="--checkpoint .*junk.pt: not a torch checkpoint"):
         load_generator(tmp_path / "junk.pt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(
+        ConfigError, match="--checkpoint .*tensor.pt: .*not a `trainers gan` or `trainers ldm`"
+    ):
+        load_generator(tmp_path / "tensor.pt")
     torch.save({"kind": "clip", "step": 1}, tmp_path / "other.pt")  # neither gan nor ldm
-    with pytest.raises(ConfigError, match="not a `trainers gan` checkpoint"):
+    with pytest.raises(ConfigError, match="not a `trainers gan` or `trainers ldm` checkpoint .kind 'clip'"):
         load_generator(tmp_path / "other.pt")
 
 
@@ -163,3 +170,22 @@ def test_cli_sample_errors_are_one_line(checkpoint, args, message):
     assert "Traceback" not in result.output
     lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith("warning")]
     assert len(lines) == 1 and message in lines[0], result.output
+
+
+@pytest.mark.parametrize("name", ["jpeg", "truncated", "numpy_inside", "html"])
+def test_cli_sample_unreadable_checkpoint_is_one_line(tmp_path, name):
+    path, message = bad_torch_files(tmp_path)[name]
+    result = runner.invoke(app, ["sample", "--checkpoint", str(path), "--prompt", "x"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith("warning")]
+    assert len(lines) == 1 and f"--checkpoint {path}: " in lines[0], result.output
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_cli_sample_unreadable_prompts_file_is_one_line(checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"\xff\xd8\xff\xe0 not text")
+    result = runner.invoke(app, ["sample", "--checkpoint", str(checkpoint), "--prompts", str(prompts)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith("warning")]
+    assert len(lines) == 1 and f"--prompts {prompts}: " in lines[0], result.output

@@ -1,0 +1,157 @@
+"""How a command's processes share the machine: the workers it starts die with it, and torch's threads
+fit the CPUs it may use.
+
+Workers: a DataLoader worker asks the kernel for SIGKILL when its parent dies (`PR_SET_PDEATHSIG`), so a
+killed `pipeline embed` or trainer leaves no decoder holding memory. Torch's own parent check runs only
+between batches, every 5 s, and a worker that passes it then hangs in exit joining its queue's feeder
+thread, blocked writing to a full pipe whose read end its siblings inherited: 2 of 2 decoders of an embed
+of 64-image batches were still running 15 s after its SIGKILL (tests/pipeline/test_processes.py). Dask
+LocalCluster workers need nothing here: distributed hands each one a pipe from the parent and the worker
+exits when it closes.
+
+Threads: a command starts with `--threads`, else OMP_NUM_THREADS, else `available_cpus()` (the affinity
+mask capped by a cgroup CPU quota), and a process that starts W workers beside it lowers itself to
+`available_cpus() // (1 + W)`, at least 1; decode and loader workers run 1 thread (torch sets it), Dask
+workers 1 (distributed sets OMP_NUM_THREADS=1). More threads than free cores is far worse than fewer: on
+2 cores beside one busy process, a GAN-sized step ran at 38-74 img/s on 2 threads and 480-1000 on 1
+(benchmarks/bench_threads.py). Other jobs are invisible here: on a shared machine pass --threads 1.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+THREADS_ENV = "OMP_NUM_THREADS"
+
+_UNSET = object()
+_requested: int | None | object = _UNSET  # the command's explicit count, once `start_threads` has run
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when its parent exits; `parent` is the pid it should have.
+
+    The signal fires when the parent *thread* that started this process exits, so start workers from a
+    thread that lives as long as they should (the main thread here). A no-op off Linux.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # a sandbox that refuses prctl: torch's own parent check between batches remains
+    if os.getppid() != parent:  # the parent died before the prctl: no signal will come now
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _init_worker(parent: int, worker_id: int) -> None:
+    die_with_parent(parent)
+
+
+def loader_worker_init() -> Callable[[int], None]:
+    """The `worker_init_fn` of every DataLoader here: each worker dies with this process."""
+    return functools.partial(_init_worker, os.getpid())
+
+
+def _cgroup_quota(directory: Path, v2: bool) -> float | None:
+    try:
+        if v2:
+            quota, period = (directory / "cpu.max").read_text().split()
+        else:
+            quota = (directory / "cpu.cfs_quota_us").read_text().strip()
+            period = (directory / "cpu.cfs_period_us").read_text().strip()
+    except (OSError, ValueError):
+        return None
+    if quota in ("max", "-1"):
+        return None
+    return int(quota) / int(period)
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT, self_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
+    """CPUs allowed by the tightest CPU quota on this process's cgroup and its ancestors (v2 `cpu.max`,
+    v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`), or None when there is none."""
+    try:
+        lines = self_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base, v2 = root, True
+        elif "cpu" in controllers.split(","):
+            base, v2 = (root / controllers if (root / controllers).is_dir() else root / "cpu"), False
+        else:
+            continue
+        # Walk up to the mount: a container's mount shows its own cgroup while the path names the host's.
+        directory = base.joinpath(*Path(path).parts[1:])
+        while True:
+            limits.append(_cgroup_quota(directory, v2))
+            if directory == base or base not in directory.parents:
+                break
+            directory = directory.parent
+    found = [limit for limit in limits if limit is not None]
+    return min(found) if found else None
+
+
+def _affinity_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota rounded down (1.5 CPUs of
+    quota run 1 thread unthrottled rather than 2 throttled), at least 1."""
+    cpus = _affinity_cpus()
+    quota = cgroup_cpu_limit()
+    return max(1, min(cpus, int(quota))) if quota is not None else cpus
+
+
+def _env_threads() -> int | None:
+    value = os.environ.get(THREADS_ENV, "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def _explicit_threads() -> int | None:
+    return _env_threads() if _requested is _UNSET else _requested
+
+
+def _set_torch_threads(threads: int, exact: bool) -> int:
+    """Set torch's intra-op threads if torch is loaded; a chosen (not asked-for) count only ever lowers."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return threads
+    if not exact:
+        threads = min(threads, torch.get_num_threads())
+    torch.set_num_threads(threads)
+    return threads
+
+
+def start_threads(threads: int | None) -> int:
+    """The root callback of both CLIs, before anything imports torch: this command's threads are `threads`
+    (--threads), else OMP_NUM_THREADS, else `available_cpus()`. A count below torch's own default (the
+    affinity mask) is exported as OMP_NUM_THREADS, which torch reads on import and the processes the
+    command starts inherit. Returns the count."""
+    global _requested
+    _requested = threads or _env_threads()
+    chosen = _requested or available_cpus()
+    if threads or chosen < _affinity_cpus():
+        os.environ[THREADS_ENV] = str(chosen)
+    return _set_torch_threads(chosen, exact=_requested is not None)
+
+
+def limit_threads(workers: int) -> int:
+    """Called as this process starts `workers` workers (processes or decode threads) that run beside it:
+    lower torch's threads to `available_cpus() // (1 + workers)`, at least 1, unless the command asked for
+    a count. Returns torch's count."""
+    import torch
+
+    explicit = _explicit_threads()
+    if explicit is not None:
+        return torch.get_num_threads()
+    return _set_torch_threads(max(1, available_cpus() // (1 + workers)), exact=False)

@@ -1,0 +1,229 @@
+"""The process policy: what a command starts dies with it, and torch's threads fit the CPUs it may use.
+
+The kill tests run real commands as subprocesses, stall their workers (`PIPELINE_STALL_AT`,
+manifests/faults.py) so they are busy when the parent gets SIGKILL, and read children from /proc.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from factories import TINY_CLIP, tiny_cache
+from typer.testing import CliRunner
+
+from pipeline import processes
+from pipeline.synth import SynthConfig, run_synth
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc; PR_SET_PDEATHSIG is Linux's")
+
+PIPELINE = [sys.executable, "-c", "from pipeline.cli import main; main()"]
+TRAINERS = [sys.executable, "-c", "from trainers.cli import main; main()"]
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                kids = [int(k) for k in (task / "children").read_text().split()]
+            except OSError:  # the task exited meanwhile
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (PID 1 of a container may never reap the orphans it adopts)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _stalled(log: Path) -> set[str]:
+    """The processes that reached the stall point, from their `stalled at NAME in PID` lines."""
+    lines = log.read_text().splitlines()
+    return {line.rpartition(" in ")[2] for line in lines if line.startswith("stalled at")}
+
+
+def _killed_leaves_nothing(cmd: list[str], n_workers: int, cwd: Path, stall: str) -> None:
+    """Start `cmd`, wait until `n_workers` of its workers are stalled at `stall`, SIGKILL it, and assert
+    every process it started is gone within 10 s."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PIPELINE_STALL_AT": stall, "PIPELINE_STALL_S": "120"}
+    log = cwd / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 90
+        while len(_stalled(log)) < n_workers:
+            assert proc.poll() is None, f"exited {proc.returncode} before its workers: {log.read_text()}"
+            assert time.monotonic() < deadline, f"no {n_workers} workers: {log.read_text()}"
+            time.sleep(0.1)
+        children = [k for k in _descendants(proc.pid) if _alive(k)]
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(k) for k in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [k for k in children if _alive(k)]
+    for kid in left:  # don't leave them to the next test
+        os.kill(kid, signal.SIGKILL)
+    assert _stalled(log) <= {str(k) for k in children}
+    assert not left, f"{len(left)} of {len(children)} children still running 10 s after SIGKILL"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    run_synth(SynthConfig(out=out, n=16, shard_size=8, n_captions=40, image_size=32))
+    return out
+
+
+def test_a_killed_embed_leaves_no_decode_worker(world, tmp_path):
+    embed = ["embed", f"{world}/*.tar", "--cache", str(tmp_path / "c"), "--clip-model", TINY_CLIP]
+    embed += ["--clip-pretrained", "", "--image-size", "32", "--workers", "2", "--batch-size", "4"]
+    _killed_leaves_nothing([*PIPELINE, *embed], 2, tmp_path, "embed:decode")
+
+
+def test_a_killed_dask_run_leaves_no_cluster_worker(world, tmp_path):
+    """distributed's own guard (a pipe from the parent that each worker watches) already does this."""
+    (tmp_path / "pipeline.toml").write_text(
+        f'[embed]\ninputs = ["{world}/*.tar"]\nclip_model = "{TINY_CLIP}"\nclip_pretrained = ""\n'
+        'image_size = 32\nworkers = 2\nbatch_size = 4\n[optimize]\nmethod = "perturb"\n'
+    )
+    run = ["run", "--cache", str(tmp_path / "c"), "--until", "embed", "--executor", "dask", "--workers", "2"]
+    _killed_leaves_nothing([*PIPELINE, *run], 2, tmp_path, "embed:decode")
+
+
+def test_a_killed_trainer_leaves_no_loader_worker(tmp_path):
+    cache = tiny_cache(tmp_path)
+    gan = ["gan", "--cache", str(cache), "--out", str(tmp_path / "runs"), "--size", "tiny"]
+    gan += ["--condition", "perturb", "--steps", "1000", "--batch-size", "4", "--workers", "2"]
+    _killed_leaves_nothing([*TRAINERS, *gan, "--device", "cpu"], 2, tmp_path, "trainers:load")
+
+
+def test_a_worker_whose_parent_died_before_it_could_ask_exits_at_once():
+    """PR_SET_PDEATHSIG only covers a parent that dies later: an orphan already has another parent."""
+    code = "from pipeline.processes import die_with_parent; die_with_parent(1); print('still here')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL and not proc.stdout, proc.stderr
+
+
+def _cgroup(tmp_path: Path, proc_line: str, files: dict[str, str]) -> tuple[Path, Path]:
+    root = tmp_path / "cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (tmp_path / "self_cgroup").write_text(proc_line)
+    return root, tmp_path / "self_cgroup"
+
+
+@pytest.mark.parametrize(
+    ("proc_line", "files", "cpus"),
+    [
+        ("0::/\n", {"cpu.max": "max 100000\n"}, None),  # v2, no quota
+        ("0::/job\n", {"job/cpu.max": "150000 100000\n"}, 1.5),  # v2, 1.5 CPUs
+        ("0::/a/b\n", {"a/cpu.max": "300000 100000\n", "a/b/cpu.max": "max 100000\n"}, 3.0),  # a parent's
+        ("0::/docker/abc\n", {"cpu.max": "200000 100000\n"}, 2.0),  # host path, namespaced mount
+        ("1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1
+        (
+            "4:cpu,cpuacct:/x\n",
+            {"cpu,cpuacct/x/cpu.cfs_quota_us": "50000\n", "cpu,cpuacct/x/cpu.cfs_period_us": "100000\n"},
+            0.5,
+        ),
+    ],
+)
+def test_the_cgroup_cpu_quota_is_read_on_v1_and_v2(tmp_path, proc_line, files, cpus):
+    root, self_cgroup = _cgroup(tmp_path, proc_line, files)
+    assert processes.cgroup_cpu_limit(root, self_cgroup) == cpus
+
+
+def test_available_cpus_is_the_affinity_capped_by_the_quota_rounded_down(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(processes, "cgroup_cpu_limit", lambda *a: None)
+    assert processes.available_cpus() == 4
+    monkeypatch.setattr(processes, "cgroup_cpu_limit", lambda *a: 2.5)
+    assert processes.available_cpus() == 2
+    monkeypatch.setattr(processes, "cgroup_cpu_limit", lambda *a: 0.5)
+    assert processes.available_cpus() == 1
+
+
+@pytest.fixture
+def torch_threads(monkeypatch):
+    """Torch's thread count and the process's thread request are restored afterwards."""
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(processes, "_requested", processes._UNSET)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(("cpus", "workers", "threads"), [(2, 0, 2), (2, 2, 1), (16, 3, 4), (16, 8, 1)])
+def test_starting_workers_leaves_the_main_process_a_fair_share(
+    torch_threads, monkeypatch, cpus, workers, threads
+):
+    monkeypatch.setattr(processes, "available_cpus", lambda: cpus)
+    torch.set_num_threads(cpus)
+    assert processes.limit_threads(workers) == threads == torch.get_num_threads()
+
+
+def test_starting_workers_never_overrides_an_explicit_count(torch_threads, monkeypatch):
+    monkeypatch.setattr(processes, "available_cpus", lambda: 2)
+    processes.start_threads(3)
+    assert processes.limit_threads(2) == 3 == torch.get_num_threads()
+
+
+def test_starting_workers_never_raises_a_lower_count(torch_threads, monkeypatch):
+    monkeypatch.setattr(processes, "available_cpus", lambda: 16)
+    torch.set_num_threads(1)  # as the trainer tests do
+    assert processes.limit_threads(0) == 1
+
+
+def test_a_command_starts_with_the_cpus_it_may_use_or_omp_num_threads(torch_threads, monkeypatch):
+    monkeypatch.setattr(processes, "available_cpus", lambda: 3)  # a quota below torch's default of 8
+    torch.set_num_threads(8)
+    assert processes.start_threads(None) == 3 == torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert processes.start_threads(None) == 1 == torch.get_num_threads()
+    assert processes.start_threads(2) == 2 == torch.get_num_threads()  # --threads beats the environment
+    assert os.environ["OMP_NUM_THREADS"] == "2"  # for the processes it starts
+
+
+def test_the_embed_loader_lowers_the_main_process_threads_for_its_decoders(torch_threads, monkeypatch):
+    from pipeline.embed_data import ShardSamples, shard_loader
+
+    monkeypatch.setattr(processes, "available_cpus", lambda: 2)
+    torch.set_num_threads(2)
+    dataset = ShardSamples([], image_size=32, image_format="jpg", quality=90, max_pixels=10**8, clip_size=32)
+    shard_loader(dataset, batch_size=4, workers=2, pin_memory=False)
+    assert torch.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("cli", ["pipeline", "trainers"])
+def test_the_threads_option_sets_torch_threads_for_the_command(torch_threads, cli):
+    from pipeline.cli import app as pipeline_app
+    from trainers.cli import app as trainers_app
+
+    app, command = (pipeline_app, "status") if cli == "pipeline" else (trainers_app, "sample")
+    result = CliRunner().invoke(app, ["--threads", "3", command, "--help"])  # the root callback runs first
+    assert result.exit_code == 0, result.output
+    assert torch.get_num_threads() == 3
+    assert os.environ["OMP_NUM_THREADS"] == "3"
+
+
+def test_threads_below_one_is_refused(torch_threads):
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, ["--threads", "0", "status"])
+    assert result.exit_code == 2 and "--threads" in result.output
