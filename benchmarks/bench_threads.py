@@ -19,6 +19,8 @@ stalled step than images_per_s (wall clock).
 
     python benchmarks/bench_threads.py                       # busy 0,1; 5 s per arm: about 40 s
     python benchmarks/bench_threads.py --busy 0,1,2 --seconds 3
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_threads.py   # idle threads sleep at once
+    GOMP_SPINCOUNT=10000 python benchmarks/bench_threads.py      # ... after a short spin (the CLIs' default)
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from pipeline.processes import available_cpus  # noqa: E402
 
 TORCH_DEFAULT = torch.get_num_threads()  # before anything here sets it
 COLUMNS = ["busy", "arm", "threads", "steps", "median_step_ms", "images_per_s", "median_images_per_s"]
-COLUMNS += ["load_before", "load_after"]
+COLUMNS += ["omp_env", "load_before", "load_after"]
+OMP_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # how idle OpenMP threads wait (read when torch loads)
 
 
 def make_step(batch: int, size: int):
@@ -102,6 +105,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     step = make_step(args.batch, args.size)
     base = {**stamp("cpu"), "cpus": cpus, "torch_default": TORCH_DEFAULT, "batch": args.batch}
     base |= {"size": args.size, "seconds": args.seconds}
+    base["omp_env"] = " ".join(f"{k}={os.environ[k]}" for k in OMP_ENV if k in os.environ) or "unset"
     rows = []
     for busy in busy_counts:
         spinners = start_busy(busy)

@@ -227,3 +227,14 @@ def test_threads_below_one_is_refused(torch_threads):
 
     result = CliRunner().invoke(app, ["--threads", "0", "status"])
     assert result.exit_code == 2 and "--threads" in result.output
+
+
+def test_idle_openmp_threads_spin_briefly_unless_the_user_chose(torch_threads, monkeypatch):
+    for name in processes.OMP_WAIT_ENV:
+        monkeypatch.delenv(name, raising=False)
+    processes.start_threads(None)
+    assert os.environ["GOMP_SPINCOUNT"] == processes.SPIN_COUNT  # inherited by the workers it starts
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    processes.start_threads(None)
+    assert "GOMP_SPINCOUNT" not in os.environ
