@@ -142,10 +142,10 @@ def start_threads(threads: int | None) -> int:
     command starts inherit. Returns the count.
 
     It also makes idle OpenMP threads (libgomp, torch's on Linux) stop spinning sooner, unless the user
-    set how they wait: beside one busy process on 2 cores, 2 threads ran a GAN-sized step at 740-780
-    img/s with GOMP_SPINCOUNT=10000 against 130-440 with libgomp's default, and at the same 1,810-1,860
-    img/s on the quiet machine (OMP_WAIT_POLICY=PASSIVE: 940-1,070 busy but 1,500 quiet;
-    benchmarks/bench_threads.py)."""
+    set how they wait: beside one busy process on 2 cores, 2 threads ran a GAN-sized step at 727-743
+    img/s (median) with GOMP_SPINCOUNT=10000 against 126-787 with libgomp's default, and at the same
+    speed on the quiet machine (1,764-1,810 against 1,767-1,851); OMP_WAIT_POLICY=PASSIVE gave 892-1,003
+    beside the busy process but lost 15% when quiet (benchmarks/bench_threads.py, BENCHMARKS.md)."""
     global _requested
     if not any(name in os.environ for name in OMP_WAIT_ENV):
         os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
