@@ -186,24 +186,27 @@ def plan_embed(config: EmbedConfig, *, write_plan: bool = True) -> EmbedPlan:
 def check_unique_keys(config: EmbedConfig, tasks: list[EmbedTask], up_to_date: list[int]) -> None:
     """Before anything is written: no key may come from two inputs (img2dataset and `pipeline synth`
     both number every download from 000000000), against the committed shards too. Keys repeated
-    within one input are dropped as `duplicate_key` when written, as before."""
+    within one input are dropped as `duplicate_key` when written, as before. Runs only when there is
+    work: it reads the new inputs' keys (tar headers) and the key column of every committed sidecar."""
     import pyarrow.parquet as pq
 
     from pipeline.embed_data import cache_key
 
-    owner: dict[str, str] = {}  # cache key -> the input (path) that holds it
+    owner: dict[str, str | int] = {}  # cache key -> the input (path) holding it, or its committed shard
+    sidecars = {}
     for shard in up_to_date:
-        out = next(
-            o for o in read_manifest(config.cache, STAGE, shard)["outs"] if o["path"].endswith(".parquet")
-        )
-        table = pq.read_table(Path(config.cache) / out["path"], columns=["key", "source"])
-        for key, source in zip(table["key"].to_pylist(), table["source"].to_pylist(), strict=True):
-            owner.setdefault(key, source.split("#")[0])
+        outs = read_manifest(config.cache, STAGE, shard)["outs"]
+        sidecars[shard] = Path(config.cache) / next(o["path"] for o in outs if o["path"].endswith(".parquet"))
+        for key in pq.read_table(sidecars[shard], columns=["key"])["key"].to_pylist():
+            owner.setdefault(key, shard)
     for task in tasks:
         for unit in task.units:
             prefix = key_prefix(unit, config.key_prefix)
             for key in dict.fromkeys(cache_key(prefix + k) for k in unit_keys(unit)):
                 other = owner.setdefault(key, unit.path)
+                if isinstance(other, int):  # the committed row's source names its input
+                    table = pq.read_table(sidecars[other], columns=["key", "source"]).to_pydict()
+                    other = table["source"][table["key"].index(key)].split("#")[0]
                 if other != unit.path:
                     raise ConfigError(_collision(config, key, other, unit))
 
