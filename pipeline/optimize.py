@@ -473,6 +473,9 @@ def run_optimize(config: OptimizeConfig, progress: Progress | None = None, execu
     plan = plan_optimize(config)
     clean_temp_files(Path(config.cache) / config.stage)
     migrate_stats(config.cache, config.stage)
+    if hasattr(progress, "set_total"):  # a pipeline.progress bar: the embed rows of the shards to run
+        embed = list_manifests(config.cache, "embed")
+        progress.set_total(sum(embed[t.spec.shard].get("rows", 0) for t in plan.tasks))
     written, dropped = 0, Counter()
     for manifest in (executor or LocalExecutor()).map(
         optimize_shard, plan.tasks, gpu=True, progress=progress

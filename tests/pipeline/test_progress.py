@@ -152,7 +152,7 @@ def test_training_bars_print_plain_lines_off_a_terminal(monkeypatch, name):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_embed_bar_total_is_the_samples_of_the_shards_to_run(tmp_path, monkeypatch):
+def test_embed_and_optimize_bar_totals_are_the_samples_of_the_shards_to_run(tmp_path, monkeypatch):
     runner = CliRunner()
     synth = ["synth", "--out", tmp_path / "w", "--n", 20, "--shard-size", 8, "--n-captions", 40]
     assert runner.invoke(app, [str(a) for a in [*synth, "--image-size", 32]]).exit_code == 0
@@ -167,6 +167,11 @@ def test_embed_bar_total_is_the_samples_of_the_shards_to_run(tmp_path, monkeypat
     result = runner.invoke(app, [str(a) for a in [*embed, f"{tmp_path / 'w'}/*.tar"]])
     assert result.exit_code == 0, result.output
     assert lines_of(console)[-1].startswith("embed: 12/12 img (100%)"), lines_of(console)
+
+    console = plain_console(monkeypatch)  # optimize's total: the embed rows of its shards to run
+    result = runner.invoke(app, ["optimize", "--cache", str(tmp_path / "c"), "--method", "perturb"])
+    assert result.exit_code == 0, result.output
+    assert lines_of(console)[-1].startswith("optimize: 20/20 img (100%)"), lines_of(console)
 
 
 def test_probe_bar_total_is_its_training_steps(monkeypatch):
