@@ -31,6 +31,7 @@ run() {  # run SECONDS CMD...: a time-limited step whose output goes to the log 
 case "$phase" in
     kernels)
         run 120 python -m kernels.compile_check --dims 512,768
+        run 120 python -m kernels.self_check   # the first-use verdict on this device, and its cost
         run 420 python -m pytest tests/kernels -q -p no:cacheprovider -rs
         ;;
     contrastive)

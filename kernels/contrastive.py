@@ -8,7 +8,8 @@
 Neither backend materialises the N x N logits:
 - "triton" (`kernels.contrastive_triton`): fused kernels with online log-sum-exp over tiles.
 - "torch": a chunked implementation, O(N * chunk_rows) memory, that also serves CPUs.
-"auto" picks triton for CUDA tensors on Ampere or newer when triton imports, torch otherwise.
+"auto" picks triton for CUDA tensors on Ampere or newer when triton imports and its first-use self-check
+(`kernels.self_check`) passes for the device, dtype and D class; torch otherwise.
 
 The loss is returned as a float32 scalar whatever the input dtype; the gradient has the dtype of H.
 F is frozen: it gets no gradient, and passing an F that requires grad raises instead of silently
@@ -19,9 +20,13 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch.autograd.function import once_differentiable
+
+if TYPE_CHECKING:
+    from kernels.self_check import SelfCheck
 
 BACKENDS = ("auto", "triton", "torch")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -69,18 +74,34 @@ def _triton_importable() -> bool:
     return True
 
 
-def _resolve_backend(backend: str, h: torch.Tensor) -> str:
+def resolve_backend(
+    backend: str, device: torch.device, dtype: torch.dtype, dim: int
+) -> tuple[str, SelfCheck | None]:
+    """The backend `contrastive_loss` runs for N x dim inputs on `device` in `dtype`, and the self-check
+    verdict behind it when "auto" considered triton (None otherwise: an explicit backend, a CPU, an
+    older GPU). The check runs once per device, dtype and D class in a process (`first_use_check`)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if h.is_cuda and _triton_supported(h.device) else "torch"
-    return backend
+    if backend != "auto":
+        return backend, None
+    if not _triton_supported(device):
+        return "torch", None
+    from kernels.self_check import first_use_check
+
+    check = first_use_check(device, dtype, dim)
+    return ("triton" if check.passed else "torch"), check
+
+
+def _resolve_backend(backend: str, h: torch.Tensor) -> str:
+    return resolve_backend(backend, h.device, h.dtype, h.shape[1])[0]
 
 
 def _triton_supported(device: torch.device) -> bool:
-    """Triton imports and the GPU is Ampere or newer (bf16 tensor-core dots; the configs are checked
-    for sm_80+ by kernels.compile_check). Older GPUs take the torch path under backend="auto"."""
-    return _triton_importable() and torch.cuda.get_device_capability(device) >= (8, 0)
+    """A CUDA device, Triton imports and the GPU is Ampere or newer (bf16 tensor-core dots; the configs
+    are checked for sm_80+ by kernels.compile_check). Older GPUs take the torch path under "auto"."""
+    return (
+        device.type == "cuda" and _triton_importable() and torch.cuda.get_device_capability(device) >= (8, 0)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,7 +221,8 @@ def contrastive_loss(
         h: pseudo text features, float16/bfloat16/float32.
         f: image features, same shape, dtype and device as h; must not require grad.
         tau: temperature > 0 (tested down to 0.01).
-        backend: "auto" (triton for CUDA tensors on sm_80+ if importable, else torch), "triton" or "torch".
+        backend: "auto" (triton for CUDA tensors on sm_80+ if importable and its first-use self-check
+            passes, else torch), "triton" (no self-check) or "torch".
         chunk_rows: rows per chunk for the torch backend; default `default_chunk_rows(N)`.
         triton_config: a `kernels.contrastive_triton.TritonConfig` overriding the block sizes.
 

@@ -20,7 +20,8 @@ from pipeline.errors import ConfigError
 from pipeline.help import ordered_group
 from pipeline.progress import describe_drops, progress_bar, stderr
 
-COMMAND_ORDER = ("init", "synth", "embed", "retrieve", "optimize", "run", "status", "demo")  # as run
+# As run; doctor checks the machine, demo runs it all on a synthetic world.
+COMMAND_ORDER = ("init", "synth", "embed", "retrieve", "optimize", "run", "status", "doctor", "demo")
 
 app = typer.Typer(
     cls=ordered_group(COMMAND_ORDER),
@@ -641,6 +642,32 @@ def status(
         typer.echo(json.dumps([s.to_dict() for s in stages], indent=1))
     else:
         typer.echo(render_status(stages))
+
+
+@app.command()
+@user_errors
+def doctor(
+    ctx: typer.Context,
+    cache: Annotated[
+        Path | None, typer.Option("--cache", help="Also summarise `pipeline status` of this cache.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """What to trust a machine by before a long run: versions, devices and free memory, the kernel
+    self-check, faiss-gpu, thread and worker defaults, the CLIP weights, and what pipeline.toml needs.
+
+    Offline and in seconds: nothing asks the network. Exits 1 when something the config needs is missing;
+    warnings do not fail.
+    """
+    from pipeline.doctor import diagnose, render_report
+
+    report = diagnose(cache, _sections(ctx))
+    typer.echo(json.dumps(report.to_dict(), indent=1) if as_json else render_report(report))
+    if report.missing:
+        stderr.print(
+            f"doctor: missing {', '.join(c.name for c in report.missing)}", highlight=False, markup=False
+        )
+        raise typer.Exit(1)
 
 
 def main() -> None:

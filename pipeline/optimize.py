@@ -350,9 +350,12 @@ def nearest_caption_precision(
 
 def optimize_shard(task: OptimizeTask, progress: Progress | None = None) -> dict[str, Any]:
     """Make one optimize shard and commit it; returns its manifest."""
+    from dataclasses import replace
+
     import pyarrow as pa
     import torch
 
+    from kernels.contrastive import resolve_backend
     from pipeline.clip import resolve_device
     from pipeline.optimize_methods import Neighbours, pseudo_txt_features, split_batches
 
@@ -383,7 +386,11 @@ def optimize_shard(task: OptimizeTask, progress: Progress | None = None) -> dict
             valid=torch.from_numpy(rows.nbr_valid).to(device),
         )
     on_batch = (lambda b: progress(b, [])) if progress else None
-    feats = pseudo_txt_features(f, cfg.hyper(dim, device), batches, nbrs=nbrs, noise=noise, progress=on_batch)
+    hp = cfg.hyper(dim, device)
+    # Resolved once (under auto: the kernel's first-use self-check) and pinned, so the stats say what ran.
+    loss_backend, self_check = resolve_backend(hp.backend, device, getattr(torch, hp.loss_dtype), dim)
+    hp = replace(hp, backend=loss_backend)
+    feats = pseudo_txt_features(f, hp, batches, nbrs=nbrs, noise=noise, progress=on_batch)
     t_compute = time.perf_counter()
 
     # Never write NaN or a non-unit vector: check what is actually stored (float16).
@@ -453,6 +460,8 @@ def optimize_shard(task: OptimizeTask, progress: Progress | None = None) -> dict
         "attr_precision_final": precision_final,
         "device": str(device),
         "loss_dtype": cfg.loss_dtype(device),
+        "loss_backend": loss_backend,
+        "self_check": self_check.summary() if self_check else None,  # when auto considered triton
         "timings": timings,
     }
     write_stats(cache, spec.stage, spec.shard, stats)

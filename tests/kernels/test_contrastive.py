@@ -217,11 +217,16 @@ def test_auto_backend_uses_torch_on_cpu():
 
 def test_auto_backend_needs_ampere_for_triton(monkeypatch):
     import kernels.contrastive as contrastive
+    import kernels.self_check as self_check
 
     class CudaTensorStub:  # what _resolve_backend looks at
         is_cuda = True
         device = torch.device("cuda", 0)
+        dtype = torch.bfloat16
+        shape = (8, 512)
 
+    passed = self_check.SelfCheck(True, 0.0, 0.0, True, {}, "stub")  # tests/kernels/test_self_check.py
+    monkeypatch.setattr(self_check, "first_use_check", lambda device, dtype, dim: passed)
     monkeypatch.setattr(contrastive, "_triton_importable", lambda: True)
     for capability, expected in (((7, 5), "torch"), ((8, 0), "triton"), ((9, 0), "triton")):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)

@@ -50,6 +50,7 @@ def test_pipeline_help_lists_commands_in_the_order_they_are_run():
         "optimize",
         "run",
         "status",
+        "doctor",
         "demo",
     ]
 

@@ -188,6 +188,27 @@ def test_bf16_loss_inputs_still_refine_and_record_their_dtype(tmp_path):
     assert np.isfinite(h).all() and np.allclose(np.linalg.norm(h, axis=1), 1.0, atol=2e-3)
 
 
+def test_stats_record_the_loss_backend_that_ran_and_the_self_check_behind_auto(tmp_path, monkeypatch):
+    import kernels.contrastive as contrastive
+    import kernels.self_check as self_check
+
+    cache = tmp_path / "cache"
+    structured_world(cache, shards=(40,))
+    run_optimize(_config(cache, steps=2))
+    stats = _stats(cache)
+    assert (stats["loss_backend"], stats["self_check"]) == ("torch", None)  # CPU: auto never considers triton
+
+    # As on a GPU whose kernel fails its first-use self-check: auto runs torch, and the stats say why.
+    failed = self_check.SelfCheck(False, 0.5, 0.2, False, {}, "triton differs from torch: dH ...")
+    monkeypatch.setattr(contrastive, "_triton_supported", lambda device: True)
+    monkeypatch.setattr(self_check, "first_use_check", lambda device, dtype, dim: failed)
+    run_optimize(_config(cache, steps=2, force=True))
+    stats = _stats(cache)
+    assert stats["loss_backend"] == "torch" and stats["self_check"] == failed.summary()
+    run_optimize(_config(cache, steps=2, backend="torch", force=True))
+    assert (_stats(cache)["loss_backend"], _stats(cache)["self_check"]) == ("torch", None)
+
+
 def test_attribute_precision_of_the_nearest_caption_is_reported_on_the_synthetic_world(tmp_path):
     cache = tmp_path / "cache"
     structured_world(cache, shards=(120,), noise=0.6)

@@ -1,0 +1,193 @@
+"""`pipeline doctor`: its fields, the --json form, and exit 1 when something the config needs is missing.
+
+The machine is made what each test needs by monkeypatching doctor's probes (`package_version`,
+`cuda_devices`, the local-weights lookup), never by uninstalling anything.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from factories import TINY_CLIP, tiny_cache
+from typer.testing import CliRunner
+
+import pipeline.clip
+import pipeline.doctor as doctor
+from pipeline.cli import app
+
+FIELDS = ["torch", "CUDA", "triton", "faiss", "open_clip", "dask", "pyarrow", "cpu", "kernel self-check"]
+FIELDS += ["faiss-gpu", "threads", "embed workers", "CLIP weights"]
+TINY_TOML = f'[embed]\nclip_model = "{TINY_CLIP}"\nclip_pretrained = ""\n'
+
+
+@pytest.fixture
+def machine(tmp_path, monkeypatch):
+    """A CPU machine, online as far as the environment says, in an empty project folder."""
+    from huggingface_hub import constants
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(doctor, "cuda_devices", lambda: [])
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return tmp_path
+
+
+def without(monkeypatch, *modules):
+    """Simulate `modules` not being installed."""
+    installed = doctor.package_version
+    monkeypatch.setattr(doctor, "package_version", lambda m: None if m in modules else installed(m))
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def checks_of(result) -> dict[str, dict]:
+    return {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+
+
+def test_doctor_prints_every_field(machine):
+    result = invoke("doctor")
+    assert result.exit_code == 0, result.output
+    names = [line.split("  ")[0].strip() for line in result.stdout.splitlines() if not line.startswith(" ")]
+    assert names == FIELDS
+    assert "not applicable (no CUDA device)" in result.stdout
+    assert "ViT-B-32 'auto' -> 'openai'" in result.stdout  # the default weights, looked up locally
+
+
+def test_doctor_json_has_the_same_fields(machine):
+    result = invoke("doctor", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [c["name"] for c in report["checks"]] == FIELDS and report["missing"] == []
+    checks = checks_of(result)
+    assert checks["torch"]["status"] == "ok" and checks["torch"]["value"].startswith("torch ")
+    assert checks["faiss"]["value"].startswith("faiss-")  # names the build: faiss-cpu or faiss-gpu
+    assert checks["kernel self-check"] == {
+        "name": "kernel self-check",
+        "value": "not applicable (no CUDA device)",
+        "status": "n/a",
+        "hint": "",
+    }
+    assert {c["status"] for c in report["checks"]} <= {"ok", "warn", "n/a"}
+
+
+def test_a_missing_required_package_exits_1_naming_it(machine, monkeypatch):
+    without(monkeypatch, "faiss")
+    result = invoke("doctor", "--json")
+    assert result.exit_code == 1
+    checks = checks_of(result)
+    assert checks["faiss"]["status"] == "missing" and "pip install faiss-cpu" in checks["faiss"]["hint"]
+    assert checks["faiss-gpu"]["status"] == "n/a"
+    assert result.stderr.strip() == "doctor: missing faiss"
+
+
+def test_dask_is_missing_only_when_the_config_runs_on_dask(machine, monkeypatch):
+    without(monkeypatch, "dask")
+    (machine / "pipeline.toml").write_text(TINY_TOML)
+    result = invoke("doctor")
+    assert result.exit_code == 0, result.output
+    assert "dask               warn" in result.stdout
+    (machine / "pipeline.toml").write_text(TINY_TOML + '[run]\nexecutor = "dask"\n')
+    result = invoke("doctor")
+    assert result.exit_code == 1 and result.stderr.strip() == "doctor: missing dask"
+
+
+def test_cuda_asked_for_but_absent_exits_1(machine):
+    (machine / "pipeline.toml").write_text(
+        TINY_TOML + 'device = "cuda"\n[retrieve]\nindex = "gpu-flat"\n[optimize]\ndevice = "cpu"\n'
+    )
+    result = invoke("doctor", "--json")
+    assert result.exit_code == 1
+    checks = checks_of(result)
+    assert checks["[embed] device"]["status"] == checks["[retrieve] index"]["status"] == "missing"
+    assert "[optimize] device" not in checks
+    assert result.stderr.strip() == "doctor: missing [embed] device, [retrieve] index"
+
+
+def test_clip_weights_come_from_the_local_cache_only(machine, monkeypatch, tmp_path):
+    def offline(*args, **kwargs):
+        raise AssertionError("doctor must not ask the network")
+
+    monkeypatch.setattr(pipeline.clip, "_offline_reason", offline)
+    monkeypatch.setattr(pipeline.clip, "cached_weights_file", lambda name, tag: None)
+    assert doctor.clip_weights_check("ViT-B-32", "auto").status == "warn"  # online: embed downloads them
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    missing = doctor.clip_weights_check("ViT-B-32", "auto")
+    assert missing.status == "missing" and "HF_HUB_OFFLINE" in missing.value
+    weights = tmp_path / "open_clip_model.safetensors"
+    monkeypatch.setattr(pipeline.clip, "cached_weights_file", lambda name, tag: weights)
+    assert doctor.clip_weights_check("ViT-B-32", "openai").status == "ok"
+    assert doctor.clip_weights_check(TINY_CLIP, "").status == "ok"  # random weights: nothing to load
+    assert doctor.clip_weights_check(TINY_CLIP, "auto").status == "warn"  # random weights by default
+    assert doctor.clip_weights_check(TINY_CLIP, "missing.pt").status == "missing"
+    assert doctor.clip_weights_check("no-such-model", "auto").status == "missing"
+
+
+def test_cache_summary_counts_each_stage(machine, tmp_path_factory):
+    cache = tiny_cache(tmp_path_factory.mktemp("doctor"))
+    (machine / "pipeline.toml").write_text(TINY_TOML)
+    result = invoke("doctor", "--cache", cache, "--json")
+    assert result.exit_code == 0, result.output
+    checks = checks_of(result)
+    assert checks["cache embed"]["value"].startswith("2 up to date, 0 stale")
+    assert checks["cache index"]["value"].startswith("0 up to date, 1 stale")
+
+
+def test_a_path_that_is_not_a_cache_is_a_warning_not_a_traceback(machine):
+    (machine / "pipeline.toml").write_text(TINY_TOML)
+    result = invoke("doctor", "--cache", machine / "nowhere")
+    assert result.exit_code == 0, result.output
+    assert "cache              warn     --cache" in result.stdout and "no such directory" in result.stdout
+
+
+def test_embed_workers_follow_the_config(machine):
+    (machine / "pipeline.toml").write_text(TINY_TOML + "workers = 3\n")
+    assert checks_of(invoke("doctor", "--json"))["embed workers"]["value"].startswith("3 decoders")
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """An Ampere-class cuda:0 for `self_check_check`, whose kernel check returns `verdicts[0]`."""
+    import torch
+
+    from kernels import self_check
+
+    verdicts = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(self_check, "self_check", lambda device, dtype, dim: verdicts[0])
+    return verdicts
+
+
+def _verdict(passed: bool, cached: bool = False):
+    from kernels.self_check import SelfCheck
+
+    reason = "matched" if passed else "triton differs from torch: dH relative error 3.0e-01 > 2e-02"
+    return SelfCheck(passed, 1e-3 if passed else 0.3, 0.0 if cached else 1.2, cached, {}, reason)
+
+
+def test_self_check_passes_fails_and_fails_hard_under_backend_triton(fake_gpu, monkeypatch, tmp_path):
+    monkeypatch.setenv("LAFITE_CACHE_DIR", str(tmp_path))
+    fake_gpu.append(_verdict(True, cached=True))
+    passed = doctor.self_check_check("cuda:0", "bfloat16", 512, explicit_triton=False)
+    assert passed.status == "ok" and "cached in" in passed.value and str(tmp_path) in passed.value
+    fake_gpu[0] = _verdict(False)
+    failed = doctor.self_check_check("cuda:0", "bfloat16", 512, explicit_triton=False)
+    assert failed.status == "warn" and "triton differs from torch" in failed.value  # auto runs torch
+    hard = doctor.self_check_check("cuda:0", "bfloat16", 512, explicit_triton=True)
+    assert hard.status == "missing" and "backend" in hard.hint
+
+
+def test_self_check_not_available_without_the_module(fake_gpu, monkeypatch):
+    monkeypatch.setitem(sys.modules, "kernels.self_check", None)  # the import now raises ImportError
+    check = doctor.self_check_check("cuda:0", "bfloat16", 512, explicit_triton=False)
+    assert check.status == "n/a" and check.value.startswith("not available")
+
+
+def test_self_check_needs_triton_on_a_cuda_machine(monkeypatch):
+    monkeypatch.setattr(doctor, "cuda_devices", lambda: ["cuda:0"])
+    without(monkeypatch, "triton")
+    (check,) = doctor.self_check_checks({})
+    assert check.status == "n/a" and "triton not importable" in check.value
