@@ -239,22 +239,26 @@ def check_outputs(cache: Path, manifest: dict[str, Any], *, verify: bool = False
         if st.st_size != out["size"]:
             return f"output altered: {out['path']}"
         if out.get("mtime_ns") and st.st_mtime_ns != out["mtime_ns"]:
-            if not copied_output_ok(path, st, out["digest"], verified):
+            if not copied_output_ok(path, st, out["digest"], verified, rehash=verify):
                 return f"output altered: {out['path']}"
         elif (verify or verified is not None) and _content_digest(path, st, verified) != out["digest"]:
             return f"output damaged (content digest differs): {out['path']}"
     return None
 
 
-def copied_output_ok(path: Path, st: os.stat_result, digest: str, memo: dict[str, str] | None = None) -> bool:
+def copied_output_ok(
+    path: Path, st: os.stat_result, digest: str, memo: dict[str, str] | None = None, *, rehash: bool = False
+) -> bool:
     """Whether an output with a new mtime still holds its committed bytes: one content hash, then its
     (size, mtime, digest) is remembered in the folder's `_stat_cache.json` so later checks are stat-only.
+    When verifying (`rehash`, or inside `verifying_outputs`), a remembered entry is not trusted: bit rot
+    keeps size and mtime.
 
     Safe without the lock: an entry only vouches for exactly that size and mtime, which a rewrite changes.
     """
     entries = _stat_cache(path.parent)
     stat = [st.st_size, st.st_mtime_ns, digest]
-    if entries.get(path.name) == stat:
+    if entries.get(path.name) == stat and not rehash and memo is None:
         return True
     if _content_digest(path, st, memo) != digest:
         return False

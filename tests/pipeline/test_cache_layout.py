@@ -4,6 +4,7 @@ any cache, configured or not."""
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow.parquet as pq
 import pytest
@@ -112,3 +113,21 @@ def test_a_real_change_in_a_copy_is_still_caught(ran_project):
     sidecar.write_bytes(bytes(data))
     stages = {s["stage"]: s for s in json.loads(_invoke("status", "--cache", "copy", "--json"))}
     assert stages["optimize"]["stale"] == {"1": "output altered: optimize/00001.parquet"}
+
+
+def test_verify_rehashes_a_copy_that_the_stat_cache_already_vouched_for(ran_project):
+    import subprocess
+
+    subprocess.run(["cp", "-r", "cache", "copy"], check=True)
+    assert all(not s["stale"] for s in json.loads(_invoke("status", "--cache", "copy", "--json")))
+    sidecar = ran_project / "copy" / "optimize" / "00001.parquet"
+    st = sidecar.stat()
+    data = bytearray(sidecar.read_bytes())
+    data[len(data) // 2] ^= 1  # bit rot after the copy was accepted: size and mtime kept
+    sidecar.write_bytes(bytes(data))
+    os.utime(sidecar, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert not {s["stage"]: s for s in json.loads(_invoke("status", "--cache", "copy", "--json"))}[
+        "optimize"
+    ]["stale"], "stat-only status trusts the remembered stat"
+    verified = {s["stage"]: s for s in json.loads(_invoke("status", "--cache", "copy", "--json", "--verify"))}
+    assert verified["optimize"]["stale"] == {"1": "output altered: optimize/00001.parquet"}
