@@ -105,6 +105,12 @@ def check_condition(condition: str, flag: str = "--condition") -> None:
     check_variant(variant)
 
 
+def stage_condition(stage: str) -> str:
+    """The condition that reads `stage`'s features, for the stages that have one (`condition_stage`'s
+    inverse): optimize-NAME -> optimize:NAME, retrieve -> retrieve."""
+    return stage.replace("-", ":", 1) if stage.startswith("optimize-") else stage
+
+
 def condition_stage(condition: str) -> str:
     """The stage whose shards a condition reads its features from (embed for perturb and caption)."""
     from pipeline.optimize import variant_stage
@@ -182,10 +188,7 @@ def feature_dim(cache: Path) -> int:
 
 
 def missing_stage_error(cache: Path, condition: str) -> ConfigError:
-    """The one-line error for a condition (or the stage it reads: optimize-NAME is optimize:NAME) whose
-    stage has nothing committed, naming the command to run."""
-    if condition.startswith("optimize-"):
-        condition = condition.replace("-", ":", 1)
+    """The one-line error for a condition whose stage has nothing committed, naming the command to run."""
     stage = condition_stage(condition)
     run = f"run `{stage_command(stage, cache)}`" + {
         "optimize": " (after `pipeline retrieve`)",
@@ -606,7 +609,7 @@ def _stage_rows(rows: EmbedRows, stage: str, columns: list[str]) -> tuple[dict[i
     A stage that never ran is a ConfigError naming it; one with no usable shard now, a `PartialCache`."""
     manifests = list_manifests(rows.cache, stage)
     if not manifests:
-        raise missing_stage_error(rows.cache, stage)
+        raise missing_stage_error(rows.cache, stage_condition(stage))
     tables, skipped = {}, {}
     for shard in rows.shards:
         manifest = manifests.get(shard)
