@@ -99,3 +99,19 @@ def load_checkpoint(path: Path, flag: str = "--checkpoint", kinds: tuple[str, ..
     if kinds and ckpt.get("kind") not in kinds:
         raise ConfigError(f"{flag} {path}: not a {wanted} checkpoint (kind {ckpt.get('kind')!r})")
     return ckpt
+
+
+def load_init(path: Path | str, kind: str) -> tuple[Path, dict[str, Any]]:
+    """The `--init` checkpoint (a file, or a run directory's latest): a `trainers {kind}` one, whose
+    weights start a new run (a fresh optimiser, step 0)."""
+    path = resolve_checkpoint(path, "--init")
+    return path, load_checkpoint(path, "--init", kinds=(kind,))
+
+
+def require_same_arch(path: Path, theirs: dict[str, Any], ours: dict[str, Any], keys, hint: str) -> None:
+    """Refuse an --init checkpoint whose architecture differs from this run's on any of `keys`."""
+    diff = [f"{k} {theirs.get(k)} vs {ours.get(k)}" for k in keys if theirs.get(k) != ours.get(k)]
+    if diff:
+        raise ConfigError(
+            f"--init {path}: its architecture does not match this run ({'; '.join(diff)}); {hint}"
+        )

@@ -35,6 +35,23 @@ AllowPartialOpt = Annotated[
         "it: wait briefly, then refuse); config.json records the rows used.",
     ),
 ]
+PairedLimitOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--paired-limit",
+        help="Few-shot: N real image-caption pairs, seeded by --seed and listed in the run's pairs.txt. "
+        "With --condition caption the run trains on them alone; otherwise they keep their captions "
+        "among the condition's features (semi-supervised).",
+    ),
+]
+InitOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--init",
+        help="Start a new run from this checkpoint's weights (same generator and architecture; fresh "
+        "optimiser, step 0): fine-tuning.",
+    ),
+]
 
 
 @app.callback(invoke_without_command=True)
@@ -101,6 +118,8 @@ def gan(
         float | None,
         typer.Option("--paired-fraction", help="Share of samples given real-caption features. (default: 0)"),
     ] = None,
+    paired_limit: PairedLimitOpt = None,
+    init: InitOpt = None,
     prompts: Annotated[
         Path | None,
         typer.Option(
@@ -131,6 +150,8 @@ def gan(
         sample_every=sample_every,
         checkpoint_every=checkpoint_every,
         paired_fraction=paired_fraction,
+        paired_limit=paired_limit,
+        init=init,
         allow_partial=allow_partial or None,  # not given: a resumed run keeps its own
         workers=workers,
         device=device,
@@ -528,13 +549,8 @@ def ldm_command(
     ] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="AdamW learning rate. (default: 1e-4)")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed. (default: 0)")] = None,
-    init: Annotated[
-        Path | None, typer.Option("--init", help="Start from this `trainers ldm` checkpoint's weights.")
-    ] = None,
-    paired_limit: Annotated[
-        int | None,
-        typer.Option("--paired-limit", help="Few-shot: train on N real pairs (--condition caption)."),
-    ] = None,
+    init: InitOpt = None,
+    paired_limit: PairedLimitOpt = None,
     resume: Annotated[
         Path | None, typer.Option("--resume", help="Checkpoint, or run directory (its latest), to continue.")
     ] = None,
@@ -589,7 +605,13 @@ def compare_command(
     ],
     generator: Annotated[str, typer.Option("--generator", help="gan, or ldm (one shared VAE).")] = "gan",
     conditions: Annotated[
-        str, typer.Option("--conditions", help="Comma-separated: perturb, retrieve, optimize, caption.")
+        str,
+        typer.Option(
+            "--conditions",
+            help="Comma-separated: perturb, retrieve, optimize[:VARIANT], caption, and the arms fewshot:P "
+            "(pre-train language-free, fine-tune on P real pairs), scratch:P (P pairs from scratch), "
+            "semi:P (language-free with P pairs mixed in); P a count (20) or a fraction of the cache (0.01).",
+        ),
     ] = "perturb,retrieve,optimize,caption",
     seeds: Annotated[
         str, typer.Option("--seeds", help="Comma-separated seeds: one run per condition and seed.")
@@ -653,6 +675,16 @@ def compare_command(
             "yet (without it: wait briefly, then refuse); each config.json and eval.json records the rows.",
         ),
     ] = False,
+    language_free: Annotated[
+        str,
+        typer.Option(
+            "--language-free", help="Arms: what fewshot pre-trains on and semi mixes real captions into."
+        ),
+    ] = "optimize",
+    finetune_share: Annotated[
+        float,
+        typer.Option("--finetune-share", help="fewshot arms: the share of the budget spent on the P pairs."),
+    ] = 0.25,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     features_only: Annotated[
         bool,
@@ -689,6 +721,8 @@ def compare_command(
         sample_steps=sample_steps,
         device=device,
         allow_partial=allow_partial,
+        language_free=language_free,
+        finetune_share=finetune_share,
     )
     config.validate()
     if dry_run:

@@ -37,7 +37,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from manifests.errors import Unreadable, read_json
 from manifests.faults import crash_point
 from manifests.manifest import MANIFEST_DIR, environment, fingerprint_key
 from pipeline.errors import ConfigError, require_at_least
+from trainers.compare_arms import Arm, arm_run, cache_images, parse_arm, pretrain_name, split_budget
 
 COMPARE_VERSION = "1"
 GENERATORS = ("gan", "ldm")
@@ -121,6 +122,8 @@ class CompareConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N (recorded, not keyed)
     allow_partial: bool = False  # runs may train on a partial cache (unkeyed: the cache deps are keyed)
     features: bool = True  # also write the feature-level report (trainers.compare_features)
+    language_free: str = "optimize"  # arms: what fewshot pre-trains on and semi mixes captions into
+    finetune_share: float = 0.25  # fewshot arms: the share of the budget spent fine-tuning on the pairs
 
     @classmethod
     def from_preset(cls, preset: str = "cpu", generator: str = "gan", **given: Any) -> CompareConfig:
@@ -153,10 +156,16 @@ class CompareConfig:
             raise ConfigError(f"--preset {self.preset}: choose one of {', '.join(PRESETS)}")
         if not self.conditions:
             raise ConfigError(f"--conditions: give at least one of {', '.join(CONDITIONS)}")
-        for condition in self.conditions:
-            check_condition(
-                condition, "--conditions"
-            )  # optimize:VARIANT compares a variant (`pipeline optimize --variant`)
+        for condition in self.conditions:  # optimize:VARIANT compares a variant; fewshot:P etc. are arms
+            if parse_arm(condition) is None:
+                check_condition(condition, "--conditions")
+        check_condition(self.language_free, "--language-free")
+        if self.language_free == "caption":
+            raise ConfigError("--language-free caption: give a pseudo-feature condition, e.g. optimize")
+        if not 0 < self.finetune_share < 1:
+            raise ConfigError("--finetune-share must be between 0 and 1 (exclusive)")
+        if self.steps < 2 and any(a.kind == "fewshot" for a in self.arms):
+            raise ConfigError("--steps: a fewshot arm pre-trains and fine-tunes, so it needs at least 2")
         if len(set(self.conditions)) != len(self.conditions):
             raise ConfigError("--conditions: a condition is listed twice")
         if not self.seeds:
@@ -198,6 +207,10 @@ class CompareConfig:
             Path(self.cache).resolve().relative_to(out.resolve())
             raise ConfigError(f"--out {out}: the cache is inside it; give a separate directory")
 
+    @property
+    def arms(self) -> list[Arm]:
+        return [arm for c in self.conditions if (arm := parse_arm(c)) is not None]
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         for key in ("cache", "out", "probe"):
@@ -235,6 +248,8 @@ def command_line(config: CompareConfig) -> str:
     if config.generator == "ldm":
         parts.append(f"--vae-size {config.vae_size} --vae-steps {config.vae_steps}")
         parts.append(f"--sample-steps {config.sample_steps}")
+    if config.arms:
+        parts.append(f"--language-free {config.language_free} --finetune-share {config.finetune_share}")
     return " ".join(parts)
 
 
@@ -245,18 +260,19 @@ def command_line(config: CompareConfig) -> str:
 # Generator-config fields that say where a run writes and how it runs, not what it learns: not keyed.
 UNKEYED = {
     "gan": ("cache", "out", "name", "workers", "device", "sample_every", "checkpoint_every", "log_every")
-    + ("prompts", "samples_per_prompt", "resume", "allow_partial"),
+    + ("prompts", "samples_per_prompt", "resume", "allow_partial", "init"),
     "ldm": ("cache", "vae", "out", "name", "workers", "device", "checkpoint_every", "log_every")
-    + ("sample_every", "sample_steps", "samples_per_prompt", "resume", "allow_partial"),
+    + ("sample_every", "sample_steps", "samples_per_prompt", "resume", "allow_partial", "init"),
     "vae": ("cache", "out", "name", "device", "checkpoint_every", "log_every", "allow_partial"),
 }
 
 
 @dataclass
 class Unit:
-    """One keyed piece of work: a generator run with its eval and samples, or the shared VAE."""
+    """One keyed piece of work: a generator run with its eval and samples, a fewshot arm's pre-training
+    (trained only), or the shared VAE."""
 
-    name: str  # "{condition}-s{seed}" or "vae": the names of its folder and its manifest
+    name: str  # "{condition}-s{seed}", "pretrain-s{seed}" or "vae": its folder's and manifest's name
     kind: str  # gan, ldm or vae
     train: Any  # the GanConfig / LdmConfig / VaeConfig it trains with
     params: dict[str, Any]  # keyed
@@ -394,48 +410,88 @@ def vae_unit(config: CompareConfig, embed_deps: list[Dep]) -> Unit:
     return Unit(VAE_UNIT, "vae", train, {"train": _keyed("vae", train.to_dict())}, embed_deps)
 
 
-def run_units(config: CompareConfig, probe: Dep, vae: tuple[Path, str] | None) -> list[Unit]:
-    """One unit per (condition, seed), conditions first in their given order. `vae`: the shared VAE's
-    checkpoint and content digest (ldm)."""
+def _train_config(config: CompareConfig, name: str, seed: int, vae: tuple[Path, str] | None, **settings: Any):
+    """The generator config of one unit: the compare's budget and settings, plus `settings` (condition,
+    steps, and for arms paired_limit / init)."""
+    common = dict(
+        cache=Path(config.cache),
+        out=Path(config.out) / RUNS_DIR / name,
+        name=config.generator,
+        size=config.size,
+        batch_size=config.batch_size,
+        seed=seed,
+        device=config.device,
+        checkpoint_every=0,
+        sample_every=0,
+        allow_partial=config.allow_partial,
+        **settings,
+    )
+    if config.lr is not None:
+        common["lr"] = config.lr
+    if config.generator == "gan":
+        from trainers.train_gan import GanConfig
+
+        return GanConfig(**common)
+    from trainers.train_ldm import LdmConfig
+
+    return LdmConfig(vae=vae[0] if vae is not None else None, **common)
+
+
+def _vae_deps(config: CompareConfig, vae: tuple[Path, str] | None) -> list[Dep]:
+    if config.generator != "ldm":
+        return []
+    return [Dep("vae", vae[1] if vae is not None else "not trained yet")]
+
+
+def _unit(config: CompareConfig, name: str, train: Any, condition: str, seed: int, deps, **params) -> Unit:
+    keyed = {"generator": config.generator, "condition": condition, "seed": seed, **params}
+    keyed["train"] = _keyed(config.generator, train.to_dict())
+    return Unit(name, config.generator, train, keyed, deps, condition, seed)
+
+
+def pretrain_units(config: CompareConfig, vae: tuple[Path, str] | None) -> list[Unit]:
+    """The fewshot arms' pre-training, one per seed (none without a fewshot arm): the language-free
+    condition for the budget's first part. Keyed without P, so every fewshot:P of a seed shares it."""
+    if not any(arm.kind == "fewshot" for arm in config.arms):
+        return []
+    steps = split_budget(config.steps, config.finetune_share)[0]
+    deps = cache_deps(Path(config.cache), config.language_free) + _vae_deps(config, vae)
+    units = []
+    for seed in config.seeds:
+        name = pretrain_name(seed)
+        train = _train_config(config, name, seed, vae, condition=config.language_free, steps=steps)
+        units.append(_unit(config, name, train, config.language_free, seed, deps))
+    return units
+
+
+def run_units(
+    config: CompareConfig,
+    probe: Dep,
+    vae: tuple[Path, str] | None,
+    pretrained: dict[int, tuple[Path, str]] | None = None,
+) -> list[Unit]:
+    """One evaluated unit per (condition, seed), conditions first in their given order. `vae`: the
+    shared VAE's checkpoint and content digest (ldm); `pretrained`: seed -> the committed pre-training's
+    checkpoint and content digest, which that seed's fewshot runs start from."""
+    pretrained = pretrained or {}
+    n_images = cache_images(Path(config.cache)) if config.arms else 0
     units = []
     for condition in config.conditions:
-        deps = cache_deps(Path(config.cache), condition) + [probe]
+        arm = parse_arm(condition)
+        settings = dict(condition=condition, steps=config.steps)
+        if arm is not None:
+            settings = arm_run(arm, config.language_free, config.steps, config.finetune_share, n_images)
+        deps = cache_deps(Path(config.cache), settings["condition"]) + [probe] + _vae_deps(config, vae)
         for seed in config.seeds:
             name = f"{condition.replace(':', '.')}-s{seed}"  # optimize:NAME -> optimize.NAME-s0
-            folder = Path(config.out) / RUNS_DIR / name
-            common = dict(
-                cache=Path(config.cache),
-                out=folder,
-                name=config.generator,
-                size=config.size,
-                condition=condition,
-                steps=config.steps,
-                batch_size=config.batch_size,
-                seed=seed,
-                device=config.device,
-                checkpoint_every=0,
-                sample_every=0,
-                allow_partial=config.allow_partial,
-            )
-            if config.lr is not None:
-                common["lr"] = config.lr
-            if config.generator == "gan":
-                from trainers.train_gan import GanConfig
-
-                train, unit_deps = GanConfig(**common), deps
-            else:
-                from trainers.train_ldm import LdmConfig
-
-                vae_path, vae_digest = vae if vae is not None else (None, "not trained yet")
-                train, unit_deps = LdmConfig(vae=vae_path, **common), deps + [Dep("vae", vae_digest)]
-            params = {
-                "generator": config.generator,
-                "condition": condition,
-                "seed": seed,
-                "train": _keyed(config.generator, train.to_dict()),
-                **eval_params(config),
-            }
-            units.append(Unit(name, config.generator, train, params, unit_deps, condition, seed))
+            unit_deps, params = deps, eval_params(config)
+            if arm is not None and arm.kind == "fewshot":  # its budget: the pre-training's steps and these
+                init, digest = pretrained.get(seed, (None, "not trained yet"))
+                settings = {**settings, "init": init}
+                unit_deps = deps + [Dep("init", digest)]
+                params.update(pretrain=pretrain_name(seed), budget=config.steps)
+            train = _train_config(config, name, seed, vae, **settings)
+            units.append(_unit(config, name, train, condition, seed, unit_deps, **params))
     return units
 
 
@@ -495,6 +551,39 @@ def do_vae(config: CompareConfig, unit: Unit, progress: Callable[..., None]) -> 
     return commit_unit(out, unit, files, {"train_s": round(time.perf_counter() - t0, 2)}, extra)
 
 
+def _train(unit: Unit, progress: Callable[..., None]) -> Path:
+    """Train the unit's generator; -> its final checkpoint."""
+    tick = lambda n: progress(steps=n)  # noqa: E731
+    if unit.kind == "ldm":
+        from trainers.train_ldm import run_ldm
+
+        return run_ldm(unit.train, progress=tick).checkpoint
+    from trainers.train_gan import run_gan
+
+    return run_gan(unit.train, progress=tick).checkpoint
+
+
+def do_pretrain(config: CompareConfig, unit: Unit, progress: Callable[..., None]) -> dict:
+    """Train a fewshot arm's pre-training and commit its checkpoint (not evaluated: its fine-tunes are)."""
+    out = Path(config.out)
+    _restart(out, unit)
+    progress(status=f"{unit.name}: train")
+    t0 = time.perf_counter()
+    checkpoint = _train(unit, progress)
+    extra = {"condition": unit.condition, "seed": unit.seed}
+    extra["checkpoint"] = checkpoint.relative_to(out).as_posix()
+    return commit_unit(out, unit, [checkpoint], {"train_s": round(time.perf_counter() - t0, 2)}, extra)
+
+
+def _pairs(run_dir: Path) -> tuple[list[Path], dict[str, Any] | None]:
+    """A run's pairs.txt (with --paired-limit) and what its config.json says about them."""
+    pairs = run_dir / "pairs.txt"
+    if not pairs.is_file():
+        return [], None
+    data = read_json(run_dir / "config.json", "the run is redone").get("data") or {}
+    return [pairs], {"n": data.get("pairs"), "digest": data.get("pairs_digest"), "file": pairs}
+
+
 def do_run(config: CompareConfig, unit: Unit, probe: Any, progress: Callable[..., None]) -> dict:
     """Train, evaluate and sample one run, then commit it."""
     from trainers.evaluate import EvalConfig, evaluate
@@ -503,17 +592,9 @@ def do_run(config: CompareConfig, unit: Unit, probe: Any, progress: Callable[...
     out = Path(config.out)
     folder = _restart(out, unit)
     ldm = unit.kind == "ldm"
-    tick = lambda n: progress(steps=n)  # noqa: E731
     progress(status=f"{unit.name}: train")
     t0 = time.perf_counter()
-    if ldm:
-        from trainers.train_ldm import run_ldm
-
-        checkpoint = run_ldm(unit.train, progress=tick).checkpoint
-    else:
-        from trainers.train_gan import run_gan
-
-        checkpoint = run_gan(unit.train, progress=tick).checkpoint
+    checkpoint = _train(unit, progress)
     t_train = time.perf_counter()
 
     progress(status=f"{unit.name}: eval")
@@ -543,7 +624,8 @@ def do_run(config: CompareConfig, unit: Unit, probe: Any, progress: Callable[...
             steps=config.sample_steps if ldm else None,
         )
     )
-    files = [checkpoint, folder / "eval" / "eval.json", sample.grid, *sample.images]
+    pair_files, pairs = _pairs(checkpoint.parent)
+    files = [checkpoint, folder / "eval" / "eval.json", sample.grid, *sample.images, *pair_files]
     timings = {
         "train_s": round(t_train - t0, 2),
         "eval_s": round(t_eval - t_train, 2),
@@ -556,6 +638,8 @@ def do_run(config: CompareConfig, unit: Unit, probe: Any, progress: Callable[...
         "eval": (folder / "eval" / "eval.json").relative_to(out).as_posix(),
         "samples": [p.relative_to(out).as_posix() for p in sample.images],
     }
+    if pairs is not None:
+        extra["pairs"] = {**pairs, "file": pairs["file"].relative_to(out).as_posix()}
     return commit_unit(out, unit, files, timings, extra)
 
 
@@ -586,15 +670,25 @@ def noop_progress(**_: Any) -> None:
 
 @dataclass
 class Plan:
-    units: list[Unit]  # the runs, in report order
+    units: list[Unit]  # the evaluated runs, in report order
     vae: Unit | None  # ldm: the shared VAE
+    pretrains: list[Unit]  # the fewshot arms' pre-training, one per seed (none without a fewshot arm)
     probe: Dep  # the probe every eval uses, as a dep of every run
     reasons: dict[str, str | None]  # unit -> why it must be (re)made, None when committed
+
+    def pending(self) -> list[Unit]:
+        """Every unit still to make, in the order they are made."""
+        units = ([self.vae] if self.vae is not None else []) + self.pretrains + self.units
+        return [u for u in units if self.reasons[u.name] is not None]
+
+
+VAE_FIRST = "the shared VAE is trained first"
 
 
 def plan_compare(config: CompareConfig) -> Plan:
     """Which units are committed and which must run (and why), reading only manifests and file stats.
-    For ldm with a VAE still to train, every run is planned against a VAE not known yet."""
+    A unit whose prerequisite is still to make (the shared VAE; a fewshot run's pre-training) is planned
+    against a checkpoint not known yet, and says so."""
     from trainers.data import cache_image_size
 
     cache, out = Path(config.cache), Path(config.out)
@@ -604,17 +698,28 @@ def plan_compare(config: CompareConfig) -> Plan:
         vae = vae_unit(config, cache_deps(cache, "perturb"))  # perturb: the embed stage alone
         reasons[VAE_UNIT] = check_unit(out, vae)
         if reasons[VAE_UNIT] is None:
-            vae_checkpoint = _vae_checkpoint(out)
-    units = run_units(config, probe, vae_checkpoint)
+            vae_checkpoint = unit_checkpoint(out, VAE_UNIT)
+    vae_pending = vae is not None and reasons[VAE_UNIT] is not None
+    pretrains, pretrained = pretrain_units(config, vae_checkpoint), {}
+    for unit in pretrains:
+        reasons[unit.name] = VAE_FIRST if vae_pending else check_unit(out, unit)
+        if reasons[unit.name] is None:
+            pretrained[unit.seed] = unit_checkpoint(out, unit.name)
+    units = run_units(config, probe, vae_checkpoint, pretrained)
     for unit in units:
-        pending_vae = vae is not None and reasons[VAE_UNIT] is not None
-        reasons[unit.name] = "the shared VAE is trained first" if pending_vae else check_unit(out, unit)
-    return Plan(units, vae, probe, reasons)
+        pretrain = unit.params.get("pretrain")
+        if vae_pending:
+            reasons[unit.name] = VAE_FIRST
+        elif pretrain is not None and unit.seed not in pretrained:
+            reasons[unit.name] = f"its pre-training ({pretrain}) is trained first"
+        else:
+            reasons[unit.name] = check_unit(out, unit)
+    return Plan(units, vae, pretrains, probe, reasons)
 
 
-def _vae_checkpoint(out: Path) -> tuple[Path, str]:
-    """The committed VAE's checkpoint and its content digest (from its manifest)."""
-    manifest = read_unit_manifest(out, VAE_UNIT)
+def unit_checkpoint(out: Path, name: str) -> tuple[Path, str]:
+    """A committed unit's checkpoint and its content digest (from its manifest)."""
+    manifest = read_unit_manifest(out, name)
     ckpt = next(o for o in manifest["outs"] if o["path"] == manifest["checkpoint"])
     return Path(out) / ckpt["path"], ckpt["digest"]
 
@@ -645,10 +750,11 @@ def _lock(out: Path):
 
 
 def run_compare(config: CompareConfig, progress: Callable[..., None] | None = None) -> CompareResult:
-    """Make every missing or stale run, then the results, report, figures and feature-level report.
+    """Make every missing or stale unit (the shared VAE, then the pre-trainings, then the evaluated
+    runs), then the results, report, figures and feature-level report.
 
     `progress(**fields)` is called with `total_runs=` and `total_steps=`, then `steps=n` after training
-    steps, `runs=1` after each committed run, and `status=` text (see `compare_progress`)."""
+    steps, `runs=1` after each committed run or pre-training, and `status=` text (see `compare_progress`)."""
     from trainers.compare_report import write_outputs
 
     config.validate()
@@ -661,32 +767,34 @@ def run_compare(config: CompareConfig, progress: Callable[..., None] | None = No
         for folder in (out, out / MANIFEST_DIR):
             clean_temp_files(folder)
         plan = plan_compare(config)
-        reasons = {name: r for name, r in plan.reasons.items() if r is not None}
-        todo = [u for u in plan.units if u.name in reasons]
-        vae_todo = plan.vae is not None and VAE_UNIT in reasons
-        vae_steps = plan.vae.train.steps if vae_todo else 0
-        progress(total_runs=len(todo), total_steps=sum(u.train.steps for u in todo) + vae_steps)
-        ran = []
-        if plan.vae is not None and todo:
-            if vae_todo:
+        first_reasons = dict(plan.reasons)
+        _announce(progress, plan)
+        ran: list[Unit] = []
+        if plan.vae is not None and plan.pending():
+            if plan.reasons[VAE_UNIT] is not None:
                 do_vae(config, plan.vae, progress)
-                ran.append(VAE_UNIT)
-            plan = _with_vae(config, plan, progress)
-            todo = [u for u in plan.units if check_unit(out, u) is not None]
-            names = {u.name for u in todo}
-            for unit in plan.units:  # a VAE retrained byte-identical keeps its runs
-                if unit.name not in names:
-                    reasons.pop(unit.name, None)
-            progress(total_runs=len(todo), total_steps=sum(u.train.steps for u in todo) + vae_steps)
+                ran.append(plan.vae)
+            _encode_latents(config, progress)
+            plan = plan_compare(config)  # a VAE retrained byte-identical keeps its runs
+            _announce(progress, plan, ran)
+        for unit in [u for u in plan.pretrains if plan.reasons[u.name] is not None]:
+            do_pretrain(config, unit, progress)
+            ran.append(unit)
+            progress(runs=1)
+        if any(u.kind != VAE_UNIT for u in ran):
+            plan = plan_compare(config)  # the fewshot runs, keyed on their pre-training's checkpoint
+        todo = [u for u in plan.units if plan.reasons[u.name] is not None]
         if todo:
             probe = _probe(config)
             for unit in todo:
                 do_run(config, unit, probe, progress)
-                ran.append(unit.name)
+                ran.append(unit)
                 progress(runs=1)
         progress(status="report")
-        up_to_date = [u.name for u in plan.units if u.name not in ran]
-        result = CompareResult(config, [], {}, {}, {}, ran, up_to_date, reasons)
+        names = [u.name for u in ran]
+        up_to_date = [u.name for u in plan.units if u.name not in names]
+        reasons = {name: first_reasons.get(name) or plan.reasons.get(name) or "" for name in names}
+        result = CompareResult(config, [], {}, {}, {}, names, up_to_date, reasons)
         write_outputs(config, plan.units, result)
         result.seconds = time.perf_counter() - t0
         return result
@@ -694,15 +802,21 @@ def run_compare(config: CompareConfig, progress: Callable[..., None] | None = No
         lock.release()
 
 
-def _with_vae(config: CompareConfig, plan: Plan, progress: Callable[..., None]) -> Plan:
+def _announce(progress: Callable[..., None], plan: Plan, done: list[Unit] = ()) -> None:
+    """The bars' totals: the units made so far plus those still pending (runs: all but the VAE)."""
+    units = list(done) + plan.pending()
+    runs = [u for u in units if u.kind != VAE_UNIT]
+    progress(total_runs=len(runs), total_steps=sum(u.train.steps for u in units))
+
+
+def _encode_latents(config: CompareConfig, progress: Callable[..., None]) -> None:
     """With the shared VAE committed: encode the cache's latents with it (`trainers vae --encode`, which
-    encodes only stale shards) and key every ldm run on its checkpoint's digest."""
+    encodes only stale shards), so no ldm run encodes images on the fly."""
     from trainers.latents import encode_latents
 
-    checkpoint = _vae_checkpoint(Path(config.out))
     progress(status="vae --encode")
-    encode_latents(Path(config.cache), checkpoint[0], batch_size=64, device=config.device)
-    return replace(plan, units=run_units(config, plan.probe, checkpoint))
+    checkpoint = unit_checkpoint(Path(config.out), VAE_UNIT)[0]
+    encode_latents(Path(config.cache), checkpoint, batch_size=64, device=config.device)
 
 
 def features_only(config: CompareConfig) -> dict[str, Any]:
@@ -710,10 +824,13 @@ def features_only(config: CompareConfig) -> dict[str, Any]:
     from trainers.compare_features import feature_report
 
     Path(config.out).mkdir(parents=True, exist_ok=True)
+    methods = [c for c in config.conditions if parse_arm(c) is None]
+    if config.arms:  # the arms' features: the language-free condition's and the captions'
+        methods += [c for c in (config.language_free, "caption") if c not in methods]
     return feature_report(
         Path(config.cache),
         Path(config.out),
-        methods=config.conditions,
+        methods=tuple(methods),
         device=config.device,
         seed=config.eval_seed,
     )

@@ -19,6 +19,7 @@ import numpy as np
 
 from manifests import write_bytes_atomic, write_json_atomic
 from pipeline.errors import ConfigError
+from trainers.compare_fewshot import FIGURE, fewshot_lines, fewshot_summary, plot_fewshot
 
 if TYPE_CHECKING:
     from trainers.compare import CompareConfig, CompareResult, Unit
@@ -30,10 +31,13 @@ SPLITS = {  # results column prefix -> eval.json field
     "acc_seen": "attribute_accuracy_seen_pairs",
     "acc_held_out": "attribute_accuracy_held_out_pairs",
 }
-METRICS = ("fid", "clip_score") + tuple(f"{p}_{a}" for p in SPLITS for a in SCORES)
-ID_COLUMNS = ("generator", "condition", "seed", "size", "steps", "batch_size", "lr")
-CSV_COLUMNS = (*ID_COLUMNS, "fid_features", *METRICS, "train_s", "eval_s", "checkpoint", "key")
-TABLE = (("fid", "FID"), ("clip_score", "CLIP score")) + tuple((f"acc_{a}", a) for a in (*ATTRIBUTES, "all"))
+METRICS = ("fid", "clip_score", "acc_mean") + tuple(f"{p}_{a}" for p in SPLITS for a in SCORES)
+ID_COLUMNS = ("generator", "condition", "seed", "size", "steps", "batch_size", "lr", "pairs")
+RUN_COLUMNS = ("train_steps", "pairs_digest", "train_s", "eval_s", "checkpoint", "key")
+CSV_COLUMNS = (*ID_COLUMNS, "fid_features", *METRICS, *RUN_COLUMNS)
+TABLE = (("fid", "FID"), ("clip_score", "CLIP score")) + tuple(
+    (f"acc_{a}", a) for a in (*ATTRIBUTES, "mean", "all")
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -49,9 +53,10 @@ def run_row(unit: Unit, manifest: dict[str, Any], evaluation: dict[str, Any]) ->
         "condition": unit.condition,
         "seed": unit.seed,
         "size": train.size,
-        "steps": train.steps,
+        "steps": unit.params.get("budget", train.steps),  # all of it (a fewshot run's pre-training too)
         "batch_size": train.batch_size,
         "lr": train.lr,
+        "pairs": train.paired_limit,
         "fid_features": evaluation.get("fid_features"),
         "fid": evaluation.get("fid"),
         "clip_score": evaluation.get("clip_score"),
@@ -59,14 +64,25 @@ def run_row(unit: Unit, manifest: dict[str, Any], evaluation: dict[str, Any]) ->
     for prefix, key in SPLITS.items():
         accuracy = evaluation.get(key) or {}
         row.update({f"{prefix}_{a}": accuracy.get(a) for a in SCORES})
+    row["acc_mean"] = mean_accuracy(row)
     timings = manifest.get("timings", {})
     row.update(
+        train_steps=train.steps,
+        pairs_digest=(manifest.get("pairs") or {}).get("digest"),
         train_s=timings.get("train_s"),
         eval_s=timings.get("eval_s"),
         checkpoint=manifest.get("checkpoint"),
         key=manifest.get("key"),
     )
     return row
+
+
+def mean_accuracy(scores: dict[str, Any], prefix: str = "acc") -> float | None:
+    """The mean of the four attribute accuracies (shape, colour, size, position): the headline number."""
+    values = [scores.get(f"{prefix}_{a}") for a in ATTRIBUTES]
+    if any(v is None for v in values):
+        return None
+    return round(float(np.mean(values)), 4)
 
 
 def stats(values: list[float | None]) -> dict[str, float | None]:
@@ -120,6 +136,7 @@ def real_levels(evaluation: dict[str, Any]) -> dict[str, float | None]:
     real = {"fid": evaluation.get("fid_real"), "clip_score": evaluation.get("clip_score_real")}
     accuracy = evaluation.get("attribute_accuracy_real") or {}
     real.update({f"acc_{a}": accuracy.get(a) for a in SCORES})
+    real["acc_mean"] = mean_accuracy(real)
     return real
 
 
@@ -147,6 +164,8 @@ def write_outputs(config: CompareConfig, units: list[Unit], result: CompareResul
     result.summary = summarise(result.rows, config.conditions)
     first = evaluations[units[0].name]
     result.chance, chance_source = chance_levels(first)
+    for levels in result.chance.values():
+        levels["mean"] = mean_accuracy({f"acc_{a}": levels.get(a) for a in ATTRIBUTES})
     result.real = real_levels(first)
 
     if config.features:
@@ -163,12 +182,15 @@ def write_outputs(config: CompareConfig, units: list[Unit], result: CompareResul
             "chance": result.chance,
             "chance_source": chance_source,
             "real": result.real,
+            "fewshot": fewshot_summary(config, result),
             "eval": {k: first.get(k) for k in ("n", "n_real", "seed", "prompts", "fid_features", "probe")},
         },
     )
     files["results_csv"] = out / "results.csv"
     write_bytes_atomic(files["results_csv"], csv_text(result.rows).encode())
     files["accuracy_bars"] = plot_accuracy(out / "accuracy_bars.png", config, result)
+    if (figure := plot_fewshot(out / FIGURE, config, result)) is not None:
+        files["fewshot"] = figure
     samples = {
         u.condition: [out / p for p in manifests[u.name]["samples"]]
         for u in units
@@ -309,6 +331,7 @@ def report_markdown(
         "",
         *main_table(result),
         "",
+        *fewshot_lines(config, result),
         f"Chance: {chance_source}. Real images: the cache's own images scored against their labels by the "
         "same probe, the instrument's ceiling; their CLIP score against their own captions; their FID: "
         "two disjoint halves of them against each other.",

@@ -828,6 +828,7 @@ class LoaderInfo:
     shards: dict[str, list[int]] = field(default_factory=dict)  # stage -> shards read
     keys_digest: str = ""  # digest_json of the sample set's keys, in sample order
     provenance: dict[str, Any] = field(default_factory=dict)  # where the condition came from (`provenance`)
+    pair_keys: list[str] | None = None  # with paired_limit: the keys of the images given their caption
 
     def record(self) -> dict[str, Any]:
         """Exactly which rows a run trains on (plain JSON types): kept in its config.json and checkpoints,
@@ -843,6 +844,8 @@ class LoaderInfo:
             },
             "excluded": dict(self.excluded),
             "keys_digest": self.keys_digest,
+            "pairs": self.paired_pool,
+            "pairs_digest": digest_json(self.pair_keys) if self.pair_keys is not None else None,
             "provenance": self.provenance,
         }
 
@@ -1158,6 +1161,7 @@ def build_dataset(config: LoaderConfig) -> tuple[CacheDataset, LoaderInfo]:
         },
         keys_digest=digest_json([rows.keys[int(r)] for r in rows_idx]),
         provenance=provenance(config, rows, [s for s in rows.shards if s not in stage_skipped]),
+        pair_keys=[rows.keys[int(r)] for r in rows_idx[pool]] if config.paired_limit is not None else None,
     )
     return dataset, info
 

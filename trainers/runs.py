@@ -60,6 +60,16 @@ def write_run_config(run_dir: Path, config: dict[str, Any]) -> Path:
     return path
 
 
+def write_pairs(run_dir: Path, keys: list[str] | None) -> Path | None:
+    """`pairs.txt`: the keys of the images a few-shot run was given real captions for, one per line in
+    sample order (None: the run had no --paired-limit)."""
+    if keys is None:
+        return None
+    path = Path(run_dir) / "pairs.txt"
+    write_bytes_atomic(path, "".join(f"{key}\n" for key in keys).encode())
+    return path
+
+
 def trim_metrics(path: Path, last_step: int) -> None:
     """On resume, drop the metrics.jsonl lines past the checkpoint (they are about to be redone), and any
     line that does not parse (a run killed mid-write leaves half a line), with a warning."""

@@ -12,6 +12,10 @@ input size with CLIP's own normalisation. As in LAFITE, the D-feature contrastiv
 loss on fakes. bf16 autocast on CUDA only; the R1 pass runs in fp32. Resume is bit-for-bit on the CPU:
 the checkpoint holds models, EMA, optimisers and every global RNG state, and the loader restarts at
 `start_step` (sampling draws from its own generator, so writing a grid does not move the RNG).
+
+Few-shot, as `trainers ldm`: `--init CKPT` starts from another `trainers gan` checkpoint's G, D and EMA
+(fresh optimisers, step 0, the same architecture), and `--paired-limit N` gives N real pairs (with
+`--condition caption`: trains on them alone; otherwise they are mixed in); pairs.txt lists their keys.
 """
 
 from __future__ import annotations
@@ -34,9 +38,23 @@ import torch.nn.functional as F
 
 from pipeline.errors import ConfigError, require_at_least
 from pipeline.paths import absolute
-from trainers.checkpoints import load_checkpoint, resolve_checkpoint, restore_rng, save_checkpoint
+from trainers.checkpoints import (
+    load_checkpoint,
+    load_init,
+    require_same_arch,
+    resolve_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from trainers.gan import GAN_SIZES, architecture, build_models, check_resolution
-from trainers.runs import check_run_name, new_run_dir, select_device, trim_metrics, write_run_config
+from trainers.runs import (
+    check_run_name,
+    new_run_dir,
+    select_device,
+    trim_metrics,
+    write_pairs,
+    write_run_config,
+)
 
 # Default sample-grid prompts: synthetic-world captions, one with a colour/shape pair no image has
 # (blue star, see pipeline.synth.HELD_OUT_PAIRS) to watch compositional generalisation.
@@ -64,6 +82,8 @@ class GanConfig:
     lr: float = 0.0025  # Adam learning rate of G and D (D's is scaled for lazy R1, as StyleGAN2)
     seed: int = 0  # model init, z, noise, augmentation and data order
     paired_fraction: float = 0.0  # share of each batch conditioned on real captions (few-shot runs)
+    paired_limit: int | None = None  # few-shot: N real pairs (only them with caption, else mixed in)
+    init: Path | None = None  # start from this `trainers gan` checkpoint's weights (same architecture)
     allow_partial: bool = False  # train on the usable shards of a partial cache (trainers.data.LoaderConfig)
     workers: int = 0  # loader processes
     device: str = "auto"  # auto, cpu, cuda, cuda:N
@@ -103,6 +123,10 @@ class GanConfig:
             raise ConfigError("--lr must be a positive number")
         if not 0.0 <= self.paired_fraction <= 1.0:
             raise ConfigError("--paired-fraction must be between 0 and 1")
+        if self.paired_limit is not None and self.paired_limit < 1:
+            raise ConfigError("--paired-limit must be at least 1")
+        if self.init is not None and self.resume is not None:
+            raise ConfigError("--init starts a new run from weights; --resume continues one: give one")
         if not self.prompts:
             raise ConfigError("--prompts: the file has no prompts (one per line)")
         if (
@@ -114,7 +138,7 @@ class GanConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (config.json, and the checkpoint, which must load with weights_only=True)."""
         out = asdict(self)
-        for key in ("cache", "out", "resume"):
+        for key in ("cache", "out", "init", "resume"):
             out[key] = absolute(out[key])
         out["prompts"] = list(self.prompts)
         return out
@@ -123,7 +147,7 @@ class GanConfig:
     def from_dict(cls, d: dict[str, Any]) -> GanConfig:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in d.items() if k in known}
-        for key in ("cache", "out", "resume"):
+        for key in ("cache", "out", "init", "resume"):
             if values.get(key) is not None:
                 values[key] = Path(values[key])
         if "prompts" in values:
@@ -176,7 +200,7 @@ def resolve_config(values: dict[str, Any], resume: Path | str | None = None) -> 
                 f"{flag} {value}: the checkpoint was trained with {getattr(saved, key)}; a resumed run keeps "
                 f"its model, data and losses (drop {flag}, or start a new run without --resume)"
             )
-    return replace(saved, **overrides, resume=path), ckpt
+    return replace(saved, **overrides, resume=path, init=None), ckpt
 
 
 @dataclass
@@ -204,6 +228,7 @@ def cache_source(config: GanConfig) -> DataSource:
         seed=config.seed,
         workers=config.workers,
         paired_fraction=config.paired_fraction,
+        paired_limit=config.paired_limit,
         allow_partial=config.allow_partial,
     )
     return DataSource(
@@ -342,11 +367,13 @@ class GanTrainer:
             "opt_D": self.opt_D.state_dict(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], weights_only: bool = False) -> None:
+        """Everything, to resume; `weights_only`: the models and EMA alone (--init: fresh optimisers)."""
         for key, module in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema)):
             module.load_state_dict(state[key])
-        self.opt_G.load_state_dict(state["opt_G"])
-        self.opt_D.load_state_dict(state["opt_D"])
+        if not weights_only:
+            self.opt_G.load_state_dict(state["opt_G"])
+            self.opt_D.load_state_dict(state["opt_D"])
 
 
 def default_r1_gamma(arch: dict, config: GanConfig) -> float:
@@ -387,10 +414,11 @@ def _first_batch_shape(first: dict) -> tuple[int, int]:
     return int(height), int(first["cond"].shape[1])
 
 
-def _data_record(batches: Iterator[dict]) -> dict[str, Any] | None:
-    """Which rows the run trains on (`trainers.data.LoaderInfo.record`); None for an in-memory source."""
+def _data_record(batches: Iterator[dict]) -> tuple[dict[str, Any] | None, list[str] | None]:
+    """Which rows the run trains on (`trainers.data.LoaderInfo.record`) and its real pairs' keys (with
+    --paired-limit); None for an in-memory source."""
     info = getattr(batches, "info", None)
-    return info.record() if info is not None else None
+    return (info.record(), info.pair_keys) if info is not None else (None, None)
 
 
 BAR_LOSSES = {"loss_g": "G", "loss_d": "D", "con_g": "cG", "con_d": "cD"}  # the bar's, in this order
@@ -444,11 +472,12 @@ def run_gan(
         resume_state = resume_state or load_checkpoint(resume_path, "--resume")
         if int(resume_state["step"]) >= config.steps:  # nothing to do: say so, touch nothing
             return GanResult(resume_path.parent, int(resume_state["step"]), resume_path, {}, 0.0, [])
+    init_path, init_state = load_init(config.init, "gan") if config.init is not None else (None, None)
     source = source or cache_source(config)
 
     if resume_state is None:  # a new run: the first batch tells the resolution and condition size
         batches = source.batches(0)
-        data = _data_record(batches)
+        data, pair_keys = _data_record(batches)
         first = next(batches)
         resolution, h_dim = _first_batch_shape(first)
         if h_dim != source.h_dim:
@@ -456,6 +485,9 @@ def run_gan(
                 f"--cache {config.cache}: conditions are {h_dim}-d but its CLIP is {source.h_dim}-d"
             )
         arch = architecture(config.size, resolution, h_dim)
+        if init_state is not None:
+            hint = "use a checkpoint trained with the same --size on a cache of the same image size and CLIP"
+            require_same_arch(init_path, init_state["arch"], arch, sorted(arch), hint)
         batches = chain([first], batches)
         start_step = 0
         if config.r1_gamma is None:
@@ -481,14 +513,17 @@ def run_gan(
     trainer = GanTrainer(config, arch, clip, device)
     clip_args = {"model": source.clip_model, "pretrained": source.clip_pretrained, "dim": clip.dim}
     if resume_state is None:
+        if init_state is not None:
+            trainer.load_state_dict(init_state, weights_only=True)
         run_dir = new_run_dir(config.out, config.name)
+        write_pairs(run_dir, pair_keys)
     else:
         trainer.load_state_dict(resume_state)
         trainer.step = start_step
         restore_rng(resume_state["rng"])
         run_dir = resume_path.parent  # the run continues in its own directory
         batches = source.batches(start_step)
-        data = _data_record(batches)
+        data, _ = _data_record(batches)
         trim_metrics(run_dir / "metrics.jsonl", start_step)
     write_run_config(
         run_dir, {"kind": "gan", **config.to_dict(), "arch": arch, "clip": clip_args, "data": data}

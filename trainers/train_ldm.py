@@ -15,7 +15,9 @@ they are looked up by key instead (the same numbers); images without one are enc
 
 Few-shot: `--init CKPT` starts from another `trainers ldm` checkpoint's weights (model and EMA; a fresh
 optimiser, step 0) of the same architecture, and `--condition caption --paired-limit N` trains on N
-real image-caption pairs; config.json's `data.pairs` records how many the loader used.
+real image-caption pairs (with another condition, those N images keep their captions and the rest get the
+condition: semi-supervised). config.json's `data.pairs` / `data.pairs_digest` record them and the run's
+pairs.txt lists their keys (`trainers.runs.write_pairs`).
 
 bf16 autocast on CUDA only. Resume is bit-for-bit on the CPU, as `trainers gan`: the checkpoint holds
 model, EMA, optimiser and every global RNG state, and the loader restarts at `start_step`.
@@ -37,9 +39,23 @@ import torch
 
 from pipeline.errors import ConfigError, require_at_least
 from pipeline.paths import absolute
-from trainers.checkpoints import load_checkpoint, resolve_checkpoint, restore_rng, save_checkpoint
+from trainers.checkpoints import (
+    load_checkpoint,
+    load_init,
+    require_same_arch,
+    resolve_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from trainers.ldm import LDM_SIZES, Dit, flow_loss, ldm_architecture, sample_euler
-from trainers.runs import check_run_name, new_run_dir, select_device, trim_metrics, write_run_config
+from trainers.runs import (
+    check_run_name,
+    new_run_dir,
+    select_device,
+    trim_metrics,
+    write_pairs,
+    write_run_config,
+)
 
 
 @dataclass(frozen=True)
@@ -54,7 +70,7 @@ class LdmConfig:
     batch_size: int = 64  # images per step
     lr: float = 1e-4  # AdamW learning rate (DiT's, no weight decay)
     seed: int = 0  # init, t, noise, condition dropout and data order
-    paired_limit: int | None = None  # few-shot: real captions for at most N images (see LoaderConfig)
+    paired_limit: int | None = None  # few-shot: N real pairs (only them with caption, else mixed in)
     allow_partial: bool = False  # train on the usable shards of a partial cache (see LoaderConfig)
     init: Path | None = None  # start from this `trainers ldm` checkpoint's weights (same architecture)
     cond_drop: float = 0.1  # share of samples trained with the null condition (for guidance)
@@ -89,8 +105,6 @@ class LdmConfig:
         )
         if self.paired_limit is not None and self.paired_limit < 1:
             raise ConfigError("--paired-limit must be at least 1")
-        if self.paired_limit is not None and self.condition != "caption":
-            raise ConfigError("--paired-limit N trains on N real pairs: use it with --condition caption")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError("--lr must be a positive number")
         if not 0.0 <= self.cond_drop < 1.0:
@@ -208,6 +222,7 @@ class LdmTrainer:
             self.opt.load_state_dict(state["opt"])
 
 
+INIT_HINT = "use a checkpoint trained with the same --size, VAE latent shape and CLIP dim"
 ARCH_KEYS_CHECKED_BY_INIT = (
     "size",
     "depth",
@@ -218,25 +233,6 @@ ARCH_KEYS_CHECKED_BY_INIT = (
     "latent_size",
     "h_dim",
 )
-
-
-def load_init(path: Path | str, arch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The --init checkpoint, refused unless its architecture matches; -> (ckpt, arch to train with:
-    the init's, so its latent_scale, which its weights were trained with, is kept)."""
-    path = resolve_checkpoint(path, "--init")
-    ckpt = load_checkpoint(path, "--init")
-    if ckpt.get("kind") != "ldm" or "model" not in ckpt:
-        raise ConfigError(f"--init {path}: not a `trainers ldm` checkpoint (kind {ckpt.get('kind')!r})")
-    theirs = ckpt["arch"]
-    diff = [
-        f"{k} {theirs.get(k)} vs {arch[k]}" for k in ARCH_KEYS_CHECKED_BY_INIT if theirs.get(k) != arch[k]
-    ]
-    if diff:
-        raise ConfigError(
-            f"--init {path}: its architecture does not match this run ({'; '.join(diff)}); use a checkpoint "
-            "trained with the same --size, VAE latent shape and CLIP dim"
-        )
-    return ckpt, {**arch, "latent_scale": theirs["latent_scale"]}
 
 
 @dataclass
@@ -271,11 +267,7 @@ def run_ldm(config: LdmConfig, resume_state: dict | None = None, progress: Any =
                 0.0,
                 resume_state.get("data", {}),
             )
-    if config.init is not None:  # refuse a wrong file before reading any data
-        init_path = resolve_checkpoint(config.init, "--init")
-        init_kind = load_checkpoint(init_path, "--init").get("kind")
-        if init_kind != "ldm":
-            raise ConfigError(f"--init {init_path}: not a `trainers ldm` checkpoint (kind {init_kind!r})")
+    init_path, init_state = load_init(config.init, "ldm") if config.init is not None else (None, None)
     clip = cache_clip(config.cache)
     vae_path = resume_state["vae"]["path"] if resume_state is not None else config.vae
     vae, vae_ckpt = load_vae(vae_path, "--vae")
@@ -299,7 +291,7 @@ def run_ldm(config: LdmConfig, resume_state: dict | None = None, progress: Any =
         )
     if info.dim != int(clip.dim):
         raise ConfigError(f"--cache {config.cache}: conditions are {info.dim}-d but its CLIP is {clip.dim}-d")
-    data = {**info.record(), "pairs": info.paired_pool}
+    data = info.record()
     latent_size = info.image_size // 4
     if resume_state is None:
         first = next(batches)
@@ -309,9 +301,9 @@ def run_ldm(config: LdmConfig, resume_state: dict | None = None, progress: Any =
             config.size, vae_ckpt["arch"]["latent_channels"], latent_size, info.dim, scale
         )
         batches = chain([first], batches)
-        init_state = None
-        if config.init is not None:
-            init_state, arch = load_init(config.init, arch)
+        if init_state is not None:
+            require_same_arch(init_path, init_state["arch"], arch, ARCH_KEYS_CHECKED_BY_INIT, INIT_HINT)
+            arch = {**arch, "latent_scale": init_state["arch"]["latent_scale"]}  # its weights learnt with it
     else:
         arch = resume_state["arch"]
     if device.type == "cuda":
@@ -333,6 +325,7 @@ def run_ldm(config: LdmConfig, resume_state: dict | None = None, progress: Any =
         if init_state is not None:
             trainer.load_state_dict(init_state, weights_only=True)
         run_dir = new_run_dir(config.out, config.name)
+        write_pairs(run_dir, info.pair_keys)
     else:
         trainer.load_state_dict(resume_state)
         trainer.step = start_step

@@ -480,6 +480,8 @@ def test_allow_partial_trains_on_the_rest_and_records_the_rows(scratch, tmp_path
         "skipped_shards": {"optimize": {"1": "file missing or being rewritten"}},
         "excluded": {"no_optimize_row": 1, "optimize_shard_not_usable": SHARD},
         "keys_digest": digest_json(used),
+        "pairs": 0,
+        "pairs_digest": None,
     }
     generate, info = load_generator(tmp_path / "000-gan", device="cpu")
     prompts = tmp_path / "prompts.txt"

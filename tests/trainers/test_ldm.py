@@ -182,8 +182,14 @@ def test_paired_limit_trains_on_exactly_n_pairs(world, tmp_path):
     result = run_ldm(tiny_config(world, tmp_path, condition="caption", paired_limit=5))
     assert result.data["pairs"] == 5 and result.data["n_images"] == 5
     assert json.loads((result.run_dir / "config.json").read_text())["data"]["pairs"] == 5
+    assert set((result.run_dir / "pairs.txt").read_text().split()) == seen  # the same seeded draw
+
+    # Beside another condition the N pairs are mixed in (semi-supervised): every image, N of them paired.
+    semi = run_ldm(tiny_config(world, tmp_path, paired_limit=5))
+    assert semi.data["pairs"] == 5 and semi.data["n_images"] > 5 and semi.data["condition"] != "caption"
+    assert len((semi.run_dir / "pairs.txt").read_text().split()) == 5
     with pytest.raises(ConfigError, match="--paired-limit"):
-        tiny_config(world, tmp_path, paired_limit=5).validate()  # needs --condition caption
+        tiny_config(world, tmp_path, paired_limit=0).validate()
 
 
 # --- sampling ----------------------------------------------------------------------------------------
@@ -248,7 +254,7 @@ def test_cli_trains_and_errors_are_one_line(world, tmp_path):
         p.name for p in (tmp_path / "000-ldm").iterdir()
     }
     _user_error(base + ["--size", "huge"], "--size huge")
-    _user_error(base + ["--paired-limit", 3], "--paired-limit")
+    _user_error(base + ["--paired-limit", 0], "--paired-limit")
     _user_error(base + ["--condition", "perturb", "--init", vae], "--init")
     _user_error(["ldm", "--cache", cache, "--vae", tmp_path / "none.pt", "--out", tmp_path], "--vae")
     _user_error(["ldm", "--resume", tmp_path / "missing.pt"], "--resume")
