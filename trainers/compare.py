@@ -6,13 +6,15 @@ rate, is evaluated by `trainers eval` with the same n, prompts and seed, and is 
 prompts. The report (trainers/compare_report.py) puts the runs side by side, with the chance and
 real-image rows, and the feature-level Lafite2 Figure 1 histograms (trainers/compare_features.py).
 
-    OUT/runs/{condition}-s{seed}/000-{gan|ldm}/     the run (its final checkpoint, config.json, metrics)
+    OUT/runs/{condition}-s{seed}/000-{gan|ldm}/     the run (its final checkpoint, config.json, metrics;
+                                                    pairs.txt for the few-shot arms)
     OUT/runs/{condition}-s{seed}/eval/eval.json     `trainers eval` of it
     OUT/runs/{condition}-s{seed}/samples.png        `trainers sample` of the sample prompts (+ samples/)
+    OUT/runs/pretrain-s{seed}/000-{gan|ldm}/        fewshot arms only: the seed's shared pre-training
     OUT/vae/000-vae/                                ldm only: one VAE, trained once, shared by every run
     OUT/_manifests/{condition}-s{seed}.json         the run's commit point, written last
     OUT/_manifests/vae.json
-    OUT/results.json, results.csv, report.md, accuracy_bars.png, samples.png
+    OUT/results.json, results.csv, report.md, accuracy_bars.png, samples.png (+ fewshot.png with arms)
     OUT/features.json, features.md, similarity_histograms.png       (feature level, no training)
 
 Each run is a keyed unit, like a stage shard (manifests/):
@@ -23,7 +25,8 @@ Keyed params: the generator's whole config except where it writes and how it run
 workers, how often it logs, samples and checkpoints), the eval settings (n, seed, batch, prompts) and the
 sample prompts and seed. Deps: the cache CLIP's identity; the output digests of the stages the condition
 reads (embed tars and sidecars for all; + optimize; + retrieve and captions); the probe (its config, or
-the --probe file's content); for ldm the shared VAE checkpoint's content digest. So a rerun does
+the --probe file's content); for ldm the shared VAE checkpoint's content digest; for a fewshot arm its
+pre-training checkpoint's (the arms: trainers/compare_arms.py). So a rerun does
 nothing when every run is committed, changing the budget reruns every run, adding a condition or a seed
 runs only the new ones, and a run killed at any instant (a run directory without a matching manifest)
 is removed and redone. The whole compare holds OUT/.lock.

@@ -197,6 +197,29 @@ def test_resume_continues_bit_for_bit(tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+def test_init_starts_from_the_weights_with_fresh_optimisers(tmp_path):
+    base = run_gan(tiny_config(tmp_path / "a", steps=2), fake_source(), progress=False)
+    # lr 1e-30: a step barely moves the weights, so after one the model is still the init's (or not)
+    tiny = dict(steps=1, lr=1e-30)
+    tuned = run_gan(tiny_config(tmp_path / "b", init=base.run_dir, **tiny), fake_source(), progress=False)
+    fresh = run_gan(tiny_config(tmp_path / "c", seed=1, **tiny), fake_source(), progress=False)
+    start = torch.load(base.checkpoint, weights_only=True)
+    after = torch.load(tuned.checkpoint, weights_only=True)
+    other = torch.load(fresh.checkpoint, weights_only=True)
+    for net in ("G", "D"):
+        for name, weight in start[net].items():
+            assert torch.allclose(after[net][name].float(), weight.float(), atol=1e-6), (net, name)
+    assert any(not torch.equal(w, other["G"][k]) for k, w in start["G"].items())  # not a coincidence
+    assert after["step"] == 1 and after["opt_G"]["state"][0]["step"] == 1  # a new run, fresh Adam
+    assert after["config"]["init"] == str(base.run_dir)  # recorded as given (absolute)
+
+    config = tiny_config(tmp_path / "d", init=base.checkpoint, size="small")
+    with pytest.raises(ConfigError, match="--init .*architecture does not match"):
+        run_gan(config, fake_source(resolution=64), progress=False)
+    with pytest.raises(ConfigError, match="--init .*no such checkpoint"):
+        run_gan(tiny_config(tmp_path / "e", init=tmp_path / "none.pt"), fake_source(), progress=False)
+
+
 def test_checkpoint_holds_everything_and_loads_safely(tmp_path):
     result = run_gan(tiny_config(tmp_path, steps=1), fake_source(), progress=False)
     assert result.checkpoint.name == "0000001.pt"
