@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     size, resolution = args.size or size, args.resolution or resolution
     clip_model, clip_pretrained = args.clip_model or clip_model, ""
     if args.cache is not None:  # the cache decides the resolution and the CLIP, for both rows
-        from trainers.data import LoaderConfig, cache_clip, make_loader
+        from trainers.data import LoaderConfig, make_loader
+        from trainers.embed_rows import cache_clip
 
         embedded = cache_clip(args.cache)
         clip_model, clip_pretrained = embedded.clip_model, embedded.clip_pretrained

@@ -357,7 +357,7 @@ def probe_command(
         raise ConfigError("give --cache (its image size is used) or --image-size, not both")
     base = ProbeConfig(n_train=n_train, epochs=epochs, seed=seed, device=device)
     if cache is not None:
-        from trainers.data import cache_image_size
+        from trainers.embed_rows import cache_image_size
 
         size = cache_image_size(cache)
     else:

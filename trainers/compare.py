@@ -61,7 +61,7 @@ from trainers.compare_arms import Arm, arm_run, cache_images, parse_arm, pretrai
 
 COMPARE_VERSION = "1"
 GENERATORS = ("gan", "ldm")
-CONDITIONS = ("perturb", "retrieve", "optimize", "caption")  # trainers.data.CONDITIONS, in report order
+CONDITIONS = ("perturb", "retrieve", "optimize", "caption")  # trainers.conditions.CONDITIONS, in report order
 RUNS_DIR = "runs"
 VAE_UNIT = "vae"
 
@@ -148,7 +148,7 @@ class CompareConfig:
         return DEMO_PROMPTS
 
     def validate(self) -> None:
-        from trainers.data import check_condition
+        from trainers.conditions import check_condition
         from trainers.gan import GAN_SIZES
         from trainers.ldm import LDM_SIZES
         from trainers.vae import VAE_SIZES
@@ -344,7 +344,8 @@ def cache_deps(cache: Path, condition: str) -> list[Dep]:
     """What a run on `condition` reads from the cache, by output digest; a missing stage is refused here,
     before anything is trained."""
     from manifests import list_manifests
-    from trainers.data import cache_clip, condition_stage, missing_stage_error
+    from trainers.conditions import condition_stage, missing_stage_error
+    from trainers.embed_rows import cache_clip
 
     deps = [Dep("clip", digest_json(cache_clip(cache).identity))]
     stages = {"embed": (), "retrieve": ("retrieve", "captions")}.get(
@@ -692,7 +693,7 @@ def plan_compare(config: CompareConfig) -> Plan:
     """Which units are committed and which must run (and why), reading only manifests and file stats.
     A unit whose prerequisite is still to make (the shared VAE; a fewshot run's pre-training) is planned
     against a checkpoint not known yet, and says so."""
-    from trainers.data import cache_image_size
+    from trainers.embed_rows import cache_image_size
 
     cache, out = Path(config.cache), Path(config.out)
     probe = probe_dep(config, cache_image_size(cache))
@@ -728,7 +729,7 @@ def unit_checkpoint(out: Path, name: str) -> tuple[Path, str]:
 
 
 def _probe(config: CompareConfig):
-    from trainers.data import cache_image_size
+    from trainers.embed_rows import cache_image_size
     from trainers.probe import cached_probe, load_probe
 
     if config.probe is not None:

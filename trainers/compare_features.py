@@ -60,7 +60,7 @@ def feature_report(
 
     from pipeline.attribute_precision import CHANCE, DEFINITION, target_object
     from pipeline.features import usable_rows
-    from trainers.data import read_embed
+    from trainers.embed_rows import read_embed
     from trainers.runs import select_device
 
     unknown = [m for m in methods if m not in METHODS]
@@ -193,7 +193,8 @@ def _features(
 ) -> tuple[np.ndarray | None, dict[int, str], str | None]:
     """(float32 [n, D] feature of each evaluated image, NaN rows where none; shards not usable; None) or
     (None, {}, why the method is skipped)."""
-    from trainers.data import LoaderConfig, optimize_features, perturb, retrieve_features
+    from trainers.conditions import optimize_features, perturb, retrieve_features
+    from trainers.data import LoaderConfig
 
     defaults = LoaderConfig(cache=rows.cache)
     if method == "perturb":
@@ -222,7 +223,7 @@ def _features(
 
 def _caption_features(rows, device: str) -> tuple[np.ndarray | None, str | None]:
     """The images' own caption features (float16 [N, D], NaN rows without one), or None and why."""
-    from trainers.data import caption_features
+    from trainers.conditions import caption_features
 
     if not any(isinstance(c, str) and c.strip() for c in rows.captions):
         return None, "no image in the cache has a caption"

@@ -114,7 +114,7 @@ def synthetic_prompts(n: int, seed: int, max_objects: int = 2) -> list[str]:
 def world_max_objects(rows, sample: int = 2000) -> int:
     """The most objects any of (a seeded sample of) the cache's labelled images has; 2 without labels.
     Prompts then ask for no more objects than the generator's world shows."""
-    from trainers.data import labels_of
+    from trainers.embed_rows import labels_of
 
     pick = np.random.default_rng(0).permutation(len(rows))[:sample]
     counts = [len((labels_of(rows, int(r)) or {}).get("objects") or []) for r in pick]
@@ -335,7 +335,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Generate, measure, write OUT/eval.json + OUT/grid.png; returns the eval.json dict."""
     from pipeline.synth import parse_caption
-    from trainers.data import describe_skipped, labels_of, load_cache_clip, read_embed
+    from trainers.committed import describe_skipped
+    from trainers.conditions import load_cache_clip
+    from trainers.embed_rows import labels_of, read_embed
     from trainers.probe import ProbeConfig, cached_probe, load_probe, score_objects, summarise
     from trainers.runs import select_device
 

@@ -92,7 +92,7 @@ def encode_latents(
 
     `vae_checkpoint`: a `trainers vae` checkpoint file or run directory (its latest checkpoint).
     `progress(n)` is called with the images just encoded."""
-    from trainers.data import read_embed
+    from trainers.embed_rows import read_embed
     from trainers.runs import select_device
     from trainers.vae import load_vae
 
@@ -216,7 +216,7 @@ def load_latent_cache(cache: Path | str, vae_checkpoint: Path | str) -> LatentCa
     import pyarrow as pa
 
     from manifests.errors import Unreadable
-    from trainers.data import _out, read_parquet_committed
+    from trainers.committed import read_parquet_committed, shard_out
 
     cache = Path(cache)
     digest = vae_digest(Path(vae_checkpoint))
@@ -230,7 +230,7 @@ def load_latent_cache(cache: Path | str, vae_checkpoint: Path | str) -> LatentCa
     shape = None
     for shard, manifest in sorted(manifests.items()):
         source = embed.get(shard)
-        out = _out(manifest, ".parquet")
+        out = shard_out(manifest, ".parquet")
         if source is None or out is None or manifest.get("params", {}).get("vae_digest") != digest:
             continue
         wanted = {(o["path"], o["digest"]) for o in source.get("outs", [])}

@@ -429,7 +429,7 @@ def load_probe(path: Path, device: str = "auto") -> Probe:
 
 
 def probe_path(cache: Path, config: ProbeConfig) -> Path:
-    from trainers.data import TRAINERS_DIR
+    from trainers.conditions import TRAINERS_DIR
 
     return Path(cache) / TRAINERS_DIR / f"probe-{digest_json(config.keyed())[:16]}.pt"
 
@@ -443,7 +443,7 @@ def cached_probe(
     """The probe for a cache's image size (`image_size` when the caller knows it), trained once and kept
     in `{cache}/_trainers/`, shared by every eval on the cache. Returns (probe, its file, or None when
     the cache is not writable)."""
-    from trainers.data import cache_image_size
+    from trainers.embed_rows import cache_image_size
 
     config = replace(config or ProbeConfig(), image_size=image_size or cache_image_size(cache))
     path = probe_path(cache, config)

@@ -102,7 +102,7 @@ class GanConfig:
     resume: Path | None = None  # checkpoint file or run directory (latest checkpoint) to continue
 
     def validate(self) -> None:
-        from trainers.data import check_condition
+        from trainers.conditions import check_condition
 
         if self.size not in GAN_SIZES:
             raise ConfigError(f"--size {self.size}: choose one of {', '.join(GAN_SIZES)}")
@@ -214,7 +214,8 @@ class DataSource:
 
 
 def cache_source(config: GanConfig) -> DataSource:
-    from trainers.data import LoaderConfig, cache_clip, make_loader
+    from trainers.data import LoaderConfig, make_loader
+    from trainers.embed_rows import cache_clip
 
     if config.cache is None:
         raise ConfigError(

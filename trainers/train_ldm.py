@@ -86,7 +86,7 @@ class LdmConfig:
     resume: Path | None = None  # checkpoint file or run directory (latest checkpoint) to continue
 
     def validate(self) -> None:
-        from trainers.data import check_condition
+        from trainers.conditions import check_condition
 
         if self.size not in LDM_SIZES:
             raise ConfigError(f"--size {self.size}: choose one of {', '.join(LDM_SIZES)}")
@@ -248,7 +248,8 @@ class LdmResult:
 
 def run_ldm(config: LdmConfig, resume_state: dict | None = None, progress: Any = None) -> LdmResult:
     """Train (or continue) a run; checkpoints, config.json and metrics.jsonl in its dir."""
-    from trainers.data import LoaderConfig, cache_clip, make_loader
+    from trainers.data import LoaderConfig, make_loader
+    from trainers.embed_rows import cache_clip
     from trainers.latents import load_latent_cache, posterior_means
     from trainers.train_gan import seed_everything
     from trainers.vae import load_vae

@@ -384,7 +384,7 @@ def run_vae(config: VaeConfig, progress: Any = None) -> VaeResult:
     from manifests import write_json_atomic
     from pipeline.clip import load_clip
     from trainers.checkpoints import save_checkpoint
-    from trainers.data import cache_clip
+    from trainers.embed_rows import cache_clip
     from trainers.runs import new_run_dir, select_device, write_run_config
     from trainers.train_gan import seed_everything
 

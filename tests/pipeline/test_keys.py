@@ -41,7 +41,7 @@ def test_colliding_inputs_are_refused_before_anything_is_written(downloads, tmp_
 
 
 def test_key_prefix_input_makes_mixed_downloads_one_cache(downloads, tmp_path):
-    from trainers.data import read_embed
+    from trainers.embed_rows import read_embed
 
     cache = tmp_path / "c"
     _embed(
@@ -65,7 +65,7 @@ def test_a_later_input_that_collides_with_the_cache_is_refused(downloads, tmp_pa
 
 
 def test_key_prefix_template_and_its_errors(downloads, tmp_path):
-    from trainers.data import read_embed
+    from trainers.embed_rows import read_embed
 
     cache = tmp_path / "c"
     _embed(downloads / "w2" / "00000.tar", "--cache", cache, "--key-prefix", "{parent}-{stem}")

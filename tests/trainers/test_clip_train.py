@@ -80,7 +80,7 @@ def test_pipeline_embed_uses_the_trained_clip(trained, world, tmp_path):
     run_embed(config)
     table = pq.read_table(cache / "embed" / "00000.parquet")
     stored = torch.tensor(np.stack(table["img_emb"].to_numpy(zero_copy_only=False)).astype(np.float32))
-    from trainers.data import read_embed
+    from trainers.embed_rows import read_embed
 
     rows = read_embed(cache)
     bundle = dataclasses.replace(

@@ -97,7 +97,12 @@ def test_the_figure_and_the_few_shot_section_are_written(armed):
         assert image.format == "PNG" and image.size >= (800, 300)
     report = (out / "report.md").read_text()
     assert "## Few-shot and semi-supervised arms" in report and "](fewshot.png)" in report
-    for row in ("| fewshot:4 | 4 | 1 |", "| scratch:4 | 4 | 1 |", "| semi:0.25 | 4 | 1 |", "| caption | all |"):
+    for row in (
+        "| fewshot:4 | 4 | 1 |",
+        "| scratch:4 | 4 | 1 |",
+        "| semi:0.25 | 4 | 1 |",
+        "| caption | all |",
+    ):
         assert row in report, row
     assert "`fewshot:4` vs `scratch:4`:" in report
     fewshot = json.loads((out / "results.json").read_text())["fewshot"]

@@ -13,7 +13,7 @@ from PIL import Image
 from pipeline.errors import ConfigError
 from pipeline.optimize import OptimizeConfig, run_optimize
 from pipeline.retrieve import RetrieveConfig, run_retrieve
-from trainers import data
+from trainers import embed_rows
 from trainers.compare_features import METHODS, TOP1_BATCH, feature_report
 
 N = 16
@@ -89,14 +89,14 @@ def test_missing_stages_are_skipped_with_the_reason(caches, tmp_path):
 
 
 def test_caption_needs_captions(caches, tmp_path, monkeypatch):
-    read_embed = data.read_embed
+    read_embed = embed_rows.read_embed
 
     def without_captions(cache):
         rows = read_embed(cache)
         rows.captions = [None] * len(rows)
         return rows
 
-    monkeypatch.setattr(data, "read_embed", without_captions)
+    monkeypatch.setattr(embed_rows, "read_embed", without_captions)
     report = feature_report(caches["full"], tmp_path / "f", methods=("caption", "optimize"), device="cpu")
     assert report["methods"]["caption"] == {
         "status": "skipped",

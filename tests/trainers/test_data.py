@@ -36,9 +36,12 @@ from manifests.errors import Unreadable
 from pipeline.embed import EmbedConfig, run_embed
 from pipeline.errors import ConfigError
 from pipeline.synth import SynthConfig, run_synth
-from trainers import data
+from trainers import conditions, data
 from trainers.cli import app
-from trainers.data import LoaderConfig, cache_clip, feature_dim, make_loader, missing_stage_error
+from trainers.conditions import missing_stage_error
+from trainers.data import LoaderConfig, make_loader
+from trainers.embed_rows import cache_clip, feature_dim
+from trainers.tar_images import TarImages, _index_tar_slow, index_tar
 
 N_IMAGES, SHARD, D = 40, 20, 64
 DROPPED_KEY = "000000003"  # the optimize fixture has no row for it
@@ -324,9 +327,11 @@ def test_start_step_resumes_with_identical_batches_without_decoding_skipped_ones
     fresh = make_loader(config)
     reference = [next(fresh) for _ in range(12)]  # crosses epoch boundaries (40 images, batches of 7)
     decoded = []
-    original = data.TarImages.decode
+    original = TarImages.decode
     monkeypatch.setattr(
-        data.TarImages, "decode", lambda self, raw, what: decoded.append(what) or original(self, raw, what)
+        TarImages,
+        "decode",
+        lambda self, raw, what: decoded.append(what) or original(self, raw, what),
     )
     resumed = make_loader(config, start_step=9)
     for step in range(9, 12):
@@ -591,7 +596,8 @@ def test_loader_is_read_only_outside_trainers_dir(scratch):
 
 def test_caption_features_are_computed_once_and_shared(scratch, monkeypatch):
     make_loader(LoaderConfig(cache=scratch, condition="caption", batch_size=4))
-    monkeypatch.setattr(data, "load_cache_clip", lambda *a, **k: pytest.fail("caption features recomputed"))
+    recomputed = lambda *a, **k: pytest.fail("caption features recomputed")  # noqa: E731
+    monkeypatch.setattr(conditions, "load_cache_clip", recomputed)
     loader = make_loader(LoaderConfig(cache=scratch, condition="caption", batch_size=4, seed=5))
     assert loader.info.caption_features and Path(loader.info.caption_features).is_file()
 
@@ -626,8 +632,8 @@ def test_tar_index_agrees_with_tarfile(tmp_path, fmt):
             tar.addfile(info, io.BytesIO(payload))
     fd = os.open(path, os.O_RDONLY)
     try:
-        index = data.index_tar(fd)
-        assert index == data._index_tar_slow(fd)
+        index = index_tar(fd)
+        assert index == _index_tar_slow(fd)
         assert set(index) == {"a/k1", f"{long_dir}/k2"}
         offset, size, ext = index[f"{long_dir}/k2"]
         assert os.pread(fd, size, offset) == b"yyy" and ext == "png"

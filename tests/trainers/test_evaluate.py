@@ -19,7 +19,8 @@ from pipeline.errors import ConfigError
 from pipeline.synth import Scene, SynthConfig, _place, parse_caption, render_scene, run_synth, sample_scene
 from trainers import evaluate as evaluate_module
 from trainers.cli import app
-from trainers.data import load_cache_clip, read_embed
+from trainers.conditions import load_cache_clip
+from trainers.embed_rows import read_embed
 from trainers.evaluate import EvalConfig, evaluate, synthetic_prompts
 from trainers.probe import ProbeConfig, save_probe, train_probe
 

@@ -1,0 +1,127 @@
+"""Reading a cache's committed outputs, as the trainers do: what a stage committed, opened once.
+
+Only committed shards are read: a stage output counts when its manifest exists and its file size matches
+the manifest's `outs` (a shard being rewritten does not). Each file is opened once, checked with `fstat`
+and then read through that descriptor, so a later rewrite of the path (the pipeline commits with
+`os.replace`) cannot change what a run reads. Nothing in the pipeline-owned directories is ever written.
+A Parquet output whose bytes differ from the manifest's digest (bit rot) or that does not decode is an
+`Unreadable` naming the file and `pipeline run --verify`.
+
+Shards a condition reads that cannot be used now (being rewritten, stale, not made yet) are a
+`PartialCache` naming them and the command that makes them (trainers.data waits for them, or trains on
+the rest with --allow-partial).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from manifests import digest_bytes
+from manifests.errors import damaged
+from pipeline.errors import ConfigError
+
+STAGE_COMMANDS = {
+    "embed": "pipeline embed INPUT... --cache {cache}",
+    "retrieve": "pipeline retrieve --captions CORPUS --cache {cache}",
+    "optimize": "pipeline optimize --cache {cache}",
+}
+
+
+def stage_command(stage: str, cache: Path) -> str:
+    """The command that makes `stage` (an optimize variant's included) in `cache`."""
+    if stage.startswith("optimize-"):
+        return f"pipeline optimize --variant {stage.removeprefix('optimize-')} --cache {cache}"
+    return STAGE_COMMANDS[stage].format(cache=cache)
+
+
+def _describe(skipped: dict[int, str]) -> str:
+    by_reason = Counter(skipped.values())
+    return "; ".join(
+        f"{reason} ({', '.join(str(s) for s, r in sorted(skipped.items()) if r == reason)[:60]})"
+        for reason in by_reason
+    )
+
+
+def describe_skipped(skipped: dict[str, dict[int, str]]) -> str:
+    """stage -> shard -> reason, as `optimize shards: not made yet (1, 2); ...`."""
+    return "; ".join(f"{stage} shards: {_describe(s)}" for stage, s in skipped.items())
+
+
+class PartialCache(ConfigError):
+    """Shards a condition reads that cannot be used now: being rewritten, stale, or not made yet."""
+
+    def __init__(
+        self,
+        cache: Path,
+        skipped: dict[str, dict[int, str]],
+        waited: float | None = None,
+        rest: bool = True,  # whether the other shards could be trained on (--allow-partial)
+    ):
+        self.skipped = skipped  # stage -> shard -> reason
+        after = f" after waiting {waited:.3g} s for them to be committed" if waited is not None else ""
+        runs = " or ".join(f"`{stage_command(stage, cache)}`" for stage in skipped)
+        partial = (
+            ", or pass --allow-partial to train on the rest (the run's config.json records the rows used)"
+            if rest
+            else " (no other shard is usable, so --allow-partial cannot help)"
+        )
+        super().__init__(
+            f"--cache {cache}: part of the cache is not usable{after}: {describe_skipped(skipped)}. Wait for "
+            f"the running stage to commit them or rerun it ({runs}){partial}"
+        )
+
+
+def shard_out(manifest: dict[str, Any], suffix: str) -> dict[str, Any] | None:
+    return next((o for o in manifest.get("outs", []) if o["path"].endswith(suffix)), None)
+
+
+def open_committed(cache: Path, out: dict[str, Any]) -> int | None:
+    """An fd on the committed file, or None when it is missing or its size differs from the manifest's
+    (a shard being rewritten). Reading through the fd keeps this version even if the path is replaced."""
+    try:
+        fd = os.open(Path(cache) / out["path"], os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    if os.fstat(fd).st_size != out["size"]:
+        os.close(fd)
+        return None
+    return fd
+
+
+def read_parquet_committed(cache: Path, out: dict[str, Any], columns: list[str] | None = None):
+    """A pyarrow Table of a committed Parquet output, or None (see `open_committed`). Bytes that differ
+    from the manifest's digest or do not decode (bit rot: size and mtime unchanged) are `damaged`.
+
+    Hashing costs about 1 s per GB (blake2b), small next to decoding: most flipped bytes in a Parquet file
+    (the float columns) decode without an error into different numbers, so the digest is the only check."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fd = open_committed(cache, out)
+    if fd is None:
+        return None
+    path = Path(cache) / out["path"]
+    with os.fdopen(fd, "rb") as f:
+        data = f.read()
+    if out.get("digest") and digest_bytes(data) != out["digest"]:
+        raise damaged(path, ValueError("its content digest differs from its manifest's"), cache)
+    try:
+        return pq.read_table(pa.BufferReader(data), columns=columns)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise damaged(path, e, cache) from e
+
+
+def raise_fd_limit(needed: int) -> None:
+    """One fd per embed tar is held for the run; lift the soft limit towards the hard one if needed."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < needed:
+            target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):
+        pass
