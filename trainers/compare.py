@@ -58,9 +58,10 @@ from manifests.faults import crash_point
 from manifests.manifest import MANIFEST_DIR, environment, fingerprint_key
 from pipeline.errors import ConfigError, require_at_least
 from trainers.compare_arms import Arm, arm_run, cache_images, parse_arm, pretrain_name, split_budget
+from trainers.generators import FAMILIES, member
 
 COMPARE_VERSION = "1"
-GENERATORS = ("gan", "ldm")
+GENERATORS = tuple(FAMILIES)
 CONDITIONS = ("perturb", "retrieve", "optimize", "caption")  # trainers.conditions.CONDITIONS, in report order
 RUNS_DIR = "runs"
 VAE_UNIT = "vae"
@@ -149,8 +150,6 @@ class CompareConfig:
 
     def validate(self) -> None:
         from trainers.conditions import check_condition
-        from trainers.gan import GAN_SIZES
-        from trainers.ldm import LDM_SIZES
         from trainers.vae import VAE_SIZES
 
         if self.generator not in GENERATORS:
@@ -175,7 +174,7 @@ class CompareConfig:
             raise ConfigError("--seeds: give at least one seed, e.g. 0,1")
         if min(self.seeds) < 0 or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError("--seeds: seeds must be distinct and 0 or more")
-        sizes = GAN_SIZES if self.generator == "gan" else LDM_SIZES
+        sizes = member(FAMILIES[self.generator].sizes)
         if self.size not in sizes:
             raise ConfigError(f"--size {self.size}: the {self.generator} sizes are {', '.join(sizes)}")
         if self.generator == "ldm" and self.vae_size not in VAE_SIZES:
@@ -432,13 +431,9 @@ def _train_config(config: CompareConfig, name: str, seed: int, vae: tuple[Path, 
     )
     if config.lr is not None:
         common["lr"] = config.lr
-    if config.generator == "gan":
-        from trainers.train_gan import GanConfig
-
-        return GanConfig(**common)
-    from trainers.train_ldm import LdmConfig
-
-    return LdmConfig(vae=vae[0] if vae is not None else None, **common)
+    if config.generator == "ldm":  # every run decodes with the compare's one VAE
+        common["vae"] = vae[0] if vae is not None else None
+    return member(FAMILIES[config.generator].config)(**common)
 
 
 def _vae_deps(config: CompareConfig, vae: tuple[Path, str] | None) -> list[Dep]:
@@ -557,14 +552,8 @@ def do_vae(config: CompareConfig, unit: Unit, progress: Callable[..., None]) -> 
 
 def _train(unit: Unit, progress: Callable[..., None]) -> Path:
     """Train the unit's generator; -> its final checkpoint."""
-    tick = lambda n: progress(steps=n)  # noqa: E731
-    if unit.kind == "ldm":
-        from trainers.train_ldm import run_ldm
-
-        return run_ldm(unit.train, progress=tick).checkpoint
-    from trainers.train_gan import run_gan
-
-    return run_gan(unit.train, progress=tick).checkpoint
+    run = member(FAMILIES[unit.kind].train)
+    return run(unit.train, progress=lambda n: progress(steps=n)).checkpoint
 
 
 def do_pretrain(config: CompareConfig, unit: Unit, progress: Callable[..., None]) -> dict:
@@ -595,15 +584,14 @@ def do_run(config: CompareConfig, unit: Unit, probe: Any, progress: Callable[...
 
     out = Path(config.out)
     folder = _restart(out, unit)
-    ldm = unit.kind == "ldm"
     progress(status=f"{unit.name}: train")
     t0 = time.perf_counter()
     checkpoint = _train(unit, progress)
     t_train = time.perf_counter()
 
     progress(status=f"{unit.name}: eval")
-    sampler = {"steps": config.sample_steps} if ldm else {}
-    generate, info = load_generator(checkpoint, device=config.device, **sampler)
+    # the sampler steps apply to the families that take them (trainers.generators)
+    generate, info = load_generator(checkpoint, device=config.device, steps=config.sample_steps)
     eval_config = EvalConfig(
         checkpoint=str(checkpoint),
         cache=Path(config.cache),
@@ -625,7 +613,7 @@ def do_run(config: CompareConfig, unit: Unit, probe: Any, progress: Callable[...
             n=1,
             seed=config.sample_seed,
             device=config.device,
-            steps=config.sample_steps if ldm else None,
+            steps=config.sample_steps,
         )
     )
     pair_files, pairs = _pairs(checkpoint.parent)

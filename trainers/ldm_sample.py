@@ -25,15 +25,24 @@ def load_ldm_generator(
     """-> (generate(cond [N, D], seed, steps=50, guidance=<the run's>) -> uint8 [N, 3, R, R] on the CPU,
     info: kind, step, config, clip_model, clip_pretrained, resolution, h_dim, size, checkpoint, vae, data).
     `vae_path` overrides the VAE checkpoint the LDM checkpoint records (e.g. a run directory moved)."""
+    from trainers.checkpoints import load_checkpoint, resolve_checkpoint
+
+    path = resolve_checkpoint(ckpt_path, "--checkpoint")
+    return load_ldm(
+        path, load_checkpoint(path, "--checkpoint", kinds=("ldm",)), device=device, vae_path=vae_path
+    )
+
+
+def load_ldm(
+    path: Path, ckpt: dict[str, Any], *, device: str = "auto", vae_path: Path | str | None = None
+) -> tuple[Generate, dict[str, Any]]:
+    """A loaded `trainers ldm` checkpoint as `generate` and its info (see `load_ldm_generator`)."""
     import torch
 
-    from trainers.checkpoints import load_checkpoint, resolve_checkpoint
     from trainers.ldm import Dit, sample_euler
     from trainers.runs import select_device
     from trainers.vae import load_vae
 
-    path = resolve_checkpoint(ckpt_path, "--checkpoint")
-    ckpt = load_checkpoint(path, "--checkpoint")
     if ckpt.get("kind") != "ldm" or "ema" not in ckpt:
         raise ConfigError(f"--checkpoint {path}: not a `trainers ldm` checkpoint (kind {ckpt.get('kind')!r})")
     arch = ckpt["arch"]

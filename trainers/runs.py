@@ -1,4 +1,4 @@
-"""Run directories and device selection, shared by every trainer.
+"""What every trainer shares: run directories, device selection, seeding, resuming and sample prompts.
 
 A run lives in `OUT/{idx:03d}-{name}/` (idx one more than the largest already there, so runs sort in the
 order they were started) and holds `config.json`, checkpoints `{step:07d}.pt` and sample grids.
@@ -7,16 +7,62 @@ order they were started) and holds `config.json`, checkpoints `{step:07d}.pt` an
 from __future__ import annotations
 
 import json
+import random
 import re
 import warnings
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 from manifests import write_bytes_atomic, write_json_atomic
 from pipeline.errors import ConfigError
+from pipeline.paths import absolute
 
 RUN_DIR_RE = re.compile(r"^(\d{3,})-")
+
+# Default sample-grid prompts: synthetic-world captions, one with a colour/shape pair no image has
+# (blue star, see pipeline.synth.HELD_OUT_PAIRS) to watch compositional generalisation.
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "a large red circle in the centre",
+    "a small blue square on the left",
+    "a green triangle at the top",
+    "a yellow star on the right",
+    "a purple diamond near the bottom",
+    "an orange cross in the middle",
+    "a red square on the left and a green circle on the right",
+    "a large blue star in the centre",
+)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class RunConfig:
+    """What the trainers' frozen config dataclasses share: `to_dict` in plain JSON types (config.json,
+    and the checkpoint, which must load with weights_only=True: paths absolute, tuples as lists) and
+    `from_dict` back (keys it does not know, from older or newer code, are dropped)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = absolute(value) if isinstance(value, Path) else _plain(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        values = {}
+        for f in fields(cls):
+            if f.name in d:
+                value = d[f.name]
+                if value is not None and "Path" in str(f.type):
+                    value = Path(value)
+                elif isinstance(value, list) and str(f.type).startswith("tuple"):
+                    value = tuple(value)
+                values[f.name] = value
+        return cls(**values)
+
+
+def _plain(value: Any) -> Any:
+    return [_plain(v) for v in value] if isinstance(value, tuple | list) else value
 
 
 def select_device(device: str = "auto"):
@@ -91,3 +137,42 @@ def trim_metrics(path: Path, last_step: int) -> None:
     if damaged:
         warnings.warn(f"{path}: dropped {damaged} unreadable line(s)", stacklevel=2)
     write_bytes_atomic(path, "".join(line + "\n" for line in kept).encode())
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy's and Python's global generators (model init, noise, augmentation)."""
+    import numpy as np
+    import torch
+
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def resolve_run_config(
+    cls: type, kind: str, overridable: tuple[str, ...], values: dict[str, Any], resume: Path | str | None
+) -> tuple[Any, dict | None]:
+    """CLI values (only those given) -> a `cls` config; with `resume`, the `trainers {kind}` checkpoint's
+    config with the `overridable` values replaced, and the loaded checkpoint (so a big one is read once).
+    Any other value given must match the checkpoint's: it shapes the model, the data or the objective, and
+    changing it would not be a continuation."""
+    from trainers.checkpoints import load_checkpoint, resolve_checkpoint
+
+    if resume is None:
+        return cls(**values), None
+    path = resolve_checkpoint(resume, "--resume")
+    ckpt = load_checkpoint(path, "--resume", kinds=(kind,))
+    saved = cls.from_dict(ckpt["config"])
+    overrides = {}
+    for key, value in values.items():
+        if key in overridable:
+            overrides[key] = value
+        elif value != getattr(saved, key):
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(
+                f"{flag} {value}: the checkpoint was trained with {getattr(saved, key)}; a resumed run keeps "
+                f"its model, data and objective (drop {flag}, or start a new run without --resume)"
+            )
+    if "init" in {f.name for f in fields(cls)}:
+        overrides["init"] = None  # a continuation starts from its own checkpoint, not the init's
+    return replace(saved, **overrides, resume=path), ckpt

@@ -34,26 +34,32 @@ def load_generator(
 ) -> tuple[Generate, dict[str, Any]]:
     """The checkpoint's EMA generator (eval mode) as `generate(cond, seed)`, and what it was trained with:
     kind, step, config, clip_model, clip_pretrained, resolution, h_dim, size, data (the rows trained on;
-    None in older checkpoints). GAN and LDM checkpoints both work; `steps` (sampler steps, default 50) and
-    `guidance` (default: the run's) apply to an LDM."""
+    None in older checkpoints). Any family in trainers.generators works; `steps` (sampler steps, default
+    50) and `guidance` (default: the run's) apply to the families that take them (ldm)."""
     import functools
 
+    from trainers.checkpoints import load_checkpoint, resolve_checkpoint
+    from trainers.generators import FAMILIES, member
+
+    path = resolve_checkpoint(ckpt_path, "--checkpoint")
+    ckpt = load_checkpoint(path, "--checkpoint", kinds=tuple(FAMILIES))
+    family = FAMILIES[ckpt["kind"]]
+    generate, info = member(family.load)(path, ckpt, device=device)
+    given = {"steps": steps, "guidance": guidance}
+    sampler = {k: v for k, v in given.items() if v is not None and k in family.sampler}
+    return (functools.partial(generate, **sampler) if sampler else generate), info
+
+
+def load_gan(path: Path, ckpt: dict[str, Any], *, device: str = "auto") -> tuple[Generate, dict[str, Any]]:
+    """A loaded `trainers gan` checkpoint as `generate(cond [N, D], seed) -> uint8 [N, 3, R, R]` (its EMA
+    generator) and its info (see `load_generator`)."""
     import torch
 
-    from trainers.checkpoints import load_checkpoint, resolve_checkpoint
     from trainers.gan import build_models
     from trainers.runs import select_device
 
-    path = resolve_checkpoint(ckpt_path, "--checkpoint")
-    ckpt = load_checkpoint(path, "--checkpoint", kinds=("gan", "ldm"))
-    if ckpt.get("kind") == "ldm":
-        from trainers.ldm_sample import load_ldm_generator
-
-        generate, info = load_ldm_generator(path, device=device)
-        sampler = {k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None}
-        return functools.partial(generate, **sampler), info
-    if ckpt.get("kind") != "gan" or "G_ema" not in ckpt:
-        raise ConfigError(f"--checkpoint {path}: not a `trainers gan` checkpoint (kind {ckpt.get('kind')!r})")
+    if "G_ema" not in ckpt:
+        raise ConfigError(f"--checkpoint {path}: not a `trainers gan` checkpoint (no G_ema)")
     arch = ckpt["arch"]
     G, _ = build_models(arch)
     G.load_state_dict(ckpt["G_ema"])

@@ -24,20 +24,17 @@ import contextlib
 import copy
 import json
 import math
-import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from itertools import chain
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipeline.errors import ConfigError, require_at_least
-from pipeline.paths import absolute
 from trainers.checkpoints import (
     load_checkpoint,
     load_init,
@@ -48,30 +45,21 @@ from trainers.checkpoints import (
 )
 from trainers.gan import GAN_SIZES, architecture, build_models, check_resolution
 from trainers.runs import (
+    DEFAULT_PROMPTS,
+    RunConfig,
     check_run_name,
     new_run_dir,
+    resolve_run_config,
+    seed_everything,
     select_device,
     trim_metrics,
     write_pairs,
     write_run_config,
 )
 
-# Default sample-grid prompts: synthetic-world captions, one with a colour/shape pair no image has
-# (blue star, see pipeline.synth.HELD_OUT_PAIRS) to watch compositional generalisation.
-DEFAULT_PROMPTS: tuple[str, ...] = (
-    "a large red circle in the centre",
-    "a small blue square on the left",
-    "a green triangle at the top",
-    "a yellow star on the right",
-    "a purple diamond near the bottom",
-    "an orange cross in the middle",
-    "a red square on the left and a green circle on the right",
-    "a large blue star in the centre",
-)
-
 
 @dataclass(frozen=True)
-class GanConfig:
+class GanConfig(RunConfig):
     cache: Path | None = None  # feature cache (read-only); on --resume the checkpoint's unless given
     out: Path = Path("runs")  # the run goes to OUT/{idx:03d}-{name}/
     name: str = "gan"  # run name (a folder name)
@@ -135,25 +123,6 @@ class GanConfig:
         ):
             raise ConfigError("tau must be positive and the loss weights, r1_gamma and ema_kimg non-negative")
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON types (config.json, and the checkpoint, which must load with weights_only=True)."""
-        out = asdict(self)
-        for key in ("cache", "out", "init", "resume"):
-            out[key] = absolute(out[key])
-        out["prompts"] = list(self.prompts)
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GanConfig:
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in d.items() if k in known}
-        for key in ("cache", "out", "init", "resume"):
-            if values.get(key) is not None:
-                values[key] = Path(values[key])
-        if "prompts" in values:
-            values["prompts"] = tuple(values["prompts"])
-        return cls(**values)
-
 
 # What a resumed run may change; anything else given must match the checkpoint (it shapes the model,
 # the data or the losses, and changing it would not be a continuation).
@@ -181,26 +150,8 @@ def read_prompts(path: Path) -> tuple[str, ...]:
 
 
 def resolve_config(values: dict[str, Any], resume: Path | str | None = None) -> tuple[GanConfig, dict | None]:
-    """CLI values (only those given) -> config; with `resume`, the checkpoint's config with the allowed
-    overrides. Returns the loaded checkpoint too, so a big one is read once."""
-    if resume is None:
-        return GanConfig(**values), None
-    path = resolve_checkpoint(resume, "--resume")
-    ckpt = load_checkpoint(path, "--resume")
-    if ckpt.get("kind") != "gan":
-        raise ConfigError(f"--resume {path}: not a `trainers gan` checkpoint (kind {ckpt.get('kind')!r})")
-    saved = GanConfig.from_dict(ckpt["config"])
-    overrides = {}
-    for key, value in values.items():
-        if key in RESUME_OVERRIDABLE:
-            overrides[key] = value
-        elif value != getattr(saved, key):
-            flag = "--" + key.replace("_", "-")
-            raise ConfigError(
-                f"{flag} {value}: the checkpoint was trained with {getattr(saved, key)}; a resumed run keeps "
-                f"its model, data and losses (drop {flag}, or start a new run without --resume)"
-            )
-    return replace(saved, **overrides, resume=path, init=None), ckpt
+    """CLI values -> config, or the resumed checkpoint's with the allowed overrides (trainers.runs)."""
+    return resolve_run_config(GanConfig, "gan", RESUME_OVERRIDABLE, values, resume)
 
 
 @dataclass
@@ -380,12 +331,6 @@ class GanTrainer:
 def default_r1_gamma(arch: dict, config: GanConfig) -> float:
     """StyleGAN2-ADA's `auto` config: 0.0002 * resolution^2 / batch (0.026 at 64 px, batch 32)."""
     return 0.0002 * arch["resolution"] ** 2 / config.batch_size
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
 
 
 @dataclass

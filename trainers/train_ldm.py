@@ -30,7 +30,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,6 @@ from typing import Any
 import torch
 
 from pipeline.errors import ConfigError, require_at_least
-from pipeline.paths import absolute
 from trainers.checkpoints import (
     load_checkpoint,
     load_init,
@@ -49,8 +48,12 @@ from trainers.checkpoints import (
 )
 from trainers.ldm import LDM_SIZES, Dit, flow_loss, ldm_architecture, sample_euler
 from trainers.runs import (
+    DEFAULT_PROMPTS,
+    RunConfig,
     check_run_name,
     new_run_dir,
+    resolve_run_config,
+    seed_everything,
     select_device,
     trim_metrics,
     write_pairs,
@@ -59,7 +62,7 @@ from trainers.runs import (
 
 
 @dataclass(frozen=True)
-class LdmConfig:
+class LdmConfig(RunConfig):
     cache: Path | None = None  # feature cache (read-only); on --resume the checkpoint's unless given
     vae: Path | None = None  # `trainers vae` checkpoint (or run dir: its latest), frozen
     out: Path = Path("runs")  # the run goes to OUT/{idx:03d}-{name}/
@@ -82,7 +85,7 @@ class LdmConfig:
     log_every: int = 10  # steps between metrics.jsonl lines
     sample_every: int = 1000  # steps between sample grids (EMA model, `guidance`), 0 for the final one only
     sample_steps: int = 25  # Euler steps of the grids
-    samples_per_prompt: int = 4  # grid columns; rows are trainers.train_gan.DEFAULT_PROMPTS
+    samples_per_prompt: int = 4  # grid columns; rows are trainers.runs.DEFAULT_PROMPTS
     resume: Path | None = None  # checkpoint file or run directory (latest checkpoint) to continue
 
     def validate(self) -> None:
@@ -118,21 +121,6 @@ class LdmConfig:
         if self.init is not None and self.resume is not None:
             raise ConfigError("--init starts a new run from weights; --resume continues one: give one")
 
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        for key in ("cache", "vae", "out", "init", "resume"):
-            out[key] = absolute(out[key])
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LdmConfig:
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in d.items() if k in known}
-        for key in ("cache", "vae", "out", "init", "resume"):
-            if values.get(key) is not None:
-                values[key] = Path(values[key])
-        return cls(**values)
-
 
 RESUME_OVERRIDABLE = (
     "cache",
@@ -150,26 +138,8 @@ RESUME_OVERRIDABLE = (
 
 
 def resolve_config(values: dict[str, Any], resume: Path | str | None = None) -> tuple[LdmConfig, dict | None]:
-    """CLI values (only those given) -> config; with `resume`, the checkpoint's config plus the allowed
-    overrides, and the loaded checkpoint."""
-    if resume is None:
-        return LdmConfig(**values), None
-    path = resolve_checkpoint(resume, "--resume")
-    ckpt = load_checkpoint(path, "--resume")
-    if ckpt.get("kind") != "ldm":
-        raise ConfigError(f"--resume {path}: not a `trainers ldm` checkpoint (kind {ckpt.get('kind')!r})")
-    saved = LdmConfig.from_dict(ckpt["config"])
-    overrides = {}
-    for key, value in values.items():
-        if key in RESUME_OVERRIDABLE:
-            overrides[key] = value
-        elif value != getattr(saved, key):
-            flag = "--" + key.replace("_", "-")
-            raise ConfigError(
-                f"{flag} {value}: the checkpoint was trained with {getattr(saved, key)}; a resumed run keeps "
-                f"its model, data and objective (drop {flag}, or start a new run without --resume)"
-            )
-    return replace(saved, **overrides, resume=path, init=None), ckpt
+    """CLI values -> config, or the resumed checkpoint's with the allowed overrides (trainers.runs)."""
+    return resolve_run_config(LdmConfig, "ldm", RESUME_OVERRIDABLE, values, resume)
 
 
 class LdmTrainer:
@@ -251,7 +221,6 @@ def run_ldm(config: LdmConfig, resume_state: dict | None = None, progress: Any =
     from trainers.data import LoaderConfig, make_loader
     from trainers.embed_rows import cache_clip
     from trainers.latents import load_latent_cache, posterior_means
-    from trainers.train_gan import seed_everything
     from trainers.vae import load_vae
 
     config.validate()
@@ -312,7 +281,6 @@ def run_ldm(config: LdmConfig, resume_state: dict | None = None, progress: Any =
 
     from pipeline.clip import encode_texts, load_clip
     from trainers.sample import write_grid
-    from trainers.train_gan import DEFAULT_PROMPTS
 
     text_clip = load_clip(clip.clip_model, clip.clip_pretrained or None, str(device))  # seeds torch: first
     prompt_h = encode_texts(text_clip, list(DEFAULT_PROMPTS)).clone()  # [P, D]; clone: out of inference mode

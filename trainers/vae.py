@@ -385,8 +385,7 @@ def run_vae(config: VaeConfig, progress: Any = None) -> VaeResult:
     from pipeline.clip import load_clip
     from trainers.checkpoints import save_checkpoint
     from trainers.embed_rows import cache_clip
-    from trainers.runs import new_run_dir, select_device, write_run_config
-    from trainers.train_gan import seed_everything
+    from trainers.runs import new_run_dir, seed_everything, select_device, write_run_config
 
     config.validate()
     device = select_device(config.device)
