@@ -45,12 +45,10 @@ from manifests import (
     ShardSpec,
     check_outputs,
     check_shard,
-    clean_temp_files,
     commit_manifest,
     digest_input_file,
     list_manifests,
     manifest_path,
-    migrate_stats,
     read_manifest,
     remove_stats,
     stat_out,
@@ -614,20 +612,15 @@ def run_captions(
     executor=None,
 ) -> CaptionsResult:
     """Plan (unless given), then make every stale shard, in-process or on `executor` (pipeline.executor)."""
-    from pipeline.executor import LocalExecutor
+    from pipeline.stage import run_shards
 
     t0 = time.perf_counter()
     plan = plan or plan_captions(config, clip)
     stage_dir = Path(config.cache) / STAGE
-    clean_temp_files(stage_dir)
-    migrate_stats(config.cache, STAGE)
     remove_surplus(config.cache, plan.surplus)
-    encoded = truncated = 0
-    for manifest in (executor or LocalExecutor()).map(
-        captions_shard, plan.tasks, gpu=True, progress=progress
-    ):
-        encoded += manifest["encoded"]
-        truncated += manifest["truncated"]
+    run = run_shards(config.cache, STAGE, plan.tasks, captions_shard, executor=executor, progress=progress)
+    encoded = sum(m["encoded"] for m in run.manifests)
+    truncated = sum(m["truncated"] for m in run.manifests)
     stage_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(stage_dir / CORPUS_FILE, plan.corpus)
     return CaptionsResult(

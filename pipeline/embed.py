@@ -24,13 +24,11 @@ from manifests import (
     ShardPlan,
     ShardSpec,
     check_shard,
-    clean_temp_files,
     commit_manifest,
     digest_file_content,
     digest_input_file,
     group_units,
     list_manifests,
-    migrate_stats,
     read_manifest,
     write_stats,
 )
@@ -348,30 +346,34 @@ def embed_shard(task: EmbedTask, progress: Progress | None = None) -> dict[str, 
 
 def run_embed(config: EmbedConfig, progress: Progress | None = None, executor=None) -> StageResult:
     """Plan, then make every stale shard, in-process or on the given executor (`pipeline.executor`)."""
-    from pipeline.executor import LocalExecutor, StageResult
+    from pipeline.executor import StageResult
+    from pipeline.sources import count_samples
+    from pipeline.stage import run_shards
 
     t0 = time.perf_counter()
     plan = plan_embed(config)
-    if hasattr(progress, "set_total"):  # a pipeline.progress bar: the samples of the shards to run
-        from pipeline.sources import count_samples
-
-        progress.set_total(count_samples([u for task in plan.tasks for u in task.units]))
-    clean_temp_files(Path(config.cache) / STAGE)
-    migrate_stats(config.cache, STAGE)
-    written, dropped, examples = 0, Counter(), {}
+    units = [u for task in plan.tasks for u in task.units]
+    run = run_shards(
+        config.cache,
+        STAGE,
+        plan.tasks,
+        embed_shard,
+        executor=executor,
+        progress=progress,
+        total=lambda: count_samples(units),  # the samples of the shards to run
+    )
     if plan.planned_duplicates:
-        dropped["duplicate_key"] += plan.planned_duplicates
-    for manifest in (executor or LocalExecutor()).map(embed_shard, plan.tasks, gpu=True, progress=progress):
-        written += manifest["rows"]
-        dropped.update(manifest["dropped"])
+        run.dropped["duplicate_key"] += plan.planned_duplicates
+    examples: dict[str, list[str]] = {}
+    for manifest in run.manifests:
         for reason, sources in manifest.get("dropped_examples", {}).items():
             examples[reason] = (examples.get(reason, []) + sources)[:DROPPED_EXAMPLES]
     return StageResult(
         shards_total=len(plan.tasks) + len(plan.up_to_date),
-        shards_run=[t.spec.shard for t in plan.tasks],
+        shards_run=run.shards_run,
         shards_up_to_date=plan.up_to_date,
-        images_written=written,
-        dropped=dict(dropped),
+        images_written=run.rows,
+        dropped=dict(run.dropped),
         seconds=time.perf_counter() - t0,
         summary={"dropped_examples": dict(sorted(examples.items()))},
     )

@@ -31,10 +31,8 @@ from manifests import (
     ShardSpec,
     check_outputs,
     check_shard,
-    clean_temp_files,
     commit_manifest,
     list_manifests,
-    migrate_stats,
     read_stats,
     stat_out,
     write_parquet_atomic,
@@ -476,28 +474,27 @@ def optimize_shard(task: OptimizeTask, progress: Progress | None = None) -> dict
 
 def run_optimize(config: OptimizeConfig, progress: Progress | None = None, executor=None) -> StageResult:
     """Plan, then make every stale shard, in-process or on the given executor (`pipeline.executor`)."""
-    from pipeline.executor import LocalExecutor, StageResult
+    from pipeline.executor import StageResult
+    from pipeline.stage import embed_rows, run_shards
 
     t0 = time.perf_counter()
     plan = plan_optimize(config)
-    clean_temp_files(Path(config.cache) / config.stage)
-    migrate_stats(config.cache, config.stage)
-    if hasattr(progress, "set_total"):  # a pipeline.progress bar: the embed rows of the shards to run
-        embed = list_manifests(config.cache, "embed")
-        progress.set_total(sum(embed[t.spec.shard].get("rows", 0) for t in plan.tasks))
-    written, dropped = 0, Counter()
-    for manifest in (executor or LocalExecutor()).map(
-        optimize_shard, plan.tasks, gpu=True, progress=progress
-    ):
-        written += manifest["rows"]
-        dropped.update(manifest["dropped"])
-    shards = sorted(plan.up_to_date + [t.spec.shard for t in plan.tasks])
+    run = run_shards(
+        config.cache,
+        config.stage,
+        plan.tasks,
+        optimize_shard,
+        executor=executor,
+        progress=progress,
+        total=lambda: embed_rows(config.cache, plan.tasks),
+    )
+    shards = sorted(plan.up_to_date + run.shards_run)
     return StageResult(
         shards_total=len(shards),
-        shards_run=[t.spec.shard for t in plan.tasks],
+        shards_run=run.shards_run,
         shards_up_to_date=plan.up_to_date,
-        images_written=written,
-        dropped=dict(dropped),
+        images_written=run.rows,
+        dropped=dict(run.dropped),
         seconds=time.perf_counter() - t0,
         summary=stage_summary(config.cache, shards, config.stage),
     )

@@ -37,10 +37,8 @@ from manifests import (
     ShardSpec,
     check_outputs,
     check_shard,
-    clean_temp_files,
     commit_manifest,
     list_manifests,
-    migrate_stats,
     read_stats,
     stat_out,
     write_parquet_atomic,
@@ -553,9 +551,8 @@ def run_retrieve(
     is one task, and the search tasks read its file from the shared cache.
     """
     from pipeline.embed import embedded_clip
-    from pipeline.executor import LocalExecutor
+    from pipeline.stage import embed_rows, run_shards
 
-    executor = executor or LocalExecutor()
     t0 = time.perf_counter()
     config.validate()
     cache = Path(config.captions.cache)
@@ -569,19 +566,15 @@ def run_retrieve(
     index = run_index(config.index, outs, cplan.n_captions, clip.dim, progress, executor)
 
     splan = plan_search(config.search)
-    clean_temp_files(cache / STAGE)
-    migrate_stats(cache, STAGE)
-    rows = sum(list_manifests(cache, "embed")[t.spec.shard].get("rows", 0) for t in splan.tasks)
-    searched = 0
+    rows = embed_rows(cache, splan.tasks)
     with _bar(progress, f"retrieve: {len(splan.tasks)} shard(s)", rows, "img", splan.tasks) as advance:
-        for manifest in executor.map(search_shard, splan.tasks, gpu=True, progress=advance):
-            searched += manifest["rows"]
+        run = run_shards(cache, STAGE, splan.tasks, search_shard, executor=executor, progress=advance)
     return RetrieveResult(
         captions=captions,
         index=index,
-        shards_run=[t.spec.shard for t in splan.tasks],
+        shards_run=run.shards_run,
         shards_up_to_date=splan.up_to_date,
-        images_searched=searched,
+        images_searched=run.rows,
         summary=retrieve_summary(cache),
         seconds=time.perf_counter() - t0,
     )

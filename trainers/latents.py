@@ -29,7 +29,6 @@ from manifests import (
     Dep,
     ShardSpec,
     check_shard,
-    clean_temp_files,
     commit_manifest,
     digest_file_content,
     list_manifests,
@@ -37,6 +36,7 @@ from manifests import (
     write_parquet_atomic,
 )
 from pipeline.errors import ConfigError, require_at_least
+from pipeline.stage import run_shards
 
 STAGE_ROOT = "latents"
 STAGE_VERSION = "1"
@@ -126,39 +126,57 @@ def encode_latents(
         if not todo:
             summary.seconds = time.perf_counter() - t0
             return summary
-        dev = select_device(device)
-        vae = vae.to(dev)
-        clean_temp_files(cache / stage)
-        for spec in todo:
-            members = np.flatnonzero((rows.shard_of == spec.shard) & (rows.offsets >= 0))
-            t_shard = time.perf_counter()
-            keys, chunks = [], []
-            for i in range(0, len(members), batch_size):
-                idx = members[i : i + batch_size]
-                images = rows.pixels(idx).float().div_(127.5).sub_(1.0)  # as the loader: [B, 3, R, R]
-                with torch.no_grad():
-                    mean, _ = vae.encode(images.to(dev))
-                chunks.append(mean.float().cpu().numpy())  # [B, C, h, w]
-                keys += [rows.keys[int(r)] for r in idx]
-                if progress is not None:
-                    progress(len(idx))
-            shape = tuple(chunks[0].shape[1:]) if chunks else _latent_shape(ckpt)
-            dim = int(np.prod(shape))
-            flat = np.concatenate(chunks).reshape(len(keys), dim) if chunks else np.zeros((0, dim))
-            table = _table(keys, flat.astype(np.float32), shape)
-            rel = f"{stage}/{spec.shard:05d}.parquet"
-            size, out_digest = write_parquet_atomic(cache / rel, table)
-            outs = [stat_out(cache, rel, size, out_digest, rows=len(keys))]
-            timings = {"total_s": round(time.perf_counter() - t_shard, 4)}
-            extra = {"rows": len(keys), "latent_shape": list(shape), "vae_id": digest[:ID_HEX]}
-            commit_manifest(cache, spec, outs, timings, extra=extra)
-            summary.shards_run.append(spec.shard)
-            summary.latents_written += len(keys)
-            summary.latent_shape = shape
+        encoder = LatentEncoder(rows, vae.to(select_device(device)), ckpt, digest, batch_size)
+        run = run_shards(cache, stage, [EncodeTask(spec) for spec in todo], encoder, progress=progress)
+        summary.shards_run = run.shards_run
+        summary.latents_written = run.rows
+        summary.latent_shape = tuple(run.manifests[-1]["latent_shape"])
         summary.seconds = time.perf_counter() - t0
         return summary
     finally:
         rows.images.close()
+
+
+@dataclass(frozen=True)
+class EncodeTask:
+    spec: ShardSpec  # the latents shard to make, keyed on the VAE and its embed shard
+
+
+@dataclass
+class LatentEncoder:
+    """Makes one latents shard (`pipeline.stage.run_shards`' `fn`): the posterior means of its embed
+    shard's images, in sidecar order, written and committed."""
+
+    rows: Any  # trainers.embed_rows.EmbedRows
+    vae: Any  # the frozen VAE, on its device
+    ckpt: dict[str, Any]
+    digest: str  # the VAE checkpoint's content digest
+    batch_size: int
+
+    def __call__(self, task: EncodeTask, progress: Any = None) -> dict[str, Any]:
+        spec, rows, t_shard = task.spec, self.rows, time.perf_counter()
+        device = next(self.vae.parameters()).device
+        members = np.flatnonzero((rows.shard_of == spec.shard) & (rows.offsets >= 0))
+        keys, chunks = [], []
+        for i in range(0, len(members), self.batch_size):
+            idx = members[i : i + self.batch_size]
+            images = rows.pixels(idx).float().div_(127.5).sub_(1.0)  # as the loader: [B, 3, R, R]
+            with torch.no_grad():
+                mean, _ = self.vae.encode(images.to(device))
+            chunks.append(mean.float().cpu().numpy())  # [B, C, h, w]
+            keys += [rows.keys[int(r)] for r in idx]
+            if progress is not None:
+                progress(len(idx))
+        shape = tuple(chunks[0].shape[1:]) if chunks else _latent_shape(self.ckpt)
+        dim = int(np.prod(shape))
+        flat = np.concatenate(chunks).reshape(len(keys), dim) if chunks else np.zeros((0, dim))
+        table = _table(keys, flat.astype(np.float32), shape)
+        rel = f"{spec.stage}/{spec.shard:05d}.parquet"
+        size, out_digest = write_parquet_atomic(rows.cache / rel, table)
+        outs = [stat_out(rows.cache, rel, size, out_digest, rows=len(keys))]
+        timings = {"total_s": round(time.perf_counter() - t_shard, 4)}
+        extra = {"rows": len(keys), "latent_shape": list(shape), "vae_id": self.digest[:ID_HEX]}
+        return commit_manifest(rows.cache, spec, outs, timings, extra=extra)
 
 
 def _latent_shape(ckpt: dict[str, Any]) -> tuple[int, int, int]:

@@ -1,0 +1,72 @@
+"""The one loop of every shard-mapped step: embed, captions, retrieve's search, optimize (and the
+trainers' latents, `trainers vae --encode`).
+
+A step's module plans its shards against their manifests (tasks with `.spec`, each with the reason it
+runs, plus the shards already up to date) and makes one shard (`fn(task, progress) -> manifest`, which
+commits it). `run_shards` does what is the same for all of them: it removes the temp files a killed run
+left, moves stats files to their current place, gives the progress bar its total, maps the tasks
+through the executor (this process, or Dask: pipeline.executor), and sums what the manifests say they
+wrote and dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from manifests import clean_temp_files, migrate_stats
+
+
+@dataclass
+class ShardsRun:
+    manifests: list[dict[str, Any]]  # of the shards made, in task order
+    shards_run: list[int]
+    rows: int  # rows the made shards wrote (their manifests' `rows`)
+    dropped: Counter = field(default_factory=Counter)  # reason -> rows set aside
+    seconds: float = 0.0
+
+
+def run_shards(
+    cache: Path,
+    stage: str,
+    tasks: Sequence,
+    fn: Callable,
+    *,
+    executor=None,
+    progress=None,
+    total: Callable[[], int] | None = None,
+    gpu: bool = True,
+) -> ShardsRun:
+    """Make every planned shard of `stage` with `fn` (see the module docstring). `total()`: the items the
+    progress bar counts (rows, samples), asked only of a bar with `set_total`; `gpu`: the tasks want an
+    accelerator."""
+    from pipeline.executor import LocalExecutor
+
+    t0 = time.perf_counter()
+    clean_temp_files(Path(cache) / stage)
+    migrate_stats(cache, stage)
+    if total is not None and hasattr(progress, "set_total"):
+        progress.set_total(total())
+    manifests = (executor or LocalExecutor()).map(fn, tasks, gpu=gpu, progress=progress) if tasks else []
+    dropped: Counter = Counter()
+    for manifest in manifests:
+        dropped.update(manifest.get("dropped", {}))
+    return ShardsRun(
+        manifests=list(manifests),
+        shards_run=[t.spec.shard for t in tasks],
+        rows=sum(int(m.get("rows", 0)) for m in manifests),
+        dropped=dropped,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def embed_rows(cache: Path, tasks: Sequence) -> int:
+    """The embed rows of the tasks' shards: what a bar over a per-image step counts."""
+    from manifests import list_manifests
+
+    embed = list_manifests(cache, "embed")
+    return sum(embed[t.spec.shard].get("rows", 0) for t in tasks)
