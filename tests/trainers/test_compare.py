@@ -232,6 +232,12 @@ def test_cli_features_only_trains_nothing(cache, tmp_path):
         (["--steps", "0"], "--steps must be at least 1"),
         (["--size", "huge"], "--size huge"),
         (["--conditions", "optimize"], "--condition optimize needs the optimize stage"),
+        (["--conditions", "fewshot:lots"], "--conditions fewshot:lots: give fewshot:P"),
+        (["--conditions", "scratch:2.5"], "--conditions scratch:2.5"),
+        (["--conditions", "fewshot:4", "--finetune-share", "1"], "--finetune-share"),
+        (["--conditions", "semi:4", "--language-free", "caption"], "--language-free caption"),
+        (["--conditions", "fewshot:4", "--language-free", "bogus"], "--language-free bogus"),
+        (["--conditions", "fewshot:4", "--steps", "1"], "needs at least 2"),
     ],
 )
 def test_cli_bad_flags_are_one_line(cache, tmp_path, extra, message):
