@@ -11,9 +11,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from pipeline.dag import STAGES
 from pipeline.errors import ConfigError
-
-STAGES = ("embed", "retrieve", "optimize")
 
 
 @dataclass(frozen=True)

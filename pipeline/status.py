@@ -15,9 +15,8 @@ from typing import Any
 from manifests import absent_reason, check_outputs, digest_input_file, list_manifests
 from manifests.errors import read_json
 from manifests.manifest import MANIFEST_DIR
+from pipeline.dag import STEP_NAMES
 from pipeline.errors import ConfigError
-
-STAGES = ("embed", "captions", "index", "retrieve", "optimize")
 
 
 @dataclass
@@ -201,7 +200,7 @@ def other_stages(cache: Path) -> list[str]:
     """Stages outside the pipeline's own that hold manifests, such as `latents/{vae_id}`."""
     found = {p.parent.relative_to(cache).as_posix() for p in Path(cache).glob("*/*/_manifests")}
     found |= {p.parent.name for p in Path(cache).glob("*/_manifests")}
-    return sorted(found - set(STAGES))
+    return sorted(found - set(STEP_NAMES))
 
 
 def render_status(stages: list[StageStatus], limit: int = 10) -> str:

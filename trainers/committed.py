@@ -21,20 +21,8 @@ from typing import Any
 
 from manifests import digest_bytes
 from manifests.errors import damaged
+from pipeline.dag import command as stage_command
 from pipeline.errors import ConfigError
-
-STAGE_COMMANDS = {
-    "embed": "pipeline embed INPUT... --cache {cache}",
-    "retrieve": "pipeline retrieve --captions CORPUS --cache {cache}",
-    "optimize": "pipeline optimize --cache {cache}",
-}
-
-
-def stage_command(stage: str, cache: Path) -> str:
-    """The command that makes `stage` (an optimize variant's included) in `cache`."""
-    if stage.startswith("optimize-"):
-        return f"pipeline optimize --variant {stage.removeprefix('optimize-')} --cache {cache}"
-    return STAGE_COMMANDS[stage].format(cache=cache)
 
 
 def _describe(skipped: dict[int, str]) -> str:

@@ -1,0 +1,29 @@
+"""The stage registry (pipeline.dag) is what run, status and the trainers' error messages use."""
+
+from __future__ import annotations
+
+from pipeline import dag
+from pipeline.run import RunConfig
+from pipeline.status import other_stages
+
+
+def test_steps_come_in_dag_order_and_name_their_stage():
+    seen: set[str] = set()
+    for step in dag.STEPS:
+        assert set(step.upstream) <= seen, step.name  # everything a step reads comes before it
+        assert step.stage in dag.STAGES
+        seen.add(step.name)
+    assert dag.STAGES == ("embed", "retrieve", "optimize")
+    assert RunConfig(until="retrieve").stages() == ("embed", "retrieve")
+
+
+def test_commands_name_the_stage_that_makes_a_step(tmp_path):
+    assert dag.command("index", "c") == "pipeline retrieve --captions CORPUS --cache c"
+    assert dag.command("optimize-mix", "c") == "pipeline optimize --variant mix --cache c"
+    assert dag.step("optimize-mix").upstream == ("embed", "retrieve")
+
+
+def test_status_lists_only_stages_outside_the_dag_as_others(tmp_path):
+    for name in (*dag.STEP_NAMES, "optimize-mix", "latents/abc"):
+        (tmp_path / name / "_manifests").mkdir(parents=True)
+    assert other_stages(tmp_path) == ["latents/abc", "optimize-mix"]
