@@ -22,7 +22,8 @@ from pipeline.errors import ConfigError
 from trainers.compare_fewshot import FIGURE, fewshot_lines, fewshot_summary, plot_fewshot
 
 if TYPE_CHECKING:
-    from trainers.compare import CompareConfig, CompareResult, Unit
+    from trainers.compare import CompareConfig, CompareResult
+    from trainers.compare_units import Unit
 
 ATTRIBUTES = ("shape", "colour", "size", "position")  # what the probe reads, in table order
 SCORES = (*ATTRIBUTES, "count", "all")  # trainers.probe.score_objects: all = every named attribute right
@@ -148,7 +149,7 @@ def real_levels(evaluation: dict[str, Any]) -> dict[str, float | None]:
 def write_outputs(config: CompareConfig, units: list[Unit], result: CompareResult) -> None:
     """Fill `result` (rows, summary, chance, real, features, files) and write every output file."""
     from manifests.errors import read_json
-    from trainers.compare import manifest_file, read_unit_manifest
+    from trainers.compare_units import manifest_file, read_unit_manifest
 
     out = Path(config.out)
     manifests, evaluations = {}, {}
