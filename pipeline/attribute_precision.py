@@ -1,4 +1,5 @@
-"""Attribute precision: the one definition every stage and report uses on the synthetic world.
+"""Attribute precision: the one definition every stage and report uses on labelled data, and the labels
+interface behind it (`caption_objects`: what a caption states; `target_object`: what an image holds).
 
 How well does a caption state an image's object? `pipeline retrieve` (precision@1 and @k of the retrieved
 captions), `pipeline optimize` (the nearest real caption of h0 and of the output), `trainers compare
@@ -33,6 +34,15 @@ DEFINITION = (
 CHANCE = {"shape": 1 / 6, "colour": 1 / 6, "size": 1 / 2, "position": 1 / 5}
 
 Object = dict[str, str]
+
+
+def caption_objects(text: str) -> list[Object]:
+    """The objects a caption states, with the attribute values it names: the labels' reading of text.
+    The synthetic world is the implementation (its grammar, `pipeline.synth.parse_caption`); generic
+    stages go through here, so another labelled dataset plugs in by replacing these two functions."""
+    from pipeline.synth import parse_caption
+
+    return parse_caption(text)
 
 
 def target_object(labels: str | dict[str, Any] | None) -> Object | None:

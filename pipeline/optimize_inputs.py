@@ -66,7 +66,7 @@ class CaptionBank:
     def objects(self, row: int) -> list[dict[str, str]]:
         """Attributes parsed from caption row `row`'s text (synthetic world), cached."""
         if row not in self._parsed:
-            from pipeline.synth import parse_caption
+            from pipeline.attribute_precision import caption_objects
 
             if self._texts is None:
                 import pyarrow.parquet as pq
@@ -75,7 +75,7 @@ class CaptionBank:
                     t for p in self.paths for t in pq.read_table(p, columns=["text"])["text"].to_pylist()
                 ]
                 self._texts = [texts[i] for i in self.order]
-            self._parsed[row] = parse_caption(self._texts[row] or "")
+            self._parsed[row] = caption_objects(self._texts[row] or "")
         return self._parsed[row]
 
 

@@ -297,13 +297,13 @@ def score_attributes(labels: list[str | None], nbr_texts: list[list[str]]) -> di
     `labels`: the embed sidecar's `labels` json per image (None where absent); `nbr_texts`: the retrieved
     caption texts per image, best first. None when no image carries object labels.
     """
-    from pipeline.synth import parse_caption
+    from pipeline.attribute_precision import caption_objects
 
     parsed: dict[str, list[dict[str, str]]] = {}
 
     def objects(text: str) -> list[dict[str, str]]:
         if text not in parsed:
-            parsed[text] = parse_caption(text)
+            parsed[text] = caption_objects(text)
         return parsed[text]
 
     scored = [

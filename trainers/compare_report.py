@@ -115,13 +115,13 @@ def chance_levels(evaluation: dict[str, Any]) -> tuple[dict[str, dict[str, float
     if any(isinstance(levels, dict) for levels in given.values()):
         levels = {prefix: levels for prefix, levels in given.items() if isinstance(levels, dict)}
         return levels, "eval.json's chance levels (the expected score of uniform guessing on its prompts)"
-    from pipeline.synth import parse_caption
+    from pipeline.attribute_precision import caption_objects
     from trainers.evaluate import attribute_chance, names_held_out_pair, synthetic_prompts
 
     n, seed = int(evaluation["n"]), int(evaluation["seed"])
     max_objects = (evaluation.get("prompts") or {}).get("max_objects") or 2
     unique = synthetic_prompts(min(n, 1000), seed, max_objects)  # as trainers.evaluate draws them
-    targets = [parse_caption(unique[i % len(unique)]) for i in range(n)]
+    targets = [caption_objects(unique[i % len(unique)]) for i in range(n)]
     splits = {
         "acc": targets,
         "acc_seen": [t for t in targets if not names_held_out_pair(t)],

@@ -334,7 +334,7 @@ def evaluate(
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Generate, measure, write OUT/eval.json + OUT/grid.png; returns the eval.json dict."""
-    from pipeline.synth import parse_caption
+    from pipeline.attribute_precision import caption_objects
     from trainers.committed import describe_skipped
     from trainers.conditions import load_cache_clip
     from trainers.embed_rows import labels_of, read_embed
@@ -400,7 +400,7 @@ def evaluate(
             "source": source,
             "unique": len(unique),
             "max_objects": max_objects,
-            "naming_held_out_pairs": sum(names_held_out_pair(parse_caption(p)) for p in unique),
+            "naming_held_out_pairs": sum(names_held_out_pair(caption_objects(p)) for p in unique),
         },
         "image_size": {"generated": int(generated.shape[-1]), "real": int(real.shape[-1])},
         "clip": {"clip_model": rows.clip.clip_model, "clip_pretrained": rows.clip.clip_pretrained},
@@ -436,7 +436,7 @@ def evaluate(
         else None
     )
 
-    targets = [parse_caption(p) for p in prompts]
+    targets = [caption_objects(p) for p in prompts]
     for name in ("", "_held_out_pairs", "_seen_pairs"):
         result[f"attribute_accuracy{name}"] = result[f"attribute_accuracy{name}_chance"] = None
     result["attribute_accuracy_real"] = result["probe"] = None
