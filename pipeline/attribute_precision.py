@@ -7,9 +7,8 @@ captions), `pipeline optimize` (the nearest real caption of h0 and of the output
 `trainers eval` scores the probe's reading of a generated image with the same hit rule (`object_hits`).
 
 Definition. The target is the image's *first* labelled object (drawing order; the image's own caption
-names it first). Of the objects parsed from a caption (`pipeline.synth.parse_caption`), the one compared is
-the one stating the most of the target's values (an unstated attribute never agrees), the first mentioned
-on ties. An attribute is a hit when that object states the target's value; an attribute the caption does
+names it first). Of the objects a caption states (`caption_objects`), the one compared is the one
+stating the most of the target's values (an unstated attribute never agrees), the first mentioned on ties. An attribute is a hit when that object states the target's value; an attribute the caption does
 not state is a miss, and a caption with no parsable object misses every attribute (a generator cannot
 follow what the text does not say). `object` is a hit when every attribute is. Each figure is the share of
 hits over the scored (target, caption) pairs; `mean` is the mean of the four attribute figures. Pairs
@@ -24,7 +23,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-ATTRIBUTES: tuple[str, ...] = ("shape", "colour", "size", "position")  # = pipeline.synth.ATTRIBUTES
+ATTRIBUTES: tuple[str, ...] = ("shape", "colour", "size", "position")  # = pipeline.synth_grammar.ATTRIBUTES
 FIGURES: tuple[str, ...] = (*ATTRIBUTES, "object", "mean")
 DEFINITION = (
     "target = the image's first labelled object; compared caption object = the parsed object stating the "
@@ -38,9 +37,9 @@ Object = dict[str, str]
 
 def caption_objects(text: str) -> list[Object]:
     """The objects a caption states, with the attribute values it names: the labels' reading of text.
-    The synthetic world is the implementation (its grammar, `pipeline.synth.parse_caption`); generic
+    The synthetic world is the implementation (its grammar, `pipeline.synth_grammar.parse_caption`); generic
     stages go through here, so another labelled dataset plugs in by replacing these two functions."""
-    from pipeline.synth import parse_caption
+    from pipeline.synth_grammar import parse_caption
 
     return parse_caption(text)
 

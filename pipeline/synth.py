@@ -1,10 +1,10 @@
 """The synthetic world: a deterministic image set with known labels and an independent caption corpus.
 
 Each image holds one or two flat-coloured shapes on a low-saturation background; its labels are the
-objects' shape, colour, size and position. Captions are templated with synonyms and varied word order,
-and `parse_caption` inverts every template exactly, so retrieval precision and attribute accuracy can be
-measured without a human in the loop. A few (colour, shape) pairs never appear in an image but do appear
-in the caption corpus (`HELD_OUT_PAIRS`), as DESIGN asks.
+objects' shape, colour, size and position. Its language (vocabulary, caption templates and their exact
+inverse `parse_caption`, the caption corpus) is pipeline/synth_grammar.py; this module renders scenes
+and writes the world. A few (colour, shape) pairs never appear in an image but do appear in the caption
+corpus (`HELD_OUT_PAIRS`), as DESIGN asks.
 
 Output (img2dataset-style): `out/{i:05d}.tar` WebDataset shards with `{key}.jpg`, `{key}.txt` and
 `{key}.json` (labels), plus `out/captions.parquet` and `out/captions.txt` (the corpus, text only).
@@ -17,87 +17,28 @@ import io
 import json
 import math
 import random
-import re
 import tarfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from manifests import atomic_write, write_bytes_atomic, write_parquet_atomic
 from pipeline.errors import ConfigError
+from pipeline.synth_grammar import (
+    COLOURS,
+    HELD_OUT_PAIRS,
+    SHAPES,
+    caption_corpus,
+    make_caption,
+    sample_objects,
+)
 from pipeline.tars import add_member
 
 if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
-# ---------------------------------------------------------------------------------------------------------
-# Vocabulary
-# ---------------------------------------------------------------------------------------------------------
-
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
-COLOURS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple")
-SIZES: tuple[str, ...] = ("small", "large")
-POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "centre")
-ATTRIBUTES: tuple[str, ...] = ("shape", "colour", "size", "position")
-
-# Words a caption may use for each attribute value. Position phrases are the trailing forms
-# ("a red disc on the left"); POSITION_HEADINGS are the noun forms used as a heading ("left side: ...").
-SYNONYMS: dict[str, dict[str, tuple[str, ...]]] = {
-    "shape": {
-        "circle": ("circle", "disc", "round dot"),
-        "square": ("square", "box", "block"),
-        "triangle": ("triangle", "wedge", "three-sided shape"),
-        "star": ("star", "five-pointed star", "star shape"),
-        "cross": ("cross", "plus sign", "plus shape"),
-        "diamond": ("diamond", "rhombus", "lozenge"),
-    },
-    "colour": {
-        "red": ("red", "crimson", "scarlet"),
-        "orange": ("orange", "tangerine", "amber"),
-        "yellow": ("yellow", "golden", "lemon"),
-        "green": ("green", "emerald", "jade"),
-        "blue": ("blue", "azure", "cobalt"),
-        "purple": ("purple", "violet", "plum"),
-    },
-    "size": {
-        "small": ("small", "tiny", "little"),
-        "large": ("large", "big", "huge"),
-    },
-    "position": {
-        "left": ("on the left", "at the left", "on the left side", "to the left"),
-        "right": ("on the right", "at the right", "on the right side", "to the right"),
-        "top": ("at the top", "on top", "near the top", "in the upper part"),
-        "bottom": ("at the bottom", "near the bottom", "in the lower part", "down below"),
-        "centre": ("in the centre", "in the center", "in the middle", "at the centre"),
-    },
-}
-POSITION_HEADINGS: dict[str, tuple[str, ...]] = {
-    "left": ("left side", "left"),
-    "right": ("right side", "right"),
-    "top": ("top", "upper part"),
-    "bottom": ("bottom", "lower part"),
-    "centre": ("centre", "center", "middle"),
-}
-# Single head words, so a caption written by hand ("a red star, upper left") still yields partial labels.
-POSITION_WORDS: dict[str, str] = {
-    "left": "left", "right": "right", "top": "top", "upper": "top", "bottom": "bottom", "lower": "bottom",
-    "below": "bottom", "centre": "centre", "center": "centre", "middle": "centre",
-}  # fmt: skip
-
-# Colour/shape pairs that no image contains but the caption corpus does: a text-only retrieval bank
-# always holds concepts the images lack. Spread so every colour keeps 5 shapes in the images and every
-# shape keeps at least 5 colours.
-HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = (
-    ("red", "triangle"),
-    ("yellow", "cross"),
-    ("blue", "star"),
-    ("purple", "circle"),
-)
-IMAGE_PAIRS: tuple[tuple[str, str], ...] = tuple(
-    (c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELD_OUT_PAIRS
-)
 
 # Object colours are saturated and at least ~20 degrees of hue apart; backgrounds (below) are
 # near-grey, so no background can be read as an object colour.
@@ -221,130 +162,6 @@ class Scene:
             "background": self.background,
             "caption": self.caption,
         }
-
-
-# Object phrase templates. "{a}" becomes "a"/"an"; each phrase names every attribute exactly once and is
-# contiguous, which is what lets parse_caption split a two-object caption without reading the grammar.
-OBJECT_TEMPLATES: tuple[str, ...] = (
-    "{a} {size} {colour} {shape} {pos}",
-    "{where}: one {size} {colour} {shape}",
-    "there is {a} {size} {colour} {shape} {pos}",
-    "{pos}, {a} {size} {colour} {shape}",
-    "{a} {colour} {shape}, {size}, {pos}",
-    "{a} {size} {shape} in {colour} {pos}",
-    "{a} {size} {colour} {shape} sits {pos}",
-    "{pos} there is {a} {size} {colour} {shape}",
-)
-_NOUN_PHRASE_TEMPLATES = frozenset({0, 4, 5})  # these may follow "a picture of"
-CAPTION_PREFIXES: tuple[str, ...] = ("a picture of ", "an image showing ", "a drawing of ")
-CAPTION_JOINERS: tuple[str, ...] = (" and ", ", and ", "; and ", " and also ")
-_ARTICLE = "\x01"
-
-
-def make_caption(objects: Sequence[dict[str, str]], rng: random.Random) -> str:
-    """A templated caption for `objects`, with a random synonym per value and a random template."""
-    templates = [rng.randrange(len(OBJECT_TEMPLATES)) for _ in objects]
-    phrases = [_object_phrase(o, OBJECT_TEMPLATES[t], rng) for o, t in zip(objects, templates, strict=True)]
-    text = rng.choice(CAPTION_JOINERS).join(phrases)
-    if all(t in _NOUN_PHRASE_TEMPLATES for t in templates) and rng.random() < 0.4:
-        text = rng.choice(CAPTION_PREFIXES) + text
-    text = re.sub(_ARTICLE + r" (\w)", _article, text)
-    if rng.random() < 0.5:
-        text = text[0].upper() + text[1:]
-    return text
-
-
-def _article(match: re.Match[str]) -> str:
-    return ("an " if match.group(1) in "aeiou" else "a ") + match.group(1)
-
-
-def _object_phrase(obj: dict[str, str], template: str, rng: random.Random) -> str:
-    return template.format(
-        a=_ARTICLE,
-        size=rng.choice(SYNONYMS["size"][obj["size"]]),
-        colour=rng.choice(SYNONYMS["colour"][obj["colour"]]),
-        shape=rng.choice(SYNONYMS["shape"][obj["shape"]]),
-        pos=rng.choice(SYNONYMS["position"][obj["position"]]),
-        where=rng.choice(POSITION_HEADINGS[obj["position"]]),
-    )
-
-
-def _tokens(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
-
-
-def _build_lexicon() -> dict[tuple[str, ...], tuple[str, str]]:
-    lexicon: dict[tuple[str, ...], tuple[str, str]] = {}
-    entries = [(attr, value, words) for attr, table in SYNONYMS.items() for value, words in table.items()]
-    entries += [("position", value, words) for value, words in POSITION_HEADINGS.items()]
-    entries += [("position", value, (word,)) for word, value in POSITION_WORDS.items()]
-    for attr, value, words in entries:
-        for phrase in words:
-            key = tuple(_tokens(phrase))
-            if lexicon.setdefault(key, (attr, value)) != (attr, value):
-                raise AssertionError(f"synonym {phrase!r} is ambiguous")  # a vocabulary edit broke parsing
-    return lexicon
-
-
-_LEXICON = _build_lexicon()
-_LONGEST = max(len(k) for k in _LEXICON)
-
-
-def parse_caption(text: str) -> list[dict[str, str]]:
-    """Recover the objects' attributes from a caption, in the order the caption mentions them.
-
-    Exact for every caption `make_caption` can produce. Other text gives partial dicts or [] and never
-    raises: mentions are found by longest match, and a new object starts when an attribute repeats.
-    """
-    if not isinstance(text, str):
-        return []
-    words = _tokens(text)
-    objects: list[dict[str, str]] = []
-    current: dict[str, str] = {}
-    i = 0
-    while i < len(words):
-        for length in range(min(_LONGEST, len(words) - i), 0, -1):
-            hit = _LEXICON.get(tuple(words[i : i + length]))
-            if hit is not None:
-                attr, value = hit
-                if attr in current:
-                    objects.append(current)
-                    current = {}
-                current[attr] = value
-                i += length
-                break
-        else:
-            i += 1
-    if current:
-        objects.append(current)
-    return objects
-
-
-def labels_match(a: dict[str, str], b: dict[str, str], attribute: str) -> bool:
-    """True when both objects name `attribute` and agree on it (a missing attribute never matches)."""
-    return attribute in a and a.get(attribute) == b.get(attribute)
-
-
-def objects_match(a: Sequence[dict[str, str]], b: Sequence[dict[str, str]]) -> bool:
-    """True when two object lists hold the same objects, in any order (captions may reorder them)."""
-    return sorted(_object_key(o) for o in a) == sorted(_object_key(o) for o in b)
-
-
-def _object_key(obj: dict[str, str]) -> tuple[str, ...]:
-    return tuple(obj.get(attr, "") for attr in ATTRIBUTES)
-
-
-def sample_objects(
-    rng: random.Random, max_objects: int, pairs: Sequence[tuple[str, str]] = IMAGE_PAIRS
-) -> list[dict[str, str]]:
-    """1..max_objects objects at distinct positions; (colour, shape) drawn from `pairs`."""
-    n_objects = rng.randint(1, max_objects)
-    positions = rng.sample(POSITIONS, n_objects)
-    objects = []
-    for position in positions:
-        colour, shape = rng.choice(pairs)
-        objects.append({"shape": shape, "colour": colour, "size": rng.choice(SIZES), "position": position})
-    return objects
 
 
 def sample_scene(seed: int, index: int, max_objects: int = 2) -> Scene:
@@ -500,38 +317,6 @@ def write_shard(
             if on_image is not None:
                 on_image()
     return path, n_objects
-
-
-def caption_corpus(seed: int, n_captions: int, max_objects: int = 2) -> list[str]:
-    """The text-only corpus: its own random stream, every colour-shape pair including HELD_OUT_PAIRS.
-
-    Caption i's first object cycles through all 360 (colour, shape, size, position) combinations, so any
-    36 consecutive captions cover every colour-shape pair and 360 cover every single-object combination;
-    the second object, synonyms and templates are random.
-    """
-    rng = random.Random(f"synth/corpus/{seed}")  # independent of the image stream
-    all_pairs = [(c, s) for c in COLOURS for s in SHAPES]
-    rng.shuffle(all_pairs)
-    size_positions = [(z, p) for z in SIZES for p in POSITIONS]
-    rng.shuffle(size_positions)
-    n_pairs, n_sp = len(all_pairs), len(size_positions)
-    captions = []
-    for i in range(n_captions):
-        q, r = divmod(i, n_pairs)
-        colour, shape = all_pairs[r]
-        # (7q + r) mod 10 with gcd(7, 10) = 1 makes i -> (pair, size/position) a bijection on 0..359.
-        size, position = size_positions[(7 * q + r) % n_sp]
-        first = {"shape": shape, "colour": colour, "size": size, "position": position}
-        objects = [first]
-        if max_objects == 2 and rng.random() < 0.5:
-            colour2, shape2 = rng.choice(all_pairs)
-            position2 = rng.choice([p for p in POSITIONS if p != position])
-            objects.append({"shape": shape2, "colour": colour2, "size": rng.choice(SIZES),
-                            "position": position2})  # fmt: skip
-            if rng.random() < 0.5:  # vary which object is mentioned first
-                objects.reverse()
-        captions.append(make_caption(objects, rng))
-    return captions
 
 
 def write_caption_corpus(config: SynthConfig) -> tuple[Path, Path, list[str]]:

@@ -85,7 +85,8 @@ def jpeg_round_trip(image) -> Any:
 def contrast_group(seed: int, index: int, group: int, image_size: int, max_objects: int):
     """`group` (pixels uint8 [3, S, S], caption) pairs of one base scene whose first object takes `group`
     different shapes (its own first). Every shape may meet every colour here: a real CLIP has seen them."""
-    from pipeline.synth import SHAPES, make_caption, render_scene, sample_scene
+    from pipeline.synth import render_scene, sample_scene
+    from pipeline.synth_grammar import SHAPES, make_caption
 
     base = sample_scene(seed, index, max_objects)
     rng = random.Random(f"trainers/clip/group/{seed}/{index}")
@@ -108,7 +109,7 @@ def render_pairs(n: int, seed: int, image_size: int, group: int, max_objects: in
     """n fresh pretraining pairs (whole contrast groups, rounded up) at indices >= PRETRAIN_INDEX."""
     import torch
 
-    from pipeline.synth import SHAPES
+    from pipeline.synth_grammar import SHAPES
 
     if not 1 <= group <= len(SHAPES):
         raise ConfigError(f"--contrast-group must be 1..{len(SHAPES)} (the number of shapes), not {group}")

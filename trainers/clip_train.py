@@ -313,7 +313,7 @@ def class_prompts(attribute: str, value: str) -> list[str]:
     """Captions of every single-object combination with `attribute` = `value` (synth templates)."""
     from itertools import product
 
-    from pipeline.synth import COLOURS, POSITIONS, SHAPES, SIZES, make_caption
+    from pipeline.synth_grammar import COLOURS, POSITIONS, SHAPES, SIZES, make_caption
 
     values = {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "position": POSITIONS}
     rng = random.Random(f"trainers/clip/prompts/{attribute}/{value}")
@@ -324,7 +324,7 @@ def class_prompts(attribute: str, value: str) -> list[str]:
 
 
 def single_prompt(attribute: str, value: str) -> str:
-    from pipeline.synth import SYNONYMS
+    from pipeline.synth_grammar import SYNONYMS
 
     if attribute == "shape":
         return f"a {value}"
@@ -347,7 +347,7 @@ def zero_shot(model, tokenizer, mean, std, image_size: int, n: int, seed: int, d
     """Zero-shot accuracy per attribute on n held-out one-object images (see the module docstring)."""
     import torch
 
-    from pipeline.synth import COLOURS, POSITIONS, SHAPES, SIZES
+    from pipeline.synth_grammar import COLOURS, POSITIONS, SHAPES, SIZES
 
     values = {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "position": POSITIONS}
     pixels, labels = held_out_images(n, seed, image_size)
@@ -388,7 +388,7 @@ def zero_shot_slots(model, tokenizer, mean, std, image_size: int, n: int, seed: 
     the CLIP binds each attribute to the right object, which class prompts cannot."""
     import torch
 
-    from pipeline.synth import COLOURS, POSITIONS, SHAPES, SIZES, make_caption
+    from pipeline.synth_grammar import COLOURS, POSITIONS, SHAPES, SIZES, make_caption
 
     values = {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "position": POSITIONS}
     pixels, labels = held_out_images(n, seed, image_size, max_objects=2)

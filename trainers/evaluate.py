@@ -19,8 +19,8 @@ with its reference under the same name plus `_real` (what real images score) or 
 - `clip_score`: mean of max(100 * cos(image feature, prompt text feature), 0) with the cache's CLIP
   (torchmetrics' convention); `clip_score_real` is the same for real images and their own captions.
 - `attribute_accuracy`: on the synthetic world, the probe (`trainers.probe`) reads every generated image
-  and is scored against the objects parsed from its prompt (`pipeline.synth.parse_caption`); split into
-  prompts naming a held-out colour-shape pair (never in an image) and the rest. Each has its
+  and is scored against the objects its prompt states (`pipeline.attribute_precision.caption_objects`);
+  split into prompts naming a held-out colour-shape pair (never in an image) and the rest. Each has its
   `..._chance`: uniform guessing on the same prompts (`attribute_chance`). `attribute_accuracy_real`
   scores real cache images against their own labels: the instrument's ceiling on this cache.
 
@@ -98,7 +98,15 @@ class EvalConfig:
 def synthetic_prompts(n: int, seed: int, max_objects: int = 2) -> list[str]:
     """n synthetic-world captions: one single-object prompt per held-out pair, then 1..max_objects object
     captions over every colour-shape pair (held-out ones included), from a random stream of their own."""
-    from pipeline.synth import COLOURS, HELD_OUT_PAIRS, POSITIONS, SHAPES, SIZES, make_caption, sample_objects
+    from pipeline.synth_grammar import (
+        COLOURS,
+        HELD_OUT_PAIRS,
+        POSITIONS,
+        SHAPES,
+        SIZES,
+        make_caption,
+        sample_objects,
+    )
 
     rng = random.Random(f"trainers/eval/prompts/{seed}")
     prompts = []
@@ -133,7 +141,7 @@ def read_prompts(path: Path) -> list[str]:
 
 
 def names_held_out_pair(objects: list[dict[str, str]]) -> bool:
-    from pipeline.synth import HELD_OUT_PAIRS
+    from pipeline.synth_grammar import HELD_OUT_PAIRS
 
     return any((o.get("colour"), o.get("shape")) in HELD_OUT_PAIRS for o in objects)
 

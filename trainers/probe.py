@@ -40,7 +40,7 @@ SLOT_ATTRIBUTES = ("shape", "colour", "size")
 
 
 def vocabulary() -> dict[str, tuple[str, ...]]:
-    from pipeline.synth import COLOURS, POSITIONS, SHAPES, SIZES
+    from pipeline.synth_grammar import COLOURS, POSITIONS, SHAPES, SIZES
 
     return {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "position": POSITIONS}
 

@@ -21,7 +21,7 @@ from pipeline.attribute_precision import (
 from pipeline.optimize import nearest_caption_precision
 from pipeline.optimize_inputs import load_caption_bank
 from pipeline.retrieve import score_attributes
-from pipeline.synth import parse_caption
+from pipeline.synth_grammar import parse_caption
 
 RED_CIRCLE = {"shape": "circle", "colour": "red", "size": "small", "position": "left"}
 BLUE_SQUARE = {"shape": "square", "colour": "blue", "size": "large", "position": "top"}

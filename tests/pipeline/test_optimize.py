@@ -34,7 +34,7 @@ from pipeline.optimize_methods import (
     pseudo_txt_features,
     split_batches,
 )
-from pipeline.synth import make_caption
+from pipeline.synth_grammar import make_caption
 
 D = 32
 K = 8

@@ -129,7 +129,7 @@ def test_stats_report_attribute_precision_of_retrieved_captions(base):
     _, ids, _ = _retrieved(cache, 0)
     labels = pq.read_table(cache / "embed" / "00000.parquet", columns=["labels"]).column(0).to_pylist()
     from pipeline.attribute_precision import matching_object
-    from pipeline.synth import parse_caption
+    from pipeline.synth_grammar import parse_caption
 
     hits = []
     for label, row in zip(labels, ids, strict=True):

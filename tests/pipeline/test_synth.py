@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from pipeline import synth
+from pipeline import synth_grammar as grammar
 from pipeline.errors import ConfigError
 
 N, SHARD_SIZE, IMAGE_SIZE, N_CAPTIONS = 40, 16, 32, 400
@@ -99,37 +100,42 @@ def test_every_image_caption_parses_back_to_its_labels(world) -> None:
         caption = sample["txt"].decode("utf-8")
         assert caption == labels["caption"]
         assert set(labels) == {"objects", "boxes", "background", "caption"}
-        parsed = synth.parse_caption(caption)
-        assert all(set(obj) == set(synth.ATTRIBUTES) for obj in parsed), (key, caption, parsed)
-        assert synth.objects_match(parsed, labels["objects"]), (key, caption, parsed, labels["objects"])
+        parsed = grammar.parse_caption(caption)
+        assert all(set(obj) == set(grammar.ATTRIBUTES) for obj in parsed), (key, caption, parsed)
+        assert grammar.objects_match(parsed, labels["objects"]), (
+            key,
+            caption,
+            parsed,
+            labels["objects"],
+        )
 
 
 def test_parse_caption_is_exact_on_many_generated_captions() -> None:
     # Caption text only (no rendering), so thousands of template/synonym draws stay fast.
     for index in range(3000):
         scene = synth.sample_scene(7, index)
-        parsed = synth.parse_caption(scene.caption)
-        assert synth.objects_match(parsed, scene.objects), (scene.caption, parsed, scene.objects)
-    for caption in synth.caption_corpus(7, 3000):
-        parsed = synth.parse_caption(caption)
+        parsed = grammar.parse_caption(scene.caption)
+        assert grammar.objects_match(parsed, scene.objects), (scene.caption, parsed, scene.objects)
+    for caption in grammar.caption_corpus(7, 3000):
+        parsed = grammar.parse_caption(caption)
         assert 1 <= len(parsed) <= 2 and all(len(obj) == 4 for obj in parsed), (caption, parsed)
 
 
 @pytest.mark.parametrize(
     "attribute,value,phrase",
-    [(a, v, p) for a, table in synth.SYNONYMS.items() for v, words in table.items() for p in words]
-    + [("position", v, p) for v, words in synth.POSITION_HEADINGS.items() for p in words],
+    [(a, v, p) for a, table in grammar.SYNONYMS.items() for v, words in table.items() for p in words]
+    + [("position", v, p) for v, words in grammar.POSITION_HEADINGS.items() for p in words],
 )
 def test_every_synonym_parses_to_its_value(attribute: str, value: str, phrase: str) -> None:
-    assert synth.parse_caption(phrase) == [{attribute: value}]
-    assert synth.parse_caption(f"Look: {phrase.upper()}!") == [{attribute: value}]
+    assert grammar.parse_caption(phrase) == [{attribute: value}]
+    assert grammar.parse_caption(f"Look: {phrase.upper()}!") == [{attribute: value}]
 
 
 def test_captions_use_synonyms_and_varied_word_order() -> None:
-    captions = synth.caption_corpus(0, 4000)
+    captions = grammar.caption_corpus(0, 4000)
     assert len(set(captions)) > 0.95 * len(captions)
     words = {w for c in captions for w in c.lower().replace(",", " ").replace(":", " ").split()}
-    for table in (synth.SYNONYMS["colour"], synth.SYNONYMS["size"]):
+    for table in (grammar.SYNONYMS["colour"], grammar.SYNONYMS["size"]):
         for synonyms in table.values():
             assert set(synonyms) <= words
     # The position is sometimes the first thing said and sometimes the last.
@@ -142,31 +148,33 @@ def test_held_out_pairs_never_in_images_but_in_corpus(world) -> None:
     import pyarrow.parquet as pq
 
     result, samples = world
-    assert len(synth.HELD_OUT_PAIRS) == 4
+    assert len(grammar.HELD_OUT_PAIRS) == 4
     image_objects = [o for s in samples.values() for o in json.loads(s["json"])["objects"]]
     image_objects += [o for i in range(3000) for o in synth.sample_scene(0, i).objects]
     image_pairs = {(o["colour"], o["shape"]) for o in image_objects}
-    assert image_pairs.isdisjoint(synth.HELD_OUT_PAIRS)
-    assert image_pairs == set(synth.IMAGE_PAIRS)  # every other pair does occur
+    assert image_pairs.isdisjoint(grammar.HELD_OUT_PAIRS)
+    assert image_pairs == set(grammar.IMAGE_PAIRS)  # every other pair does occur
 
     table = pq.read_table(result.captions_parquet)
     assert table.schema.names == ["caption"] and str(table.schema.field("caption").type) == "string"
     corpus = table.column("caption").to_pylist()
     assert corpus == result.captions_txt.read_text(encoding="utf-8").splitlines()
     assert len(corpus) == result.n_captions == N_CAPTIONS
-    corpus_pairs = {(o["colour"], o["shape"]) for c in corpus for o in synth.parse_caption(c)}
-    assert set(synth.HELD_OUT_PAIRS) <= corpus_pairs
-    assert corpus_pairs == set(itertools.product(synth.COLOURS, synth.SHAPES))
+    corpus_pairs = {(o["colour"], o["shape"]) for c in corpus for o in grammar.parse_caption(c)}
+    assert set(grammar.HELD_OUT_PAIRS) <= corpus_pairs
+    assert corpus_pairs == set(itertools.product(grammar.COLOURS, grammar.SHAPES))
 
 
 def test_corpus_covers_every_single_object_combination() -> None:
-    combos = {tuple(o[a] for a in synth.ATTRIBUTES) for c in synth.caption_corpus(3, 360) for o in
-              synth.parse_caption(c)}  # fmt: skip
-    expected = set(itertools.product(synth.SHAPES, synth.COLOURS, synth.SIZES, synth.POSITIONS))
+    combos = {tuple(o[a] for a in grammar.ATTRIBUTES) for c in grammar.caption_corpus(3, 360) for o in
+              grammar.parse_caption(c)}  # fmt: skip
+    expected = set(itertools.product(grammar.SHAPES, grammar.COLOURS, grammar.SIZES, grammar.POSITIONS))
     assert expected <= combos
     # Any 36 consecutive captions cover every colour-shape pair, so a small --n-captions still has them all.
-    first = {(o["colour"], o["shape"]) for c in synth.caption_corpus(3, 36) for o in synth.parse_caption(c)}
-    assert first == set(itertools.product(synth.COLOURS, synth.SHAPES))
+    first = {
+        (o["colour"], o["shape"]) for c in grammar.caption_corpus(3, 36) for o in grammar.parse_caption(c)
+    }
+    assert first == set(itertools.product(grammar.COLOURS, grammar.SHAPES))
 
 
 def test_corpus_and_images_use_independent_random_streams(tmp_path: Path) -> None:
@@ -185,32 +193,32 @@ def test_corpus_and_images_use_independent_random_streams(tmp_path: Path) -> Non
      "a big red", "circle" * 1000, "plus plus plus", "Ünïcödé square — ½", "on the", "in the upper"],
 )  # fmt: skip
 def test_parse_caption_never_crashes_on_other_text(text: str) -> None:
-    parsed = synth.parse_caption(text)
+    parsed = grammar.parse_caption(text)
     assert isinstance(parsed, list)
     vocabulary = {
-        "shape": synth.SHAPES,
-        "colour": synth.COLOURS,
-        "size": synth.SIZES,
-        "position": synth.POSITIONS,
+        "shape": grammar.SHAPES,
+        "colour": grammar.COLOURS,
+        "size": grammar.SIZES,
+        "position": grammar.POSITIONS,
     }
     for obj in parsed:
-        assert obj and set(obj) <= set(synth.ATTRIBUTES)
+        assert obj and set(obj) <= set(grammar.ATTRIBUTES)
         assert all(value in vocabulary[attr] for attr, value in obj.items())
 
 
 def test_parse_caption_unknown_and_partial_text() -> None:
-    assert synth.parse_caption("the quick brown fox") == []
-    assert synth.parse_caption(None) == []  # type: ignore[arg-type]
-    assert synth.parse_caption("a big red thing") == [{"size": "large", "colour": "red"}]
-    assert synth.parse_caption("red red") == [{"colour": "red"}, {"colour": "red"}]
+    assert grammar.parse_caption("the quick brown fox") == []
+    assert grammar.parse_caption(None) == []  # type: ignore[arg-type]
+    assert grammar.parse_caption("a big red thing") == [{"size": "large", "colour": "red"}]
+    assert grammar.parse_caption("red red") == [{"colour": "red"}, {"colour": "red"}]
 
 
 def test_labels_match_and_objects_match() -> None:
     a = {"shape": "star", "colour": "red", "size": "small", "position": "left"}
     b = {"shape": "star", "colour": "blue", "size": "small", "position": "top"}
-    assert synth.labels_match(a, b, "shape") and not synth.labels_match(a, b, "colour")
-    assert not synth.labels_match({}, {}, "shape")
-    assert synth.objects_match([a, b], [b, a]) and not synth.objects_match([a, b], [a, a])
+    assert grammar.labels_match(a, b, "shape") and not grammar.labels_match(a, b, "colour")
+    assert not grammar.labels_match({}, {}, "shape")
+    assert grammar.objects_match([a, b], [b, a]) and not grammar.objects_match([a, b], [a, a])
 
 
 @pytest.mark.parametrize(
@@ -255,7 +263,7 @@ def test_max_objects_one_gives_one_object_per_image(tmp_path: Path) -> None:
     assert len(samples) == 30
     assert all(len(json.loads(s["json"])["objects"]) == 1 for s in samples.values())
     corpus = result.captions_txt.read_text(encoding="utf-8").splitlines()
-    assert all(len(synth.parse_caption(c)) == 1 for c in corpus)
+    assert all(len(grammar.parse_caption(c)) == 1 for c in corpus)
     assert all(len(synth.sample_scene(0, i, max_objects=1).objects) == 1 for i in range(500))
 
 

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from pipeline.clip import encode_images, encode_texts, load_clip
 from pipeline.embed import EmbedConfig, run_embed
-from pipeline.synth import ATTRIBUTES, SynthConfig, parse_caption, run_synth
+from pipeline.synth import SynthConfig, run_synth
+from pipeline.synth_grammar import ATTRIBUTES, parse_caption
 from trainers.cli import app
 from trainers.clip_data import PRETRAIN_INDEX, batch_rows, contrast_group, render_pairs
 from trainers.clip_train import HELD_OUT_INDEX, ClipTrainConfig, held_out_images, train_clip

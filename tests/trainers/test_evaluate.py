@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from pipeline.embed import EmbedConfig, run_embed
 from pipeline.errors import ConfigError
-from pipeline.synth import Scene, SynthConfig, _place, parse_caption, render_scene, run_synth, sample_scene
+from pipeline.synth import Scene, SynthConfig, _place, render_scene, run_synth, sample_scene
+from pipeline.synth_grammar import parse_caption
 from trainers import evaluate as evaluate_module
 from trainers.cli import app
 from trainers.conditions import load_cache_clip
