@@ -8,8 +8,9 @@ captions), `pipeline optimize` (the nearest real caption of h0 and of the output
 
 Definition. The target is the image's *first* labelled object (drawing order; the image's own caption
 names it first). Of the objects a caption states (`caption_objects`), the one compared is the one
-stating the most of the target's values (an unstated attribute never agrees), the first mentioned on ties. An attribute is a hit when that object states the target's value; an attribute the caption does
-not state is a miss, and a caption with no parsable object misses every attribute (a generator cannot
+stating the most of the target's values (an unstated attribute never agrees), the first mentioned on
+ties. An attribute is a hit when that object states the target's value; an attribute the caption does not
+state is a miss, and a caption with no parsable object misses every attribute (a generator cannot
 follow what the text does not say). `object` is a hit when every attribute is. Each figure is the share of
 hits over the scored (target, caption) pairs; `mean` is the mean of the four attribute figures. Pairs
 without a target (unlabelled image) or without a caption (None) are not scored. Chance, for a caption
