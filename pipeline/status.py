@@ -116,7 +116,7 @@ def index_status(cache: Path, captions: StageStatus) -> StageStatus:
 
 
 def retrieve_status(cache: Path, config, embed: StageStatus, index: StageStatus) -> StageStatus:
-    from pipeline.retrieve import plan_search
+    from pipeline.search import plan_search
 
     shards = sorted(set(embed.up_to_date) | set(embed.stale))
     if config is None:

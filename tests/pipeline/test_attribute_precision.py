@@ -20,7 +20,7 @@ from pipeline.attribute_precision import (
 )
 from pipeline.optimize import nearest_caption_precision
 from pipeline.optimize_inputs import load_caption_bank
-from pipeline.retrieve import score_attributes
+from pipeline.search import score_attributes
 from pipeline.synth_grammar import parse_caption
 
 RED_CIRCLE = {"shape": "circle", "colour": "red", "size": "small", "position": "left"}

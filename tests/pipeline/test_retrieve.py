@@ -15,11 +15,12 @@ from factories import TINY_CLIP
 from typer.testing import CliRunner
 
 from pipeline import retrieve as rt
+from pipeline import search
 from pipeline.captions import read_caption_shard
 from pipeline.cli import app
 from pipeline.embed import EmbedConfig, run_embed
 from pipeline.errors import ConfigError
-from pipeline.index import INDEX_FILE, IndexConfig, read_embeddings, run_index
+from pipeline.index import INDEX_FILE, IndexConfig, read_embeddings, run_index, set_nprobe
 from pipeline.synth import SynthConfig, run_synth
 
 K = 8
@@ -102,7 +103,7 @@ def test_outputs_line_up_with_embed_shards_and_equal_brute_force_top_k(base):
     for shard in range(4):
         embed = pq.read_table(cache / "embed" / f"{shard:05d}.parquet", columns=["key"])
         table, ids, sims = _retrieved(cache, shard)
-        assert table.schema == rt.retrieve_schema(K)
+        assert table.schema == search.retrieve_schema(K)
         assert table.column("key").to_pylist() == embed.column("key").to_pylist()  # same keys, same order
         queries = read_embeddings(cache / "embed" / f"{shard:05d}.parquet").astype(np.float64)
         scores = queries @ db.astype(np.float64).T
@@ -158,7 +159,7 @@ def test_score_attributes_on_hand_made_captions():
         ["a large blue square at the top", "a large blue square at the top", "a small blue square on top"],
         ["x", "y", "z"],
     ]
-    score = rt.score_attributes(labels, nbr_texts)
+    score = search.score_attributes(labels, nbr_texts)
     assert score["n_scored"] == 2 and score["k"] == 3
     assert score["precision_at_1"] == {
         "shape": 1.0,
@@ -175,7 +176,7 @@ def test_score_attributes_on_hand_made_captions():
     assert at_k["position"] == pytest.approx((1 + 3) / 6, abs=1e-4)
     assert at_k["object"] == pytest.approx((1 + 2) / 6, abs=1e-4)
     assert at_k["mean"] == pytest.approx((5 + 4 + 4 + 4) / 24, abs=1e-4)
-    assert rt.score_attributes([None], [["a red circle"]]) is None
+    assert search.score_attributes([None], [["a red circle"]]) is None
 
 
 def test_rerun_is_a_noop_and_a_new_embed_shard_is_searched_alone(cache, base):
@@ -206,11 +207,13 @@ def test_identical_index_bytes_stop_the_cascade_and_k_restales_search(cache, bas
     assert (
         json.loads((cache / "index" / "_manifests" / "00000.json").read_text())["outs"][0]["digest"] == digest
     )
-    assert rt.plan_search(rt.SearchConfig(cache=cache, k=K)).tasks == []  # same bytes: nothing to redo
+    assert (
+        search.plan_search(search.SearchConfig(cache=cache, k=K)).tasks == []
+    )  # same bytes: nothing to redo
     smaller = rt.run_retrieve(_config(cache, base["corpus"], k=4))
     assert smaller.index.built and smaller.shards_run == [0, 1, 2, 3]  # k is keyed for the search
     assert _retrieved(cache, 0)[1].shape == (20, 4)
-    assert rt.plan_search(rt.SearchConfig(cache=cache, k=4)).tasks == []
+    assert search.plan_search(search.SearchConfig(cache=cache, k=4)).tasks == []
 
 
 def _outs(cache):
@@ -246,24 +249,24 @@ def test_ivf_index_is_tuned_recorded_and_reloads_with_plain_faiss(cache, base):
 
 def test_matmul_search_path_on_cpu_matches_flat(cache):
     """The gpu-flat code path (chunked torch top-k over the Flat index' vectors), run in fp32 on the CPU."""
-    config = rt.SearchConfig(cache=cache, k=K, gpu_flat=True, matmul_device="cpu", batch_size=7)
-    plan = rt.plan_search(config)
+    config = search.SearchConfig(cache=cache, k=K, gpu_flat=True, matmul_device="cpu", batch_size=7)
+    plan = search.plan_search(config)
     assert len(plan.tasks) == 4 and plan.tasks[0].reason == "params changed: method"
     _, flat_ids, flat_sims = _retrieved(cache, 0)
     for task in plan.tasks:
-        manifest = rt.search_shard(task)
+        manifest = search.search_shard(task)
         assert manifest["params"] == {"k": K, "method": "matmul-fp32"}
     _, ids, sims = _retrieved(cache, 0)
     np.testing.assert_array_equal(ids, flat_ids)
     np.testing.assert_allclose(sims, flat_sims, atol=1e-5)
-    assert isinstance(rt.cached_searcher(config, plan.tasks[0].index_digest), rt.MatmulSearcher)
+    assert isinstance(search.cached_searcher(config, plan.tasks[0].index_digest), search.MatmulSearcher)
 
 
 def test_faiss_searcher_fills_short_ivf_probes(cache, base):
     rt.run_retrieve(_config(cache, base["corpus"], index="IVF32,Flat", target_recall=0.3))
-    searcher = rt.FaissSearcher(cache / INDEX_FILE, threads=1)
+    searcher = search.FaissSearcher(cache / INDEX_FILE, threads=1)
     searcher.nprobe = 1
-    rt.set_nprobe(searcher.index, 1)
+    set_nprobe(searcher.index, 1)
     queries = read_embeddings(cache / "embed" / "00000.parquet").astype(np.float32)
     _, raw_ids = searcher.index.search(queries, 32)
     assert (raw_ids < 0).any()  # one list of ~12 captions cannot give 32 neighbours
