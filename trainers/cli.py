@@ -1,8 +1,9 @@
 """The `trainers` command: generators trained from the frozen feature cache, one thin command each.
 
-Commands turn options into a config and call the core in its module: `clip` (trainers/clip_train.py),
-`probe` (probe.py), `gan` (train_gan.py), `vae` (vae.py), `ldm` (train_ldm.py), `sample` (sample.py),
-`eval` (evaluate.py), `compare` (compare.py).
+Commands turn options into a config and call the core in its module: `gan` (trainers/train_gan.py),
+`vae` (vae.py), `ldm` (train_ldm.py), `sample` (sample.py), `eval` (evaluate.py); `clip`
+(clip_train.py) and `probe` (probe.py) have their commands in trainers/cli_instruments.py, `compare`
+(compare.py) in trainers/cli_compare.py.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import typer
 
 from pipeline.cli import ThreadsOpt, user_errors
 from pipeline.help import ordered_group
+from trainers.cli_compare import compare_command
+from trainers.cli_instruments import clip_command, probe_command
 
 COMMAND_ORDER = ("clip", "probe", "gan", "vae", "ldm", "sample", "eval", "compare")  # as run
 
@@ -221,163 +224,6 @@ def sample(
         f"sample: {len(result.images)} images at {result.resolution}px from step {result.step:,} -> "
         f"{result.grid} (+ {result.grid.with_suffix('')}/)"
     )
-
-
-@app.command("clip")
-@user_errors
-def clip_command(
-    shards: Annotated[
-        list[str] | None,
-        typer.Argument(
-            help="More image-caption inputs (so `--data world/*.tar` works unquoted).", show_default=False
-        ),
-    ] = None,
-    data: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--data",
-            help="Image-caption inputs: WebDataset tars (the synthetic world: `pipeline synth`), folders "
-            "with .txt captions, Parquet; globs. Repeatable.",
-            show_default=False,
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            help="Run directory for clip.pt, clip_config.json, clip_eval.json. (default: runs/NNN-clip-SIZE)",
-        ),
-    ] = None,
-    size: Annotated[
-        str,
-        typer.Option(
-            "--size",
-            help="rn32 (lafite-rn32: ModifiedResNet, 32 px; sees shape, colour, size and position), tiny "
-            "(lafite-tiny ViT, 32 px; for tests) or small (lafite-small ViT, 64 px).",
-        ),
-    ] = "rn32",
-    steps: Annotated[int, typer.Option("--steps", help="Optimisation steps.")] = 3000,
-    batch_size: Annotated[
-        int,
-        typer.Option(
-            "--batch-size", help="Pairs per step (the InfoNCE negatives), in whole contrast groups."
-        ),
-    ] = 129,
-    pretrain_n: Annotated[
-        int,
-        typer.Option(
-            "--pretrain-n",
-            help="Without --data: how many fresh synthetic pairs to render for training (indices from "
-            "2*10^9, disjoint from every `pipeline synth` world and from the held-out eval images).",
-        ),
-    ] = 40000,
-    contrast_group: Annotated[
-        int,
-        typer.Option(
-            "--contrast-group",
-            help="Without --data: scenes per group that differ only in the first object's shape, so each "
-            "batch forces the loss to learn shape (1: independent pairs).",
-        ),
-    ] = 3,
-    max_objects: Annotated[
-        int,
-        typer.Option(
-            "--max-objects",
-            help="Without --data: objects per training image, 1 or 2 (2 binds attributes to objects in "
-            "two-object scenes but reads single objects less well in the same time; BENCHMARKS.md).",
-        ),
-    ] = 1,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW peak learning rate (warmup, then cosine).")] = 2e-3,
-    seed: Annotated[int, typer.Option("--seed", help="Init, batch order and augmentation.")] = 0,
-    eval_n: Annotated[
-        int, typer.Option("--eval-n", help="Held-out synthetic images for zero-shot accuracy (0: skip).")
-    ] = 600,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUT/clip.pt.")] = False,
-) -> None:
-    """Train a small CLIP (open_clip, bundled config) for offline caches: on a fresh synthetic stream by
-    default (a real CLIP is pretrained on other pairs than the generator's), or on given image-caption shards.
-
-    Then: `pipeline embed ... --clip-model OUT/clip_config.json --clip-pretrained OUT/clip.pt`.
-    """
-    from pipeline.errors import ConfigError
-    from pipeline.progress import progress_bar
-    from trainers.clip_train import CLIP_SIZES, ClipTrainConfig, describe, train_clip
-
-    if size not in CLIP_SIZES:
-        raise ConfigError(f"--size {size}: choose one of {', '.join(CLIP_SIZES)}")
-    config = ClipTrainConfig(
-        data=tuple(data or ()) + tuple(shards or ()),
-        out=out,
-        size=size,
-        steps=steps,
-        batch_size=batch_size,
-        pretrain_n=pretrain_n,
-        contrast_group=contrast_group,
-        max_objects=max_objects,
-        lr=lr,
-        seed=seed,
-        eval_n=eval_n,
-        device=device,
-        force=force,
-    )
-    with progress_bar("clip", total=steps, unit="step") as advance:
-        result = train_clip(config, advance)
-    typer.echo(describe(result))
-
-
-@app.command("probe")
-@user_errors
-def probe_command(
-    cache: Annotated[
-        Path | None, typer.Option("--cache", help="Feature cache: the probe is trained at its image size.")
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out", help="Probe file to write (+ .json beside it). (default: kept in CACHE/_trainers/)"
-        ),
-    ] = None,
-    image_size: Annotated[
-        int | None, typer.Option("--image-size", help="Image size, instead of --cache.", show_default=False)
-    ] = None,
-    n_train: Annotated[int, typer.Option("--n-train", help="Rendered training images.")] = 6000,
-    epochs: Annotated[int, typer.Option("--epochs", help="Passes over them.")] = 6,
-    seed: Annotated[int, typer.Option("--seed", help="Training images, init and order.")] = 0,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-) -> None:
-    """Train the synthetic world's attribute classifier (the instrument `trainers eval` measures with)."""
-    from dataclasses import replace
-
-    from pipeline.errors import ConfigError
-    from pipeline.progress import progress_bar
-    from trainers.probe import ProbeConfig, cached_probe, describe, save_probe, train_probe
-
-    if (cache is None) == (image_size is None):
-        raise ConfigError("give --cache (its image size is used) or --image-size, not both")
-    base = ProbeConfig(n_train=n_train, epochs=epochs, seed=seed, device=device)
-    if cache is not None:
-        from trainers.embed_rows import cache_image_size
-
-        size = cache_image_size(cache)
-    else:
-        size = image_size
-    config = replace(base, image_size=size)
-    config.validate()
-    if out is not None and (out.is_dir() or out.suffix == ""):
-        raise ConfigError(f"--out {out}: give a file path such as probe.pt")
-    with progress_bar("probe", total=None, unit="step") as advance:
-        if out is None:
-            probe, path = cached_probe(cache, config, advance)
-        else:
-            probe = train_probe(config, advance)
-            path = save_probe(probe, out)
-            from manifests import write_json_atomic
-
-            write_json_atomic(
-                out.with_suffix(".json"), {"config": probe.state()["config"], "accuracy": probe.accuracy}
-            )
-    typer.echo(f"{describe(probe)} -> {path or 'memory (cache not writable)'}")
 
 
 @app.command("eval")
@@ -596,150 +442,9 @@ def ldm_command(
     )
 
 
-@app.command("compare")
-@user_errors
-def compare_command(
-    cache: Annotated[Path, typer.Option("--cache", help="Feature cache every run trains on.")],
-    out: Annotated[
-        Path, typer.Option("--out", help="Comparison directory: runs/, results.csv, report.md, figures.")
-    ],
-    generator: Annotated[str, typer.Option("--generator", help="gan, or ldm (one shared VAE).")] = "gan",
-    conditions: Annotated[
-        str,
-        typer.Option(
-            "--conditions",
-            help="Comma-separated: perturb, retrieve, optimize[:VARIANT], caption, and the arms fewshot:P "
-            "(pre-train language-free, fine-tune on P real pairs), scratch:P (P pairs from scratch), "
-            "semi:P (language-free with P pairs mixed in); P a count (20) or a fraction of the cache (0.01).",
-        ),
-    ] = "perturb,retrieve,optimize,caption",
-    seeds: Annotated[
-        str, typer.Option("--seeds", help="Comma-separated seeds: one run per condition and seed.")
-    ] = "0,1",
-    preset: Annotated[
-        str,
-        typer.Option(
-            "--preset",
-            help="Budget: smoke (seconds, tests), cpu (~7 min on 2 cores for 2 conditions x 2 seeds), gpu.",
-        ),
-    ] = "cpu",
-    size: Annotated[
-        str | None, typer.Option("--size", help="Generator size. (default: the preset's)", show_default=False)
-    ] = None,
-    steps: Annotated[
-        int | None,
-        typer.Option("--steps", help="Steps of every run. (default: the preset's)", show_default=False),
-    ] = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            "--batch-size", help="Images per step of every run. (default: the preset's)", show_default=False
-        ),
-    ] = None,
-    lr: Annotated[
-        float | None,
-        typer.Option(
-            "--lr", help="Learning rate of every run. (default: the generator's)", show_default=False
-        ),
-    ] = None,
-    eval_n: Annotated[
-        int | None,
-        typer.Option(
-            "--eval-n",
-            help="Images `trainers eval` generates per run. (default: the preset's)",
-            show_default=False,
-        ),
-    ] = None,
-    eval_seed: Annotated[int, typer.Option("--eval-seed", help="Eval prompts and noise, for every run.")] = 0,
-    probe: Annotated[
-        Path | None,
-        typer.Option(
-            "--probe", help="A `trainers probe` file. (default: trained once per cache)", show_default=False
-        ),
-    ] = None,
-    vae_size: Annotated[
-        str | None, typer.Option("--vae-size", help="ldm: the shared VAE's size.", show_default=False)
-    ] = None,
-    vae_steps: Annotated[
-        int | None, typer.Option("--vae-steps", help="ldm: the shared VAE's steps.", show_default=False)
-    ] = None,
-    sample_steps: Annotated[
-        int | None,
-        typer.Option("--sample-steps", help="ldm: sampler steps in eval and samples.", show_default=False),
-    ] = None,
-    allow_partial: Annotated[
-        bool,
-        typer.Option(
-            "--allow-partial",
-            help="Every run trains on the usable shards when some are being rewritten, stale or not made "
-            "yet (without it: wait briefly, then refuse); each config.json and eval.json records the rows.",
-        ),
-    ] = False,
-    language_free: Annotated[
-        str,
-        typer.Option(
-            "--language-free", help="Arms: what fewshot pre-trains on and semi mixes real captions into."
-        ),
-    ] = "optimize",
-    finetune_share: Annotated[
-        float,
-        typer.Option("--finetune-share", help="fewshot arms: the share of the budget spent on the P pairs."),
-    ] = 0.25,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    features_only: Annotated[
-        bool,
-        typer.Option(
-            "--features-only", help="Only the feature-level table and histograms (seconds, no training)."
-        ),
-    ] = False,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the resolved config and which runs would run, and exit.")
-    ] = False,
-) -> None:
-    """One generator per (condition, seed) at the same budget, the same eval for each, and a report.
-
-    Each run is committed with a manifest: a rerun makes only the missing or stale runs.
-    """
-    from trainers import compare as core
-
-    config = core.CompareConfig.from_preset(
-        preset,
-        generator,
-        cache=cache,
-        out=out,
-        conditions=core.parse_list(conditions, "--conditions"),
-        seeds=core.parse_list(seeds, "--seeds", int),
-        size=size,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        eval_n=eval_n,
-        eval_seed=eval_seed,
-        probe=probe,
-        vae_size=vae_size,
-        vae_steps=vae_steps,
-        sample_steps=sample_steps,
-        device=device,
-        allow_partial=allow_partial,
-        language_free=language_free,
-        finetune_share=finetune_share,
-    )
-    config.validate()
-    if dry_run:
-        typer.echo(json.dumps(config.to_dict(), indent=1))
-        plan = core.plan_compare(config)
-        for name, reason in plan.reasons.items():
-            typer.echo(f"{name}: {'up to date' if reason is None else 'would run: ' + reason}")
-        return
-    if features_only:
-        report = core.features_only(config)
-        table = Path(config.out) / "features.md"
-        typer.echo(table.read_text() if table.is_file() else json.dumps(report, indent=1))
-        typer.echo(f"compare --features-only -> {config.out}")
-        return
-    with core.compare_progress() as advance:
-        result = core.run_compare(config, advance)
-    typer.echo(core.describe(result))
+app.command("clip")(clip_command)
+app.command("probe")(probe_command)
+app.command("compare")(compare_command)
 
 
 def main() -> None:

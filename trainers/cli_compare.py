@@ -1,0 +1,157 @@
+"""`trainers compare`, the command (its core: trainers/compare.py); registered on the `trainers` app in
+trainers/cli.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.cli import user_errors
+
+
+@user_errors
+def compare_command(
+    cache: Annotated[Path, typer.Option("--cache", help="Feature cache every run trains on.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Comparison directory: runs/, results.csv, report.md, figures.")
+    ],
+    generator: Annotated[str, typer.Option("--generator", help="gan, or ldm (one shared VAE).")] = "gan",
+    conditions: Annotated[
+        str,
+        typer.Option(
+            "--conditions",
+            help="Comma-separated: perturb, retrieve, optimize[:VARIANT], caption, and the arms fewshot:P "
+            "(pre-train language-free, fine-tune on P real pairs), scratch:P (P pairs from scratch), "
+            "semi:P (language-free with P pairs mixed in); P a count (20) or a fraction of the cache (0.01).",
+        ),
+    ] = "perturb,retrieve,optimize,caption",
+    seeds: Annotated[
+        str, typer.Option("--seeds", help="Comma-separated seeds: one run per condition and seed.")
+    ] = "0,1",
+    preset: Annotated[
+        str,
+        typer.Option(
+            "--preset",
+            help="Budget: smoke (seconds, tests), cpu (~7 min on 2 cores for 2 conditions x 2 seeds), gpu.",
+        ),
+    ] = "cpu",
+    size: Annotated[
+        str | None, typer.Option("--size", help="Generator size. (default: the preset's)", show_default=False)
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option("--steps", help="Steps of every run. (default: the preset's)", show_default=False),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size", help="Images per step of every run. (default: the preset's)", show_default=False
+        ),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            "--lr", help="Learning rate of every run. (default: the generator's)", show_default=False
+        ),
+    ] = None,
+    eval_n: Annotated[
+        int | None,
+        typer.Option(
+            "--eval-n",
+            help="Images `trainers eval` generates per run. (default: the preset's)",
+            show_default=False,
+        ),
+    ] = None,
+    eval_seed: Annotated[int, typer.Option("--eval-seed", help="Eval prompts and noise, for every run.")] = 0,
+    probe: Annotated[
+        Path | None,
+        typer.Option(
+            "--probe", help="A `trainers probe` file. (default: trained once per cache)", show_default=False
+        ),
+    ] = None,
+    vae_size: Annotated[
+        str | None, typer.Option("--vae-size", help="ldm: the shared VAE's size.", show_default=False)
+    ] = None,
+    vae_steps: Annotated[
+        int | None, typer.Option("--vae-steps", help="ldm: the shared VAE's steps.", show_default=False)
+    ] = None,
+    sample_steps: Annotated[
+        int | None,
+        typer.Option("--sample-steps", help="ldm: sampler steps in eval and samples.", show_default=False),
+    ] = None,
+    allow_partial: Annotated[
+        bool,
+        typer.Option(
+            "--allow-partial",
+            help="Every run trains on the usable shards when some are being rewritten, stale or not made "
+            "yet (without it: wait briefly, then refuse); each config.json and eval.json records the rows.",
+        ),
+    ] = False,
+    language_free: Annotated[
+        str,
+        typer.Option(
+            "--language-free", help="Arms: what fewshot pre-trains on and semi mixes real captions into."
+        ),
+    ] = "optimize",
+    finetune_share: Annotated[
+        float,
+        typer.Option("--finetune-share", help="fewshot arms: the share of the budget spent on the P pairs."),
+    ] = 0.25,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    features_only: Annotated[
+        bool,
+        typer.Option(
+            "--features-only", help="Only the feature-level table and histograms (seconds, no training)."
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the resolved config and which runs would run, and exit.")
+    ] = False,
+) -> None:
+    """One generator per (condition, seed) at the same budget, the same eval for each, and a report.
+
+    Each run is committed with a manifest: a rerun makes only the missing or stale runs.
+    """
+    from trainers import compare as core
+
+    config = core.CompareConfig.from_preset(
+        preset,
+        generator,
+        cache=cache,
+        out=out,
+        conditions=core.parse_list(conditions, "--conditions"),
+        seeds=core.parse_list(seeds, "--seeds", int),
+        size=size,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        eval_n=eval_n,
+        eval_seed=eval_seed,
+        probe=probe,
+        vae_size=vae_size,
+        vae_steps=vae_steps,
+        sample_steps=sample_steps,
+        device=device,
+        allow_partial=allow_partial,
+        language_free=language_free,
+        finetune_share=finetune_share,
+    )
+    config.validate()
+    if dry_run:
+        typer.echo(json.dumps(config.to_dict(), indent=1))
+        plan = core.plan_compare(config)
+        for name, reason in plan.reasons.items():
+            typer.echo(f"{name}: {'up to date' if reason is None else 'would run: ' + reason}")
+        return
+    if features_only:
+        report = core.features_only(config)
+        table = Path(config.out) / "features.md"
+        typer.echo(table.read_text() if table.is_file() else json.dumps(report, indent=1))
+        typer.echo(f"compare --features-only -> {config.out}")
+        return
+    with core.compare_progress() as advance:
+        result = core.run_compare(config, advance)
+    typer.echo(core.describe(result))

@@ -1,0 +1,166 @@
+"""`trainers clip` and `trainers probe`, the commands of the offline instruments (their cores:
+trainers/clip_train.py, trainers/probe.py); registered on the `trainers` app in trainers/cli.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.cli import user_errors
+
+
+@user_errors
+def clip_command(
+    shards: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="More image-caption inputs (so `--data world/*.tar` works unquoted).", show_default=False
+        ),
+    ] = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--data",
+            help="Image-caption inputs: WebDataset tars (the synthetic world: `pipeline synth`), folders "
+            "with .txt captions, Parquet; globs. Repeatable.",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Run directory for clip.pt, clip_config.json, clip_eval.json. (default: runs/NNN-clip-SIZE)",
+        ),
+    ] = None,
+    size: Annotated[
+        str,
+        typer.Option(
+            "--size",
+            help="rn32 (lafite-rn32: ModifiedResNet, 32 px; sees shape, colour, size and position), tiny "
+            "(lafite-tiny ViT, 32 px; for tests) or small (lafite-small ViT, 64 px).",
+        ),
+    ] = "rn32",
+    steps: Annotated[int, typer.Option("--steps", help="Optimisation steps.")] = 3000,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size", help="Pairs per step (the InfoNCE negatives), in whole contrast groups."
+        ),
+    ] = 129,
+    pretrain_n: Annotated[
+        int,
+        typer.Option(
+            "--pretrain-n",
+            help="Without --data: how many fresh synthetic pairs to render for training (indices from "
+            "2*10^9, disjoint from every `pipeline synth` world and from the held-out eval images).",
+        ),
+    ] = 40000,
+    contrast_group: Annotated[
+        int,
+        typer.Option(
+            "--contrast-group",
+            help="Without --data: scenes per group that differ only in the first object's shape, so each "
+            "batch forces the loss to learn shape (1: independent pairs).",
+        ),
+    ] = 3,
+    max_objects: Annotated[
+        int,
+        typer.Option(
+            "--max-objects",
+            help="Without --data: objects per training image, 1 or 2 (2 binds attributes to objects in "
+            "two-object scenes but reads single objects less well in the same time; BENCHMARKS.md).",
+        ),
+    ] = 1,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW peak learning rate (warmup, then cosine).")] = 2e-3,
+    seed: Annotated[int, typer.Option("--seed", help="Init, batch order and augmentation.")] = 0,
+    eval_n: Annotated[
+        int, typer.Option("--eval-n", help="Held-out synthetic images for zero-shot accuracy (0: skip).")
+    ] = 600,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUT/clip.pt.")] = False,
+) -> None:
+    """Train a small CLIP (open_clip, bundled config) for offline caches: on a fresh synthetic stream by
+    default (a real CLIP is pretrained on other pairs than the generator's), or on given image-caption shards.
+
+    Then: `pipeline embed ... --clip-model OUT/clip_config.json --clip-pretrained OUT/clip.pt`.
+    """
+    from pipeline.errors import ConfigError
+    from pipeline.progress import progress_bar
+    from trainers.clip_train import CLIP_SIZES, ClipTrainConfig, describe, train_clip
+
+    if size not in CLIP_SIZES:
+        raise ConfigError(f"--size {size}: choose one of {', '.join(CLIP_SIZES)}")
+    config = ClipTrainConfig(
+        data=tuple(data or ()) + tuple(shards or ()),
+        out=out,
+        size=size,
+        steps=steps,
+        batch_size=batch_size,
+        pretrain_n=pretrain_n,
+        contrast_group=contrast_group,
+        max_objects=max_objects,
+        lr=lr,
+        seed=seed,
+        eval_n=eval_n,
+        device=device,
+        force=force,
+    )
+    with progress_bar("clip", total=steps, unit="step") as advance:
+        result = train_clip(config, advance)
+    typer.echo(describe(result))
+
+
+@user_errors
+def probe_command(
+    cache: Annotated[
+        Path | None, typer.Option("--cache", help="Feature cache: the probe is trained at its image size.")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Probe file to write (+ .json beside it). (default: kept in CACHE/_trainers/)"
+        ),
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option("--image-size", help="Image size, instead of --cache.", show_default=False)
+    ] = None,
+    n_train: Annotated[int, typer.Option("--n-train", help="Rendered training images.")] = 6000,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over them.")] = 6,
+    seed: Annotated[int, typer.Option("--seed", help="Training images, init and order.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Train the synthetic world's attribute classifier (the instrument `trainers eval` measures with)."""
+    from dataclasses import replace
+
+    from pipeline.errors import ConfigError
+    from pipeline.progress import progress_bar
+    from trainers.probe import ProbeConfig, cached_probe, describe, save_probe, train_probe
+
+    if (cache is None) == (image_size is None):
+        raise ConfigError("give --cache (its image size is used) or --image-size, not both")
+    base = ProbeConfig(n_train=n_train, epochs=epochs, seed=seed, device=device)
+    if cache is not None:
+        from trainers.embed_rows import cache_image_size
+
+        size = cache_image_size(cache)
+    else:
+        size = image_size
+    config = replace(base, image_size=size)
+    config.validate()
+    if out is not None and (out.is_dir() or out.suffix == ""):
+        raise ConfigError(f"--out {out}: give a file path such as probe.pt")
+    with progress_bar("probe", total=None, unit="step") as advance:
+        if out is None:
+            probe, path = cached_probe(cache, config, advance)
+        else:
+            probe = train_probe(config, advance)
+            path = save_probe(probe, out)
+            from manifests import write_json_atomic
+
+            write_json_atomic(
+                out.with_suffix(".json"), {"config": probe.state()["config"], "accuracy": probe.accuracy}
+            )
+    typer.echo(f"{describe(probe)} -> {path or 'memory (cache not writable)'}")
