@@ -42,18 +42,25 @@ def references(config: CompareConfig, result: CompareResult) -> dict[str, str]:
     return found
 
 
+MIN_GAP = 0.01  # below this (or the references' spread over seeds) there is no gap to close
+
+
 def gap_closed(config: CompareConfig, result: CompareResult, condition: str) -> float | None:
     """How much of the language-free -> supervised gap in mean accuracy the condition closes (1: all of
-    it); None without both references or when supervised is not above language-free."""
+    it). None without both references, or when supervised is not above language-free by more than
+    MIN_GAP and the references' std over seeds: a share of a gap within noise means nothing."""
     refs = references(config, result)
     if len(refs) < 2:
         return None
-    low = result.summary[refs["language-free only"]]["acc_mean"]["mean"]
-    high = result.summary[refs["fully supervised"]]["acc_mean"]["mean"]
+    low = result.summary[refs["language-free only"]]["acc_mean"]
+    high = result.summary[refs["fully supervised"]]["acc_mean"]
     value = result.summary[condition]["acc_mean"]["mean"]
-    if None in (low, high, value) or high <= low:
+    if None in (low["mean"], high["mean"], value):
         return None
-    return round((value - low) / (high - low), 3)
+    noise = max(MIN_GAP, low["std"] or 0.0, high["std"] or 0.0)
+    if high["mean"] - low["mean"] <= noise:
+        return None
+    return round((value - low["mean"]) / (high["mean"] - low["mean"]), 3)
 
 
 def _seed_wins(result: CompareResult, better: str, worse: str) -> str:
@@ -86,7 +93,8 @@ def fewshot_lines(config: CompareConfig, result: CompareResult) -> list[str]:
         "pairs; `scratch:P`: all on the same P pairs (the pairs are drawn from the run's seed; each run's "
         f"pairs.txt lists them); `semi:P`: `{config.language_free}` with P images given their real "
         "captions throughout. Gap closed: (arm - language-free) / (supervised - language-free) in mean "
-        "accuracy. Mean ± std over seeds.",
+        f"accuracy, shown only when supervised is above language-free by more than {MIN_GAP} and the "
+        "references' std over seeds. Mean ± std over seeds.",
         "",
     ]
     rows = []

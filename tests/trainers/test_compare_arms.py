@@ -151,3 +151,23 @@ def test_cli_runs_every_arm(cache, tmp_path, generator):
     assert "pretrain-s0: would run: params changed: train.steps" in dry.output
     assert "fewshot.0.25-s0: would run: its pre-training (pretrain-s0) is trained first" in dry.output
     assert "scratch.0.25-s0: up to date" in dry.output
+
+
+def test_gap_closed_needs_a_gap_beyond_the_seed_spread():
+    from types import SimpleNamespace
+
+    from trainers.compare_fewshot import gap_closed
+
+    def result(lf, sup, arm, spread=0.0):
+        summary = {
+            c: {"acc_mean": {"mean": m, "std": spread}}
+            for c, m in (("optimize", lf), ("caption", sup), ("fewshot:20", arm))
+        }
+        return SimpleNamespace(summary=summary)
+
+    config = SimpleNamespace(language_free="optimize")
+    assert gap_closed(config, result(0.40, 0.60, 0.50), "fewshot:20") == 0.5
+    assert gap_closed(config, result(0.40, 0.60, 0.70), "fewshot:20") == 1.5  # beyond supervised
+    assert gap_closed(config, result(0.40, 0.405, 0.50), "fewshot:20") is None  # within MIN_GAP
+    assert gap_closed(config, result(0.40, 0.45, 0.50, spread=0.06), "fewshot:20") is None  # within noise
+    assert gap_closed(config, result(0.45, 0.40, 0.50), "fewshot:20") is None  # supervised is not above
