@@ -130,6 +130,7 @@ def plot_fewshot(path: Path, config: CompareConfig, result: CompareResult) -> Pa
     """Two panels (mean accuracy, FID) against the number of pairs (log axis): one line per arm with
     std-over-seeds error bars, the references as horizontal lines. None (nothing written) without arms."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     from trainers.compare_report import _save
 
@@ -153,6 +154,9 @@ def plot_fewshot(path: Path, config: CompareConfig, result: CompareResult) -> Pa
                 style = ("--", ":")[i % 2]
                 ax.axhline(value, color="0.3", ls=style, lw=1.2, label=f"{ref_label} ({condition})")
         ax.set_xscale("log")
+        ticks = sorted({p for kind_points in points.values() for p, _ in kind_points})
+        ax.set_xticks(ticks, [f"{p:,}" for p in ticks])  # the P measured, not log decades
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("real image-caption pairs P")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
