@@ -16,6 +16,7 @@ import numpy as np
 
 from manifests import Dep, ShardSpec, commit_manifest, list_manifests, stat_out, write_parquet_atomic
 from pipeline.embed_writer import embed_schema
+from pipeline.layout import shard_file
 
 
 class CacheWriter:
@@ -58,7 +59,7 @@ class CacheWriter:
             },
             schema=embed_schema(self.dim),
         )
-        rel = f"embed/{shard:05d}.parquet"
+        rel = shard_file("embed", shard)
         return self._commit("embed", shard, rel, table, [Dep(f"raw{shard}", str(shard))])
 
     def captions(self, shard: int, ids: np.ndarray, texts: list[str], txt_emb: np.ndarray) -> str:
@@ -76,7 +77,7 @@ class CacheWriter:
             },
             schema=schema,
         )
-        return self._commit("captions", shard, f"captions/{shard:05d}.parquet", table, [Dep("corpus", "c")])
+        return self._commit("captions", shard, shard_file("captions", shard), table, [Dep("corpus", "c")])
 
     def retrieve(
         self,
@@ -113,5 +114,5 @@ class CacheWriter:
         )
         if embed_digest is None:
             embed_digest = list_manifests(self.cache, "embed")[shard]["outs"][0]["digest"]
-        deps = [Dep(f"embed/{shard:05d}.parquet", embed_digest)]
-        return self._commit("retrieve", shard, f"retrieve/{shard:05d}.parquet", table, deps)
+        deps = [Dep(shard_file("embed", shard), embed_digest)]
+        return self._commit("retrieve", shard, shard_file("retrieve", shard), table, deps)

@@ -57,6 +57,7 @@ from manifests import (
     write_stats,
 )
 from pipeline.errors import ConfigError
+from pipeline.layout import shard_file
 
 STAGE = "captions"
 STAGE_VERSION = "1"
@@ -483,7 +484,7 @@ def _reusable(cache: Path, shard: int, params: dict[str, Any], dim: int) -> dict
         return {}
     if check_outputs(cache, manifest) is not None:
         return {}
-    old = read_caption_shard(Path(cache) / STAGE / f"{shard:05d}.parquet", ["text", "txt_emb"])
+    old = read_caption_shard(Path(cache) / shard_file(STAGE, shard), ["text", "txt_emb"])
     return dict(zip(old["text"], old["txt_emb"], strict=True))
 
 
@@ -551,7 +552,7 @@ def captions_shard(task: CaptionsTask, progress: Progress | None = None) -> dict
         },
         schema=schema,
     )
-    rel = f"{STAGE}/{spec.shard:05d}.parquet"
+    rel = shard_file(STAGE, spec.shard)
     size, digest = write_parquet_atomic(Path(cfg.cache) / rel, table)
     t_end = time.perf_counter()
     timings = {
@@ -588,7 +589,7 @@ def remove_surplus(cache: Path, shards: list[int]) -> None:
     """Uncommit (manifest first), then delete, shards beyond the end of a corpus that shrank."""
     for shard in shards:
         manifest_path(cache, STAGE, shard).unlink(missing_ok=True)
-        (Path(cache) / STAGE / f"{shard:05d}.parquet").unlink(missing_ok=True)
+        (Path(cache) / shard_file(STAGE, shard)).unlink(missing_ok=True)
         remove_stats(cache, STAGE, shard)
 
 

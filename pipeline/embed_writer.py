@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from manifests import Out, atomic_write, stat_out, write_parquet_atomic
+from pipeline.layout import shard_file
 from pipeline.tars import add_member
 
 
@@ -49,8 +50,8 @@ class EmbedShardWriter:
     def __init__(self, cache: Path, shard: int, dim: int):
         self.cache = Path(cache)
         self.dim = dim
-        self.tar_rel = f"embed/{shard:05d}.tar"
-        self.parquet_rel = f"embed/{shard:05d}.parquet"
+        self.tar_rel = shard_file("embed", shard, "tar")
+        self.parquet_rel = shard_file("embed", shard)
         self._stack = ExitStack()
         self._tar_file = self._stack.enter_context(atomic_write(self.cache / self.tar_rel))
         self._tar = tarfile.open(fileobj=self._tar_file, mode="w|", format=tarfile.USTAR_FORMAT)

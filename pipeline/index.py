@@ -46,6 +46,7 @@ from manifests import (
     write_bytes_atomic,
 )
 from pipeline.errors import ConfigError
+from pipeline.layout import shard_file
 from pipeline.progress import null_progress
 
 STAGE = "index"
@@ -538,7 +539,7 @@ def sample_image_queries(cache: Path, n: int, seed: int, max_shards: int = 64) -
         chosen.append(shards[pos])
         total += manifests[shards[pos]]["rows"]
     chosen.sort()
-    blocks = [read_embeddings(Path(cache) / "embed" / f"{s:05d}.parquet") for s in chosen]
+    blocks = [read_embeddings(Path(cache) / shard_file("embed", s)) for s in chosen]
     if not blocks:
         return np.zeros((0, 0), np.float32), {"n": 0, "seed": seed, "embed_shards": []}
     pool = np.concatenate(blocks).astype(np.float32)

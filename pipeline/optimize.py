@@ -39,6 +39,7 @@ from manifests import (
     write_stats,
 )
 from pipeline.errors import ConfigError
+from pipeline.layout import shard_file
 from pipeline.optimize_inputs import CaptionBank, cached_caption_bank, read_shard_rows
 
 if TYPE_CHECKING:
@@ -262,14 +263,14 @@ def plan_optimize(config: OptimizeConfig) -> OptimizePlan:
 
     tasks, up_to_date = [], []
     for shard, manifest in sorted(embed.items()):
-        embed_rel = f"embed/{shard:05d}.parquet"
+        embed_rel = shard_file("embed", shard)
         out = _parquet_out(manifest, embed_rel)
         if out is None or check_outputs(cache, {"outs": [out]}) is not None:
             raise ConfigError(f"embed shard {shard}: {embed_rel} missing or altered; rerun `pipeline embed`")
         deps = [Dep(embed_rel, out["digest"])]
         retrieve_rel = None
         if config.needs_neighbours:
-            retrieve_rel = f"retrieve/{shard:05d}.parquet"
+            retrieve_rel = shard_file("retrieve", shard)
             r_manifest = retrieve[shard]
             r_out = _parquet_out(r_manifest, retrieve_rel)
             if r_out is None or check_outputs(cache, {"outs": [r_out]}) is not None:
@@ -422,7 +423,7 @@ def optimize_shard(task: OptimizeTask, progress: Progress | None = None) -> dict
         },
         schema=optimize_schema(dim),
     )
-    rel = f"{spec.stage}/{spec.shard:05d}.parquet"
+    rel = shard_file(spec.stage, spec.shard)
     size, digest = write_parquet_atomic(cache / rel, table)
     outs = [stat_out(cache, rel, size, digest, table.num_rows)]
     t_end = time.perf_counter()

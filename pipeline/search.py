@@ -44,6 +44,7 @@ from pipeline.index import (
     set_nprobe,
     topk_matmul,
 )
+from pipeline.layout import shard_file
 
 STAGE = "retrieve"
 STAGE_VERSION = "1"
@@ -329,7 +330,7 @@ def search_shard(task: SearchTask, progress: Progress | None = None) -> dict[str
         },
         schema=schema,
     )
-    rel = f"{STAGE}/{spec.shard:05d}.parquet"
+    rel = shard_file(STAGE, spec.shard)
     size, digest = write_parquet_atomic(cache / rel, table)
 
     labels = sidecar.column("labels").to_pylist()

@@ -36,6 +36,7 @@ from manifests import (
     write_parquet_atomic,
 )
 from pipeline.errors import ConfigError, require_at_least
+from pipeline.layout import shard_file
 from pipeline.stage import run_shards
 
 STAGE_ROOT = "latents"
@@ -171,7 +172,7 @@ class LatentEncoder:
         dim = int(np.prod(shape))
         flat = np.concatenate(chunks).reshape(len(keys), dim) if chunks else np.zeros((0, dim))
         table = _table(keys, flat.astype(np.float32), shape)
-        rel = f"{spec.stage}/{spec.shard:05d}.parquet"
+        rel = shard_file(spec.stage, spec.shard)
         size, out_digest = write_parquet_atomic(rows.cache / rel, table)
         outs = [stat_out(rows.cache, rel, size, out_digest, rows=len(keys))]
         timings = {"total_s": round(time.perf_counter() - t_shard, 4)}
