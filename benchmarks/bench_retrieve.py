@@ -117,7 +117,7 @@ def main() -> None:
     import faiss
     import torch
 
-    from pipeline.index import (
+    from pipeline.faiss_index import (
         auto_nlist,
         build_faiss_index,
         exact_search,

@@ -204,7 +204,7 @@ def self_check_check(device: str, dtype: str, dim: int, explicit_triton: bool) -
 def faiss_gpu_check() -> Check:
     if package_version("faiss") is None:
         return Check("faiss-gpu", "faiss not installed", NA)
-    from pipeline.index import faiss_gpus
+    from pipeline.faiss_index import faiss_gpus
 
     gpus = faiss_gpus()
     if gpus:

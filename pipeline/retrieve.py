@@ -36,12 +36,12 @@ from pipeline.attribute_precision import (
 )
 from pipeline.captions import CaptionsConfig, caption_shard_outputs, plan_captions, run_captions
 from pipeline.errors import ConfigError
+from pipeline.faiss_index import describe_choice
 from pipeline.index import (
     AUTO,
     GPU_FLAT,
     IndexConfig,
     ProgressFactory,
-    describe_choice,
     index_manifest,
     parse_size,
     plan_index,

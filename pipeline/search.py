@@ -35,15 +35,8 @@ from manifests import (
 )
 from pipeline.attribute_precision import ATTRIBUTES, DEFINITION, attribute_precision, target_object
 from pipeline.errors import ConfigError
-from pipeline.index import (
-    INDEX_FILE,
-    human_bytes,
-    index_manifest,
-    read_embeddings,
-    require_cuda,
-    set_nprobe,
-    topk_matmul,
-)
+from pipeline.faiss_index import human_bytes, set_nprobe, topk_matmul
+from pipeline.index import INDEX_FILE, index_manifest, read_embeddings, require_cuda
 from pipeline.layout import shard_file
 
 STAGE = "retrieve"
@@ -87,7 +80,7 @@ class FaissSearcher:
     def __init__(self, path: Path, threads: int):
         import faiss
 
-        from pipeline.index import faiss_gpus
+        from pipeline.faiss_index import faiss_gpus
 
         faiss.omp_set_num_threads(threads)
         cpu_index = faiss.read_index(str(path))

@@ -20,7 +20,8 @@ from pipeline.captions import read_caption_shard
 from pipeline.cli import app
 from pipeline.embed import EmbedConfig, run_embed
 from pipeline.errors import ConfigError
-from pipeline.index import INDEX_FILE, IndexConfig, read_embeddings, run_index, set_nprobe
+from pipeline.faiss_index import set_nprobe
+from pipeline.index import INDEX_FILE, IndexConfig, read_embeddings, run_index
 from pipeline.synth import SynthConfig, run_synth
 
 K = 8
