@@ -70,7 +70,8 @@ def captions_status(cache: Path, config) -> StageStatus:
     if config is None:
         status.note = "captions not configured"
         return status
-    from pipeline.captions import CORPUS_FILE, corpus_files
+    from pipeline.captions import CORPUS_FILE
+    from pipeline.corpus import corpus_files
 
     try:
         corpus = read_json(cache / "captions" / CORPUS_FILE, f"rerun `pipeline retrieve --cache {cache}`")
