@@ -1,21 +1,32 @@
 """The `pipeline` command: one Typer app, one thin command per stage.
 
 Commands only turn options into a stage config and print results; the work lives in the stage
-modules, imported inside each command so `pipeline --help` stays instant.
+modules, imported inside each command so `pipeline --help` stays instant. `retrieve` and `optimize` have
+their commands in pipeline/cli_stages.py; the options and error handling every command shares (this
+app's and `trainers`') are in pipeline/cli_common.py.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from manifests.lock import CacheLock
+from pipeline import cli_stages
+from pipeline.cli_common import (
+    CacheOpt,
+    ClipModelOpt,
+    ClipPretrainedOpt,
+    RepairOpt,
+    ThreadsOpt,
+    WaitOpt,
+    fail,
+    user_errors,
+    writing,
+)
 from pipeline.errors import ConfigError
 from pipeline.help import ordered_group
 from pipeline.progress import describe_drops, progress_bar, stderr
@@ -31,16 +42,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",  # docstring paragraphs re-flow instead of keeping source line breaks
 )
-
-ThreadsOpt = Annotated[  # a root option of both apps (pipeline.processes.start_threads)
-    int | None,
-    typer.Option(
-        "--threads",
-        min=1,
-        help="Torch threads of the command's process (default: OMP_NUM_THREADS, else the CPUs it may use, "
-        "shared with the worker processes it starts). On a machine shared with other jobs, use 1.",
-    ),
-]
 
 
 @app.callback()
@@ -64,89 +65,12 @@ def root(
         if raw:
             ctx.default_map = default_map(raw, _commands(), str(config or "pipeline.toml"))
     except ConfigError as e:
-        _fail(e)
-
-
-def _fail(error: Exception):
-    """One line on stderr, exit code 2. The message is printed verbatim ('[embed]' is no markup)."""
-    from rich.markup import escape
-
-    stderr.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2) from None
+        fail(e)
 
 
 def _commands() -> dict[str, Callable]:
     """Command name -> its function, for checking pipeline.toml against the real options."""
     return {info.name or info.callback.__name__: info.callback for info in app.registered_commands}
-
-
-CacheOpt = Annotated[Path, typer.Option("--cache", help="Feature cache directory.")]
-WaitOpt = Annotated[
-    float,
-    typer.Option(
-        "--wait",
-        help="Seconds to wait for another command that is writing this cache (default: stop at once).",
-    ),
-]
-RepairOpt = Annotated[
-    bool,
-    typer.Option(
-        "--repair", help="Rebuild a damaged embed shard plan (embed/_plan.json) from the manifests."
-    ),
-]
-ClipModelOpt = Annotated[
-    str,
-    typer.Option(
-        "--clip-model",
-        help="open_clip architecture (ViT-B-32), bundled config (lafite-tiny, lafite-small) or a "
-        "model-config JSON file.",
-    ),
-]
-ClipPretrainedOpt = Annotated[
-    str,
-    typer.Option(
-        "--clip-pretrained",
-        help="auto (the model's openai weights where open_clip has them, else random weights with a "
-        "warning), an open_clip pretrained tag (openai, laion2b_s34b_b79k) or a local checkpoint file; '' "
-        "for random weights. Offline? Download the checkpoint elsewhere and pass its path.",
-    ),
-]
-
-
-def _one_line_warnings() -> None:
-    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
-
-
-def writing(cache: Path, wait: float = 0.0, *, create: bool = False) -> CacheLock:
-    """The lock every command that writes the cache holds; only embed may create the cache."""
-    if not create and not Path(cache).is_dir():
-        raise ConfigError(
-            f"--cache {cache}: no such directory, so no embed stage found; run `pipeline embed INPUT... "
-            f"--cache {cache}` first"
-        )
-    return CacheLock(cache, wait=wait)
-
-
-def user_errors(command: Callable) -> Callable:
-    """A ConfigError or CacheFault (disk full, a damaged file) becomes one line on stderr and exit code 2,
-    never a traceback. An ENOSPC that escaped the atomic writers (a third-party writer) reads the same."""
-    from manifests.errors import DISK_FULL_ERRNOS, CacheFault
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        _one_line_warnings()
-        try:
-            return command(*args, **kwargs)
-        except (ConfigError, CacheFault) as e:
-            _fail(e)
-        except OSError as e:
-            if e.errno not in DISK_FULL_ERRNOS:
-                raise
-            _fail(
-                f"no space left on device ({e.filename or e}); free space and rerun: committed work is kept"
-            )
-
-    return wrapper
 
 
 @app.command()
@@ -330,196 +254,8 @@ def init(
     typer.echo(f"wrote {path}: edit it, then `pipeline run`")
 
 
-@app.command()
-@user_errors
-def retrieve(
-    captions: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--captions",
-            help="Caption corpus: .txt (one per line), .jsonl, .csv, .tsv or .parquet files, plain or gzip; "
-            "folders and globs; repeat for several.",
-            show_default=False,
-        ),
-    ] = None,
-    cache: CacheOpt = Path("cache"),
-    caption_column: Annotated[
-        str, typer.Option("--caption-column", help="Text column of .jsonl/.csv/.tsv/.parquet corpora.")
-    ] = "caption",
-    caption_shard_size: Annotated[
-        int, typer.Option("--caption-shard-size", help="Captions per captions/ shard.")
-    ] = 100_000,
-    index: Annotated[
-        str,
-        typer.Option(
-            "--index",
-            help="auto (Flat below 50k captions, else IVF), a FAISS factory string (IVF4096,Flat) or "
-            "gpu-flat (exact fp16 matmul top-k on a CUDA GPU).",
-        ),
-    ] = "auto",
-    k: Annotated[int, typer.Option("--k", help="Captions retrieved per image.")] = 16,
-    target_recall: Annotated[
-        float, typer.Option("--target-recall", help="recall@k that IVF nprobe is tuned to reach.")
-    ] = 0.95,
-    max_index_memory: Annotated[
-        str, typer.Option("--max-index-memory", help="Index memory budget (8GB, 512MiB); auto fits it by PQ.")
-    ] = "",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Captions per CLIP forward pass.")] = 1024,
-    query_batch_size: Annotated[
-        int, typer.Option("--query-batch-size", help="Image queries per index search call.")
-    ] = 16_384,
-    device: Annotated[str, typer.Option("--device", help="CLIP device: auto, cpu, cuda or cuda:N.")] = "auto",
-    force: Annotated[
-        bool, typer.Option("--force", help="Redo every step; accept captions encoded by another CLIP.")
-    ] = False,
-    wait: WaitOpt = 0.0,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved plan and exit.")] = False,
-) -> None:
-    """Top-k captions per image: caption features (captions/), a FAISS index (index/), search (retrieve/).
-
-    The CLIP is the embed stage's. Each step reruns only when stale: appended captions are the only
-    ones encoded, a changed index re-searches every shard, a new embed shard is searched alone.
-    """
-    from pipeline.retrieve import RetrieveConfig, describe_retrieve, run_retrieve
-
-    config = RetrieveConfig.from_options(
-        captions=tuple(captions or ()),
-        cache=cache,
-        caption_column=caption_column,
-        caption_shard_size=caption_shard_size,
-        index=index,
-        k=k,
-        target_recall=target_recall,
-        max_index_memory=max_index_memory,
-        batch_size=batch_size,
-        query_batch_size=query_batch_size,
-        device=device,
-        force=force,
-    )
-    if dry_run:
-        typer.echo(json.dumps(describe_retrieve(config), indent=1))
-        return
-    with writing(cache, wait):
-        result = run_retrieve(config, progress_bar)
-    for warning in result.warnings:
-        warnings.warn(warning, stacklevel=1)
-    for line in result.summary_lines():
-        typer.echo(line)
-
-
-@app.command()
-@user_errors
-def optimize(
-    cache: CacheOpt = Path("cache"),
-    method: Annotated[
-        str,
-        typer.Option(
-            "--method",
-            help="optimize (contrastive refinement of the retrieved features), retrieve (their "
-            "softmax mix) or perturb (LAFITE: image feature + noise; needs only embed).",
-        ),
-    ] = "optimize",
-    param: Annotated[
-        str,
-        typer.Option(
-            "--param",
-            help="optimize: weights (learn mixing logits over the k neighbours: stays among real "
-            "caption features) or residual (h = normalize(h0 + delta)).",
-        ),
-    ] = "weights",
-    steps: Annotated[int, typer.Option("--steps", help="optimize: Adam steps per batch.")] = 20,
-    batch_size: Annotated[
-        int,
-        typer.Option(
-            "--batch-size",
-            help="optimize: images per batch, the contrastive negatives (clamped to the shard).",
-        ),
-    ] = 65_536,
-    tau: Annotated[float, typer.Option("--tau", help="optimize: InfoNCE temperature.")] = 0.07,
-    tau_r: Annotated[
-        float, typer.Option("--tau-r", help="Softmax temperature over neighbour similarities (large: mean).")
-    ] = 0.05,
-    proximity: Annotated[
-        float, typer.Option("--proximity", help="optimize: weight of mean |h - h0|^2.")
-    ] = 1.0,
-    lr: Annotated[
-        float | None,
-        typer.Option(
-            "--lr", help="optimize: Adam learning rate (default 0.1 for weights, 0.05/sqrt(D) residual)."
-        ),
-    ] = None,
-    xi: Annotated[float, typer.Option("--xi", help="perturb: noise scale relative to |f|.")] = 3.0,
-    seed: Annotated[int, typer.Option("--seed", help="perturb noise and batch shuffle.")] = 0,
-    backend: Annotated[
-        str, typer.Option("--backend", help="Contrastive-loss kernel: auto, triton (CUDA) or torch.")
-    ] = "auto",
-    precision: Annotated[
-        str, typer.Option("--precision", help="Loss-kernel inputs: auto (CUDA bf16, CPU fp32), fp32 or bf16.")
-    ] = "auto",
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    verify: Annotated[
-        bool,
-        typer.Option("--verify", help="Re-hash this stage's outputs instead of trusting size and mtime."),
-    ] = False,
-    force: Annotated[bool, typer.Option("--force", help="Remake every shard.")] = False,
-    variant: Annotated[
-        str,
-        typer.Option(
-            "--variant",
-            help="Make a named variant beside the default one, in optimize-NAME/ (trainers read it with "
-            "--condition optimize:NAME); '' is the default variant, optimize/.",
-        ),
-    ] = "",
-    wait: WaitOpt = 0.0,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved plan and exit.")] = False,
-) -> None:
-    """Pseudo text features per image: optimize/{i}.parquet (pseudo_txt, cos_init, cos_final) + stats.
-
-    The method and its params are keyed: switching --method reruns this stage only, and a rerun with
-    the same params does nothing. `--variant NAME` keeps several methods or params side by side, each
-    with its own shards and manifests, so training on one never waits for restaging another.
-    """
-    from pipeline.optimize import OptimizeConfig, describe_plan, plan_optimize, run_optimize
-
-    config = OptimizeConfig(
-        cache=cache,
-        method=method,
-        param=param,
-        xi=xi,
-        tau_r=tau_r,
-        tau=tau,
-        proximity=proximity,
-        steps=steps,
-        lr=lr,
-        batch_size=batch_size,
-        seed=seed,
-        backend=backend,
-        precision=precision,
-        device=device,
-        verify=verify,
-        force=force,
-        variant=variant,
-    )
-    if dry_run:
-        typer.echo(json.dumps(describe_plan(config, plan_optimize(config)), indent=1))
-        return
-    with writing(cache, wait), progress_bar(config.stage, total=None) as advance:
-        result = run_optimize(config, advance)
-    s = result.summary
-
-    def change(name: str, fmt: str = ".3f") -> str:
-        before, after = s.get(f"{name}_init"), s.get(f"{name}_final")
-        return "n/a" if before is None or after is None else f"{before:{fmt}} -> {after:{fmt}}"
-
-    typer.echo(
-        f"{config.stage}: {len(result.shards_run)} shard(s) made, {len(result.shards_up_to_date)} up to "
-        f"date; {s.get('written', 0):,} pseudo features ({', '.join(s.get('methods', [])) or method}), "
-        f"{describe_drops(result.dropped)}; {result.seconds:.1f} s -> {cache / config.stage}"
-    )
-    typer.echo(
-        f"  cos(image, pseudo) {change('cos')}; in-batch top-1 {change('top1')}; "
-        f"InfoNCE {change('loss')}; attribute precision {change('attr_precision')}"
-    )
+app.command()(cli_stages.retrieve)  # registered here: pipeline.toml's sections follow this order
+app.command()(cli_stages.optimize)
 
 
 def _sections(ctx: typer.Context) -> dict[str, dict]:

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli import ThreadsOpt, user_errors
+from pipeline.cli_common import ThreadsOpt, user_errors
 from pipeline.help import ordered_group
 from trainers.cli_compare import compare_command
 from trainers.cli_instruments import clip_command, probe_command
@@ -337,7 +337,7 @@ def vae_command(
 
         if cache is None:
             raise ConfigError("--cache is required: the feature cache whose images --encode encodes")
-        from pipeline.cli import writing
+        from pipeline.cli_common import writing
 
         # latents/ is a stage of the cache: written under its lock, like the pipeline's stages
         with writing(cache), progress_bar("vae --encode", total=None, unit="img") as advance:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli import user_errors
+from pipeline.cli_common import user_errors
 
 
 @user_errors

@@ -1,0 +1,101 @@
+"""What the `pipeline` and `trainers` commands share: options, the cache lock a writing command holds,
+and user errors as one line on stderr with exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from manifests.lock import CacheLock
+from pipeline.errors import ConfigError
+from pipeline.progress import stderr
+
+ThreadsOpt = Annotated[  # a root option of both apps (pipeline.processes.start_threads)
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="Torch threads of the command's process (default: OMP_NUM_THREADS, else the CPUs it may use, "
+        "shared with the worker processes it starts). On a machine shared with other jobs, use 1.",
+    ),
+]
+
+
+def fail(error: Exception):
+    """One line on stderr, exit code 2. The message is printed verbatim ('[embed]' is no markup)."""
+    from rich.markup import escape
+
+    stderr.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2) from None
+
+
+CacheOpt = Annotated[Path, typer.Option("--cache", help="Feature cache directory.")]
+WaitOpt = Annotated[
+    float,
+    typer.Option(
+        "--wait",
+        help="Seconds to wait for another command that is writing this cache (default: stop at once).",
+    ),
+]
+RepairOpt = Annotated[
+    bool,
+    typer.Option(
+        "--repair", help="Rebuild a damaged embed shard plan (embed/_plan.json) from the manifests."
+    ),
+]
+ClipModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--clip-model",
+        help="open_clip architecture (ViT-B-32), bundled config (lafite-tiny, lafite-small) or a "
+        "model-config JSON file.",
+    ),
+]
+ClipPretrainedOpt = Annotated[
+    str,
+    typer.Option(
+        "--clip-pretrained",
+        help="auto (the model's openai weights where open_clip has them, else random weights with a "
+        "warning), an open_clip pretrained tag (openai, laion2b_s34b_b79k) or a local checkpoint file; '' "
+        "for random weights. Offline? Download the checkpoint elsewhere and pass its path.",
+    ),
+]
+
+
+def one_line_warnings() -> None:
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+
+
+def writing(cache: Path, wait: float = 0.0, *, create: bool = False) -> CacheLock:
+    """The lock every command that writes the cache holds; only embed may create the cache."""
+    if not create and not Path(cache).is_dir():
+        raise ConfigError(
+            f"--cache {cache}: no such directory, so no embed stage found; run `pipeline embed INPUT... "
+            f"--cache {cache}` first"
+        )
+    return CacheLock(cache, wait=wait)
+
+
+def user_errors(command: Callable) -> Callable:
+    """A ConfigError or CacheFault (disk full, a damaged file) becomes one line on stderr and exit code 2,
+    never a traceback. An ENOSPC that escaped the atomic writers (a third-party writer) reads the same."""
+    from manifests.errors import DISK_FULL_ERRNOS, CacheFault
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        one_line_warnings()
+        try:
+            return command(*args, **kwargs)
+        except (ConfigError, CacheFault) as e:
+            fail(e)
+        except OSError as e:
+            if e.errno not in DISK_FULL_ERRNOS:
+                raise
+            fail(f"no space left on device ({e.filename or e}); free space and rerun: committed work is kept")
+
+    return wrapper
