@@ -156,10 +156,6 @@ class Dit(nn.Module):
         return out.reshape(b, c, r, r)
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 # --- rectified flow ---------------------------------------------------------------------------------------
 
 
