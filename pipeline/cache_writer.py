@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from manifests import Dep, ShardSpec, commit_manifest, list_manifests, stat_out, write_parquet_atomic
-from pipeline.embed_writer import embed_schema
-from pipeline.layout import shard_file
+from pipeline.layout import captions_schema, embed_schema, retrieve_schema, shard_file
 
 
 class CacheWriter:
@@ -66,9 +65,7 @@ class CacheWriter:
         """`captions/{shard:05d}.parquet`: caption ids, texts and text features."""
         import pyarrow as pa
 
-        schema = pa.schema(
-            [("caption_id", pa.int64()), ("text", pa.string()), ("txt_emb", pa.list_(pa.float16(), self.dim))]
-        )
+        schema = captions_schema(self.dim)
         table = pa.table(
             {
                 "caption_id": pa.array(np.asarray(ids, np.int64)),
@@ -97,13 +94,7 @@ class CacheWriter:
                 f"nbr_ids and nbr_sims must both be [{len(keys)}, k], got {ids.shape}, {sims.shape}"
             )
         k = ids.shape[1]
-        schema = pa.schema(
-            [
-                ("key", pa.string()),
-                ("nbr_ids", pa.list_(pa.int64(), k)),
-                ("nbr_sims", pa.list_(pa.float32(), k)),
-            ]
-        )
+        schema = retrieve_schema(k)
         table = pa.table(
             {
                 "key": pa.array(keys, pa.string()),

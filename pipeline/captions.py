@@ -53,7 +53,7 @@ from manifests import (
 )
 from pipeline.corpus import corpus_files, read_corpus
 from pipeline.errors import ConfigError
-from pipeline.layout import shard_file
+from pipeline.layout import captions_schema, shard_file
 
 STAGE = "captions"
 STAGE_VERSION = "1"
@@ -251,18 +251,6 @@ def _describe(drops: Counter | dict) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # One shard
 # ---------------------------------------------------------------------------------------------------------
-
-
-def captions_schema(dim: int):
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            pa.field("caption_id", pa.int64(), nullable=False),
-            pa.field("text", pa.string(), nullable=False),
-            pa.field("txt_emb", pa.list_(pa.float16(), dim), nullable=False),
-        ]
-    )
 
 
 def read_caption_shard(path: Path, columns: list[str] | None = None) -> dict[str, Any]:

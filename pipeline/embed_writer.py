@@ -15,24 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from manifests import Out, atomic_write, stat_out, write_parquet_atomic
-from pipeline.layout import shard_file
+from pipeline.layout import embed_schema, shard_file
 from pipeline.tars import add_member
-
-
-def embed_schema(dim: int):
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("key", pa.string()),
-            ("img_emb", pa.list_(pa.float16(), dim)),
-            ("width", pa.int32()),
-            ("height", pa.int32()),
-            ("source", pa.string()),
-            ("caption", pa.string()),
-            ("labels", pa.string()),  # JSON metadata carried from the source (nullable)
-        ]
-    )
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

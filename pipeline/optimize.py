@@ -39,7 +39,7 @@ from manifests import (
     write_stats,
 )
 from pipeline.errors import ConfigError
-from pipeline.layout import shard_file
+from pipeline.layout import optimize_schema, shard_file
 from pipeline.optimize_inputs import CaptionBank, cached_caption_bank, read_shard_rows
 
 if TYPE_CHECKING:
@@ -308,20 +308,6 @@ def _mean(values: np.ndarray) -> float | None:
 # ---------------------------------------------------------------------------------------------------------
 # One shard: read -> compute -> quality figures -> write
 # ---------------------------------------------------------------------------------------------------------
-
-
-def optimize_schema(dim: int):
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("key", pa.string()),
-            ("pseudo_txt", pa.list_(pa.float16(), dim)),
-            ("cos_init", pa.float32()),
-            ("cos_final", pa.float32()),
-            ("method", pa.string()),
-        ]
-    )
 
 
 def nearest_caption_precision(

@@ -37,7 +37,7 @@ from pipeline.attribute_precision import ATTRIBUTES, DEFINITION, attribute_preci
 from pipeline.errors import ConfigError
 from pipeline.faiss_index import human_bytes, set_nprobe, topk_matmul
 from pipeline.index import INDEX_FILE, index_manifest, read_embeddings, require_cuda
-from pipeline.layout import shard_file
+from pipeline.layout import retrieve_schema, shard_file
 
 STAGE = "retrieve"
 STAGE_VERSION = "1"
@@ -229,18 +229,6 @@ def caption_texts(cache: Path, index_deps: list[dict[str, str]]):
         chunks = [pq.read_table(Path(cache) / d["name"], columns=["text"]).column(0) for d in index_deps]
         _TEXTS[key] = pa.chunked_array([c for chunked in chunks for c in chunked.chunks], pa.string())
     return _TEXTS[key]
-
-
-def retrieve_schema(k: int):
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            pa.field("key", pa.string(), nullable=False),
-            pa.field("nbr_ids", pa.list_(pa.int64(), k), nullable=False),  # caption_ids, best first
-            pa.field("nbr_sims", pa.list_(pa.float32(), k), nullable=False),  # inner products (cosines)
-        ]
-    )
 
 
 @dataclass

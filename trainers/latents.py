@@ -36,7 +36,7 @@ from manifests import (
     write_parquet_atomic,
 )
 from pipeline.errors import ConfigError, require_at_least
-from pipeline.layout import shard_file
+from pipeline.layout import latents_schema, shard_file
 from pipeline.stage import run_shards
 
 STAGE_ROOT = "latents"
@@ -52,15 +52,6 @@ def vae_digest(checkpoint: Path) -> str:
 def latents_stage(digest: str) -> str:
     """`latents/{vae_id}`: the stage (and folder) of one VAE's latents."""
     return f"{STAGE_ROOT}/{digest[:ID_HEX]}"
-
-
-def _schema(dim: int, shape: tuple[int, ...]):
-    import pyarrow as pa
-
-    return pa.schema(
-        [pa.field("key", pa.string(), nullable=False), pa.field("latent", pa.list_(pa.float32(), dim))],
-        metadata={"latent_shape": json.dumps(list(shape)), "dtype": "float32"},
-    )
 
 
 def _embed_deps(rows, shard: int) -> list[Dep]:
@@ -191,7 +182,7 @@ def _table(keys: list[str], flat: np.ndarray, shape: tuple[int, ...]):
     dim = int(np.prod(shape))
     values = pa.array(flat.reshape(-1), type=pa.float32())
     latent = pa.FixedSizeListArray.from_arrays(values, dim)
-    return pa.Table.from_arrays([pa.array(keys, type=pa.string()), latent], schema=_schema(dim, shape))
+    return pa.Table.from_arrays([pa.array(keys, type=pa.string()), latent], schema=latents_schema(dim, shape))
 
 
 def describe(summary: EncodeSummary) -> str:

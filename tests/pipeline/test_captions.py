@@ -17,6 +17,7 @@ from factories import TINY_CLIP
 from pipeline import captions as cap
 from pipeline.embed import EmbedConfig, embedded_clip, run_embed
 from pipeline.errors import ConfigError
+from pipeline.layout import captions_schema
 from pipeline.synth import SynthConfig, run_synth
 
 # What every format below holds: padded whitespace, an exact duplicate (after normalising), an empty record.
@@ -215,7 +216,7 @@ def test_shards_hold_contiguous_ids_and_clip_features(cache, tmp_path):
     result = cap.run_captions(_config(cache, corpus), clip)
     assert result.shards_run == [0, 1] and result.n_captions == 30
     assert result.corpus["dropped"] == {"duplicate": 1, "empty": 1}
-    assert pq.read_schema(cache / "captions" / "00000.parquet") == cap.captions_schema(64)
+    assert pq.read_schema(cache / "captions" / "00000.parquet") == captions_schema(64)
     first, second = _shard(cache, 0), _shard(cache, 1)
     assert first["caption_id"].tolist() == list(range(20))
     assert second["caption_id"].tolist() == list(range(20, 30))

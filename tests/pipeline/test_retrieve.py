@@ -22,6 +22,7 @@ from pipeline.embed import EmbedConfig, run_embed
 from pipeline.errors import ConfigError
 from pipeline.faiss_index import set_nprobe
 from pipeline.index import INDEX_FILE, IndexConfig, read_embeddings, run_index
+from pipeline.layout import retrieve_schema
 from pipeline.synth import SynthConfig, run_synth
 
 K = 8
@@ -104,7 +105,7 @@ def test_outputs_line_up_with_embed_shards_and_equal_brute_force_top_k(base):
     for shard in range(4):
         embed = pq.read_table(cache / "embed" / f"{shard:05d}.parquet", columns=["key"])
         table, ids, sims = _retrieved(cache, shard)
-        assert table.schema == search.retrieve_schema(K)
+        assert table.schema == retrieve_schema(K)
         assert table.column("key").to_pylist() == embed.column("key").to_pylist()  # same keys, same order
         queries = read_embeddings(cache / "embed" / f"{shard:05d}.parquet").astype(np.float64)
         scores = queries @ db.astype(np.float64).T
