@@ -37,7 +37,6 @@ from manifests import (
     ShardSpec,
     atomic_write,
     check_shard,
-    clean_temp_files,
     commit_manifest,
     list_manifests,
     read_manifest,
@@ -250,10 +249,11 @@ def plan_index(
     return IndexPlan(task, choice, n_vectors, reason)
 
 
-def index_shard(task: IndexTask, progress: ProgressFactory = null_progress) -> dict[str, Any]:
+def index_shard(task: IndexTask, progress: ProgressFactory | None = None) -> dict[str, Any]:
     """Build, tune, measure and commit the index; returns its manifest."""
     import faiss
 
+    progress = progress or null_progress
     cfg, spec, choice = task.config, task.spec, task.choice
     faiss.omp_set_num_threads(cfg.threads)
     t0 = time.perf_counter()
@@ -372,14 +372,16 @@ def run_index(
     executor=None,
 ) -> IndexResult:
     """Plan and, if stale, build the index: in-process, or as one task on a Dask `executor`."""
+    from pipeline.stage import run_shards
+
     t0 = time.perf_counter()
     plan = plan_index(config, caption_outs, n_vectors, dim)
-    clean_temp_files(Path(config.cache) / STAGE)
-    if plan.task is not None:
-        if executor is None or executor.name == "local":
-            index_shard(plan.task, progress)
-        else:  # the build's own progress bars stay on the worker
-            executor.map(index_shard, [plan.task], gpu=True)
+    tasks = [plan.task] if plan.task is not None else []
+    local = executor is None or executor.name == "local"
+    # the build's bars (a progress factory) draw in this process only: on Dask they stay on the worker
+    run_shards(
+        config.cache, STAGE, tasks, index_shard, executor=executor, progress=progress if local else None
+    )
     return IndexResult(
         plan.task is not None, plan.reason, read_index_info(config.cache), time.perf_counter() - t0
     )
