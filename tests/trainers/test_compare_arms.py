@@ -5,6 +5,10 @@ arm flags: tests/trainers/test_compare.py)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 from factories import tiny_cache
@@ -171,3 +175,31 @@ def test_gap_closed_needs_a_gap_beyond_the_seed_spread():
     assert gap_closed(config, result(0.40, 0.405, 0.50), "fewshot:20") is None  # within MIN_GAP
     assert gap_closed(config, result(0.40, 0.45, 0.50, spread=0.06), "fewshot:20") is None  # within noise
     assert gap_closed(config, result(0.45, 0.40, 0.50), "fewshot:20") is None  # supervised is not above
+
+
+@pytest.mark.parametrize(
+    "point, committed",
+    [
+        ("compare:pretrain-s0:before_manifest", []),  # pre-trained, not committed
+        ("compare:fewshot.4-s0:before_manifest", ["pretrain-s0"]),  # fine-tuned and evaluated
+    ],
+)
+def test_sigkill_in_an_arm_then_rerun_commits_every_unit_once(cache, tmp_path, point, committed):
+    out = tmp_path / "cmp"
+    args = ["compare", "--cache", str(cache), "--out", str(out), "--conditions", "fewshot:4", "--seeds", "0"]
+    args += ["--language-free", "perturb", "--preset", "smoke", "--device", "cpu"]
+    env = {**os.environ, "PIPELINE_CRASH_AT": point, "OMP_NUM_THREADS": "1"}
+    cli = [sys.executable, "-c", "from trainers.cli import main; main()"]
+    killed = subprocess.run([*cli, *args], env=env, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert sorted(p.stem for p in (out / "_manifests").glob("*.json")) == committed
+
+    rerun = run_compare(smoke(cache, out, conditions=("fewshot:4",)))
+    assert rerun.ran == [u for u in ("pretrain-s0", "fewshot.4-s0") if u not in committed]
+    assert sorted(p.name for p in (out / "runs" / "pretrain-s0").iterdir()) == ["000-gan"]  # made once
+    assert sorted(p.name for p in (out / "runs" / "fewshot.4-s0").iterdir() if p.name.endswith("-gan")) == [
+        "000-gan"
+    ]
+    init = next(d["digest"] for d in manifest(out, "fewshot.4-s0")["deps"] if d["name"] == "init")
+    pretrain = manifest(out, "pretrain-s0")
+    assert init == next(o["digest"] for o in pretrain["outs"] if o["path"] == pretrain["checkpoint"])
