@@ -26,10 +26,10 @@ workers, how often it logs, samples and checkpoints), the eval settings (n, seed
 sample prompts and seed. Deps: the cache CLIP's identity; the output digests of the stages the condition
 reads (embed tars and sidecars for all; + optimize; + retrieve and captions); the probe (its config, or
 the --probe file's content); for ldm the shared VAE checkpoint's content digest; for a fewshot arm its
-pre-training checkpoint's (the arms: trainers/compare_arms.py). So a rerun does
-nothing when every run is committed, changing the budget reruns every run, adding a condition or a seed
-runs only the new ones, and a run killed at any instant (a run directory without a matching manifest)
-is removed and redone. The whole compare holds OUT/.lock.
+pre-training checkpoint's (the arms: trainers/compare_arms.py). So a rerun does nothing when every run is
+committed, changing the budget reruns every run, adding a condition or a seed runs only the new ones, and
+a run killed at any instant (a run directory without a matching manifest) is removed and redone. The
+whole compare holds OUT/.lock.
 """
 
 from __future__ import annotations

@@ -67,10 +67,6 @@ def parse_arm(condition: str, flag: str = "--conditions") -> Arm | None:
     return Arm(kind, spec)
 
 
-def is_arm(condition: str) -> bool:
-    return condition.partition(":")[0] in ARMS
-
-
 def split_budget(steps: int, finetune_share: float) -> tuple[int, int]:
     """(pre-training steps, fine-tuning steps) of a fewshot run: both at least one, summing to `steps`."""
     finetune = min(max(1, round(steps * finetune_share)), steps - 1)
