@@ -1,4 +1,6 @@
-"""The Dask executor with the shipped defaults: `[embed] workers` > 0 inside daemonic Dask worker processes.
+"""The Dask executor: a LocalCluster run equals a local one and a killed worker's task is retried, for a
+project decoding in-process and for the shipped defaults (`[embed] workers` > 0 inside daemonic Dask
+worker processes).
 
 Dask worker processes are daemonic and may not start children, so a DataLoader with worker processes
 cannot run there; `shard_loader` decodes with threads instead and must give the same items and batches.
@@ -16,7 +18,7 @@ from factories import TINY_CLIP, image_bytes, write_tar
 from pipeline.embed_data import ShardSamples, shard_loader
 from pipeline.sources import expand_inputs
 from pipeline.synth import SynthConfig, run_synth
-from tests.pipeline.test_run import _cli, _made, _outputs, _status
+from tests.pipeline.test_run import _cli, _made, _outputs, _status, project, world_template  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -46,21 +48,34 @@ def default_project(tmp_path, world, monkeypatch):
     return tmp_path
 
 
-def test_dask_with_shipped_defaults_gives_byte_identical_outputs(default_project):
+# test_run's project (embed decodes in-process, workers = 0) and `pipeline init`'s defaults (workers > 0)
+PROJECTS = ["project", "default_project"]
+
+
+def _shards(root) -> int:
+    return len(list((root / "world").glob("*.tar")))
+
+
+@pytest.mark.parametrize("which", PROJECTS)
+def test_dask_local_cluster_gives_byte_identical_outputs(which, request):
+    root = request.getfixturevalue(which)
     _cli("run")
-    local = _outputs(default_project)
-    shutil.rmtree(default_project / "cache")  # same paths again (the sidecars record each image's source)
+    local = _outputs(root)
+    shutil.rmtree(root / "cache")  # same paths again (the sidecars record each image's source)
     made = _made(_cli("run", "--executor", "dask", "--workers", "2"))
-    assert made == {"embed": 2, "captions": 1, "index": True, "retrieve": 2, "optimize": 2}
-    assert _outputs(default_project) == local
+    n = _shards(root)
+    assert made == {"embed": n, "captions": 1, "index": True, "retrieve": n, "optimize": n}
+    assert _outputs(root) == local
 
 
-def test_dask_worker_killed_mid_task_is_retried_with_shipped_defaults(default_project, monkeypatch, tmp_path):
+@pytest.mark.parametrize("which", PROJECTS)
+def test_dask_worker_killed_mid_task_is_retried(which, request, monkeypatch, tmp_path):
+    root = request.getfixturevalue(which)
     monkeypatch.setenv("PIPELINE_CRASH_AT", "embed:00001:before_manifest")
     monkeypatch.setenv("PIPELINE_CRASH_ONCE", str(tmp_path / "crashed-once"))
     made = _made(_cli("run", "--executor", "dask", "--workers", "2", "--until", "embed"))
     assert (tmp_path / "crashed-once").exists()  # a worker really died
-    assert made == {"embed": 2}
+    assert made == {"embed": _shards(root)}
     assert not _status()["embed"]["stale"]
 
 

@@ -136,24 +136,6 @@ def test_until_and_force(project):
     _cli("run", "--force", "nope", code=2)
 
 
-def test_dask_local_cluster_gives_byte_identical_outputs(project):
-    _cli("run")
-    local = _outputs(project)
-    shutil.rmtree(project / "cache")  # same paths again (the sidecars record each image's source path)
-    made = _made(_cli("run", "--executor", "dask", "--workers", "2"))
-    assert made == {"embed": 3, "captions": 1, "index": True, "retrieve": 3, "optimize": 3}
-    assert _outputs(project) == local
-
-
-def test_dask_worker_killed_mid_task_is_retried(project, monkeypatch, tmp_path):
-    monkeypatch.setenv("PIPELINE_CRASH_AT", "embed:00001:before_manifest")
-    monkeypatch.setenv("PIPELINE_CRASH_ONCE", str(tmp_path / "crashed-once"))
-    made = _made(_cli("run", "--executor", "dask", "--workers", "2", "--until", "embed"))
-    assert (tmp_path / "crashed-once").exists()  # a worker really died
-    assert made == {"embed": 3}
-    assert not _status()["embed"]["stale"]
-
-
 def test_second_run_is_refused_while_the_lock_is_held(project):
     with CacheLock(project / "cache"):
         output = _cli("run", code=2)
