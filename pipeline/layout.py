@@ -10,11 +10,18 @@ through its manifest (`trainers.committed`); the stages that exist are in pipeli
 
 from __future__ import annotations
 
+from typing import Any
+
 
 def shard_file(stage: str, shard: int, ext: str = "parquet") -> str:
     """`embed/00003.parquet`: shard `shard`'s file of `stage` (a folder such as `optimize-mix` or
     `latents/{vae_id}` too), relative to the cache."""
     return f"{stage}/{shard:05d}.{ext}"
+
+
+def shard_out(manifest: dict[str, Any], suffix: str = ".parquet") -> dict[str, Any] | None:
+    """The `outs` record (path, size, digest, rows) of a shard manifest's file ending in `suffix`."""
+    return next((o for o in manifest.get("outs", []) if o["path"].endswith(suffix)), None)
 
 
 def embed_schema(dim: int):

@@ -39,7 +39,7 @@ from manifests import (
     write_stats,
 )
 from pipeline.errors import ConfigError
-from pipeline.layout import optimize_schema, shard_file
+from pipeline.layout import optimize_schema, shard_file, shard_out
 from pipeline.optimize_inputs import CaptionBank, cached_caption_bank, read_shard_rows
 
 if TYPE_CHECKING:
@@ -217,10 +217,6 @@ class OptimizePlan:
     dim: int
 
 
-def _parquet_out(manifest: dict[str, Any], rel: str) -> dict[str, Any] | None:
-    return next((o for o in manifest.get("outs", []) if o["path"] == rel), None)
-
-
 def caption_deps(cache: Path) -> tuple[Dep, ...]:
     """The committed caption feature shards, as (path, output digest) deps, in path order."""
     deps = []
@@ -264,7 +260,7 @@ def plan_optimize(config: OptimizeConfig) -> OptimizePlan:
     tasks, up_to_date = [], []
     for shard, manifest in sorted(embed.items()):
         embed_rel = shard_file("embed", shard)
-        out = _parquet_out(manifest, embed_rel)
+        out = shard_out(manifest)
         if out is None or check_outputs(cache, {"outs": [out]}) is not None:
             raise ConfigError(f"embed shard {shard}: {embed_rel} missing or altered; rerun `pipeline embed`")
         deps = [Dep(embed_rel, out["digest"])]
@@ -272,7 +268,7 @@ def plan_optimize(config: OptimizeConfig) -> OptimizePlan:
         if config.needs_neighbours:
             retrieve_rel = shard_file("retrieve", shard)
             r_manifest = retrieve[shard]
-            r_out = _parquet_out(r_manifest, retrieve_rel)
+            r_out = shard_out(r_manifest)
             if r_out is None or check_outputs(cache, {"outs": [r_out]}) is not None:
                 raise ConfigError(
                     f"retrieve shard {shard}: {retrieve_rel} is missing or altered; rerun `pipeline retrieve`"

@@ -37,7 +37,7 @@ from pipeline.attribute_precision import ATTRIBUTES, DEFINITION, attribute_preci
 from pipeline.errors import ConfigError
 from pipeline.faiss_index import human_bytes, set_nprobe, topk_matmul
 from pipeline.index import INDEX_FILE, index_manifest, read_embeddings, require_cuda
-from pipeline.layout import retrieve_schema, shard_file
+from pipeline.layout import retrieve_schema, shard_file, shard_out
 
 STAGE = "retrieve"
 STAGE_VERSION = "1"
@@ -253,9 +253,9 @@ def _embed_parquet_out(cache: Path, shard: int, manifest: dict[str, Any]) -> dic
         raise ConfigError(
             f"--cache {cache}: embed shard {shard} is not intact ({reason}); rerun `pipeline embed`"
         )
-    for out in manifest["outs"]:
-        if out["path"].endswith(".parquet"):
-            return out
+    out = shard_out(manifest)
+    if out is not None:
+        return out
     raise ConfigError(f"--cache {cache}: embed shard {shard} has no Parquet sidecar; rerun `pipeline embed`")
 
 

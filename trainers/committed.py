@@ -62,10 +62,6 @@ class PartialCache(ConfigError):
         )
 
 
-def shard_out(manifest: dict[str, Any], suffix: str) -> dict[str, Any] | None:
-    return next((o for o in manifest.get("outs", []) if o["path"].endswith(suffix)), None)
-
-
 def open_committed(cache: Path, out: dict[str, Any]) -> int | None:
     """An fd on the committed file, or None when it is missing or its size differs from the manifest's
     (a shard being rewritten). Reading through the fd keeps this version even if the path is replaced."""

@@ -29,7 +29,8 @@ from manifests import digest_json, list_manifests, write_bytes_atomic
 from pipeline.dag import command as stage_command
 from pipeline.errors import ConfigError
 from pipeline.features import fixed_rows, padded_lists, usable_rows
-from trainers.committed import PartialCache, read_parquet_committed, shard_out
+from pipeline.layout import shard_out
+from trainers.committed import PartialCache, read_parquet_committed
 from trainers.embed_rows import EmbedRows
 
 if TYPE_CHECKING:

@@ -22,13 +22,13 @@ from manifests import digest_json, list_manifests
 from manifests.errors import damaged
 from pipeline.errors import ConfigError
 from pipeline.features import fixed_rows
+from pipeline.layout import shard_out
 from trainers.committed import (
     PartialCache,
     _describe,
     open_committed,
     raise_fd_limit,
     read_parquet_committed,
-    shard_out,
 )
 from trainers.tar_images import TarImages, index_tar
 

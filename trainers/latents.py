@@ -226,7 +226,8 @@ def load_latent_cache(cache: Path | str, vae_checkpoint: Path | str) -> LatentCa
     import pyarrow as pa
 
     from manifests.errors import Unreadable
-    from trainers.committed import read_parquet_committed, shard_out
+    from pipeline.layout import shard_out
+    from trainers.committed import read_parquet_committed
 
     cache = Path(cache)
     digest = vae_digest(Path(vae_checkpoint))
