@@ -1,5 +1,5 @@
-"""Attribute precision: the one definition every stage and report uses on labelled data, and the labels
-interface behind it (`caption_objects`: what a caption states; `target_object`: what an image holds).
+"""Attribute precision: the one definition every stage and report uses on labelled data (`caption_objects`:
+what a caption states, read through pipeline/labels.py; `target_object`: what an image holds).
 
 How well does a caption state an image's object? `pipeline retrieve` (precision@1 and @k of the retrieved
 captions), `pipeline optimize` (the nearest real caption of h0 and of the output), `trainers compare
@@ -24,25 +24,23 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-ATTRIBUTES: tuple[str, ...] = ("shape", "colour", "size", "position")  # = pipeline.synth_grammar.ATTRIBUTES
+from pipeline.labels import attributes, chance, labels
+
+ATTRIBUTES: tuple[str, ...] = attributes()  # shape, colour, size, position in the synthetic world
 FIGURES: tuple[str, ...] = (*ATTRIBUTES, "object", "mean")
 DEFINITION = (
     "target = the image's first labelled object; compared caption object = the parsed object stating the "
     "most of its values (first mentioned on ties); an attribute the caption does not state is a miss, an "
     "unparsable caption misses all; 'object' = all four right; 'mean' = mean of the four attributes"
 )
-CHANCE = {"shape": 1 / 6, "colour": 1 / 6, "size": 1 / 2, "position": 1 / 5}
+CHANCE = chance()  # shape 1/6, colour 1/6, size 1/2, position 1/5 in the synthetic world
 
 Object = dict[str, str]
 
 
 def caption_objects(text: str) -> list[Object]:
-    """The objects a caption states, with the attribute values it names: the labels' reading of text.
-    The synthetic world is the implementation (its grammar, `pipeline.synth_grammar.parse_caption`); generic
-    stages go through here, so another labelled dataset plugs in by replacing these two functions."""
-    from pipeline.synth_grammar import parse_caption
-
-    return parse_caption(text)
+    """The objects a caption states, with the attribute values it names (pipeline.labels' reading)."""
+    return labels().parse(text)
 
 
 def target_object(labels: str | dict[str, Any] | None) -> Object | None:

@@ -4,7 +4,8 @@ Captions are templated with synonyms and varied word order, and `parse_caption` 
 exactly, so retrieval precision and attribute accuracy can be measured without a human in the loop. A few
 (colour, shape) pairs never appear in an image but do appear in the caption corpus (`HELD_OUT_PAIRS`).
 The renderer and the `pipeline synth` stage are in pipeline/synth.py; generic stages read captions
-through the labels interface (pipeline/attribute_precision.py), not through this module.
+through the labels interface (pipeline/labels.py, implemented by pipeline/synth_labels.py), not through
+this module.
 """
 
 from __future__ import annotations

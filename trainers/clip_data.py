@@ -85,20 +85,22 @@ def jpeg_round_trip(image) -> Any:
 def contrast_group(seed: int, index: int, group: int, image_size: int, max_objects: int):
     """`group` (pixels uint8 [3, S, S], caption) pairs of one base scene whose first object takes `group`
     different shapes (its own first). Every shape may meet every colour here: a real CLIP has seen them."""
+    from pipeline.labels import labels
     from pipeline.synth import render_scene, sample_scene
-    from pipeline.synth_grammar import SHAPES, make_caption
+
+    shapes_all = labels().vocabulary["shape"]
 
     base = sample_scene(seed, index, max_objects)
     rng = random.Random(f"trainers/clip/group/{seed}/{index}")
     first = base.objects[0]["shape"]
-    shapes = [first, *rng.sample([s for s in SHAPES if s != first], group - 1)]
+    shapes = [first, *rng.sample([s for s in shapes_all if s != first], group - 1)]
     template_seed = rng.random()  # one caption template and wording for the whole group
     pairs = []
     for k, shape in enumerate(shapes):
         objects = [dict(o) for o in base.objects]
         objects[0]["shape"] = shape
         scene = dataclasses.replace(
-            base, objects=objects, caption=make_caption(objects, random.Random(template_seed))
+            base, objects=objects, caption=labels().caption(objects, random.Random(template_seed))
         )
         image = render_scene(scene, image_size, np.random.default_rng([seed, 2, index, k]))
         pairs.append((jpeg_round_trip(image), scene.caption))
@@ -109,10 +111,11 @@ def render_pairs(n: int, seed: int, image_size: int, group: int, max_objects: in
     """n fresh pretraining pairs (whole contrast groups, rounded up) at indices >= PRETRAIN_INDEX."""
     import torch
 
-    from pipeline.synth_grammar import SHAPES
+    from pipeline.labels import labels
 
-    if not 1 <= group <= len(SHAPES):
-        raise ConfigError(f"--contrast-group must be 1..{len(SHAPES)} (the number of shapes), not {group}")
+    n_shapes = len(labels().vocabulary["shape"])
+    if not 1 <= group <= n_shapes:
+        raise ConfigError(f"--contrast-group must be 1..{n_shapes} (the number of shapes), not {group}")
     pixels, captions = [], []
     for g in range(-(-n // group)):
         for image, caption in contrast_group(seed, PRETRAIN_INDEX + g, group, image_size, max_objects):

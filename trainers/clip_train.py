@@ -313,24 +313,20 @@ def class_prompts(attribute: str, value: str) -> list[str]:
     """Captions of every single-object combination with `attribute` = `value` (synth templates)."""
     from itertools import product
 
-    from pipeline.synth_grammar import COLOURS, POSITIONS, SHAPES, SIZES, make_caption
+    from pipeline.labels import labels
 
-    values = {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "position": POSITIONS}
+    values = labels().vocabulary
     rng = random.Random(f"trainers/clip/prompts/{attribute}/{value}")
     prompts = []
     for combo in product(*(values[a] if a != attribute else (value,) for a in values)):
-        prompts.append(make_caption([dict(zip(values, combo, strict=True))], rng))
+        prompts.append(labels().caption([dict(zip(values, combo, strict=True))], rng))
     return prompts
 
 
 def single_prompt(attribute: str, value: str) -> str:
-    from pipeline.synth_grammar import SYNONYMS
+    from pipeline.labels import labels
 
-    if attribute == "shape":
-        return f"a {value}"
-    if attribute == "position":
-        return f"an object {SYNONYMS['position'][value][0]}"
-    return f"a {value} object"
+    return labels().phrase(attribute, value)
 
 
 def encode_text_batched(model, tokenizer, texts: list[str], device, batch: int = 512):
@@ -347,9 +343,9 @@ def zero_shot(model, tokenizer, mean, std, image_size: int, n: int, seed: int, d
     """Zero-shot accuracy per attribute on n held-out one-object images (see the module docstring)."""
     import torch
 
-    from pipeline.synth_grammar import COLOURS, POSITIONS, SHAPES, SIZES
+    from pipeline.labels import labels as world_labels
 
-    values = {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "position": POSITIONS}
+    values = world_labels().vocabulary
     pixels, labels = held_out_images(n, seed, image_size)
     img = torch.cat(
         [
@@ -388,9 +384,10 @@ def zero_shot_slots(model, tokenizer, mean, std, image_size: int, n: int, seed: 
     the CLIP binds each attribute to the right object, which class prompts cannot."""
     import torch
 
-    from pipeline.synth_grammar import COLOURS, POSITIONS, SHAPES, SIZES, make_caption
+    from pipeline.labels import labels as world_labels
 
-    values = {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "position": POSITIONS}
+    world = world_labels()
+    values = world.vocabulary
     pixels, labels = held_out_images(n, seed, image_size, max_objects=2)
     keep = [i for i, lab in enumerate(labels) if len(lab["objects"]) == 2]
     if not keep:
@@ -412,7 +409,7 @@ def zero_shot_slots(model, tokenizer, mean, std, image_size: int, n: int, seed: 
                 for value in names:
                     swapped = [dict(o) for o in objects]
                     swapped[slot][attribute] = value
-                    texts.append(make_caption(swapped, random.Random(f"trainers/clip/slots/{i}")))
+                    texts.append(world.caption(swapped, random.Random(f"trainers/clip/slots/{i}")))
             txt = encode_text_batched(model, tokenizer, texts, device).view(len(keep), len(names), -1)
             pred = torch.einsum("md,mcd->mc", img, txt).argmax(dim=1).cpu()
             accuracy[f"object_{slot + 1}"][attribute] = round(

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from manifests import write_bytes_atomic, write_json_atomic
+from pipeline.attribute_precision import ATTRIBUTES  # what the probe reads, in table order
 from pipeline.errors import ConfigError
 from trainers.compare_fewshot import FIGURE, fewshot_lines, fewshot_summary, plot_fewshot
 
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     from trainers.compare import CompareConfig, CompareResult
     from trainers.compare_units import Unit
 
-ATTRIBUTES = ("shape", "colour", "size", "position")  # what the probe reads, in table order
 SCORES = (*ATTRIBUTES, "count", "all")  # trainers.probe.score_objects: all = every named attribute right
 SPLITS = {  # results column prefix -> eval.json field
     "acc": "attribute_accuracy",

@@ -98,24 +98,22 @@ class EvalConfig:
 def synthetic_prompts(n: int, seed: int, max_objects: int = 2) -> list[str]:
     """n synthetic-world captions: one single-object prompt per held-out pair, then 1..max_objects object
     captions over every colour-shape pair (held-out ones included), from a random stream of their own."""
-    from pipeline.synth_grammar import (
-        COLOURS,
-        HELD_OUT_PAIRS,
-        POSITIONS,
-        SHAPES,
-        SIZES,
-        make_caption,
-        sample_objects,
-    )
+    from pipeline.labels import labels
 
+    world = labels()
     rng = random.Random(f"trainers/eval/prompts/{seed}")
     prompts = []
-    for colour, shape in HELD_OUT_PAIRS:
-        obj = {"shape": shape, "colour": colour, "size": rng.choice(SIZES), "position": rng.choice(POSITIONS)}
-        prompts.append(make_caption([obj], rng))
-    all_pairs = [(c, s) for c in COLOURS for s in SHAPES]
+    for colour, shape in world.held_out_pairs:
+        obj = {
+            "shape": shape,
+            "colour": colour,
+            "size": rng.choice(world.vocabulary["size"]),
+            "position": rng.choice(world.vocabulary["position"]),
+        }
+        prompts.append(world.caption([obj], rng))
+    all_pairs = [(c, s) for c in world.vocabulary["colour"] for s in world.vocabulary["shape"]]
     while len(prompts) < n:
-        prompts.append(make_caption(sample_objects(rng, max_objects, pairs=all_pairs), rng))
+        prompts.append(world.caption(world.sample_objects(rng, max_objects, pairs=all_pairs), rng))
     return prompts[:n]
 
 
@@ -141,9 +139,9 @@ def read_prompts(path: Path) -> list[str]:
 
 
 def names_held_out_pair(objects: list[dict[str, str]]) -> bool:
-    from pipeline.synth_grammar import HELD_OUT_PAIRS
+    from pipeline.labels import labels
 
-    return any((o.get("colour"), o.get("shape")) in HELD_OUT_PAIRS for o in objects)
+    return any((o.get("colour"), o.get("shape")) in labels().held_out_pairs for o in objects)
 
 
 # ---------------------------------------------------------------------------------------------------------

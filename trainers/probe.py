@@ -40,9 +40,9 @@ SLOT_ATTRIBUTES = ("shape", "colour", "size")
 
 
 def vocabulary() -> dict[str, tuple[str, ...]]:
-    from pipeline.synth_grammar import COLOURS, POSITIONS, SHAPES, SIZES
+    from pipeline.labels import labels
 
-    return {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "position": POSITIONS}
+    return labels().vocabulary
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from pipeline.paths import absolute
 RUN_DIR_RE = re.compile(r"^(\d{3,})-")
 
 # Default sample-grid prompts: synthetic-world captions, one with a colour/shape pair no image has
-# (blue star, see pipeline.synth_grammar.HELD_OUT_PAIRS) to watch compositional generalisation.
+# (blue star, see pipeline.labels: held_out_pairs) to watch compositional generalisation.
 DEFAULT_PROMPTS: tuple[str, ...] = (
     "a large red circle in the centre",
     "a small blue square on the left",
