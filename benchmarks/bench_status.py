@@ -52,6 +52,7 @@ def build(root: Path, shards: int, payload: int = 0) -> None:
     Each of the three outputs per shard holds `payload` random bytes (default: its own name)."""
     from manifests import commit_manifest, digest_file_content, stat_out, write_bytes_atomic, write_stats
     from pipeline.embed import EmbedConfig, plan_embed
+    from pipeline.layout import shard_file
     from pipeline.optimize import OptimizeConfig, plan_optimize
 
     (root / "inputs").mkdir(parents=True)
@@ -69,7 +70,7 @@ def build(root: Path, shards: int, payload: int = 0) -> None:
     for task in plan_embed(embed).tasks:
         outs = []
         for ext in ("tar", "parquet"):
-            rel = f"embed/{task.spec.shard:05d}.{ext}"
+            rel = shard_file("embed", task.spec.shard, ext)
             size, digest = write_bytes_atomic(cache / rel, os.urandom(payload) if payload else rel.encode())
             outs.append(stat_out(cache, rel, size, digest, 1))
         write_stats(cache, "embed", task.spec.shard, {"written": 1, "dropped": {}})
@@ -77,7 +78,7 @@ def build(root: Path, shards: int, payload: int = 0) -> None:
         extra = {"rows": 1, "dim": 64, "dropped": {}, "input_content": content}
         commit_manifest(cache, task.spec, outs, {}, extra=extra)
     for task in plan_optimize(OptimizeConfig(cache=cache, method="perturb")).tasks:
-        rel = f"optimize/{task.spec.shard:05d}.parquet"
+        rel = shard_file("optimize", task.spec.shard)
         size, digest = write_bytes_atomic(cache / rel, os.urandom(payload) if payload else rel.encode())
         commit_manifest(cache, task.spec, [stat_out(cache, rel, size, digest, 1)], {}, extra={"rows": 1})
 

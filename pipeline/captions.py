@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,13 +52,12 @@ from manifests import (
 )
 from pipeline.corpus import corpus_files, read_corpus
 from pipeline.errors import ConfigError
+from pipeline.executor import Progress  # (items just finished, reasons of those dropped)
 from pipeline.layout import captions_schema, shard_file
 
 STAGE = "captions"
 STAGE_VERSION = "1"
-CORPUS_FILE = "_corpus.json"  # what the last run read: files, counts by reason (informational, not keyed)
-
-Progress = Callable[[int, list[str]], None]  # (captions just finished, drop reasons of those)
+CORPUS_FILE = f"{STAGE}/_corpus.json"  # what the last run read: files, counts by reason (not keyed)
 
 
 @dataclass(frozen=True)
@@ -417,7 +415,7 @@ def run_captions(
     encoded = sum(m["encoded"] for m in run.manifests)
     truncated = sum(m["truncated"] for m in run.manifests)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(stage_dir / CORPUS_FILE, plan.corpus)
+    write_json_atomic(Path(config.cache) / CORPUS_FILE, plan.corpus)
     return CaptionsResult(
         shards_total=plan.n_shards,
         shards_run=[t.spec.shard for t in plan.tasks],

@@ -301,7 +301,7 @@ def run(
     change requires. Two runs on one cache never write at once: the second waits (--wait) or stops.
     """
     from manifests import verifying_outputs
-    from pipeline.run import RunConfig, run_pipeline, stage_configs
+    from pipeline.run import RunConfig, report_lines, run_pipeline, stage_configs
     from pipeline.status import pipeline_status, render_status
 
     sections = _sections(ctx)
@@ -312,32 +312,11 @@ def run(
     configs = stage_configs(sections, cache, run_config.force, verify=verify, repair=repair)
     if dry_run:
         with verifying_outputs(verify):
-            stages = pipeline_status(
-                cache, configs.embed, configs.retrieve, configs.optimize, configs.variants
-            )
+            stages = pipeline_status(cache, configs)
         typer.echo(render_status(stages))
         return
-    results = run_pipeline(configs, run_config, progress_bar)
-    if "embed" in results:
-        r = results["embed"]
-        typer.echo(
-            f"embed: {len(r.shards_run)} shard(s) made, {len(r.shards_up_to_date)} up to date; "
-            f"{r.images_written:,} images written, {describe_drops(r.dropped)}"
-        )
-        from pipeline.embed import describe_dropped_sources
-
-        for line in describe_dropped_sources(r, cache):
-            typer.echo(line)
-    if "retrieve" in results:
-        for line in results["retrieve"].summary_lines():
-            typer.echo(line)
-    for optimize in configs.optimizers():
-        if optimize.stage in results:
-            r = results[optimize.stage]
-            typer.echo(
-                f"{optimize.stage}: {len(r.shards_run)} shard(s) made, {len(r.shards_up_to_date)} up to "
-                f"date; {r.images_written:,} pseudo text features written"
-            )
+    for line in report_lines(configs, run_pipeline(configs, run_config, progress_bar)):
+        typer.echo(line)
 
 
 @app.command()
@@ -369,11 +348,7 @@ def status(
         stage_configs(sections, cache, verify=verify) if sections.get("embed", {}).get("inputs") else None
     )
     with verifying_outputs(verify):
-        stages = (
-            pipeline_status(cache, configs.embed, configs.retrieve, configs.optimize, configs.variants)
-            if configs
-            else pipeline_status(cache)
-        )
+        stages = pipeline_status(cache, configs)
     if as_json:
         typer.echo(json.dumps([s.to_dict() for s in stages], indent=1))
     else:

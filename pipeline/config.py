@@ -21,8 +21,14 @@ from typing import Any
 from pipeline.errors import ConfigError
 
 DEFAULT_CONFIG = Path("pipeline.toml")
-STAGE_SECTIONS = ("embed", "retrieve", "optimize", "run")
 SKIPPED_OPTIONS = {"help", "dry_run", "config"}  # per-invocation flags, not project settings
+
+
+def stage_sections() -> tuple[str, ...]:
+    """The sections pipeline.toml may have: one per stage (pipeline.dag), and [run]."""
+    from pipeline.dag import stage_names
+
+    return (*stage_names(), "run")
 
 
 def _toml():
@@ -110,8 +116,8 @@ def default_map(
     top = {k.replace("-", "_"): v for k, v in raw.items() if not isinstance(v, dict)}
     sections = {k: v for k, v in raw.items() if isinstance(v, dict)}
     for name in sections:
-        if name not in STAGE_SECTIONS:
-            raise ConfigError(f"{source}: unknown section [{name}] (sections: {', '.join(STAGE_SECTIONS)})")
+        if name not in stage_sections():
+            raise ConfigError(f"{source}: unknown section [{name}] (sections: {', '.join(stage_sections())})")
     known_top = {"cache"}
     for key in top:
         if key not in known_top:
@@ -164,7 +170,7 @@ def render_default_config(commands: dict[str, Callable]) -> str:
         "",
         'cache = "cache"',
     ]
-    for name in STAGE_SECTIONS:
+    for name in stage_sections():
         command = commands.get(name)
         if command is None:
             continue
@@ -190,3 +196,13 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return json.dumps(str(value))
+
+
+def config_from_section(cls, section: dict[str, Any], **overrides):
+    """A stage config from its pipeline.toml section (keys are the CLI option names = config fields)."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(cls)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in section.items() if k in names}
+    values.update(overrides)
+    return cls(**values)

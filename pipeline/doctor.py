@@ -302,11 +302,7 @@ def cache_checks(cache: Path, sections: dict[str, dict]) -> list[Check]:
 
     try:
         configs = stage_configs(sections, cache) if sections.get("embed", {}).get("inputs") else None
-        stages = (
-            pipeline_status(cache, configs.embed, configs.retrieve, configs.optimize, configs.variants)
-            if configs
-            else pipeline_status(cache)
-        )
+        stages = pipeline_status(cache, configs)
     except (ConfigError, CacheFault) as e:
         return [Check("cache", str(e), WARN)]
     return [

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +32,7 @@ from manifests import (
     write_stats,
 )
 from pipeline.errors import ConfigError
+from pipeline.executor import Progress  # (items just finished, reasons of those dropped)
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.paths import recorded_path, resolve_recorded
 from pipeline.sources import Unit, check_key_prefix, expand_inputs, key_prefix, unit_keys
@@ -46,8 +46,6 @@ PLAN_FILE = "_plan.json"
 DROPPED_SOURCES = 100  # dropped inputs named per reason in a shard's stats
 DROPPED_EXAMPLES = 3  # ... in its manifest, and printed at the end of a run
 IMAGE_FORMATS = ("jpg", "png", "webp")
-
-Progress = Callable[[int, list[str]], None]  # (samples just finished, reasons of those dropped)
 
 
 @dataclass(frozen=True)
@@ -377,6 +375,37 @@ def run_embed(config: EmbedConfig, progress: Progress | None = None, executor=No
         seconds=time.perf_counter() - t0,
         summary={"dropped_examples": dict(sorted(examples.items()))},
     )
+
+
+# The stage protocol (pipeline/dag.py): what `pipeline run` calls.
+
+
+def configure(sections: dict, cache: Path, *, force: bool, verify: bool, repair: bool) -> tuple[EmbedConfig]:
+    from pipeline.config import config_from_section
+
+    config = config_from_section(
+        EmbedConfig, sections.get("embed", {}), cache=cache, force=force, verify=verify, repair=repair
+    )
+    if not config.inputs:
+        raise ConfigError(
+            "pipeline.toml: [embed] inputs is empty; list the image folders, tars or Parquet files"
+        )
+    return (config,)
+
+
+def run_stage(config: EmbedConfig, executor, progress_factory) -> StageResult:
+    with progress_factory("embed", total=None, unit="img") as advance:
+        return run_embed(config, advance, executor)
+
+
+def report(result: StageResult, config: EmbedConfig) -> list[str]:
+    from pipeline.progress import describe_drops
+
+    return [
+        f"embed: {len(result.shards_run)} shard(s) made, {len(result.shards_up_to_date)} up to date; "
+        f"{result.images_written:,} images written, {describe_drops(result.dropped)}",
+        *describe_dropped_sources(result, config.cache),
+    ]
 
 
 def describe_dropped_sources(result: StageResult, cache: Path) -> list[str]:

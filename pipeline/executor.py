@@ -15,7 +15,10 @@ from typing import Any
 from manifests.errors import DiskFull, with_space_needed
 from pipeline.errors import ConfigError
 
+# The one progress protocol: a stage's tasks call `Progress` as they go; a stage that opens its own bars
+# (one per step: retrieve) takes a `ProgressFactory`, `pipeline.progress.progress_bar`'s shape.
 Progress = Callable[[int, list[str]], None]  # (items just finished, reasons of those dropped)
+ProgressFactory = Callable[..., Any]  # (description, total, unit) -> a context manager yielding a Progress
 Count = Callable[[dict], tuple[int, list[str]]]  # what a finished shard's manifest adds to a progress bar
 
 

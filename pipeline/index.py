@@ -25,7 +25,6 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from manifests import (
     write_bytes_atomic,
 )
 from pipeline.errors import ConfigError
+from pipeline.executor import ProgressFactory
 from pipeline.faiss_index import (
     AUTO,
     GPU_FLAT,
@@ -69,9 +69,6 @@ STAGE_VERSION = "1"
 SHARD = 0  # a single task
 INDEX_FILE = f"{STAGE}/captions.faiss"
 INFO_FILE = f"{STAGE}/index.json"
-
-# (description, total, unit) -> a context manager yielding advance(n, drop_reasons): `progress_bar`'s shape
-ProgressFactory = Callable[..., Any]
 
 
 @dataclass(frozen=True)

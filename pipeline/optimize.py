@@ -2,7 +2,8 @@
 
 Pure core: `plan_optimize(config)` decides which shards must be (re)made and why; `optimize_shard(task)`
 makes one shard and returns its manifest; `run_optimize` does both, in-process or on a Dask executor.
-The maths lives in `pipeline/optimize_methods.py`, the reading of inputs in `pipeline/optimize_inputs.py`.
+The maths lives in `pipeline/optimize_methods.py`, the reading of inputs in `pipeline/optimize_inputs.py`,
+the config (methods, defaults, what is keyed, variants) in `pipeline/optimize_config.py`.
 Shard i reads `embed/{i:05d}.parquet` (image features, keys, labels) and, for `retrieve` and `optimize`,
 `retrieve/{i:05d}.parquet` (neighbour caption ids and similarities) plus the caption features of every
 `captions/{j:05d}.parquet`, loaded once per process.
@@ -16,10 +17,8 @@ and with the stored output: the starting point is h0, the retrieve mix, for `opt
 
 from __future__ import annotations
 
-import re
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,155 +38,19 @@ from manifests import (
     write_stats,
 )
 from pipeline.errors import ConfigError
+from pipeline.executor import Progress
 from pipeline.layout import optimize_schema, shard_file, shard_out
+from pipeline.optimize_config import (
+    STAGE,
+    STAGE_VERSION,
+    OptimizeConfig,
+)
 from pipeline.optimize_inputs import CaptionBank, cached_caption_bank, read_shard_rows
 
 if TYPE_CHECKING:
     from pipeline.executor import StageResult
-    from pipeline.optimize_methods import Hyper
 
-METHODS = ("optimize", "retrieve", "perturb")
-PARAMETRISATIONS = ("weights", "residual")
-
-STAGE = "optimize"
-STAGE_VERSION = "1"
-BACKENDS = ("auto", "triton", "torch")
-PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
-# Default Adam learning rates. Adam moves every coordinate by about lr per step, whatever the gradient's
-# scale. `weights`: the k mixing logits start at sim / tau_r, a few units apart, and 0.1 lets 20 steps
-# re-rank the neighbours (in-batch top-1 0.29 -> 0.48 on the structured D=512 world of the tuning run;
-# 0.3 reaches 0.48 too, 0.03 only 0.38). `residual`: delta has D coordinates of size ~1/sqrt(D), so a
-# fixed lr means a D-dependent step; lr = 0.05 / sqrt(D) bounds each step's move of h0 + delta to ~0.05
-# in norm (0.0022 at D=512). Twice that pulled h across half the modality gap towards the images in 20
-# steps (its text-side component 0.67 -> 0.43) for no gain in top-1 (1.0 either way on that world).
-WEIGHTS_LR = 0.1
-RESIDUAL_STEP_NORM = 0.05
 NOISE_STREAM, SHUFFLE_STREAM = 0, 1  # numpy stream ids under (seed, shard)
-
-Progress = Callable[[int, list[str]], None]  # (images just finished, reasons of those dropped)
-
-
-VARIANT_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
-VARIANT_DIR_RE = re.compile(rf"^{STAGE}(-[A-Za-z0-9_]{{1,64}})?$")
-
-
-def variant_stage(variant: str) -> str:
-    """`optimize` for the default variant (the layout caches always had), `optimize-{variant}` else."""
-    return f"{STAGE}-{variant}" if variant else STAGE
-
-
-def check_variant(variant: str) -> None:
-    if variant and not VARIANT_RE.match(variant):
-        raise ConfigError(f"--variant {variant}: use letters, digits and _ only (at most 64)")
-
-
-def committed_variants(cache: Path) -> list[str]:
-    """The variants a cache holds shards of: '' (the default) and every `optimize-{name}/`."""
-    names = {p.parent.name for p in Path(cache).glob(f"{STAGE}*/_manifests")}
-    return sorted(n.removeprefix(f"{STAGE}-") if n != STAGE else "" for n in names if VARIANT_DIR_RE.match(n))
-
-
-@dataclass(frozen=True)
-class OptimizeConfig:
-    cache: Path = Path("cache")  # the feature cache directory
-    method: str = "optimize"  # optimize | retrieve | perturb
-    param: str = "weights"  # optimize: learn mixing logits over the k neighbours, or a residual offset
-    xi: float = 3.0  # perturb: noise scale relative to |f| (LAFITE's code default)
-    tau_r: float = 0.05  # retrieve/optimize: softmax temperature over the k neighbour similarities
-    tau: float = 0.07  # optimize: InfoNCE temperature
-    proximity: float = 1.0  # optimize: weight of mean |h - h0|^2 (one unit ~ one nat of InfoNCE)
-    steps: int = 20  # optimize: Adam steps per batch (0 gives the retrieve result)
-    lr: float | None = None  # optimize: Adam learning rate; None: 0.1 (weights), 0.05 / sqrt(D) (residual)
-    batch_size: int = 65_536  # optimize: images per batch, clamped to the shard (keyed: the negatives)
-    seed: int = 0  # perturb noise and the batch shuffle, per (seed, shard)
-    backend: str = "auto"  # contrastive kernel: auto | triton | torch (not keyed: same maths)
-    precision: str = "auto"  # loss kernel inputs: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (not keyed)
-    device: str = "auto"  # "auto" (CUDA if present), "cpu", "cuda", "cuda:1" (not keyed)
-    verify: bool = False  # re-hash this stage's outputs instead of trusting size + mtime
-    force: bool = False  # remake every shard even when up to date
-    variant: str = ""  # a named variant beside the default: its own shards in optimize-{variant}/
-
-    @property
-    def stage(self) -> str:
-        """The stage (and folder) this variant's shards and manifests live in."""
-        return variant_stage(self.variant)
-
-    def validate(self) -> None:
-        check_variant(self.variant)
-        if self.method not in METHODS:
-            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
-        if self.param not in PARAMETRISATIONS:
-            raise ConfigError(f"--param must be one of {', '.join(PARAMETRISATIONS)}, not {self.param!r}")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
-        for flag, value in (("--xi", self.xi), ("--proximity", self.proximity)):
-            if not np.isfinite(value) or value < 0:
-                raise ConfigError(f"{flag} must be a finite number >= 0")
-        for flag, value in (("--tau-r", self.tau_r), ("--tau", self.tau), ("--lr", self.lr)):
-            if value is not None and (not np.isfinite(value) or value <= 0):
-                raise ConfigError(f"{flag} must be a finite number > 0")
-        if self.steps < 0:
-            raise ConfigError("--steps must be 0 (keep the retrieve result) or more")
-        if self.batch_size < 1:
-            raise ConfigError("--batch-size must be at least 1")
-        if self.precision not in ("auto", *PRECISIONS):
-            raise ConfigError(f"--precision must be auto, fp32 or bf16, not {self.precision!r}")
-        if self.backend == "triton" and self.device == "cpu":
-            raise ConfigError("--backend triton needs a CUDA device; use --backend torch (or auto) on CPU")
-
-    @property
-    def needs_neighbours(self) -> bool:
-        return self.method != "perturb"
-
-    def learning_rate(self, dim: int) -> float:
-        if self.lr is not None:
-            return self.lr
-        return WEIGHTS_LR if self.param == "weights" else round(RESIDUAL_STEP_NORM / dim**0.5, 8)
-
-    def loss_dtype(self, device) -> str:
-        if self.precision == "auto":
-            return "bfloat16" if device.type == "cuda" else "float32"
-        return PRECISIONS[self.precision]
-
-    def hyper(self, dim: int, device) -> Hyper:
-        from pipeline.optimize_methods import Hyper  # torch: imported only when computing
-
-        return Hyper(
-            method=self.method,
-            param=self.param,
-            xi=self.xi,
-            tau_r=self.tau_r,
-            tau=self.tau,
-            proximity=self.proximity,
-            steps=self.steps,
-            lr=self.learning_rate(dim),
-            backend=self.backend,
-            loss_dtype=self.loss_dtype(device),
-        )
-
-    def keyed_params(self, dim: int, shard_rows: int | None = None) -> dict[str, Any]:
-        """Only what changes this method's output: `--tau` does not stale `retrieve` shards, and the batch
-        size is keyed as clamped to the shard (`shard_rows`): any B >= n gives the same single batch."""
-        if self.method == "perturb":
-            return {"method": "perturb", "xi": self.xi, "seed": self.seed}
-        if self.method == "retrieve":
-            return {"method": "retrieve", "tau_r": self.tau_r}
-        return {
-            "method": "optimize",
-            "param": self.param,
-            "tau_r": self.tau_r,
-            "tau": self.tau,
-            "proximity": self.proximity,
-            "steps": self.steps,
-            "lr": self.learning_rate(dim),  # resolved, so `--lr` equal to the default stales nothing
-            "batch_size": min(self.batch_size, shard_rows or self.batch_size),  # batches are the negatives
-            "seed": self.seed,  # the batch shuffle
-        }
-
-    def unkeyed_params(self) -> dict[str, Any]:
-        # Like embed's device (bf16 autocast on CUDA, fp32 on CPU): these change rounding, not the maths,
-        # and keying them would remake the cache whenever a shard lands on another kind of machine.
-        return {"device": self.device, "backend": self.backend, "precision": self.precision}
 
 
 @dataclass(frozen=True)
@@ -481,6 +344,44 @@ def run_optimize(config: OptimizeConfig, progress: Progress | None = None, execu
         seconds=time.perf_counter() - t0,
         summary=stage_summary(config.cache, shards, config.stage),
     )
+
+
+# The stage protocol (pipeline/dag.py): what `pipeline run` calls.
+
+
+def configure(sections: dict, cache: Path, *, force: bool, verify: bool, repair: bool) -> tuple:
+    """The default config, then one per [optimize.variants.NAME]; a method that needs neighbours without a
+    caption corpus in [retrieve] is refused."""
+    from pipeline.config import config_from_section
+
+    section = dict(sections.get("optimize", {}))
+    declared = section.pop("variants", {})
+    configs = []
+    for name, table in {"": {}, **declared}.items():
+        config = config_from_section(
+            OptimizeConfig, {**section, **table}, cache=cache, force=force, verify=verify, variant=name
+        )
+        config.validate()
+        if config.needs_neighbours and not sections.get("retrieve", {}).get("captions"):
+            where = f"[optimize.variants.{name}]" if name else "[optimize]"
+            raise ConfigError(
+                f"pipeline.toml: [retrieve] captions is empty, but {where} method {config.method!r} needs "
+                'retrieved captions; list a caption corpus, or set method = "perturb"'
+            )
+        configs.append(config)
+    return tuple(configs)
+
+
+def run_stage(config: OptimizeConfig, executor, progress_factory) -> StageResult:
+    with progress_factory(config.stage, total=None, unit="img") as advance:
+        return run_optimize(config, advance, executor)
+
+
+def report(result: StageResult, config: OptimizeConfig) -> list[str]:
+    return [
+        f"{config.stage}: {len(result.shards_run)} shard(s) made, {len(result.shards_up_to_date)} up to "
+        f"date; {result.images_written:,} pseudo text features written"
+    ]
 
 
 def describe_plan(config: OptimizeConfig, plan: OptimizePlan) -> dict[str, Any]:

@@ -36,18 +36,18 @@ from pipeline.attribute_precision import (
 )
 from pipeline.captions import CaptionsConfig, caption_shard_outputs, plan_captions, run_captions
 from pipeline.errors import ConfigError
+from pipeline.executor import ProgressFactory
 from pipeline.faiss_index import describe_choice
 from pipeline.index import (
     AUTO,
     GPU_FLAT,
     IndexConfig,
-    ProgressFactory,
     index_manifest,
     parse_size,
     plan_index,
     run_index,
 )
-from pipeline.progress import null_progress
+from pipeline.progress import describe_drops, null_progress
 from pipeline.search import STAGE, SearchConfig, plan_search, search_shard
 
 
@@ -158,18 +158,12 @@ class RetrieveResult:
         return [
             f"captions: {len(cap.shards_run)} shard(s) made ({cap.encoded:,} encoded, {cap.truncated:,} "
             f"truncated), {len(cap.shards_up_to_date)} up to date; {cap.n_captions:,} unique captions from "
-            f"{cap.corpus['records']:,} records, {_describe_drops(cap.corpus['dropped'])}",
+            f"{cap.corpus['records']:,} records, {describe_drops(cap.corpus['dropped'])}",
             f"index: {info['factory']} ({info['search']}) {'built' if self.index.built else 'up to date'}, "
             f"{info['n_vectors']:,} vectors, {recall}",
             f"retrieve: {len(self.shards_run)} shard(s) made, {len(self.shards_up_to_date)} up to date; "
             f"{self.images_searched:,} images searched{precision}; {self.seconds:.1f} s",
         ]
-
-
-def _describe_drops(dropped: dict[str, int]) -> str:
-    from pipeline.progress import describe_drops
-
-    return describe_drops(dropped)
 
 
 def _check_k(config: RetrieveConfig, n_captions: int) -> None:
@@ -220,6 +214,27 @@ def run_retrieve(
 
 def _bar(progress: ProgressFactory, description: str, total: int, unit: str, tasks: list):
     return progress(description, total=total, unit=unit) if tasks else null_progress()
+
+
+# The stage protocol (pipeline/dag.py): what `pipeline run` calls.
+
+
+def configure(sections: dict, cache: Path, *, force: bool, verify: bool, repair: bool) -> tuple:
+    """() when [retrieve] lists no caption corpus: the stage is not configured."""
+    section = dict(sections.get("retrieve", {}))
+    if not section.get("captions"):
+        return ()
+    section.pop("dry_run", None)
+    section.update(cache=cache, force=force, captions=tuple(section["captions"]))
+    return (RetrieveConfig.from_options(**section),)
+
+
+def run_stage(config: RetrieveConfig, executor, progress_factory) -> RetrieveResult:
+    return run_retrieve(config, progress_factory, executor)
+
+
+def report(result: RetrieveResult, config: RetrieveConfig) -> list[str]:
+    return result.summary_lines()
 
 
 def describe_retrieve(config: RetrieveConfig) -> dict[str, Any]:

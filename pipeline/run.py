@@ -7,11 +7,11 @@ one that came out byte-identical stops the cascade. The whole run holds the cach
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.dag import STAGES
+from pipeline import dag
 from pipeline.errors import ConfigError
 
 
@@ -27,36 +27,29 @@ class RunConfig:
     verify: bool = False  # re-hash every input and output instead of trusting size + mtime; remake damage
 
     def validate(self) -> None:
-        if self.until not in STAGES:
-            raise ConfigError(f"--until must be one of {', '.join(STAGES)}")
-        for stage in self.force:
-            if stage not in STAGES:
-                raise ConfigError(f"--force {stage}: not a stage (stages: {', '.join(STAGES)})")
+        stages = dag.stage_names()
+        if self.until not in stages:
+            raise ConfigError(f"--until must be one of {', '.join(stages)}")
+        for name in self.force:
+            if name not in stages:
+                raise ConfigError(f"--force {name}: not a stage (stages: {', '.join(stages)})")
         if self.executor not in ("local", "dask"):
             raise ConfigError("--executor must be local or dask")
 
     def stages(self) -> tuple[str, ...]:
-        return STAGES[: STAGES.index(self.until) + 1]
-
-
-def config_from_section(cls, section: dict[str, Any], **overrides):
-    """A stage config from its pipeline.toml section (keys are the CLI option names = config fields)."""
-    names = {f.name for f in fields(cls)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in section.items() if k in names}
-    values.update(overrides)
-    return cls(**values)
+        stages = dag.stage_names()
+        return stages[: stages.index(self.until) + 1]
 
 
 @dataclass
 class StageConfigs:
-    embed: Any  # EmbedConfig
-    retrieve: Any | None  # RetrieveConfig; None when no caption corpus is configured
-    optimize: Any  # OptimizeConfig of the default variant
-    variants: tuple = ()  # OptimizeConfig of each [optimize.variants.NAME], made beside it
+    """Each stage's configs, by stage name, from pipeline.toml: () for a stage not configured (retrieve
+    without a caption corpus), several for optimize (the default, then each [optimize.variants.NAME])."""
 
-    def optimizers(self) -> tuple:
-        """Every optimize variant the config declares, the default first."""
-        return (self.optimize, *self.variants)
+    by_stage: dict[str, tuple]
+
+    def of(self, stage: str) -> tuple:
+        return self.by_stage.get(stage, ())
 
 
 def stage_configs(
@@ -67,97 +60,56 @@ def stage_configs(
     verify: bool = False,
     repair: bool = False,
 ) -> StageConfigs:
-    """Build every stage's config from the pipeline.toml sections, with one cache for all.
-
-    `verify` and `repair` are the run's: embed re-hashes its inputs, and rebuilds a damaged shard plan.
-    """
-    from pipeline.embed import EmbedConfig
-    from pipeline.optimize import OptimizeConfig
-    from pipeline.retrieve import RetrieveConfig
-
-    embed_section = sections.get("embed", {})
-    embed = config_from_section(
-        EmbedConfig, embed_section, cache=cache, force="embed" in force, verify=verify, repair=repair
-    )
-    if not embed.inputs:
-        raise ConfigError(
-            "pipeline.toml: [embed] inputs is empty; list the image folders, tars or Parquet files"
-        )
-    retrieve_section = dict(sections.get("retrieve", {}))
-    retrieve = None
-    if retrieve_section.get("captions"):
-        retrieve_section.pop("dry_run", None)
-        retrieve_section.update(cache=cache, force="retrieve" in force)
-        retrieve_section["captions"] = tuple(retrieve_section["captions"])
-        retrieve = RetrieveConfig.from_options(**retrieve_section)
-    section = dict(sections.get("optimize", {}))
-    declared = section.pop("variants", {})
-    optimizers = [
-        config_from_section(
-            OptimizeConfig,
-            {**section, **table},
-            cache=cache,
-            force="optimize" in force,
-            verify=verify,
-            variant=name,
-        )
-        for name, table in {"": {}, **declared}.items()
-    ]
-    for optimize in optimizers:
-        optimize.validate()
-        if retrieve is None and optimize.needs_neighbours:
-            where = f"[optimize.variants.{optimize.variant}]" if optimize.variant else "[optimize]"
-            raise ConfigError(
-                f"pipeline.toml: [retrieve] captions is empty, but {where} method {optimize.method!r} needs "
-                'retrieved captions; list a caption corpus, or set method = "perturb"'
+    """Every stage's configs from the pipeline.toml sections (each stage module's `configure`), with one
+    cache for all. `verify` and `repair` are the run's: embed re-hashes its inputs, and rebuilds a damaged
+    shard plan."""
+    return StageConfigs(
+        {
+            stage.name: tuple(
+                stage.implementation().configure(
+                    sections, cache, force=stage.name in force, verify=verify, repair=repair
+                )
             )
-    return StageConfigs(embed, retrieve, optimizers[0], tuple(optimizers[1:]))
+            for stage in dag.STAGE_LIST
+        }
+    )
 
 
 def run_pipeline(configs: StageConfigs, run: RunConfig, progress_factory=None) -> dict[str, Any]:
-    """Run the stages in order under the cache lock; returns each stage's result object."""
+    """Run the stages in order under the cache lock; returns each config's result by its stage directory
+    (`optimize-mix` for a variant)."""
     from manifests import verifying_outputs
     from manifests.lock import CacheLock
     from pipeline.executor import make_executor
+    from pipeline.progress import null_progress
 
     run.validate()
     results: dict[str, Any] = {}
     with CacheLock(run.cache, wait=run.wait), verifying_outputs(run.verify):
         executor = make_executor(run.executor, run.scheduler, run.workers)
         try:
-            for stage in run.stages():
-                if stage == "optimize":
-                    for optimize in configs.optimizers():
-                        results[optimize.stage] = _run_optimize(optimize, executor, progress_factory)
-                else:
-                    results[stage] = _run_stage(stage, configs, executor, progress_factory)
+            for name in run.stages():
+                module = dag.stage(name).implementation()
+                for config in configs.of(name):
+                    results[result_key(name, config)] = module.run_stage(
+                        config, executor, progress_factory or null_progress
+                    )
         finally:
             executor.close()
-    return {stage: result for stage, result in results.items() if result is not None}
+    return results
 
 
-def _run_stage(stage: str, configs: StageConfigs, executor, progress_factory):
-    if stage == "embed":
-        from pipeline.embed import run_embed
-
-        with _bar(progress_factory, "embed", "img") as advance:
-            return run_embed(configs.embed, advance, executor)
-    if configs.retrieve is None:
-        return None
-    from pipeline.progress import null_progress
-    from pipeline.retrieve import run_retrieve
-
-    return run_retrieve(configs.retrieve, progress_factory or null_progress, executor)
+def result_key(stage_name: str, config) -> str:
+    """Where a config's result is filed: its own stage directory (an optimize variant's), else the stage."""
+    return getattr(config, "stage", stage_name)
 
 
-def _run_optimize(config, executor, progress_factory):
-    from pipeline.optimize import run_optimize
-
-    with _bar(progress_factory, config.stage, "img") as advance:
-        return run_optimize(config, advance, executor)
-
-
-def _bar(progress_factory, description: str, unit: str):
-    from pipeline.progress import null_progress
-
-    return (progress_factory or null_progress)(description, total=None, unit=unit)
+def report_lines(configs: StageConfigs, results: dict[str, Any]) -> list[str]:
+    """What `pipeline run` prints: each stage module's `report` of each result, in DAG order."""
+    lines = []
+    for entry in dag.STAGE_LIST:
+        for config in configs.of(entry.name):
+            result = results.get(result_key(entry.name, config))
+            if result is not None:
+                lines += entry.implementation().report(result, config)
+    return lines

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,14 +34,13 @@ from manifests import (
 )
 from pipeline.attribute_precision import ATTRIBUTES, DEFINITION, attribute_precision, target_object
 from pipeline.errors import ConfigError
+from pipeline.executor import Progress  # (items just finished, reasons of those dropped)
 from pipeline.faiss_index import human_bytes, set_nprobe, topk_matmul
 from pipeline.index import INDEX_FILE, index_manifest, read_embeddings, require_cuda
 from pipeline.layout import retrieve_schema, shard_file, shard_out
 
 STAGE = "retrieve"
 STAGE_VERSION = "1"
-
-Progress = Callable[[int, list[str]], None]
 
 
 @dataclass(frozen=True)

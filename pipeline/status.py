@@ -15,7 +15,7 @@ from typing import Any
 from manifests import absent_reason, check_outputs, digest_input_file, list_manifests
 from manifests.errors import read_json
 from manifests.manifest import MANIFEST_DIR
-from pipeline.dag import STEP_NAMES
+from pipeline import dag
 from pipeline.errors import ConfigError
 
 
@@ -53,19 +53,23 @@ def _committed(cache: Path, stage: str) -> StageStatus:
     return status
 
 
-def embed_status(cache: Path, config) -> StageStatus:
+def embed_status(cache: Path, configs: tuple, upstream: dict) -> list[StageStatus]:
     from pipeline.embed import plan_embed
 
-    if config is None or not config.inputs:
+    if not configs or not configs[0].inputs:
         status = _committed(cache, "embed")
         status.note = "inputs not configured: new or changed images cannot be seen"
-        return status
-    plan = plan_embed(config, write_plan=False)
-    return StageStatus("embed", list(plan.up_to_date), {t.spec.shard: t.reason for t in plan.tasks})
+        return [status]
+    plan = plan_embed(configs[0], write_plan=False)
+    return [StageStatus("embed", list(plan.up_to_date), {t.spec.shard: t.reason for t in plan.tasks})]
 
 
-def captions_status(cache: Path, config) -> StageStatus:
+def captions_status(cache: Path, configs: tuple, upstream: dict) -> list[StageStatus]:
     """Stat-only: the corpus files against those recorded by the last captions run."""
+    return [_captions_status(cache, configs[0] if configs else None)]
+
+
+def _captions_status(cache: Path, config) -> StageStatus:
     status = _committed(cache, "captions")
     if config is None:
         status.note = "captions not configured"
@@ -74,7 +78,7 @@ def captions_status(cache: Path, config) -> StageStatus:
     from pipeline.corpus import corpus_files
 
     try:
-        corpus = read_json(cache / "captions" / CORPUS_FILE, f"rerun `pipeline retrieve --cache {cache}`")
+        corpus = read_json(cache / CORPUS_FILE, f"rerun `pipeline retrieve --cache {cache}`")
         recorded = corpus.get("file_digests", {})
     except FileNotFoundError:
         recorded = None
@@ -97,7 +101,11 @@ def captions_status(cache: Path, config) -> StageStatus:
     return status
 
 
-def index_status(cache: Path, captions: StageStatus) -> StageStatus:
+def index_status(cache: Path, configs: tuple, upstream: dict) -> list[StageStatus]:
+    return [_index_status(cache, upstream["captions"])]
+
+
+def _index_status(cache: Path, captions: StageStatus) -> StageStatus:
     status = _committed(cache, "index")
     if not status.up_to_date and not status.stale:
         status.stale[0] = "new shard"
@@ -116,7 +124,11 @@ def index_status(cache: Path, captions: StageStatus) -> StageStatus:
     return status
 
 
-def retrieve_status(cache: Path, config, embed: StageStatus, index: StageStatus) -> StageStatus:
+def retrieve_status(cache: Path, configs: tuple, upstream: dict) -> list[StageStatus]:
+    return [_retrieve_status(cache, configs[0] if configs else None, upstream["embed"], upstream["index"])]
+
+
+def _retrieve_status(cache: Path, config, embed: StageStatus, index: StageStatus) -> StageStatus:
     from pipeline.search import plan_search
 
     shards = sorted(set(embed.up_to_date) | set(embed.stale))
@@ -142,7 +154,20 @@ def retrieve_status(cache: Path, config, embed: StageStatus, index: StageStatus)
     return status
 
 
-def optimize_status(cache: Path, config, embed: StageStatus, retrieve: StageStatus) -> StageStatus:
+def optimize_status(cache: Path, configs: tuple, upstream: dict) -> list[StageStatus]:
+    """Each configured variant's (none while embed has no shards); without a config, the committed default."""
+    from pipeline.optimize_config import STAGE
+    embed = upstream["embed"]
+    if configs and (embed.up_to_date or embed.stale):
+        return [_optimize_status(cache, c, embed, upstream["retrieve"]) for c in configs]
+    if not configs and (cache / STAGE / MANIFEST_DIR).is_dir():
+        optimize = _committed(cache, STAGE)
+        optimize.note = "not configured: judged from its manifests"
+        return [optimize]
+    return []
+
+
+def _optimize_status(cache: Path, config, embed: StageStatus, retrieve: StageStatus) -> StageStatus:
     from pipeline.optimize import plan_optimize
 
     shards = sorted(set(embed.up_to_date) | set(embed.stale))
@@ -164,14 +189,13 @@ def optimize_status(cache: Path, config, embed: StageStatus, retrieve: StageStat
     return status
 
 
-def pipeline_status(
-    cache: Path, embed_config=None, retrieve_config=None, optimize_config=None, variants=()
-) -> list[StageStatus]:
-    """Every pipeline stage (and each configured optimize variant), then every other stage the cache holds
-    manifests of (undeclared variants, latents/...).
+def pipeline_status(cache: Path, configs=None) -> list[StageStatus]:
+    """Every step of pipeline.dag in order (an optimize variant per configured one), then every other stage
+    the cache holds manifests of (undeclared variants, latents/...).
 
-    Without a config a stage is judged from its committed manifests alone. A path that is not a
-    cache (missing, or holding no manifests while nothing is configured) is a ConfigError.
+    `configs`: the run's StageConfigs (pipeline.run); a stage without one is judged from its committed
+    manifests alone. A path that is not a cache (missing, or holding no manifests while nothing is
+    configured) is a ConfigError.
     """
     cache = Path(cache)
     if not cache.is_dir():
@@ -179,20 +203,17 @@ def pipeline_status(
             f"--cache {cache}: no such directory; `pipeline run` (or `pipeline embed`) makes it"
         )
     others = other_stages(cache)
-    if embed_config is None and not others and next(cache.glob("*/_manifests/*.json"), None) is None:
+    if configs is None and not others and next(cache.glob("*/_manifests/*.json"), None) is None:
         raise ConfigError(f"--cache {cache}: not a pipeline cache (no stage manifests in it)")
-    embed = embed_status(cache, embed_config)
-    captions = captions_status(cache, retrieve_config)
-    index = index_status(cache, captions)
-    retrieve = retrieve_status(cache, retrieve_config, embed, index)
-    result = [embed, captions, index, retrieve]
-    if optimize_config is not None and (embed.up_to_date or embed.stale):
-        for config in (optimize_config, *variants):
-            result.append(optimize_status(cache, config, embed, retrieve))
-    elif optimize_config is None and (cache / "optimize" / MANIFEST_DIR).is_dir():
-        optimize = _committed(cache, "optimize")
-        optimize.note = "not configured: judged from its manifests"
-        result.append(optimize)
+    result: list[StageStatus] = []
+    judged: dict[str, StageStatus] = {}
+    for step in dag.STEPS:
+        stage_configs = configs.of(step.stage) if configs is not None else ()
+        upstream = {name: judged.get(name, StageStatus(name)) for name in step.upstream}
+        statuses = step.status_function()(cache, stage_configs, upstream)
+        if statuses:
+            judged[step.name] = statuses[0]
+        result += statuses
     shown = {s.stage for s in result}
     return result + [_committed(cache, stage) for stage in others if stage not in shown]
 
@@ -201,7 +222,7 @@ def other_stages(cache: Path) -> list[str]:
     """Stages outside the pipeline's own that hold manifests, such as `latents/{vae_id}`."""
     found = {p.parent.relative_to(cache).as_posix() for p in Path(cache).glob("*/*/_manifests")}
     found |= {p.parent.name for p in Path(cache).glob("*/_manifests")}
-    return sorted(found - set(STEP_NAMES))
+    return sorted(found - set(dag.step_names()))
 
 
 def render_status(stages: list[StageStatus], limit: int = 10) -> str:

@@ -52,7 +52,7 @@ def parse_condition(condition: str) -> tuple[str, str]:
 
 
 def check_condition(condition: str, flag: str = "--condition") -> None:
-    from pipeline.optimize import check_variant
+    from pipeline.optimize_config import check_variant
 
     base, variant = parse_condition(condition)
     if base not in CONDITIONS or (":" in condition and base != "optimize"):
@@ -71,7 +71,7 @@ def stage_condition(stage: str) -> str:
 
 def condition_stage(condition: str) -> str:
     """The stage whose shards a condition reads its features from (embed for perturb and caption)."""
-    from pipeline.optimize import variant_stage
+    from pipeline.optimize_config import variant_stage
 
     base, variant = parse_condition(condition)
     return {"optimize": variant_stage(variant), "retrieve": "retrieve"}.get(base, "embed")

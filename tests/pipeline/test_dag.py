@@ -11,9 +11,9 @@ def test_steps_come_in_dag_order_and_name_their_stage():
     seen: set[str] = set()
     for step in dag.STEPS:
         assert set(step.upstream) <= seen, step.name  # everything a step reads comes before it
-        assert step.stage in dag.STAGES
+        assert step.stage in dag.stage_names()
         seen.add(step.name)
-    assert dag.STAGES == ("embed", "retrieve", "optimize")
+    assert dag.stage_names() == ("embed", "retrieve", "optimize")
     assert RunConfig(until="retrieve").stages() == ("embed", "retrieve")
 
 
@@ -24,6 +24,6 @@ def test_commands_name_the_stage_that_makes_a_step(tmp_path):
 
 
 def test_status_lists_only_stages_outside_the_dag_as_others(tmp_path):
-    for name in (*dag.STEP_NAMES, "optimize-mix", "latents/abc"):
+    for name in (*dag.step_names(), "optimize-mix", "latents/abc"):
         (tmp_path / name / "_manifests").mkdir(parents=True)
     assert other_stages(tmp_path) == ["latents/abc", "optimize-mix"]

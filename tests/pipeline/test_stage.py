@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 
 from manifests import ShardSpec, check_shard, commit_manifest, list_manifests, stat_out, write_parquet_atomic
 from manifests.atomic import TEMP_MARKER
@@ -69,3 +70,82 @@ def test_a_toy_stage_runs_through_the_one_runner(tmp_path):
 
     added = run_shards(tmp_path, STAGE, plan(tmp_path, {**shards, 2: (7,)}), make_toy_shard)
     assert added.shards_run == [2] and added.rows == 1
+
+
+# The same toy stage registered in pipeline.dag: this module is its protocol (configure, run_stage,
+# report, and its step's status function), and run, status, --until, --force and its pipeline.toml section
+# take it with no other change.
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    cache: Path
+    shards: dict[int, tuple[int, ...]]
+    force: bool = False
+
+
+def configure(sections: dict, cache: Path, *, force: bool, verify: bool, repair: bool) -> tuple:
+    section = sections.get(STAGE, {})
+    shards = {int(k): tuple(v) for k, v in section.get("shards", {}).items()}
+    return (ToyConfig(cache, shards, force),) if shards else ()
+
+
+def _tasks(config: ToyConfig) -> list[ToyTask]:
+    if not config.force:
+        return plan(config.cache, config.shards)
+    specs = {s: ShardSpec(STAGE, s, "1", {"double": True}, [], {}) for s in config.shards}
+    return [ToyTask(config.cache, spec, config.shards[s]) for s, spec in specs.items()]
+
+
+def run_stage(config: ToyConfig, executor, progress_factory):
+    with progress_factory(STAGE, total=None, unit="v") as advance:
+        return run_shards(
+            config.cache, STAGE, _tasks(config), make_toy_shard, executor=executor, progress=advance
+        )
+
+
+def report(result, config: ToyConfig) -> list[str]:
+    return [f"toy: {len(result.shards_run)} shard(s) made, {result.rows} values"]
+
+
+def toy_status(cache: Path, configs: tuple, upstream: dict):
+    from pipeline.status import StageStatus
+
+    status = StageStatus(STAGE)
+    for task in plan(cache, configs[0].shards) if configs else []:
+        status.stale[task.spec.shard] = "new shard"
+    status.up_to_date = sorted(set(configs[0].shards) - set(status.stale)) if configs else []
+    return [status]
+
+
+def test_a_registered_toy_stage_is_configured_run_reported_and_judged(tmp_path, monkeypatch):
+    from pipeline import dag
+    from pipeline.config import stage_sections
+    from pipeline.errors import ConfigError
+    from pipeline.run import RunConfig, report_lines, run_pipeline, stage_configs
+    from pipeline.status import pipeline_status
+
+    monkeypatch.setattr(dag, "STAGE_LIST", (dag.Stage(STAGE, __name__),))
+    step = dag.Step(STAGE, (), STAGE, "pipeline run --until toy --cache {cache}", f"{__name__}:toy_status")
+    monkeypatch.setattr(dag, "STEPS", (step,))
+    assert stage_sections() == ("toy", "run")
+    sections = {STAGE: {"shards": {"0": [1, 2, 3], "1": [4, -1, 5]}}}
+    configs = stage_configs(sections, tmp_path)
+    (tmp_path / STAGE).mkdir()
+    assert [s.to_dict()["stale"] for s in pipeline_status(tmp_path, configs)] == [
+        {"0": "new shard", "1": "new shard"}
+    ]
+
+    results = run_pipeline(configs, RunConfig(tmp_path, until=STAGE))
+    assert report_lines(configs, results) == ["toy: 2 shard(s) made, 5 values"]
+    (status,) = pipeline_status(tmp_path, configs)
+    assert status.up_to_date == [0, 1] and not status.stale
+    again = run_pipeline(configs, RunConfig(tmp_path, until=STAGE))
+    assert report_lines(configs, again) == ["toy: 0 shard(s) made, 0 values"]
+
+    forced = stage_configs(sections, tmp_path, force=(STAGE,))
+    assert report_lines(forced, run_pipeline(forced, RunConfig(tmp_path, force=(STAGE,), until=STAGE))) == [
+        "toy: 2 shard(s) made, 5 values"
+    ]
+    with pytest.raises(ConfigError, match="--until must be one of toy"):
+        RunConfig(tmp_path, until="optimize").validate()
