@@ -88,3 +88,16 @@ def latents_schema(dim: int, shape: tuple[int, ...]):
         [pa.field("key", pa.string(), nullable=False), pa.field("latent", pa.list_(pa.float32(), dim))],
         metadata={"latent_shape": json.dumps(list(shape)), "dtype": "float32"},
     )
+
+
+def tokens_schema(n_tokens: int, grid: tuple[int, int], vocab_size: int):
+    """`tokens/{dvae_id}/` (trainers dvae --encode): a dVAE's hard codes, the grid flattened row-major,
+    with the grid shape and the vocabulary size (codes are in [0, vocab_size))."""
+    import json
+
+    import pyarrow as pa
+
+    return pa.schema(
+        [pa.field("key", pa.string(), nullable=False), pa.field("tokens", pa.list_(pa.int16(), n_tokens))],
+        metadata={"grid": json.dumps(list(grid)), "vocab_size": str(int(vocab_size)), "dtype": "int16"},
+    )

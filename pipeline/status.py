@@ -157,6 +157,7 @@ def _retrieve_status(cache: Path, config, embed: StageStatus, index: StageStatus
 def optimize_status(cache: Path, configs: tuple, upstream: dict) -> list[StageStatus]:
     """Each configured variant's (none while embed has no shards); without a config, the committed default."""
     from pipeline.optimize_config import STAGE
+
     embed = upstream["embed"]
     if configs and (embed.up_to_date or embed.stale):
         return [_optimize_status(cache, c, embed, upstream["retrieve"]) for c in configs]

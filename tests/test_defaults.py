@@ -19,6 +19,8 @@ from trainers.cli import app as trainers_app
 from trainers.evaluate import EvalConfig
 from trainers.probe import ProbeConfig
 from trainers.sample import SampleConfig
+from trainers.train_dalle import DalleConfig
+from trainers.train_dvae import DvaeConfig
 from trainers.train_gan import GanConfig
 from trainers.train_ldm import LdmConfig
 from trainers.vae import VaeConfig
@@ -29,6 +31,8 @@ COMMANDS = [
     (pipeline_app, "optimize", OptimizeConfig),
     (trainers_app, "gan", GanConfig),
     (trainers_app, "ldm", LdmConfig),
+    (trainers_app, "dvae", DvaeConfig),
+    (trainers_app, "dalle", DalleConfig),
     (trainers_app, "vae", VaeConfig),
     (trainers_app, "probe", ProbeConfig),
     (trainers_app, "sample", SampleConfig),

@@ -3,7 +3,7 @@
 Commands turn options into a config and call the core in its module: `gan` (trainers/train_gan.py),
 `vae` (vae.py), `ldm` (train_ldm.py), `sample` (sample.py), `eval` (evaluate.py); `clip`
 (clip_train.py) and `probe` (probe.py) have their commands in trainers/cli_instruments.py, `compare`
-(compare.py) in trainers/cli_compare.py.
+(compare.py) in trainers/cli_compare.py, `dvae` (train_dvae.py, tokens.py) in trainers/cli_dalle.py.
 """
 
 from __future__ import annotations
@@ -17,13 +17,15 @@ import typer
 from pipeline.cli_common import ThreadsOpt, user_errors
 from pipeline.help import ordered_group
 from trainers.cli_compare import compare_command
+from trainers.cli_dalle import dalle_command, dvae_command
 from trainers.cli_instruments import clip_command, probe_command
 
-COMMAND_ORDER = ("clip", "probe", "gan", "vae", "ldm", "sample", "eval", "compare")  # as run
+COMMAND_ORDER = ("clip", "probe", "gan", "vae", "ldm", "dvae", "dalle", "sample", "eval", "compare")  # as run
 
 app = typer.Typer(
     cls=ordered_group(COMMAND_ORDER),
-    help="Train generators from the frozen feature cache: clip, probe, gan, vae, ldm, sample, eval, compare.",
+    help="Train generators from the frozen feature cache: clip, probe, gan, vae, ldm, dvae, dalle, sample, "
+    "eval, compare.",
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",  # as `pipeline`: docstring paragraphs re-flow, not keep source line breaks
@@ -203,8 +205,17 @@ def sample(
     guidance: Annotated[
         float | None, typer.Option("--guidance", help="LDM classifier-free guidance (default: the run's).")
     ] = None,
+    rerank: Annotated[
+        int,
+        typer.Option(
+            "--rerank",
+            help="CLIP re-ranking: each image is the best of N candidates by CLIP score with the "
+            "checkpoint's CLIP (DALL-E's); 1: off.",
+        ),
+    ] = 1,
 ) -> None:
-    """Prompts -> CLIP text features -> a labelled image grid (one row per prompt) and single images."""
+    """Prompts -> CLIP text features -> a labelled image grid (one row per prompt) and single images;
+    `--rerank N` shows the best of N candidates per cell by CLIP score, for any generator family."""
     from trainers.evaluate import read_prompts  # its errors name an undecodable or empty file
     from trainers.sample import SampleConfig, run_sample
 
@@ -218,12 +229,19 @@ def sample(
         device=device,
         steps=steps,
         guidance=guidance,
+        rerank=rerank,
     )
     result = run_sample(config)
     typer.echo(
         f"sample: {len(result.images)} images at {result.resolution}px from step {result.step:,} -> "
         f"{result.grid} (+ {result.grid.with_suffix('')}/)"
     )
+    if result.reranked is not None:
+        score = (100 * result.reranked.scores).clip(min=0)  # [cells, N]: eval's CLIP score per candidate
+        typer.echo(
+            f"rerank: best of {rerank} by CLIP, mean CLIP score {score.max(axis=1).mean():.2f} "
+            f"(one draw {score.mean():.2f})"
+        )
 
 
 @app.command("eval")
@@ -259,9 +277,18 @@ def eval_command(
     guidance: Annotated[
         float | None, typer.Option("--guidance", help="LDM classifier-free guidance (default: the run's).")
     ] = None,
+    rerank: Annotated[
+        int,
+        typer.Option(
+            "--rerank",
+            help="Also measure the best of N candidates per image by CLIP score (eval.json `rerank`, "
+            "grid_rerank.png); the plain metrics are unchanged. 1: off.",
+        ),
+    ] = 1,
 ) -> None:
     """FID (CLIP features offline; Inception when its weights are local), CLIP score, attribute accuracy,
-    each printed and written beside its reference: real images (FID: two halves of them) or chance."""
+    each printed and written beside its reference: real images (FID: two halves of them) or chance;
+    with `--rerank N` the same again on the best of N candidates per image by CLIP."""
     from pipeline.progress import progress_bar
     from trainers.evaluate import EvalConfig, describe, evaluate
     from trainers.sample import load_generator
@@ -277,10 +304,11 @@ def eval_command(
         device=device,
         probe=probe,
         inception=inception,
+        rerank=rerank,
     )
     config.validate()
     generate, info = load_generator(checkpoint, device=device, steps=steps, guidance=guidance)
-    with progress_bar("eval", total=n) as advance:
+    with progress_bar("eval", total=n * rerank) as advance:  # every candidate is one image generated
         result = evaluate(config, generate, info, progress=advance)
     typer.echo(f"{describe(result)} -> {out / 'eval.json'}")
 
@@ -445,6 +473,8 @@ def ldm_command(
 app.command("clip")(clip_command)
 app.command("probe")(probe_command)
 app.command("compare")(compare_command)
+app.command("dvae")(dvae_command)
+app.command("dalle")(dalle_command)
 
 
 def main() -> None:

@@ -24,17 +24,24 @@ with its reference under the same name plus `_real` (what real images score) or 
   `..._chance`: uniform guessing on the same prompts (`attribute_chance`). `attribute_accuracy_real`
   scores real cache images against their own labels: the instrument's ceiling on this cache.
 
+With `rerank: N` > 1 (`--rerank N`) the same metrics are measured again, under `rerank` in eval.json, on
+the best of N candidates per image by CLIP (`trainers.rerank`; candidate 0 is the plain image): `fid`,
+`fid_clip`, `fid_inception`, `clip_score` (beside `clip_score_candidates`, what one un-ranked draw scores
+on average over all candidates), the three attribute accuracies, `kept_first` (the share of images whose
+plain draw won) and `candidates` (N); their references are the plain ones (same prompts, same real
+images). The plain metrics and keys are as without it (`seconds` adds `rerank`). CLIP score favours the
+re-ranked images by construction (the same CLIP chose them); FID and attribute accuracy do not.
+
 Default prompts: synthetic-world captions from the synth caption generator with a random stream of its
 own (so they are independent of any corpus), starting with one prompt per HELD_OUT_PAIRS pair.
 Outputs: `OUT/eval.json` and `OUT/grid.png` (the first 64 images, 8 per row; prompts in
-`OUT/grid_prompts.txt`, row-major).
+`OUT/grid_prompts.txt`, row-major); with re-ranking also `OUT/grid_rerank.png`, the same cells re-ranked.
 """
 
 from __future__ import annotations
 
 import io
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,10 +53,29 @@ import numpy as np
 from manifests import write_bytes_atomic, write_json_atomic
 from pipeline.errors import ConfigError, require_at_least
 
-CLEANFID_INCEPTION = Path("/tmp/inception-2015-12-05.pt")  # where clean-fid downloads it (Linux/macOS)
+# The helpers live in their own modules; callers import them from here too (trainers.cli, compare_report).
+from trainers.eval_features import (
+    clip_image_features,
+    clip_score,
+    clip_text_features,
+    fid_label,
+    frechet,
+    inception_features,
+    inception_weights,
+    load_inception,
+    real_halves_fid,
+)
+from trainers.eval_prompts import (
+    ATTRIBUTES,
+    attribute_chance,
+    names_held_out_pair,
+    read_prompts,
+    synthetic_prompts,
+    world_max_objects,
+)
+
 REAL_STREAM = 11  # numpy stream id of the real-image draw
 GRID_COLUMNS = 8
-ATTRIBUTES = ("shape", "colour", "size", "position")  # what the probe reads
 FID_KEYS = ("fid", "fid_real", "fid_clip", "fid_clip_real", "fid_inception", "fid_inception_real")
 
 Generate = Callable[[Any, int], Any]  # (cond float32 [N, D], seed) -> uint8 [N, 3, H, W]
@@ -68,12 +94,14 @@ class EvalConfig:
     probe: Path | None = None  # a `trainers probe` file; default: trained once per cache in _trainers/
     inception: Path | None = None  # inception-2015-12-05.pt; default: clean-fid's location if present
     grid: int = 64  # images in grid.png
+    rerank: int = 1  # > 1: also the metrics of the best of this many candidates by CLIP (trainers.rerank)
 
     def validate(self) -> None:
         require_at_least(
             ("--n", self.n, 2),
             ("--batch-size", self.batch_size, 1),
             ("--seed", self.seed, 0),
+            ("--rerank", self.rerank, 1),
         )
         if self.grid < 0:
             raise ConfigError("--grid must be 0 or more")
@@ -91,183 +119,6 @@ class EvalConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Prompts
-# ---------------------------------------------------------------------------------------------------------
-
-
-def synthetic_prompts(n: int, seed: int, max_objects: int = 2) -> list[str]:
-    """n synthetic-world captions: one single-object prompt per held-out pair, then 1..max_objects object
-    captions over every colour-shape pair (held-out ones included), from a random stream of their own."""
-    from pipeline.labels import labels
-
-    world = labels()
-    rng = random.Random(f"trainers/eval/prompts/{seed}")
-    prompts = []
-    for colour, shape in world.held_out_pairs:
-        obj = {
-            "shape": shape,
-            "colour": colour,
-            "size": rng.choice(world.vocabulary["size"]),
-            "position": rng.choice(world.vocabulary["position"]),
-        }
-        prompts.append(world.caption([obj], rng))
-    all_pairs = [(c, s) for c in world.vocabulary["colour"] for s in world.vocabulary["shape"]]
-    while len(prompts) < n:
-        prompts.append(world.caption(world.sample_objects(rng, max_objects, pairs=all_pairs), rng))
-    return prompts[:n]
-
-
-def world_max_objects(rows, sample: int = 2000) -> int:
-    """The most objects any of (a seeded sample of) the cache's labelled images has; 2 without labels.
-    Prompts then ask for no more objects than the generator's world shows."""
-    from trainers.embed_rows import labels_of
-
-    pick = np.random.default_rng(0).permutation(len(rows))[:sample]
-    counts = [len((labels_of(rows, int(r)) or {}).get("objects") or []) for r in pick]
-    return max(counts, default=0) or 2
-
-
-def read_prompts(path: Path) -> list[str]:
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--prompts {path}: cannot read it ({e})") from None
-    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise ConfigError(f"--prompts {path}: no prompts in it (one per line)")
-    return prompts
-
-
-def names_held_out_pair(objects: list[dict[str, str]]) -> bool:
-    from pipeline.labels import labels
-
-    return any((o.get("colour"), o.get("shape")) in labels().held_out_pairs for o in objects)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Features and distances
-# ---------------------------------------------------------------------------------------------------------
-
-
-def frechet(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets [N, D] (clean-fid's formula)."""
-    from cleanfid.fid import frechet_distance
-
-    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
-    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
-    sigma_a, sigma_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    return float(frechet_distance(mu_a, sigma_a, mu_b, sigma_b))
-
-
-def clip_image_features(bundle, pixels, batch_size: int = 256) -> np.ndarray:
-    from pipeline.clip import encode_images
-
-    return np.concatenate(
-        [
-            encode_images(bundle, pixels[i : i + batch_size]).cpu().numpy()
-            for i in range(0, len(pixels), batch_size)
-        ]
-    )
-
-
-def clip_text_features(bundle, texts: list[str], batch_size: int = 256) -> np.ndarray:
-    from pipeline.clip import encode_texts
-
-    return np.concatenate(
-        [
-            encode_texts(bundle, texts[i : i + batch_size]).cpu().numpy()
-            for i in range(0, len(texts), batch_size)
-        ]
-    )
-
-
-def clip_score(image_features: np.ndarray, text_features: np.ndarray) -> float:
-    """mean max(100 * cos, 0) over matched rows (both unit-norm)."""
-    cos = np.sum(image_features * text_features, axis=1)
-    return float(np.mean(np.maximum(100.0 * cos, 0.0)))
-
-
-def inception_weights(explicit: Path | None) -> Path | None:
-    """The local Inception weights to use, or None: never downloads."""
-    if explicit is not None:
-        return Path(explicit)
-    return CLEANFID_INCEPTION if CLEANFID_INCEPTION.is_file() else None
-
-
-def load_inception(weights: Path, device, flag: str = "--inception"):
-    """clean-fid's TorchScript Inception from the file given (any name), as `features(x float [B, 3, 299,
-    299] in 0..255) -> [B, 2048]`: clean-fid's InceptionV3W forward, which itself only loads a file named
-    inception-2015-12-05.pt from a folder."""
-    import torch
-
-    from pipeline.torch_files import load_torchscript_file
-
-    base = load_torchscript_file(weights, flag, expect="clean-fid's inception-2015-12-05.pt")
-    if not isinstance(getattr(base, "layers", None), torch.nn.Module):
-        raise ConfigError(
-            f"{flag} {weights}: a TorchScript archive, but not clean-fid's Inception (no layers)"
-        )
-    layers = base.layers.to(device).eval()
-
-    def features(x):
-        return layers.forward((x - 128) / 128).view(x.shape[0], 2048)
-
-    return features
-
-
-def inception_features(model, pixels, device, batch_size: int = 50) -> np.ndarray:
-    """clean-fid's "clean" mode: PIL bicubic resize to 299 per image, then `load_inception`'s model."""
-    import torch
-    from cleanfid.resize import build_resizer
-
-    resize = build_resizer("clean")
-    feats = []
-    with torch.no_grad():
-        for start in range(0, len(pixels), batch_size):
-            chunk = pixels[start : start + batch_size].permute(0, 2, 3, 1).cpu().numpy()  # [B, H, W, 3]
-            resized = np.stack([resize(img) for img in chunk]).transpose(0, 3, 1, 2)  # [B, 3, 299, 299]
-            feats.append(model(torch.from_numpy(resized).float().to(device)).cpu().numpy())
-    return np.concatenate(feats)
-
-
-def real_halves_fid(real_features: np.ndarray) -> float | None:
-    """FID between two disjoint halves of the real images (alternate rows of the seeded draw): what FID
-    reads for real images, the floor a generator's FID is to be read against. Each half has n_real / 2
-    images, so small-n bias puts it a little above the floor at n_real (FID is biased upwards)."""
-    if len(real_features) < 4:
-        return None
-    return frechet(real_features[0::2], real_features[1::2])
-
-
-def fid_label(fid_features: str | None) -> str:
-    """'FID (CLIP features)' or 'FID (Inception features)': a CLIP-feature FID is on another scale."""
-    return "FID (Inception features)" if fid_features == "inception" else "FID (CLIP features)"
-
-
-def attribute_chance(targets: list[list[dict[str, str]]]) -> dict[str, float] | None:
-    """The expected score of uniform guessing on these prompts' objects under the probe's rule
-    (trainers.probe.score_objects): shape, colour, size: 1/|values| per named object; position: k/5 for a
-    prompt naming k objects, since any k of the 5 slots count as seen; `all`: the product over the
-    attributes an object names. Averaged over objects, as the accuracies are."""
-    from trainers.probe import vocabulary
-
-    vocab = vocabulary()
-    scores: dict[str, list[float]] = {a: [] for a in (*ATTRIBUTES, "all")}
-    for objects in targets:
-        for obj in objects:
-            guesses = {
-                a: min(1.0, len(objects) / len(vocab[a])) if a == "position" else 1.0 / len(vocab[a])
-                for a in ATTRIBUTES
-                if obj.get(a) in vocab[a]
-            }
-            guesses["all"] = float(np.prod(list(guesses.values())))
-            for a, value in guesses.items():
-                scores[a].append(value)
-    chance = {a: round(float(np.mean(v)), 4) for a, v in scores.items() if v}
-    return chance or None
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The evaluation
 # ---------------------------------------------------------------------------------------------------------
 
@@ -280,22 +131,35 @@ def generate_images(generate: Generate, cond: np.ndarray, config: EvalConfig, pr
     """uint8 [N, 3, H, W] from the generator, batch by batch, checked."""
     import torch
 
+    from trainers.rerank import as_images
+
     out = []
     for start in range(0, len(cond), config.batch_size):
         chunk = torch.from_numpy(
             np.ascontiguousarray(cond[start : start + config.batch_size], dtype=np.float32)
         )
-        images = generate(chunk, batch_seed(config.seed, start))
-        images = torch.as_tensor(images).cpu()
-        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[:2] != (len(chunk), 3):
-            raise ValueError(
-                f"the generator returned {images.dtype} {tuple(images.shape)}; "
-                f"expected uint8 [{len(chunk)}, 3, H, W]"
-            )
-        out.append(images)
+        out.append(as_images(generate(chunk, batch_seed(config.seed, start)), len(chunk)))
         if progress:
             progress(len(chunk))
     return torch.cat(out)
+
+
+def rerank_images(generate: Generate, cond: np.ndarray, config: EvalConfig, bundle, plain, progress=None):
+    """The best of `config.rerank` candidates per image (trainers.rerank), batch by batch as
+    `generate_images`: each batch with its own seed, so candidate 0 is `plain`'s image, not drawn again."""
+    import torch
+
+    from trainers.rerank import Reranked, rerank
+
+    parts = []
+    for start in range(0, len(cond), config.batch_size):
+        stop = start + config.batch_size
+        chunk = torch.from_numpy(np.ascontiguousarray(cond[start:stop], dtype=np.float32))
+        seed = batch_seed(config.seed, start)
+        parts.append(
+            rerank(generate, chunk, bundle, config.rerank, seed, first=plain[start:stop], progress=progress)
+        )
+    return Reranked.concat(parts)
 
 
 def check_clip(info: dict[str, Any], cache_clip) -> list[str]:
@@ -329,6 +193,69 @@ def paired_record(info: dict[str, Any]) -> dict[str, Any] | None:
                 found[key] = source[key]
                 break
     return found or None
+
+
+ACCURACY_SPLITS = ("", "_held_out_pairs", "_seen_pairs")
+
+
+def attribute_accuracies(probe, images, targets: list[list[dict[str, str]]]) -> dict[str, Any]:
+    """`attribute_accuracy{split}` of these images (the probe's reading scored against their prompts'
+    objects) and its `_chance`, for all prompts and the splits naming / not naming a held-out pair; None
+    where no prompt of a split names objects."""
+    from trainers.probe import score_objects, summarise
+
+    result: dict[str, Any] = {}
+    for name in ACCURACY_SPLITS:
+        result[f"attribute_accuracy{name}"] = result[f"attribute_accuracy{name}_chance"] = None
+    predictions = probe.predict(images)
+    result["attribute_accuracy"] = summarise(score_objects(predictions, targets))
+    result["attribute_accuracy_chance"] = attribute_chance(targets)
+    held = [names_held_out_pair(t) for t in targets]
+    for name, keep in (("_held_out_pairs", held), ("_seen_pairs", [not h for h in held])):
+        subset = [i for i, k in enumerate(keep) if k and targets[i]]
+        if subset:
+            sub_pred = {k: v[subset] for k, v in predictions.items()}
+            sub_targets = [targets[i] for i in subset]
+            result[f"attribute_accuracy{name}"] = summarise(score_objects(sub_pred, sub_targets))
+            result[f"attribute_accuracy{name}_chance"] = attribute_chance(sub_targets)
+    return result
+
+
+def rerank_metrics(
+    reranked,
+    text: np.ndarray,
+    real_feat: np.ndarray,
+    *,
+    inception=None,
+    real_inception=None,
+    device=None,
+    probe=None,
+    targets=None,
+) -> dict[str, Any]:
+    """eval.json's `rerank` block: the plain metrics' names, measured on the re-ranked images against the
+    same real images and prompts (so their `_real` / `_chance` references are the plain ones)."""
+    fid_clip = frechet(reranked.features, real_feat)
+    fid_inception = None
+    if inception is not None:
+        fid_inception = frechet(inception_features(inception, reranked.images, device), real_inception)
+    block: dict[str, Any] = {
+        "candidates": int(reranked.scores.shape[1]),
+        "fid": fid_inception if inception is not None else fid_clip,
+        "fid_clip": fid_clip,
+        "fid_inception": fid_inception,
+    }
+    for key in ("fid", "fid_clip", "fid_inception"):
+        block[key] = None if block[key] is None else round(block[key], 4)
+    block["clip_score"] = round(clip_score(reranked.features, text), 4)
+    # What one un-ranked draw scores on average over every candidate: the gain is clip_score minus this.
+    block["clip_score_candidates"] = round(float(np.mean(np.maximum(100.0 * reranked.scores, 0.0))), 4)
+    block["kept_first"] = round(float(np.mean(reranked.chosen == 0)), 4)  # share kept the plain image
+    for name in ACCURACY_SPLITS:
+        block[f"attribute_accuracy{name}"] = None
+    if probe is not None and targets and any(targets):
+        accuracies = attribute_accuracies(probe, reranked.images, targets)
+        block.update({k: v for k, v in accuracies.items() if not k.endswith("_chance")})
+    return block
 
 
 def evaluate(
@@ -386,6 +313,10 @@ def evaluate(
 
     generated = generate_images(generate, text, config, progress)  # uint8 [N, 3, H, W]
     t_generate = time.perf_counter()
+    reranked = None
+    if config.rerank > 1:  # best of config.rerank per image; candidate 0 is `generated`'s
+        reranked = rerank_images(generate, text, config, bundle, generated, progress)
+    t_rerank = time.perf_counter()
 
     n_real = min(config.n, len(rows))
     real_rows = np.sort(
@@ -413,7 +344,7 @@ def evaluate(
     }
     # Each metric has its reference under its own name + `_real`: the real images' value (FID: two
     # disjoint halves of them, n_real_halves); attribute accuracies have `_chance` on the same prompts.
-    fid_inception = fid_inception_real = None
+    fid_inception = fid_inception_real = real_inception = None
     if inception is not None:
         real_inception = inception_features(inception, real, device)
         fid_inception = frechet(inception_features(inception, generated, device), real_inception)
@@ -443,24 +374,14 @@ def evaluate(
     )
 
     targets = [caption_objects(p) for p in prompts]
-    for name in ("", "_held_out_pairs", "_seen_pairs"):
+    for name in ACCURACY_SPLITS:
         result[f"attribute_accuracy{name}"] = result[f"attribute_accuracy{name}_chance"] = None
     result["attribute_accuracy_real"] = result["probe"] = None
     if any(targets):
         if probe is None:
             probe_config = ProbeConfig(device=config.device)
             probe, probe_file = cached_probe(config.cache, probe_config, image_size=int(real.shape[-1]))
-        predictions = probe.predict(generated)
-        result["attribute_accuracy"] = summarise(score_objects(predictions, targets))
-        result["attribute_accuracy_chance"] = attribute_chance(targets)
-        held = [names_held_out_pair(t) for t in targets]
-        for name, keep in (("_held_out_pairs", held), ("_seen_pairs", [not h for h in held])):
-            subset = [i for i, k in enumerate(keep) if k and targets[i]]
-            if subset:
-                sub_pred = {k: v[subset] for k, v in predictions.items()}
-                sub_targets = [targets[i] for i in subset]
-                result[f"attribute_accuracy{name}"] = summarise(score_objects(sub_pred, sub_targets))
-                result[f"attribute_accuracy{name}_chance"] = attribute_chance(sub_targets)
+        result.update(attribute_accuracies(probe, generated, targets))
         real_labels = [(labels_of(rows, int(r)) or {}).get("objects") for r in real_rows]
         labelled = [i for i, objs in enumerate(real_labels) if objs]
         if labelled:
@@ -473,6 +394,17 @@ def evaluate(
             "image_size": probe.config.image_size,
             "held_out_accuracy": probe.accuracy.get("one_object"),
         }
+    if reranked is not None:
+        result["rerank"] = rerank_metrics(
+            reranked,
+            text,
+            real_feat,
+            inception=inception,
+            real_inception=real_inception,
+            device=device,
+            probe=probe,
+            targets=targets,
+        )
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -481,6 +413,9 @@ def evaluate(
         write_grid(out / "grid.png", generated[:k])
         write_bytes_atomic(out / "grid_prompts.txt", "".join(p + "\n" for p in prompts[:k]).encode())
         result["grid"] = {"file": str(out / "grid.png"), "images": k, "columns": min(GRID_COLUMNS, k)}
+        if reranked is not None:  # the same cells, each the best of its candidates
+            write_grid(out / "grid_rerank.png", reranked.images[:k])
+            result["rerank"]["grid"] = {"file": str(out / "grid_rerank.png"), "images": k}
     result["paired"] = paired_record(info)
     result["training_data"] = info.get("data")  # the rows the run trained on (LoaderInfo.record)
     result["generator"] = {
@@ -488,17 +423,22 @@ def evaluate(
     }
     result["notes"] = notes
     result["seconds"] = {"generate": round(t_generate - t0, 2), "total": round(time.perf_counter() - t0, 2)}
+    if reranked is not None:
+        result["seconds"]["rerank"] = round(t_rerank - t_generate, 2)
     result["device"] = str(device)
     _check_finite(result)
+    if reranked is not None:
+        _check_finite(result["rerank"], notes=result["notes"], prefix="rerank.")
     write_json_atomic(out / "eval.json", result)
     return result
 
 
-def _check_finite(result: dict[str, Any]) -> None:
+def _check_finite(result: dict[str, Any], notes: list[str] | None = None, prefix: str = "") -> None:
+    notes = result.setdefault("notes", []) if notes is None else notes
     for key in (*FID_KEYS, "clip_score", "clip_score_real"):
         value = result.get(key)
         if value is not None and not math.isfinite(value):
-            result.setdefault("notes", []).append(f"{key} is not finite (degenerate images?)")
+            notes.append(f"{prefix}{key} is not finite (degenerate images?)")
             result[key] = None
 
 
@@ -515,22 +455,35 @@ def write_grid(path: Path, images) -> Path:
 
 
 def describe(result: dict[str, Any]) -> str:
-    """One line: each number with its reference, e.g. `FID (CLIP features) 0.09 (real halves 0.05)`."""
+    """One line: each number with its reference, e.g. `FID (CLIP features) 0.09 (real halves 0.05)`; with
+    re-ranking, the re-ranked numbers after it."""
 
     def number(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}"
 
-    acc = result.get("attribute_accuracy") or {}
-    chance = result.get("attribute_accuracy_chance") or {}
-    real = result.get("attribute_accuracy_real") or {}
-    parts = ", ".join(
-        f"{a} {acc[a]:.2f} (chance {number(chance.get(a))}, real {number(real.get(a))})"
-        for a in ATTRIBUTES
-        if acc.get(a) is not None
-    )
-    return (
+    def attributes(acc: dict[str, Any], with_references: bool) -> str:
+        chance = result.get("attribute_accuracy_chance") or {}
+        real = result.get("attribute_accuracy_real") or {}
+        return ", ".join(
+            f"{a} {acc[a]:.2f}"
+            + (f" (chance {number(chance.get(a))}, real {number(real.get(a))})" if with_references else "")
+            for a in ATTRIBUTES
+            if acc.get(a) is not None
+        )
+
+    parts = attributes(result.get("attribute_accuracy") or {}, True)
+    line = (
         f"eval: n={result['n']}, {fid_label(result.get('fid_features'))} {result['fid']} "
         f"(real halves {result.get('fid_real')}), "
         f"CLIP score {result['clip_score']} (real {result.get('clip_score_real')})"
         + (f", attributes {parts}" if parts else "")
     )
+    rerank = result.get("rerank")
+    if rerank:
+        parts = attributes(rerank.get("attribute_accuracy") or {}, False)
+        line += (
+            f"; best of {rerank['candidates']} by CLIP: FID {rerank['fid']}, "
+            f"CLIP score {rerank['clip_score']} (one draw {rerank['clip_score_candidates']})"
+            + (f", attributes {parts}" if parts else "")
+        )
+    return line

@@ -15,6 +15,20 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class Autoencoder:
+    """The image autoencoder a family works in (ldm: the KL VAE's latents; dalle: the dVAE's tokens), which
+    `trainers compare` trains once and shares by every run."""
+
+    kind: str  # its checkpoints' kind, its command and its compare unit (and folder)
+    title: str  # how messages name it
+    field: str  # the family config's field that names its checkpoint
+    config: str  # "module:Class" of its training config
+    train: str  # "module:function": (config, progress) -> a result with `.checkpoint`, `.run_dir`, `.psnr`
+    encode: str  # "module:function": (cache, checkpoint, *, batch_size, device) -> its per-shard cache
+    sizes: str  # "module:NAME" of its size registry
+
+
+@dataclass(frozen=True)
 class Family:
     kind: str  # what its checkpoints record as `kind` (and its `trainers` command)
     config: str  # "module:Class" of its training config
@@ -22,6 +36,7 @@ class Family:
     load: str  # "module:function": (path, ckpt, *, device, **sampler) -> (generate, info)
     sizes: str  # "module:NAME" of its size registry (name -> size)
     sampler: tuple[str, ...] = ()  # the sampler options its generate takes (trainers sample --steps ...)
+    autoencoder: Autoencoder | None = None  # the autoencoder it is trained in, if any
 
 
 FAMILIES: dict[str, Family] = {
@@ -39,8 +54,38 @@ FAMILIES: dict[str, Family] = {
         "trainers.ldm_sample:load_ldm",
         "trainers.ldm:LDM_SIZES",
         sampler=("steps", "guidance"),
+        autoencoder=Autoencoder(
+            "vae",
+            "VAE",
+            "vae",
+            "trainers.vae:VaeConfig",
+            "trainers.vae:run_vae",
+            "trainers.latents:encode_latents",
+            "trainers.vae:VAE_SIZES",
+        ),
+    ),
+    "dalle": Family(
+        "dalle",
+        "trainers.train_dalle:DalleConfig",
+        "trainers.train_dalle:run_dalle",
+        "trainers.dalle_load:load_dalle",
+        "trainers.dalle:DALLE_SIZES",
+        sampler=("guidance", "temperature", "top_k", "top_p"),
+        autoencoder=Autoencoder(
+            "dvae",
+            "dVAE",
+            "dvae",
+            "trainers.train_dvae:DvaeConfig",
+            "trainers.train_dvae:run_dvae",
+            "trainers.tokens:encode_tokens",
+            "trainers.dvae:DVAE_SIZES",
+        ),
     ),
 }
+
+
+def autoencoder_kinds() -> tuple[str, ...]:
+    return tuple(f.autoencoder.kind for f in FAMILIES.values() if f.autoencoder is not None)
 
 
 def member(ref: str) -> Any:

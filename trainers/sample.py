@@ -9,6 +9,10 @@
 The grid PNG has one row per prompt, its text at the left (PIL's default font, wrapped), and the N
 images in a row; the same images are written one file each into a folder named after the PNG
 (`out/grid.png` -> `out/grid/{row:03d}-{col:03d}.png`).
+
+`--rerank K` (DALL-E's CLIP re-ranking, `trainers.rerank`): each cell is the best of K candidates by the
+cosine between its CLIP image feature and its prompt's text feature, with the checkpoint's CLIP; the
+cell's candidate 0 is the image it shows without re-ranking (K = 1, the default).
 """
 
 from __future__ import annotations
@@ -30,12 +34,18 @@ Generate = Callable[..., Any]  # (cond: Tensor [N, D] float32, seed: int) -> uin
 
 
 def load_generator(
-    ckpt_path: Path | str, *, device: str = "auto", steps: int | None = None, guidance: float | None = None
+    ckpt_path: Path | str,
+    *,
+    device: str = "auto",
+    steps: int | None = None,
+    guidance: float | None = None,
+    **options: Any,
 ) -> tuple[Generate, dict[str, Any]]:
     """The checkpoint's EMA generator (eval mode) as `generate(cond, seed)`, and what it was trained with:
     kind, step, config, clip_model, clip_pretrained, resolution, h_dim, size, data (the rows trained on;
     None in older checkpoints). Any family in trainers.generators works; `steps` (sampler steps, default
-    50) and `guidance` (default: the run's) apply to the families that take them (ldm)."""
+    50), `guidance` (default: the run's) and other sampler `options` (dalle: temperature, top_k, top_p)
+    apply to the families whose `sampler` names them; None is not given."""
     import functools
 
     from trainers.checkpoints import load_checkpoint, resolve_checkpoint
@@ -45,7 +55,7 @@ def load_generator(
     ckpt = load_checkpoint(path, "--checkpoint", kinds=tuple(FAMILIES))
     family = FAMILIES[ckpt["kind"]]
     generate, info = member(family.load)(path, ckpt, device=device)
-    given = {"steps": steps, "guidance": guidance}
+    given = {"steps": steps, "guidance": guidance, **options}
     sampler = {k: v for k, v in given.items() if v is not None and k in family.sampler}
     return (functools.partial(generate, **sampler) if sampler else generate), info
 
@@ -147,12 +157,15 @@ class SampleConfig:
     device: str = "auto"
     steps: int | None = None  # LDM sampler steps (None: 50)
     guidance: float | None = None  # LDM classifier-free guidance scale (None: the run's)
+    rerank: int = 1  # candidates per cell, the best by CLIP score kept (trainers.rerank); 1: off
 
     def validate(self) -> None:
         if not self.prompts:
             raise ConfigError("give at least one --prompt TEXT or a --prompts FILE with one prompt per line")
         if self.n < 1:
             raise ConfigError("--n must be at least 1")
+        if self.rerank < 1:
+            raise ConfigError("--rerank must be at least 1 (1: no re-ranking)")
         if self.out.suffix.lower() != ".png":
             raise ConfigError(f"--out {self.out}: the grid is a PNG; give a path ending in .png")
 
@@ -163,12 +176,14 @@ class SampleResult:
     images: list[Path]
     step: int  # the checkpoint's training step
     resolution: int
+    reranked: Any = None  # trainers.rerank.Reranked of the cells (prompt-major) when --rerank > 1
 
 
 def run_sample(config: SampleConfig) -> SampleResult:
     from PIL import Image
 
     from pipeline.clip import encode_texts, load_clip
+    from trainers.rerank import rerank
 
     config.validate()
     generate, info = load_generator(
@@ -182,7 +197,10 @@ def run_sample(config: SampleConfig) -> SampleResult:
         )
     prompts = list(config.prompts)
     cond = encode_texts(clip, prompts).cpu().clone()  # [P, D]
-    images = generate(cond.repeat_interleave(config.n, dim=0), config.seed)  # [P * n, 3, R, R] uint8
+    # rerank 1 is exactly generate(cells, seed); K > 1 keeps each cell's best of K by CLIP score
+    cells = cond.repeat_interleave(config.n, dim=0)  # [P * n, D]
+    reranked = rerank(generate, cells, clip, config.rerank, config.seed)
+    images = reranked.images  # [P * n, 3, R, R] uint8
     grid = write_grid(config.out, images, prompts, config.n)
     folder = config.out.with_suffix("")
     folder.mkdir(parents=True, exist_ok=True)
@@ -192,4 +210,5 @@ def run_sample(config: SampleConfig) -> SampleResult:
         path = folder / f"{i // config.n:03d}-{i % config.n:03d}.png"
         write_bytes_atomic(path, _png_bytes(Image.fromarray(array)))
         singles.append(path)
-    return SampleResult(grid, singles, info["step"], info["resolution"])
+    kept = reranked if config.rerank > 1 else None
+    return SampleResult(grid, singles, info["step"], info["resolution"], kept)

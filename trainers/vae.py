@@ -342,9 +342,10 @@ class VaeResult:
     images_per_s: float
 
 
-def split_cache(config: VaeConfig):
-    """(training loader, held-out images float [-1, 1] [n, 3, R, R], loader info): a fixed seeded
-    `eval_n` of the cache's images are held out (at most half of them)."""
+def split_cache(config: Any, start_step: int = 0):
+    """(training loader from step `start_step`, held-out images float [-1, 1] [n, 3, R, R], loader info):
+    a fixed seeded `eval_n` of the cache's images are held out (at most half of them). `config`: any
+    config with cache, batch_size, seed, allow_partial and eval_n (VaeConfig, train_dvae.DvaeConfig)."""
     from trainers.data import CacheDataset, CacheLoader, LoaderConfig, build_dataset
 
     # perturb needs only the embed stage; the conditions are ignored here
@@ -373,7 +374,7 @@ def split_cache(config: VaeConfig):
         paired_probability=0.0,
     )
     eval_images = dataset.rows.pixels(dataset.rows_idx[held]).float().div_(127.5).sub_(1.0)
-    loader = CacheLoader(train, info, config.batch_size, 0, 0)
+    loader = CacheLoader(train, info, config.batch_size, start_step, 0)
     return loader, eval_images, info
 
 

@@ -56,5 +56,5 @@ def test_pipeline_help_lists_commands_in_the_order_they_are_run():
 
 
 def test_trainers_help_lists_commands_in_the_order_they_are_run():
-    order = ["clip", "probe", "gan", "vae", "ldm", "sample", "eval", "compare"]
+    order = ["clip", "probe", "gan", "vae", "ldm", "dvae", "dalle", "sample", "eval", "compare"]
     assert listed_commands(help_lines("trainers")) == order

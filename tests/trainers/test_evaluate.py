@@ -18,6 +18,7 @@ from pipeline.embed import EmbedConfig, run_embed
 from pipeline.errors import ConfigError
 from pipeline.synth import Scene, SynthConfig, _place, render_scene, run_synth, sample_scene
 from pipeline.synth_grammar import parse_caption
+from trainers import eval_features
 from trainers import evaluate as evaluate_module
 from trainers.cli import app
 from trainers.conditions import load_cache_clip
@@ -175,8 +176,8 @@ def test_refusals(cache, tmp_path, probe, monkeypatch):
         run(cache, tmp_path, "bad", lambda cond, seed: torch.zeros(len(cond), 3, 32, 32), probe)
     with pytest.raises(ConfigError, match="--inception"):
         EvalConfig("x", cache, tmp_path / "b", inception=tmp_path / "missing.pt").validate()
-    monkeypatch.setattr(evaluate_module, "CLEANFID_INCEPTION", tmp_path / "absent.pt")
-    assert evaluate_module.inception_weights(None) is None  # never downloads: CLIP FID instead
+    monkeypatch.setattr(eval_features, "CLEANFID_INCEPTION", tmp_path / "absent.pt")
+    assert eval_features.inception_weights(None) is None  # never downloads: CLIP FID instead
 
 
 @pytest.fixture
@@ -243,10 +244,12 @@ class FakeInception(torch.nn.Module):
 def test_inception_fid_is_used_when_its_weights_are_on_disk(cache, tmp_path, probe, monkeypatch):
     weights = tmp_path / "inception-2015-12-05.pt"
     torch.jit.script(FakeInception()).save(str(weights))
-    monkeypatch.setattr(evaluate_module, "CLEANFID_INCEPTION", weights)  # clean-fid's download location
-    result = run(cache, tmp_path, "inception", noise, probe, n=12, grid=0)  # clean-fid's resize is slow
+    monkeypatch.setattr(eval_features, "CLEANFID_INCEPTION", weights)  # clean-fid's download location
+    result = run(cache, tmp_path, "inception", noise, probe, n=12, grid=0, rerank=2)  # resize is slow
     assert result["fid_features"] == "inception" and result["fid"] == result["fid_inception"]
     assert result["fid_clip"] is not None and result["fid"] != result["fid_clip"]
+    block = result["rerank"]  # the re-ranked FID follows the plain one's features
+    assert block["fid"] == block["fid_inception"] is not None and block["fid"] != block["fid_clip"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -315,7 +318,7 @@ def test_inception_weights_are_read_from_the_file_given(cache, tmp_path, probe, 
     """--inception names a file; any name works (not only clean-fid's inception-2015-12-05.pt)."""
     weights = tmp_path / "my-inception.pt"
     torch.jit.script(FakeInception()).save(str(weights))
-    monkeypatch.setattr(evaluate_module, "CLEANFID_INCEPTION", tmp_path / "absent.pt")
+    monkeypatch.setattr(eval_features, "CLEANFID_INCEPTION", tmp_path / "absent.pt")
     result = run(cache, tmp_path, "named", noise, probe, n=12, grid=0, inception=weights)
     assert result["fid_features"] == "inception" and result["fid_real"] == result["fid_inception_real"]
     assert "FID (Inception features) " in evaluate_module.describe(result)
@@ -325,3 +328,30 @@ def _fake_sampler_module():
     module = types.ModuleType("trainers.sample")
     module.load_generator = lambda ckpt_path, **kwargs: (noise, dict(INFO))
     return module
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Re-ranking: its own block beside the unchanged plain metrics
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_rerank_block_beside_the_plain_metrics(cache, tmp_path, probe):
+    plain = run(cache, tmp_path, "plain", noise, probe, n=16, batch_size=8)
+    ranked = run(cache, tmp_path, "ranked", noise, probe, n=16, batch_size=8, rerank=3)
+    assert "rerank" not in plain and "rerank" not in plain["seconds"] and "rerank" in ranked["seconds"]
+    differ = {"checkpoint", "grid", "seconds", "rerank"}  # names, paths, timings
+    assert {k: v for k, v in ranked.items() if k not in differ} == {
+        k: v for k, v in plain.items() if k not in differ
+    }
+    block = ranked["rerank"]
+    assert block["candidates"] == 3 and block["fid"] == block["fid_clip"] != ranked["fid"]
+    assert block["clip_score"] > ranked["clip_score"] and block["clip_score"] > block["clip_score_candidates"]
+    assert 0 < block["kept_first"] < 1  # noise: the plain draw wins about a third of the time
+    for split in ("", "_held_out_pairs", "_seen_pairs"):
+        assert set(block[f"attribute_accuracy{split}"]) >= {*evaluate_module.ATTRIBUTES, "all"}, split
+    with Image.open(block["grid"]["file"]) as grid:
+        assert grid.size == Image.open(ranked["grid"]["file"]).size
+    line = evaluate_module.describe(ranked)
+    assert f"best of 3 by CLIP: FID {block['fid']}, CLIP score {block['clip_score']}" in line, line
+    with pytest.raises(ConfigError, match="--rerank must be at least 1"):
+        EvalConfig("x", cache, tmp_path / "c", rerank=0).validate()

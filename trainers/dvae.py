@@ -1,0 +1,167 @@
+"""DALL-E's discrete VAE (Ramesh et al. 2021) at small scale: images <-> a grid of K-way codes.
+
+    logits = E(x)                                   [B, K, h, w], h = w = R / downsample
+    y = softmax((logits + g) / tau)                 gumbel-softmax relaxation, g ~ Gumbel(0, 1)
+    z = y . codebook                                [B, D, h, w]: a soft mix of the K code vectors
+    x' = D(z)                                       [B, 3, R, R]
+    loss = |x - x'|^2  +  beta(step) * KL(softmax(logits) || uniform(K))
+
+The temperature tau is annealed from 1 to 1/16 (geometrically) so the relaxed codes become nearly one-hot,
+and beta is warmed up from 0 (linearly): early on the KL term would keep every cell's distribution flat
+before the decoder has learnt what codes mean; later it keeps the whole codebook in use (the uniform
+prior is what the transformer's first guess is). The reconstruction term is the mean squared error,
+not DALL-E's logit-Laplace likelihood: at 32-64 px it is what the held-out PSNR measures.
+
+At encode time the codes are hard: `encode_codes` takes each cell's argmax, and `decode_codes` looks the
+code vectors up, so tokens -> image is deterministic (`decode_tokens`, for the `trainers dalle` sampler).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline.errors import ConfigError
+from trainers.vae import ResBlock, _norm
+
+
+@dataclass(frozen=True)
+class DvaeSize:
+    channels: tuple[int, ...]  # widths at full resolution and after each x2 down (downsample = 2^(len-1))
+    vocab_size: int = 512  # K codes per cell
+    embed_dim: int = 64  # width of a code vector
+
+
+DVAE_SIZES: dict[str, DvaeSize] = {
+    "tiny": DvaeSize((8, 16, 32), vocab_size=64, embed_dim=16),  # tests: x4, 65k parameters
+    "small": DvaeSize((32, 64, 128)),  # x4, K 512, 1.1M: 32 px -> 8 x 8 tokens, 64 px -> 16 x 16
+    "small8": DvaeSize((32, 64, 128, 128)),  # x8, K 512, 2.0M: 64 px -> 8 x 8 tokens
+}
+MAX_VOCAB = 2**15 - 1  # tokens are stored as int16
+
+
+class DiscreteVAE(nn.Module):
+    def __init__(self, arch: dict[str, Any]):
+        super().__init__()
+        widths = list(arch["channels"])
+        k, d = int(arch["vocab_size"]), int(arch["embed_dim"])
+        self.vocab_size, self.grid, self.resolution = k, tuple(arch["grid"]), int(arch["resolution"])
+        enc: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, padding=1)]
+        for c_in, c_out in zip(widths[:-1], widths[1:], strict=True):
+            enc += [ResBlock(c_in, c_in), nn.Conv2d(c_in, c_out, 3, stride=2, padding=1)]  # side / 2
+        enc += [ResBlock(widths[-1], widths[-1]), _norm(widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], k, 1)]
+        self.encoder = nn.Sequential(*enc)
+        self.codebook = nn.Embedding(k, d)
+        dec: list[nn.Module] = [nn.Conv2d(d, widths[-1], 1), ResBlock(widths[-1], widths[-1])]
+        for c_in, c_out in zip(widths[:0:-1], widths[-2::-1], strict=True):
+            dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1)]
+            dec += [ResBlock(c_out, c_out)]  # side * 2
+        dec += [_norm(widths[0]), nn.SiLU(), nn.Conv2d(widths[0], 3, 3, padding=1)]
+        self.decoder = nn.Sequential(*dec)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, R, R] in [-1, 1] -> code logits [B, K, h, w]."""
+        return self.encoder(x)
+
+    def decode_soft(self, y: torch.Tensor) -> torch.Tensor:
+        """Code weights [B, K, h, w] (relaxed or one-hot) -> [B, 3, R, R] (about [-1, 1], not clamped)."""
+        z = torch.einsum("bkhw,kd->bdhw", y, self.codebook.weight)  # [B, D, h, w]
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training pass: (reconstruction [B, 3, R, R], logits [B, K, h, w]); the gumbel noise is drawn from
+        torch's global generator (so a resumed run, which restores it, draws the same)."""
+        logits = self.logits(x)
+        gumbel = -torch.empty_like(logits).exponential_().log()  # [B, K, h, w] ~ Gumbel(0, 1)
+        y = F.softmax((logits + gumbel) / temperature, dim=1)
+        return self.decode_soft(y), logits
+
+    @torch.no_grad()
+    def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, R, R] in [-1, 1] -> hard codes int64 [B, h, w] (each cell's most likely code)."""
+        return self.logits(x).argmax(dim=1)
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """int [B, h, w] -> [B, 3, R, R] (about [-1, 1], not clamped)."""
+        z = self.codebook(codes.long()).permute(0, 3, 1, 2)  # [B, D, h, w]
+        return self.decoder(z)
+
+
+def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(logits) || uniform over K) in nats per cell, averaged over cells and the batch."""
+    log_q = F.log_softmax(logits.float(), dim=1)  # [B, K, h, w]
+    return (log_q.exp() * log_q).sum(dim=1).mean() + math.log(logits.shape[1])
+
+
+def codebook_usage(codes: torch.Tensor, vocab_size: int) -> dict[str, float | int]:
+    """How much of the codebook hard codes (any shape) use: perplexity exp(H(code frequencies)) (K when
+    every code is equally frequent, 1 when one code is everywhere) and the count of codes never used."""
+    counts = torch.bincount(codes.reshape(-1).long(), minlength=vocab_size).double()
+    p = counts / counts.sum().clamp_min(1)
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return {"perplexity": float(entropy.exp()), "dead_codes": int((counts == 0).sum())}
+
+
+def dvae_architecture(size: str, resolution: int) -> dict[str, Any]:
+    if size not in DVAE_SIZES:
+        raise ConfigError(f"--size {size}: choose one of {', '.join(DVAE_SIZES)}")
+    spec = DVAE_SIZES[size]
+    down = 2 ** (len(spec.channels) - 1)
+    if resolution % down:
+        raise ConfigError(f"--cache: images are {resolution}px; --size {size} needs a multiple of {down}")
+    if spec.vocab_size > MAX_VOCAB:
+        raise ConfigError(f"--size {size}: {spec.vocab_size} codes do not fit the int16 token cache")
+    side = resolution // down
+    return {
+        "size": size,
+        "channels": list(spec.channels),
+        "vocab_size": spec.vocab_size,
+        "embed_dim": spec.embed_dim,
+        "downsample": down,
+        "resolution": resolution,
+        "grid": [side, side],  # tokens per image: grid[0] * grid[1], row-major
+    }
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, R, R] about [-1, 1] -> uint8 [B, 3, R, R] on the CPU."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+@torch.no_grad()
+def decode_tokens(model: DiscreteVAE, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Token rows int [N, h*w] (row-major over the grid, as the token cache stores them) -> uint8 images
+    [N, 3, R, R] on the CPU, decoded on the model's device."""
+    h, w = model.grid
+    if tokens.ndim != 2 or tokens.shape[1] != h * w:
+        raise ValueError(f"tokens must be [N, {h * w}] for a {h} x {w} grid, got {list(tokens.shape)}")
+    if len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= model.vocab_size):
+        raise ValueError(f"tokens must be in [0, {model.vocab_size})")
+    device = next(model.parameters()).device
+    out = [
+        to_uint8(model.decode_codes(tokens[i : i + batch_size].to(device).view(-1, h, w)))
+        for i in range(0, len(tokens), batch_size)
+    ]
+    if not out:
+        return torch.zeros((0, 3, model.resolution, model.resolution), dtype=torch.uint8)
+    return torch.cat(out)
+
+
+def load_dvae(path: Path | str, flag: str = "--dvae") -> tuple[DiscreteVAE, dict[str, Any]]:
+    """A `trainers dvae` checkpoint (file or run directory: its latest) -> (model in eval mode, frozen, on
+    the CPU; the checkpoint dict with `path` resolved). Missing, or of another kind: a one-line ConfigError
+    naming `flag`."""
+    from trainers.checkpoints import load_checkpoint, resolve_checkpoint
+
+    path = resolve_checkpoint(path, flag)
+    ckpt = load_checkpoint(path, flag, kinds=("dvae",))
+    model = DiscreteVAE(ckpt["arch"])
+    model.load_state_dict(ckpt["model"])
+    ckpt["path"] = str(path.resolve())
+    return model.eval().requires_grad_(False), ckpt

@@ -1,0 +1,450 @@
+"""`trainers dalle`: train the language-free DALL-E transformer (`trainers/dalle.py`) on a frozen dVAE.
+
+One step, on a batch of real images x with conditions h (unit-norm text-space features):
+
+    tokens = dVAE hard codes of x, row-major [B, h*w]        token cache by key, else encoded now; no grad
+    drop ~ Bernoulli(cond_drop)                              from the run's own seeded generator
+    loss = CE(Transformer([h or null; BOS, tokens[:-1]]), tokens)   mean nats per image token
+    AdamW (decay on matrices and embeddings), linear warmup then cosine to 0, grad-norm clip
+    EMA <- lerp(model, EMA, decay)
+
+The tokens are those of `trainers dvae --cache C --encode DVAE` (`trainers/tokens.py`) where the cache has
+them, looked up by key, and the images' hard codes computed now where it does not (the same numbers); a
+cache whose tokens are all another dVAE's is refused (`--dvae` is then likely the wrong checkpoint). The
+checkpoint records the dVAE's resolved path and content digest: resume and `trainers sample` refuse a dVAE
+that changed since, since the transformer's tokens would mean other images.
+
+Few-shot: `--init CKPT` starts from another `trainers dalle` checkpoint's weights (same architecture and
+dVAE; a fresh optimiser, step 0), and `--condition caption --paired-limit N` trains on N real pairs, as
+`trainers ldm`. Sampling defaults (`guidance`, `temperature`, `top_k`, `top_p`) are recorded for
+`trainers sample` / `trainers eval` (`trainers/dalle_load.py`).
+
+bf16 autocast on CUDA only. Resume is bit-for-bit on the CPU: the checkpoint holds model, EMA, optimiser,
+the dropout generator and every global RNG state, and the loader restarts at `start_step`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import ConfigError, require_at_least
+from trainers.checkpoints import (
+    load_checkpoint,
+    load_init,
+    require_same_arch,
+    resolve_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from trainers.dalle import DALLE_SIZES, DalleTransformer, build_dalle
+from trainers.runs import (
+    DEFAULT_PROMPTS,
+    RunConfig,
+    check_run_name,
+    new_run_dir,
+    resolve_run_config,
+    seed_everything,
+    select_device,
+    trim_metrics,
+    write_pairs,
+    write_run_config,
+)
+
+COND_DROP_STREAM = 31  # SeedSequence tag of the condition-dropout generator (apart from torch's global)
+
+
+@dataclass(frozen=True)
+class DalleConfig(RunConfig):
+    cache: Path | None = None  # feature cache (read-only); on --resume the checkpoint's unless given
+    dvae: Path | None = None  # `trainers dvae` checkpoint (or run dir: its latest), frozen
+    out: Path = Path("runs")  # the run goes to OUT/{idx:03d}-{name}/
+    name: str = "dalle"  # run name (a folder name)
+    size: str = "small"  # DALLE_SIZES entry: tiny (tests), small, base
+    condition: str = "optimize"  # conditioning source: optimize, retrieve, perturb, caption
+    steps: int = 50_000  # total optimisation steps; a resumed run continues up to this
+    batch_size: int = 64  # images per step
+    lr: float = 3e-4  # AdamW peak learning rate
+    weight_decay: float = 0.1  # on matrices and embeddings only (DalleTransformer.param_groups)
+    warmup: int = 1000  # linear warm-up steps (clamped to steps // 2), then cosine to 0
+    grad_clip: float = 1.0  # max global gradient norm, 0 for none
+    seed: int = 0  # init, condition dropout and data order
+    paired_fraction: float = 0.0  # share of samples given their real caption's feature
+    paired_limit: int | None = None  # few-shot: N real pairs (only them with caption, else mixed in)
+    allow_partial: bool = False  # train on the usable shards of a partial cache (see LoaderConfig)
+    init: Path | None = None  # start from this `trainers dalle` checkpoint's weights (same architecture)
+    cond_drop: float = 0.1  # share of samples trained with the null condition (for guidance)
+    n_prefix: int = 4  # prefix slots the condition is projected to
+    dropout: float = 0.0  # attention and residual dropout
+    ema_decay: float = 0.9999  # EMA decay per step (warmed up: min(decay, (1 + step) / (10 + step)))
+    guidance: float = 3.0  # sampling default: l_u + g (l_c - l_u); 0 unconditional, 1 conditional
+    temperature: float = 1.0  # sampling default: logits / temperature
+    top_k: int = 0  # sampling default: keep the k most likely tokens, 0 for all
+    top_p: float = 1.0  # sampling default: nucleus mass kept, 1 for all
+    workers: int = 0  # loader processes
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    checkpoint_every: int = 5000  # steps between checkpoints, 0 for the final one only
+    log_every: int = 10  # steps between metrics.jsonl lines
+    sample_every: int = 1000  # steps between sample grids (EMA model, sampling defaults), 0: final only
+    samples_per_prompt: int = 4  # grid columns; rows are trainers.runs.DEFAULT_PROMPTS
+    resume: Path | None = None  # checkpoint file or run directory (latest checkpoint) to continue
+
+    def validate(self) -> None:
+        from trainers.conditions import check_condition
+        from trainers.dalle_sample import check_sampling
+
+        if self.size not in DALLE_SIZES:
+            raise ConfigError(f"--size {self.size}: choose one of {', '.join(DALLE_SIZES)}")
+        check_condition(self.condition)
+        check_run_name(self.name)
+        require_at_least(
+            ("--steps", self.steps, 1),
+            ("--batch-size", self.batch_size, 1),
+            ("--warmup", self.warmup, 0),
+            ("--seed", self.seed, 0),
+            ("--n-prefix", self.n_prefix, 1),
+            ("--top-k", self.top_k, 0),
+            ("--workers", self.workers, 0),
+            ("--checkpoint-every", self.checkpoint_every, 0),
+            ("--log-every", self.log_every, 1),
+            ("--sample-every", self.sample_every, 0),
+            ("samples_per_prompt", self.samples_per_prompt, 1),
+        )
+        if self.paired_limit is not None and self.paired_limit < 1:
+            raise ConfigError("--paired-limit must be at least 1")
+        if not 0.0 <= self.paired_fraction <= 1.0:
+            raise ConfigError("--paired-fraction must be between 0 and 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError("--lr must be a positive number")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError("--weight-decay must be a number >= 0")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ConfigError("--grad-clip must be a number >= 0 (0: no clipping)")
+        for flag, value in (("--cond-drop", self.cond_drop), ("--dropout", self.dropout)):
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{flag} must be in [0, 1)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError("ema_decay must be in [0, 1)")
+        check_sampling(**sampling_options(self))
+        if self.cache is None:
+            raise ConfigError("--cache is required: the feature cache made by `pipeline embed` (or --resume)")
+        if self.dvae is None:
+            raise ConfigError("--dvae is required: a `trainers dvae` checkpoint or run directory")
+        if self.init is not None and self.resume is not None:
+            raise ConfigError("--init starts a new run from weights; --resume continues one: give one")
+
+
+def sampling_options(config: Any) -> dict[str, Any]:
+    """The sampling defaults of a DalleConfig (or its dict) as `sample_tokens` arguments (0 / 1: off)."""
+    get = config.get if isinstance(config, dict) else lambda k, d: getattr(config, k, d)
+    top_k, top_p = int(get("top_k", 0)), float(get("top_p", 1.0))
+    return {
+        "guidance": float(get("guidance", 1.0)),
+        "temperature": float(get("temperature", 1.0)),
+        "top_k": top_k or None,
+        "top_p": top_p if top_p < 1 else None,
+    }
+
+
+# What a resumed run may change; anything else given must match the checkpoint (trainers.runs). `dvae`:
+# the same dVAE moved (its digest must be the recorded one).
+RESUME_OVERRIDABLE = (
+    *("cache", "dvae", "allow_partial", "steps", "checkpoint_every", "log_every", "device", "workers"),
+    *("guidance", "temperature", "top_k", "top_p", "sample_every", "samples_per_prompt"),
+)
+
+
+def resolve_config(
+    values: dict[str, Any], resume: Path | str | None = None
+) -> tuple[DalleConfig, dict | None]:
+    """CLI values -> config, or the resumed checkpoint's with the allowed overrides (trainers.runs)."""
+    return resolve_run_config(DalleConfig, "dalle", RESUME_OVERRIDABLE, values, resume)
+
+
+def lr_at(step: int, config: DalleConfig) -> float:
+    """Learning rate of step `step` (0-based): linear warm-up, then cosine from `lr` to 0 at `steps`."""
+    warmup = min(config.warmup, config.steps // 2)
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, config.steps - warmup)
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def drop_generator(seed: int) -> torch.Generator:
+    """The condition-dropout draws' own CPU generator (device-independent, saved in checkpoints)."""
+    import numpy as np
+
+    state = np.random.SeedSequence([seed, COND_DROP_STREAM]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & (2**63 - 1))
+
+
+class DalleTrainer:
+    """Model, EMA, optimiser, frozen dVAE and one training step; no files, no loader."""
+
+    def __init__(
+        self, config: DalleConfig, model: DalleTransformer, dvae: torch.nn.Module, device: torch.device
+    ):
+        self.config, self.device = config, device
+        self.model = model.to(device)
+        self.arch = model.architecture()
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.dvae = dvae.to(device)
+        self.opt = torch.optim.AdamW(
+            self.model.param_groups(config.weight_decay), lr=config.lr, betas=(0.9, 0.95)
+        )
+        self.drop_rng = drop_generator(config.seed)
+        self.amp = device.type == "cuda"
+        self.step = 0
+        self.token_cache = None  # trainers.tokens.TokenCache of this dVAE (`trainers dvae --encode`), if any
+
+    def autocast(self):
+        if self.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def tokens(self, images: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor:
+        """[B, 3, R, R] in [-1, 1] -> dVAE tokens int64 [B, h*w]: cached ones by key, the rest encoded now
+        (in fp32, outside autocast: the cache holds fp32 argmaxes)."""
+        from trainers.tokens import tokens_for
+
+        return tokens_for(self.dvae, images, keys, self.token_cache, self.device)
+
+    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        tokens = self.tokens(batch["image"], batch.get("key"))  # [B, h*w]
+        h = batch["cond"].to(self.device, non_blocking=True).float()  # [B, D]
+        lr = lr_at(self.step, self.config)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        with self.autocast():
+            loss = self.model.loss(h, tokens, cond_drop=self.config.cond_drop, generator=self.drop_rng)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = self.config.grad_clip or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.opt.step()
+        self.step += 1
+        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
+        torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1.0 - decay)
+        return {"loss": loss.detach(), "grad_norm": grad_norm.detach(), "lr": torch.tensor(lr)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "opt": self.opt.state_dict(),
+            "drop_rng": self.drop_rng.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], weights_only: bool = False) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        if not weights_only:
+            self.opt.load_state_dict(state["opt"])
+            self.drop_rng.set_state(state["drop_rng"])
+
+
+INIT_HINT = "use a checkpoint trained with the same --size, --n-prefix, dVAE grid and vocabulary and CLIP"
+ARCH_KEYS_CHECKED_BY_INIT = ("depth", "width", "heads", "vocab", "grid_h", "grid_w", "cond_dim", "n_prefix")
+
+
+@dataclass
+class DalleResult:
+    run_dir: Path
+    step: int  # steps done in total (including those before a resume)
+    checkpoint: Path | None  # the last checkpoint written
+    losses: dict[str, float]  # of the last logged step ({} when a resumed run had nothing to do)
+    images_per_s: float
+    data: dict[str, Any]  # what the loader used: LoaderInfo.record() and pairs
+    samples: list[Path] = field(default_factory=list)  # sample grids written
+    vocab: int = 0  # K: the loss of a uniform guess is ln K
+
+
+def _load_frozen_dvae(config: DalleConfig, resume_state: dict | None):
+    """(dVAE, its checkpoint, digest): --dvae, or on resume the recorded one unless --dvae names it moved;
+    a resumed run refuses a dVAE whose content differs from the one it was trained with."""
+    from pipeline.paths import absolute
+    from trainers.dvae import load_dvae
+    from trainers.tokens import dvae_digest
+
+    path = config.dvae
+    if resume_state is not None and absolute(config.dvae) == resume_state["config"].get("dvae"):
+        path = resume_state["dvae"]["path"]  # the file it used, even if the run dir has newer ones
+    dvae, ckpt = load_dvae(path, "--dvae")
+    digest = dvae_digest(ckpt["path"])
+    if resume_state is not None and digest != resume_state["dvae"]["digest"]:
+        raise ConfigError(
+            f"--dvae {ckpt['path']}: not the dVAE this run was trained with (its content changed since); "
+            "resume with that checkpoint, or start a new run"
+        )
+    return dvae, ckpt, digest
+
+
+def run_dalle(config: DalleConfig, resume_state: dict | None = None, progress: Any = None) -> DalleResult:
+    """Train (or continue) a run; checkpoints, config.json, metrics.jsonl and sample grids in its dir."""
+    from trainers.data import LoaderConfig, make_loader
+    from trainers.embed_rows import cache_clip
+    from trainers.tokens import load_token_cache, require_token_cache
+
+    config.validate()
+    device = select_device(config.device)
+    if config.resume is not None:
+        resume_path = resolve_checkpoint(config.resume, "--resume")
+        resume_state = resume_state or load_checkpoint(resume_path, "--resume", kinds=("dalle",))
+        if int(resume_state["step"]) >= config.steps:
+            step = int(resume_state["step"])
+            return DalleResult(resume_path.parent, step, resume_path, {}, 0.0, resume_state.get("data", {}))
+    init_path, init_state = load_init(config.init, "dalle") if config.init is not None else (None, None)
+    clip = cache_clip(config.cache)
+    dvae, dvae_ckpt, digest = _load_frozen_dvae(config, resume_state)
+    if init_state is not None and init_state["dvae"]["digest"] != digest:
+        raise ConfigError(
+            f"--init {init_path}: trained on the tokens of another dVAE ({init_state['dvae']['path']}); "
+            "give that checkpoint as --dvae"
+        )
+    token_cache = load_token_cache(config.cache, dvae_ckpt["path"])
+    if token_cache is None and any(Path(config.cache).glob("tokens/*/_manifests/*.json")):
+        require_token_cache(config.cache, dvae_ckpt["path"])  # only another dVAE's: the one-line error
+    dvae_arch = dvae_ckpt["arch"]
+    loader_config = LoaderConfig(
+        cache=Path(config.cache),
+        condition=config.condition,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        workers=config.workers,
+        paired_fraction=config.paired_fraction,
+        paired_limit=config.paired_limit,
+        allow_partial=config.allow_partial,
+    )
+    start_step = 0 if resume_state is None else int(resume_state["step"])
+    batches = make_loader(loader_config, start_step=start_step)
+    info = batches.info
+    if info.image_size != dvae_arch["resolution"]:
+        raise ConfigError(
+            f"--dvae {dvae_ckpt['path']}: trained on {dvae_arch['resolution']}px images, the cache has "
+            f"{info.image_size}px ones"
+        )
+    if info.dim != int(clip.dim):
+        raise ConfigError(f"--cache {config.cache}: conditions are {info.dim}-d but its CLIP is {clip.dim}-d")
+    data = info.record()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    from pipeline.clip import encode_texts, load_clip
+    from trainers.dalle_sample import sample_tokens
+    from trainers.dvae import decode_tokens
+    from trainers.sample import write_grid
+
+    text_clip = load_clip(clip.clip_model, clip.clip_pretrained or None, str(device))  # seeds torch: first
+    prompt_h = encode_texts(text_clip, list(DEFAULT_PROMPTS)).clone()  # [P, D]; clone: out of inference mode
+    grid_h = prompt_h.repeat_interleave(config.samples_per_prompt, dim=0)  # [P * n, D]
+    del text_clip
+    seed_everything(config.seed)
+    if resume_state is None:
+        model = DalleTransformer(
+            config.size,
+            vocab=int(dvae_arch["vocab_size"]),
+            grid=tuple(dvae_arch["grid"]),
+            cond_dim=info.dim,
+            n_prefix=config.n_prefix,
+            dropout=config.dropout,
+        )
+    else:
+        model = build_dalle(resume_state["arch"])
+    trainer = DalleTrainer(config, model, dvae, device)
+    trainer.token_cache = token_cache
+    arch = trainer.arch
+    if init_state is not None:
+        require_same_arch(init_path, init_state["arch"], arch, ARCH_KEYS_CHECKED_BY_INIT, INIT_HINT)
+    clip_args = {"model": clip.clip_model, "pretrained": clip.clip_pretrained, "dim": int(clip.dim)}
+    dvae_args = {
+        "path": dvae_ckpt["path"],
+        "step": int(dvae_ckpt["step"]),
+        "digest": digest,
+        "arch": dvae_arch,
+    }
+    if resume_state is None:
+        if init_state is not None:
+            trainer.load_state_dict(init_state, weights_only=True)
+        run_dir = new_run_dir(config.out, config.name)
+        write_pairs(run_dir, info.pair_keys)
+    else:
+        trainer.load_state_dict(resume_state)
+        trainer.step = start_step
+        restore_rng(resume_state["rng"])
+        run_dir = resume_path.parent
+        trim_metrics(run_dir / "metrics.jsonl", start_step)
+    tokens = {
+        "stage": token_cache.stage if token_cache else None,
+        "cached": len(token_cache) if token_cache else 0,
+    }
+    write_run_config(
+        run_dir,
+        {
+            "kind": "dalle",
+            **config.to_dict(),
+            "arch": arch,
+            "clip": clip_args,
+            "dvae_ckpt": dvae_args,
+            "data": data,
+            "tokens": tokens,
+        },
+    )
+    result = DalleResult(run_dir, start_step, None, {}, 0.0, data, vocab=arch["vocab"])
+    t0, images = time.perf_counter(), 0
+    with open(run_dir / "metrics.jsonl", "a") as log:
+        for step in range(start_step, config.steps):
+            batch = next(batches)
+            losses = trainer.train_step(batch)
+            done, images = step + 1, images + batch["image"].shape[0]
+            last = done == config.steps
+            if done % config.log_every == 0 or last:
+                result.losses = {k: float(v) for k, v in losses.items()}
+                result.images_per_s = images / (time.perf_counter() - t0)
+                log.write(
+                    json.dumps({"step": done, **result.losses, "images_per_s": result.images_per_s}) + "\n"
+                )
+                log.flush()
+            if progress is not None:
+                progress(1)
+            if (config.checkpoint_every and done % config.checkpoint_every == 0) or last:
+                state = {
+                    "kind": "dalle",
+                    "config": config.to_dict(),
+                    "arch": arch,
+                    "clip": clip_args,
+                    "dvae": dvae_args,
+                    "data": data,
+                    "tokens": tokens,
+                    **trainer.state_dict(),
+                }
+                result.checkpoint = save_checkpoint(run_dir, done, state)
+            if (config.sample_every and done % config.sample_every == 0) or last:
+                # sample_tokens draws from its own seeded generator: a grid does not move the training RNG
+                with trainer.autocast():
+                    grid_tokens = sample_tokens(
+                        trainer.ema, grid_h.to(device), seed=config.seed, **sampling_options(config)
+                    )  # [P * n, h*w]
+                path = run_dir / f"samples-{done:07d}.png"
+                grid = decode_tokens(trainer.dvae, grid_tokens)  # [P * n, 3, R, R] uint8
+                write_grid(path, grid, list(DEFAULT_PROMPTS), config.samples_per_prompt)
+                result.samples.append(path)
+            result.step = done
+    return result
+
+
+def describe(result: DalleResult) -> str:
+    data = result.data
+    return (
+        f"dalle: step {result.step:,}, loss {result.losses['loss']:.4f} nats/token (uniform "
+        f"{math.log(result.vocab):.2f}), {data['n_images']:,} images ({data['pairs']:,} pairs), "
+        f"{result.images_per_s:,.1f} img/s -> {result.checkpoint}"
+    )

@@ -1,0 +1,254 @@
+"""`trainers dvae`: train the discrete VAE (`trainers/dvae.py`) on the cache's images.
+
+One step, on a batch of real images x in [-1, 1] (the conditions are not used):
+
+    tau  = tau_start * (tau_end / tau_start) ** min(1, step / anneal_steps)     1 -> 1/16 by default
+    beta = kl_weight * min(1, step / kl_warmup)
+    x', logits = dVAE(x, tau)                                                  gumbel-softmax codes
+    loss = mean |x - x'|^2 + beta * KL(softmax(logits) || uniform)             KL in nats per cell
+
+A held-out slice of the cache (`eval_n` images, a fixed seeded choice: `trainers.vae.split_cache`, the
+same split `trainers vae` makes) is never trained on. eval.json reports, on it and with hard (argmax)
+codes: the reconstruction PSNR beside the PSNR of the held-out mean image (a reconstruction that does not
+beat it has learnt nothing per image), and codebook usage: the perplexity of the code frequencies (of K)
+and the number of dead codes (never chosen).
+
+Resume is bit-for-bit on the CPU, as `trainers ldm`: the checkpoint holds model, optimiser, step, config
+and every global RNG state (the gumbel noise comes from torch's), and the loader restarts at the step.
+`trainers dvae --encode CKPT` then writes the token cache (`trainers/tokens.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import ConfigError, require_at_least
+from trainers.dvae import DVAE_SIZES, DiscreteVAE, codebook_usage, dvae_architecture, kl_to_uniform
+from trainers.runs import RunConfig, check_run_name
+
+
+@dataclass(frozen=True)
+class DvaeConfig(RunConfig):
+    cache: Path | None = None  # feature cache (its images); on --resume the checkpoint's unless given
+    out: Path = Path("runs")  # the run goes to OUT/{idx:03d}-{name}/
+    name: str = "dvae"  # run name (a folder name)
+    size: str = "small"  # DVAE_SIZES entry: tiny (tests), small (x4), small8 (x8)
+    steps: int = 20_000  # total optimisation steps; a resumed run continues up to this
+    batch_size: int = 32  # images per step
+    lr: float = 1e-3  # Adam learning rate
+    seed: int = 0  # init, gumbel noise, data order and the held-out choice
+    # beta once warmed up, on the KL in nats per cell (the MSE is per element). Tiny, 400 steps on 32 px:
+    # 1e-3 -> perplexity 2.2 of 64, 20.0 dB; 0.02 -> 5.1, 21.0 dB; 0.1 -> 2.6, 17.2 dB
+    kl_weight: float = 0.02
+    kl_warmup: int = 5000  # steps over which beta rises linearly from 0 (0: from the start)
+    tau_start: float = 1.0  # gumbel-softmax temperature at step 0
+    tau_end: float = 1 / 16  # ... reached at anneal_steps, kept after
+    anneal_steps: int = 10_000  # steps of the geometric temperature schedule
+    eval_n: int = 64  # held-out images for eval.json (never trained on)
+    allow_partial: bool = False  # train on the usable shards of a partial cache (trainers.data.LoaderConfig)
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    checkpoint_every: int = 5000  # steps between checkpoints, 0 for the final one only
+    log_every: int = 10  # steps between metrics.jsonl lines
+    resume: Path | None = None  # checkpoint file or run directory (latest checkpoint) to continue
+
+    def validate(self) -> None:
+        if self.size not in DVAE_SIZES:
+            raise ConfigError(f"--size {self.size}: choose one of {', '.join(DVAE_SIZES)}")
+        if self.cache is None:
+            raise ConfigError("--cache is required: the feature cache made by `pipeline embed` (or --resume)")
+        check_run_name(self.name)
+        require_at_least(
+            ("--steps", self.steps, 1),
+            ("--batch-size", self.batch_size, 1),
+            ("--seed", self.seed, 0),
+            ("--eval-n", self.eval_n, 1),
+            ("--kl-warmup", self.kl_warmup, 0),
+            ("--anneal-steps", self.anneal_steps, 1),
+            ("--checkpoint-every", self.checkpoint_every, 0),
+            ("--log-every", self.log_every, 1),
+        )
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError("--lr must be a positive number")
+        if not (math.isfinite(self.kl_weight) and self.kl_weight >= 0):
+            raise ConfigError(f"--kl-weight must be a number >= 0, got {self.kl_weight}")
+        for flag, tau in (("--tau-start", self.tau_start), ("--tau-end", self.tau_end)):
+            if not (math.isfinite(tau) and tau > 0):
+                raise ConfigError(f"{flag} must be a positive number, got {tau}")
+
+
+# What a resumed run may change; anything else given must match the checkpoint (trainers.runs).
+RESUME_OVERRIDABLE = ("cache", "allow_partial", "steps", "checkpoint_every", "log_every", "device")
+
+
+def resolve_config(
+    values: dict[str, Any], resume: Path | str | None = None
+) -> tuple[DvaeConfig, dict | None]:
+    """CLI values -> config, or the resumed checkpoint's with the allowed overrides (trainers.runs)."""
+    from trainers.runs import resolve_run_config
+
+    return resolve_run_config(DvaeConfig, "dvae", RESUME_OVERRIDABLE, values, resume)
+
+
+class DvaeTrainer:
+    """Model, optimiser, the two schedules and one step; no files, no loader."""
+
+    def __init__(self, config: DvaeConfig, arch: dict, device: torch.device):
+        self.config, self.arch, self.device = config, arch, device
+        self.model = DiscreteVAE(arch).to(device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.step = 0  # steps taken; both schedules read it
+
+    def temperature(self) -> float:
+        cfg = self.config
+        return cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** min(1.0, self.step / cfg.anneal_steps)
+
+    def kl_beta(self) -> float:
+        cfg = self.config
+        return cfg.kl_weight * (min(1.0, self.step / cfg.kl_warmup) if cfg.kl_warmup else 1.0)
+
+    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        x = batch["image"].to(self.device, non_blocking=True).float()  # [B, 3, R, R]
+        tau, beta = self.temperature(), self.kl_beta()
+        recon, logits = self.model(x, tau)  # [B, 3, R, R], [B, K, h, w]
+        mse = F.mse_loss(recon, x)
+        kl = kl_to_uniform(logits)
+        loss = mse + beta * kl
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.step += 1
+        usage = codebook_usage(logits.detach().argmax(dim=1), self.model.vocab_size)
+        return {
+            "loss": loss.detach(),
+            "mse": mse.detach(),
+            "kl": kl.detach(),
+            "tau": torch.tensor(tau),
+            "kl_beta": torch.tensor(beta),
+            "batch_perplexity": torch.tensor(usage["perplexity"]),  # of this batch's hard codes
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+
+
+@torch.no_grad()
+def evaluate_dvae(model: DiscreteVAE, images: torch.Tensor, batch_size: int = 64) -> dict[str, Any]:
+    """Held-out figures of `images` float [N, 3, R, R] in [-1, 1], with hard codes: reconstruction PSNR,
+    the mean image's PSNR (the reference to beat), codebook perplexity and dead codes."""
+    from trainers.vae import psnr
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    scores, codes = [], []
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size].to(device).float()
+        c = model.encode_codes(x)  # [b, h, w]
+        scores.append(psnr(model.decode_codes(c), x).cpu())
+        codes.append(c.cpu())
+    model.train(was_training)
+    mean_image = images.float().mean(dim=0, keepdim=True).expand_as(images)  # [N, 3, R, R]
+    usage = codebook_usage(torch.cat(codes), model.vocab_size)
+    return {
+        "psnr_db": float(torch.cat(scores).mean()),
+        "mean_image_psnr_db": float(psnr(mean_image, images.float()).mean()),
+        **usage,
+        "vocab_size": model.vocab_size,
+        "n_eval": len(images),
+    }
+
+
+@dataclass
+class DvaeResult:
+    run_dir: Path
+    step: int  # steps done in total (including those before a resume)
+    checkpoint: Path | None  # the last checkpoint written
+    losses: dict[str, float]  # of the last logged step ({} when a resumed run had nothing to do)
+    eval: dict[str, Any] = field(default_factory=dict)  # what eval.json holds
+    images_per_s: float = 0.0
+
+    @property
+    def psnr(self) -> float | None:
+        """Held-out reconstruction PSNR (dB) with hard codes, as `trainers vae` reports its own."""
+        return self.eval.get("psnr_db")
+
+
+def run_dvae(config: DvaeConfig, progress: Any = None, *, resume_state: dict | None = None) -> DvaeResult:
+    """Train (or, with `config.resume`, continue) a run; config.json, checkpoints, metrics.jsonl and
+    eval.json in its directory. `progress(n)` is called after each step."""
+    from manifests import write_json_atomic
+    from trainers.checkpoints import load_checkpoint, resolve_checkpoint, restore_rng, save_checkpoint
+    from trainers.runs import new_run_dir, seed_everything, select_device, trim_metrics, write_run_config
+    from trainers.vae import split_cache
+
+    config.validate()
+    device = select_device(config.device)
+    start_step = 0
+    if config.resume is not None:
+        resume_path = resolve_checkpoint(config.resume, "--resume")
+        resume_state = resume_state or load_checkpoint(resume_path, "--resume", kinds=("dvae",))
+        start_step = int(resume_state["step"])
+        if start_step >= config.steps:  # nothing to do: say so, touch nothing
+            return DvaeResult(resume_path.parent, start_step, resume_path, {})
+    loader, eval_images, info = split_cache(config, start_step)
+    arch = dvae_architecture(config.size, int(eval_images.shape[-1]))
+    if resume_state is not None and resume_state["arch"] != arch:
+        raise ConfigError(
+            f"--resume {config.resume}: trained on {resume_state['arch']['resolution']}px images, the cache "
+            f"has {arch['resolution']}px ones (resume with the cache the run was trained on)"
+        )
+    seed_everything(config.seed)
+    trainer = DvaeTrainer(config, arch, device)
+    data = {**info.record(), "n_train": len(loader.dataset), "n_eval": len(eval_images)}
+    if resume_state is None:
+        run_dir = new_run_dir(config.out, config.name)
+    else:
+        trainer.load_state_dict(resume_state)
+        trainer.step = start_step
+        restore_rng(resume_state["rng"])
+        run_dir = resume_path.parent
+        trim_metrics(run_dir / "metrics.jsonl", start_step)
+    write_run_config(run_dir, {"kind": "dvae", **config.to_dict(), "arch": arch, "data": data})
+    result = DvaeResult(run_dir, start_step, None, {})
+    t0, images = time.perf_counter(), 0
+    with open(run_dir / "metrics.jsonl", "a") as log:
+        for step in range(start_step, config.steps):
+            batch = next(loader)
+            losses = trainer.train_step(batch)
+            done, images = step + 1, images + batch["image"].shape[0]
+            last = done == config.steps
+            if done % config.log_every == 0 or last:
+                result.losses = {k: float(v) for k, v in losses.items()}
+                log.write(json.dumps({"step": done, **result.losses}) + "\n")
+                log.flush()
+            if progress is not None:
+                progress(1)
+            if (config.checkpoint_every and done % config.checkpoint_every == 0) or last:
+                state = {"kind": "dvae", "config": config.to_dict(), "arch": arch, "data": data}
+                result.checkpoint = save_checkpoint(run_dir, done, {**state, **trainer.state_dict()})
+            result.step = done
+    result.images_per_s = images / max(time.perf_counter() - t0, 1e-9)
+    result.eval = {"step": result.step, **evaluate_dvae(trainer.model, eval_images), **result.losses}
+    write_json_atomic(run_dir / "eval.json", {**result.eval, "training_data": data})
+    return result
+
+
+def describe(result: DvaeResult) -> str:
+    ev = result.eval
+    return (
+        f"dvae: step {result.step:,}, loss {result.losses['loss']:.4f}, held-out PSNR {ev['psnr_db']:.2f} dB "
+        f"(mean image {ev['mean_image_psnr_db']:.2f} dB), codebook perplexity {ev['perplexity']:.1f} of "
+        f"{ev['vocab_size']}, {ev['dead_codes']} dead -> {result.checkpoint}"
+    )
