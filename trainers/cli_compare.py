@@ -18,7 +18,9 @@ def compare_command(
     out: Annotated[
         Path, typer.Option("--out", help="Comparison directory: runs/, results.csv, report.md, figures.")
     ],
-    generator: Annotated[str, typer.Option("--generator", help="gan, or ldm (one shared VAE).")] = "gan",
+    generator: Annotated[
+        str, typer.Option("--generator", help="gan, ldm (one shared VAE) or dalle (one shared dVAE).")
+    ] = "gan",
     conditions: Annotated[
         str,
         typer.Option(
@@ -73,10 +75,12 @@ def compare_command(
         ),
     ] = None,
     vae_size: Annotated[
-        str | None, typer.Option("--vae-size", help="ldm: the shared VAE's size.", show_default=False)
+        str | None,
+        typer.Option("--vae-size", help="ldm, dalle: the shared VAE's or dVAE's size.", show_default=False),
     ] = None,
     vae_steps: Annotated[
-        int | None, typer.Option("--vae-steps", help="ldm: the shared VAE's steps.", show_default=False)
+        int | None,
+        typer.Option("--vae-steps", help="ldm, dalle: the shared VAE's or dVAE's steps.", show_default=False),
     ] = None,
     sample_steps: Annotated[
         int | None,

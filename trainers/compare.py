@@ -6,14 +6,15 @@ rate, is evaluated by `trainers eval` with the same n, prompts and seed, and is 
 prompts. The report (trainers/compare_report.py) puts the runs side by side, with the chance and
 real-image rows, and the feature-level Lafite2 Figure 1 histograms (trainers/compare_features.py).
 
-    OUT/runs/{condition}-s{seed}/000-{gan|ldm}/     the run (its final checkpoint, config.json, metrics;
+    OUT/runs/{condition}-s{seed}/000-{family}/      the run (its final checkpoint, config.json, metrics;
                                                     pairs.txt for the few-shot arms)
     OUT/runs/{condition}-s{seed}/eval/eval.json     `trainers eval` of it
     OUT/runs/{condition}-s{seed}/samples.png        `trainers sample` of the sample prompts (+ samples/)
-    OUT/runs/pretrain-s{seed}/000-{gan|ldm}/        fewshot arms only: the seed's shared pre-training
-    OUT/vae/000-vae/                                ldm only: one VAE, trained once, shared by every run
+    OUT/runs/pretrain-s{seed}/000-{family}/         fewshot arms only: the seed's shared pre-training
+    OUT/vae/000-vae/                                ldm: one VAE, trained once, shared by every run
+    OUT/dvae/000-dvae/                              dalle: one dVAE, the same way
     OUT/_manifests/{condition}-s{seed}.json         the run's commit point, written last
-    OUT/_manifests/vae.json
+    OUT/_manifests/vae.json (or dvae.json)
     OUT/results.json, results.csv, report.md, accuracy_bars.png, samples.png (+ fewshot.png with arms)
     OUT/features.json, features.md, similarity_histograms.png       (feature level, no training)
 
@@ -25,11 +26,11 @@ Keyed params: the generator's whole config except where it writes and how it run
 workers, how often it logs, samples and checkpoints), the eval settings (n, seed, batch, prompts) and the
 sample prompts and seed. Deps: the cache CLIP's identity; the output digests of the stages the condition
 reads (embed tars and sidecars for all; + optimize; + retrieve and captions); the probe (its config, or
-the --probe file's content); for ldm the shared VAE checkpoint's content digest; for a fewshot arm its
-pre-training checkpoint's (the arms: trainers/compare_arms.py). So a rerun does nothing when every run is
-committed, changing the budget reruns every run, adding a condition or a seed runs only the new ones, and
-a run killed at any instant (a run directory without a matching manifest) is removed and redone. The
-whole compare holds OUT/.lock.
+the --probe file's content); for ldm and dalle the shared VAE's or dVAE's checkpoint content digest; for
+a fewshot arm its pre-training checkpoint's (the arms: trainers/compare_arms.py). So a rerun does nothing
+when every run is committed, changing the budget reruns every run, adding a condition or a seed runs only
+the new ones, and a run killed at any instant (a run directory without a matching manifest) is removed
+and redone. The whole compare holds OUT/.lock.
 """
 
 from __future__ import annotations
@@ -50,21 +51,20 @@ from manifests.manifest import MANIFEST_DIR
 from pipeline.errors import ConfigError, require_at_least
 from trainers.compare_arms import Arm, parse_arm
 from trainers.compare_units import (
-    VAE_UNIT,
     Unit,
+    autoencoder_unit,
     cache_deps,
     check_unit,
+    do_autoencoder,
     do_pretrain,
     do_run,
-    do_vae,
     pretrain_units,
     probe_config,
     probe_dep,
     run_units,
     unit_checkpoint,
-    vae_unit,
 )
-from trainers.generators import FAMILIES, member
+from trainers.generators import FAMILIES, autoencoder_kinds, member
 
 GENERATORS = tuple(FAMILIES)
 CONDITIONS = ("perturb", "retrieve", "optimize", "caption")  # trainers.conditions.CONDITIONS, in report order
@@ -85,18 +85,23 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "ldm": dict(
             size="tiny", steps=2, batch_size=4, eval_n=16, vae_size="tiny", vae_steps=2, sample_steps=4
         ),
+        "dalle": dict(size="tiny", steps=2, batch_size=4, eval_n=16, vae_size="tiny", vae_steps=2),
         "probe": dict(probe_n_train=64, probe_epochs=1, probe_n_eval=0),
     },
     # about 10 minutes on 2 cores for 2 conditions x 2 seeds, 32 px
     "cpu": {
         "gan": dict(size="tiny", steps=1000, batch_size=32, eval_n=500),
         "ldm": dict(size="tiny", steps=6000, batch_size=32, eval_n=500, vae_size="tiny", vae_steps=2000),
+        "dalle": dict(size="tiny", steps=3000, batch_size=32, eval_n=500, vae_size="small", vae_steps=2000),
         "probe": dict(),
     },
     # one GPU: the small (64 px) and S sizes, the single-run commands' GPU-scale defaults
     "gpu": {
         "gan": dict(size="small", steps=20_000, batch_size=64, eval_n=5000),
         "ldm": dict(size="S", steps=50_000, batch_size=64, eval_n=5000, vae_size="small", vae_steps=10_000),
+        "dalle": dict(
+            size="small", steps=50_000, batch_size=64, eval_n=5000, vae_size="small", vae_steps=10_000
+        ),
         "probe": dict(),
     },
 }
@@ -106,11 +111,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 class CompareConfig:
     cache: Path  # the feature cache every run trains on and is evaluated against
     out: Path  # the comparison directory (layout in the module docstring)
-    generator: str = "gan"  # gan (trainers gan) or ldm (trainers vae once + trainers ldm)
+    generator: str = "gan"  # gan, ldm (trainers vae once + trainers ldm) or dalle (trainers dvae + dalle)
     conditions: tuple[str, ...] = CONDITIONS  # conditioning sources compared, in report order
     seeds: tuple[int, ...] = (0, 1)  # one run per (condition, seed); the spread over seeds is the error bar
     preset: str = "cpu"  # smoke | cpu | gpu: where the budget below came from (recorded only)
-    size: str = "tiny"  # generator size: trainers.gan.GAN_SIZES or trainers.ldm.LDM_SIZES entry
+    size: str = "tiny"  # generator size: an entry of its family's size registry (trainers.generators)
     steps: int = 1000  # training steps of every run
     batch_size: int = 32  # images per step of every run (and of the VAE)
     lr: float | None = None  # learning rate of every run; None: the generator's default
@@ -121,8 +126,8 @@ class CompareConfig:
     probe_n_train: int = 6000  # the probe's rendered training images (trainers.probe.ProbeConfig)
     probe_epochs: int = 6  # the probe's passes over them
     probe_n_eval: int = 1000  # the probe's own held-out check (recorded in its file)
-    vae_size: str = "tiny"  # ldm: trainers.vae.VAE_SIZES entry of the shared VAE
-    vae_steps: int = 2000  # ldm: the shared VAE's training steps
+    vae_size: str = "tiny"  # ldm, dalle: the shared autoencoder's size (VAE_SIZES, DVAE_SIZES entry)
+    vae_steps: int = 2000  # ldm, dalle: the shared autoencoder's training steps
     sample_steps: int = 50  # ldm: sampler steps in eval and samples
     sample_prompts: tuple[str, ...] | None = None  # samples.png rows; None: pipeline.demo.DEMO_PROMPTS
     sample_seed: int = 0  # noise of the sample images
@@ -153,7 +158,6 @@ class CompareConfig:
 
     def validate(self) -> None:
         from trainers.conditions import check_condition
-        from trainers.vae import VAE_SIZES
 
         if self.generator not in GENERATORS:
             raise ConfigError(f"--generator {self.generator}: choose one of {', '.join(GENERATORS)}")
@@ -180,8 +184,11 @@ class CompareConfig:
         sizes = member(FAMILIES[self.generator].sizes)
         if self.size not in sizes:
             raise ConfigError(f"--size {self.size}: the {self.generator} sizes are {', '.join(sizes)}")
-        if self.generator == "ldm" and self.vae_size not in VAE_SIZES:
-            raise ConfigError(f"--vae-size {self.vae_size}: choose one of {', '.join(VAE_SIZES)}")
+        autoencoder = FAMILIES[self.generator].autoencoder
+        if autoencoder is not None and self.vae_size not in (vae_sizes := member(autoencoder.sizes)):
+            raise ConfigError(
+                f"--vae-size {self.vae_size}: the {autoencoder.title} sizes are {', '.join(vae_sizes)}"
+            )
         require_at_least(
             ("--steps", self.steps, 1),
             ("--batch-size", self.batch_size, 2),  # the GAN's InfoNCE contrasts within the batch
@@ -250,8 +257,10 @@ def command_line(config: CompareConfig) -> str:
         parts.append(f"--probe {config.probe}")
     if config.allow_partial:
         parts.append("--allow-partial")
-    if config.generator == "ldm":
+    family = FAMILIES[config.generator]
+    if family.autoencoder is not None:
         parts.append(f"--vae-size {config.vae_size} --vae-steps {config.vae_steps}")
+    if "steps" in family.sampler:
         parts.append(f"--sample-steps {config.sample_steps}")
     if config.arms:
         parts.append(f"--language-free {config.language_free} --finetune-share {config.finetune_share}")
@@ -286,7 +295,7 @@ def noop_progress(**_: Any) -> None:
 @dataclass
 class Plan:
     units: list[Unit]  # the evaluated runs, in report order
-    vae: Unit | None  # ldm: the shared VAE
+    vae: Unit | None  # the shared autoencoder (ldm: VAE, dalle: dVAE); None for the gan
     pretrains: list[Unit]  # the fewshot arms' pre-training, one per seed (none without a fewshot arm)
     probe: Dep  # the probe every eval uses, as a dep of every run
     reasons: dict[str, str | None]  # unit -> why it must be (re)made, None when committed
@@ -297,9 +306,6 @@ class Plan:
         return [u for u in units if self.reasons[u.name] is not None]
 
 
-VAE_FIRST = "the shared VAE is trained first"
-
-
 def plan_compare(config: CompareConfig) -> Plan:
     """Which units are committed and which must run (and why), reading only manifests and file stats.
     A unit whose prerequisite is still to make (the shared VAE; a fewshot run's pre-training) is planned
@@ -308,23 +314,25 @@ def plan_compare(config: CompareConfig) -> Plan:
 
     cache, out = Path(config.cache), Path(config.out)
     probe = probe_dep(config, cache_image_size(cache))
-    vae, vae_checkpoint, reasons = None, None, {}
-    if config.generator == "ldm":
-        vae = vae_unit(config, cache_deps(cache, "perturb"))  # perturb: the embed stage alone
-        reasons[VAE_UNIT] = check_unit(out, vae)
-        if reasons[VAE_UNIT] is None:
-            vae_checkpoint = unit_checkpoint(out, VAE_UNIT)
-    vae_pending = vae is not None and reasons[VAE_UNIT] is not None
+    vae_checkpoint, reasons = None, {}
+    vae = autoencoder_unit(config, cache_deps(cache, "perturb"))  # perturb: the embed stage alone
+    if vae is not None:
+        reasons[vae.name] = check_unit(out, vae)
+        if reasons[vae.name] is None:
+            vae_checkpoint = unit_checkpoint(out, vae.name)
+    vae_pending = vae is not None and reasons[vae.name] is not None
+    autoencoder = FAMILIES[config.generator].autoencoder
+    vae_first = f"the shared {autoencoder.title} is trained first" if autoencoder is not None else ""
     pretrains, pretrained = pretrain_units(config, vae_checkpoint), {}
     for unit in pretrains:
-        reasons[unit.name] = VAE_FIRST if vae_pending else check_unit(out, unit)
+        reasons[unit.name] = vae_first if vae_pending else check_unit(out, unit)
         if reasons[unit.name] is None:
             pretrained[unit.seed] = unit_checkpoint(out, unit.name)
     units = run_units(config, probe, vae_checkpoint, pretrained)
     for unit in units:
         pretrain = unit.params.get("pretrain")
         if vae_pending:
-            reasons[unit.name] = VAE_FIRST
+            reasons[unit.name] = vae_first
         elif pretrain is not None and unit.seed not in pretrained:
             reasons[unit.name] = f"its pre-training ({pretrain}) is trained first"
         else:
@@ -379,17 +387,17 @@ def run_compare(config: CompareConfig, progress: Callable[..., None] | None = No
         _announce(progress, plan)
         ran: list[Unit] = []
         if plan.vae is not None and plan.pending():
-            if plan.reasons[VAE_UNIT] is not None:
-                do_vae(config, plan.vae, progress)
+            if plan.reasons[plan.vae.name] is not None:
+                do_autoencoder(config, plan.vae, progress)
                 ran.append(plan.vae)
-            _encode_latents(config, progress)
-            plan = plan_compare(config)  # a VAE retrained byte-identical keeps its runs
+            _encode(config, plan.vae, progress)
+            plan = plan_compare(config)  # an autoencoder retrained byte-identical keeps its runs
             _announce(progress, plan, ran)
         for unit in [u for u in plan.pretrains if plan.reasons[u.name] is not None]:
             do_pretrain(config, unit, progress)
             ran.append(unit)
             progress(runs=1)
-        if any(u.kind != VAE_UNIT for u in ran):
+        if any(u.kind not in autoencoder_kinds() for u in ran):
             plan = plan_compare(config)  # the fewshot runs, keyed on their pre-training's checkpoint
         todo = [u for u in plan.units if plan.reasons[u.name] is not None]
         if todo:
@@ -411,20 +419,19 @@ def run_compare(config: CompareConfig, progress: Callable[..., None] | None = No
 
 
 def _announce(progress: Callable[..., None], plan: Plan, done: list[Unit] = ()) -> None:
-    """The bars' totals: the units made so far plus those still pending (runs: all but the VAE)."""
+    """The bars' totals: the units made so far plus those still pending (runs: all but the autoencoder)."""
     units = list(done) + plan.pending()
-    runs = [u for u in units if u.kind != VAE_UNIT]
+    runs = [u for u in units if u.kind not in autoencoder_kinds()]
     progress(total_runs=len(runs), total_steps=sum(u.train.steps for u in units))
 
 
-def _encode_latents(config: CompareConfig, progress: Callable[..., None]) -> None:
-    """With the shared VAE committed: encode the cache's latents with it (`trainers vae --encode`, which
-    encodes only stale shards), so no ldm run encodes images on the fly."""
-    from trainers.latents import encode_latents
-
-    progress(status="vae --encode")
-    checkpoint = unit_checkpoint(Path(config.out), VAE_UNIT)[0]
-    encode_latents(Path(config.cache), checkpoint, batch_size=64, device=config.device)
+def _encode(config: CompareConfig, autoencoder: Unit, progress: Callable[..., None]) -> None:
+    """With the shared autoencoder committed: encode the cache with it (`trainers vae --encode`' latents,
+    `trainers dvae --encode`' tokens; only stale shards are encoded), so no run encodes images on the fly."""
+    progress(status=f"{autoencoder.kind} --encode")
+    checkpoint = unit_checkpoint(Path(config.out), autoencoder.name)[0]
+    encode = member(FAMILIES[config.generator].autoencoder.encode)
+    encode(Path(config.cache), checkpoint, batch_size=64, device=config.device)
 
 
 def features_only(config: CompareConfig) -> dict[str, Any]:

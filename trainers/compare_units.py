@@ -23,14 +23,13 @@ from manifests.errors import Unreadable, read_json
 from manifests.faults import crash_point
 from manifests.manifest import MANIFEST_DIR, environment, fingerprint_key
 from trainers.compare_arms import arm_run, cache_images, parse_arm, pretrain_name, split_budget
-from trainers.generators import FAMILIES, member
+from trainers.generators import FAMILIES, autoencoder_kinds, member
 
 if TYPE_CHECKING:
     from trainers.compare import CompareConfig
 
 COMPARE_VERSION = "1"
 RUNS_DIR = "runs"
-VAE_UNIT = "vae"
 
 # Generator-config fields that say where a run writes and how it runs, not what it learns: not keyed.
 UNKEYED = {
@@ -38,18 +37,21 @@ UNKEYED = {
     + ("prompts", "samples_per_prompt", "resume", "allow_partial", "init"),
     "ldm": ("cache", "vae", "out", "name", "workers", "device", "checkpoint_every", "log_every")
     + ("sample_every", "sample_steps", "samples_per_prompt", "resume", "allow_partial", "init"),
+    "dalle": ("cache", "dvae", "out", "name", "workers", "device", "checkpoint_every", "log_every")
+    + ("sample_every", "samples_per_prompt", "resume", "allow_partial", "init"),
     "vae": ("cache", "out", "name", "device", "checkpoint_every", "log_every", "allow_partial"),
+    "dvae": ("cache", "out", "name", "device", "checkpoint_every", "log_every", "allow_partial", "resume"),
 }
 
 
 @dataclass
 class Unit:
     """One keyed piece of work: a generator run with its eval and samples, a fewshot arm's pre-training
-    (trained only), or the shared VAE."""
+    (trained only), or the shared autoencoder (ldm's VAE, dalle's dVAE)."""
 
-    name: str  # "{condition}-s{seed}", "pretrain-s{seed}" or "vae": its folder's and manifest's name
-    kind: str  # gan, ldm or vae
-    train: Any  # the GanConfig / LdmConfig / VaeConfig it trains with
+    name: str  # "{condition}-s{seed}", "pretrain-s{seed}", "vae" or "dvae": its folder's and manifest's name
+    kind: str  # a generator family (gan, ldm, dalle) or an autoencoder (vae, dvae)
+    train: Any  # the GanConfig / LdmConfig / VaeConfig ... it trains with
     params: dict[str, Any]  # keyed
     deps: list[Dep]
     condition: str | None = None
@@ -63,7 +65,7 @@ class Unit:
 
     @property
     def folder(self) -> str:
-        return VAE_UNIT if self.kind == "vae" else f"{RUNS_DIR}/{self.name}"
+        return self.name if self.kind in autoencoder_kinds() else f"{RUNS_DIR}/{self.name}"
 
 
 def manifest_file(out: Path, name: str) -> Path:
@@ -159,7 +161,7 @@ def eval_params(config: CompareConfig) -> dict[str, Any]:
     params = {"n": config.eval_n, "seed": config.eval_seed, "batch_size": config.eval_batch_size}
     params.update(prompts="synthetic", grid=grid)
     samples = {"prompts": list(config.prompts), "seed": config.sample_seed, "n": 1}
-    if config.generator == "ldm":
+    if "steps" in FAMILIES[config.generator].sampler:
         params["sampler_steps"] = samples["sampler_steps"] = config.sample_steps
     return {"eval": params, "samples": samples}
 
@@ -168,13 +170,16 @@ def _keyed(kind: str, train_dict: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in train_dict.items() if k not in UNKEYED[kind]}
 
 
-def vae_unit(config: CompareConfig, embed_deps: list[Dep]) -> Unit:
-    from trainers.vae import VaeConfig
-
-    train = VaeConfig(
+def autoencoder_unit(config: CompareConfig, embed_deps: list[Dep]) -> Unit | None:
+    """The shared autoencoder of the compare's family (None for the gan), trained on the images alone."""
+    autoencoder = FAMILIES[config.generator].autoencoder
+    if autoencoder is None:
+        return None
+    kind = autoencoder.kind
+    train = member(autoencoder.config)(
         cache=Path(config.cache),
-        out=Path(config.out) / VAE_UNIT,
-        name="vae",
+        out=Path(config.out) / kind,
+        name=kind,
         size=config.vae_size,
         steps=config.vae_steps,
         batch_size=config.batch_size,
@@ -183,7 +188,7 @@ def vae_unit(config: CompareConfig, embed_deps: list[Dep]) -> Unit:
         checkpoint_every=0,
         allow_partial=config.allow_partial,
     )
-    return Unit(VAE_UNIT, "vae", train, {"train": _keyed("vae", train.to_dict())}, embed_deps)
+    return Unit(kind, kind, train, {"train": _keyed(kind, train.to_dict())}, embed_deps)
 
 
 def _train_config(config: CompareConfig, name: str, seed: int, vae: tuple[Path, str] | None, **settings: Any):
@@ -204,15 +209,17 @@ def _train_config(config: CompareConfig, name: str, seed: int, vae: tuple[Path, 
     )
     if config.lr is not None:
         common["lr"] = config.lr
-    if config.generator == "ldm":  # every run decodes with the compare's one VAE
-        common["vae"] = vae[0] if vae is not None else None
-    return member(FAMILIES[config.generator].config)(**common)
+    family = FAMILIES[config.generator]
+    if family.autoencoder is not None:  # every run works in the compare's one autoencoder
+        common[family.autoencoder.field] = vae[0] if vae is not None else None
+    return member(family.config)(**common)
 
 
 def _vae_deps(config: CompareConfig, vae: tuple[Path, str] | None) -> list[Dep]:
-    if config.generator != "ldm":
+    autoencoder = FAMILIES[config.generator].autoencoder
+    if autoencoder is None:
         return []
-    return [Dep("vae", vae[1] if vae is not None else "not trained yet")]
+    return [Dep(autoencoder.kind, vae[1] if vae is not None else "not trained yet")]
 
 
 def _unit(config: CompareConfig, name: str, train: Any, condition: str, seed: int, deps, **params) -> Unit:
@@ -310,14 +317,14 @@ def _restart(out: Path, unit: Unit) -> Path:
     return folder
 
 
-def do_vae(config: CompareConfig, unit: Unit, progress: Callable[..., None]) -> dict:
-    from trainers.vae import run_vae
-
+def do_autoencoder(config: CompareConfig, unit: Unit, progress: Callable[..., None]) -> dict:
+    """Train the shared autoencoder and commit it (its checkpoint and eval.json)."""
     out = Path(config.out)
     _restart(out, unit)
-    progress(status="vae: train")
+    progress(status=f"{unit.kind}: train")
     t0 = time.perf_counter()
-    result = run_vae(unit.train, lambda n: progress(steps=n))
+    run = member(FAMILIES[config.generator].autoencoder.train)
+    result = run(unit.train, lambda n: progress(steps=n))
     files = [result.checkpoint, result.run_dir / "eval.json"]
     extra = {"checkpoint": result.checkpoint.relative_to(out).as_posix(), "psnr_db": result.psnr}
     return commit_unit(out, unit, files, {"train_s": round(time.perf_counter() - t0, 2)}, extra)

@@ -180,18 +180,25 @@ def test_a_damaged_eval_json_is_one_line_and_a_damaged_manifest_redoes_its_run(c
     assert json.loads(evaluation.read_text())["n"] == config.eval_n  # remade with the run
 
 
-def test_ldm_trains_one_shared_vae(cache, tmp_path):
+@pytest.mark.parametrize(
+    "generator, autoencoder, encoded", [("ldm", "vae", "latents"), ("dalle", "dvae", "tokens")]
+)
+def test_an_autoencoder_family_trains_one_shared_autoencoder(
+    cache, tmp_path, generator, autoencoder, encoded
+):
     out = tmp_path / "cmp"
-    result = run_compare(
-        smoke(cache, out, generator="ldm", conditions=("perturb",), seeds=(0, 1), features=False)
-    )
-    assert result.ran == ["vae", "perturb-s0", "perturb-s1"]
-    assert [p.name for p in (out / "vae").iterdir()] == ["000-vae"]
+    given = dict(generator=generator, conditions=("perturb",), seeds=(0, 1))
+    result = run_compare(smoke(cache, out, features=False, **given))
+    assert result.ran == [autoencoder, "perturb-s0", "perturb-s1"]
+    assert [p.name for p in (out / autoencoder).iterdir()] == [f"000-{autoencoder}"]
     deps = [json.loads((out / f"_manifests/perturb-s{s}.json").read_text())["deps"] for s in (0, 1)]
-    vae = [next(d["digest"] for d in dep if d["name"] == "vae") for dep in deps]
-    assert vae[0] == vae[1] != "not trained yet"
-    assert {r["generator"] for r in result.rows} == {"ldm"}
-    assert run_compare(smoke(cache, out, generator="ldm", conditions=("perturb",), seeds=(0, 1))).ran == []
+    digests = [next(d["digest"] for d in dep if d["name"] == autoencoder) for dep in deps]
+    assert digests[0] == digests[1] != "not trained yet"
+    checkpoint = json.loads((out / f"_manifests/{autoencoder}.json").read_text())["checkpoint"]
+    assert (out / checkpoint).parent.name == f"000-{autoencoder}"
+    assert list((cache / encoded).glob("*/_manifests/*.json")), "the runs read the encoded cache"
+    assert {r["generator"] for r in result.rows} == {generator}
+    assert run_compare(smoke(cache, out, **given)).ran == []
 
 
 def test_cli_runs_and_prints_the_table(cache, tmp_path):
