@@ -47,7 +47,10 @@ def dvae_command(
         ),
     ] = None,
     kl_warmup: Annotated[
-        int | None, typer.Option("--kl-warmup", help="Steps of the linear KL-weight warm-up. (default: 5000)")
+        int | None,
+        typer.Option(
+            "--kl-warmup", help="Steps of the linear KL-weight warm-up. (default: a quarter of --steps)"
+        ),
     ] = None,
     tau_end: Annotated[
         float | None,
@@ -55,7 +58,7 @@ def dvae_command(
     ] = None,
     anneal_steps: Annotated[
         int | None,
-        typer.Option("--anneal-steps", help="Steps of the temperature annealing. (default: 10000)"),
+        typer.Option("--anneal-steps", help="Steps of the temperature annealing. (default: half of --steps)"),
     ] = None,
     eval_n: Annotated[
         int | None, typer.Option("--eval-n", help="Held-out images for eval.json. (default: 64)")

@@ -92,7 +92,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {
         "gan": dict(size="tiny", steps=1000, batch_size=32, eval_n=500),
         "ldm": dict(size="tiny", steps=6000, batch_size=32, eval_n=500, vae_size="tiny", vae_steps=2000),
-        "dalle": dict(size="tiny", steps=3000, batch_size=32, eval_n=500, vae_size="small", vae_steps=2000),
+        "dalle": dict(size="mini", steps=3000, batch_size=32, eval_n=500, vae_size="small", vae_steps=2000),
         "probe": dict(),
     },
     # one GPU: the small (64 px) and S sizes, the single-run commands' GPU-scale defaults

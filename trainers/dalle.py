@@ -45,6 +45,7 @@ class DalleSize:
 
 DALLE_SIZES: dict[str, DalleSize] = {
     "tiny": DalleSize(2, 32, 2),  # tests
+    "mini": DalleSize(4, 128, 4),  # ~0.8M: the cpu preset (82 ms per step of batch 32, 8 x 8 tokens, 2 cores)
     "small": DalleSize(8, 512, 8),  # ~25M parameters in the blocks
     "base": DalleSize(12, 768, 12),  # GPT-2 small shape, ~85M parameters in the blocks
 }

@@ -3,7 +3,7 @@
 One step, on a batch of real images x in [-1, 1] (the conditions are not used):
 
     tau  = tau_start * (tau_end / tau_start) ** min(1, step / anneal_steps)     1 -> 1/16 by default
-    beta = kl_weight * min(1, step / kl_warmup)
+    beta = kl_weight * min(1, step / kl_warmup)        anneal over half the steps, warm up over a quarter
     x', logits = dVAE(x, tau)                                                  gumbel-softmax codes
     loss = mean |x - x'|^2 + beta * KL(softmax(logits) || uniform)             KL in nats per cell
 
@@ -48,16 +48,27 @@ class DvaeConfig(RunConfig):
     # beta once warmed up, on the KL in nats per cell (the MSE is per element). Tiny, 400 steps on 32 px:
     # 1e-3 -> perplexity 2.2 of 64, 20.0 dB; 0.02 -> 5.1, 21.0 dB; 0.1 -> 2.6, 17.2 dB
     kl_weight: float = 0.02
-    kl_warmup: int = 5000  # steps over which beta rises linearly from 0 (0: from the start)
+    kl_warmup: int | None = None  # steps of beta's linear rise from 0 (0: none); None: steps / 4
     tau_start: float = 1.0  # gumbel-softmax temperature at step 0
     tau_end: float = 1 / 16  # ... reached at anneal_steps, kept after
-    anneal_steps: int = 10_000  # steps of the geometric temperature schedule
+    anneal_steps: int | None = None  # steps of the geometric temperature schedule; None: steps / 2
     eval_n: int = 64  # held-out images for eval.json (never trained on)
     allow_partial: bool = False  # train on the usable shards of a partial cache (trainers.data.LoaderConfig)
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     checkpoint_every: int = 5000  # steps between checkpoints, 0 for the final one only
     log_every: int = 10  # steps between metrics.jsonl lines
     resume: Path | None = None  # checkpoint file or run directory (latest checkpoint) to continue
+
+    @property
+    def annealing_steps(self) -> int:
+        """Steps of the temperature schedule: --anneal-steps, else half of --steps (so a short run ends cold,
+        with codes as hard as the ones it is evaluated and encoded with)."""
+        return self.anneal_steps if self.anneal_steps is not None else max(1, self.steps // 2)
+
+    @property
+    def warmup_steps(self) -> int:
+        """Steps of the KL-weight warm-up: --kl-warmup, else a quarter of --steps."""
+        return self.kl_warmup if self.kl_warmup is not None else self.steps // 4
 
     def validate(self) -> None:
         if self.size not in DVAE_SIZES:
@@ -70,8 +81,8 @@ class DvaeConfig(RunConfig):
             ("--batch-size", self.batch_size, 1),
             ("--seed", self.seed, 0),
             ("--eval-n", self.eval_n, 1),
-            ("--kl-warmup", self.kl_warmup, 0),
-            ("--anneal-steps", self.anneal_steps, 1),
+            ("--kl-warmup", self.warmup_steps, 0),
+            ("--anneal-steps", self.annealing_steps, 1),
             ("--checkpoint-every", self.checkpoint_every, 0),
             ("--log-every", self.log_every, 1),
         )
@@ -108,11 +119,12 @@ class DvaeTrainer:
 
     def temperature(self) -> float:
         cfg = self.config
-        return cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** min(1.0, self.step / cfg.anneal_steps)
+        return cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** min(1.0, self.step / cfg.annealing_steps)
 
     def kl_beta(self) -> float:
         cfg = self.config
-        return cfg.kl_weight * (min(1.0, self.step / cfg.kl_warmup) if cfg.kl_warmup else 1.0)
+        warmup = cfg.warmup_steps
+        return cfg.kl_weight * (min(1.0, self.step / warmup) if warmup else 1.0)
 
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         x = batch["image"].to(self.device, non_blocking=True).float()  # [B, 3, R, R]
