@@ -1,5 +1,7 @@
-"""Benchmark the trainers: `--model gan` (default, below) or `--model ldm` (benchmarks/bench_ldm.py:
-latent-diffusion training images/s and peak memory, sampling images/s at 50 steps; its options follow).
+"""Benchmark the trainers: `--model gan` (default, below), `--model ldm` (benchmarks/bench_ldm.py:
+latent-diffusion training images/s and peak memory, sampling images/s at 50 steps) or `--model dalle`
+(benchmarks/bench_dalle.py: training tokens/s against the transformer step alone on cached tokens,
+sampling images/s with and without the KV cache); their options follow.
 
 `trainers gan` training: images/s and peak GPU memory of the training step.
 
@@ -25,6 +27,7 @@ step time, which a busy shared machine disturbs much less (one stalled step does
     python benchmarks/bench_train.py --device cpu --steps 16           # tiny, 32 px, batch 8,32
     python benchmarks/bench_train.py --device cpu --cache cache --condition perturb
     python benchmarks/bench_train.py --model ldm --device cuda --size S --resolution 64
+    python benchmarks/bench_train.py --model dalle --device cuda --size small --resolution 64
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ TABLE_COLUMNS = [
     "vs_synthetic",
     "peak_mem_gib",
 ]
+MODELS = ("gan", "ldm", "dalle")
 DEFAULTS = {  # device type -> (size, resolution, clip model, batch sizes)
     "cuda": ("small", 64, "ViT-B-32", "32,64"),
     "cpu": ("tiny", 32, "lafite-tiny", "8,32"),
@@ -101,16 +105,16 @@ def time_steps(
 
 def main(argv: list[str] | None = None) -> None:
     choose = argparse.ArgumentParser(add_help=False)
-    choose.add_argument("--model", choices=["gan", "ldm"], default="gan")
+    choose.add_argument("--model", choices=MODELS, default="gan")
     chosen, rest = choose.parse_known_args(argv)
-    if chosen.model == "ldm":
-        import bench_ldm
+    if chosen.model != "gan":
+        import importlib
 
-        return bench_ldm.main(rest)
+        return importlib.import_module(f"bench_{chosen.model}").main(rest)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", choices=["gan", "ldm"], default="gan", help="ldm: see bench_ldm.py")
+    parser.add_argument("--model", choices=MODELS, default="gan", help="ldm, dalle: see bench_{model}.py")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", help="GAN_SIZES entry (default: small on CUDA, tiny on CPU)")
     parser.add_argument("--resolution", type=int, help="synthetic image size (default: 64 CUDA, 32 CPU)")

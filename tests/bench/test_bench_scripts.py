@@ -81,7 +81,7 @@ def test_contrastive_rejects_bad_options():
         bench.main(["--device", "cpu", "--impls", "cublas"])
 
 
-def test_bench_train_runs_the_gan_and_dispatches_ldm(results_dir, capsys):
+def test_bench_train_runs_the_gan_and_dispatches_ldm_and_dalle(results_dir, capsys):
     bench = load_script("bench_train")
     bench.main(["--device", "cpu", "--batch-sizes", "2", "--steps", "1", "--warmup", "0", "--no-csv"])
     assert "synthetic" in capsys.readouterr().out
@@ -100,6 +100,12 @@ def test_bench_train_runs_the_gan_and_dispatches_ldm(results_dir, capsys):
     bench.main(["--model", "ldm", *ldm_args, "--no-csv"])
     out = capsys.readouterr().out
     assert "VAE encode + DiT step" in out and "2 Euler steps" in out
+    dalle_args = ["--device", "cpu", "--size", "tiny", "--dvae-size", "tiny", "--batch", "2"]
+    bench.main(
+        ["--model", "dalle", *dalle_args, "--sample-batch", "2", "--reps", "1", "--h-dim", "16", "--no-csv"]
+    )
+    out = capsys.readouterr().out
+    assert "tokens from the token cache" in out and "sample: KV cache" in out
     assert not list(results_dir.glob("*.csv"))  # --no-csv wrote nothing
 
 
