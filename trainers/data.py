@@ -247,15 +247,19 @@ class CacheDataset:
 
 
 class BatchPositions:
-    """Infinite sampler of stream positions: step s -> [s*B, (s+1)*B)."""
+    """Infinite sampler of stream positions: step s -> [s*B, (s+1)*B) of the global batch B, or under
+    torchrun (trainers/distributed.py) rank r's contiguous slice of it, [s*B + r*b, s*B + (r+1)*b)."""
 
-    def __init__(self, batch_size: int, start_step: int):
+    def __init__(self, batch_size: int, start_step: int, rank: int = 0, world_size: int = 1):
         self.batch_size, self.start_step = batch_size, start_step
+        self.local = batch_size // world_size
+        self.offset = rank * self.local
 
     def __iter__(self) -> Iterator[list[int]]:
         step = self.start_step
         while True:
-            yield list(range(step * self.batch_size, (step + 1) * self.batch_size))
+            first = step * self.batch_size + self.offset
+            yield list(range(first, first + self.local))
             step += 1
 
 
@@ -267,18 +271,25 @@ class CacheLoader:
     """The iterator `make_loader` returns: batches forever; `info` says what was loaded."""
 
     def __init__(
-        self, dataset: CacheDataset, info: LoaderInfo, batch_size: int, start_step: int, workers: int
+        self,
+        dataset: CacheDataset,
+        info: LoaderInfo,
+        batch_size: int,
+        start_step: int,
+        workers: int,
+        world: Any = None,
     ):
         import torch
 
         from pipeline.processes import limit_threads, loader_worker_init
+        from trainers.distributed import SINGLE
 
         self.dataset, self.info = dataset, info
         self.step = start_step
         limit_threads(workers)  # training here shares the cores with the loader workers
         self._loader = torch.utils.data.DataLoader(
             dataset,
-            sampler=BatchPositions(batch_size, start_step),
+            sampler=BatchPositions(batch_size, start_step, (world or SINGLE).rank, (world or SINGLE).size),
             batch_size=None,
             num_workers=workers,
             collate_fn=_identity,
@@ -499,9 +510,12 @@ def _pool_subset(n: int, limit: int, seed: int) -> np.ndarray:
     return np.sort(chosen)
 
 
-def make_loader(config: LoaderConfig, start_step: int = 0) -> CacheLoader:
-    """Infinite iterator of batches (see the module docstring); `.info` describes the sample set."""
+def make_loader(config: LoaderConfig, start_step: int = 0, world: Any = None) -> CacheLoader:
+    """Infinite iterator of batches (see the module docstring); `.info` describes the sample set. `world`
+    (trainers.distributed.World): under torchrun, this rank's slice of each global batch."""
     if start_step < 0:
         raise ConfigError("start_step must be 0 or more")
+    if world is not None:
+        world.local_batch(config.batch_size)
     dataset, info = build_dataset(config)
-    return CacheLoader(dataset, info, config.batch_size, start_step, config.workers)
+    return CacheLoader(dataset, info, config.batch_size, start_step, config.workers, world)

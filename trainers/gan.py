@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainers.distributed import SINGLE
+
 
 @dataclass(frozen=True)
 class GanSize:
@@ -120,7 +122,9 @@ class ModulatedConv(nn.Module):
         self.demodulate, self.up, self.act = demodulate, up, act
         self.resolution, self.padding = resolution, kernel // 2
 
-    def forward(self, x: torch.Tensor, style: torch.Tensor, generator: torch.Generator | None = None):
+    def forward(
+        self, x: torch.Tensor, style: torch.Tensor, generator: torch.Generator | None = None, world=SINGLE
+    ):
         s = self.affine(style)  # [B, c_in]
         weight = self.weight * self.weight_gain  # [c_out, c_in, k, k]
         if self.up:
@@ -134,8 +138,9 @@ class ModulatedConv(nn.Module):
             x = x * d[:, :, None, None].to(x.dtype)  # [B, c_out, R, R]
         if self.noise_strength is not None:
             shape = (x.shape[0], 1, self.resolution, self.resolution)
-            if generator is None:
-                noise = torch.randn(shape, device=x.device, dtype=x.dtype)  # [B, 1, R, R]
+            if generator is None:  # training: drawn for the global batch, this rank's rows kept
+                global_shape = (shape[0] * world.size, *shape[1:])
+                noise = world.part(torch.randn(global_shape, device=x.device, dtype=x.dtype))  # [B, 1, R, R]
             else:  # sampling: draws from the caller's generator, so the global RNG stays untouched
                 noise = torch.randn(shape, generator=generator, device=generator.device)
                 noise = noise.to(x.device, x.dtype)  # [B, 1, R, R]
@@ -158,10 +163,10 @@ class SynthesisBlock(nn.Module):
             c_out, 3, 1, style_dim, resolution, demodulate=False, noise=False, act=False
         )
 
-    def forward(self, x, img, style, generator=None):
+    def forward(self, x, img, style, generator=None, world=SINGLE):
         if self.conv0 is not None:
-            x = self.conv0(x, style, generator)  # [B, c_out, R, R]
-        x = self.conv1(x, style, generator)  # [B, c_out, R, R]
+            x = self.conv0(x, style, generator, world)  # [B, c_out, R, R]
+        x = self.conv1(x, style, generator, world)  # [B, c_out, R, R]
         rgb = self.to_rgb(x, style)  # [B, 3, R, R]
         if img is not None:
             img = F.interpolate(img, scale_factor=2, mode="bilinear", align_corners=False)  # [B, 3, R, R]
@@ -204,12 +209,16 @@ class Generator(nn.Module):
         c = self.cond_mlp(h)  # [B, cond_dim]
         return torch.cat([w, c], dim=1)  # [B, w_dim + cond_dim]: every layer's A sees [w; MLP(h)]
 
-    def forward(self, z: torch.Tensor, h: torch.Tensor, generator: torch.Generator | None = None):
+    def forward(
+        self, z: torch.Tensor, h: torch.Tensor, generator: torch.Generator | None = None, world=SINGLE
+    ):
+        """`world` (trainers.distributed): under torchrun, z and h are this rank's rows of the global batch,
+        and the per-layer noise is drawn for the global batch (the one-process numbers)."""
         style = self.styles(z, h)  # [B, w_dim + cond_dim]
         x = self.const[None].expand(z.shape[0], -1, -1, -1)  # [B, c4, 4, 4]
         img = None
         for block in self.blocks:
-            x, img = block(x, img, style, generator)  # x [B, c_r, r, r], img [B, 3, r, r]
+            x, img = block(x, img, style, generator, world)  # x [B, c_r, r, r], img [B, 3, r, r]
         return img  # [B, 3, R, R]
 
     @torch.no_grad()
@@ -251,12 +260,14 @@ class DiscriminatorBlock(nn.Module):
 
 
 def minibatch_std(x: torch.Tensor, group: int = 4) -> torch.Tensor:
-    """Append the mean std over groups of samples as one more channel (StyleGAN's anti-collapse signal)."""
+    """Append the mean std over groups of samples as one more channel (StyleGAN's anti-collapse signal).
+    Groups are runs of consecutive samples, so a torchrun rank's slice of the global batch (a multiple of
+    the group size) holds whole groups and sees the one-process values."""
     n, c, h, w = x.shape
     g = next(g for g in range(min(group, n), 0, -1) if n % g == 0)  # largest group size dividing the batch
-    y = x.float().reshape(g, -1, c, h, w)  # [G, N/G, C, H, W]
-    y = (y - y.mean(dim=0)).square().mean(dim=0).add(1e-8).sqrt()  # [N/G, C, H, W]
-    y = y.mean(dim=[1, 2, 3]).reshape(-1, 1, 1, 1).repeat(g, 1, h, w)  # [N, 1, H, W]
+    y = x.float().reshape(-1, g, c, h, w)  # [N/G, G, C, H, W]: each group consecutive samples
+    y = (y - y.mean(dim=1, keepdim=True)).square().mean(dim=1).add(1e-8).sqrt()  # [N/G, C, H, W]
+    y = y.mean(dim=[1, 2, 3]).repeat_interleave(g).reshape(-1, 1, 1, 1).expand(n, 1, h, w)  # [N, 1, H, W]
     return torch.cat([x, y.to(x.dtype)], dim=1)  # [N, C + 1, H, W]
 
 

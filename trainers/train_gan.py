@@ -43,6 +43,7 @@ from trainers.checkpoints import (
     restore_rng,
     save_checkpoint,
 )
+from trainers.distributed import SINGLE, World, close_world, init_world
 from trainers.gan import GAN_SIZES, architecture, build_models, check_resolution
 from trainers.runs import (
     DEFAULT_PROMPTS,
@@ -164,7 +165,7 @@ class DataSource:
     h_dim: int
 
 
-def cache_source(config: GanConfig) -> DataSource:
+def cache_source(config: GanConfig, world: World = SINGLE) -> DataSource:
     from trainers.data import LoaderConfig, make_loader
     from trainers.embed_rows import cache_clip
 
@@ -184,28 +185,29 @@ def cache_source(config: GanConfig) -> DataSource:
         allow_partial=config.allow_partial,
     )
     return DataSource(
-        lambda start_step: make_loader(loader_config, start_step=start_step),
+        lambda start_step: make_loader(loader_config, start_step=start_step, world=world),
         clip.clip_model,
         clip.clip_pretrained,
         int(clip.dim),
     )
 
 
-def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
+def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float, world: World = SINGLE) -> torch.Tensor:
     """Symmetric InfoNCE between rows of a and b [B, D], cosine similarity, fp32. Plain torch rather than
-    kernels.contrastive_loss: one batch's B x B logits are tiny, so the fused kernel would buy nothing."""
-    a = F.normalize(a.float(), dim=1)  # [B, D]
-    b = F.normalize(b.float(), dim=1)  # [B, D]
+    kernels.contrastive_loss: one batch's B x B logits are tiny, so the fused kernel would buy nothing.
+    Under torchrun, over the gathered global batch (trainers.distributed: the one-process loss)."""
+    a = F.normalize(world.gather(a).float(), dim=1)  # [B, D]
+    b = F.normalize(world.gather(b).float(), dim=1)  # [B, D]
     logits = a @ b.T / tau  # [B, B]
     target = torch.arange(a.shape[0], device=a.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    return world.coupled(0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)))
 
 
 class GanTrainer:
     """Models, optimisers and one training step; no files, no loader (the benchmark drives it too)."""
 
-    def __init__(self, config: GanConfig, arch: dict, clip: Any, device: torch.device):
-        self.config, self.arch, self.clip, self.device = config, arch, clip, device
+    def __init__(self, config: GanConfig, arch: dict, clip: Any, device: torch.device, world: World = SINGLE):
+        self.config, self.arch, self.clip, self.device, self.world = config, arch, clip, device, world
         self.G, self.D = (m.to(device) for m in build_models(arch))
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=config.lr, betas=(0.0, 0.99), eps=1e-8)
@@ -229,10 +231,11 @@ class GanTrainer:
     def clip_features(self, img: torch.Tensor) -> torch.Tensor:
         """CLIP image features of generated images, differentiable w.r.t. the images: a random crop of
         80-100% of the side per image, resized to CLIP's input, with CLIP's normalisation."""
-        b, size = img.shape[0], self.clip.image_size
+        b, size, part = img.shape[0], self.clip.image_size, self.world.part
         x = (img.float() + 1) / 2  # [B, 3, R, R] in about [0, 1]
-        scale = torch.empty(b, device=img.device).uniform_(0.8, 1.0)  # [B] crop side / image side
-        shift = (torch.rand(b, 2, device=img.device) * 2 - 1) * (1 - scale)[:, None]  # [B, 2] inside
+        n = b * self.world.size  # crops drawn for the global batch, this rank's kept
+        scale = part(torch.empty(n, device=img.device).uniform_(0.8, 1.0))  # [B] crop side / image side
+        shift = (part(torch.rand(n, 2, device=img.device)) * 2 - 1) * (1 - scale)[:, None]  # [B, 2] inside
         theta = torch.zeros(b, 2, 3, device=img.device)  # [B, 2, 3] affine: scale + shift
         theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = scale, scale, shift
         grid = F.affine_grid(theta, [b, 3, size, size], align_corners=False)  # [B, S, S, 2]
@@ -246,11 +249,11 @@ class GanTrainer:
         cfg = self.config
         real = batch["image"].to(self.device, non_blocking=True).float()  # [B, 3, R, R] in [-1, 1]
         h = batch["cond"].to(self.device, non_blocking=True).float()  # [B, D] unit norm
-        b = real.shape[0]
+        b, world = real.shape[0], self.world  # b: this rank's rows of the global batch
         do_r1 = self.r1_gamma > 0 and self.step % cfg.r1_every == 0
-        z = torch.randn(b, self.G.size.z_dim, device=self.device)  # [B, z_dim]
+        z = world.part(torch.randn(b * world.size, self.G.size.z_dim, device=self.device))  # [B, z_dim]
         with self.autocast():
-            fake = self.G(z, h)  # [B, 3, R, R]; D sees it detached, G's loss backpropagates through it
+            fake = self.G(z, h, world=world)  # [B, 3, R, R]; D sees it detached, G's loss through it
 
         # Discriminator: logistic loss, L_ConD on reals, lazy R1 (its pass in fp32: a double backward).
         self.D.requires_grad_(True)
@@ -260,7 +263,7 @@ class GanTrainer:
         with self.autocast(enabled=not do_r1):
             logits_real, f_real = self.D(real_in, h)  # [B], [B, D]
         loss_adv_d = F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
-        loss_con_d = info_nce(f_real, h, cfg.tau)
+        loss_con_d = info_nce(f_real, h, cfg.tau, world)
         loss_d = loss_adv_d + cfg.con_d_weight * loss_con_d
         r1 = torch.zeros((), device=self.device)
         if do_r1:
@@ -269,6 +272,7 @@ class GanTrainer:
             loss_d = loss_d + r1 * (self.r1_gamma / 2) * cfg.r1_every
         self.opt_D.zero_grad(set_to_none=True)
         loss_d.backward()
+        world.average_gradients(self.D.parameters())
         self.opt_D.step()
 
         # Generator: non-saturating loss, L_ConG through the frozen CLIP, L_ConD on fakes.
@@ -277,16 +281,17 @@ class GanTrainer:
             logits_gen, f_fake = self.D(fake, h)  # [B], [B, D]
             clip_fake = self.clip_features(fake)  # [B, D]
         loss_adv_g = F.softplus(-logits_gen).mean()
-        loss_con_g = info_nce(clip_fake, h, cfg.tau)
-        loss_con_d_fake = info_nce(f_fake, h, cfg.tau)
+        loss_con_g = info_nce(clip_fake, h, cfg.tau, world)
+        loss_con_d_fake = info_nce(f_fake, h, cfg.tau, world)
         loss_g = loss_adv_g + cfg.con_g_weight * loss_con_g + cfg.con_d_weight * loss_con_d_fake
         self.opt_G.zero_grad(set_to_none=True)
         loss_g.backward()
+        world.average_gradients(self.G.parameters())
         self.opt_G.step()
         self.D.requires_grad_(True)
 
         self.step += 1
-        self.update_ema(b)
+        self.update_ema(b * world.size)
         losses = {
             "loss_g": loss_g,
             "loss_d": loss_d,
@@ -407,19 +412,29 @@ def run_gan(
     progress: bool | Callable[[int], None] = True,
 ) -> GanResult:
     """Train (or continue) a run; checkpoints, sample grids, config.json and metrics.jsonl in its dir.
-    `progress`: show the run's bar (True), nothing (False), or call `progress(1)` after every step."""
+    `progress`: show the run's bar (True), nothing (False), or call `progress(1)` after every step.
+    Under torchrun, data-parallel (trainers/distributed.py): rank 0 writes, and returns the result."""
+    config.validate()
+    world, device = init_world(config.device)
+    try:
+        world.local_batch(config.batch_size)
+        return _run_gan(config, source, resume_state, progress if world.main else False, world, device)
+    finally:
+        close_world(world)
+
+
+def _run_gan(config, source, resume_state, progress, world: World, device_name: str) -> GanResult:
     from pipeline.clip import encode_texts, load_clip
     from trainers.sample import write_grid
 
-    config.validate()
-    device = select_device(config.device)
+    device = select_device(device_name)
     if config.resume is not None:
         resume_path = resolve_checkpoint(config.resume, "--resume")
         resume_state = resume_state or load_checkpoint(resume_path, "--resume")
         if int(resume_state["step"]) >= config.steps:  # nothing to do: say so, touch nothing
             return GanResult(resume_path.parent, int(resume_state["step"]), resume_path, {}, 0.0, [])
     init_path, init_state = load_init(config.init, "gan") if config.init is not None else (None, None)
-    source = source or cache_source(config)
+    source = source or cache_source(config, world)
 
     if resume_state is None:  # a new run: the first batch tells the resolution and condition size
         batches = source.batches(0)
@@ -456,13 +471,14 @@ def run_gan(
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     seed_everything(config.seed)
-    trainer = GanTrainer(config, arch, clip, device)
+    trainer = GanTrainer(config, arch, clip, device, world)
     clip_args = {"model": source.clip_model, "pretrained": source.clip_pretrained, "dim": clip.dim}
     if resume_state is None:
         if init_state is not None:
             trainer.load_state_dict(init_state, weights_only=True)
-        run_dir = new_run_dir(config.out, config.name)
-        write_pairs(run_dir, pair_keys)
+        run_dir = new_run_dir(config.out, config.name) if world.main else None
+        if world.main:
+            write_pairs(run_dir, pair_keys)
     else:
         trainer.load_state_dict(resume_state)
         trainer.step = start_step
@@ -470,7 +486,13 @@ def run_gan(
         run_dir = resume_path.parent  # the run continues in its own directory
         batches = source.batches(start_step)
         data, _ = _data_record(batches)
-        trim_metrics(run_dir / "metrics.jsonl", start_step)
+        if world.main:
+            trim_metrics(run_dir / "metrics.jsonl", start_step)
+    world.broadcast([trainer.G, trainer.D, trainer.G_ema])
+    if not world.main:  # the other ranks train in step and write nothing
+        for _ in range(start_step, config.steps):
+            trainer.train_step(next(batches))
+        return GanResult(None, config.steps, None, {}, 0.0, [])
     write_run_config(
         run_dir, {"kind": "gan", **config.to_dict(), "arch": arch, "clip": clip_args, "data": data}
     )
@@ -486,7 +508,7 @@ def run_gan(
         for step in range(start_step, config.steps):
             batch = next(batches)
             losses = trainer.train_step(batch)
-            done, images = step + 1, images + batch["image"].shape[0]
+            done, images = step + 1, images + batch["image"].shape[0] * world.size
             last = done == config.steps
             bar_fields = {}
             if done % config.log_every == 0 or last:

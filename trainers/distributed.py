@@ -1,0 +1,176 @@
+"""Data-parallel training under `torchrun`: one process per device, the global batch split between them.
+
+    torchrun --nproc_per_node 4 -m trainers gan --cache cache --batch-size 256 ...
+
+`--batch-size` is the global batch. Every rank walks the same seeded sample stream (trainers/data.py) and
+loads only its contiguous slice of each global batch, so the stream, and what a step sees, do not depend
+on the world size. Every random draw of a step (noise, timesteps, crops, condition dropout) is drawn at
+the global batch's shape from the same seeded RNG on every rank, and each rank keeps its slice
+(`World.part`), so one process and N processes draw the same numbers. Gradients are averaged over the
+ranks (one coalesced all-reduce per optimiser step, `World.average_gradients`); a loss that couples the
+rows of a batch (the GAN's InfoNCE) is computed on the gathered global batch (`World.gather`). So after
+the same steps the parameters match a one-process run to float tolerance, and the EMA, updated from them
+on every rank, matches too. Only rank 0 writes: checkpoints, config.json, metrics, sample grids and the
+progress bar. A checkpoint holds rank 0's RNG states, which every rank shares, so a run resumes with any
+world size.
+
+NCCL on CUDA (rank r uses cuda:LOCAL_RANK), gloo on the CPU. Without torchrun's environment a trainer
+runs as one process, unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.errors import ConfigError
+
+LAUNCH_HINT = "launch with `torchrun --nproc_per_node N -m trainers ...` (or without torchrun: one process)"
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that writes."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def local_batch(self, batch_size: int, flag: str = "--batch-size") -> int:
+        """This rank's share of the global batch; a global batch the world size does not divide is refused."""
+        if batch_size % self.size:
+            raise ConfigError(
+                f"{flag} {batch_size} is the global batch and must be a multiple of the {self.size} "
+                f"processes (each takes an equal slice); use {flag} "
+                f"{batch_size - batch_size % self.size or self.size}"
+            )
+        return batch_size // self.size
+
+    def part(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous slice of a tensor drawn at the global batch's shape [B, ...]."""
+        if not self.distributed:
+            return x
+        b = x.shape[0] // self.size
+        return x[self.rank * b : (self.rank + 1) * b]
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """[b, ...] on every rank -> the global [B, ...] in rank order; gradients flow to this rank's rows
+        only (the other ranks' rows are their values), so a loss of the whole batch, backpropagated on
+        every rank and averaged, gives the one-process gradient when scaled by `size` (`coupled`)."""
+        if not self.distributed:
+            return x
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.detach().contiguous())
+        parts[self.rank] = x
+        return torch.cat(parts)
+
+    def coupled(self, loss: torch.Tensor) -> torch.Tensor:
+        """A loss computed on `gather`ed rows: scaled so that averaging gradients over ranks sums them."""
+        return loss * self.size if self.distributed else loss
+
+    def average_gradients(self, parameters) -> None:
+        """Replace every gradient by its mean over the ranks (one flattened all-reduce per dtype/device)."""
+        if not self.distributed:
+            return
+        import torch.distributed as dist
+
+        grads = [p.grad for p in parameters if p.grad is not None]
+        buckets: dict[tuple, list[torch.Tensor]] = {}
+        for g in grads:
+            buckets.setdefault((g.dtype, g.device), []).append(g)
+        for bucket in buckets.values():
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            flat /= self.size
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+    def broadcast(self, modules) -> None:
+        """Rank 0's parameters and buffers on every rank (they start equal by seeding; this makes it so)."""
+        if not self.distributed:
+            return
+        import torch.distributed as dist
+
+        for module in modules:
+            for tensor in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(tensor.data, 0)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+SINGLE = World()
+
+
+def launched_world() -> World:
+    """The world torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK); one process without
+    it. An incomplete environment is a one-line error."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    given = {n: os.environ.get(n) for n in names}
+    if not any(given.values()):
+        return SINGLE
+    missing = [n for n, v in given.items() if v is None]
+    if missing:
+        raise ConfigError(
+            f"{', '.join(missing)} not set while {', '.join(n for n in names if n not in missing)} "
+            f"is: {LAUNCH_HINT}"
+        )
+    try:
+        rank, size, local = (int(given[n]) for n in names)
+    except ValueError:
+        raise ConfigError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers: {LAUNCH_HINT}") from None
+    if not 0 <= rank < size:
+        raise ConfigError(f"RANK {rank} is outside WORLD_SIZE {size}: {LAUNCH_HINT}")
+    return World(rank, size, local)
+
+
+def init_world(device: str = "auto") -> tuple[World, str]:
+    """Join the process group torchrun launched (NCCL on CUDA, gloo on the CPU) and pick this rank's
+    device: (world, device string). One process: (SINGLE, `device` unchanged)."""
+    world = launched_world()
+    if not world.distributed:
+        return world, device
+    import datetime
+
+    import torch.distributed as dist
+
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device here")
+    if cuda:
+        if world.local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"LOCAL_RANK {world.local_rank}: only {torch.cuda.device_count()} CUDA device(s) on this "
+                "node; use --nproc_per_node at most that"
+            )
+        torch.cuda.set_device(world.local_rank)
+        device = f"cuda:{world.local_rank}"
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=float(os.environ.get("LAFITE_DIST_TIMEOUT_S", 600)))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    return world, device
+
+
+def close_world(world: World) -> None:
+    if world.distributed:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
