@@ -296,6 +296,9 @@ class CacheLoader:
             prefetch_factor=4 if workers else None,
             pin_memory=torch.cuda.is_available(),  # batches go to the GPU next
             worker_init_fn=loader_worker_init() if workers else None,
+            # its own generator: starting to iterate draws a base seed, which would otherwise come from (and
+            # shift) the global torch RNG, so a resumed run would draw other noise than a straight one
+            generator=torch.Generator().manual_seed(0),
         )
         self._iter = iter(self._loader)
 

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.errors import ConfigError
+from trainers.distributed import SINGLE
 
 
 @dataclass(frozen=True)
@@ -164,12 +165,15 @@ def sample_t(batch: int, device: torch.device) -> torch.Tensor:
     return torch.sigmoid(torch.randn(batch, device=device))
 
 
-def flow_loss(model: nn.Module, x0: torch.Tensor, h: torch.Tensor, cond_drop: float) -> torch.Tensor:
-    """MSE between the predicted and the true velocity eps - x0 at x_t = (1 - t) x0 + t eps."""
-    b = x0.shape[0]
-    t = sample_t(b, x0.device)  # [B]
-    eps = torch.randn_like(x0)  # [B, C, r, r]
-    drop = torch.rand(b, device=x0.device) < cond_drop  # [B] -> null condition
+def flow_loss(
+    model: nn.Module, x0: torch.Tensor, h: torch.Tensor, cond_drop: float, world=SINGLE
+) -> torch.Tensor:
+    """MSE between the predicted and the true velocity eps - x0 at x_t = (1 - t) x0 + t eps. Under torchrun
+    (`world`, trainers.distributed) t, eps and the dropout are drawn for the global batch and sliced."""
+    b, n, part = x0.shape[0], x0.shape[0] * world.size, world.part
+    t = part(sample_t(n, x0.device))  # [B]
+    eps = part(torch.randn((n, *x0.shape[1:]), device=x0.device, dtype=x0.dtype))  # [B, C, r, r]
+    drop = part(torch.rand(n, device=x0.device)) < cond_drop  # [B] -> null condition
     tt = t.view(b, 1, 1, 1)
     x_t = (1 - tt) * x0 + tt * eps
     v = model(x_t, t, h, drop)

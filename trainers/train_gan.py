@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from manifests.faults import crash_point
 from pipeline.errors import ConfigError, require_at_least
 from trainers.checkpoints import (
     load_checkpoint,
@@ -292,6 +293,7 @@ class GanTrainer:
 
         self.step += 1
         self.update_ema(b * world.size)
+        crash_point(f"train:rank{world.rank}:step{self.step}")  # tests: a rank dying mid-run
         losses = {
             "loss_g": loss_g,
             "loss_d": loss_d,

@@ -46,6 +46,7 @@ from trainers.checkpoints import (
     restore_rng,
     save_checkpoint,
 )
+from trainers.distributed import SINGLE, World, close_world, init_world
 from trainers.ldm import LDM_SIZES, Dit, flow_loss, ldm_architecture, sample_euler
 from trainers.runs import (
     DEFAULT_PROMPTS,
@@ -145,8 +146,10 @@ def resolve_config(values: dict[str, Any], resume: Path | str | None = None) -> 
 class LdmTrainer:
     """Model, EMA, optimiser, frozen VAE and one training step; no files, no loader."""
 
-    def __init__(self, config: LdmConfig, arch: dict, vae: torch.nn.Module, device: torch.device):
-        self.config, self.arch, self.device = config, arch, device
+    def __init__(
+        self, config: LdmConfig, arch: dict, vae: torch.nn.Module, device: torch.device, world: World = SINGLE
+    ):
+        self.config, self.arch, self.device, self.world = config, arch, device, world
         self.model = Dit(arch).to(device)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.vae = vae.to(device)
@@ -173,9 +176,10 @@ class LdmTrainer:
         z0 = self.latents(batch["image"], batch.get("key"))  # [B, 4, r, r]
         h = batch["cond"].to(self.device, non_blocking=True).float()  # [B, D]
         with self.autocast():
-            loss = flow_loss(self.model, z0, h, self.config.cond_drop)
+            loss = flow_loss(self.model, z0, h, self.config.cond_drop, self.world)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        self.world.average_gradients(self.model.parameters())
         self.opt.step()
         self.step += 1
         decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
@@ -217,14 +221,24 @@ class LdmResult:
 
 
 def run_ldm(config: LdmConfig, resume_state: dict | None = None, progress: Any = None) -> LdmResult:
-    """Train (or continue) a run; checkpoints, config.json and metrics.jsonl in its dir."""
+    """Train (or continue) a run; checkpoints, config.json and metrics.jsonl in its dir. Under torchrun,
+    data-parallel (trainers/distributed.py): rank 0 writes, and returns the result."""
+    config.validate()
+    world, device = init_world(config.device)
+    try:
+        world.local_batch(config.batch_size)
+        return _run_ldm(config, resume_state, progress if world.main else None, world, device)
+    finally:
+        close_world(world)
+
+
+def _run_ldm(config, resume_state, progress, world: World, device_name: str) -> LdmResult:
     from trainers.data import LoaderConfig, make_loader
     from trainers.embed_rows import cache_clip
     from trainers.latents import load_latent_cache, posterior_means
     from trainers.vae import load_vae
 
-    config.validate()
-    device = select_device(config.device)
+    device = select_device(device_name)
     if config.resume is not None:
         resume_path = resolve_checkpoint(config.resume, "--resume")
         resume_state = resume_state or load_checkpoint(resume_path, "--resume")
@@ -252,7 +266,7 @@ def run_ldm(config: LdmConfig, resume_state: dict | None = None, progress: Any =
         allow_partial=config.allow_partial,
     )
     start_step = 0 if resume_state is None else int(resume_state["step"])
-    batches = make_loader(loader_config, start_step=start_step)
+    batches = make_loader(loader_config, start_step=start_step, world=world)
     info = batches.info
     if info.image_size != vae_ckpt["arch"]["resolution"]:
         raise ConfigError(
@@ -265,7 +279,8 @@ def run_ldm(config: LdmConfig, resume_state: dict | None = None, progress: Any =
     latent_size = info.image_size // 4
     if resume_state is None:
         first = next(batches)
-        mean = posterior_means(vae, first["image"], first.get("key"), latent_cache)
+        # the latent scale from the global first batch: every rank (and one process) gets the same
+        mean = world.gather(posterior_means(vae, first["image"], first.get("key"), latent_cache))
         scale = 1.0 / max(float(mean.float().std()), 1e-6)
         arch = ldm_architecture(
             config.size, vae_ckpt["arch"]["latent_channels"], latent_size, info.dim, scale
@@ -287,18 +302,25 @@ def run_ldm(config: LdmConfig, resume_state: dict | None = None, progress: Any =
     grid_h = prompt_h.repeat_interleave(config.samples_per_prompt, dim=0)  # [P * n, D]
     del text_clip
     seed_everything(config.seed)
-    trainer = LdmTrainer(config, arch, vae, device)
+    trainer = LdmTrainer(config, arch, vae, device, world)
     trainer.latent_cache = latent_cache
     clip_args = {"model": clip.clip_model, "pretrained": clip.clip_pretrained, "dim": int(clip.dim)}
     if resume_state is None:
         if init_state is not None:
             trainer.load_state_dict(init_state, weights_only=True)
-        run_dir = new_run_dir(config.out, config.name)
-        write_pairs(run_dir, info.pair_keys)
     else:
         trainer.load_state_dict(resume_state)
         trainer.step = start_step
         restore_rng(resume_state["rng"])
+    world.broadcast([trainer.model, trainer.ema])
+    if not world.main:  # the other ranks train in step and write nothing
+        for _ in range(start_step, config.steps):
+            trainer.train_step(next(batches))
+        return LdmResult(None, config.steps, None, {}, 0.0, data)
+    if resume_state is None:
+        run_dir = new_run_dir(config.out, config.name)
+        write_pairs(run_dir, info.pair_keys)
+    else:
         run_dir = resume_path.parent
         trim_metrics(run_dir / "metrics.jsonl", start_step)
     vae_args = {"path": vae_ckpt["path"], "step": int(vae_ckpt["step"]), "arch": vae_ckpt["arch"]}
@@ -323,7 +345,7 @@ def run_ldm(config: LdmConfig, resume_state: dict | None = None, progress: Any =
         for step in range(start_step, config.steps):
             batch = next(batches)
             losses = trainer.train_step(batch)
-            done, images = step + 1, images + batch["image"].shape[0]
+            done, images = step + 1, images + batch["image"].shape[0] * world.size
             last = done == config.steps
             if done % config.log_every == 0 or last:
                 result.losses = {k: float(v) for k, v in losses.items()}
@@ -353,8 +375,8 @@ def run_ldm(config: LdmConfig, resume_state: dict | None = None, progress: Any =
                 ).to(device)  # [P * n, C, r, r]
                 with trainer.autocast():
                     z = sample_euler(trainer.ema, noise, grid_h, config.sample_steps, config.guidance)
-                    images = trainer.vae.decode(z.float() / arch["latent_scale"]).float()  # [P * n, 3, R, R]
-                images_u8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+                    decoded = trainer.vae.decode(z.float() / arch["latent_scale"]).float()  # [P * n, 3, R, R]
+                images_u8 = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
                 path = run_dir / f"samples-{done:07d}.png"
                 write_grid(path, images_u8, list(DEFAULT_PROMPTS), config.samples_per_prompt)
                 result.samples.append(path)

@@ -5,7 +5,6 @@ killed rank ends the job."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -46,10 +45,13 @@ def checkpoint(out) -> dict:
     return torch.load(list_checkpoints(run)[-1], map_location="cpu", weights_only=True)
 
 
-def assert_close(a: dict, b: dict, atol: float = 1e-5) -> None:
+def assert_close(a: dict, b: dict, atol: float = 1e-4) -> None:
+    """Equal to float tolerance: summing gradients over ranks rounds differently, and Adam (which divides
+    each step by the gradient's scale) turns that into about 1e-5 in weights of size ~1 after 4 steps."""
     assert a.keys() == b.keys()
     for name in a:
-        assert torch.allclose(a[name].float(), b[name].float(), atol=atol, rtol=1e-4), name
+        diff = float((a[name].float() - b[name].float()).abs().max()) if a[name].numel() else 0.0
+        assert diff <= atol, f"{name}: differs by {diff:.2e}"
 
 
 def gan_args(cache, out, steps: int, **more) -> list:
@@ -71,3 +73,75 @@ def test_two_gan_processes_take_the_one_process_steps(cache, tmp_path):
 def checkpoint_at_start(cache, tmp_path):
     trainers(gan_args(cache, tmp_path / "zero", 1, lr=1e-30))
     return checkpoint(tmp_path / "zero")["G"]["mapping.0.weight"]
+
+
+@pytest.fixture(scope="module")
+def one_process_gan(cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gan-one")
+    trainers(gan_args(cache, out, 4))
+    return checkpoint(out)
+
+
+@pytest.mark.parametrize("first, then", [(1, 2), (2, 1)])
+def test_a_run_resumes_with_another_world_size_on_the_same_stream(
+    cache, tmp_path, one_process_gan, first, then
+):
+    out = tmp_path / "run"
+    trainers(gan_args(cache, out, 2), nproc=first)
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    trainers(gan_args(cache, out, 4, resume=run), nproc=then)
+    resumed = checkpoint(out)
+    assert resumed["step"] == 4
+    for part in ("G", "G_ema", "D"):
+        assert_close(one_process_gan[part], resumed[part])
+
+
+def test_ranks_split_each_global_batch_and_never_share_a_sample():
+    epoch = 24  # samples; global batch 8 -> 3 steps per epoch
+    one = [p for _, p in zip(range(3), BatchPositions(8, 0), strict=False)]
+    ranks = [[p for _, p in zip(range(3), BatchPositions(8, 0, r, 2), strict=False)] for r in (0, 1)]
+    seen = [set(x for batch in positions for x in batch) for positions in ranks]
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(epoch))
+    for step in range(3):  # rank 0 then rank 1 is exactly the one-process batch
+        assert ranks[0][step] + ranks[1][step] == one[step]
+    resumed = next(iter(BatchPositions(8, 2, 1, 2)))
+    assert resumed == ranks[1][2]  # a resume at step 2 is the same stream, by arithmetic
+
+
+def test_a_launch_that_cannot_split_the_batch_is_one_line(cache, tmp_path):
+    args = [*TORCHRUN, "--nproc_per_node", "2", "-m", "trainers"] + list(
+        map(str, gan_args(cache, tmp_path, 2))
+    )
+    args[args.index("--batch-size") + 1] = "7"
+    proc = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode != 0
+    assert "--batch-size 7 is the global batch and must be a multiple of the 2 processes" in proc.stderr
+
+
+def test_an_incomplete_torchrun_environment_is_refused(monkeypatch):
+    from pipeline.errors import ConfigError
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(ConfigError, match="WORLD_SIZE, LOCAL_RANK not set while RANK is"):
+        launched_world()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert launched_world() == World(0, 2, 0)
+
+
+def test_a_killed_rank_ends_the_job_and_leaves_whole_checkpoints(cache, tmp_path):
+    out = tmp_path / "killed"
+    env = {**ENV, "PIPELINE_CRASH_AT": "train:rank1:step3"}  # rank 1 dies after step 3 (SIGKILL)
+    launch = [*TORCHRUN, "--nproc_per_node", "2", "-m", "trainers", *map(str, gan_args(cache, out, 50))]
+    t0 = time.monotonic()
+    proc = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode != 0 and time.monotonic() - t0 < 200  # ended, no hang
+    assert "rank" in proc.stderr and ("Signals.SIGKILL" in proc.stderr or "SIGKILL" in proc.stderr), (
+        proc.stderr[-2000:]
+    )
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    saved = list_checkpoints(run)
+    assert saved and all(torch.load(p, map_location="cpu", weights_only=True)["step"] <= 4 for p in saved)
+    assert not [p for p in run.iterdir() if ".tmp" in p.name or p.name.startswith(".")]
