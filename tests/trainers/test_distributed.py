@@ -4,54 +4,22 @@ killed rank ends the job."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from factories import tiny_cache
+from torchrun import ENV, TORCHRUN, assert_close, checkpoint, trainers
 
 from trainers.checkpoints import list_checkpoints
 from trainers.data import BatchPositions
 from trainers.distributed import World, launched_world
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tiny_cache(tmp_path_factory.mktemp("ddp-cache"))
-
-
-def trainers(args: list, nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`trainers ARGS` as one plain process, or under torchrun with `nproc` processes."""
-    launch = (
-        [*TORCHRUN, "--nproc_per_node", str(nproc), "-m", "trainers"]
-        if nproc > 1
-        else [sys.executable, "-m", "trainers"]
-    )
-    proc = subprocess.run(
-        [*launch, *map(str, args)], capture_output=True, text=True, env=ENV, timeout=timeout
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-def checkpoint(out) -> dict:
-    (run,) = [p for p in out.iterdir() if p.is_dir()]
-    return torch.load(list_checkpoints(run)[-1], map_location="cpu", weights_only=True)
-
-
-def assert_close(a: dict, b: dict, atol: float = 1e-4) -> None:
-    """Equal to float tolerance: summing gradients over ranks rounds differently, and Adam (which divides
-    each step by the gradient's scale) turns that into about 1e-5 in weights of size ~1 after 4 steps."""
-    assert a.keys() == b.keys()
-    for name in a:
-        diff = float((a[name].float() - b[name].float()).abs().max()) if a[name].numel() else 0.0
-        assert diff <= atol, f"{name}: differs by {diff:.2e}"
 
 
 def gan_args(cache, out, steps: int, **more) -> list:
@@ -145,3 +113,17 @@ def test_a_killed_rank_ends_the_job_and_leaves_whole_checkpoints(cache, tmp_path
     saved = list_checkpoints(run)
     assert saved and all(torch.load(p, map_location="cpu", weights_only=True)["step"] <= 4 for p in saved)
     assert not [p for p in run.iterdir() if ".tmp" in p.name or p.name.startswith(".")]
+
+
+def test_two_ldm_processes_take_the_one_process_steps(cache, tmp_path):
+    vae = ["vae", "--cache", cache, "--out", tmp_path / "vae", "--size", "tiny", "--steps", 2]
+    trainers([*vae, "--batch-size", 4, "--eval-n", 4, "--device", "cpu"])
+    (vae_run,) = (tmp_path / "vae").iterdir()
+    ldm = ["ldm", "--cache", cache, "--vae", vae_run, "--size", "tiny", "--steps", 3, "--batch-size", 8]
+    ldm += ["--condition", "perturb", "--device", "cpu"]
+    trainers([*ldm, "--out", tmp_path / "one"])
+    trainers([*ldm, "--out", tmp_path / "two"], nproc=2)
+    one, two = checkpoint(tmp_path / "one"), checkpoint(tmp_path / "two")
+    assert one["step"] == two["step"] == 3 and one["arch"] == two["arch"]  # one latent scale for all ranks
+    assert_close(one["model"], two["model"])
+    assert_close(one["ema"], two["ema"])
