@@ -192,6 +192,7 @@ class CacheDataset:
         if e not in self._epochs:
             n = len(self.rows_idx)
             perm = np.random.default_rng([self.seed, SHUFFLE_STREAM, e]).permutation(n)
+            perm = perm.astype(np.int32) if n < 2**31 else perm  # the same order, in half the memory
             paired = None
             if self.paired_pool.any():
                 if self.paired_probability >= 1.0:
@@ -379,8 +380,38 @@ def _read_committed(config: LoaderConfig) -> tuple[EmbedRows, np.ndarray | None,
 
 
 def build_dataset(config: LoaderConfig) -> tuple[CacheDataset, LoaderInfo]:
-    """Read the cache and join every image with its condition (see the module docstring)."""
+    """The sample set: from its memory-mapped store when one was derived (trainers/sample_store.py), else
+    read from the cache and stored for the next loader."""
+    from trainers.sample_store import AllRows, open_store, store_dir, store_key, write_store
+
     config.validate()
+    folder = store_dir(config.cache, store_key(config, condition_stage(config.condition)))
+    opened = open_store(Path(config.cache), folder)
+    if opened is None:
+        dataset, info = read_dataset(config)
+        if info.skipped_shards:  # a partial cache is read as it is, every time
+            return dataset, info
+        write_store(folder, dataset, info, condition_stage(config.condition))
+        opened = open_store(Path(config.cache), folder)
+        if opened is None:  # could not be stored (read-only cache): the set in memory
+            return dataset, info
+        dataset.rows.images.close()
+    record, rows, arrays = opened
+    dataset = CacheDataset(
+        rows,
+        AllRows(len(rows)),
+        arrays["cond"],
+        seed=config.seed,
+        perturb_xi=config.xi if config.condition == "perturb" else None,
+        paired_feat=arrays.get("paired"),
+        paired_pool=arrays["pool"],
+        paired_probability=record["probability"],
+    )
+    return dataset, LoaderInfo(**record["info"])
+
+
+def read_dataset(config: LoaderConfig) -> tuple[CacheDataset, LoaderInfo]:
+    """Read the cache and join every image with its condition (see the module docstring)."""
     cache = Path(config.cache)
     rows, cond, skipped = _read_committed(config)
     excluded: Counter = Counter()

@@ -41,6 +41,7 @@ from trainers.cli import app
 from trainers.conditions import missing_stage_error
 from trainers.data import LoaderConfig, make_loader
 from trainers.embed_rows import cache_clip, feature_dim
+from trainers.sample_store import AllRows, StoredRows
 from trainers.tar_images import TarImages, _index_tar_slow, index_tar
 
 N_IMAGES, SHARD, D = 40, 20, 64
@@ -414,6 +415,7 @@ def test_only_committed_intact_current_shards_are_read(scratch):
 
 
 def test_a_shard_committed_during_the_wait_is_used(scratch):
+    shutil.rmtree(scratch / "_trainers", ignore_errors=True)  # no stored sample set: the stage is read
     path = scratch / "optimize" / "00001.parquet"
     committed = path.read_bytes()
     path.write_bytes(committed + b"half of a rewrite")
@@ -511,6 +513,8 @@ def flip_middle(path: Path, n: int = 16) -> None:
     "rel, condition", [("embed/00000.parquet", "perturb"), ("optimize/00001.parquet", "optimize")]
 )
 def test_bit_rot_in_a_committed_file_is_one_line_naming_it_and_verify(scratch, tmp_path, rel, condition):
+    # the loader that derives the sample set hashes what it reads; later ones read the stored set
+    shutil.rmtree(scratch / "_trainers", ignore_errors=True)
     flip_middle(scratch / rel)
     line = one_line_error(runner.invoke(app, gan_args(scratch, tmp_path, condition)))
     assert str(scratch / rel) in line and f"pipeline run --cache {scratch} --verify" in line
@@ -543,6 +547,7 @@ def test_a_damaged_stored_image_is_unreadable_naming_its_tar(scratch, workers):
 
 
 def test_a_damaged_tar_header_is_unreadable_not_fewer_images(scratch):
+    shutil.rmtree(scratch / "_trainers", ignore_errors=True)  # the deriving loader indexes the tars
     tar = scratch / "embed" / "00001.tar"
     header, _ = tar_member(tar, "000000030.jpg")
     st = tar.stat()
@@ -558,6 +563,8 @@ def test_damaged_caption_features_are_recomputed_with_a_warning(scratch):
     shutil.rmtree(scratch / "_trainers", ignore_errors=True)
     first = make_loader(LoaderConfig(cache=scratch, condition="caption", batch_size=4)).info.caption_features
     Path(first).write_bytes(b"not an array")  # a damaged derived file
+    for stored in (scratch / "_trainers").glob("samples-*"):
+        shutil.rmtree(stored)  # a stored sample set holds the features already: it must be derived again
     with pytest.warns(UserWarning, match="caption_features-.*cannot be read.*recomputing it"):
         again = make_loader(LoaderConfig(cache=scratch, condition="caption", batch_size=4))
     assert np.load(again.info.caption_features).shape == (N_IMAGES, D)
@@ -590,8 +597,12 @@ def test_loader_is_read_only_outside_trainers_dir(scratch):
     after = snapshot(scratch)
     assert {k: v for k, v in after.items() if k in before} == before  # bytes and mtimes unchanged
     added = sorted(set(after) - set(before))
-    assert added and all(k.startswith("_trainers/caption_features-") for k in added), added
-    assert len(added) == 1  # one shared file for every run on these embed outputs and this CLIP
+    assert added and all(k.startswith("_trainers/") for k in added), added
+    # one shared caption-feature file for every run on these embed outputs and this CLIP, and one stored
+    # sample set per condition (trainers/sample_store.py)
+    assert len([k for k in added if k.startswith("_trainers/caption_features-")]) == 1
+    stored = {Path(k).parent.name for k in added if k.startswith("_trainers/samples-")}
+    assert len(stored) == 5
 
 
 def test_caption_features_are_computed_once_and_shared(scratch, monkeypatch):
@@ -659,3 +670,71 @@ def test_images_without_a_caption_are_left_out_of_caption_and_never_paired(image
     assert mixed.info.n_images == 6 and mixed.info.paired_pool == 1
     batch = next(mixed)
     assert [k for k, p in zip(batch["key"], batch["paired"], strict=True) if p] == ["a/img0"]
+
+
+# --- the stored sample set (trainers/sample_store.py): derived once, then memory-mapped by every loader,
+# with the same batches; derived again when what it was made from changes; never from a partial cache.
+
+
+@pytest.fixture
+def fresh(cache, tmp_path) -> Path:
+    """A private copy of the cache without derived files."""
+    copy = Path(shutil.copytree(cache[0], tmp_path / "cache"))
+    shutil.rmtree(copy / "_trainers", ignore_errors=True)
+    return copy
+
+
+def batches(loader, n: int = 3) -> list[dict]:
+    return [next(loader) for _ in range(n)]
+
+
+def same(a: list[dict], b: list[dict]) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert (
+            x["key"] == y["key"] and torch.equal(x["cond"], y["cond"]) and torch.equal(x["image"], y["image"])
+        )
+
+
+@pytest.mark.parametrize("condition", ["optimize", "retrieve", "perturb", "caption"])
+def test_a_second_loader_reads_the_stored_set_and_sees_the_same_batches(fresh, monkeypatch, condition):
+    config = LoaderConfig(cache=fresh, condition=condition, batch_size=7, seed=3)
+    first = make_loader(config)
+    derived = batches(first)
+    (stored,) = (fresh / "_trainers").glob("samples-*")
+    assert (stored / "info.json").is_file() and isinstance(first.dataset.rows, StoredRows)
+    monkeypatch.setattr(data, "read_dataset", lambda c: pytest.fail("the cache was read again"))
+    again = make_loader(config, start_step=0)
+    assert isinstance(again.dataset.cond, np.memmap) and isinstance(again.dataset.rows_idx, AllRows)
+    assert again.info == first.info
+    same(derived, batches(again))
+    later = make_loader(config, start_step=2)
+    same(derived[2:], batches(later, 1))  # resumes by arithmetic on the stored set too
+
+
+def test_a_changed_stage_output_derives_a_new_set(fresh):
+    make_loader(LoaderConfig(cache=fresh, condition="optimize", batch_size=4))
+    manifest = fresh / "optimize" / "_manifests" / "00001.json"
+    record = json.loads(manifest.read_text())
+    record["key"] = "0" * 32  # the stage remade shard 1 (other inputs or params)
+    manifest.write_text(json.dumps(record))
+    make_loader(LoaderConfig(cache=fresh, condition="optimize", batch_size=4))
+    assert len(list((fresh / "_trainers").glob("samples-*"))) == 2
+
+
+def test_a_damaged_store_is_rebuilt_with_a_warning(fresh):
+    config = LoaderConfig(cache=fresh, condition="perturb", batch_size=5)
+    before = batches(make_loader(config))
+    (stored,) = (fresh / "_trainers").glob("samples-*")
+    (stored / "cond.npy").write_bytes(b"not an array")
+    with pytest.warns(UserWarning, match="samples-.*cannot be read.*rebuilding it"):
+        loader = make_loader(config)
+    same(before, batches(loader))
+
+
+def test_a_partial_cache_is_never_stored(fresh):
+    with open(fresh / "optimize" / "00001.parquet", "ab") as f:
+        f.write(b"being rewritten")
+    with pytest.warns(UserWarning, match="leaving out optimize shards"):
+        loader = make_loader(partial(fresh, "optimize", batch_size=4))
+    assert loader.info.skipped_shards and not list((fresh / "_trainers").glob("samples-*"))
+    assert loader.info.n_images < N_IMAGES

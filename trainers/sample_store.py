@@ -1,0 +1,246 @@
+"""The loader's sample set, derived once from the cache into memory-mapped files, so a trainer's memory
+does not grow with the cache.
+
+    {cache}/_trainers/samples-{key}/info.json        what the loader found (LoaderInfo), written last
+    {cache}/_trainers/samples-{key}/cond.npy         float16 [N, D]: each sample's condition feature
+    {cache}/_trainers/samples-{key}/paired.npy       float16 [N, D]: the real-caption features (pairs only)
+    {cache}/_trainers/samples-{key}/pool.npy         bool [N]: the samples that may be paired
+    {cache}/_trainers/samples-{key}/where.npy        int64 [N, 3]: embed shard, image offset, image size
+    {cache}/_trainers/samples-{key}/keys.arrow       the samples' keys (Arrow IPC), in sample order
+
+`key` digests what decides the set: the embed shards' and the condition stage's committed outputs (from
+their manifests), the caption features' inputs for retrieve, and the loader options that choose rows and
+features (condition, tau_r, the paired pool). The first loader of a key builds the set the usual way
+(trainers/data.py reads every feature into memory once) and writes it here (a temp folder renamed into
+place: concurrent builders at worst both build); every later one opens it: the arrays are memory-mapped
+and read per batch, the keys through Arrow's memory map, so start-up and resident memory stay flat as the
+cache grows. A cache whose shards were partly skipped (`--allow-partial`) is never stored: such a run
+reads the cache as before. A store whose files are damaged is rebuilt with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from manifests import digest_json, list_manifests
+
+STORE_VERSION = "1"
+INFO = "info.json"
+
+
+def store_key(config: Any, stage: str) -> str:
+    """Digest of everything that decides the sample set of `config` (a LoaderConfig), from manifests."""
+    cache = Path(config.cache)
+
+    def outs(name: str) -> list:  # each shard's key (its inputs, deps and params) and outputs
+        return [
+            [shard, m.get("key"), [[o["path"], o["digest"]] for o in m.get("outs", [])], m.get("deps")]
+            for shard, m in sorted(list_manifests(cache, name).items())
+        ]
+
+    stages = {"embed": outs("embed")}
+    if stage != "embed":
+        stages[stage] = outs(stage)
+    if stage == "retrieve":
+        stages["captions"] = outs("captions")
+    pool = config.paired_limit is not None
+    return digest_json(
+        {
+            "version": STORE_VERSION,
+            "stages": stages,
+            "condition": config.condition,
+            "tau_r": config.tau_r if stage == "retrieve" else None,
+            "paired": [config.needs_captions, config.paired_fraction, config.paired_limit]
+            + [config.seed if pool else None],
+        }
+    )[:24]
+
+
+def store_dir(cache: Path, key: str) -> Path:
+    from trainers.conditions import TRAINERS_DIR
+
+    return Path(cache) / TRAINERS_DIR / f"samples-{key}"
+
+
+def write_store(folder: Path, dataset: Any, info: Any, stage: str) -> None:
+    """Write a built CacheDataset and its LoaderInfo as a store (see the module docstring); a cache that
+    cannot be written (read-only) keeps it in memory only, with a warning."""
+    import pyarrow as pa
+
+    rows, idx = dataset.rows, np.asarray(dataset.rows_idx)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    except OSError as e:
+        warnings.warn(f"cannot store the sample set in {folder.parent} ({e}); kept in memory", stacklevel=3)
+        return
+    try:
+        np.save(tmp / "cond.npy", np.asarray(dataset.cond, np.float16))
+        np.save(tmp / "pool.npy", np.asarray(dataset.paired_pool, bool))
+        if dataset.paired_feat is not None:
+            np.save(tmp / "paired.npy", np.asarray(dataset.paired_feat, np.float16))
+        where = np.stack([rows.shard_of[idx], rows.offsets[idx], rows.sizes[idx]], axis=1).astype(np.int64)
+        np.save(tmp / "where.npy", where)
+        keys = pa.table({"key": pa.array([rows.keys[int(r)] for r in idx], pa.string())})
+        with pa.OSFile(str(tmp / "keys.arrow"), "wb") as sink, pa.ipc.new_file(sink, keys.schema) as out:
+            out.write_table(keys)
+        record = {
+            "version": STORE_VERSION,
+            "info": asdict(info),
+            "probability": float(dataset.paired_probability),
+            "tar_outs": {str(s): o for s, o in rows.images.tar_outs.items() if s in set(rows.shards)},
+            "parquet_outs": {str(s): o for s, o in rows.parquet_outs.items()},
+            # the files it was read from: a store is used only while they are still the committed ones
+            "read_outs": _read_outs(rows.cache, stage, rows.shards),
+            "shards": list(rows.shards),
+            "image_size": int(rows.image_size),
+            "clip": asdict(rows.clip),
+        }
+        (tmp / INFO).write_text(json.dumps(record))
+        os.replace(tmp, folder)  # the store appears whole, or not at all
+    except OSError as e:
+        warnings.warn(f"cannot store the sample set in {folder} ({e}); kept in memory", stacklevel=3)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_outs(cache: Path, stage: str, shards: list[int]) -> list[dict[str, Any]]:
+    names = ["embed"] + ([stage] if stage != "embed" else []) + (["captions"] if stage == "retrieve" else [])
+    found = []
+    for name in names:
+        for shard, manifest in list_manifests(cache, name).items():
+            if name == "captions" or shard in shards:
+                found += [{"path": o["path"], "size": o["size"]} for o in manifest.get("outs", [])]
+    return found
+
+
+class StoredKeys:
+    """The samples' keys, memory-mapped: `keys[i]`, `len(keys)`; no Python string per key is kept."""
+
+    def __init__(self, path: Path):
+        import pyarrow as pa
+
+        self._path = Path(path)
+        self._column = pa.ipc.open_file(pa.memory_map(str(path))).read_all().column("key")
+
+    def __len__(self) -> int:
+        return len(self._column)
+
+    def __getitem__(self, i: int) -> str:
+        return self._column[int(i)].as_py()
+
+    def take(self, idx: np.ndarray) -> list[str]:
+        return self._column.take(np.asarray(idx, np.int64)).to_pylist()
+
+    def __reduce__(self):  # spawned loader workers map the file again
+        return (StoredKeys, (self._path,))
+
+
+class StoredRows:
+    """The embed rows of a stored sample set (sample i is row i): what CacheDataset reads per batch."""
+
+    def __init__(self, cache: Path, record: dict[str, Any], where: np.ndarray, keys: StoredKeys, images):
+        from pipeline.embed import EmbeddedClip
+
+        self.cache = Path(cache)
+        self.clip = EmbeddedClip(**record["clip"])
+        self.shards = list(record["shards"])
+        self.parquet_outs = {int(s): o for s, o in record["parquet_outs"].items()}
+        self.where, self.keys, self.images = where, keys, images
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    @property
+    def image_size(self) -> int:
+        return self.images.image_size
+
+    @property
+    def shard_of(self) -> np.ndarray:
+        return self.where[:, 0]
+
+    def image(self, row: int):
+        shard, offset, size = (int(v) for v in self.where[int(row)])
+        tar = self.cache / self.images.tar_outs[shard]["path"]
+        return self.images.decode(
+            self.images.read(shard, offset, size), f"{tar} (the image of key {self.keys[row]!r})"
+        )
+
+    def pixels(self, rows):
+        import torch
+
+        return torch.stack([self.image(int(r)) for r in rows])
+
+    def batch_keys(self, rows) -> list[str]:
+        return self.keys.take(np.asarray(rows))
+
+
+class AllRows:
+    """rows_idx of a stored set: sample j is row j (an identity index that holds no array)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, idx):
+        if isinstance(idx, int | np.integer):
+            return int(idx)
+        idx = np.asarray(idx)
+        return np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64)
+
+
+def _intact(cache: Path, out: dict[str, Any]) -> bool:
+    try:
+        return os.stat(Path(cache) / out["path"]).st_size == out["size"]
+    except OSError:
+        return False
+
+
+def open_store(cache: Path, folder: Path) -> tuple[dict[str, Any], StoredRows, dict[str, np.ndarray]] | None:
+    """(record, rows, arrays cond/pool/paired) of a committed store, memory-mapped; None when there is
+    none, or its embed tars are not the committed ones any more (then the loader reads the cache)."""
+    from trainers.committed import open_committed
+    from trainers.tar_images import TarImages
+
+    info_path = folder / INFO
+    if not info_path.is_file():
+        return None
+    try:
+        record = json.loads(info_path.read_text())
+        if record.get("version") != STORE_VERSION:
+            return None
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("cond", "pool", "where")}
+        if (folder / "paired.npy").is_file():
+            arrays["paired"] = np.load(folder / "paired.npy", mmap_mode="r")
+        keys = StoredKeys(folder / "keys.arrow")
+        n = len(arrays["where"])
+        if not (len(arrays["cond"]) == len(arrays["pool"]) == len(keys) == n):
+            raise ValueError("its files disagree on the number of samples")
+    except (OSError, ValueError, KeyError, TypeError) as e:  # derived: rebuilt rather than fatal
+        warnings.warn(f"{folder}: cannot be read ({e}); rebuilding it", stacklevel=3)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    if not all(_intact(cache, out) for out in record["read_outs"]):
+        return None  # a shard it was made from is being rewritten: the loader waits or refuses as usual
+    tar_outs = {int(s): o for s, o in record["tar_outs"].items()}
+    fds = {}
+    for shard, out in tar_outs.items():
+        fd = open_committed(cache, out)
+        if fd is None:  # a tar being rewritten: read the cache the usual way (it waits or refuses)
+            for held in fds.values():
+                os.close(held)
+            return None
+        fds[shard] = fd
+    images = TarImages(cache, tar_outs, fds, int(record["image_size"]))
+    return record, StoredRows(cache, record, arrays["where"], keys, images), arrays
