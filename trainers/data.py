@@ -182,40 +182,30 @@ class CacheDataset:
         self.paired_feat = paired_feat  # float16 [N, D] real-caption features (NaN rows outside the pool)
         self.paired_pool = paired_pool  # bool [N]
         self.paired_probability = paired_probability
-        self._epochs: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        self._any_paired = bool(np.asarray(paired_pool).any())
 
     def __len__(self) -> int:
         return len(self.rows_idx)
 
-    def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """(permutation [N], paired draws bool [N] by sample, or None) of epoch e, cached for two epochs."""
-        if e not in self._epochs:
-            n = len(self.rows_idx)
-            perm = np.random.default_rng([self.seed, SHUFFLE_STREAM, e]).permutation(n)
-            perm = perm.astype(np.int32) if n < 2**31 else perm  # the same order, in half the memory
-            paired = None
-            if self.paired_pool.any():
-                if self.paired_probability >= 1.0:
-                    paired = self.paired_pool
-                else:
-                    draws = np.random.default_rng([self.seed, PAIRED_STREAM, e]).random(n)
-                    paired = self.paired_pool & (draws < self.paired_probability)
-            if len(self._epochs) >= 2:
-                self._epochs.pop(min(self._epochs))
-            self._epochs[e] = (perm, paired)
-        return self._epochs[e]
-
     def samples(self, positions: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Stream positions -> (sample index [B], epoch [B], paired [B])."""
+        """Stream positions -> (sample index [B], epoch [B], paired [B]). Position t is sample perm_e[t % N]
+        of epoch e = t // N, perm_e the permutation of (seed, e) (trainers/shuffle.py: O(1) memory); a pool
+        sample is paired in epoch e by its own draw of (seed, e, sample)."""
+        from trainers.shuffle import keys, permute, uniform
+
         n = len(self.rows_idx)
-        samples = np.empty(len(positions), dtype=np.int64)
-        epochs = np.empty(len(positions), dtype=np.int64)
-        paired = np.zeros(len(positions), dtype=bool)
-        for b, t in enumerate(positions):
-            e, j = divmod(int(t), n)
-            perm, drawn = self.epoch(e)
-            samples[b], epochs[b] = perm[j], e
-            paired[b] = bool(drawn[perm[j]]) if drawn is not None else False
+        epochs, at = np.divmod(np.asarray(positions, dtype=np.int64), n)
+        samples = np.empty(len(at), dtype=np.int64)
+        paired = np.zeros(len(at), dtype=bool)
+        for e in np.unique(epochs).tolist():
+            here = epochs == e
+            samples[here] = permute(at[here], n, keys(self.seed, SHUFFLE_STREAM, e))
+            if self._any_paired:
+                pool = np.asarray(self.paired_pool[samples[here]], dtype=bool)
+                if self.paired_probability < 1.0:
+                    draws = uniform(samples[here], keys(self.seed, PAIRED_STREAM, e))
+                    pool &= draws < self.paired_probability
+                paired[here] = pool
         return samples, epochs, paired
 
     def __getitem__(self, positions: list[int]) -> dict[str, Any]:

@@ -6,16 +6,18 @@ does not grow with the cache.
     {cache}/_trainers/samples-{key}/paired.npy       float16 [N, D]: the real-caption features (pairs only)
     {cache}/_trainers/samples-{key}/pool.npy         bool [N]: the samples that may be paired
     {cache}/_trainers/samples-{key}/where.npy        int64 [N, 3]: embed shard, image offset, image size
-    {cache}/_trainers/samples-{key}/keys.arrow       the samples' keys (Arrow IPC), in sample order
+    {cache}/_trainers/samples-{key}/keys.npy         the samples' keys, UTF-8, fixed width, in sample order
 
 `key` digests what decides the set: the embed shards' and the condition stage's committed outputs (from
 their manifests), the caption features' inputs for retrieve, and the loader options that choose rows and
 features (condition, tau_r, the paired pool). The first loader of a key builds the set the usual way
 (trainers/data.py reads every feature into memory once) and writes it here (a temp folder renamed into
-place: concurrent builders at worst both build); every later one opens it: the arrays are memory-mapped
-and read per batch, the keys through Arrow's memory map, so start-up and resident memory stay flat as the
-cache grows. A cache whose shards were partly skipped (`--allow-partial`) is never stored: such a run
-reads the cache as before. A store whose files are damaged is rebuilt with a warning.
+place: concurrent builders at worst both build); every later one opens it and reads each batch's rows
+with one `pread` per row (`RowFile`), so start-up and resident memory stay flat as the cache grows: no
+array of the set is held, and no page of it is mapped into the process (the kernel's page cache, shared
+by every process on the node, keeps what was read). A cache whose shards were partly skipped (`--allow-
+partial`) is never stored: such a run reads the cache as before. A store whose files are damaged is
+rebuilt with a warning.
 """
 
 from __future__ import annotations
@@ -72,45 +74,46 @@ def store_dir(cache: Path, key: str) -> Path:
 
 
 def write_store(folder: Path, dataset: Any, info: Any, stage: str) -> None:
-    """Write a built CacheDataset and its LoaderInfo as a store (see the module docstring); a cache that
-    cannot be written (read-only) keeps it in memory only, with a warning."""
-    import pyarrow as pa
-
+    """Write a built CacheDataset and its LoaderInfo as a store (see the module docstring)."""
     rows, idx = dataset.rows, np.asarray(dataset.rows_idx)
+    record = {
+        "info": asdict(info),
+        "probability": float(dataset.paired_probability),
+        "tar_outs": {str(s): o for s, o in rows.images.tar_outs.items() if s in set(rows.shards)},
+        "parquet_outs": {str(s): o for s, o in rows.parquet_outs.items()},
+        "shards": list(rows.shards),
+        "image_size": int(rows.image_size),
+        "clip": asdict(rows.clip),
+        # the files it was read from: a store is used only while they are still the committed ones
+        "read_outs": _read_outs(rows.cache, stage, rows.shards),
+    }
+    where = np.stack([rows.shard_of[idx], rows.offsets[idx], rows.sizes[idx]], axis=1).astype(np.int64)
+    arrays = {"cond": dataset.cond, "pool": dataset.paired_pool, "where": where}
+    if dataset.paired_feat is not None:
+        arrays["paired"] = dataset.paired_feat
+    save_store(folder, arrays, [rows.keys[int(r)] for r in idx], record)
+
+
+def save_store(folder: Path, arrays: dict[str, np.ndarray], keys: list[str], record: dict[str, Any]) -> None:
+    """The files of a store: `arrays` (cond float16 [N, D], pool bool [N], where int64 [N, 3], paired
+    float16 [N, D] if any) and the keys as .npy, `record` as info.json last, in a temp folder renamed into
+    place (a store appears whole or not at all). A cache that cannot be written (read-only) keeps the set
+    in memory only, with a warning."""
     folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    except OSError as e:
-        warnings.warn(f"cannot store the sample set in {folder.parent} ({e}); kept in memory", stacklevel=3)
-        return
-    try:
-        np.save(tmp / "cond.npy", np.asarray(dataset.cond, np.float16))
-        np.save(tmp / "pool.npy", np.asarray(dataset.paired_pool, bool))
-        if dataset.paired_feat is not None:
-            np.save(tmp / "paired.npy", np.asarray(dataset.paired_feat, np.float16))
-        where = np.stack([rows.shard_of[idx], rows.offsets[idx], rows.sizes[idx]], axis=1).astype(np.int64)
-        np.save(tmp / "where.npy", where)
-        keys = pa.table({"key": pa.array([rows.keys[int(r)] for r in idx], pa.string())})
-        with pa.OSFile(str(tmp / "keys.arrow"), "wb") as sink, pa.ipc.new_file(sink, keys.schema) as out:
-            out.write_table(keys)
-        record = {
-            "version": STORE_VERSION,
-            "info": asdict(info),
-            "probability": float(dataset.paired_probability),
-            "tar_outs": {str(s): o for s, o in rows.images.tar_outs.items() if s in set(rows.shards)},
-            "parquet_outs": {str(s): o for s, o in rows.parquet_outs.items()},
-            # the files it was read from: a store is used only while they are still the committed ones
-            "read_outs": _read_outs(rows.cache, stage, rows.shards),
-            "shards": list(rows.shards),
-            "image_size": int(rows.image_size),
-            "clip": asdict(rows.clip),
-        }
-        (tmp / INFO).write_text(json.dumps(record))
-        os.replace(tmp, folder)  # the store appears whole, or not at all
+        dtypes = {"cond": np.float16, "paired": np.float16, "pool": bool, "where": np.int64}
+        for name, values in arrays.items():
+            np.save(tmp / f"{name}.npy", np.asarray(values, dtypes[name]))
+        np.save(tmp / "keys.npy", np.array([k.encode() for k in keys], dtype=bytes))  # dtype S{longest}
+        (tmp / INFO).write_text(json.dumps({"version": STORE_VERSION, **record}))
+        os.replace(tmp, folder)
     except OSError as e:
         warnings.warn(f"cannot store the sample set in {folder} ({e}); kept in memory", stacklevel=3)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_outs(cache: Path, stage: str, shards: list[int]) -> list[dict[str, Any]]:
@@ -123,32 +126,81 @@ def _read_outs(cache: Path, stage: str, shards: list[int]) -> list[dict[str, Any
     return found
 
 
-class StoredKeys:
-    """The samples' keys, memory-mapped: `keys[i]`, `len(keys)`; no Python string per key is kept."""
+class RowFile:
+    """The rows of an .npy file, read on request with one `pread` each: `f[i]`, `f[idx]` (ints or a bool
+    mask), `len(f)`, `f.shape`. Nothing is cached or mapped, so memory does not grow with the rows read;
+    the fd is inherited by forked loader workers (pread moves no shared offset) and reopened by spawned
+    ones."""
 
     def __init__(self, path: Path):
-        import pyarrow as pa
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(
+                version, np.lib.format.read_array_header_2_0
+            )
+            self.shape, fortran, self.dtype = read_header(f)
+            self.offset = f.tell()
+        if fortran or not self.shape:
+            raise ValueError(f"{self.path.name}: not a C-ordered array of rows")
+        self.row_shape = tuple(self.shape[1:])
+        self.row_bytes = self.dtype.itemsize * int(np.prod(self.row_shape, dtype=np.int64))
+        expected = self.offset + self.shape[0] * self.row_bytes
+        if self.path.stat().st_size != expected:
+            raise ValueError(f"{self.path.name}: {self.path.stat().st_size} bytes, not {expected}")
+        self._fd: int | None = None
 
-        self._path = Path(path)
-        self._column = pa.ipc.open_file(pa.memory_map(str(path))).read_all().column("key")
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fd": None}
 
     def __len__(self) -> int:
-        return len(self._column)
+        return self.shape[0]
+
+    def _read(self, row: int) -> bytes:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        data = os.pread(self._fd, self.row_bytes, self.offset + row * self.row_bytes)
+        if len(data) != self.row_bytes:
+            raise ValueError(f"{self.path}: row {row} is cut short (the file changed)")
+        return data
+
+    def __getitem__(self, idx):
+        if isinstance(idx, int | np.integer):
+            return np.frombuffer(self._read(int(idx) % len(self)), self.dtype).reshape(self.row_shape)
+        idx = np.asarray(idx)
+        rows = np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64).reshape(-1)
+        out = np.empty((len(rows), *self.row_shape), self.dtype)
+        flat = out.reshape(len(rows), -1)
+        for j, row in enumerate(rows.tolist()):
+            flat[j] = np.frombuffer(self._read(row % len(self)), self.dtype)
+        return out
+
+    def any(self) -> bool:
+        """For a bool file: any row true (read in chunks, none kept)."""
+        step = 1 << 20
+        for start in range(0, len(self), step):
+            if self[np.arange(start, min(start + step, len(self)))].any():
+                return True
+        return False
+
+
+class StoredKeys:
+    """The samples' keys from keys.npy (UTF-8, fixed width), read per request: `keys[i]`, `len(keys)`."""
+
+    def __init__(self, path: Path):
+        self.file = RowFile(path)
+
+    def __len__(self) -> int:
+        return len(self.file)
 
     def __getitem__(self, i: int) -> str:
-        return self._column[int(i)].as_py()
-
-    def take(self, idx: np.ndarray) -> list[str]:
-        return self._column.take(np.asarray(idx, np.int64)).to_pylist()
-
-    def __reduce__(self):  # spawned loader workers map the file again
-        return (StoredKeys, (self._path,))
+        return bytes(self.file[int(i)]).decode()
 
 
 class StoredRows:
     """The embed rows of a stored sample set (sample i is row i): what CacheDataset reads per batch."""
 
-    def __init__(self, cache: Path, record: dict[str, Any], where: np.ndarray, keys: StoredKeys, images):
+    def __init__(self, cache: Path, record: dict[str, Any], where: RowFile, keys: StoredKeys, images):
         from pipeline.embed import EmbeddedClip
 
         self.cache = Path(cache)
@@ -164,10 +216,6 @@ class StoredRows:
     def image_size(self) -> int:
         return self.images.image_size
 
-    @property
-    def shard_of(self) -> np.ndarray:
-        return self.where[:, 0]
-
     def image(self, row: int):
         shard, offset, size = (int(v) for v in self.where[int(row)])
         tar = self.cache / self.images.tar_outs[shard]["path"]
@@ -179,9 +227,6 @@ class StoredRows:
         import torch
 
         return torch.stack([self.image(int(r)) for r in rows])
-
-    def batch_keys(self, rows) -> list[str]:
-        return self.keys.take(np.asarray(rows))
 
 
 class AllRows:
@@ -208,8 +253,9 @@ def _intact(cache: Path, out: dict[str, Any]) -> bool:
 
 
 def open_store(cache: Path, folder: Path) -> tuple[dict[str, Any], StoredRows, dict[str, np.ndarray]] | None:
-    """(record, rows, arrays cond/pool/paired) of a committed store, memory-mapped; None when there is
-    none, or its embed tars are not the committed ones any more (then the loader reads the cache)."""
+    """(record, rows, arrays cond/pool/paired) of a committed store, read per batch (`RowFile`); None when
+    there is none, or a file it was made from is not the committed one any more (then the loader reads the
+    cache)."""
     from trainers.committed import open_committed
     from trainers.tar_images import TarImages
 
@@ -220,10 +266,12 @@ def open_store(cache: Path, folder: Path) -> tuple[dict[str, Any], StoredRows, d
         record = json.loads(info_path.read_text())
         if record.get("version") != STORE_VERSION:
             return None
-        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("cond", "pool", "where")}
-        if (folder / "paired.npy").is_file():
-            arrays["paired"] = np.load(folder / "paired.npy", mmap_mode="r")
-        keys = StoredKeys(folder / "keys.arrow")
+        names = ("cond", "pool", "where", "paired")
+        arrays = {
+            n: RowFile(folder / f"{n}.npy") for n in names if n != "paired" or (folder / f"{n}.npy").is_file()
+        }
+        arrays["pool"] = np.load(folder / "pool.npy")  # bool [N]: one byte a sample, read whole
+        keys = StoredKeys(folder / "keys.npy")
         n = len(arrays["where"])
         if not (len(arrays["cond"]) == len(arrays["pool"]) == len(keys) == n):
             raise ValueError("its files disagree on the number of samples")

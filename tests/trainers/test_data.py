@@ -41,7 +41,7 @@ from trainers.cli import app
 from trainers.conditions import missing_stage_error
 from trainers.data import LoaderConfig, make_loader
 from trainers.embed_rows import cache_clip, feature_dim
-from trainers.sample_store import AllRows, StoredRows
+from trainers.sample_store import AllRows, RowFile, StoredRows
 from trainers.tar_images import TarImages, _index_tar_slow, index_tar
 
 N_IMAGES, SHARD, D = 40, 20, 64
@@ -704,7 +704,7 @@ def test_a_second_loader_reads_the_stored_set_and_sees_the_same_batches(fresh, m
     assert (stored / "info.json").is_file() and isinstance(first.dataset.rows, StoredRows)
     monkeypatch.setattr(data, "read_dataset", lambda c: pytest.fail("the cache was read again"))
     again = make_loader(config, start_step=0)
-    assert isinstance(again.dataset.cond, np.memmap) and isinstance(again.dataset.rows_idx, AllRows)
+    assert isinstance(again.dataset.cond, RowFile) and isinstance(again.dataset.rows_idx, AllRows)
     assert again.info == first.info
     same(derived, batches(again))
     later = make_loader(config, start_step=2)
