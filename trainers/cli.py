@@ -347,7 +347,7 @@ def vae_command(
             "--encode",
             help="Instead of training: encode the cache's images with this `trainers vae` checkpoint (or "
             "run directory) into CACHE/latents/{vae_id}/, which `trainers ldm --vae` then reads. Only "
-            "stale or new shards are encoded; uses --batch-size and --device.",
+            "stale or new shards are encoded; uses --batch-size and --device. One process (not torchrun).",
             show_default=False,
         ),
     ] = None,
@@ -361,10 +361,13 @@ def vae_command(
 
     if encode is not None:
         from pipeline.errors import ConfigError
+        from trainers.distributed import launched_world
         from trainers.latents import describe, encode_latents
 
         if cache is None:
             raise ConfigError("--cache is required: the feature cache whose images --encode encodes")
+        if launched_world().distributed:
+            raise ConfigError("--encode runs as one process: run `trainers vae --encode` without torchrun")
         from pipeline.cli_common import writing
 
         # latents/ is a stage of the cache: written under its lock, like the pipeline's stages
@@ -391,6 +394,8 @@ def vae_command(
     config.validate()
     with progress_bar("vae", total=steps, unit="step") as advance:
         result = run_vae(config, advance)
+    if result.run_dir is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     typer.echo(
         f"vae: step {result.step:,}, loss {result.losses['loss']:.4f}, held-out PSNR {result.psnr:.2f} dB "
         f"-> {result.checkpoint}"

@@ -84,7 +84,8 @@ def dvae_command(
             "--encode",
             help="Instead of training: the image tokens of this `trainers dvae` checkpoint (or run "
             "directory) for every embed shard, into CACHE/tokens/{dvae_id}/, which `trainers dalle` "
-            "reads. Only stale or new shards are encoded; uses --batch-size (default 64) and --device.",
+            "reads. Only stale or new shards are encoded; uses --batch-size (default 64) and --device. "
+            "One process (not torchrun).",
             show_default=False,
         ),
     ] = None,
@@ -99,10 +100,13 @@ def dvae_command(
     if encode is not None:
         from pipeline.cli_common import writing
         from pipeline.errors import ConfigError
+        from trainers.distributed import launched_world
         from trainers.tokens import describe, encode_tokens
 
         if cache is None:
             raise ConfigError("--cache is required: the feature cache whose images --encode encodes")
+        if launched_world().distributed:
+            raise ConfigError("--encode runs as one process: run `trainers dvae --encode` without torchrun")
         # tokens/ is a stage of the cache: written under its lock, like latents/
         with writing(cache), progress_bar("dvae --encode", total=None, unit="img") as advance:
             summary = encode_tokens(cache, encode, batch_size or 64, device or "auto", advance)
@@ -135,6 +139,8 @@ def dvae_command(
         return
     with progress_bar("dvae", total=config.steps, unit="step") as advance:
         result = run_dvae(config, advance, resume_state=checkpoint)
+    if result.run_dir is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     if not result.losses:
         typer.echo(f"dvae: already at step {result.step:,} of {config.steps:,} -> {result.run_dir}")
         return

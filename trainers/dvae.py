@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.errors import ConfigError
+from trainers.distributed import SINGLE, World
 from trainers.vae import ResBlock, _norm
 
 
@@ -74,11 +75,16 @@ class DiscreteVAE(nn.Module):
         z = torch.einsum("bkhw,kd->bdhw", y, self.codebook.weight)  # [B, D, h, w]
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, temperature: float, world: World = SINGLE
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training pass: (reconstruction [B, 3, R, R], logits [B, K, h, w]); the gumbel noise is drawn from
-        torch's global generator (so a resumed run, which restores it, draws the same)."""
+        torch's global generator (so a resumed run, which restores it, draws the same), under torchrun
+        (`world`) for the global batch, this rank's rows kept."""
         logits = self.logits(x)
-        gumbel = -torch.empty_like(logits).exponential_().log()  # [B, K, h, w] ~ Gumbel(0, 1)
+        shape = (logits.shape[0] * world.size, *logits.shape[1:])
+        exp = world.part(torch.empty(shape, device=logits.device, dtype=logits.dtype).exponential_())
+        gumbel = -exp.log()  # [B, K, h, w] ~ Gumbel(0, 1)
         y = F.softmax((logits + gumbel) / temperature, dim=1)
         return self.decode_soft(y), logits
 

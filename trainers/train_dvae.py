@@ -15,7 +15,13 @@ and the number of dead codes (never chosen).
 
 Resume is bit-for-bit on the CPU, as `trainers ldm`: the checkpoint holds model, optimiser, step, config
 and every global RNG state (the gumbel noise comes from torch's), and the loader restarts at the step.
-`trainers dvae --encode CKPT` then writes the token cache (`trainers/tokens.py`).
+`trainers dvae --encode CKPT` then writes the token cache (`trainers/tokens.py`), as one process.
+
+Data-parallel under torchrun, as `trainers ldm` (trainers/distributed.py): `--batch-size` is the global
+batch, each rank loads its slice, the gumbel noise is drawn for the global batch and sliced, and the
+gradients are averaged over the ranks (the MSE and the KL are means over a batch's rows, so that is the
+one-process gradient). The logged batch perplexity is of the gathered global batch's codes. Rank 0
+writes and evaluates; a run resumes with any world size.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import ConfigError, require_at_least
+from trainers.distributed import SINGLE, World
 from trainers.dvae import DVAE_SIZES, DiscreteVAE, codebook_usage, dvae_architecture, kl_to_uniform
 from trainers.runs import RunConfig, check_run_name
 
@@ -42,7 +49,7 @@ class DvaeConfig(RunConfig):
     name: str = "dvae"  # run name (a folder name)
     size: str = "small"  # DVAE_SIZES entry: tiny (tests), small (x4), small8 (x8)
     steps: int = 20_000  # total optimisation steps; a resumed run continues up to this
-    batch_size: int = 32  # images per step
+    batch_size: int = 32  # images per step (the global batch under torchrun, split between the ranks)
     lr: float = 1e-3  # Adam learning rate
     seed: int = 0  # init, gumbel noise, data order and the held-out choice
     # beta once warmed up, on the KL in nats per cell (the MSE is per element). Tiny, 400 steps on 32 px:
@@ -109,10 +116,11 @@ def resolve_config(
 
 
 class DvaeTrainer:
-    """Model, optimiser, the two schedules and one step; no files, no loader."""
+    """Model, optimiser, the two schedules and one step; no files, no loader. `world`: the torchrun ranks
+    sharing the step."""
 
-    def __init__(self, config: DvaeConfig, arch: dict, device: torch.device):
-        self.config, self.arch, self.device = config, arch, device
+    def __init__(self, config: DvaeConfig, arch: dict, device: torch.device, world: World = SINGLE):
+        self.config, self.arch, self.device, self.world = config, arch, device, world
         self.model = DiscreteVAE(arch).to(device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.step = 0  # steps taken; both schedules read it
@@ -129,15 +137,18 @@ class DvaeTrainer:
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         x = batch["image"].to(self.device, non_blocking=True).float()  # [B, 3, R, R]
         tau, beta = self.temperature(), self.kl_beta()
-        recon, logits = self.model(x, tau)  # [B, 3, R, R], [B, K, h, w]
+        recon, logits = self.model(x, tau, self.world)  # [B, 3, R, R], [B, K, h, w]
         mse = F.mse_loss(recon, x)
         kl = kl_to_uniform(logits)
         loss = mse + beta * kl
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        self.world.average_gradients(self.model.parameters())
         self.opt.step()
         self.step += 1
-        usage = codebook_usage(logits.detach().argmax(dim=1), self.model.vocab_size)
+        # the codes of the whole global batch: a perplexity of fewer rows would read lower
+        codes = self.world.gather(logits.detach().argmax(dim=1))  # [B, h, w]
+        usage = codebook_usage(codes, self.model.vocab_size)
         return {
             "loss": loss.detach(),
             "mse": mse.detach(),
@@ -184,7 +195,7 @@ def evaluate_dvae(model: DiscreteVAE, images: torch.Tensor, batch_size: int = 64
 
 @dataclass
 class DvaeResult:
-    run_dir: Path
+    run_dir: Path | None  # None on a torchrun rank other than 0 (which writes nothing)
     step: int  # steps done in total (including those before a resume)
     checkpoint: Path | None  # the last checkpoint written
     losses: dict[str, float]  # of the last logged step ({} when a resumed run had nothing to do)
@@ -199,14 +210,26 @@ class DvaeResult:
 
 def run_dvae(config: DvaeConfig, progress: Any = None, *, resume_state: dict | None = None) -> DvaeResult:
     """Train (or, with `config.resume`, continue) a run; config.json, checkpoints, metrics.jsonl and
-    eval.json in its directory. `progress(n)` is called after each step."""
+    eval.json in its directory. `progress(n)` is called after each step. Under torchrun, data-parallel
+    (trainers/distributed.py): rank 0 writes, evaluates and returns the result."""
+    from trainers.distributed import close_world, init_world
+
+    config.validate()
+    world, device = init_world(config.device)
+    try:
+        world.local_batch(config.batch_size)
+        return _run_dvae(config, progress if world.main else None, resume_state, world, device)
+    finally:
+        close_world(world)
+
+
+def _run_dvae(config: DvaeConfig, progress, resume_state, world: World, device_name: str) -> DvaeResult:
     from manifests import write_json_atomic
     from trainers.checkpoints import load_checkpoint, resolve_checkpoint, restore_rng, save_checkpoint
     from trainers.runs import new_run_dir, seed_everything, select_device, trim_metrics, write_run_config
     from trainers.vae import split_cache
 
-    config.validate()
-    device = select_device(config.device)
+    device = select_device(device_name)
     start_step = 0
     if config.resume is not None:
         resume_path = resolve_checkpoint(config.resume, "--resume")
@@ -214,7 +237,7 @@ def run_dvae(config: DvaeConfig, progress: Any = None, *, resume_state: dict | N
         start_step = int(resume_state["step"])
         if start_step >= config.steps:  # nothing to do: say so, touch nothing
             return DvaeResult(resume_path.parent, start_step, resume_path, {})
-    loader, eval_images, info = split_cache(config, start_step)
+    loader, eval_images, info = split_cache(config, start_step, world)
     arch = dvae_architecture(config.size, int(eval_images.shape[-1]))
     if resume_state is not None and resume_state["arch"] != arch:
         raise ConfigError(
@@ -222,14 +245,20 @@ def run_dvae(config: DvaeConfig, progress: Any = None, *, resume_state: dict | N
             f"has {arch['resolution']}px ones (resume with the cache the run was trained on)"
         )
     seed_everything(config.seed)
-    trainer = DvaeTrainer(config, arch, device)
+    trainer = DvaeTrainer(config, arch, device, world)
+    if resume_state is not None:
+        trainer.load_state_dict(resume_state)
+        trainer.step = start_step
+        restore_rng(resume_state["rng"])  # rank 0's, which every rank shared
+    world.broadcast([trainer.model])
+    if not world.main:  # the other ranks train in step and write nothing
+        for _ in range(start_step, config.steps):
+            trainer.train_step(next(loader))
+        return DvaeResult(None, config.steps, None, {})
     data = {**info.record(), "n_train": len(loader.dataset), "n_eval": len(eval_images)}
     if resume_state is None:
         run_dir = new_run_dir(config.out, config.name)
     else:
-        trainer.load_state_dict(resume_state)
-        trainer.step = start_step
-        restore_rng(resume_state["rng"])
         run_dir = resume_path.parent
         trim_metrics(run_dir / "metrics.jsonl", start_step)
     write_run_config(run_dir, {"kind": "dvae", **config.to_dict(), "arch": arch, "data": data})
@@ -238,8 +267,8 @@ def run_dvae(config: DvaeConfig, progress: Any = None, *, resume_state: dict | N
     with open(run_dir / "metrics.jsonl", "a") as log:
         for step in range(start_step, config.steps):
             batch = next(loader)
-            losses = trainer.train_step(batch)
-            done, images = step + 1, images + batch["image"].shape[0]
+            losses = trainer.train_step(batch)  # loss, mse, kl of this rank's rows, as `trainers ldm` logs
+            done, images = step + 1, images + batch["image"].shape[0] * world.size
             last = done == config.steps
             if done % config.log_every == 0 or last:
                 result.losses = {k: float(v) for k, v in losses.items()}

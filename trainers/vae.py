@@ -21,6 +21,12 @@ adds w_d times the generator hinge term -mean(P(x')). Fixed weight, no adaptive 
 
 A held-out slice of the cache (`eval_n` images, a fixed seeded choice) is never trained on; the run's
 `eval.json` reports the reconstruction PSNR on it (posterior mean, no sampling).
+
+Data-parallel under torchrun, as `trainers gan` (trainers/distributed.py): `--batch-size` is the global
+batch, each rank loads its slice, the posterior noise is drawn for the global batch and sliced, and the
+autoencoder's and the discriminator's gradients are averaged over the ranks. Every loss term is a mean
+over a batch's rows (the perceptual term included: the frozen CLIP has no batch statistics), so the
+averaged gradients are the one-process ones. Rank 0 writes and evaluates. `--encode` is one process.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.errors import ConfigError, require_at_least
+from trainers.distributed import SINGLE, World
 
 
 @dataclass(frozen=True)
@@ -108,9 +115,15 @@ class AutoencoderKL(nn.Module):
         """[B, 4, R/4, R/4] -> [B, 3, R, R] (about [-1, 1], not clamped)."""
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, world: World = SINGLE
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training pass: (reconstruction, mean, logvar) with z sampled from the posterior. Under torchrun
+        (`world`) the noise is drawn for the global batch and this rank's rows kept."""
         mean, logvar = self.encode(x)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)  # [B, 4, R/4, R/4]
+        shape = (mean.shape[0] * world.size, *mean.shape[1:])
+        eps = world.part(torch.randn(shape, device=mean.device, dtype=mean.dtype))  # [B, 4, R/4, R/4]
+        z = mean + torch.exp(0.5 * logvar) * eps
         return self.decode(z), mean, logvar
 
 
@@ -218,7 +231,7 @@ class VaeConfig:
     name: str = "vae"  # run name (a folder name)
     size: str = "small"  # VAE_SIZES entry
     steps: int = 10_000  # optimisation steps
-    batch_size: int = 32  # images per step
+    batch_size: int = 32  # images per step (the global batch under torchrun, split between the ranks)
     lr: float = 2e-4  # Adam learning rate
     seed: int = 0  # init, posterior noise, data order and the held-out choice
     device: str = "auto"  # auto, cpu, cuda, cuda:N
@@ -265,10 +278,10 @@ class VaeConfig:
 
 
 class VaeTrainer:
-    """Model, optimiser and one step; no files, no loader."""
+    """Model, optimiser and one step; no files, no loader. `world`: the torchrun ranks sharing the step."""
 
-    def __init__(self, config: VaeConfig, arch: dict, clip: Any, device: torch.device):
-        self.config, self.arch, self.device = config, arch, device
+    def __init__(self, config: VaeConfig, arch: dict, clip: Any, device: torch.device, world: World = SINGLE):
+        self.config, self.arch, self.device, self.world = config, arch, device, world
         self.model = AutoencoderKL(arch).to(device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=config.lr, betas=(0.5, 0.9))
         self.perceptual = ClipPerceptual(clip) if config.perceptual_weight > 0 else None
@@ -284,7 +297,7 @@ class VaeTrainer:
 
     def losses(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The autoencoder's loss terms on x, and the reconstruction."""
-        recon, mean, logvar = self.model(x)  # [B, 3, R, R], [B, 4, r, r] x 2
+        recon, mean, logvar = self.model(x, self.world)  # [B, 3, R, R], [B, 4, r, r] x 2
         l1 = (recon - x).abs().mean()
         perc = self.perceptual(recon, x) if self.perceptual else torch.zeros((), device=x.device)
         kl = kl_loss(mean, logvar, x[0].numel())
@@ -303,12 +316,14 @@ class VaeTrainer:
         losses, recon = self.losses(x)
         self.opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
+        self.world.average_gradients(self.model.parameters())
         self.opt.step()
         if self.adversarial:
             real, fake = self.disc(x), self.disc(recon.detach())
             losses["d_loss"] = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
             self.disc_opt.zero_grad(set_to_none=True)
             losses["d_loss"].backward()
+            self.world.average_gradients(self.disc.parameters())
             self.disc_opt.step()
         self.step += 1
         return {k: v.detach() for k, v in losses.items()}
@@ -334,18 +349,20 @@ class VaeTrainer:
 
 @dataclass
 class VaeResult:
-    run_dir: Path
+    run_dir: Path | None  # None on a torchrun rank other than 0 (which writes nothing)
     step: int
-    checkpoint: Path
+    checkpoint: Path | None
     losses: dict[str, float]  # of the last step
-    psnr: float  # held-out reconstruction PSNR, dB
+    psnr: float | None  # held-out reconstruction PSNR, dB (None: not rank 0)
     images_per_s: float
 
 
-def split_cache(config: Any, start_step: int = 0):
+def split_cache(config: Any, start_step: int = 0, world: World = SINGLE):
     """(training loader from step `start_step`, held-out images float [-1, 1] [n, 3, R, R], loader info):
     a fixed seeded `eval_n` of the cache's images are held out (at most half of them). `config`: any
-    config with cache, batch_size, seed, allow_partial and eval_n (VaeConfig, train_dvae.DvaeConfig)."""
+    config with cache, batch_size, seed, allow_partial and eval_n (VaeConfig, train_dvae.DvaeConfig).
+    Under torchrun the loader yields this rank's slice of each global batch; every rank holds the same
+    held-out images (only rank 0 evaluates)."""
     from trainers.data import CacheDataset, CacheLoader, LoaderConfig, build_dataset
 
     # perturb needs only the embed stage; the conditions are ignored here
@@ -374,12 +391,25 @@ def split_cache(config: Any, start_step: int = 0):
         paired_probability=0.0,
     )
     eval_images = dataset.rows.pixels(dataset.rows_idx[held]).float().div_(127.5).sub_(1.0)
-    loader = CacheLoader(train, info, config.batch_size, start_step, 0)
+    loader = CacheLoader(train, info, config.batch_size, start_step, 0, world)
     return loader, eval_images, info
 
 
 def run_vae(config: VaeConfig, progress: Any = None) -> VaeResult:
-    """Train a run from scratch; checkpoints, config.json, metrics.jsonl and eval.json in its dir."""
+    """Train a run from scratch; checkpoints, config.json, metrics.jsonl and eval.json in its dir. Under
+    torchrun, data-parallel (trainers/distributed.py): rank 0 writes, evaluates and returns the result."""
+    from trainers.distributed import close_world, init_world
+
+    config.validate()
+    world, device = init_world(config.device)
+    try:
+        world.local_batch(config.batch_size)
+        return _run_vae(config, progress if world.main else None, world, device)
+    finally:
+        close_world(world)
+
+
+def _run_vae(config: VaeConfig, progress: Any, world: World, device_name: str) -> VaeResult:
     import json
 
     from manifests import write_json_atomic
@@ -388,15 +418,19 @@ def run_vae(config: VaeConfig, progress: Any = None) -> VaeResult:
     from trainers.embed_rows import cache_clip
     from trainers.runs import new_run_dir, seed_everything, select_device, write_run_config
 
-    config.validate()
-    device = select_device(config.device)
+    device = select_device(device_name)
     clip_info = cache_clip(config.cache)
-    loader, eval_images, info = split_cache(config)
+    loader, eval_images, info = split_cache(config, 0, world)
     arch = vae_architecture(config.size, int(eval_images.shape[-1]))
     clip = load_clip(clip_info.clip_model, clip_info.clip_pretrained or None, str(device))  # seeds torch
     clip_args = {"model": clip_info.clip_model, "pretrained": clip_info.clip_pretrained, "dim": clip.dim}
     seed_everything(config.seed)
-    trainer = VaeTrainer(config, arch, clip, device)
+    trainer = VaeTrainer(config, arch, clip, device, world)
+    world.broadcast([trainer.model] if trainer.disc is None else [trainer.model, trainer.disc])
+    if not world.main:  # the other ranks train in step and write nothing
+        for _ in range(config.steps):
+            trainer.train_step(next(loader))
+        return VaeResult(None, config.steps, None, {}, None, 0.0)
     run_dir = new_run_dir(config.out, config.name)
     data = {**info.record(), "n_train": len(loader.dataset), "n_eval": len(eval_images)}
     write_run_config(
@@ -406,8 +440,8 @@ def run_vae(config: VaeConfig, progress: Any = None) -> VaeResult:
     with open(run_dir / "metrics.jsonl", "a") as log:
         for step in range(config.steps):
             batch = next(loader)
-            step_losses = trainer.train_step(batch)
-            done, images = step + 1, images + batch["image"].shape[0]
+            step_losses = trainer.train_step(batch)  # of this rank's rows, as `trainers ldm` logs
+            done, images = step + 1, images + batch["image"].shape[0] * world.size
             last = done == config.steps
             if done % config.log_every == 0 or last:
                 losses = {k: float(v) for k, v in step_losses.items()}

@@ -34,10 +34,11 @@ def cache(tmp_path_factory, one_torch_thread):
 
 @pytest.fixture(scope="module")
 def trained(cache, tmp_path_factory):
-    """A tiny dVAE after 150 steps (about 2.5 s on one CPU thread), temperature annealed by step 100."""
+    """A tiny dVAE after 250 steps (about 5 s on one CPU thread), temperature annealed by step 170. Its
+    held-out PSNR beat the mean image's by 7.2-9.6 dB over seeds 0-3 (150 steps: 1.1-9.1 dB, too close)."""
     config = DvaeConfig(
-        cache=cache, out=tmp_path_factory.mktemp("dvae-runs"), size="tiny", steps=150, batch_size=8, lr=3e-3,
-        eval_n=4, anneal_steps=100, kl_warmup=50, checkpoint_every=0, log_every=1, device="cpu",
+        cache=cache, out=tmp_path_factory.mktemp("dvae-runs"), size="tiny", steps=250, batch_size=8, lr=3e-3,
+        eval_n=4, anneal_steps=170, kl_warmup=80, checkpoint_every=0, log_every=1, device="cpu",
     )  # fmt: skip
     return run_dvae(config)
 
@@ -108,7 +109,7 @@ def test_temperature_anneals_and_kl_weight_warms_up():
 
 def test_training_lowers_the_loss_and_beats_the_mean_image_on_held_out_images(trained):
     lines = [json.loads(x) for x in (trained.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == list(range(1, 151))
+    assert [x["step"] for x in lines] == list(range(1, 251))
     first = sum(x["mse"] for x in lines[:10]) / 10
     last = sum(x["mse"] for x in lines[-10:]) / 10
     assert last < 0.5 * first, (first, last)
@@ -121,7 +122,7 @@ def test_training_lowers_the_loss_and_beats_the_mean_image_on_held_out_images(tr
     assert 0 <= report["dead_codes"] < 64 and 64 - report["dead_codes"] >= report["perplexity"] - 1e-6
     assert report["perplexity"] > 1.5  # more than one code in use
     model, ckpt = load_dvae(trained.run_dir)
-    assert ckpt["kind"] == "dvae" and ckpt["step"] == 150 and not model.training
+    assert ckpt["kind"] == "dvae" and ckpt["step"] == 250 and not model.training
     assert ckpt["arch"]["grid"] == [8, 8] and {"model", "opt", "rng", "config", "data"} <= set(ckpt)
 
 
