@@ -170,6 +170,8 @@ def gan(
         typer.echo(json.dumps(config.to_dict(), indent=1))
         return
     result = run_gan(config, resume_state=checkpoint)
+    if result.run_dir is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     if not result.losses:
         typer.echo(
             f"gan: already at step {result.step:,} of {config.steps:,}; raise --steps to continue "
@@ -357,6 +359,7 @@ def vae_command(
     With --encode CKPT: precompute that VAE's latents of every embed shard once (no training).
     """
     from pipeline.progress import progress_bar
+    from trainers.distributed import training_bar
     from trainers.vae import VaeConfig, run_vae
 
     if encode is not None:
@@ -392,7 +395,7 @@ def vae_command(
         allow_partial=allow_partial,
     )
     config.validate()
-    with progress_bar("vae", total=steps, unit="step") as advance:
+    with training_bar("vae", steps) as advance:
         result = run_vae(config, advance)
     if result.run_dir is None:  # a torchrun rank other than 0: rank 0 reports
         return
@@ -441,7 +444,7 @@ def ldm_command(
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = None,
 ) -> None:
     """Train the DiT-style latent rectified-flow model on a frozen `trainers vae`, with guidance dropout."""
-    from pipeline.progress import progress_bar
+    from trainers.distributed import training_bar
     from trainers.train_ldm import resolve_config, run_ldm
 
     given = dict(
@@ -464,8 +467,10 @@ def ldm_command(
     )
     config, checkpoint = resolve_config({k: v for k, v in given.items() if v is not None}, resume)
     config.validate()
-    with progress_bar("ldm", total=config.steps, unit="step") as advance:
+    with training_bar("ldm", config.steps) as advance:
         result = run_ldm(config, resume_state=checkpoint, progress=advance)
+    if result.run_dir is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     if not result.losses:
         typer.echo(f"ldm: already at step {result.step:,} of {config.steps:,} -> {result.run_dir}")
         return

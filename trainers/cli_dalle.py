@@ -96,6 +96,7 @@ def dvae_command(
     With --encode CKPT: write that dVAE's token cache for every embed shard once (no training).
     """
     from pipeline.progress import progress_bar
+    from trainers.distributed import training_bar
 
     if encode is not None:
         from pipeline.cli_common import writing
@@ -137,7 +138,7 @@ def dvae_command(
     if dry_run:
         typer.echo(json.dumps(config.to_dict(), indent=1))
         return
-    with progress_bar("dvae", total=config.steps, unit="step") as advance:
+    with training_bar("dvae", config.steps) as advance:
         result = run_dvae(config, advance, resume_state=checkpoint)
     if result.run_dir is None:  # a torchrun rank other than 0: rank 0 reports
         return
@@ -230,7 +231,7 @@ def dalle_command(
 ) -> None:
     """Train the language-free DALL-E transformer on a frozen `trainers dvae`'s image tokens (the token
     cache of `trainers dvae --encode`, else encoded on the fly), conditioned on the cache's features."""
-    from pipeline.progress import progress_bar
+    from trainers.distributed import training_bar
     from trainers.train_dalle import describe, resolve_config, run_dalle
 
     given = dict(
@@ -267,7 +268,7 @@ def dalle_command(
     if dry_run:
         typer.echo(json.dumps(config.to_dict(), indent=1))
         return
-    with progress_bar("dalle", total=config.steps, unit="step") as advance:
+    with training_bar("dalle", config.steps) as advance:
         result = run_dalle(config, resume_state=checkpoint, progress=advance)
     if not result.losses:
         typer.echo(f"dalle: already at step {result.step:,} of {config.steps:,} -> {result.run_dir}")

@@ -88,8 +88,8 @@ def clip_command(
     Then: `pipeline embed ... --clip-model OUT/clip_config.json --clip-pretrained OUT/clip.pt`.
     """
     from pipeline.errors import ConfigError
-    from pipeline.progress import progress_bar
     from trainers.clip_train import CLIP_SIZES, ClipTrainConfig, describe, train_clip
+    from trainers.distributed import training_bar
 
     if size not in CLIP_SIZES:
         raise ConfigError(f"--size {size}: choose one of {', '.join(CLIP_SIZES)}")
@@ -108,7 +108,7 @@ def clip_command(
         device=device,
         force=force,
     )
-    with progress_bar("clip", total=steps, unit="step") as advance:
+    with training_bar("clip", steps) as advance:
         result = train_clip(config, advance)
     typer.echo(describe(result))
 

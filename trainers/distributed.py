@@ -174,3 +174,11 @@ def close_world(world: World) -> None:
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+def training_bar(description: str, total: int | None, unit: str = "step"):
+    """The command's progress bar on rank 0; nothing on the other ranks of a torchrun job."""
+    from pipeline.progress import null_progress, progress_bar
+
+    bar = progress_bar if launched_world().main else null_progress
+    return bar(description, total=total, unit=unit)
