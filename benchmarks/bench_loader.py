@@ -13,7 +13,7 @@ tars, is not part of it), then runs, each in a fresh process so the memory figur
 
 and reports start-up seconds (to the first batch), resident memory after start-up and after the batches
 (VmRSS; RssAnon is the part that is not file pages the kernel can drop), the peak (VmHWM), and batches/s
-of B samples through trainers.data.CacheDataset's own sample stream (epoch permutation, conditions and
+of B samples through trainers.stream.CacheDataset's own sample stream (epoch permutation, conditions and
 keys of the batch; the perturb condition: the image features themselves). Target: the store's resident
 memory flat within 20% from 1M to 10M rows, and its start-up under 10 s at 10M.
 
@@ -82,8 +82,8 @@ def read_everything(cache: Path, dim: int):
 def child(mode: str, cache: Path, dim: int, batch: int, batches: int) -> dict:
     import numpy as np
 
-    from trainers.data import CacheDataset
     from trainers.sample_store import open_store, save_store, store_dir
+    from trainers.stream import CacheDataset
 
     folder = store_dir(cache, "bench")
     t0 = time.perf_counter()

@@ -270,6 +270,8 @@ def dalle_command(
         return
     with training_bar("dalle", config.steps) as advance:
         result = run_dalle(config, resume_state=checkpoint, progress=advance)
+    if result.run_dir is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     if not result.losses:
         typer.echo(f"dalle: already at step {result.step:,} of {config.steps:,} -> {result.run_dir}")
         return

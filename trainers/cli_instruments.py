@@ -110,6 +110,8 @@ def clip_command(
     )
     with training_bar("clip", steps) as advance:
         result = train_clip(config, advance)
+    if result.run_dir is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     typer.echo(describe(result))
 
 

@@ -131,3 +131,13 @@ def batch_rows(pairs: PairedImages, batch: int, generator) -> Any:
     n_groups = len(pairs.captions) // pairs.group
     groups = torch.randperm(n_groups, generator=generator)[: max(1, batch // pairs.group)]
     return (groups[:, None] * pairs.group + torch.arange(pairs.group)[None, :]).reshape(-1)
+
+
+def normalise(pixels, mean, std):
+    """uint8 [B, 3, S, S] -> the float input open_clip expects (as `pipeline.clip.encode_images`)."""
+    import torch
+
+    x = pixels.float().div(255.0)
+    mean_t = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t

@@ -22,31 +22,43 @@ Zero-shot: each attribute value (red, circle, small, left...) is a class whose t
 of the features of captions of every single-object combination with that value (prompt ensembling over
 the other attributes), and each held-out one-object image is assigned the class of highest cosine. The
 single-prompt variant ("a red object" vs "a blue object"...) is reported too, and, per object slot on
-held-out two-object images, the caption-swap accuracy (`zero_shot_slots`).
+held-out two-object images, the caption-swap accuracy (`zero_shot_slots`): trainers/clip_eval.py.
+
+Under torchrun, data-parallel (trainers/distributed.py): `--batch-size` is the global batch. Every rank
+renders (or reads) the same pairs, draws the same global batch of whole contrast groups from the same
+generator and keeps its contiguous slice, whole groups each (a batch whose groups the ranks cannot share
+evenly is refused); the brightness gains are drawn for the global batch and sliced. Three things couple
+the rows of a batch, and each is computed over the global one, so that the averaged gradient is the
+one-process one: the InfoNCE loss (on the gathered features, `clip_loss`), rn32's BatchNorm
+(statistics over every rank's rows, `global_batch_norms`), and the token embedding's sparse gradient,
+whose rows are the global batch's tokens (`average_gradients`). Rank 0 writes and evaluates.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from manifests import write_bytes_atomic, write_json_atomic
 from manifests.errors import read_json
 from pipeline.errors import ConfigError, require_at_least
-from trainers.clip_data import PRETRAIN_INDEX, batch_rows, read_pairs, render_pairs
+from trainers.clip_data import PRETRAIN_INDEX, batch_rows, normalise, read_pairs, render_pairs
+from trainers.clip_eval import zero_shot, zero_shot_slots
+
+if TYPE_CHECKING:
+    from trainers.distributed import World
 
 # --size -> bundled open_clip config: rn32 (ModifiedResNet, 32 px) is the one that sees every attribute;
 # tiny is for tests; small is a 64 px ViT
 CLIP_SIZES = {"rn32": "lafite-rn32", "tiny": "lafite-tiny", "small": "lafite-small"}
-HELD_OUT_INDEX = 10**9  # first index of the evaluation images: beyond any `pipeline synth` key (9 digits)
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
@@ -118,23 +130,18 @@ def build_clip(size: str, seed: int, device):
     return model, open_clip.get_tokenizer(name), name, cfg, mean, std, int(image_size)
 
 
-def normalise(pixels, mean, std):
-    """uint8 [B, 3, S, S] -> the float input open_clip expects (as `pipeline.clip.encode_images`)."""
-    import torch
-
-    x = pixels.float().div(255.0)
-    mean_t = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return (x - mean_t) / std_t
-
-
-def augment(pixels, generator):
+def augment(pixels, generator, world: World | None = None):
     """Light augmentation on uint8 [B, 3, S, S]: brightness x 0.9-1.1. No flips (captions say left and
     right), no hue changes (they say colours), and no shifts: a +-2 px random shift at 32 px cut zero-shot
-    position accuracy from 0.67 to 0.29 and size from 0.68 to 0.59 after 300 steps (2,000 images)."""
+    position accuracy from 0.67 to 0.29 and size from 0.68 to 0.59 after 300 steps (2,000 images).
+    Under torchrun `pixels` are this rank's rows; the gains are drawn for the global batch and sliced."""
     import torch
 
-    gain = 0.9 + 0.2 * torch.rand((pixels.shape[0], 1, 1, 1), generator=generator)
+    from trainers.distributed import SINGLE
+
+    world = world or SINGLE
+    n = pixels.shape[0] * world.size
+    gain = world.part(0.9 + 0.2 * torch.rand((n, 1, 1, 1), generator=generator))  # [B, 1, 1, 1]
     return (pixels.float() * gain).clamp(0, 255).round().to(torch.uint8)
 
 
@@ -175,27 +182,163 @@ def lr_at(step: int, config: ClipTrainConfig) -> float:
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def groups_per_step(batch_size: int, group: int, n_groups: float, world: World) -> int:
+    """Contrast groups in each global batch (`batch_rows`: batch // group, at least 1, at most the data's);
+    refused when the ranks cannot take the same whole number of groups each."""
+    groups = int(min(max(1, batch_size // group), n_groups))
+    if groups % world.size:
+        fix = max(1, groups // world.size) * world.size * group
+        raise ConfigError(
+            f"--batch-size {batch_size} is {groups} contrast group(s) of {group} pairs, which {world.size} "
+            f"processes cannot share as whole groups; use --batch-size {fix}"
+        )
+    return groups
+
+
+def clip_loss(loss_fn, img_feat, txt_feat, logit_scale, world: World):
+    """open_clip's ClipLoss over the global batch: on every rank's gathered features (trainers.distributed;
+    backpropagate `world.coupled(loss)`). The logit scale enters that loss whole on every rank, not
+    through this rank's rows, so `coupled` would count its gradient once per rank: it is divided back."""
+    scale = logit_scale.exp()
+    if world.distributed:
+        scale.register_hook(lambda grad: grad / world.size)
+    return loss_fn(world.gather(img_feat), world.gather(txt_feat), scale)
+
+
+def global_batch_norms(model, world: World) -> None:
+    """Replace the model's BatchNorm2d layers (rn32's ModifiedResNet) by ones whose training statistics are
+    the global batch's (`global_batch_norm_class`), keeping their parameters and buffers: the same state
+    dict. Under torchrun only: one process keeps torch's."""
+    import torch
+
+    if not world.distributed:
+        return
+    cls = global_batch_norm_class()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.BatchNorm2d:
+                setattr(parent, name, cls.like(child))
+
+
+@functools.cache
+def global_batch_norm_class() -> type:
+    """GlobalBatchNorm2d, defined on first use so that importing this module does not import torch."""
+    import torch
+    import torch.distributed as dist
+
+    class SumOverRanks(torch.autograd.Function):
+        """x summed over the ranks; the backward sums the gradients over the ranks too, so each rank gets
+        the gradient of every rank's loss with respect to its own rows (SyncBatchNorm's rule)."""
+
+        @staticmethod
+        def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+            x = x.clone()
+            dist.all_reduce(x)
+            return x
+
+        @staticmethod
+        def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+            grad = grad.contiguous().clone()
+            dist.all_reduce(grad)
+            return grad
+
+    class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
+        """BatchNorm2d whose training statistics are those of the global batch (every rank's rows), as in
+        one process: torch's SyncBatchNorm does this on GPUs only, and the gloo (CPU) launches need it too.
+        In eval mode, or without a process group, it is BatchNorm2d."""
+
+        @classmethod
+        def like(cls, bn: torch.nn.BatchNorm2d) -> GlobalBatchNorm2d:
+            new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+            new.weight, new.bias = bn.weight, bn.bias
+            new.running_mean, new.running_var = bn.running_mean, bn.running_var
+            new.num_batches_tracked = bn.num_batches_tracked
+            return new.train(bn.training)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not (self.training and dist.is_available() and dist.is_initialized()):
+                return super().forward(x)
+            n = x.numel() // x.shape[1] * dist.get_world_size()  # values per channel in the global batch
+            mean = SumOverRanks.apply(x.sum((0, 2, 3))) / n  # [C]
+            centred = x - mean[None, :, None, None]  # [b, C, H, W]
+            var = SumOverRanks.apply(centred.square().sum((0, 2, 3))) / n  # [C], biased (normalisation)
+            if self.track_running_stats:
+                with torch.no_grad():
+                    self.num_batches_tracked.add_(1)
+                    m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                    self.running_mean.lerp_(mean, m)
+                    self.running_var.lerp_(var * n / max(1, n - 1), m)  # unbiased, as torch's
+            y = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
+            if self.affine:
+                y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+            return y
+
+    return GlobalBatchNorm2d
+
+
+def average_gradients(model, world: World) -> None:
+    """`World.average_gradients` for the dense gradients; a sparse one (the token embedding's, for
+    SparseAdam) is averaged over the union of the ranks' rows, which are the global batch's tokens: the
+    rows one process's gradient has, so SparseAdam updates the same rows."""
+    if not world.distributed:
+        return
+    import torch
+    import torch.distributed as dist
+
+    params = [p for p in model.parameters() if p.grad is not None]
+    world.average_gradients([p for p in params if not p.grad.is_sparse])
+    for p in (p for p in params if p.grad.is_sparse):
+        grad = p.grad.coalesce()
+        rows, values = grad.indices()[0], grad.values()  # [r], [r, W]
+        present = torch.zeros(grad.shape[0], dtype=torch.int32, device=grad.device)
+        present[rows] = 1
+        dist.all_reduce(present)
+        union = present.nonzero().squeeze(1)  # [U], sorted
+        summed = values.new_zeros((len(union), *values.shape[1:]))  # [U, W]
+        summed[torch.searchsorted(union, rows)] = values
+        dist.all_reduce(summed)
+        p.grad = torch.sparse_coo_tensor(
+            union[None], summed / world.size, grad.shape, check_invariants=False, is_coalesced=True
+        )
+
+
 @dataclass
 class ClipTrainResult:
-    run_dir: Path
-    checkpoint: Path
-    model_config: Path
-    eval_path: Path
+    run_dir: Path | None  # None on the ranks other than 0 of a torchrun launch (they write nothing)
+    checkpoint: Path | None
+    model_config: Path | None
+    eval_path: Path | None
     losses: list[float]
     evaluation: dict[str, Any]
     model: Any  # the trained model, eval mode (for tests and callers that go on using it)
 
 
 def train_clip(config: ClipTrainConfig, progress: Callable[[int], None] | None = None) -> ClipTrainResult:
-    """Validate, read the pairs, train, save, evaluate. `progress(n)` after each n steps."""
+    """Validate, read the pairs, train, save, evaluate. `progress(n)` after each n steps. Under torchrun,
+    data-parallel (see the module docstring): rank 0 writes, evaluates and returns the result; the other
+    ranks return one without a run dir."""
+    from trainers.distributed import close_world, init_world
+
+    config.validate()
+    world, device = init_world(config.device)
+    try:
+        return _train_clip(config, progress if world.main else None, world, device)
+    finally:
+        close_world(world)
+
+
+def _train_clip(config: ClipTrainConfig, progress, world: World, device_name: str) -> ClipTrainResult:
     import torch
     from open_clip.loss import ClipLoss
 
     from trainers.runs import new_run_dir, select_device
 
-    config.validate()
-    device = select_device(config.device)
-    if config.out is None:
+    device = select_device(device_name)
+    if not config.data:  # the stream's groups are known before rendering it: refuse a bad split first
+        groups_per_step(
+            config.batch_size, config.contrast_group, -(-config.pretrain_n // config.contrast_group), world
+        )
+    if config.out is None and world.main:
         config = replace(config, out=new_run_dir(Path("runs"), f"clip-{config.size}"))
     model, tokenizer, name, model_cfg, mean, std, image_size = build_clip(config.size, config.seed, device)
     t0 = time.perf_counter()
@@ -205,28 +348,33 @@ def train_clip(config: ClipTrainConfig, progress: Callable[[int], None] | None =
         data = render_pairs(
             config.pretrain_n, config.seed, image_size, config.contrast_group, config.max_objects
         )
+    groups_per_step(config.batch_size, data.group, len(data.captions) // data.group, world)
     tokens = tokenizer(data.captions)  # [N, context_length]
     t_read = time.perf_counter()
 
     model.train()
+    global_batch_norms(model, world)
+    world.broadcast([model])
     optimizers = make_optimizers(model, config)
     loss_fn = ClipLoss()
     generator = torch.Generator().manual_seed(config.seed)
     n = len(data.captions)
     losses = []
     for step in range(config.steps):
-        idx = batch_rows(data, config.batch_size, generator)  # [B]
-        images = normalise(augment(data.pixels[idx], generator), mean, std).to(device)  # [B, 3, S, S]
-        text = tokens[idx].to(device)  # [B, L]
+        idx = batch_rows(data, config.batch_size, generator)  # [B]: the global batch, the same on every rank
+        rows = world.part(idx)  # [b]: this rank's whole contrast groups
+        images = normalise(augment(data.pixels[rows], generator, world), mean, std).to(device)  # [b, 3, S, S]
+        text = tokens[rows].to(device)  # [b, L]
         for optimizer in optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, config)
-        img_feat = model.encode_image(images, normalize=True)  # [B, D]
-        txt_feat = model.encode_text(text, normalize=True)  # [B, D]
-        loss = loss_fn(img_feat, txt_feat, model.logit_scale.exp())
+        img_feat = model.encode_image(images, normalize=True)  # [b, D]
+        txt_feat = model.encode_text(text, normalize=True)  # [b, D]
+        loss = clip_loss(loss_fn, img_feat, txt_feat, model.logit_scale, world)  # the global batch's
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        world.coupled(loss).backward()
+        average_gradients(model, world)
         for optimizer in optimizers:
             optimizer.step()
         with torch.no_grad():
@@ -236,6 +384,8 @@ def train_clip(config: ClipTrainConfig, progress: Callable[[int], None] | None =
             progress(1)
     t_train = time.perf_counter()
     model.eval()
+    if not world.main:  # the other ranks trained in step and write nothing
+        return ClipTrainResult(None, None, None, None, losses, {}, model)
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -292,133 +442,9 @@ def train_clip(config: ClipTrainConfig, progress: Callable[[int], None] | None =
 # ---------------------------------------------------------------------------------------------------------
 
 
-def held_out_images(n: int, seed: int, image_size: int, max_objects: int = 1):
-    """(uint8 [n, 3, S, S], labels) of synthetic images no `pipeline synth` run can hold (index >= 10^9),
-    JPEG round-tripped like the shards."""
-    import torch
-    from torchvision.io import ImageReadMode, decode_image
-
-    from pipeline.synth import make_sample
-
-    pixels, labels = [], []
-    for i in range(n):
-        sample = make_sample(seed, HELD_OUT_INDEX + i, image_size, max_objects)
-        data = torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8)
-        pixels.append(decode_image(data, mode=ImageReadMode.RGB))
-        labels.append(sample["json"])
-    return torch.stack(pixels), labels
-
-
-def class_prompts(attribute: str, value: str) -> list[str]:
-    """Captions of every single-object combination with `attribute` = `value` (synth templates)."""
-    from itertools import product
-
-    from pipeline.labels import labels
-
-    values = labels().vocabulary
-    rng = random.Random(f"trainers/clip/prompts/{attribute}/{value}")
-    prompts = []
-    for combo in product(*(values[a] if a != attribute else (value,) for a in values)):
-        prompts.append(labels().caption([dict(zip(values, combo, strict=True))], rng))
-    return prompts
-
-
-def single_prompt(attribute: str, value: str) -> str:
-    from pipeline.labels import labels
-
-    return labels().phrase(attribute, value)
-
-
-def encode_text_batched(model, tokenizer, texts: list[str], device, batch: int = 512):
-    import torch
-
-    out = [
-        model.encode_text(tokenizer(texts[i : i + batch]).to(device), normalize=True)
-        for i in range(0, len(texts), batch)
-    ]
-    return torch.cat(out).float()
-
-
-def zero_shot(model, tokenizer, mean, std, image_size: int, n: int, seed: int, device) -> dict[str, Any]:
-    """Zero-shot accuracy per attribute on n held-out one-object images (see the module docstring)."""
-    import torch
-
-    from pipeline.labels import labels as world_labels
-
-    values = world_labels().vocabulary
-    pixels, labels = held_out_images(n, seed, image_size)
-    img = torch.cat(
-        [
-            model.encode_image(normalise(pixels[i : i + 256], mean, std).to(device), normalize=True)
-            for i in range(0, n, 256)
-        ]
-    ).float()  # [n, D]
-    ensemble, single, chance = {}, {}, {}
-    for attribute, names in values.items():
-        truth = torch.tensor([names.index(lab["objects"][0][attribute]) for lab in labels], device=img.device)
-        classes = []
-        for value in names:
-            feats = encode_text_batched(model, tokenizer, class_prompts(attribute, value), device)
-            classes.append(torch.nn.functional.normalize(feats.mean(dim=0), dim=0))
-        classes_t = torch.stack(classes)  # [C, D]
-        ensemble[attribute] = round(float(((img @ classes_t.T).argmax(dim=1) == truth).float().mean()), 4)
-        prompts = encode_text_batched(model, tokenizer, [single_prompt(attribute, v) for v in names], device)
-        single[attribute] = round(float(((img @ prompts.T).argmax(dim=1) == truth).float().mean()), 4)
-        chance[attribute] = round(1.0 / len(names), 4)
-    captions = [lab["caption"] for lab in labels]
-    txt = encode_text_batched(model, tokenizer, captions, device)  # [n, D]
-    top1 = float(((img @ txt.T).argmax(dim=1) == torch.arange(n, device=img.device)).float().mean())
-    return {
-        "zero_shot": ensemble,
-        "zero_shot_single_prompt": single,
-        "chance": chance,
-        "image_to_caption_top1": round(top1, 4),
-        "eval_images": {"n": n, "seed": seed, "first_index": HELD_OUT_INDEX, "objects": 1},
-    }
-
-
-def zero_shot_slots(model, tokenizer, mean, std, image_size: int, n: int, seed: int, device) -> dict:
-    """Zero-shot accuracy per object slot on held-out two-object images, by caption swap: for slot i and
-    attribute a, the candidates are the image's true caption with slot i's a set to each possible value
-    (same template and wording), and the prediction is the candidate of highest cosine. This asks whether
-    the CLIP binds each attribute to the right object, which class prompts cannot."""
-    import torch
-
-    from pipeline.labels import labels as world_labels
-
-    world = world_labels()
-    values = world.vocabulary
-    pixels, labels = held_out_images(n, seed, image_size, max_objects=2)
-    keep = [i for i, lab in enumerate(labels) if len(lab["objects"]) == 2]
-    if not keep:
-        return {}
-    img = torch.cat(
-        [
-            model.encode_image(normalise(pixels[keep[i : i + 256]], mean, std).to(device), normalize=True)
-            for i in range(0, len(keep), 256)
-        ]
-    ).float()  # [m, D]
-    accuracy: dict[str, dict[str, float]] = {}
-    for slot in (0, 1):
-        accuracy[f"object_{slot + 1}"] = {}
-        for attribute, names in values.items():
-            texts, truth = [], []
-            for i in keep:
-                objects = labels[i]["objects"]
-                truth.append(names.index(objects[slot][attribute]))
-                for value in names:
-                    swapped = [dict(o) for o in objects]
-                    swapped[slot][attribute] = value
-                    texts.append(world.caption(swapped, random.Random(f"trainers/clip/slots/{i}")))
-            txt = encode_text_batched(model, tokenizer, texts, device).view(len(keep), len(names), -1)
-            pred = torch.einsum("md,mcd->mc", img, txt).argmax(dim=1).cpu()
-            accuracy[f"object_{slot + 1}"][attribute] = round(
-                float((pred == torch.tensor(truth)).float().mean()), 4
-            )
-    return {**accuracy, "n_images": len(keep), "seed": seed}
-
-
 def describe(result: ClipTrainResult) -> str:
+    if result.run_dir is None:  # a rank other than 0 of a torchrun launch
+        return f"clip: {len(result.losses)} steps, loss {result.losses[-1]:.3f} (rank 0 wrote the run)"
     ev = result.evaluation
     zs = ev.get("zero_shot")
     acc = ", ".join(f"{k} {v:.2f}" for k, v in zs.items()) if zs else "not evaluated"

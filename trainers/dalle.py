@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.errors import ConfigError
+from trainers.distributed import SINGLE, World
 
 
 @dataclass(frozen=True)
@@ -249,15 +250,18 @@ class DalleTransformer(nn.Module):
         tokens: torch.Tensor,
         cond_drop: float = 0.0,
         generator: torch.Generator | None = None,
+        world: World = SINGLE,
     ) -> torch.Tensor:
         """Mean cross-entropy over image tokens; each sample's condition is replaced by the null
         condition with probability `cond_drop`, the draw coming from `generator` (on its own device)
-        or, without one, from the global RNG of cond's device."""
+        or, without one, from the global RNG of cond's device. Under torchrun (`world`,
+        trainers.distributed) cond and tokens are this rank's rows: the draw is made for the global
+        batch and this rank's slice kept, so the generator moves as in one process."""
         n = cond.shape[0]
         drop_mask = None
         if cond_drop > 0:
             device = generator.device if generator is not None else cond.device
-            draw = torch.rand(n, generator=generator, device=device)  # [N]
+            draw = world.part(torch.rand(n * world.size, generator=generator, device=device))  # [N]
             drop_mask = (draw < cond_drop).to(cond.device)
         logits = self(cond, tokens, drop_mask)  # [N, L, K]
         return F.cross_entropy(logits.float().reshape(-1, self.vocab), tokens.reshape(-1).long())

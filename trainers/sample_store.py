@@ -92,6 +92,22 @@ def write_store(folder: Path, dataset: Any, info: Any, stage: str) -> None:
     if dataset.paired_feat is not None:
         arrays["paired"] = dataset.paired_feat
     save_store(folder, arrays, [rows.keys[int(r)] for r in idx], record)
+    prune_stores(rows.cache, keep=folder)
+
+
+def prune_stores(cache: Path, keep: Path) -> None:
+    """Remove the stored sets of this cache that no loader can open any more (a file they were made from
+    changed): each holds a copy of the features, so they would otherwise pile up as the cache changes. A
+    trainer still reading one keeps its open files (unlinked files live on while they are open)."""
+    for folder in keep.parent.glob("samples-*"):
+        if folder == keep or not (folder / INFO).is_file():
+            continue
+        try:
+            outs = json.loads((folder / INFO).read_text()).get("read_outs", [])
+        except (OSError, ValueError):
+            continue
+        if not all(_intact(cache, out) for out in outs):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def save_store(folder: Path, arrays: dict[str, np.ndarray], keys: list[str], record: dict[str, Any]) -> None:
@@ -148,7 +164,9 @@ class RowFile:
         expected = self.offset + self.shape[0] * self.row_bytes
         if self.path.stat().st_size != expected:
             raise ValueError(f"{self.path.name}: {self.path.stat().st_size} bytes, not {expected}")
-        self._fd: int | None = None
+        # opened now, so forked loader workers inherit it and keep reading even if a newer store replaces
+        # this one (`prune_stores` removes the folders of stores nothing can use any more)
+        self._fd: int | None = os.open(self.path, os.O_RDONLY)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_fd": None}

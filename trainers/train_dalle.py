@@ -21,6 +21,12 @@ dVAE; a fresh optimiser, step 0), and `--condition caption --paired-limit N` tra
 
 bf16 autocast on CUDA only. Resume is bit-for-bit on the CPU: the checkpoint holds model, EMA, optimiser,
 the dropout generator and every global RNG state, and the loader restarts at `start_step`.
+
+Under torchrun, data-parallel as `trainers ldm` (trainers/distributed.py): `--batch-size` is the global
+batch, each rank tokenises its slice of it, the condition dropout is drawn from the shared generator for
+the global batch (each rank keeps its slice), gradients are averaged before they are clipped (so the norm
+clipped is the global batch's, as in one process), and rank 0 writes. `--dropout`'s masks, drawn inside
+the model from the global RNG at this rank's shape, are the one draw that is not the one-process one.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from trainers.checkpoints import (
     save_checkpoint,
 )
 from trainers.dalle import DALLE_SIZES, DalleTransformer, build_dalle
+from trainers.distributed import SINGLE, World, close_world, init_world
 from trainers.runs import (
     DEFAULT_PROMPTS,
     RunConfig,
@@ -190,9 +197,14 @@ class DalleTrainer:
     """Model, EMA, optimiser, frozen dVAE and one training step; no files, no loader."""
 
     def __init__(
-        self, config: DalleConfig, model: DalleTransformer, dvae: torch.nn.Module, device: torch.device
+        self,
+        config: DalleConfig,
+        model: DalleTransformer,
+        dvae: torch.nn.Module,
+        device: torch.device,
+        world: World = SINGLE,
     ):
-        self.config, self.device = config, device
+        self.config, self.device, self.world = config, device, world
         self.model = model.to(device)
         self.arch = model.architecture()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -225,9 +237,13 @@ class DalleTrainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         with self.autocast():
-            loss = self.model.loss(h, tokens, cond_drop=self.config.cond_drop, generator=self.drop_rng)
+            loss = self.model.loss(
+                h, tokens, cond_drop=self.config.cond_drop, generator=self.drop_rng, world=self.world
+            )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        # averaged first: every rank then clips by the global batch's gradient norm, as one process does
+        self.world.average_gradients(self.model.parameters())
         clip = self.config.grad_clip or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.opt.step()
@@ -258,7 +274,7 @@ ARCH_KEYS_CHECKED_BY_INIT = ("depth", "width", "heads", "vocab", "grid_h", "grid
 
 @dataclass
 class DalleResult:
-    run_dir: Path
+    run_dir: Path | None  # None on the ranks other than 0 of a torchrun launch
     step: int  # steps done in total (including those before a resume)
     checkpoint: Path | None  # the last checkpoint written
     losses: dict[str, float]  # of the last logged step ({} when a resumed run had nothing to do)
@@ -289,13 +305,24 @@ def _load_frozen_dvae(config: DalleConfig, resume_state: dict | None):
 
 
 def run_dalle(config: DalleConfig, resume_state: dict | None = None, progress: Any = None) -> DalleResult:
-    """Train (or continue) a run; checkpoints, config.json, metrics.jsonl and sample grids in its dir."""
+    """Train (or continue) a run; checkpoints, config.json, metrics.jsonl and sample grids in its dir.
+    Under torchrun, data-parallel (trainers/distributed.py): rank 0 writes, and returns the result; the
+    other ranks return one without a run dir."""
+    config.validate()
+    world, device = init_world(config.device)
+    try:
+        world.local_batch(config.batch_size)
+        return _run_dalle(config, resume_state, progress if world.main else None, world, device)
+    finally:
+        close_world(world)
+
+
+def _run_dalle(config, resume_state, progress, world: World, device_name: str) -> DalleResult:
     from trainers.data import LoaderConfig, make_loader
     from trainers.embed_rows import cache_clip
     from trainers.tokens import load_token_cache, require_token_cache
 
-    config.validate()
-    device = select_device(config.device)
+    device = select_device(device_name)
     if config.resume is not None:
         resume_path = resolve_checkpoint(config.resume, "--resume")
         resume_state = resume_state or load_checkpoint(resume_path, "--resume", kinds=("dalle",))
@@ -325,7 +352,7 @@ def run_dalle(config: DalleConfig, resume_state: dict | None = None, progress: A
         allow_partial=config.allow_partial,
     )
     start_step = 0 if resume_state is None else int(resume_state["step"])
-    batches = make_loader(loader_config, start_step=start_step)
+    batches = make_loader(loader_config, start_step=start_step, world=world)
     info = batches.info
     if info.image_size != dvae_arch["resolution"]:
         raise ConfigError(
@@ -359,7 +386,7 @@ def run_dalle(config: DalleConfig, resume_state: dict | None = None, progress: A
         )
     else:
         model = build_dalle(resume_state["arch"])
-    trainer = DalleTrainer(config, model, dvae, device)
+    trainer = DalleTrainer(config, model, dvae, device, world)
     trainer.token_cache = token_cache
     arch = trainer.arch
     if init_state is not None:
@@ -374,12 +401,21 @@ def run_dalle(config: DalleConfig, resume_state: dict | None = None, progress: A
     if resume_state is None:
         if init_state is not None:
             trainer.load_state_dict(init_state, weights_only=True)
-        run_dir = new_run_dir(config.out, config.name)
-        write_pairs(run_dir, info.pair_keys)
     else:
         trainer.load_state_dict(resume_state)
         trainer.step = start_step
         restore_rng(resume_state["rng"])
+    world.broadcast([trainer.model, trainer.ema])
+    if not world.main:  # the other ranks train in step and write nothing
+        losses = {}
+        for _ in range(start_step, config.steps):
+            losses = trainer.train_step(next(batches))
+        last = {k: float(v) for k, v in losses.items()}
+        return DalleResult(None, config.steps, None, last, 0.0, data, vocab=arch["vocab"])
+    if resume_state is None:
+        run_dir = new_run_dir(config.out, config.name)
+        write_pairs(run_dir, info.pair_keys)
+    else:
         run_dir = resume_path.parent
         trim_metrics(run_dir / "metrics.jsonl", start_step)
     tokens = {
@@ -404,7 +440,7 @@ def run_dalle(config: DalleConfig, resume_state: dict | None = None, progress: A
         for step in range(start_step, config.steps):
             batch = next(batches)
             losses = trainer.train_step(batch)
-            done, images = step + 1, images + batch["image"].shape[0]
+            done, images = step + 1, images + batch["image"].shape[0] * world.size
             last = done == config.steps
             if done % config.log_every == 0 or last:
                 result.losses = {k: float(v) for k, v in losses.items()}
@@ -443,6 +479,8 @@ def run_dalle(config: DalleConfig, resume_state: dict | None = None, progress: A
 
 def describe(result: DalleResult) -> str:
     data = result.data
+    if result.run_dir is None:  # a rank other than 0 of a torchrun launch
+        return f"dalle: step {result.step:,}, loss {result.losses['loss']:.4f} here (rank 0 wrote the run)"
     return (
         f"dalle: step {result.step:,}, loss {result.losses['loss']:.4f} nats/token (uniform "
         f"{math.log(result.vocab):.2f}), {data['n_images']:,} images ({data['pairs']:,} pairs), "

@@ -363,7 +363,8 @@ def split_cache(config: Any, start_step: int = 0, world: World = SINGLE):
     config with cache, batch_size, seed, allow_partial and eval_n (VaeConfig, train_dvae.DvaeConfig).
     Under torchrun the loader yields this rank's slice of each global batch; every rank holds the same
     held-out images (only rank 0 evaluates)."""
-    from trainers.data import CacheDataset, CacheLoader, LoaderConfig, build_dataset
+    from trainers.data import LoaderConfig, build_dataset
+    from trainers.stream import CacheDataset, CacheLoader
 
     # perturb needs only the embed stage; the conditions are ignored here
     loader_config = LoaderConfig(

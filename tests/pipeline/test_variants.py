@@ -54,9 +54,10 @@ def test_pipeline_toml_declares_variants_that_run_and_status_follow(ran_project)
 
 
 def _dataset(cache: Path, condition: str):
-    from trainers.data import LoaderConfig, build_dataset
+    """The sample set read from the cache (not a stored one: `_cos` needs its image features)."""
+    from trainers.data import LoaderConfig, read_dataset
 
-    return build_dataset(LoaderConfig(cache=cache, condition=condition, batch_size=4))
+    return read_dataset(LoaderConfig(cache=cache, condition=condition, batch_size=4))
 
 
 def _cos(dataset) -> float:

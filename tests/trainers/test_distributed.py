@@ -13,8 +13,8 @@ from factories import tiny_cache
 from torchrun import ENV, TORCHRUN, assert_close, checkpoint, trainers
 
 from trainers.checkpoints import list_checkpoints
-from trainers.data import BatchPositions
 from trainers.distributed import World, launched_world
+from trainers.stream import BatchPositions
 
 
 @pytest.fixture(scope="module")
