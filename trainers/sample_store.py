@@ -194,10 +194,12 @@ class RowFile:
         return out
 
     def any(self) -> bool:
-        """For a bool file: any row true (read in chunks, none kept)."""
-        step = 1 << 20
+        """Any element true (non-zero), read in contiguous chunks of 16 MiB, none kept."""
+        step = max(1, (16 << 20) // self.row_bytes)
         for start in range(0, len(self), step):
-            if self[np.arange(start, min(start + step, len(self)))].any():
+            rows = min(step, len(self) - start)
+            data = os.pread(self._fd, rows * self.row_bytes, self.offset + start * self.row_bytes)
+            if np.frombuffer(data, self.dtype).any():
                 return True
         return False
 
@@ -288,10 +290,11 @@ def open_store(cache: Path, folder: Path) -> tuple[dict[str, Any], StoredRows, d
         arrays = {
             n: RowFile(folder / f"{n}.npy") for n in names if n != "paired" or (folder / f"{n}.npy").is_file()
         }
-        arrays["pool"] = np.load(folder / "pool.npy")  # bool [N]: one byte a sample, read whole
+        if not record["info"].get("paired_pool"):  # no sample may be paired: nothing to read
+            arrays["pool"] = np.zeros(0, dtype=bool)
         keys = StoredKeys(folder / "keys.npy")
         n = len(arrays["where"])
-        if not (len(arrays["cond"]) == len(arrays["pool"]) == len(keys) == n):
+        if not (len(arrays["cond"]) == len(keys) == n):
             raise ValueError("its files disagree on the number of samples")
     except (OSError, ValueError, KeyError, TypeError) as e:  # derived: rebuilt rather than fatal
         warnings.warn(f"{folder}: cannot be read ({e}); rebuilding it", stacklevel=3)

@@ -53,7 +53,7 @@ class CacheDataset:
         self.paired_feat = paired_feat  # float16 [N, D] real-caption features (NaN rows outside the pool)
         self.paired_pool = paired_pool  # bool [N]
         self.paired_probability = paired_probability
-        self._any_paired = bool(np.asarray(paired_pool).any())
+        self._any_paired = bool(paired_pool.any())  # an array, or a stored set's RowFile
 
     def __len__(self) -> int:
         return len(self.rows_idx)
