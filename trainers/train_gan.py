@@ -25,7 +25,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from itertools import chain
 from pathlib import Path
@@ -45,7 +45,8 @@ from trainers.checkpoints import (
     save_checkpoint,
 )
 from trainers.distributed import SINGLE, World, close_world, init_world
-from trainers.gan import GAN_SIZES, architecture, build_models, check_resolution
+from trainers.gan import GAN_SIZES, architecture, build_models
+from trainers.gan_source import DataSource, cache_source, data_record, first_batch_shape
 from trainers.runs import (
     DEFAULT_PROMPTS,
     RunConfig,
@@ -154,43 +155,6 @@ def read_prompts(path: Path) -> tuple[str, ...]:
 def resolve_config(values: dict[str, Any], resume: Path | str | None = None) -> tuple[GanConfig, dict | None]:
     """CLI values -> config, or the resumed checkpoint's with the allowed overrides (trainers.runs)."""
     return resolve_run_config(GanConfig, "gan", RESUME_OVERRIDABLE, values, resume)
-
-
-@dataclass
-class DataSource:
-    """Where batches come from: the cache loader in real runs, an in-memory fake in tests and benchmarks."""
-
-    batches: Callable[[int], Iterator[dict]]  # start_step -> infinite batches, as trainers.data.make_loader
-    clip_model: str  # the CLIP the conditions live in (pipeline.clip.load_clip arguments)
-    clip_pretrained: str
-    h_dim: int
-
-
-def cache_source(config: GanConfig, world: World = SINGLE) -> DataSource:
-    from trainers.data import LoaderConfig, make_loader
-    from trainers.embed_rows import cache_clip
-
-    if config.cache is None:
-        raise ConfigError(
-            "--cache is required: the feature cache made by `pipeline embed` (or pass --resume)"
-        )
-    clip = cache_clip(config.cache)
-    loader_config = LoaderConfig(
-        cache=Path(config.cache),
-        condition=config.condition,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        workers=config.workers,
-        paired_fraction=config.paired_fraction,
-        paired_limit=config.paired_limit,
-        allow_partial=config.allow_partial,
-    )
-    return DataSource(
-        lambda start_step: make_loader(loader_config, start_step=start_step, world=world),
-        clip.clip_model,
-        clip.clip_pretrained,
-        int(clip.dim),
-    )
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float, world: World = SINGLE) -> torch.Tensor:
@@ -350,30 +314,6 @@ class GanResult:
     samples: list[Path]  # sample grids written
 
 
-def _first_batch_shape(first: dict) -> tuple[int, int]:
-    """(resolution, condition dim) of the cache's batches; a non-square or odd size is refused early."""
-    _, _, height, width = first["image"].shape
-    if height != width:
-        raise ConfigError(
-            f"--cache: images are {width}x{height}; the GAN needs square images "
-            "(rerun `pipeline embed` with --image-size 64)"
-        )
-    try:
-        check_resolution(int(height))
-    except ValueError as e:
-        raise ConfigError(
-            f"--cache: {e} (rerun `pipeline embed` with --image-size 32, 64, 128 or 256)"
-        ) from None
-    return int(height), int(first["cond"].shape[1])
-
-
-def _data_record(batches: Iterator[dict]) -> tuple[dict[str, Any] | None, list[str] | None]:
-    """Which rows the run trains on (`trainers.data.LoaderInfo.record`) and its real pairs' keys (with
-    --paired-limit); None for an in-memory source."""
-    info = getattr(batches, "info", None)
-    return (info.record(), info.pair_keys) if info is not None else (None, None)
-
-
 BAR_LOSSES = {"loss_g": "G", "loss_d": "D", "con_g": "cG", "con_d": "cD"}  # the bar's, in this order
 
 
@@ -440,9 +380,9 @@ def _run_gan(config, source, resume_state, progress, world: World, device_name: 
 
     if resume_state is None:  # a new run: the first batch tells the resolution and condition size
         batches = source.batches(0)
-        data, pair_keys = _data_record(batches)
+        data, pair_keys = data_record(batches)
         first = next(batches)
-        resolution, h_dim = _first_batch_shape(first)
+        resolution, h_dim = first_batch_shape(first)
         if h_dim != source.h_dim:
             raise ConfigError(
                 f"--cache {config.cache}: conditions are {h_dim}-d but its CLIP is {source.h_dim}-d"
@@ -487,7 +427,7 @@ def _run_gan(config, source, resume_state, progress, world: World, device_name: 
         restore_rng(resume_state["rng"])
         run_dir = resume_path.parent  # the run continues in its own directory
         batches = source.batches(start_step)
-        data, _ = _data_record(batches)
+        data, _ = data_record(batches)
         if world.main:
             trim_metrics(run_dir / "metrics.jsonl", start_step)
     world.broadcast([trainer.G, trainer.D, trainer.G_ema])
