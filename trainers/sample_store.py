@@ -171,6 +171,10 @@ class RowFile:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_fd": None}
 
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
     def __len__(self) -> int:
         return self.shape[0]
 
