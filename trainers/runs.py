@@ -116,6 +116,15 @@ def write_pairs(run_dir: Path, keys: list[str] | None) -> Path | None:
     return path
 
 
+def log_metrics(log, step: int, losses: dict[str, Any], **extra: float) -> dict[str, float]:
+    """Append one metrics.jsonl line (step, the losses as floats, then `extra`) and flush it; -> the
+    losses as floats. Every trainer's log line is written here."""
+    values = {k: float(v) for k, v in losses.items()}
+    log.write(json.dumps({"step": step, **values, **extra}) + "\n")
+    log.flush()
+    return values
+
+
 def trim_metrics(path: Path, last_step: int) -> None:
     """On resume, drop the metrics.jsonl lines past the checkpoint (they are about to be redone), and any
     line that does not parse (a run killed mid-write leaves half a line), with a warning."""

@@ -26,7 +26,6 @@ writes and evaluates; a run resumes with any world size.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -226,7 +225,14 @@ def run_dvae(config: DvaeConfig, progress: Any = None, *, resume_state: dict | N
 def _run_dvae(config: DvaeConfig, progress, resume_state, world: World, device_name: str) -> DvaeResult:
     from manifests import write_json_atomic
     from trainers.checkpoints import load_checkpoint, resolve_checkpoint, restore_rng, save_checkpoint
-    from trainers.runs import new_run_dir, seed_everything, select_device, trim_metrics, write_run_config
+    from trainers.runs import (
+        log_metrics,
+        new_run_dir,
+        seed_everything,
+        select_device,
+        trim_metrics,
+        write_run_config,
+    )
     from trainers.vae import split_cache
 
     device = select_device(device_name)
@@ -271,9 +277,7 @@ def _run_dvae(config: DvaeConfig, progress, resume_state, world: World, device_n
             done, images = step + 1, images + batch["image"].shape[0] * world.size
             last = done == config.steps
             if done % config.log_every == 0 or last:
-                result.losses = {k: float(v) for k, v in losses.items()}
-                log.write(json.dumps({"step": done, **result.losses}) + "\n")
-                log.flush()
+                result.losses = log_metrics(log, done, losses)
             if progress is not None:
                 progress(1)
             if (config.checkpoint_every and done % config.checkpoint_every == 0) or last:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import time
 from collections.abc import Callable
@@ -51,6 +50,7 @@ from trainers.runs import (
     DEFAULT_PROMPTS,
     RunConfig,
     check_run_name,
+    log_metrics,
     new_run_dir,
     resolve_run_config,
     seed_everything,
@@ -454,12 +454,8 @@ def _run_gan(config, source, resume_state, progress, world: World, device_name: 
             last = done == config.steps
             bar_fields = {}
             if done % config.log_every == 0 or last:
-                result.losses = {k: float(v) for k, v in losses.items()}
                 result.images_per_s = images / (time.perf_counter() - t0)
-                log.write(
-                    json.dumps({"step": done, **result.losses, "images_per_s": result.images_per_s}) + "\n"
-                )
-                log.flush()
+                result.losses = log_metrics(log, done, losses, images_per_s=result.images_per_s)
                 bar_fields = {"rate": f"{result.images_per_s:,.0f} img/s", "losses": result.losses}
             advance(**bar_fields)
             if (config.sample_every and done % config.sample_every == 0) or last:

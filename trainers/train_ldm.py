@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ from trainers.runs import (
     DEFAULT_PROMPTS,
     RunConfig,
     check_run_name,
+    log_metrics,
     new_run_dir,
     resolve_run_config,
     seed_everything,
@@ -348,12 +348,8 @@ def _run_ldm(config, resume_state, progress, world: World, device_name: str) -> 
             done, images = step + 1, images + batch["image"].shape[0] * world.size
             last = done == config.steps
             if done % config.log_every == 0 or last:
-                result.losses = {k: float(v) for k, v in losses.items()}
                 result.images_per_s = images / (time.perf_counter() - t0)
-                log.write(
-                    json.dumps({"step": done, **result.losses, "images_per_s": result.images_per_s}) + "\n"
-                )
-                log.flush()
+                result.losses = log_metrics(log, done, losses, images_per_s=result.images_per_s)
             if progress is not None:
                 progress(1)
             if (config.checkpoint_every and done % config.checkpoint_every == 0) or last:

@@ -411,13 +411,12 @@ def run_vae(config: VaeConfig, progress: Any = None) -> VaeResult:
 
 
 def _run_vae(config: VaeConfig, progress: Any, world: World, device_name: str) -> VaeResult:
-    import json
 
     from manifests import write_json_atomic
     from pipeline.clip import load_clip
     from trainers.checkpoints import save_checkpoint
     from trainers.embed_rows import cache_clip
-    from trainers.runs import new_run_dir, seed_everything, select_device, write_run_config
+    from trainers.runs import log_metrics, new_run_dir, seed_everything, select_device, write_run_config
 
     device = select_device(device_name)
     clip_info = cache_clip(config.cache)
@@ -445,9 +444,7 @@ def _run_vae(config: VaeConfig, progress: Any, world: World, device_name: str) -
             done, images = step + 1, images + batch["image"].shape[0] * world.size
             last = done == config.steps
             if done % config.log_every == 0 or last:
-                losses = {k: float(v) for k, v in step_losses.items()}
-                log.write(json.dumps({"step": done, **losses}) + "\n")
-                log.flush()
+                losses = log_metrics(log, done, step_losses)
             if progress is not None:
                 progress(1)
             if (config.checkpoint_every and done % config.checkpoint_every == 0) or last:
