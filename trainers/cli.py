@@ -358,25 +358,15 @@ def vae_command(
 
     With --encode CKPT: precompute that VAE's latents of every embed shard once (no training).
     """
-    from pipeline.progress import progress_bar
     from trainers.distributed import training_bar
     from trainers.vae import VaeConfig, run_vae
 
     if encode is not None:
-        from pipeline.errors import ConfigError
-        from trainers.distributed import launched_world
+        from trainers.derived_shards import encode_command
         from trainers.latents import describe, encode_latents
 
-        if cache is None:
-            raise ConfigError("--cache is required: the feature cache whose images --encode encodes")
-        if launched_world().distributed:
-            raise ConfigError("--encode runs as one process: run `trainers vae --encode` without torchrun")
-        from pipeline.cli_common import writing
-
-        # latents/ is a stage of the cache: written under its lock, like the pipeline's stages
-        with writing(cache), progress_bar("vae --encode", total=None, unit="img") as advance:
-            summary = encode_latents(cache, encode, batch_size, device, advance)
-        typer.echo(describe(summary))
+        run = lambda advance: encode_latents(cache, encode, batch_size, device, advance)  # noqa: E731
+        typer.echo(describe(encode_command("vae", cache, run)))
         return
     config = VaeConfig(
         cache=cache,

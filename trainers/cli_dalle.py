@@ -95,23 +95,14 @@ def dvae_command(
 
     With --encode CKPT: write that dVAE's token cache for every embed shard once (no training).
     """
-    from pipeline.progress import progress_bar
     from trainers.distributed import training_bar
 
     if encode is not None:
-        from pipeline.cli_common import writing
-        from pipeline.errors import ConfigError
-        from trainers.distributed import launched_world
+        from trainers.derived_shards import encode_command
         from trainers.tokens import describe, encode_tokens
 
-        if cache is None:
-            raise ConfigError("--cache is required: the feature cache whose images --encode encodes")
-        if launched_world().distributed:
-            raise ConfigError("--encode runs as one process: run `trainers dvae --encode` without torchrun")
-        # tokens/ is a stage of the cache: written under its lock, like latents/
-        with writing(cache), progress_bar("dvae --encode", total=None, unit="img") as advance:
-            summary = encode_tokens(cache, encode, batch_size or 64, device or "auto", advance)
-        typer.echo(describe(summary))
+        run = lambda advance: encode_tokens(cache, encode, batch_size or 64, device or "auto", advance)  # noqa: E731
+        typer.echo(describe(encode_command("dvae", cache, run)))
         return
     from trainers.train_dvae import describe, resolve_config, run_dvae
 

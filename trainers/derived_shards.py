@@ -295,3 +295,19 @@ def cached_or_computed(
     out[hit] = torch.from_numpy(cached).to(device, computed.dtype)
     out[~hit] = computed
     return out
+
+
+def encode_command(command: str, cache: Path | None, encode: Callable[[Any], Any]) -> Any:
+    """`trainers {command} --encode`: one process (never under torchrun), holding the cache's lock (the
+    derived folder is a stage of the cache, written like the pipeline's), with a progress bar; -> what
+    `encode(advance)` returns."""
+    from pipeline.cli_common import writing
+    from pipeline.progress import progress_bar
+    from trainers.distributed import launched_world
+
+    if cache is None:
+        raise ConfigError("--cache is required: the feature cache whose images --encode encodes")
+    if launched_world().distributed:
+        raise ConfigError(f"--encode runs as one process: run `trainers {command} --encode` without torchrun")
+    with writing(cache), progress_bar(f"{command} --encode", total=None, unit="img") as advance:
+        return encode(advance)
