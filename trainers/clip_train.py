@@ -31,7 +31,7 @@ evenly is refused); the brightness gains are drawn for the global batch and slic
 the rows of a batch, and each is computed over the global one, so that the averaged gradient is the
 one-process one: the InfoNCE loss (on the gathered features, `clip_loss`), rn32's BatchNorm
 (statistics over every rank's rows, `global_batch_norms`), and the token embedding's sparse gradient,
-whose rows are the global batch's tokens (`average_gradients`). Rank 0 writes and evaluates.
+whose rows are the global batch's tokens (`World.average_gradients`). Rank 0 writes and evaluates.
 """
 
 from __future__ import annotations
@@ -276,32 +276,6 @@ def global_batch_norm_class() -> type:
     return GlobalBatchNorm2d
 
 
-def average_gradients(model, world: World) -> None:
-    """`World.average_gradients` for the dense gradients; a sparse one (the token embedding's, for
-    SparseAdam) is averaged over the union of the ranks' rows, which are the global batch's tokens: the
-    rows one process's gradient has, so SparseAdam updates the same rows."""
-    if not world.distributed:
-        return
-    import torch
-    import torch.distributed as dist
-
-    params = [p for p in model.parameters() if p.grad is not None]
-    world.average_gradients([p for p in params if not p.grad.is_sparse])
-    for p in (p for p in params if p.grad.is_sparse):
-        grad = p.grad.coalesce()
-        rows, values = grad.indices()[0], grad.values()  # [r], [r, W]
-        present = torch.zeros(grad.shape[0], dtype=torch.int32, device=grad.device)
-        present[rows] = 1
-        dist.all_reduce(present)
-        union = present.nonzero().squeeze(1)  # [U], sorted
-        summed = values.new_zeros((len(union), *values.shape[1:]))  # [U, W]
-        summed[torch.searchsorted(union, rows)] = values
-        dist.all_reduce(summed)
-        p.grad = torch.sparse_coo_tensor(
-            union[None], summed / world.size, grad.shape, check_invariants=False, is_coalesced=True
-        )
-
-
 @dataclass
 class ClipTrainResult:
     run_dir: Path | None  # None on the ranks other than 0 of a torchrun launch (they write nothing)
@@ -374,7 +348,7 @@ def _train_clip(config: ClipTrainConfig, progress, world: World, device_name: st
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         world.coupled(loss).backward()
-        average_gradients(model, world)
+        world.average_gradients(model.parameters())
         for optimizer in optimizers:
             optimizer.step()
         with torch.no_grad():

@@ -80,14 +80,19 @@ class World:
         return loss * self.size if self.distributed else loss
 
     def average_gradients(self, parameters) -> None:
-        """Replace every gradient by its mean over the ranks (one flattened all-reduce per dtype/device)."""
+        """Replace every gradient by its mean over the ranks: the dense ones with one flattened all-reduce
+        per dtype/device, a sparse one (an embedding's, for SparseAdam) over the union of the ranks' rows
+        (`_average_sparse`)."""
         if not self.distributed:
             return
         import torch.distributed as dist
 
-        grads = [p.grad for p in parameters if p.grad is not None]
+        params = [p for p in parameters if p.grad is not None]
+        for p in params:
+            if p.grad.is_sparse:
+                p.grad = self._average_sparse(p.grad)
         buckets: dict[tuple, list[torch.Tensor]] = {}
-        for g in grads:
+        for g in (p.grad for p in params if not p.grad.is_sparse):
             buckets.setdefault((g.dtype, g.device), []).append(g)
         for bucket in buckets.values():
             flat = torch.cat([g.reshape(-1) for g in bucket])
@@ -97,6 +102,24 @@ class World:
             for g in bucket:
                 g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
+
+    def _average_sparse(self, grad: torch.Tensor) -> torch.Tensor:
+        """A sparse row gradient averaged over the ranks, on the union of their rows: the rows one process's
+        gradient of the global batch has, so a sparse optimiser updates the same rows."""
+        import torch.distributed as dist
+
+        grad = grad.coalesce()
+        rows, values = grad.indices()[0], grad.values()  # [r], [r, W]
+        present = torch.zeros(grad.shape[0], dtype=torch.int32, device=grad.device)
+        present[rows] = 1
+        dist.all_reduce(present)
+        union = present.nonzero().squeeze(1)  # [U], sorted
+        summed = values.new_zeros((len(union), *values.shape[1:]))  # [U, W]
+        summed[torch.searchsorted(union, rows)] = values
+        dist.all_reduce(summed)
+        return torch.sparse_coo_tensor(
+            union[None], summed / self.size, grad.shape, check_invariants=False, is_coalesced=True
+        )
 
     def broadcast(self, modules) -> None:
         """Rank 0's parameters and buffers on every rank (they start equal by seeding; this makes it so)."""

@@ -74,7 +74,7 @@ def test_two_clip_processes_take_the_one_process_steps(tmp_path, size):
 GRADIENTS = """
 import sys, torch
 from open_clip.loss import ClipLoss
-from trainers.clip_train import average_gradients, build_clip, clip_loss, global_batch_norms, make_optimizers
+from trainers.clip_train import build_clip, clip_loss, global_batch_norms, make_optimizers
 from trainers.clip_train import ClipTrainConfig
 from trainers.distributed import close_world, init_world
 
@@ -91,7 +91,7 @@ captions = [" ".join(words[int(i)] for i in torch.randint(len(words), (5,), gene
 text = world.part(tokenizer(captions))
 img, txt = model.encode_image(images, normalize=True), model.encode_text(text, normalize=True)
 world.coupled(clip_loss(ClipLoss(), img, txt, model.logit_scale, world)).backward()
-average_gradients(model, world)
+world.average_gradients(model.parameters())
 grads = {n: (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone() for n, p in model.named_parameters()}
 grads["token_rows"] = model.token_embedding.weight.grad.coalesce().indices()[0]
 if world.main:
