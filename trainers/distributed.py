@@ -173,6 +173,10 @@ def init_world(device: str = "auto") -> tuple[World, str]:
 
     import torch.distributed as dist
 
+    from pipeline.processes import die_with_parent
+
+    die_with_parent(os.getppid())  # a SIGKILLed torchrun takes its ranks with it, not leaves them waiting
+
     cuda = device != "cpu" and torch.cuda.is_available()
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: no CUDA device here")

@@ -4,8 +4,12 @@ killed rank ends the job."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +131,54 @@ def test_two_ldm_processes_take_the_one_process_steps(cache, tmp_path):
     assert one["step"] == two["step"] == 3 and one["arch"] == two["arch"]  # one latent scale for all ranks
     assert_close(one["model"], two["model"])
     assert_close(one["ema"], two["ema"])
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # the field after the state: the parent pid
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_no_rank_outlives_a_sigkilled_torchrun(cache, tmp_path):
+    args = [
+        *TORCHRUN,
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "trainers",
+        *map(str, gan_args(cache, tmp_path, 100_000)),
+    ]
+    agent = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    try:
+        deadline = time.monotonic() + 120
+        ranks: list[int] = []
+        while time.monotonic() < deadline and len(ranks) < 2:
+            time.sleep(0.5)
+            ranks = _children(agent.pid)
+        assert len(ranks) == 2, "torchrun did not start its two ranks"
+        time.sleep(8)  # into training: both ranks have joined the process group
+        agent.send_signal(signal.SIGKILL)
+        agent.wait()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(_alive(r) for r in ranks):
+            time.sleep(0.2)
+        assert not any(_alive(r) for r in ranks), "a rank outlived its torchrun"
+    finally:
+        agent.kill()
+        for r in _children(agent.pid):
+            os.kill(r, signal.SIGKILL)
