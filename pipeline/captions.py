@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from pipeline.corpus import corpus_files, read_corpus
 from pipeline.errors import ConfigError
 from pipeline.executor import Progress  # (items just finished, reasons of those dropped)
 from pipeline.layout import captions_schema, shard_file
+from pipeline.stage import StageResult
 
 STAGE = "captions"
 STAGE_VERSION = "1"
@@ -385,26 +386,16 @@ def remove_surplus(cache: Path, shards: list[int]) -> None:
         remove_stats(cache, STAGE, shard)
 
 
-@dataclass
-class CaptionsResult:
-    shards_total: int
-    shards_run: list[int]
-    shards_up_to_date: list[int]
-    n_captions: int
-    encoded: int  # captions that went through CLIP this run
-    truncated: int  # among the shards made this run
-    corpus: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-
-
 def run_captions(
     config: CaptionsConfig,
     clip,
     plan: CaptionsPlan | None = None,
     progress: Progress | None = None,
     executor=None,
-) -> CaptionsResult:
-    """Plan (unless given), then make every stale shard, in-process or on `executor` (pipeline.executor)."""
+) -> StageResult:
+    """Plan (unless given), then make every stale shard, in-process or on `executor` (pipeline.executor).
+    Its summary: the corpus's unique captions (`n_captions`), those encoded by CLIP this run (`encoded`,
+    `truncated` among them) and what the corpus read found (`corpus`: files, records, drops)."""
     from pipeline.stage import run_shards
 
     t0 = time.perf_counter()
@@ -412,19 +403,21 @@ def run_captions(
     stage_dir = Path(config.cache) / STAGE
     remove_surplus(config.cache, plan.surplus)
     run = run_shards(config.cache, STAGE, plan.tasks, captions_shard, executor=executor, progress=progress)
-    encoded = sum(m["encoded"] for m in run.manifests)
-    truncated = sum(m["truncated"] for m in run.manifests)
     stage_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(config.cache) / CORPUS_FILE, plan.corpus)
-    return CaptionsResult(
+    return StageResult(
         shards_total=plan.n_shards,
-        shards_run=[t.spec.shard for t in plan.tasks],
+        shards_run=run.shards_run,
         shards_up_to_date=plan.up_to_date,
-        n_captions=plan.n_captions,
-        encoded=encoded,
-        truncated=truncated,
-        corpus=plan.corpus,
+        images_written=run.rows,
+        dropped=dict(plan.corpus["dropped"]),
         seconds=time.perf_counter() - t0,
+        summary={
+            "n_captions": plan.n_captions,
+            "encoded": sum(m["encoded"] for m in run.manifests),
+            "truncated": sum(m["truncated"] for m in run.manifests),
+            "corpus": plan.corpus,
+        },
     )
 
 

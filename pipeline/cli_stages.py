@@ -63,7 +63,7 @@ def retrieve(
     The CLIP is the embed stage's. Each step reruns only when stale: appended captions are the only
     ones encoded, a changed index re-searches every shard, a new embed shard is searched alone.
     """
-    from pipeline.retrieve import RetrieveConfig, describe_retrieve, run_retrieve
+    from pipeline.retrieve import RetrieveConfig, describe_retrieve, run_retrieve, summary_lines
 
     config = RetrieveConfig.from_options(
         captions=tuple(captions or ()),
@@ -86,7 +86,7 @@ def retrieve(
         result = run_retrieve(config, progress_bar)
     for warning in result.warnings:
         warnings.warn(warning, stacklevel=1)
-    for line in result.summary_lines():
+    for line in summary_lines(result):
         typer.echo(line)
 
 

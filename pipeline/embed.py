@@ -38,7 +38,7 @@ from pipeline.paths import recorded_path, resolve_recorded
 from pipeline.sources import Unit, check_key_prefix, expand_inputs, key_prefix, unit_keys
 
 if TYPE_CHECKING:
-    from pipeline.executor import StageResult
+    from pipeline.stage import StageResult
 
 STAGE = "embed"
 STAGE_VERSION = "1"
@@ -344,9 +344,8 @@ def embed_shard(task: EmbedTask, progress: Progress | None = None) -> dict[str, 
 
 def run_embed(config: EmbedConfig, progress: Progress | None = None, executor=None) -> StageResult:
     """Plan, then make every stale shard, in-process or on the given executor (`pipeline.executor`)."""
-    from pipeline.executor import StageResult
     from pipeline.sources import count_samples
-    from pipeline.stage import run_shards
+    from pipeline.stage import StageResult, run_shards
 
     t0 = time.perf_counter()
     plan = plan_embed(config)

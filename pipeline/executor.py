@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from manifests.errors import DiskFull, with_space_needed
@@ -20,19 +19,6 @@ from pipeline.errors import ConfigError
 Progress = Callable[[int, list[str]], None]  # (items just finished, reasons of those dropped)
 ProgressFactory = Callable[..., Any]  # (description, total, unit) -> a context manager yielding a Progress
 Count = Callable[[dict], tuple[int, list[str]]]  # what a finished shard's manifest adds to a progress bar
-
-
-@dataclass
-class StageResult:
-    """What a shard-mapped stage reports after a run."""
-
-    shards_total: int
-    shards_run: list[int]
-    shards_up_to_date: list[int]
-    images_written: int
-    dropped: dict[str, int]
-    seconds: float
-    summary: dict[str, Any] = field(default_factory=dict)  # stage-specific totals over committed shards
 
 
 def rows_done(manifest: dict) -> tuple[int, list[str]]:

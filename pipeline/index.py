@@ -63,6 +63,7 @@ from pipeline.faiss_index import (
 )
 from pipeline.layout import shard_file
 from pipeline.progress import null_progress
+from pipeline.stage import StageResult
 
 STAGE = "index"
 STAGE_VERSION = "1"
@@ -352,14 +353,6 @@ def index_shard(task: IndexTask, progress: ProgressFactory | None = None) -> dic
     return commit_manifest(cache, spec, outs, timings, extra=extra)
 
 
-@dataclass
-class IndexResult:
-    built: bool
-    reason: str | None
-    info: dict[str, Any]
-    seconds: float
-
-
 def run_index(
     config: IndexConfig,
     caption_outs: list[dict[str, Any]],
@@ -367,8 +360,9 @@ def run_index(
     dim: int,
     progress: ProgressFactory = null_progress,
     executor=None,
-) -> IndexResult:
-    """Plan and, if stale, build the index: in-process, or as one task on a Dask `executor`."""
+) -> StageResult:
+    """Plan and, if stale, build the index: in-process, or as one task on a Dask `executor`. Its one shard
+    is run (built) or up to date; its summary is the index's info (`read_index_info`)."""
     from pipeline.stage import run_shards
 
     t0 = time.perf_counter()
@@ -376,11 +370,17 @@ def run_index(
     tasks = [plan.task] if plan.task is not None else []
     local = executor is None or executor.name == "local"
     # the build's bars (a progress factory) draw in this process only: on Dask they stay on the worker
-    run_shards(
+    run = run_shards(
         config.cache, STAGE, tasks, index_shard, executor=executor, progress=progress if local else None
     )
-    return IndexResult(
-        plan.task is not None, plan.reason, read_index_info(config.cache), time.perf_counter() - t0
+    return StageResult(
+        shards_total=1,
+        shards_run=run.shards_run,
+        shards_up_to_date=[] if tasks else [SHARD],
+        images_written=n_vectors if tasks else 0,
+        dropped={},
+        seconds=time.perf_counter() - t0,
+        summary=read_index_info(config.cache),
     )
 
 

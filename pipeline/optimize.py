@@ -48,7 +48,7 @@ from pipeline.optimize_config import (
 from pipeline.optimize_inputs import CaptionBank, cached_caption_bank, read_shard_rows
 
 if TYPE_CHECKING:
-    from pipeline.executor import StageResult
+    from pipeline.stage import StageResult
 
 NOISE_STREAM, SHUFFLE_STREAM = 0, 1  # numpy stream ids under (seed, shard)
 
@@ -320,8 +320,7 @@ def optimize_shard(task: OptimizeTask, progress: Progress | None = None) -> dict
 
 def run_optimize(config: OptimizeConfig, progress: Progress | None = None, executor=None) -> StageResult:
     """Plan, then make every stale shard, in-process or on the given executor (`pipeline.executor`)."""
-    from pipeline.executor import StageResult
-    from pipeline.stage import embed_rows, run_shards
+    from pipeline.stage import StageResult, embed_rows, run_shards
 
     t0 = time.perf_counter()
     plan = plan_optimize(config)

@@ -49,6 +49,7 @@ from pipeline.index import (
 )
 from pipeline.progress import describe_drops, null_progress
 from pipeline.search import STAGE, SearchConfig, plan_search, search_shard
+from pipeline.stage import StageResult
 
 
 @dataclass(frozen=True)
@@ -124,46 +125,38 @@ class RetrieveConfig:
 # ---------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class RetrieveResult:
-    captions: Any  # CaptionsResult
-    index: Any  # IndexResult
-    shards_run: list[int]
-    shards_up_to_date: list[int]
-    images_searched: int
-    summary: dict[str, Any]  # `retrieve_summary`: over every committed retrieve shard
-    seconds: float
+def index_warnings(info: dict[str, Any]) -> list[str]:
+    """What the index step warns about: a recall target it could not reach."""
+    if info.get("target_reached", True):
+        return []
+    return [
+        f"index recall@{info['k']} {info['recall_at_k']:.3f} is below --target-recall "
+        f"{info['target_recall']} even with every IVF list probed (PQ codes lose accuracy); raise "
+        "--max-index-memory or pass --index with a larger PQ"
+    ]
 
-    @property
-    def warnings(self) -> list[str]:
-        info = self.index.info
-        if info.get("target_reached", True):
-            return []
-        return [
-            f"index recall@{info['k']} {info['recall_at_k']:.3f} is below --target-recall "
-            f"{info['target_recall']} even with every IVF list probed (PQ codes lose accuracy); raise "
-            "--max-index-memory or pass --index with a larger PQ"
-        ]
 
-    def summary_lines(self) -> list[str]:
-        """What the CLI prints: one line per step."""
-        cap, info = self.captions, self.index.info
-        recall = f"recall@{info['k']} {info['recall_at_k']:.3f}"
-        if info.get("nprobe"):
-            recall += f" at nprobe {info['nprobe']}/{info['nlist']}"
-        precision = ""
-        if self.summary.get("precision_at_1"):
-            p1 = self.summary["precision_at_1"]
-            precision = "; precision@1 " + ", ".join(f"{a} {p1[a]:.2f}" for a in ATTRIBUTES)
-        return [
-            f"captions: {len(cap.shards_run)} shard(s) made ({cap.encoded:,} encoded, {cap.truncated:,} "
-            f"truncated), {len(cap.shards_up_to_date)} up to date; {cap.n_captions:,} unique captions from "
-            f"{cap.corpus['records']:,} records, {describe_drops(cap.corpus['dropped'])}",
-            f"index: {info['factory']} ({info['search']}) {'built' if self.index.built else 'up to date'}, "
-            f"{info['n_vectors']:,} vectors, {recall}",
-            f"retrieve: {len(self.shards_run)} shard(s) made, {len(self.shards_up_to_date)} up to date; "
-            f"{self.images_searched:,} images searched{precision}; {self.seconds:.1f} s",
-        ]
+def summary_lines(result: StageResult) -> list[str]:
+    """What the CLI prints after a run: one line per step."""
+    cap, index = result.steps["captions"], result.steps["index"]
+    info, corpus = index.summary, cap.summary["corpus"]
+    recall = f"recall@{info['k']} {info['recall_at_k']:.3f}"
+    if info.get("nprobe"):
+        recall += f" at nprobe {info['nprobe']}/{info['nlist']}"
+    precision = ""
+    if result.summary.get("precision_at_1"):
+        p1 = result.summary["precision_at_1"]
+        precision = "; precision@1 " + ", ".join(f"{a} {p1[a]:.2f}" for a in ATTRIBUTES)
+    return [
+        f"captions: {len(cap.shards_run)} shard(s) made ({cap.summary['encoded']:,} encoded, "
+        f"{cap.summary['truncated']:,} truncated), {len(cap.shards_up_to_date)} up to date; "
+        f"{cap.summary['n_captions']:,} unique captions from {corpus['records']:,} records, "
+        f"{describe_drops(cap.dropped)}",
+        f"index: {info['factory']} ({info['search']}) {'built' if index.shards_run else 'up to date'}, "
+        f"{info['n_vectors']:,} vectors, {recall}",
+        f"retrieve: {len(result.shards_run)} shard(s) made, {len(result.shards_up_to_date)} up to date; "
+        f"{result.images_written:,} images searched{precision}; {result.seconds:.1f} s",
+    ]
 
 
 def _check_k(config: RetrieveConfig, n_captions: int) -> None:
@@ -175,8 +168,9 @@ def _check_k(config: RetrieveConfig, n_captions: int) -> None:
 
 def run_retrieve(
     config: RetrieveConfig, progress: ProgressFactory = null_progress, executor=None
-) -> RetrieveResult:
-    """Captions, index, search: each step planned against its committed manifests and run if stale.
+) -> StageResult:
+    """Captions, index, search: each step planned against its committed manifests and run if stale. The
+    result is the search step's, with each step's in `steps` (captions, index).
 
     `progress(description, total, unit)` is a context manager yielding `advance(n, drop_reasons)`
     (`pipeline.progress.progress_bar`). `executor` (pipeline.executor) runs the shard tasks; the index
@@ -201,14 +195,16 @@ def run_retrieve(
     rows = embed_rows(cache, splan.tasks)
     with _bar(progress, f"retrieve: {len(splan.tasks)} shard(s)", rows, "img", splan.tasks) as advance:
         run = run_shards(cache, STAGE, splan.tasks, search_shard, executor=executor, progress=advance)
-    return RetrieveResult(
-        captions=captions,
-        index=index,
+    return StageResult(
+        shards_total=len(splan.tasks) + len(splan.up_to_date),
         shards_run=run.shards_run,
         shards_up_to_date=splan.up_to_date,
-        images_searched=run.rows,
-        summary=retrieve_summary(cache),
+        images_written=run.rows,
+        dropped=dict(run.dropped),
         seconds=time.perf_counter() - t0,
+        summary=retrieve_summary(cache),
+        steps={"captions": captions, "index": index},
+        warnings=index_warnings(index.summary),
     )
 
 
@@ -229,12 +225,12 @@ def configure(sections: dict, cache: Path, *, force: bool, verify: bool, repair:
     return (RetrieveConfig.from_options(**section),)
 
 
-def run_stage(config: RetrieveConfig, executor, progress_factory) -> RetrieveResult:
+def run_stage(config: RetrieveConfig, executor, progress_factory) -> StageResult:
     return run_retrieve(config, progress_factory, executor)
 
 
-def report(result: RetrieveResult, config: RetrieveConfig) -> list[str]:
-    return result.summary_lines()
+def report(result: StageResult, config: RetrieveConfig) -> list[str]:
+    return summary_lines(result)
 
 
 def describe_retrieve(config: RetrieveConfig) -> dict[str, Any]:

@@ -7,6 +7,10 @@ commits it). `run_shards` does what is the same for all of them: it removes the 
 left, moves stats files to their current place, gives the progress bar its total, maps the tasks
 through the executor (this process, or Dask: pipeline.executor), and sums what the manifests say they
 wrote and dropped.
+
+Every step, and every stage of several steps, reports one `StageResult`: what it made, what was already
+up to date, what it wrote and set aside, and its step-specific totals (`summary`); a stage of several
+steps (retrieve) holds each step's result in `steps`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,21 @@ from pathlib import Path
 from typing import Any
 
 from manifests import clean_temp_files, migrate_stats
+
+
+@dataclass
+class StageResult:
+    """What a step (or a stage of several steps) reports after a run."""
+
+    shards_total: int
+    shards_run: list[int]
+    shards_up_to_date: list[int]
+    images_written: int  # the rows the made shards wrote: images, captions, pseudo text features
+    dropped: dict[str, int]  # reason -> rows set aside
+    seconds: float
+    summary: dict[str, Any] = field(default_factory=dict)  # step-specific totals
+    steps: dict[str, StageResult] = field(default_factory=dict)  # a stage of several steps: each one's
+    warnings: list[str] = field(default_factory=list)  # what the command warns about after the run
 
 
 @dataclass

@@ -214,8 +214,8 @@ def test_shards_hold_contiguous_ids_and_clip_features(cache, tmp_path):
     corpus = _corpus(tmp_path / "c.txt", _texts(30) + ["caption number 3 of a small red circle", ""])
     clip = embedded_clip(cache)
     result = cap.run_captions(_config(cache, corpus), clip)
-    assert result.shards_run == [0, 1] and result.n_captions == 30
-    assert result.corpus["dropped"] == {"duplicate": 1, "empty": 1}
+    assert result.shards_run == [0, 1] and result.summary["n_captions"] == 30
+    assert result.summary["corpus"]["dropped"] == {"duplicate": 1, "empty": 1}
     assert pq.read_schema(cache / "captions" / "00000.parquet") == captions_schema(64)
     first, second = _shard(cache, 0), _shard(cache, 1)
     assert first["caption_id"].tolist() == list(range(20))
@@ -288,7 +288,7 @@ def test_long_captions_are_counted_as_truncated(cache, tmp_path):
     long = "a very long caption " + " ".join(f"word{i}" for i in range(40))  # > 32 tokens (lafite-tiny)
     corpus = _corpus(tmp_path / "c.txt", ["short one", long])
     result = cap.run_captions(_config(cache, corpus), embedded_clip(cache))
-    assert result.truncated == 1
+    assert result.summary["truncated"] == 1
     assert json.loads((cache / "captions" / "_stats" / "00000.json").read_text())["truncated"] == 1
 
 
@@ -316,7 +316,7 @@ def test_captions_from_another_clip_are_refused_unless_forced(cache, tmp_path):
         cap.plan_captions(_config(cache, corpus), clip)
 
     forced = cap.run_captions(_config(cache, corpus, force=True), clip)
-    assert forced.shards_run == [0] and forced.encoded == 5
+    assert forced.shards_run == [0] and forced.summary["encoded"] == 5
     assert json.loads(manifest_path.read_text())["dim"] == 64
 
 

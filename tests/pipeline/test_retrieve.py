@@ -88,9 +88,10 @@ def _retrieved(cache, shard):
 
 def test_first_run_made_every_step(base):
     result = base["result"]
-    assert result.captions.shards_run == [0, 1, 2] and result.captions.n_captions == 400
-    assert result.index.built and result.index.info["factory"] == "Flat"
-    assert result.shards_run == [0, 1, 2, 3] and result.images_searched == 60
+    captions, index = result.steps["captions"], result.steps["index"]
+    assert captions.shards_run == [0, 1, 2] and captions.summary["n_captions"] == 400
+    assert index.shards_run and index.summary["factory"] == "Flat"
+    assert result.shards_run == [0, 1, 2, 3] and result.images_written == 60
     info = json.loads((base["cache"] / "index" / "index.json").read_text())
     assert (
         info["n_vectors"] == 400 and info["recall_at_k"] == 1.0 and info["tune_queries"]["source"] == "image"
@@ -183,7 +184,8 @@ def test_score_attributes_on_hand_made_captions():
 
 def test_rerun_is_a_noop_and_a_new_embed_shard_is_searched_alone(cache, base):
     again = rt.run_retrieve(_config(cache, base["corpus"]))
-    assert again.captions.shards_run == [] and not again.index.built and again.shards_run == []
+    assert again.steps["captions"].shards_run == [] and not again.steps["index"].shards_run
+    assert again.shards_run == []
     extra = run_synth(  # its 13th shard holds keys 60-64, which the cache's 60 images do not
         SynthConfig(out=base["root"] / "more", n=65, shard_size=5, n_captions=40, seed=3, image_size=32)
     )
@@ -198,14 +200,15 @@ def test_rerun_is_a_noop_and_a_new_embed_shard_is_searched_alone(cache, base):
         )
     )
     grown = rt.run_retrieve(_config(cache, base["corpus"]))
-    assert not grown.index.built and grown.shards_run == [4] and grown.shards_up_to_date == [0, 1, 2, 3]
+    assert not grown.steps["index"].shards_run
+    assert grown.shards_run == [4] and grown.shards_up_to_date == [0, 1, 2, 3]
     assert _retrieved(cache, 4)[0].num_rows == 5
 
 
 def test_identical_index_bytes_stop_the_cascade_and_k_restales_search(cache, base):
     digest = json.loads((cache / "index" / "_manifests" / "00000.json").read_text())["outs"][0]["digest"]
     rebuilt = run_index(IndexConfig(cache=cache, k=K, force=True), _outs(cache), 400, 64)
-    assert rebuilt.built
+    assert rebuilt.shards_run == [0]
     assert (
         json.loads((cache / "index" / "_manifests" / "00000.json").read_text())["outs"][0]["digest"] == digest
     )
@@ -213,7 +216,8 @@ def test_identical_index_bytes_stop_the_cascade_and_k_restales_search(cache, bas
         search.plan_search(search.SearchConfig(cache=cache, k=K)).tasks == []
     )  # same bytes: nothing to redo
     smaller = rt.run_retrieve(_config(cache, base["corpus"], k=4))
-    assert smaller.index.built and smaller.shards_run == [0, 1, 2, 3]  # k is keyed for the search
+    assert smaller.steps["index"].shards_run  # k is keyed for the search
+    assert smaller.shards_run == [0, 1, 2, 3]
     assert _retrieved(cache, 0)[1].shape == (20, 4)
     assert search.plan_search(search.SearchConfig(cache=cache, k=4)).tasks == []
 
@@ -228,8 +232,8 @@ def test_changed_captions_rebuild_the_index_and_restale_every_shard(cache, base,
     corpus = tmp_path / "more.txt"
     corpus.write_text(base["corpus"].read_text() + "a tiny violet star in the middle\n")
     result = rt.run_retrieve(_config(cache, corpus))
-    assert result.captions.shards_run == [2] and result.captions.encoded == 1
-    assert result.index.built and result.index.info["n_vectors"] == 401
+    assert result.steps["captions"].shards_run == [2] and result.steps["captions"].summary["encoded"] == 1
+    assert result.steps["index"].shards_run and result.steps["index"].summary["n_vectors"] == 401
     assert result.shards_run == [0, 1, 2, 3]
 
 
