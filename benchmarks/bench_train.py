@@ -1,7 +1,8 @@
 """Benchmark the trainers: `--model gan` (default, below), `--model ldm` (benchmarks/bench_ldm.py:
 latent-diffusion training images/s and peak memory, sampling images/s at 50 steps) or `--model dalle`
 (benchmarks/bench_dalle.py: training tokens/s against the transformer step alone on cached tokens,
-sampling images/s with and without the KV cache); their options follow.
+sampling images/s with and without the KV cache); their options follow. `--nproc 1,N` (gan, ldm) times
+whole runs at 1 and N processes under torchrun instead (benchmarks/bench_ddp.py).
 
 `trainers gan` training: images/s and peak GPU memory of the training step.
 
@@ -28,6 +29,7 @@ step time, which a busy shared machine disturbs much less (one stalled step does
     python benchmarks/bench_train.py --device cpu --cache cache --condition perturb
     python benchmarks/bench_train.py --model ldm --device cuda --size S --resolution 64
     python benchmarks/bench_train.py --model dalle --device cuda --size small --resolution 64
+    python benchmarks/bench_train.py --nproc 1,2                        # data-parallel scaling, CPU
 """
 
 from __future__ import annotations
@@ -106,15 +108,21 @@ def time_steps(
 def main(argv: list[str] | None = None) -> None:
     choose = argparse.ArgumentParser(add_help=False)
     choose.add_argument("--model", choices=MODELS, default="gan")
+    choose.add_argument("--nproc")
     chosen, rest = choose.parse_known_args(argv)
-    if chosen.model != "gan":
-        import importlib
+    import importlib
 
+    if chosen.nproc is not None:  # whole runs at 1 and N processes under torchrun
+        return importlib.import_module("bench_ddp").main(
+            [*rest, "--model", chosen.model, "--nproc", chosen.nproc]
+        )
+    if chosen.model != "gan":
         return importlib.import_module(f"bench_{chosen.model}").main(rest)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", choices=MODELS, default="gan", help="ldm, dalle: see bench_{model}.py")
+    parser.add_argument("--nproc", help="1,N: whole runs at 1 and N processes (see bench_ddp.py)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", help="GAN_SIZES entry (default: small on CUDA, tiny on CPU)")
     parser.add_argument("--resolution", type=int, help="synthetic image size (default: 64 CUDA, 32 CPU)")

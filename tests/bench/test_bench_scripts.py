@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -160,3 +161,21 @@ def test_status_verify_cost_rows(results_dir):
         "pipeline status --verify minus status",
     ]
     assert all(r["gb"] > 0 and isinstance(r["s_per_gb"], float) for r in rows)
+
+
+def test_ddp_rate_leaves_out_what_came_before_the_first_logged_step(tmp_path):
+    bench = load_script("bench_ddp")
+    metrics = tmp_path / "metrics.jsonl"
+    # batch 4: 10 steps in 2 s (a slow start), then 20 more steps in 1 s: 80 images/s from step 10 on
+    lines = [{"step": 10, "loss": 1.0, "images_per_s": 40 / 2.0}, {"step": 30, "images_per_s": 120 / 3.0}]
+    metrics.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    assert bench.steady_rate(metrics, 4) == pytest.approx(80.0)
+
+
+def test_bench_train_times_whole_runs_at_one_and_two_processes(results_dir, capsys):
+    bench = load_script("bench_train")
+    bench.main(["--nproc", "1,2", "--steps", "20", "--images", "64", "--batch-size", "8"])
+    _, rows = read_rows(results_dir / "ddp.csv")
+    assert [(r["model"], r["nproc"], r["batch"]) for r in rows] == [("gan", "1", "8"), ("gan", "2", "8")]
+    assert rows[0]["scaling"] == "1.00" and float(rows[1]["images_per_s"]) > 0
+    assert "efficiency" in capsys.readouterr().out
