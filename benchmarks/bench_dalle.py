@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from trainers.dalle import DalleTransformer
     from trainers.dalle_sample import sample_tokens
+    from trainers.derived_shards import KeyedRows
     from trainers.dvae import DiscreteVAE, decode_tokens, dvae_architecture
     from trainers.tokens import TokenCache, image_tokens
     from trainers.train_dalle import DalleConfig, DalleTrainer
@@ -73,9 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     keys = [f"k{i:06d}" for i in range(batch)]
     cached = image_tokens(dvae, images)  # [B, h*w]: what the token cache holds
     trainer.token_cache = None
-    token_cache = TokenCache(
-        keys, cached.cpu().numpy().astype(np.int16), "tokens/bench", dvae.grid, dvae.vocab_size, ""
-    )
+    rows = KeyedRows(keys, cached.cpu().numpy().astype(np.int16), "tokens/bench")  # in memory: B keys
+    token_cache = TokenCache(rows, dvae.grid, dvae.vocab_size, "")
 
     def transformer_step() -> None:
         with trainer.autocast():

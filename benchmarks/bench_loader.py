@@ -19,6 +19,20 @@ memory flat within 20% from 1M to 10M rows, and its start-up under 10 s at 10M.
 
     python benchmarks/bench_loader.py                        # 1M, 4M, 10M rows, D 512 (~30 GB of disk)
     python benchmarks/bench_loader.py --rows 100000,400000 --dim 64 --no-csv
+
+`--figure latents` measures the latent cache (`trainers vae --encode`, read by `trainers ldm`) the same
+way: a cache of embed sidecars (D 8) and a latents shard per embed shard (float32 `--latent-shape`,
+written and committed as `--encode` does, by a stand-in VAE file), then, each in a fresh process:
+
+    everything   the read before the store: trainers.derived_shards.read_derived into one float32 array,
+                 and a dict key -> row (KeyedRows)
+    derive       the first load: trainers.derived_store.load_derived deriving the store, then opening it
+    store        every later load: load_derived opening the store (a pread per key block and per latent)
+
+with batches/s of B random keys looked up (`lookup`, as `trainers ldm` does per step). Raw rows go to
+benchmarks/results/loader_latents.csv.
+
+    python benchmarks/bench_loader.py --figure latents --rows 1000000,4000000,10000000   # ~6 GB of disk
 """
 
 from __future__ import annotations
@@ -51,6 +65,75 @@ def build_cache(cache: Path, rows: int, dim: int) -> None:
         feats = rng.standard_normal((n, dim), dtype=np.float32)
         feats /= np.linalg.norm(feats, axis=1, keepdims=True)
         writer.embed(shard, [f"{i:010d}" for i in range(start, start + n)], feats.astype(np.float16))
+
+
+def build_latents(cache: Path, rows: int, shape: tuple[int, ...]) -> Path:
+    """Embed sidecars of `rows` keys (D 8) and their latents shards, committed as `trainers vae --encode`
+    would for a stand-in VAE checkpoint (a file of random bytes: the cache is keyed on its digest)."""
+    import numpy as np
+
+    from manifests import Dep, ShardSpec, commit_manifest, list_manifests, stat_out, write_parquet_atomic
+    from pipeline.cache_writer import CacheWriter
+    from pipeline.layout import shard_file
+    from trainers.derived_shards import model_digest
+    from trainers.latents import CODEC, KIND
+
+    cache.mkdir(parents=True)
+    checkpoint = cache.parent / f"{cache.name}-vae.pt"
+    checkpoint.write_bytes(np.random.default_rng(1).bytes(4096))
+    digest, stage = model_digest(checkpoint), KIND.stage(model_digest(checkpoint))
+    writer, rng, dim = CacheWriter(cache, 8), np.random.default_rng(0), int(np.prod(shape))
+    for shard, start in enumerate(range(0, rows, SHARD_ROWS)):
+        n = min(SHARD_ROWS, rows - start)
+        keys = [f"{i:010d}" for i in range(start, start + n)]
+        writer.embed(shard, keys, rng.standard_normal((n, 8), dtype=np.float32).astype(np.float16))
+        latents = rng.standard_normal((n, dim), dtype=np.float32)
+        rel = shard_file(stage, shard)
+        size, out_digest = write_parquet_atomic(cache / rel, CODEC.table(keys, latents, shape))
+        deps = [Dep(o["path"], o["digest"]) for o in list_manifests(cache, "embed")[shard]["outs"]]
+        spec = ShardSpec(stage, shard, KIND.version, {KIND.digest_param: digest, **dict(KIND.params)}, deps)
+        extra = {"rows": n, KIND.shape_field: list(shape), "vae_id": digest[:12]}
+        commit_manifest(cache, spec, [stat_out(cache, rel, size, out_digest, rows=n)], {}, extra=extra)
+    return checkpoint
+
+
+def latents_child(mode: str, cache: Path, rows: int, batch: int, batches: int) -> dict:
+    """One figure of the latent cache: start-up to the first looked-up batch, memory, batches/s."""
+    import numpy as np
+
+    from trainers.derived_shards import read_derived
+    from trainers.derived_store import load_derived
+    from trainers.latents import KIND
+
+    checkpoint = cache.parent / f"{cache.name}-vae.pt"
+    rng = np.random.default_rng(0)
+    base = memory()  # the interpreter, numpy, pyarrow and torch (trainers.latents imports it)
+    t0 = time.perf_counter()
+    latents = (read_derived if mode == "everything" else load_derived)(KIND, cache, checkpoint)
+
+    def one() -> None:
+        found, values = latents.lookup([f"{i:010d}" for i in rng.integers(0, rows, batch).tolist()])
+        assert found.all() and values.dtype == np.float32  # [B, C, h, w]
+
+    one()
+    startup = time.perf_counter() - t0
+    after_start = memory()
+    t1 = time.perf_counter()
+    for _ in range(batches):
+        one()
+    rate = batches / (time.perf_counter() - t1)
+    after = memory()
+    return {
+        "held": type(latents).__name__,
+        "startup_s": round(startup, 2),
+        "rss_base_mib": base["VmRSS"],
+        "rss_start_mib": after_start["VmRSS"],
+        "anon_start_mib": after_start["RssAnon"],
+        "rss_mib": after["VmRSS"],
+        "anon_mib": after["RssAnon"],
+        "peak_mib": after["VmHWM"],
+        "batches_per_s": round(rate, 1),
+    }
 
 
 def memory() -> dict[str, float]:
@@ -139,9 +222,10 @@ def child(mode: str, cache: Path, dim: int, batch: int, batches: int) -> dict:
     }
 
 
-def run_child(mode: str, cache: Path, args) -> dict:
+def run_child(mode: str, cache: Path, args, rows: int = 0) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--cache", str(cache), "--dim", str(args.dim)]
-    cmd += ["--batch", str(args.batch), "--batches", str(args.batches)]
+    cmd += ["--batch", str(args.batch), "--batches", str(args.batches), "--figure", args.figure]
+    cmd += ["--rows", str(rows)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{proc.stderr[-2000:]}")
@@ -162,13 +246,21 @@ def main(argv: list[str] | None = None) -> None:
         default=4_000_000,
         help="rows above which the load-everything baseline is not run (it needs ~2x the features in memory)",
     )
+    parser.add_argument("--figure", choices=["features", "latents"], default="features")
+    parser.add_argument("--latent-shape", default="4,4,4", help="C,h,w of the latents (--figure latents)")
     parser.add_argument("--dir", default=None, help="where the caches are written (default: a temp dir)")
     parser.add_argument("--no-csv", action="store_true")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cache", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    latents = args.figure == "latents"
+    shape = tuple(int(x) for x in args.latent_shape.split(","))
     if args.child:
-        print(json.dumps(child(args.child, Path(args.cache), args.dim, args.batch, args.batches)))
+        if latents:
+            result = latents_child(args.child, Path(args.cache), int(args.rows), args.batch, args.batches)
+        else:
+            result = child(args.child, Path(args.cache), args.dim, args.batch, args.batches)
+        print(json.dumps(result))
         return
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench-loader-"))
     rows_out = []
@@ -176,32 +268,29 @@ def main(argv: list[str] | None = None) -> None:
         for rows in (int(r) for r in args.rows.split(",")):
             cache = root / f"cache-{rows}"
             t = time.perf_counter()
-            build_cache(cache, rows, args.dim)
+            build_latents(cache, rows, shape) if latents else build_cache(cache, rows, args.dim)
             print(f"{rows:,} rows: cache written in {time.perf_counter() - t:.0f} s", file=sys.stderr)
             modes = ["derive", "store"] + (["everything"] if rows <= args.skip_everything_above else [])
             for mode in modes:
-                result = run_child(mode, cache, args)
+                result = run_child(mode, cache, args, rows)
+                size = {"latent_shape": "x".join(map(str, shape))} if latents else {"dim": args.dim}
                 rows_out.append(
-                    {
-                        **stamp("cpu"),
-                        "rows": rows,
-                        "dim": args.dim,
-                        "batch": args.batch,
-                        "loader": mode,
-                        **result,
-                    }
+                    {**stamp("cpu"), "rows": rows, **size, "batch": args.batch, "loader": mode, **result}
                 )
                 print(rows_out[-1], file=sys.stderr)
             shutil.rmtree(cache)
+            (root / f"cache-{rows}-vae.pt").unlink(missing_ok=True)
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
     if not args.no_csv:
-        append_rows("loader", rows_out)
+        append_rows("loader_latents" if latents else "loader", rows_out)
     columns = [
         "rows",
         "loader",
+        *(["held"] if latents else []),
         "startup_s",
+        *(["rss_base_mib"] if latents else []),
         "rss_start_mib",
         "rss_mib",
         "anon_mib",

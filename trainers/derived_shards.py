@@ -12,15 +12,23 @@ the `ShardEncoder`'s two functions (images -> values, values -> table).
 
 Reading (`read_derived`) keeps only shards made by this model from the current embed shards; a damaged
 one is removed with a warning (the next `--encode` remakes it) and its images are encoded on the fly:
-`cached_or_computed` mixes the cached rows of a batch with freshly computed ones.
+`cached_or_computed` mixes the cached rows of a batch with freshly computed ones. The trainers read
+them through a store derived once per cache state (trainers/derived_store.py: values and sorted keys
+read per batch, so memory does not grow with the cache), or, where none can be written, in memory
+(`KeyedRows`); `DerivedCache` is what both look like to a trainer.
+
+`encode_cache` is `trainers vae --encode` and `trainers dvae --encode` both: a `Codec` (load the model,
+images -> values, values -> table) is the per-kind part, and `describe` prints either's summary.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +46,7 @@ from manifests import (
     stat_out,
     write_parquet_atomic,
 )
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, require_at_least
 from pipeline.layout import shard_file
 from pipeline.stage import run_shards
 
@@ -49,16 +57,31 @@ ID_HEX = 12
 class DerivedKind:
     root: str  # top folder under the cache: latents, tokens
     version: str  # stage code version: bumping it remakes every shard
-    digest_param: str  # the manifest params field holding the model's digest: vae_digest, dvae_digest
+    model: str  # the model's command and manifest names: vae, dvae (`trainers vae`, vae_digest, vae_id)
     column: str  # the Parquet fixed-size list column: latent, tokens
     shape_field: str  # the item shape's name in the schema metadata and the manifest: latent_shape, grid
-    dtype: str  # numpy dtype of the column's values
+    dtype: str  # numpy dtype of the column's values (what the schema fixes, and what readers get)
     what: str  # in messages: latents, tokens
-    command: str  # the command whose --encode makes them: trainers vae, trainers dvae
+    params: tuple[tuple[str, str], ...] = ()  # keyed besides the model's digest: dtype, posterior / codes
+    flat_rows: bool = False  # readers get an item as one flat row (tokens: [h*w]) instead of its shape
+
+    @property
+    def digest_param(self) -> str:
+        """The manifest params field holding the model's digest: vae_digest, dvae_digest."""
+        return f"{self.model}_digest"
+
+    @property
+    def command(self) -> str:
+        """The command whose --encode makes them: trainers vae, trainers dvae."""
+        return f"trainers {self.model}"
 
     def stage(self, digest: str) -> str:
         """`{root}/{model_id}`: the stage (and folder) of one model's outputs."""
         return f"{self.root}/{digest[:ID_HEX]}"
+
+    def row_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """What a reader gets per item of this shape: the shape itself, or one flat row."""
+        return (int(np.prod(shape)),) if self.flat_rows else tuple(shape)
 
 
 def model_digest(checkpoint: Path | str) -> str:
@@ -173,19 +196,136 @@ class ShardEncoder:
         return commit_manifest(rows.cache, spec, outs, timings, extra=extra)
 
 
+@dataclass(frozen=True)
+class Codec:
+    """The per-kind part of `encode_cache`: the model, and how it turns images into a shard's rows."""
+
+    load: str  # "module:function": (checkpoint, flag) -> (model, ckpt), imported when encoding
+    encode: Callable[[torch.nn.Module, torch.Tensor], np.ndarray]  # images [B, 3, R, R] -> [B, *shape]
+    table: Callable[..., Any]  # (keys, values [n, prod(shape)], shape, **extra) -> pyarrow Table
+    item_shape: Callable[[dict[str, Any]], tuple[int, ...]]  # from the checkpoint's arch
+    extra: Callable[[dict[str, Any]], dict[str, Any]]  # manifest fields from the checkpoint: vocab_size
+    summary: type[EncodeSummary]  # the kind's summary (its field names)
+
+
+@dataclass
+class EncodeSummary:
+    """What `encode_cache` did; each kind's subclass names its fields (latents_written, grid) and how
+    `describe` shows what was made."""
+
+    model: str  # vae, dvae: the `{model} --encode:` of the message
+    stage: str  # {root}/{model_id}
+    digest: str  # the model checkpoint's content digest
+    shards_total: int
+    shards_run: list[int]
+    shards_up_to_date: list[int]
+    reasons: dict[int, str] = field(default_factory=dict)  # shard -> why it was (re)made
+    rows_written: int = 0
+    shape: tuple[int, ...] = ()  # the model's item shape (the checkpoint's arch)
+    made: tuple[int, ...] | None = None  # the item shape the shards just made record; None: none made
+    extra: dict[str, Any] = field(default_factory=dict)  # the codec's manifest fields (vocab_size)
+    seconds: float = 0.0
+
+    def made_text(self) -> str:
+        """What each image became, in `describe`: `latent [4, 8, 8]`, `8 x 8 tokens of 64`."""
+        raise NotImplementedError
+
+
+def encode_cache(
+    kind: DerivedKind,
+    codec: Codec,
+    cache: Path | str,
+    checkpoint: Path | str,
+    batch_size: int = 64,
+    device: str = "auto",
+    progress: Any = None,
+) -> EncodeSummary:
+    """Encode every committed embed shard whose `kind` rows are missing or stale with the model of
+    `checkpoint` (a checkpoint file or run directory: its latest); returns what was done (a
+    `codec.summary`). `progress(n)` is called with the images just encoded."""
+    from trainers.runs import select_device
+
+    require_at_least(("--batch-size", batch_size, 1))
+    cache = Path(cache)
+    if not cache.is_dir():
+        raise ConfigError(f"--cache {cache}: no such directory")
+    module, name = codec.load.split(":")
+    model, ckpt = getattr(importlib.import_module(module), name)(checkpoint, "--encode")
+    digest = model_digest(ckpt["path"])
+    shape, extra = tuple(codec.item_shape(ckpt)), codec.extra(ckpt)
+
+    def make_encoder(rows) -> ShardEncoder:
+        encode = functools.partial(codec.encode, model.to(select_device(device)))
+        table = functools.partial(codec.table, **extra)
+        recorded = {**extra, f"{kind.model}_id": digest[:ID_HEX]}
+        return ShardEncoder(rows, encode, table, shape, kind.shape_field, recorded, batch_size)
+
+    run = encode_derived(
+        kind,
+        cache,
+        digest,
+        params={kind.digest_param: digest, **dict(kind.params)},
+        unkeyed={
+            f"{kind.model}_path": ckpt["path"],
+            f"{kind.model}_step": int(ckpt["step"]),
+            "batch_size": batch_size,
+        },
+        model_path=ckpt["path"],
+        resolution=int(ckpt["arch"]["resolution"]),
+        make_encoder=make_encoder,
+        progress=progress,
+    )
+    made = tuple(run.manifests[-1][kind.shape_field]) if run.manifests else None
+    return codec.summary(
+        kind.model,
+        run.stage,
+        digest,
+        run.shards_total,
+        run.shards_run,
+        run.shards_up_to_date,
+        run.reasons,
+        run.rows_written,
+        shape,
+        made,
+        extra,
+        run.seconds,
+    )
+
+
+def describe(summary: EncodeSummary) -> str:
+    """The one line `trainers vae --encode` / `trainers dvae --encode` print."""
+    if not summary.shards_run:
+        return f"{summary.model} --encode: {summary.shards_total} shard(s) up to date -> {summary.stage}/"
+    return (
+        f"{summary.model} --encode: encoded {summary.rows_written:,} image(s) in {len(summary.shards_run)} "
+        f"shard(s) ({len(summary.shards_up_to_date)} up to date), {summary.made_text()}, "
+        f"{summary.seconds:.1f}s -> {summary.stage}/"
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Reading: trainers look derived rows up by key
 # ---------------------------------------------------------------------------------------------------------
 
 
 class KeyedRows:
-    """The committed, current derived rows of one model: key -> `values[row]`."""
+    """The committed, current derived rows of one model, in memory: key -> `values[row]` (what a cache
+    that cannot hold a store gets, trainers/derived_store.py)."""
 
-    def __init__(self, keys: list[str], values: np.ndarray, stage: str):
+    def __init__(
+        self,
+        keys: list[str],
+        values: np.ndarray,
+        stage: str,
+        shape: tuple[int, ...] = (),
+        metadata: dict[str, str] | None = None,
+    ):
         self.keys = keys
         self.index = {k: i for i, k in enumerate(keys)}
-        self.values = values  # [N, *shape]
+        self.values = values  # [N, *row shape]
         self.stage = stage
+        self.shape = tuple(shape)  # an item's shape (the schema metadata's)
+        self.metadata = metadata or {}  # the first shard's schema metadata
 
     def __len__(self) -> int:
         return len(self.index)
@@ -197,34 +337,80 @@ class KeyedRows:
         return found, self.values[pos[found]]
 
 
+class DerivedCache:
+    """A derived cache as a trainer reads it: `lookup(keys)`, `len()`, `.stage`, and `.keys` (a sequence),
+    `.index` (key -> position in `.keys`) and `.values` (`[N, *row]`, in `.keys` order) for inspection.
+    `rows` is a `derived_store.StoredRows` (read per batch) or a `KeyedRows` (in memory)."""
+
+    def __init__(self, rows: Any):
+        self.rows = rows
+        self.stage = rows.stage
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def lookup(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(found bool [B], values [n_found, *row] of the found keys, in order)."""
+        return self.rows.lookup(keys)
+
+    @property
+    def keys(self):
+        return self.rows.keys
+
+    @property
+    def index(self):
+        return self.rows.index
+
+    @property
+    def values(self):
+        return self.rows.values
+
+
 @dataclass
-class DerivedTable:
+class DerivedPart:
+    shard: int
     keys: list[str]
-    values: np.ndarray  # [N, *shape] of the kind's dtype
-    shape: tuple[int, ...]
-    metadata: dict[str, str]  # the first shard's schema metadata
+    values: np.ndarray  # [n, *row shape] of the kind's dtype
+    shape: tuple[int, ...]  # an item's shape
+    metadata: dict[str, str]  # this shard's schema metadata
 
 
-def read_derived(kind: DerivedKind, cache: Path | str, checkpoint: Path | str) -> DerivedTable | None:
-    """The rows `encode_derived` committed for this checkpoint file, or None when there are none. Shards
-    made from an older embed shard (their deps no longer match), by another model, or whose file is
-    missing or altered are left out: those images are encoded on the fly. A damaged one (bit rot) is
-    removed too, with a warning, so the next `--encode` remakes it."""
+def read_derived(kind: DerivedKind, cache: Path | str, checkpoint: Path | str) -> KeyedRows | None:
+    """The rows `encode_derived` committed for this checkpoint file, in memory, or None when there are
+    none (see `committed_parts`)."""
+    cache = Path(cache)
+    digest = model_digest(checkpoint)
+    manifests = list_manifests(cache, kind.stage(digest))
+    if not manifests:
+        return None
+    parts = list(committed_parts(kind, cache, checkpoint, digest, manifests, list_manifests(cache, "embed")))
+    keys = [k for part in parts for k in part.keys]
+    if not keys:
+        return None
+    values = np.concatenate([p.values for p in parts])
+    return KeyedRows(keys, values, kind.stage(digest), parts[0].shape, parts[0].metadata)
+
+
+def committed_parts(
+    kind: DerivedKind,
+    cache: Path,
+    checkpoint: Path | str,
+    digest: str,
+    manifests: dict[int, dict[str, Any]],
+    embed: dict[int, dict[str, Any]],
+) -> Iterator[DerivedPart]:
+    """The usable shards of `manifests` (the stage's of this model, `digest` its checkpoint file's), one at
+    a time, in shard order. Shards made from an older embed shard (their deps are not among `embed`'s
+    outputs), by another model, or whose file is missing or altered are left out: those images are
+    encoded on the fly; so is one whose item shape differs from the first one's. A damaged one (bit rot)
+    is removed too, with a warning, so the next `--encode` remakes it."""
     import pyarrow as pa
 
     from manifests.errors import Unreadable
     from pipeline.layout import shard_out
     from trainers.committed import read_parquet_committed
 
-    cache = Path(cache)
-    digest = model_digest(checkpoint)
-    manifests = list_manifests(cache, kind.stage(digest))
-    if not manifests:
-        return None
-    embed = list_manifests(cache, "embed")
-    keys: list[str] = []
-    parts: list[np.ndarray] = []
-    shape, metadata = None, {}
+    shape = None
     for shard, manifest in sorted(manifests.items()):
         source = embed.get(shard)
         out = shard_out(manifest, ".parquet")
@@ -244,17 +430,13 @@ def read_derived(kind: DerivedKind, cache: Path | str, checkpoint: Path | str) -
             continue
         if shape is not None and this != shape:
             continue
-        if shape is None:
-            metadata = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
         shape = this
         column = table[kind.column]
         column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
         values = column.flatten().to_numpy(zero_copy_only=False)  # [n * prod(shape)]
-        parts.append(values.astype(kind.dtype, copy=False).reshape((-1, *shape)))
-        keys += table["key"].to_pylist()
-    if not keys or shape is None:
-        return None
-    return DerivedTable(keys, np.concatenate(parts), shape, metadata)
+        metadata = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
+        rows = values.astype(kind.dtype, copy=False).reshape((-1, *kind.row_shape(shape)))
+        yield DerivedPart(shard, table["key"].to_pylist(), rows, shape, metadata)
 
 
 def _forget_damaged(kind: DerivedKind, path: Path, cache: Path, checkpoint: Path | str) -> None:
@@ -269,7 +451,7 @@ def _forget_damaged(kind: DerivedKind, path: Path, cache: Path, checkpoint: Path
 
 
 def cached_or_computed(
-    rows: KeyedRows | None,
+    rows: DerivedCache | KeyedRows | None,
     keys: list[str] | None,
     images: torch.Tensor,
     compute: Callable[[torch.Tensor], torch.Tensor],

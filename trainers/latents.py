@@ -11,44 +11,43 @@ up to date, and a new (or remade) embed shard is encoded alone.
 The latent stored is the *unscaled* posterior mean (eval mode, no sampling) in float32: exactly what
 `trainers ldm` would compute on the fly (it multiplies by its `latent_scale` afterwards), so a run that
 reads the cache takes the same steps as one that does not. The latent shape is in the Parquet schema
-metadata (`latent_shape`) and in the manifest. The planning, shard loop and reading are those of every
-per-shard derived cache (trainers/derived_shards.py, shared with the token cache).
+metadata (`latent_shape`) and in the manifest. The planning, shard loop, summary and reading are those of
+every per-shard derived cache (trainers/derived_shards.py, shared with the token cache); what is particular
+to latents is the `CODEC` below. `trainers ldm` reads them through a store derived once per cache state
+(trainers/derived_store.py), one `pread` per key and per latent, so its memory does not grow with the cache.
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.errors import ConfigError, require_at_least
 from pipeline.layout import latents_schema
 from trainers.derived_shards import (
-    ID_HEX,
+    Codec,
+    DerivedCache,
     DerivedKind,
-    KeyedRows,
-    ShardEncoder,
+    EncodeSummary,
     cached_or_computed,
-    encode_derived,
+    encode_cache,
     model_digest,
-    read_derived,
 )
+from trainers.derived_shards import describe as describe  # what `trainers vae --encode` prints
 
 STAGE_ROOT = "latents"
 STAGE_VERSION = "1"
 KIND = DerivedKind(
     root=STAGE_ROOT,
     version=STAGE_VERSION,
-    digest_param="vae_digest",
+    model="vae",
     column="latent",
     shape_field="latent_shape",
     dtype="float32",
     what="latents",
-    command="trainers vae",
+    params=(("dtype", "float32"), ("posterior", "mean")),
 )
 
 
@@ -62,17 +61,23 @@ def latents_stage(digest: str) -> str:
     return KIND.stage(digest)
 
 
-@dataclass
-class EncodeSummary:
-    stage: str  # latents/{vae_id}
-    vae_digest: str
-    shards_total: int
-    shards_run: list[int]
-    shards_up_to_date: list[int]
-    reasons: dict[int, str] = field(default_factory=dict)  # shard -> why it was (re)made
-    latents_written: int = 0
-    latent_shape: tuple[int, ...] | None = None
-    seconds: float = 0.0
+class LatentSummary(EncodeSummary):
+    """What `encode_latents` did (stage latents/{vae_id})."""
+
+    @property
+    def vae_digest(self) -> str:
+        return self.digest
+
+    @property
+    def latents_written(self) -> int:
+        return self.rows_written
+
+    @property
+    def latent_shape(self) -> tuple[int, ...] | None:
+        return self.made
+
+    def made_text(self) -> str:
+        return f"latent {list(self.latent_shape or ())}"
 
 
 def encode_latents(
@@ -81,50 +86,12 @@ def encode_latents(
     batch_size: int = 64,
     device: str = "auto",
     progress: Any = None,
-) -> EncodeSummary:
+) -> LatentSummary:
     """Encode every committed embed shard whose latents are missing or stale; returns what was done.
 
     `vae_checkpoint`: a `trainers vae` checkpoint file or run directory (its latest checkpoint).
     `progress(n)` is called with the images just encoded."""
-    from trainers.runs import select_device
-    from trainers.vae import load_vae
-
-    require_at_least(("--batch-size", batch_size, 1))
-    cache = Path(cache)
-    if not cache.is_dir():
-        raise ConfigError(f"--cache {cache}: no such directory")
-    vae, ckpt = load_vae(vae_checkpoint, "--encode")
-    digest = vae_digest(Path(ckpt["path"]))
-    stage = latents_stage(digest)
-
-    def make_encoder(rows) -> ShardEncoder:
-        encode = functools.partial(_posterior_mean, vae.to(select_device(device)))
-        extra = {"vae_id": digest[:ID_HEX]}
-        return ShardEncoder(rows, encode, _table, _latent_shape(ckpt), KIND.shape_field, extra, batch_size)
-
-    run = encode_derived(
-        KIND,
-        cache,
-        digest,
-        params={"vae_digest": digest, "dtype": "float32", "posterior": "mean"},
-        unkeyed={"vae_path": ckpt["path"], "vae_step": int(ckpt["step"]), "batch_size": batch_size},
-        model_path=ckpt["path"],
-        resolution=int(ckpt["arch"]["resolution"]),
-        make_encoder=make_encoder,
-        progress=progress,
-    )
-    shape = tuple(run.manifests[-1]["latent_shape"]) if run.manifests else None
-    return EncodeSummary(
-        stage,
-        digest,
-        run.shards_total,
-        run.shards_run,
-        run.shards_up_to_date,
-        run.reasons,
-        run.rows_written,
-        shape,
-        run.seconds,
-    )
+    return encode_cache(KIND, CODEC, cache, vae_checkpoint, batch_size, device, progress)
 
 
 def _posterior_mean(vae: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
@@ -149,14 +116,14 @@ def _table(keys: list[str], flat: np.ndarray, shape: tuple[int, ...]):
     return pa.Table.from_arrays([pa.array(keys, type=pa.string()), latent], schema=latents_schema(dim, shape))
 
 
-def describe(summary: EncodeSummary) -> str:
-    if not summary.shards_run:
-        return f"vae --encode: {summary.shards_total} shard(s) up to date -> {summary.stage}/"
-    return (
-        f"vae --encode: encoded {summary.latents_written:,} image(s) in {len(summary.shards_run)} shard(s) "
-        f"({len(summary.shards_up_to_date)} up to date), latent {list(summary.latent_shape or ())}, "
-        f"{summary.seconds:.1f}s -> {summary.stage}/"
-    )
+CODEC = Codec(
+    "trainers.vae:load_vae",
+    _posterior_mean,
+    _table,
+    _latent_shape,
+    extra=lambda ckpt: {},
+    summary=LatentSummary,
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -164,23 +131,24 @@ def describe(summary: EncodeSummary) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-class LatentCache(KeyedRows):
+class LatentCache(DerivedCache):
     """The committed, current latents of one VAE for a cache's embed rows: key -> float32 [C, h, w]."""
 
     @property
-    def latents(self) -> np.ndarray:
-        return self.values  # float32 [N, C, h, w]
+    def latents(self):
+        return self.values  # float32 [N, C, h, w], read per request (a numpy array when held in memory)
 
 
 def load_latent_cache(cache: Path | str, vae_checkpoint: Path | str) -> LatentCache | None:
     """The latents `encode_latents` committed for this VAE checkpoint file, or None when there are none.
     Shards made from an older embed shard (their deps no longer match) or whose file is missing or
     altered are left out: those images are encoded on the fly. A damaged one (bit rot) is removed too,
-    with a warning, so the next `trainers vae --encode` remakes it."""
-    found = read_derived(KIND, cache, vae_checkpoint)
-    if found is None:
-        return None
-    return LatentCache(found.keys, found.values, latents_stage(vae_digest(Path(vae_checkpoint))))
+    with a warning, so the next `trainers vae --encode` remakes it. Read through the store of this cache
+    state (trainers/derived_store.py), derived first if there is none."""
+    from trainers.derived_store import load_derived
+
+    rows = load_derived(KIND, cache, vae_checkpoint)
+    return None if rows is None else LatentCache(rows)
 
 
 def posterior_means(

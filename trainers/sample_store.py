@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from manifests import digest_json, list_manifests
+from trainers.store_files import RowFile, new_folder
 
 STORE_VERSION = "1"
 INFO = "info.json"
@@ -115,21 +115,15 @@ def save_store(folder: Path, arrays: dict[str, np.ndarray], keys: list[str], rec
     float16 [N, D] if any) and the keys as .npy, `record` as info.json last, in a temp folder renamed into
     place (a store appears whole or not at all). A cache that cannot be written (read-only) keeps the set
     in memory only, with a warning."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = None
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        dtypes = {"cond": np.float16, "paired": np.float16, "pool": bool, "where": np.int64}
-        for name, values in arrays.items():
-            np.save(tmp / f"{name}.npy", np.asarray(values, dtypes[name]))
-        np.save(tmp / "keys.npy", np.array([k.encode() for k in keys], dtype=bytes))  # dtype S{longest}
-        (tmp / INFO).write_text(json.dumps({"version": STORE_VERSION, **record}))
-        os.replace(tmp, folder)
+        with new_folder(folder) as tmp:
+            dtypes = {"cond": np.float16, "paired": np.float16, "pool": bool, "where": np.int64}
+            for name, values in arrays.items():
+                np.save(tmp / f"{name}.npy", np.asarray(values, dtypes[name]))
+            np.save(tmp / "keys.npy", np.array([k.encode() for k in keys], dtype=bytes))  # dtype S{longest}
+            (tmp / INFO).write_text(json.dumps({"version": STORE_VERSION, **record}))
     except OSError as e:
         warnings.warn(f"cannot store the sample set in {folder} ({e}); kept in memory", stacklevel=3)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_outs(cache: Path, stage: str, shards: list[int]) -> list[dict[str, Any]]:
@@ -140,72 +134,6 @@ def _read_outs(cache: Path, stage: str, shards: list[int]) -> list[dict[str, Any
             if name == "captions" or shard in shards:
                 found += [{"path": o["path"], "size": o["size"]} for o in manifest.get("outs", [])]
     return found
-
-
-class RowFile:
-    """The rows of an .npy file, read on request with one `pread` each: `f[i]`, `f[idx]` (ints or a bool
-    mask), `len(f)`, `f.shape`. Nothing is cached or mapped, so memory does not grow with the rows read;
-    the fd is inherited by forked loader workers (pread moves no shared offset) and reopened by spawned
-    ones."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        with open(self.path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(
-                version, np.lib.format.read_array_header_2_0
-            )
-            self.shape, fortran, self.dtype = read_header(f)
-            self.offset = f.tell()
-        if fortran or not self.shape:
-            raise ValueError(f"{self.path.name}: not a C-ordered array of rows")
-        self.row_shape = tuple(self.shape[1:])
-        self.row_bytes = self.dtype.itemsize * int(np.prod(self.row_shape, dtype=np.int64))
-        expected = self.offset + self.shape[0] * self.row_bytes
-        if self.path.stat().st_size != expected:
-            raise ValueError(f"{self.path.name}: {self.path.stat().st_size} bytes, not {expected}")
-        # opened now, so forked loader workers inherit it and keep reading even if a newer store replaces
-        # this one (`prune_stores` removes the folders of stores nothing can use any more)
-        self._fd: int | None = os.open(self.path, os.O_RDONLY)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_fd": None}
-
-    def __del__(self) -> None:
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def _read(self, row: int) -> bytes:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        data = os.pread(self._fd, self.row_bytes, self.offset + row * self.row_bytes)
-        if len(data) != self.row_bytes:
-            raise ValueError(f"{self.path}: row {row} is cut short (the file changed)")
-        return data
-
-    def __getitem__(self, idx):
-        if isinstance(idx, int | np.integer):
-            return np.frombuffer(self._read(int(idx) % len(self)), self.dtype).reshape(self.row_shape)
-        idx = np.asarray(idx)
-        rows = np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64).reshape(-1)
-        out = np.empty((len(rows), *self.row_shape), self.dtype)
-        flat = out.reshape(len(rows), -1)
-        for j, row in enumerate(rows.tolist()):
-            flat[j] = np.frombuffer(self._read(row % len(self)), self.dtype)
-        return out
-
-    def any(self) -> bool:
-        """Any element true (non-zero), read in contiguous chunks of 16 MiB, none kept."""
-        step = max(1, (16 << 20) // self.row_bytes)
-        for start in range(0, len(self), step):
-            rows = min(step, len(self) - start)
-            data = os.pread(self._fd, rows * self.row_bytes, self.offset + start * self.row_bytes)
-            if np.frombuffer(data, self.dtype).any():
-                return True
-        return False
 
 
 class StoredKeys:

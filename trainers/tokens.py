@@ -11,46 +11,47 @@ cell's argmax, eval mode) of the image's grid, row-major: exactly `image_tokens`
 (`[h, w]`) and vocabulary size K are in the Parquet schema metadata (pipeline.layout.tokens_schema) and in
 the manifest.
 
-For a transformer over tokens: `load_token_cache(cache, dvae)` -> `TokenCache` (keys, `index` key -> row,
-`tokens` int16 [N, h*w], `grid`, `vocab_size`, `dvae_digest`; `lookup(keys)`), or `tokens_for` (cached
-where present, else encoded now); `trainers.dvae.decode_tokens(model, tokens)` turns token rows back into
-uint8 images.
+For a transformer over tokens: `load_token_cache(cache, dvae)` -> `TokenCache` (`lookup(keys)`, `grid`,
+`vocab_size`, `dvae_digest`; `keys`, `index` key -> position and `tokens` int16 [N, h*w] in that order,
+read per request), or `tokens_for` (cached where present, else encoded now);
+`trainers.dvae.decode_tokens(model, tokens)` turns token rows back into uint8 images. The cache is read
+through a store derived once per cache state (trainers/derived_store.py), one `pread` per key and per
+token row, so a run's memory does not grow with the cache; what is particular to tokens is the `CODEC`.
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.errors import ConfigError, require_at_least
+from pipeline.errors import ConfigError
 from pipeline.layout import tokens_schema
 from trainers.derived_shards import (
-    ID_HEX,
+    Codec,
+    DerivedCache,
     DerivedKind,
-    KeyedRows,
-    ShardEncoder,
+    EncodeSummary,
     cached_or_computed,
-    encode_derived,
+    encode_cache,
     model_digest,
-    read_derived,
 )
+from trainers.derived_shards import describe as describe  # what `trainers dvae --encode` prints
 
 STAGE_ROOT = "tokens"
 STAGE_VERSION = "1"
 KIND = DerivedKind(
     root=STAGE_ROOT,
     version=STAGE_VERSION,
-    digest_param="dvae_digest",
+    model="dvae",
     column="tokens",
     shape_field="grid",
     dtype="int16",
     what="tokens",
-    command="trainers dvae",
+    params=(("dtype", "int16"), ("codes", "argmax")),
+    flat_rows=True,  # a token row is the grid row-major: int16 [h*w]
 )
 
 
@@ -64,18 +65,28 @@ def tokens_stage(digest: str) -> str:
     return KIND.stage(digest)
 
 
-@dataclass
-class TokenSummary:
-    stage: str  # tokens/{dvae_id}
-    dvae_digest: str
-    shards_total: int
-    shards_run: list[int]
-    shards_up_to_date: list[int]
-    reasons: dict[int, str] = field(default_factory=dict)  # shard -> why it was (re)made
-    images_written: int = 0
-    grid: tuple[int, int] = (0, 0)
-    vocab_size: int = 0
-    seconds: float = 0.0
+class TokenSummary(EncodeSummary):
+    """What `encode_tokens` did (stage tokens/{dvae_id})."""
+
+    @property
+    def dvae_digest(self) -> str:
+        return self.digest
+
+    @property
+    def images_written(self) -> int:
+        return self.rows_written
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.shape)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.extra["vocab_size"])
+
+    def made_text(self) -> str:
+        h, w = self.grid
+        return f"{h} x {w} tokens of {self.vocab_size}"
 
 
 def encode_tokens(
@@ -89,53 +100,21 @@ def encode_tokens(
 
     `dvae_checkpoint`: a `trainers dvae` checkpoint file or run directory (its latest checkpoint).
     `progress(n)` is called with the images just encoded."""
-    from trainers.dvae import load_dvae
-    from trainers.runs import select_device
-
-    require_at_least(("--batch-size", batch_size, 1))
-    cache = Path(cache)
-    if not cache.is_dir():
-        raise ConfigError(f"--cache {cache}: no such directory")
-    model, ckpt = load_dvae(dvae_checkpoint, "--encode")
-    digest = dvae_digest(ckpt["path"])
-    stage = tokens_stage(digest)
-    grid, vocab = tuple(ckpt["arch"]["grid"]), int(ckpt["arch"]["vocab_size"])
-
-    def make_encoder(rows) -> ShardEncoder:
-        encode = functools.partial(_hard_codes, model.to(select_device(device)))
-        extra = {"vocab_size": vocab, "dvae_id": digest[:ID_HEX]}
-        table = functools.partial(_table, vocab_size=vocab)
-        return ShardEncoder(rows, encode, table, grid, KIND.shape_field, extra, batch_size)
-
-    run = encode_derived(
-        KIND,
-        cache,
-        digest,
-        params={"dvae_digest": digest, "dtype": "int16", "codes": "argmax"},
-        unkeyed={"dvae_path": ckpt["path"], "dvae_step": int(ckpt["step"]), "batch_size": batch_size},
-        model_path=ckpt["path"],
-        resolution=int(ckpt["arch"]["resolution"]),
-        make_encoder=make_encoder,
-        progress=progress,
-    )
-    return TokenSummary(
-        stage,
-        digest,
-        run.shards_total,
-        run.shards_run,
-        run.shards_up_to_date,
-        run.reasons,
-        run.rows_written,
-        grid,
-        vocab,
-        run.seconds,
-    )
+    return encode_cache(KIND, CODEC, cache, dvae_checkpoint, batch_size, device, progress)
 
 
 def _hard_codes(model: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
     """images float [B, 3, R, R] in [-1, 1] -> hard codes int16 [B, h, w]."""
     device = next(model.parameters()).device
     return model.encode_codes(images.to(device)).to(torch.int16).cpu().numpy()
+
+
+def _grid(ckpt: dict[str, Any]) -> tuple[int, ...]:
+    return tuple(ckpt["arch"]["grid"])
+
+
+def _vocab(ckpt: dict[str, Any]) -> dict[str, Any]:
+    return {"vocab_size": int(ckpt["arch"]["vocab_size"])}
 
 
 def _table(keys: list[str], flat: np.ndarray, grid: tuple[int, ...], vocab_size: int):
@@ -148,15 +127,7 @@ def _table(keys: list[str], flat: np.ndarray, grid: tuple[int, ...], vocab_size:
     return pa.Table.from_arrays([pa.array(keys, type=pa.string()), tokens], schema=schema)
 
 
-def describe(summary: TokenSummary) -> str:
-    if not summary.shards_run:
-        return f"dvae --encode: {summary.shards_total} shard(s) up to date -> {summary.stage}/"
-    h, w = summary.grid
-    return (
-        f"dvae --encode: encoded {summary.images_written:,} image(s) in {len(summary.shards_run)} shard(s) "
-        f"({len(summary.shards_up_to_date)} up to date), {h} x {w} tokens of {summary.vocab_size}, "
-        f"{summary.seconds:.1f}s -> {summary.stage}/"
-    )
+CODEC = Codec("trainers.dvae:load_dvae", _hard_codes, _table, _grid, _vocab, summary=TokenSummary)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -164,26 +135,19 @@ def describe(summary: TokenSummary) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-class TokenCache(KeyedRows):
-    """The committed, current tokens of one dVAE for a cache's embed rows: key -> int16 [h*w]."""
+class TokenCache(DerivedCache):
+    """The committed, current tokens of one dVAE for a cache's embed rows: key -> int16 [h*w]. `rows`: a
+    `derived_store.StoredRows` (read per batch) or a `derived_shards.KeyedRows` (in memory)."""
 
-    def __init__(
-        self,
-        keys: list[str],
-        tokens: np.ndarray,
-        stage: str,
-        grid: tuple[int, int],
-        vocab_size: int,
-        digest: str,
-    ):
-        super().__init__(keys, tokens, stage)
+    def __init__(self, rows: Any, grid: tuple[int, int], vocab_size: int, digest: str):
+        super().__init__(rows)
         self.grid = grid  # (h, w): a row is the grid row-major
         self.vocab_size = vocab_size  # K: tokens are in [0, K)
         self.dvae_digest = digest
 
     @property
-    def tokens(self) -> np.ndarray:
-        return self.values  # int16 [N, h*w]
+    def tokens(self):
+        return self.values  # int16 [N, h*w], read per request (a numpy array when held in memory)
 
 
 def load_token_cache(
@@ -192,18 +156,18 @@ def load_token_cache(
     """The tokens `encode_tokens` committed for this dVAE checkpoint (file, or run directory: its latest),
     or None when there are none. Shards made from an older embed shard or by another dVAE, or whose file
     is missing or altered, are left out (their images are encoded on the fly by `tokens_for`); a damaged
-    one is removed with a warning, so the next `trainers dvae --encode` remakes it."""
+    one is removed with a warning, so the next `trainers dvae --encode` remakes it. Read through the store
+    of this cache state (trainers/derived_store.py), derived first if there is none."""
     from trainers.checkpoints import resolve_checkpoint
+    from trainers.derived_store import load_derived
 
     path = resolve_checkpoint(dvae_checkpoint, flag)
-    found = read_derived(KIND, cache, path)
-    if found is None:
+    rows = load_derived(KIND, cache, path)
+    if rows is None:
         return None
-    grid = (int(found.shape[0]), int(found.shape[1]))
-    tokens = found.values.reshape(len(found.keys), grid[0] * grid[1])  # [N, h*w]
-    digest = dvae_digest(path)
-    vocab = int(found.metadata.get("vocab_size", 0))
-    return TokenCache(found.keys, tokens, tokens_stage(digest), grid, vocab, digest)
+    grid = (int(rows.shape[0]), int(rows.shape[1]))
+    vocab = int(rows.metadata.get("vocab_size", 0))
+    return TokenCache(rows, grid, vocab, dvae_digest(path))
 
 
 def require_token_cache(cache: Path | str, dvae_checkpoint: Path | str, flag: str = "--dvae") -> TokenCache:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -13,9 +14,18 @@ from factories import TINY_CLIP
 from typer.testing import CliRunner
 
 from manifests import list_manifests
+from trainers import derived_store
 from trainers.cli import app
 from trainers.data import LoaderConfig, make_loader
-from trainers.latents import encode_latents, latents_stage, load_latent_cache, posterior_means, vae_digest
+from trainers.derived_shards import read_derived
+from trainers.latents import (
+    KIND,
+    encode_latents,
+    latents_stage,
+    load_latent_cache,
+    posterior_means,
+    vae_digest,
+)
 from trainers.ldm import ldm_architecture
 from trainers.train_ldm import LdmConfig, LdmTrainer
 from trainers.vae import VaeConfig, load_vae, run_vae
@@ -197,3 +207,20 @@ def test_a_damaged_latents_shard_is_encoded_on_the_fly_and_remade(world):
     redo = encode_latents(cache, ckpt, device="cpu")
     assert redo.shards_run == [0] and "output missing" in redo.reasons[0]
     assert len(load_latent_cache(cache, ckpt)) == before
+
+
+def test_ldm_reads_the_stored_latents_bit_for_bit_and_derives_them_once(world, monkeypatch):
+    """`load_latent_cache` reads a store of the cache state (trainers/derived_store.py) made once: every
+    key's latent is the in-memory read's, float32; a second load opens it without reading the shards."""
+    _, cache, ckpt = world
+    encode_latents(cache, ckpt, device="cpu")
+    lat = load_latent_cache(cache, ckpt)
+    memory = read_derived(KIND, cache, ckpt)
+    assert isinstance(lat.rows, derived_store.StoredRows) and len(lat) == len(memory) == 24
+    found, stored = lat.lookup(memory.keys)
+    assert found.all() and stored.dtype == np.float32 and stored.tobytes() == memory.values.tobytes()
+    assert lat.latents.shape == (24, 4, 8, 8) and lat.latents.dtype == np.float32
+    assert not lat.lookup(["missing", memory.keys[0] + "-"])[0].any()
+    monkeypatch.setattr(derived_store, "derive_store", lambda *a: pytest.fail("derived again"))
+    again = load_latent_cache(cache, ckpt)
+    assert again.lookup(memory.keys[:5])[1].tobytes() == memory.values[:5].tobytes()

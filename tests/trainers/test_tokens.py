@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -18,9 +19,12 @@ from typer.testing import CliRunner
 from manifests import list_manifests
 from pipeline.cli_common import user_errors
 from pipeline.errors import ConfigError
+from trainers import derived_store
+from trainers.derived_shards import read_derived
 from trainers.dvae import decode_tokens, load_dvae
 from trainers.embed_rows import read_embed
 from trainers.tokens import (
+    KIND,
     dvae_digest,
     encode_tokens,
     image_tokens,
@@ -183,3 +187,21 @@ def test_a_damaged_tokens_shard_is_encoded_on_the_fly_and_remade(world):
     redo = encode_tokens(cache, ckpt, device="cpu")
     assert redo.shards_run == [0] and "output missing" in redo.reasons[0]
     assert len(load_token_cache(cache, ckpt)) == before
+
+
+def test_dalle_reads_the_stored_tokens_bit_for_bit_and_derives_them_once(world, monkeypatch):
+    """`load_token_cache` reads a store of the cache state (trainers/derived_store.py) made once: every
+    key's tokens are the in-memory read's, int16 [h*w]; a second load opens it without reading shards."""
+    _, cache, ckpt = world
+    encode_tokens(cache, ckpt, device="cpu")
+    cached = load_token_cache(cache, ckpt)
+    memory = read_derived(KIND, cache, ckpt)
+    assert isinstance(cached.rows, derived_store.StoredRows) and len(cached) == len(memory) == 24
+    found, stored = cached.lookup(memory.keys)
+    assert found.all() and stored.dtype == np.int16 and stored.shape == (24, 64)
+    assert stored.tobytes() == memory.values.tobytes()
+    assert not cached.lookup(["missing"])[0].any()
+    monkeypatch.setattr(derived_store, "derive_store", lambda *a: pytest.fail("derived again"))
+    again = load_token_cache(cache, ckpt)
+    assert again.grid == (8, 8) and again.vocab_size == 64
+    assert again.lookup(memory.keys[:5])[1].tobytes() == memory.values[:5].tobytes()
