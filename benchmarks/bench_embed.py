@@ -94,7 +94,7 @@ def _embed_in_child(config, results) -> None:
     cached_clip(config.clip_model, config.clip_pretrained, config.device)  # model load is not timed
     t = time.perf_counter()
     result = run_embed(config)
-    results.put((time.perf_counter() - t, result.images_written))
+    results.put((time.perf_counter() - t, result.rows_written))
 
 
 def daemon_arms(config, n_images: int, workers: int, reps: int) -> dict[str, float]:
@@ -164,7 +164,7 @@ def main() -> None:
             t = time.perf_counter()
             result = run_embed(config)
             e2e_times.append(time.perf_counter() - t)
-            assert result.images_written == args.n_images, result
+            assert result.rows_written == args.n_images, result
         e2e = args.n_images / statistics.median(e2e_times)
         in_child = daemon_arms(config, args.n_images, args.workers, args.reps) if args.daemon_arms else {}
     base = stamp(args.device)

@@ -402,23 +402,27 @@ def run_captions(
     plan = plan or plan_captions(config, clip)
     stage_dir = Path(config.cache) / STAGE
     remove_surplus(config.cache, plan.surplus)
-    run = run_shards(config.cache, STAGE, plan.tasks, captions_shard, executor=executor, progress=progress)
+    run = run_shards(
+        config.cache,
+        STAGE,
+        plan.tasks,
+        captions_shard,
+        up_to_date=plan.up_to_date,
+        executor=executor,
+        progress=progress,
+    )
     stage_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(config.cache) / CORPUS_FILE, plan.corpus)
-    return StageResult(
-        shards_total=plan.n_shards,
-        shards_run=run.shards_run,
-        shards_up_to_date=plan.up_to_date,
-        images_written=run.rows,
-        dropped=dict(plan.corpus["dropped"]),
-        seconds=time.perf_counter() - t0,
-        summary={
-            "n_captions": plan.n_captions,
-            "encoded": sum(m["encoded"] for m in run.manifests),
-            "truncated": sum(m["truncated"] for m in run.manifests),
-            "corpus": plan.corpus,
-        },
-    )
+    run.shards_total = plan.n_shards
+    run.dropped = dict(plan.corpus["dropped"])  # the corpus is read whole on every run
+    run.summary = {
+        "n_captions": plan.n_captions,
+        "encoded": sum(m["encoded"] for m in run.manifests),
+        "truncated": sum(m["truncated"] for m in run.manifests),
+        "corpus": plan.corpus,
+    }
+    run.seconds = time.perf_counter() - t0
+    return run
 
 
 def caption_shard_outputs(cache: Path, n_shards: int) -> list[dict[str, Any]] | None:

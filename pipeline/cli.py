@@ -195,7 +195,7 @@ def embed(
         result = run_embed(config, advance)
     typer.echo(
         f"embed: {len(result.shards_run)} shard(s) made, {len(result.shards_up_to_date)} up to date; "
-        f"{result.images_written:,} images written, {describe_drops(result.dropped)}; "
+        f"{result.rows_written:,} images written, {describe_drops(result.dropped)}; "
         f"{result.seconds:.1f} s -> {cache / 'embed'}"
     )
     for line in describe_dropped_sources(result, cache):

@@ -151,7 +151,7 @@ def run_demo(out: Path, preset: str = "cpu", workers: int = 2, device: str = "au
         results = run_pipeline(
             stage_configs(sections, cache, force), RunConfig(cache, force=force), progress_bar
         )
-        embedded, optimized = results["embed"].images_written, results["optimize"].images_written
+        embedded, optimized = results["embed"].rows_written, results["optimize"].rows_written
         step.what = f"{embedded:,} images embedded, {optimized:,} pseudo text features -> {config_path}"
         step.done, step.unit = embedded, "img"
 

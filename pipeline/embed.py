@@ -345,7 +345,7 @@ def embed_shard(task: EmbedTask, progress: Progress | None = None) -> dict[str, 
 def run_embed(config: EmbedConfig, progress: Progress | None = None, executor=None) -> StageResult:
     """Plan, then make every stale shard, in-process or on the given executor (`pipeline.executor`)."""
     from pipeline.sources import count_samples
-    from pipeline.stage import StageResult, run_shards
+    from pipeline.stage import run_shards
 
     t0 = time.perf_counter()
     plan = plan_embed(config)
@@ -355,25 +355,20 @@ def run_embed(config: EmbedConfig, progress: Progress | None = None, executor=No
         STAGE,
         plan.tasks,
         embed_shard,
+        up_to_date=plan.up_to_date,
         executor=executor,
         progress=progress,
         total=lambda: count_samples(units),  # the samples of the shards to run
     )
     if plan.planned_duplicates:
-        run.dropped["duplicate_key"] += plan.planned_duplicates
+        run.dropped["duplicate_key"] = run.dropped.get("duplicate_key", 0) + plan.planned_duplicates
     examples: dict[str, list[str]] = {}
     for manifest in run.manifests:
         for reason, sources in manifest.get("dropped_examples", {}).items():
             examples[reason] = (examples.get(reason, []) + sources)[:DROPPED_EXAMPLES]
-    return StageResult(
-        shards_total=len(plan.tasks) + len(plan.up_to_date),
-        shards_run=run.shards_run,
-        shards_up_to_date=plan.up_to_date,
-        images_written=run.rows,
-        dropped=dict(run.dropped),
-        seconds=time.perf_counter() - t0,
-        summary={"dropped_examples": dict(sorted(examples.items()))},
-    )
+    run.summary = {"dropped_examples": dict(sorted(examples.items()))}
+    run.seconds = time.perf_counter() - t0  # the plan included
+    return run
 
 
 # The stage protocol (pipeline/dag.py): what `pipeline run` calls.
@@ -402,7 +397,7 @@ def report(result: StageResult, config: EmbedConfig) -> list[str]:
 
     return [
         f"embed: {len(result.shards_run)} shard(s) made, {len(result.shards_up_to_date)} up to date; "
-        f"{result.images_written:,} images written, {describe_drops(result.dropped)}",
+        f"{result.rows_written:,} images written, {describe_drops(result.dropped)}",
         *describe_dropped_sources(result, config.cache),
     ]
 

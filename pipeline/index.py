@@ -371,17 +371,18 @@ def run_index(
     local = executor is None or executor.name == "local"
     # the build's bars (a progress factory) draw in this process only: on Dask they stay on the worker
     run = run_shards(
-        config.cache, STAGE, tasks, index_shard, executor=executor, progress=progress if local else None
+        config.cache,
+        STAGE,
+        tasks,
+        index_shard,
+        up_to_date=[] if tasks else [SHARD],
+        executor=executor,
+        progress=progress if local else None,
     )
-    return StageResult(
-        shards_total=1,
-        shards_run=run.shards_run,
-        shards_up_to_date=[] if tasks else [SHARD],
-        images_written=n_vectors if tasks else 0,
-        dropped={},
-        seconds=time.perf_counter() - t0,
-        summary=read_index_info(config.cache),
-    )
+    run.rows_written = n_vectors if tasks else 0  # the vectors indexed
+    run.summary = read_index_info(config.cache)
+    run.seconds = time.perf_counter() - t0
+    return run
 
 
 def read_index_info(cache: Path) -> dict[str, Any]:

@@ -320,7 +320,7 @@ def optimize_shard(task: OptimizeTask, progress: Progress | None = None) -> dict
 
 def run_optimize(config: OptimizeConfig, progress: Progress | None = None, executor=None) -> StageResult:
     """Plan, then make every stale shard, in-process or on the given executor (`pipeline.executor`)."""
-    from pipeline.stage import StageResult, embed_rows, run_shards
+    from pipeline.stage import embed_rows, run_shards
 
     t0 = time.perf_counter()
     plan = plan_optimize(config)
@@ -329,20 +329,14 @@ def run_optimize(config: OptimizeConfig, progress: Progress | None = None, execu
         config.stage,
         plan.tasks,
         optimize_shard,
+        up_to_date=plan.up_to_date,
         executor=executor,
         progress=progress,
         total=lambda: embed_rows(config.cache, plan.tasks),
     )
-    shards = sorted(plan.up_to_date + run.shards_run)
-    return StageResult(
-        shards_total=len(shards),
-        shards_run=run.shards_run,
-        shards_up_to_date=plan.up_to_date,
-        images_written=run.rows,
-        dropped=dict(run.dropped),
-        seconds=time.perf_counter() - t0,
-        summary=stage_summary(config.cache, shards, config.stage),
-    )
+    run.summary = stage_summary(config.cache, sorted(plan.up_to_date + run.shards_run), config.stage)
+    run.seconds = time.perf_counter() - t0  # the plan included
+    return run
 
 
 # The stage protocol (pipeline/dag.py): what `pipeline run` calls.
@@ -379,7 +373,7 @@ def run_stage(config: OptimizeConfig, executor, progress_factory) -> StageResult
 def report(result: StageResult, config: OptimizeConfig) -> list[str]:
     return [
         f"{config.stage}: {len(result.shards_run)} shard(s) made, {len(result.shards_up_to_date)} up to "
-        f"date; {result.images_written:,} pseudo text features written"
+        f"date; {result.rows_written:,} pseudo text features written"
     ]
 
 

@@ -155,7 +155,7 @@ def summary_lines(result: StageResult) -> list[str]:
         f"index: {info['factory']} ({info['search']}) {'built' if index.shards_run else 'up to date'}, "
         f"{info['n_vectors']:,} vectors, {recall}",
         f"retrieve: {len(result.shards_run)} shard(s) made, {len(result.shards_up_to_date)} up to date; "
-        f"{result.images_written:,} images searched{precision}; {result.seconds:.1f} s",
+        f"{result.rows_written:,} images searched{precision}; {result.seconds:.1f} s",
     ]
 
 
@@ -194,18 +194,20 @@ def run_retrieve(
     splan = plan_search(config.search)
     rows = embed_rows(cache, splan.tasks)
     with _bar(progress, f"retrieve: {len(splan.tasks)} shard(s)", rows, "img", splan.tasks) as advance:
-        run = run_shards(cache, STAGE, splan.tasks, search_shard, executor=executor, progress=advance)
-    return StageResult(
-        shards_total=len(splan.tasks) + len(splan.up_to_date),
-        shards_run=run.shards_run,
-        shards_up_to_date=splan.up_to_date,
-        images_written=run.rows,
-        dropped=dict(run.dropped),
-        seconds=time.perf_counter() - t0,
-        summary=retrieve_summary(cache),
-        steps={"captions": captions, "index": index},
-        warnings=index_warnings(index.summary),
-    )
+        run = run_shards(
+            cache,
+            STAGE,
+            splan.tasks,
+            search_shard,
+            up_to_date=splan.up_to_date,
+            executor=executor,
+            progress=advance,
+        )
+    run.seconds = time.perf_counter() - t0  # the three steps'
+    run.summary = retrieve_summary(cache)
+    run.steps = {"captions": captions, "index": index}
+    run.warnings = index_warnings(index.summary)
+    return run
 
 
 def _bar(progress: ProgressFactory, description: str, total: int, unit: str, tasks: list):

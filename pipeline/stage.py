@@ -32,21 +32,13 @@ class StageResult:
     shards_total: int
     shards_run: list[int]
     shards_up_to_date: list[int]
-    images_written: int  # the rows the made shards wrote: images, captions, pseudo text features
+    rows_written: int  # the rows the made shards wrote: images, captions, vectors, features
     dropped: dict[str, int]  # reason -> rows set aside
     seconds: float
     summary: dict[str, Any] = field(default_factory=dict)  # step-specific totals
     steps: dict[str, StageResult] = field(default_factory=dict)  # a stage of several steps: each one's
     warnings: list[str] = field(default_factory=list)  # what the command warns about after the run
-
-
-@dataclass
-class ShardsRun:
-    manifests: list[dict[str, Any]]  # of the shards made, in task order
-    shards_run: list[int]
-    rows: int  # rows the made shards wrote (their manifests' `rows`)
-    dropped: Counter = field(default_factory=Counter)  # reason -> rows set aside
-    seconds: float = 0.0
+    manifests: list[dict[str, Any]] = field(default_factory=list, repr=False)  # of the shards made
 
 
 def run_shards(
@@ -55,14 +47,15 @@ def run_shards(
     tasks: Sequence,
     fn: Callable,
     *,
+    up_to_date: Sequence[int] = (),
     executor=None,
     progress=None,
     total: Callable[[], int] | None = None,
     gpu: bool = True,
-) -> ShardsRun:
-    """Make every planned shard of `stage` with `fn` (see the module docstring). `total()`: the items the
-    progress bar counts (rows, samples), asked only of a bar with `set_total`; `gpu`: the tasks want an
-    accelerator."""
+) -> StageResult:
+    """Make every planned shard of `stage` with `fn` (see the module docstring); `up_to_date`: the shards
+    the plan found current. `total()`: the items the progress bar counts (rows, samples), asked only of a
+    bar with `set_total`; `gpu`: the tasks want an accelerator."""
     from pipeline.executor import LocalExecutor
 
     t0 = time.perf_counter()
@@ -74,12 +67,14 @@ def run_shards(
     dropped: Counter = Counter()
     for manifest in manifests:
         dropped.update(manifest.get("dropped", {}))
-    return ShardsRun(
-        manifests=list(manifests),
+    return StageResult(
+        shards_total=len(tasks) + len(up_to_date),
         shards_run=[t.spec.shard for t in tasks],
-        rows=sum(int(m.get("rows", 0)) for m in manifests),
-        dropped=dropped,
+        shards_up_to_date=list(up_to_date),
+        rows_written=sum(int(m.get("rows", 0)) for m in manifests),
+        dropped=dict(dropped),
         seconds=time.perf_counter() - t0,
+        manifests=list(manifests),
     )
 
 

@@ -48,7 +48,7 @@ from manifests import (
 )
 from pipeline.errors import ConfigError, require_at_least
 from pipeline.layout import shard_file
-from pipeline.stage import run_shards
+from pipeline.stage import StageResult, run_shards
 
 ID_HEX = 12
 
@@ -95,18 +95,6 @@ def embed_deps(rows, shard: int) -> list[Dep]:
     return [Dep(o["path"], o["digest"]) for o in outs]
 
 
-@dataclass
-class DerivedRun:
-    stage: str
-    shards_total: int
-    shards_run: list[int] = field(default_factory=list)
-    shards_up_to_date: list[int] = field(default_factory=list)
-    reasons: dict[int, str] = field(default_factory=dict)  # shard -> why it was (re)made
-    rows_written: int = 0
-    manifests: list[dict[str, Any]] = field(default_factory=list)  # of the shards made
-    seconds: float = 0.0
-
-
 @dataclass(frozen=True)
 class EncodeTask:
     spec: ShardSpec  # the derived shard to make, keyed on the model and its embed shard
@@ -122,12 +110,13 @@ def encode_derived(
     resolution: int,
     make_encoder: Callable[[Any], Callable],
     progress: Any = None,
-) -> DerivedRun:
+) -> StageResult:
     """Make every shard of `kind.stage(digest)` (digest: the model checkpoint's content) whose embed
     shard is committed and whose output is missing or stale. `params` are keyed (with the embed
     outputs), `unkeyed` only recorded; the model was trained on `resolution` px images (`model_path`
     names it in the error when the cache's differ). `make_encoder(rows)` returns the shard function (a
-    `ShardEncoder`); it is called only when there is work, so a model moves to its device only then."""
+    `ShardEncoder`); it is called only when there is work, so a model moves to its device only then. The
+    result's summary holds why each shard was (re)made (`reasons`)."""
     from trainers.embed_rows import read_embed
 
     t0, stage = time.perf_counter(), kind.stage(digest)
@@ -141,19 +130,18 @@ def encode_derived(
                 f"--encode {model_path}: trained on {resolution}px images, the cache has "
                 f"{rows.image_size}px ones"
             )
-        todo, run = [], DerivedRun(stage, len(rows.shards))
+        tasks, up_to_date, reasons = [], [], {}
         for shard in rows.shards:
             spec = ShardSpec(stage, shard, kind.version, params, embed_deps(rows, shard), unkeyed)
             reason = check_shard(cache, spec)
             if reason is None:
-                run.shards_up_to_date.append(shard)
+                up_to_date.append(shard)
             else:
-                todo.append(spec)
-                run.reasons[shard] = reason
-        if todo:
-            tasks = [EncodeTask(spec) for spec in todo]
-            made = run_shards(cache, stage, tasks, make_encoder(rows), progress=progress)
-            run.shards_run, run.rows_written, run.manifests = made.shards_run, made.rows, made.manifests
+                tasks.append(EncodeTask(spec))
+                reasons[shard] = reason
+        encoder = make_encoder(rows) if tasks else None
+        run = run_shards(cache, stage, tasks, encoder, up_to_date=up_to_date, progress=progress)
+        run.summary = {"reasons": reasons}
         run.seconds = time.perf_counter() - t0
         return run
     finally:
@@ -278,12 +266,12 @@ def encode_cache(
     made = tuple(run.manifests[-1][kind.shape_field]) if run.manifests else None
     return codec.summary(
         kind.model,
-        run.stage,
+        kind.stage(digest),
         digest,
         run.shards_total,
         run.shards_run,
         run.shards_up_to_date,
-        run.reasons,
+        run.summary["reasons"],
         run.rows_written,
         shape,
         made,

@@ -50,7 +50,7 @@ def _stats(cache, shard=0):
 def test_folder_outputs_read_back_with_webdataset_and_pyarrow(image_folder, tmp_path):
     cache = tmp_path / "cache"
     result = run_embed(_config([image_folder], cache))
-    assert result.images_written == 6 and result.dropped == {}
+    assert result.rows_written == 6 and result.dropped == {}
     samples = _read_tar(cache / "embed" / "00000.tar")
     table = _sidecar(cache)
     keys = table.column("key").to_pylist()
@@ -87,7 +87,7 @@ def test_webdataset_tars_keep_captions_and_labels(tmp_path):
     write_tar(tmp_path / "00001.tar", members[9:])
     cache = tmp_path / "cache"
     result = run_embed(_config([str(tmp_path / "{00000..00001}.tar")], cache))
-    assert result.shards_run == [0, 1] and result.images_written == 5
+    assert result.shards_run == [0, 1] and result.rows_written == 5
     assert _sidecar(cache, 0).column("key").to_pylist() == ["000000000", "000000001", "000000002"]
     table = _sidecar(cache, 1)
     assert table.column("caption").to_pylist() == ["caption 3", "caption 4"]
@@ -111,7 +111,7 @@ def test_parquet_with_image_bytes_column(tmp_path):
     pq.write_table(table, tmp_path / "imgs.parquet")
     cache = tmp_path / "cache"
     result = run_embed(_config([tmp_path / "imgs.parquet"], cache))
-    assert result.images_written == 3 and result.dropped == {"empty": 1}
+    assert result.rows_written == 3 and result.dropped == {"empty": 1}
     side = _sidecar(cache)
     assert side.column("key").to_pylist() == ["x", "y", "z"]
     assert side.column("caption").to_pylist() == ["p", "q", "r"]
@@ -236,7 +236,7 @@ def test_incremental_reruns_do_only_what_changed(image_folder, tmp_path):
     (image_folder / "c").mkdir()
     (image_folder / "c" / "new.jpg").write_bytes(image_bytes((1, 1, 1)))
     appended = run_embed(cfg)
-    assert appended.shards_run == [2] and appended.images_written == 1
+    assert appended.shards_run == [2] and appended.rows_written == 1
 
     changed = image_folder / "b" / "pic1.PNG"
     changed.write_bytes(image_bytes((255, 255, 0), fmt="PNG"))
@@ -345,7 +345,7 @@ def test_crash_while_writing_leaves_no_partial_file(image_folder, tmp_path, monk
         run_embed(_config([image_folder], cache))
     assert sorted(p.name for p in (cache / "embed").iterdir()) == ["_plan.json"]
     monkeypatch.setattr(embed_writer.EmbedShardWriter, "write", real_write)
-    assert run_embed(_config([image_folder], cache)).images_written == 6
+    assert run_embed(_config([image_folder], cache)).rows_written == 6
 
 
 def test_tar_is_a_valid_plain_tar(image_folder, tmp_path):

@@ -120,7 +120,7 @@ def test_each_method_writes_unit_norm_features_in_embed_order(tmp_path, method):
     cache = tmp_path / "cache"
     world = structured_world(cache)
     result = run_optimize(_config(cache, method=method))
-    assert result.shards_run == [0, 1] and result.images_written == 176 and result.dropped == {}
+    assert result.shards_run == [0, 1] and result.rows_written == 176 and result.dropped == {}
     for shard, keys in enumerate(world["keys"]):
         table = _read(cache, shard)
         assert table.schema.field("pseudo_txt").type == pa.list_(pa.float16(), D)
@@ -354,7 +354,7 @@ def test_a_missing_retrieve_shard_is_a_clear_error_but_perturb_needs_only_embed(
     only_embed = tmp_path / "only_embed"
     rng = np.random.default_rng(0)
     CacheWriter(only_embed, D).embed(0, ["a", "b", "c"], _unit(rng.standard_normal((3, D))))
-    assert run_optimize(_config(only_embed, method="perturb")).images_written == 3
+    assert run_optimize(_config(only_embed, method="perturb")).rows_written == 3
     with pytest.raises(ConfigError, match="pipeline retrieve"):
         run_optimize(_config(only_embed, method="retrieve"))
 
@@ -426,7 +426,7 @@ def test_an_empty_shard_writes_an_empty_parquet_with_the_schema(tmp_path):
     world = structured_world(cache, shards=(30, 0))
     for method in ("optimize", "perturb"):
         result = run_optimize(_config(cache, method=method))
-        assert result.shards_run == [0, 1] and result.images_written == 30
+        assert result.shards_run == [0, 1] and result.rows_written == 30
         table = _read(cache, 1)
         assert table.num_rows == 0 and table.schema.field("pseudo_txt").type == pa.list_(pa.float16(), D)
         stats = _stats(cache, 1)

@@ -91,7 +91,7 @@ def test_first_run_made_every_step(base):
     captions, index = result.steps["captions"], result.steps["index"]
     assert captions.shards_run == [0, 1, 2] and captions.summary["n_captions"] == 400
     assert index.shards_run and index.summary["factory"] == "Flat"
-    assert result.shards_run == [0, 1, 2, 3] and result.images_written == 60
+    assert result.shards_run == [0, 1, 2, 3] and result.rows_written == 60
     info = json.loads((base["cache"] / "index" / "index.json").read_text())
     assert (
         info["n_vectors"] == 400 and info["recall_at_k"] == 1.0 and info["tune_queries"]["source"] == "image"

@@ -61,15 +61,15 @@ def test_a_toy_stage_runs_through_the_one_runner(tmp_path):
     stray.write_bytes(b"left by a killed run")
     bar = Bar()
     run = run_shards(tmp_path, STAGE, plan(tmp_path, shards), make_toy_shard, progress=bar, total=lambda: 6)
-    assert run.shards_run == [0, 1] and run.rows == 5 and run.dropped == {"negative": 1}
+    assert run.shards_run == [0, 1] and run.rows_written == 5 and run.dropped == {"negative": 1}
     assert bar.total == 6 and bar.done == 6 and not stray.exists()
     assert sorted(list_manifests(tmp_path, STAGE)) == [0, 1]
 
     again = run_shards(tmp_path, STAGE, plan(tmp_path, shards), make_toy_shard)
-    assert again.shards_run == [] and again.rows == 0  # up to date: nothing is made
+    assert again.shards_run == [] and again.rows_written == 0  # up to date: nothing is made
 
     added = run_shards(tmp_path, STAGE, plan(tmp_path, {**shards, 2: (7,)}), make_toy_shard)
-    assert added.shards_run == [2] and added.rows == 1
+    assert added.shards_run == [2] and added.rows_written == 1
 
 
 # The same toy stage registered in pipeline.dag: this module is its protocol (configure, run_stage,
@@ -105,7 +105,7 @@ def run_stage(config: ToyConfig, executor, progress_factory):
 
 
 def report(result, config: ToyConfig) -> list[str]:
-    return [f"toy: {len(result.shards_run)} shard(s) made, {result.rows} values"]
+    return [f"toy: {len(result.shards_run)} shard(s) made, {result.rows_written} values"]
 
 
 def toy_status(cache: Path, configs: tuple, upstream: dict):
