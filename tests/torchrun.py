@@ -3,27 +3,40 @@ the helpers of the data-parallel tests. Imported by tests as `from torchrun impo
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
 from trainers.checkpoints import list_checkpoints
 
+ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
 def trainers(args: list, nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
     """`trainers ARGS` as one plain process, or under torchrun with `nproc` processes; must succeed."""
-    launch = (
-        [*TORCHRUN, "--nproc_per_node", str(nproc), "-m", "trainers"]
-        if nproc > 1
-        else [sys.executable, "-m", "trainers"]
-    )
+    return _launch(["-m", "trainers", *args], nproc, timeout)
+
+
+def script(path, args: list, nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The Python script `path ARGS` as one process or under torchrun with `nproc`, importing this
+    checkout (its directory first on PYTHONPATH); must succeed. For what the CLI has no flag for."""
+    return _launch([path, *args], nproc, timeout, {"PYTHONPATH": str(ROOT)})
+
+
+def _launch(args: list, nproc: int, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    launch = [*TORCHRUN, "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]
     proc = subprocess.run(
-        [*launch, *map(str, args)], capture_output=True, text=True, env=ENV, timeout=timeout
+        [*launch, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**ENV, **(env or {})},
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -33,6 +46,27 @@ def checkpoint(out) -> dict:
     """The latest checkpoint of the one run in `out`."""
     (run,) = [p for p in out.iterdir() if p.is_dir()]
     return torch.load(list_checkpoints(run)[-1], map_location="cpu", weights_only=True)
+
+
+def metrics(out) -> list[dict]:
+    """The metrics.jsonl lines of the one run in `out`."""
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_metrics(one: list[dict], two: list[dict], rel: float = 1e-4) -> None:
+    """The same steps logged with the same values (the global batch's, trainers.loop) to float tolerance,
+    images_per_s aside; a value is compared relative to the largest of its column (a loss near 0 rounds as
+    its column does)."""
+    assert [line["step"] for line in one] == [line["step"] for line in two]
+    assert [line.keys() for line in one] == [line.keys() for line in two]
+    for key in set().union(*one) - {"step", "images_per_s"}:
+        a, b = [line.get(key) for line in one], [line.get(key) for line in two]
+        scale = max(abs(v) for v in a if v is not None)
+        for step, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert (x is None) == (y is None) and (x is None or abs(x - y) <= rel * max(scale, 1e-3)), (
+                f"{key} at line {step}: {x} vs {y}"
+            )
 
 
 def assert_close(a: dict, b: dict, atol: float = 1e-4) -> None:

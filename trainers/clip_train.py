@@ -174,14 +174,6 @@ def make_optimizers(model, config: ClipTrainConfig) -> list:
     return optimizers
 
 
-def lr_at(step: int, config: ClipTrainConfig) -> float:
-    warmup = min(config.warmup, config.steps // 2)
-    if step < warmup:
-        return config.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, config.steps - warmup)
-    return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def groups_per_step(batch_size: int, group: int, n_groups: float, world: World) -> int:
     """Contrast groups in each global batch (`batch_rows`: batch // group, at least 1, at most the data's);
     refused when the ranks cannot take the same whole number of groups each."""
@@ -291,20 +283,17 @@ def train_clip(config: ClipTrainConfig, progress: Callable[[int], None] | None =
     """Validate, read the pairs, train, save, evaluate. `progress(n)` after each n steps. Under torchrun,
     data-parallel (see the module docstring): rank 0 writes, evaluates and returns the result; the other
     ranks return one without a run dir."""
-    from trainers.distributed import close_world, init_world
+    from trainers.loop import launch
 
-    config.validate()
-    world, device = init_world(config.device)
-    try:
-        return _train_clip(config, progress if world.main else None, world, device)
-    finally:
-        close_world(world)
+    # the batch is split as whole contrast groups, checked by groups_per_step
+    return launch(config, functools.partial(_train_clip, config), progress, split_batch=False)
 
 
-def _train_clip(config: ClipTrainConfig, progress, world: World, device_name: str) -> ClipTrainResult:
+def _train_clip(config: ClipTrainConfig, world: World, device_name: str, progress) -> ClipTrainResult:
     import torch
     from open_clip.loss import ClipLoss
 
+    from trainers.loop import lr_at
     from trainers.runs import new_run_dir, select_device
 
     device = select_device(device_name)

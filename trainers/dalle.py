@@ -12,6 +12,10 @@ target i, so every slot knows which grid cell it predicts. Pre-LN blocks, causal
 `F.scaled_dot_product_attention` (is_causal over the whole sequence: the prefix precedes the tokens
 and a prefix slot attending only to earlier prefix slots loses nothing), final LN, head to K logits.
 
+Dropout (`dropout`, training only) on the embeddings, the attention weights and both residual branches
+of every block; its masks come from the global RNG at the global batch's shape, so a torchrun run draws
+the one-process masks (trainers.distributed).
+
 Classifier-free guidance: training replaces a sample's condition, with probability `cond_drop`, by a
 learned null condition `null_cond` [D] (in the condition space, as `trainers.ldm`); `drop_mask`
 [N] bool does the same at inference.
@@ -82,8 +86,35 @@ class KVCache:
         self._pending = 0
 
 
+def dropout(x: torch.Tensor, p: float, world: World = SINGLE) -> torch.Tensor:
+    """Inverted dropout: zero with probability p, the rest scaled by 1 / (1 - p). The mask is drawn from
+    the global RNG at the global batch's shape [N * ranks, ...] and this rank keeps its rows, as every
+    random draw of a step (trainers.distributed): one process and N draw the same masks, where
+    nn.Dropout would draw at this rank's shape. The price: each rank draws N times its own mask."""
+    if p == 0:
+        return x
+    keep = world.part(torch.rand((x.shape[0] * world.size, *x.shape[1:]), device=x.device)) >= p
+    return x * keep * (1.0 / (1.0 - p))
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, p: float = 0.0, world: World = SINGLE
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over [N, H, T, d] (keys [N, H, S, d]); with `p`, dropout on the weights
+    (`dropout`: the global batch's masks). Without dropout, SDPA's fused kernel; with it, the explicit
+    product, since SDPA draws its own mask at this rank's shape: --dropout costs that speed."""
+    if p == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # [N, H, T, S]
+    if causal:  # top-left aligned, as SDPA's is_causal
+        allowed = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()  # [T, S]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return dropout(scores.softmax(dim=-1), p, world) @ v
+
+
 class DalleBlock(nn.Module):
-    """Pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x)); dropout (training only) on the
+    attention weights and on both residual branches."""
 
     def __init__(self, width: int, heads: int, dropout: float):
         super().__init__()
@@ -94,9 +125,10 @@ class DalleBlock(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Linear(4 * width, width)
         )
-        self.resid_drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, world: World = SINGLE
+    ) -> torch.Tensor:
         b, n, w = x.shape
         qkv = self.qkv(self.norm1(x))  # [N, T, 3W]
         q, k, v = qkv.view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [N, H, T, W/H]
@@ -104,10 +136,10 @@ class DalleBlock(nn.Module):
             if cache.length and n > 1:  # SDPA's is_causal is top-left aligned: only square chunks
                 raise ValueError("a cached forward after the first takes one slot at a time")
             k, v = cache.extend(layer, k, v)  # [N, H, S, W/H], S = slots so far
-        drop = self.dropout if self.training else 0.0
-        attn = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=n > 1)  # [N, H, T, W/H]
-        x = x + self.resid_drop(self.proj(attn.transpose(1, 2).reshape(b, n, w)))
-        return x + self.resid_drop(self.mlp(self.norm2(x)))
+        p = self.dropout if self.training else 0.0
+        attn = attention(q, k, v, n > 1, p, world)  # [N, H, T, W/H]
+        x = x + dropout(self.proj(attn.transpose(1, 2).reshape(b, n, w)), p, world)
+        return x + dropout(self.mlp(self.norm2(x)), p, world)
 
 
 class DalleTransformer(nn.Module):
@@ -150,7 +182,6 @@ class DalleTransformer(nn.Module):
         self.prefix_pos = nn.Parameter(torch.zeros(n_prefix, w))
         self.tok_emb = nn.Embedding(vocab + 1, w)  # index `vocab` is BOS
         self.row_emb, self.col_emb = nn.Embedding(gh, w), nn.Embedding(gw, w)
-        self.emb_drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(DalleBlock(w, spec.heads, dropout) for _ in range(spec.depth))
         self.final_norm = nn.LayerNorm(w)
         self.head = nn.Linear(w, vocab, bias=False)
@@ -211,10 +242,10 @@ class DalleTransformer(nn.Module):
         rows, cols = self.slot_rows[first : first + t], self.slot_cols[first : first + t]  # [t]
         return self.tok_emb(inputs) + self.row_emb(rows) + self.col_emb(cols)
 
-    def _run(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        x = self.emb_drop(x)
+    def _run(self, x: torch.Tensor, cache: KVCache | None, world: World = SINGLE) -> torch.Tensor:
+        x = dropout(x, self.dropout if self.training else 0.0, world)
         for layer, block in enumerate(self.blocks):
-            x = block(x, cache, layer)
+            x = block(x, cache, layer, world)
         if cache is not None:
             cache.advance()
         return x
@@ -225,24 +256,33 @@ class DalleTransformer(nn.Module):
     # --- full forward --------------------------------------------------------------------------------------
 
     def predict(
-        self, cond: torch.Tensor, tokens: torch.Tensor, drop_mask: torch.Tensor | None = None
+        self,
+        cond: torch.Tensor,
+        tokens: torch.Tensor,
+        drop_mask: torch.Tensor | None = None,
+        world: World = SINGLE,
     ) -> torch.Tensor:
-        """Logits [N, t+1, K] of image tokens 0..t given the first t tokens [N, t] (0 <= t < h*w)."""
+        """Logits [N, t+1, K] of image tokens 0..t given the first t tokens [N, t] (0 <= t < h*w). `world`:
+        the torchrun ranks whose rows make the global batch, for the dropout masks (training only)."""
         n, t = tokens.shape
         if t >= self.seq_len:
             raise ValueError(f"predict takes at most {self.seq_len - 1} tokens, got {t}")
         bos = torch.full((n, 1), self.vocab, dtype=torch.long, device=tokens.device)
         inputs = torch.cat([bos, tokens.long()], dim=1)  # [N, t+1]
         x = torch.cat([self._prefix(cond, drop_mask), self._image_slots(inputs, 0)], dim=1)  # [N, P+t+1, W]
-        return self._logits(self._run(x, None)[:, self.n_prefix :])
+        return self._logits(self._run(x, None, world)[:, self.n_prefix :])
 
     def forward(
         self, cond: torch.Tensor, tokens: torch.Tensor, drop_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Teacher forcing: tokens [N, h*w] -> logits [N, h*w, K], logit i seeing tokens < i."""
+        return self.predict(cond, self._teacher_inputs(tokens), drop_mask)
+
+    def _teacher_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A whole token grid [N, h*w] -> the tokens each logit sees, [N, h*w - 1]."""
         if tokens.shape[1] != self.seq_len:
             raise ValueError(f"tokens must be [N, {self.seq_len}], got {tuple(tokens.shape)}")
-        return self.predict(cond, tokens[:, :-1], drop_mask)
+        return tokens[:, :-1]
 
     def loss(
         self,
@@ -256,14 +296,15 @@ class DalleTransformer(nn.Module):
         condition with probability `cond_drop`, the draw coming from `generator` (on its own device)
         or, without one, from the global RNG of cond's device. Under torchrun (`world`,
         trainers.distributed) cond and tokens are this rank's rows: the draw is made for the global
-        batch and this rank's slice kept, so the generator moves as in one process."""
+        batch and this rank's slice kept, so the generator moves as in one process; so are the
+        --dropout masks (`dropout`)."""
         n = cond.shape[0]
         drop_mask = None
         if cond_drop > 0:
             device = generator.device if generator is not None else cond.device
             draw = world.part(torch.rand(n * world.size, generator=generator, device=device))  # [N]
             drop_mask = (draw < cond_drop).to(cond.device)
-        logits = self(cond, tokens, drop_mask)  # [N, L, K]
+        logits = self.predict(cond, self._teacher_inputs(tokens), drop_mask, world)  # [N, L, K], as forward
         return F.cross_entropy(logits.float().reshape(-1, self.vocab), tokens.reshape(-1).long())
 
     # --- incremental decoding ------------------------------------------------------------------------------

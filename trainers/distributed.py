@@ -4,15 +4,16 @@
 
 `--batch-size` is the global batch. Every rank walks the same seeded sample stream (trainers/data.py) and
 loads only its contiguous slice of each global batch, so the stream, and what a step sees, do not depend
-on the world size. Every random draw of a step (noise, timesteps, crops, condition dropout) is drawn at
-the global batch's shape from the same seeded RNG on every rank, and each rank keeps its slice
+on the world size. Every random draw of a step (noise, timesteps, crops, condition and --dropout masks)
+is drawn at the global batch's shape from the same seeded RNG on every rank, and each rank keeps its slice
 (`World.part`), so one process and N processes draw the same numbers. Gradients are averaged over the
 ranks (one coalesced all-reduce per optimiser step, `World.average_gradients`); a loss that couples the
 rows of a batch (the GAN's InfoNCE) is computed on the gathered global batch (`World.gather`). So after
 the same steps the parameters match a one-process run to float tolerance, and the EMA, updated from them
-on every rank, matches too. Only rank 0 writes: checkpoints, config.json, metrics, sample grids and the
-progress bar. A checkpoint holds rank 0's RNG states, which every rank shares, so a run resumes with any
-world size.
+on every rank, matches too. The losses logged are the global batch's too: at log steps every rank's are
+averaged (`World.mean_scalars`, one all-reduce), so metrics.jsonl reads as a one-process run's. Only rank
+0 writes: checkpoints, config.json, metrics, sample grids and the progress bar. A checkpoint holds rank
+0's RNG states, which every rank shares, so a run resumes with any world size.
 
 NCCL on CUDA (rank r uses cuda:LOCAL_RANK), gloo on the CPU. Without torchrun's environment a trainer
 runs as one process, unchanged.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -120,6 +122,21 @@ class World:
         return torch.sparse_coo_tensor(
             union[None], summed / self.size, grad.shape, check_invariants=False, is_coalesced=True
         )
+
+    def mean_scalars(self, values: dict[str, Any]) -> dict[str, float]:
+        """Scalars (0-d tensors or numbers, the same keys on every rank) as floats averaged over the ranks,
+        in one float64 all-reduce: a mean over a batch's rows, which each rank holds for its equal slice,
+        becomes the global batch's, and a value every rank shares stays itself. The logged losses, at log
+        steps only (each value costs a host sync). One process: the floats as they are."""
+        floats = {k: float(v) for k, v in values.items()}
+        if not self.distributed:
+            return floats
+        import torch.distributed as dist
+
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flat = torch.tensor(list(floats.values()), dtype=torch.float64, device=device)  # [k]
+        dist.all_reduce(flat)
+        return dict(zip(floats, (flat / self.size).tolist(), strict=True))
 
     def broadcast(self, modules) -> None:
         """Rank 0's parameters and buffers on every rank (they start equal by seeding; this makes it so)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ConfigError
@@ -27,24 +26,16 @@ class DataSource:
 
 
 def cache_source(config: GanConfig, world: World = SINGLE) -> DataSource:
-    from trainers.data import LoaderConfig, make_loader
+    from trainers.data import make_loader
     from trainers.embed_rows import cache_clip
+    from trainers.loop import cache_loader_config
 
     if config.cache is None:
         raise ConfigError(
             "--cache is required: the feature cache made by `pipeline embed` (or pass --resume)"
         )
     clip = cache_clip(config.cache)
-    loader_config = LoaderConfig(
-        cache=Path(config.cache),
-        condition=config.condition,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        workers=config.workers,
-        paired_fraction=config.paired_fraction,
-        paired_limit=config.paired_limit,
-        allow_partial=config.allow_partial,
-    )
+    loader_config = cache_loader_config(config)
     return DataSource(
         lambda start_step: make_loader(loader_config, start_step=start_step, world=world),
         clip.clip_model,

@@ -24,47 +24,28 @@ the dropout generator and every global RNG state, and the loader restarts at `st
 
 Under torchrun, data-parallel as `trainers ldm` (trainers/distributed.py): `--batch-size` is the global
 batch, each rank tokenises its slice of it, the condition dropout is drawn from the shared generator for
-the global batch (each rank keeps its slice), gradients are averaged before they are clipped (so the norm
-clipped is the global batch's, as in one process), and rank 0 writes. `--dropout`'s masks, drawn inside
-the model from the global RNG at this rank's shape, are the one draw that is not the one-process one.
+the global batch and `--dropout`'s masks from the global RNG at the global batch's shape (each rank keeps
+its slice of both: `trainers.dalle.dropout`), gradients are averaged before they are clipped (so the norm
+clipped is the global batch's, as in one process), and rank 0 writes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import functools
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.errors import ConfigError, require_at_least
-from trainers.checkpoints import (
-    load_checkpoint,
-    load_init,
-    require_same_arch,
-    resolve_checkpoint,
-    restore_rng,
-    save_checkpoint,
-)
+from pipeline.errors import ConfigError
+from trainers import loop
+from trainers.checkpoints import require_same_arch
 from trainers.dalle import DALLE_SIZES, DalleTransformer, build_dalle
-from trainers.distributed import SINGLE, World, close_world, init_world
-from trainers.runs import (
-    DEFAULT_PROMPTS,
-    RunConfig,
-    check_run_name,
-    log_metrics,
-    new_run_dir,
-    resolve_run_config,
-    seed_everything,
-    select_device,
-    trim_metrics,
-    write_pairs,
-    write_run_config,
-)
+from trainers.distributed import SINGLE, World
+from trainers.runs import DEFAULT_PROMPTS, RunConfig, resolve_run_config, seed_everything, select_device
 
 COND_DROP_STREAM = 31  # SeedSequence tag of the condition-dropout generator (apart from torch's global)
 
@@ -105,48 +86,21 @@ class DalleConfig(RunConfig):
     resume: Path | None = None  # checkpoint file or run directory (latest checkpoint) to continue
 
     def validate(self) -> None:
-        from trainers.conditions import check_condition
         from trainers.dalle_sample import check_sampling
 
-        if self.size not in DALLE_SIZES:
-            raise ConfigError(f"--size {self.size}: choose one of {', '.join(DALLE_SIZES)}")
-        check_condition(self.condition)
-        check_run_name(self.name)
-        require_at_least(
-            ("--steps", self.steps, 1),
-            ("--batch-size", self.batch_size, 1),
+        minimums = (
             ("--warmup", self.warmup, 0),
-            ("--seed", self.seed, 0),
             ("--n-prefix", self.n_prefix, 1),
             ("--top-k", self.top_k, 0),
-            ("--workers", self.workers, 0),
-            ("--checkpoint-every", self.checkpoint_every, 0),
-            ("--log-every", self.log_every, 1),
-            ("--sample-every", self.sample_every, 0),
-            ("samples_per_prompt", self.samples_per_prompt, 1),
         )
-        if self.paired_limit is not None and self.paired_limit < 1:
-            raise ConfigError("--paired-limit must be at least 1")
-        if not 0.0 <= self.paired_fraction <= 1.0:
-            raise ConfigError("--paired-fraction must be between 0 and 1")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError("--lr must be a positive number")
+        loop.check_run_options(self, DALLE_SIZES, *minimums)
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ConfigError("--weight-decay must be a number >= 0")
         if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
             raise ConfigError("--grad-clip must be a number >= 0 (0: no clipping)")
-        for flag, value in (("--cond-drop", self.cond_drop), ("--dropout", self.dropout)):
-            if not 0.0 <= value < 1.0:
-                raise ConfigError(f"{flag} must be in [0, 1)")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError("ema_decay must be in [0, 1)")
         check_sampling(**sampling_options(self))
-        if self.cache is None:
-            raise ConfigError("--cache is required: the feature cache made by `pipeline embed` (or --resume)")
         if self.dvae is None:
             raise ConfigError("--dvae is required: a `trainers dvae` checkpoint or run directory")
-        if self.init is not None and self.resume is not None:
-            raise ConfigError("--init starts a new run from weights; --resume continues one: give one")
 
 
 def sampling_options(config: Any) -> dict[str, Any]:
@@ -174,15 +128,6 @@ def resolve_config(
 ) -> tuple[DalleConfig, dict | None]:
     """CLI values -> config, or the resumed checkpoint's with the allowed overrides (trainers.runs)."""
     return resolve_run_config(DalleConfig, "dalle", RESUME_OVERRIDABLE, values, resume)
-
-
-def lr_at(step: int, config: DalleConfig) -> float:
-    """Learning rate of step `step` (0-based): linear warm-up, then cosine from `lr` to 0 at `steps`."""
-    warmup = min(config.warmup, config.steps // 2)
-    if step < warmup:
-        return config.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, config.steps - warmup)
-    return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def drop_generator(seed: int) -> torch.Generator:
@@ -218,9 +163,7 @@ class DalleTrainer:
         self.token_cache = None  # trainers.tokens.TokenCache of this dVAE (`trainers dvae --encode`), if any
 
     def autocast(self):
-        if self.amp:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return loop.bf16_autocast(self.amp)
 
     @torch.no_grad()
     def tokens(self, images: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor:
@@ -233,7 +176,7 @@ class DalleTrainer:
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         tokens = self.tokens(batch["image"], batch.get("key"))  # [B, h*w]
         h = batch["cond"].to(self.device, non_blocking=True).float()  # [B, D]
-        lr = lr_at(self.step, self.config)
+        lr = loop.lr_at(self.step, self.config)
         for group in self.opt.param_groups:
             group["lr"] = lr
         with self.autocast():
@@ -248,8 +191,7 @@ class DalleTrainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.opt.step()
         self.step += 1
-        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
-        torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1.0 - decay)
+        loop.update_ema(self.ema, self.model, self.step, self.config.ema_decay)
         return {"loss": loss.detach(), "grad_norm": grad_norm.detach(), "lr": torch.tensor(lr)}
 
     def state_dict(self) -> dict[str, Any]:
@@ -308,30 +250,25 @@ def run_dalle(config: DalleConfig, resume_state: dict | None = None, progress: A
     """Train (or continue) a run; checkpoints, config.json, metrics.jsonl and sample grids in its dir.
     Under torchrun, data-parallel (trainers/distributed.py): rank 0 writes, and returns the result; the
     other ranks return one without a run dir."""
-    config.validate()
-    world, device = init_world(config.device)
-    try:
-        world.local_batch(config.batch_size)
-        return _run_dalle(config, resume_state, progress if world.main else None, world, device)
-    finally:
-        close_world(world)
+    return loop.launch(config, functools.partial(_run_dalle, config, resume_state), progress)
 
 
-def _run_dalle(config, resume_state, progress, world: World, device_name: str) -> DalleResult:
-    from trainers.data import LoaderConfig, make_loader
+def _run_dalle(config, resume_state, world: World, device_name: str, progress) -> DalleResult:
+    from trainers.dalle_sample import sample_tokens
+    from trainers.data import make_loader
+    from trainers.dvae import decode_tokens
     from trainers.embed_rows import cache_clip
     from trainers.tokens import load_token_cache, require_token_cache
 
     device = select_device(device_name)
-    if config.resume is not None:
-        resume_path = resolve_checkpoint(config.resume, "--resume")
-        resume_state = resume_state or load_checkpoint(resume_path, "--resume", kinds=("dalle",))
-        if int(resume_state["step"]) >= config.steps:
-            step = int(resume_state["step"])
-            return DalleResult(resume_path.parent, step, resume_path, {}, 0.0, resume_state.get("data", {}))
-    init_path, init_state = load_init(config.init, "dalle") if config.init is not None else (None, None)
+    resume = loop.load_resume(config, "dalle", resume_state)
+    if resume.finished(config.steps):
+        return DalleResult(
+            resume.path.parent, resume.step, resume.path, {}, 0.0, resume.state.get("data", {})
+        )
+    init_path, init_state = loop.load_init_state(config, "dalle")
     clip = cache_clip(config.cache)
-    dvae, dvae_ckpt, digest = _load_frozen_dvae(config, resume_state)
+    dvae, dvae_ckpt, digest = _load_frozen_dvae(config, resume.state)
     if init_state is not None and init_state["dvae"]["digest"] != digest:
         raise ConfigError(
             f"--init {init_path}: trained on the tokens of another dVAE ({init_state['dvae']['path']}); "
@@ -341,41 +278,18 @@ def _run_dalle(config, resume_state, progress, world: World, device_name: str) -
     if token_cache is None and any(Path(config.cache).glob("tokens/*/_manifests/*.json")):
         require_token_cache(config.cache, dvae_ckpt["path"])  # only another dVAE's: the one-line error
     dvae_arch = dvae_ckpt["arch"]
-    loader_config = LoaderConfig(
-        cache=Path(config.cache),
-        condition=config.condition,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        workers=config.workers,
-        paired_fraction=config.paired_fraction,
-        paired_limit=config.paired_limit,
-        allow_partial=config.allow_partial,
-    )
-    start_step = 0 if resume_state is None else int(resume_state["step"])
-    batches = make_loader(loader_config, start_step=start_step, world=world)
+    batches = make_loader(loop.cache_loader_config(config), start_step=resume.step, world=world)
     info = batches.info
-    if info.image_size != dvae_arch["resolution"]:
-        raise ConfigError(
-            f"--dvae {dvae_ckpt['path']}: trained on {dvae_arch['resolution']}px images, the cache has "
-            f"{info.image_size}px ones"
-        )
-    if info.dim != int(clip.dim):
-        raise ConfigError(f"--cache {config.cache}: conditions are {info.dim}-d but its CLIP is {clip.dim}-d")
+    loop.check_autoencoder_fits(
+        info, int(clip.dim), config.cache, f"--dvae {dvae_ckpt['path']}", dvae_arch["resolution"]
+    )
     data = info.record()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    from pipeline.clip import encode_texts, load_clip
-    from trainers.dalle_sample import sample_tokens
-    from trainers.dvae import decode_tokens
-    from trainers.sample import write_grid
-
-    text_clip = load_clip(clip.clip_model, clip.clip_pretrained or None, str(device))  # seeds torch: first
-    prompt_h = encode_texts(text_clip, list(DEFAULT_PROMPTS)).clone()  # [P, D]; clone: out of inference mode
-    grid_h = prompt_h.repeat_interleave(config.samples_per_prompt, dim=0)  # [P * n, D]
-    del text_clip
+    grid_h = loop.cache_prompt_grid(clip, device, DEFAULT_PROMPTS, config.samples_per_prompt)  # [P * n, D]
     seed_everything(config.seed)
-    if resume_state is None:
+    if resume.state is None:
         model = DalleTransformer(
             config.size,
             vocab=int(dvae_arch["vocab_size"]),
@@ -385,92 +299,39 @@ def _run_dalle(config, resume_state, progress, world: World, device_name: str) -
             dropout=config.dropout,
         )
     else:
-        model = build_dalle(resume_state["arch"])
+        model = build_dalle(resume.state["arch"])
     trainer = DalleTrainer(config, model, dvae, device, world)
     trainer.token_cache = token_cache
     arch = trainer.arch
     if init_state is not None:
         require_same_arch(init_path, init_state["arch"], arch, ARCH_KEYS_CHECKED_BY_INIT, INIT_HINT)
-    clip_args = {"model": clip.clip_model, "pretrained": clip.clip_pretrained, "dim": int(clip.dim)}
+    loop.restore(trainer, resume, init_state, [trainer.model, trainer.ema], world)
     dvae_args = {
         "path": dvae_ckpt["path"],
         "step": int(dvae_ckpt["step"]),
         "digest": digest,
         "arch": dvae_arch,
     }
-    if resume_state is None:
-        if init_state is not None:
-            trainer.load_state_dict(init_state, weights_only=True)
-    else:
-        trainer.load_state_dict(resume_state)
-        trainer.step = start_step
-        restore_rng(resume_state["rng"])
-    world.broadcast([trainer.model, trainer.ema])
-    if not world.main:  # the other ranks train in step and write nothing
-        losses = {}
-        for _ in range(start_step, config.steps):
-            losses = trainer.train_step(next(batches))
-        last = {k: float(v) for k, v in losses.items()}
-        return DalleResult(None, config.steps, None, last, 0.0, data, vocab=arch["vocab"])
-    if resume_state is None:
-        run_dir = new_run_dir(config.out, config.name)
-        write_pairs(run_dir, info.pair_keys)
-    else:
-        run_dir = resume_path.parent
-        trim_metrics(run_dir / "metrics.jsonl", start_step)
-    tokens = {
-        "stage": token_cache.stage if token_cache else None,
-        "cached": len(token_cache) if token_cache else 0,
-    }
-    write_run_config(
-        run_dir,
-        {
-            "kind": "dalle",
-            **config.to_dict(),
-            "arch": arch,
-            "clip": clip_args,
-            "dvae_ckpt": dvae_args,
-            "data": data,
-            "tokens": tokens,
-        },
-    )
-    result = DalleResult(run_dir, start_step, None, {}, 0.0, data, vocab=arch["vocab"])
-    t0, images = time.perf_counter(), 0
-    with open(run_dir / "metrics.jsonl", "a") as log:
-        for step in range(start_step, config.steps):
-            batch = next(batches)
-            losses = trainer.train_step(batch)
-            done, images = step + 1, images + batch["image"].shape[0] * world.size
-            last = done == config.steps
-            if done % config.log_every == 0 or last:
-                result.images_per_s = images / (time.perf_counter() - t0)
-                result.losses = log_metrics(log, done, losses, images_per_s=result.images_per_s)
-            if progress is not None:
-                progress(1)
-            if (config.checkpoint_every and done % config.checkpoint_every == 0) or last:
-                state = {
-                    "kind": "dalle",
-                    "config": config.to_dict(),
-                    "arch": arch,
-                    "clip": clip_args,
-                    "dvae": dvae_args,
-                    "data": data,
-                    "tokens": tokens,
-                    **trainer.state_dict(),
-                }
-                result.checkpoint = save_checkpoint(run_dir, done, state)
-            if (config.sample_every and done % config.sample_every == 0) or last:
-                # sample_tokens draws from its own seeded generator: a grid does not move the training RNG
-                with trainer.autocast():
-                    grid_tokens = sample_tokens(
-                        trainer.ema, grid_h.to(device), seed=config.seed, **sampling_options(config)
-                    )  # [P * n, h*w]
-                path = run_dir / f"samples-{done:07d}.png"
-                grid = decode_tokens(trainer.dvae, grid_tokens)  # [P * n, 3, R, R] uint8
-                write_grid(path, grid, list(DEFAULT_PROMPTS), config.samples_per_prompt)
-                result.samples.append(path)
-            result.step = done
-    return result
+    clip_args, tokens = loop.clip_record(clip), loop.derived_record(token_cache)
+    parts = {"arch": arch, "clip": clip_args, "dvae": dvae_args, "data": data, "tokens": tokens}
+    run_dir = None
+    if world.main:  # the other ranks train in step and write nothing
+        run_dir = loop.open_run(config, resume, info.pair_keys)
+        run_record = {"arch": arch, "clip": clip_args, "dvae_ckpt": dvae_args, "data": data}
+        loop.write_config(run_dir, "dalle", config, **run_record, tokens=tokens)
+
+    def draw() -> torch.Tensor:
+        # sample_tokens draws from its own seeded generator: a grid does not move the training RNG
+        with trainer.autocast():
+            grid_tokens = sample_tokens(
+                trainer.ema, grid_h.to(device), seed=config.seed, **sampling_options(config)
+            )  # [P * n, h*w]
+        return decode_tokens(trainer.dvae, grid_tokens)  # [P * n, 3, R, R] uint8
+
+    grid = loop.SampleGrid(draw, list(DEFAULT_PROMPTS), config.samples_per_prompt, config.sample_every)
+    record, advance = loop.checkpoint_record("dalle", config, **parts), loop.step_counter(progress)
+    trained = loop.train_steps(trainer, batches, config, run_dir, record, grid=grid, advance=advance)
+    return DalleResult(run_dir, data=data, vocab=arch["vocab"], **vars(trained))
 
 
 def describe(result: DalleResult) -> str:

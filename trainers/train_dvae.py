@@ -20,14 +20,15 @@ and every global RNG state (the gumbel noise comes from torch's), and the loader
 Data-parallel under torchrun, as `trainers ldm` (trainers/distributed.py): `--batch-size` is the global
 batch, each rank loads its slice, the gumbel noise is drawn for the global batch and sliced, and the
 gradients are averaged over the ranks (the MSE and the KL are means over a batch's rows, so that is the
-one-process gradient). The logged batch perplexity is of the gathered global batch's codes. Rank 0
-writes and evaluates; a run resumes with any world size.
+one-process gradient). The logged batch perplexity is of the gathered global batch's codes, and the
+logged losses are averaged over the ranks (trainers/loop.py), so metrics.jsonl reads as one process's.
+Rank 0 writes and evaluates; a run resumes with any world size.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import ConfigError, require_at_least
+from pipeline.errors import ConfigError
+from trainers import loop
 from trainers.distributed import SINGLE, World
 from trainers.dvae import DVAE_SIZES, DiscreteVAE, codebook_usage, dvae_architecture, kl_to_uniform
-from trainers.runs import RunConfig, check_run_name
+from trainers.runs import RunConfig
 
 
 @dataclass(frozen=True)
@@ -77,23 +79,8 @@ class DvaeConfig(RunConfig):
         return self.kl_warmup if self.kl_warmup is not None else self.steps // 4
 
     def validate(self) -> None:
-        if self.size not in DVAE_SIZES:
-            raise ConfigError(f"--size {self.size}: choose one of {', '.join(DVAE_SIZES)}")
-        if self.cache is None:
-            raise ConfigError("--cache is required: the feature cache made by `pipeline embed` (or --resume)")
-        check_run_name(self.name)
-        require_at_least(
-            ("--steps", self.steps, 1),
-            ("--batch-size", self.batch_size, 1),
-            ("--seed", self.seed, 0),
-            ("--eval-n", self.eval_n, 1),
-            ("--kl-warmup", self.warmup_steps, 0),
-            ("--anneal-steps", self.annealing_steps, 1),
-            ("--checkpoint-every", self.checkpoint_every, 0),
-            ("--log-every", self.log_every, 1),
-        )
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError("--lr must be a positive number")
+        minimums = (("--eval-n", self.eval_n, 1), ("--kl-warmup", self.warmup_steps, 0))
+        loop.check_run_options(self, DVAE_SIZES, *minimums, ("--anneal-steps", self.annealing_steps, 1))
         if not (math.isfinite(self.kl_weight) and self.kl_weight >= 0):
             raise ConfigError(f"--kl-weight must be a number >= 0, got {self.kl_weight}")
         for flag, tau in (("--tau-start", self.tau_start), ("--tau-end", self.tau_end)):
@@ -211,80 +198,41 @@ def run_dvae(config: DvaeConfig, progress: Any = None, *, resume_state: dict | N
     """Train (or, with `config.resume`, continue) a run; config.json, checkpoints, metrics.jsonl and
     eval.json in its directory. `progress(n)` is called after each step. Under torchrun, data-parallel
     (trainers/distributed.py): rank 0 writes, evaluates and returns the result."""
-    from trainers.distributed import close_world, init_world
-
-    config.validate()
-    world, device = init_world(config.device)
-    try:
-        world.local_batch(config.batch_size)
-        return _run_dvae(config, progress if world.main else None, resume_state, world, device)
-    finally:
-        close_world(world)
+    return loop.launch(config, functools.partial(_run_dvae, config, resume_state), progress)
 
 
-def _run_dvae(config: DvaeConfig, progress, resume_state, world: World, device_name: str) -> DvaeResult:
+def _run_dvae(config: DvaeConfig, resume_state, world: World, device_name: str, progress) -> DvaeResult:
     from manifests import write_json_atomic
-    from trainers.checkpoints import load_checkpoint, resolve_checkpoint, restore_rng, save_checkpoint
-    from trainers.runs import (
-        log_metrics,
-        new_run_dir,
-        seed_everything,
-        select_device,
-        trim_metrics,
-        write_run_config,
-    )
+    from trainers.runs import seed_everything, select_device
     from trainers.vae import split_cache
 
     device = select_device(device_name)
-    start_step = 0
-    if config.resume is not None:
-        resume_path = resolve_checkpoint(config.resume, "--resume")
-        resume_state = resume_state or load_checkpoint(resume_path, "--resume", kinds=("dvae",))
-        start_step = int(resume_state["step"])
-        if start_step >= config.steps:  # nothing to do: say so, touch nothing
-            return DvaeResult(resume_path.parent, start_step, resume_path, {})
-    loader, eval_images, info = split_cache(config, start_step, world)
+    resume = loop.load_resume(config, "dvae", resume_state)
+    if resume.finished(config.steps):  # nothing to do: say so, touch nothing
+        return DvaeResult(resume.path.parent, resume.step, resume.path, {})
+    loader, eval_images, info = split_cache(config, resume.step, world)
     arch = dvae_architecture(config.size, int(eval_images.shape[-1]))
-    if resume_state is not None and resume_state["arch"] != arch:
+    if resume.state is not None and resume.state["arch"] != arch:
         raise ConfigError(
-            f"--resume {config.resume}: trained on {resume_state['arch']['resolution']}px images, the cache "
+            f"--resume {config.resume}: trained on {resume.state['arch']['resolution']}px images, the cache "
             f"has {arch['resolution']}px ones (resume with the cache the run was trained on)"
         )
     seed_everything(config.seed)
     trainer = DvaeTrainer(config, arch, device, world)
-    if resume_state is not None:
-        trainer.load_state_dict(resume_state)
-        trainer.step = start_step
-        restore_rng(resume_state["rng"])  # rank 0's, which every rank shared
-    world.broadcast([trainer.model])
-    if not world.main:  # the other ranks train in step and write nothing
-        for _ in range(start_step, config.steps):
-            trainer.train_step(next(loader))
-        return DvaeResult(None, config.steps, None, {})
+    loop.restore(trainer, resume, None, [trainer.model], world)
     data = {**info.record(), "n_train": len(loader.dataset), "n_eval": len(eval_images)}
-    if resume_state is None:
-        run_dir = new_run_dir(config.out, config.name)
-    else:
-        run_dir = resume_path.parent
-        trim_metrics(run_dir / "metrics.jsonl", start_step)
-    write_run_config(run_dir, {"kind": "dvae", **config.to_dict(), "arch": arch, "data": data})
-    result = DvaeResult(run_dir, start_step, None, {})
-    t0, images = time.perf_counter(), 0
-    with open(run_dir / "metrics.jsonl", "a") as log:
-        for step in range(start_step, config.steps):
-            batch = next(loader)
-            losses = trainer.train_step(batch)  # loss, mse, kl of this rank's rows, as `trainers ldm` logs
-            done, images = step + 1, images + batch["image"].shape[0] * world.size
-            last = done == config.steps
-            if done % config.log_every == 0 or last:
-                result.losses = log_metrics(log, done, losses)
-            if progress is not None:
-                progress(1)
-            if (config.checkpoint_every and done % config.checkpoint_every == 0) or last:
-                state = {"kind": "dvae", "config": config.to_dict(), "arch": arch, "data": data}
-                result.checkpoint = save_checkpoint(run_dir, done, {**state, **trainer.state_dict()})
-            result.step = done
-    result.images_per_s = images / max(time.perf_counter() - t0, 1e-9)
+    run_dir = None
+    if world.main:  # the other ranks train in step and write nothing
+        run_dir = loop.open_run(config, resume)
+        loop.write_config(run_dir, "dvae", config, arch=arch, data=data)
+    record = loop.checkpoint_record("dvae", config, arch=arch, data=data)
+    trained = loop.train_steps(
+        trainer, loader, config, run_dir, record, advance=loop.step_counter(progress), log_rate=False
+    )
+    result = DvaeResult(run_dir, trained.step, trained.checkpoint, trained.losses)
+    result.images_per_s = trained.images_per_s
+    if not world.main:
+        return result
     result.eval = {"step": result.step, **evaluate_dvae(trainer.model, eval_images), **result.losses}
     write_json_atomic(run_dir / "eval.json", {**result.eval, "training_data": data})
     return result

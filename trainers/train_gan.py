@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
-import time
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from itertools import chain
@@ -34,31 +33,13 @@ import torch
 import torch.nn.functional as F
 
 from manifests.faults import crash_point
-from pipeline.errors import ConfigError, require_at_least
-from trainers.checkpoints import (
-    load_checkpoint,
-    load_init,
-    require_same_arch,
-    resolve_checkpoint,
-    restore_rng,
-    save_checkpoint,
-)
-from trainers.distributed import SINGLE, World, close_world, init_world
+from pipeline.errors import ConfigError
+from trainers import loop
+from trainers.checkpoints import require_same_arch
+from trainers.distributed import SINGLE, World
 from trainers.gan import GAN_SIZES, architecture, build_models
 from trainers.gan_source import DataSource, cache_source, data_record, first_batch_shape
-from trainers.runs import (
-    DEFAULT_PROMPTS,
-    RunConfig,
-    check_run_name,
-    log_metrics,
-    new_run_dir,
-    resolve_run_config,
-    seed_everything,
-    select_device,
-    trim_metrics,
-    write_pairs,
-    write_run_config,
-)
+from trainers.runs import DEFAULT_PROMPTS, RunConfig, resolve_run_config, seed_everything, select_device
 
 
 @dataclass(frozen=True)
@@ -93,31 +74,10 @@ class GanConfig(RunConfig):
     resume: Path | None = None  # checkpoint file or run directory (latest checkpoint) to continue
 
     def validate(self) -> None:
-        from trainers.conditions import check_condition
-
-        if self.size not in GAN_SIZES:
-            raise ConfigError(f"--size {self.size}: choose one of {', '.join(GAN_SIZES)}")
-        check_condition(self.condition)
-        check_run_name(self.name)
-        require_at_least(
-            ("--steps", self.steps, 1),
-            ("--batch-size", self.batch_size, 2),
-            ("--sample-every", self.sample_every, 0),
-            ("--workers", self.workers, 0),
-            ("--checkpoint-every", self.checkpoint_every, 0),
-            ("--log-every", self.log_every, 1),
-            ("--seed", self.seed, 0),
-            ("samples_per_prompt", self.samples_per_prompt, 1),
-            ("r1_every", self.r1_every, 1),
+        # the cache is checked when it is read (trainers.gan_source): tests and benchmarks give batches
+        loop.check_run_options(
+            self, GAN_SIZES, ("r1_every", self.r1_every, 1), min_batch=2, needs_cache=False
         )
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError("--lr must be a positive number")
-        if not 0.0 <= self.paired_fraction <= 1.0:
-            raise ConfigError("--paired-fraction must be between 0 and 1")
-        if self.paired_limit is not None and self.paired_limit < 1:
-            raise ConfigError("--paired-limit must be at least 1")
-        if self.init is not None and self.resume is not None:
-            raise ConfigError("--init starts a new run from weights; --resume continues one: give one")
         if not self.prompts:
             raise ConfigError("--prompts: the file has no prompts (one per line)")
         if (
@@ -160,12 +120,13 @@ def resolve_config(values: dict[str, Any], resume: Path | str | None = None) -> 
 def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float, world: World = SINGLE) -> torch.Tensor:
     """Symmetric InfoNCE between rows of a and b [B, D], cosine similarity, fp32. Plain torch rather than
     kernels.contrastive_loss: one batch's B x B logits are tiny, so the fused kernel would buy nothing.
-    Under torchrun, over the gathered global batch (trainers.distributed: the one-process loss)."""
+    Under torchrun, over the gathered global batch (trainers.distributed: the one-process loss, the same
+    on every rank; backpropagate it `world.coupled`)."""
     a = F.normalize(world.gather(a).float(), dim=1)  # [B, D]
     b = F.normalize(world.gather(b).float(), dim=1)  # [B, D]
     logits = a @ b.T / tau  # [B, B]
     target = torch.arange(a.shape[0], device=a.device)
-    return world.coupled(0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)))
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
 class GanTrainer:
@@ -189,9 +150,7 @@ class GanTrainer:
         self.step = 0
 
     def autocast(self, enabled: bool = True):
-        if self.amp and enabled:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return loop.bf16_autocast(self.amp and enabled)
 
     def clip_features(self, img: torch.Tensor) -> torch.Tensor:
         """CLIP image features of generated images, differentiable w.r.t. the images: a random crop of
@@ -229,14 +188,18 @@ class GanTrainer:
             logits_real, f_real = self.D(real_in, h)  # [B], [B, D]
         loss_adv_d = F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
         loss_con_d = info_nce(f_real, h, cfg.tau, world)
+        # loss_d as one process has it (logged); under torchrun the contrastive term, of the gathered
+        # batch, is backpropagated `coupled` (trainers.distributed)
         loss_d = loss_adv_d + cfg.con_d_weight * loss_con_d
+        grad_d = loss_adv_d + cfg.con_d_weight * world.coupled(loss_con_d) if world.distributed else loss_d
         r1 = torch.zeros((), device=self.device)
         if do_r1:
             (grad,) = torch.autograd.grad(logits_real.sum(), real_in, create_graph=True)  # [B, 3, R, R]
             r1 = grad.square().sum(dim=[1, 2, 3]).mean()
-            loss_d = loss_d + r1 * (self.r1_gamma / 2) * cfg.r1_every
+            r1_term = r1 * (self.r1_gamma / 2) * cfg.r1_every
+            loss_d, grad_d = loss_d + r1_term, grad_d + r1_term
         self.opt_D.zero_grad(set_to_none=True)
-        loss_d.backward()
+        grad_d.backward()
         world.average_gradients(self.D.parameters())
         self.opt_D.step()
 
@@ -249,8 +212,12 @@ class GanTrainer:
         loss_con_g = info_nce(clip_fake, h, cfg.tau, world)
         loss_con_d_fake = info_nce(f_fake, h, cfg.tau, world)
         loss_g = loss_adv_g + cfg.con_g_weight * loss_con_g + cfg.con_d_weight * loss_con_d_fake
+        grad_g = loss_g
+        if world.distributed:
+            con_g, con_d_fake = world.coupled(loss_con_g), world.coupled(loss_con_d_fake)
+            grad_g = loss_adv_g + cfg.con_g_weight * con_g + cfg.con_d_weight * con_d_fake
         self.opt_G.zero_grad(set_to_none=True)
-        loss_g.backward()
+        grad_g.backward()
         world.average_gradients(self.G.parameters())
         self.opt_G.step()
         self.D.requires_grad_(True)
@@ -258,6 +225,7 @@ class GanTrainer:
         self.step += 1
         self.update_ema(b * world.size)
         crash_point(f"train:rank{world.rank}:step{self.step}")  # tests: a rank dying mid-run
+        # this rank's rows' values (the contrastive ones the global batch's): trainers.loop averages them
         losses = {
             "loss_g": loss_g,
             "loss_d": loss_d,
@@ -356,53 +324,39 @@ def run_gan(
     """Train (or continue) a run; checkpoints, sample grids, config.json and metrics.jsonl in its dir.
     `progress`: show the run's bar (True), nothing (False), or call `progress(1)` after every step.
     Under torchrun, data-parallel (trainers/distributed.py): rank 0 writes, and returns the result."""
-    config.validate()
-    world, device = init_world(config.device)
-    try:
-        world.local_batch(config.batch_size)
-        return _run_gan(config, source, resume_state, progress if world.main else False, world, device)
-    finally:
-        close_world(world)
+    return loop.launch(config, functools.partial(_run_gan, config, source, resume_state), progress)
 
 
-def _run_gan(config, source, resume_state, progress, world: World, device_name: str) -> GanResult:
-    from pipeline.clip import encode_texts, load_clip
-    from trainers.sample import write_grid
+def _run_gan(config, source, resume_state, world: World, device_name: str, progress) -> GanResult:
+    from pipeline.clip import load_clip
 
     device = select_device(device_name)
-    if config.resume is not None:
-        resume_path = resolve_checkpoint(config.resume, "--resume")
-        resume_state = resume_state or load_checkpoint(resume_path, "--resume")
-        if int(resume_state["step"]) >= config.steps:  # nothing to do: say so, touch nothing
-            return GanResult(resume_path.parent, int(resume_state["step"]), resume_path, {}, 0.0, [])
-    init_path, init_state = load_init(config.init, "gan") if config.init is not None else (None, None)
+    resume = loop.load_resume(config, "gan", resume_state)
+    if resume.finished(config.steps):
+        return GanResult(resume.path.parent, resume.step, resume.path, {}, 0.0, [])
+    init_path, init_state = loop.load_init_state(config, "gan")
     source = source or cache_source(config, world)
 
-    if resume_state is None:  # a new run: the first batch tells the resolution and condition size
+    if resume.state is None:  # a new run: the first batch tells the resolution and condition size
         batches = source.batches(0)
         data, pair_keys = data_record(batches)
         first = next(batches)
         resolution, h_dim = first_batch_shape(first)
-        if h_dim != source.h_dim:
-            raise ConfigError(
-                f"--cache {config.cache}: conditions are {h_dim}-d but its CLIP is {source.h_dim}-d"
-            )
+        loop.check_condition_dim(config.cache, h_dim, source.h_dim)
         arch = architecture(config.size, resolution, h_dim)
         if init_state is not None:
             hint = "use a checkpoint trained with the same --size on a cache of the same image size and CLIP"
             require_same_arch(init_path, init_state["arch"], arch, sorted(arch), hint)
         batches = chain([first], batches)
-        start_step = 0
         if config.r1_gamma is None:
             config = replace(config, r1_gamma=default_r1_gamma(arch, config))
     else:
-        arch, start_step = resume_state["arch"], int(resume_state["step"])
+        arch = resume.state["arch"]
         if source.h_dim != arch["h_dim"]:
             raise ConfigError(
                 f"--cache {config.cache}: its features are {source.h_dim}-d, the checkpoint's "
                 f"{arch['h_dim']}-d (resume with the cache the run was trained on)"
             )
-        batches = None  # made after the RNG is restored, at start_step
     clip = load_clip(source.clip_model, source.clip_pretrained or None, str(device))  # seeds torch: first
     if clip.dim != arch["h_dim"]:
         raise ConfigError(
@@ -414,64 +368,23 @@ def _run_gan(config, source, resume_state, progress, world: World, device_name: 
 
     seed_everything(config.seed)
     trainer = GanTrainer(config, arch, clip, device, world)
+    loop.restore(trainer, resume, init_state, [trainer.G, trainer.D, trainer.G_ema], world)
+    if resume.state is not None:  # the loader made after the RNG is restored, at the step
+        batches = source.batches(resume.step)
+        data, pair_keys = data_record(batches)
     clip_args = {"model": source.clip_model, "pretrained": source.clip_pretrained, "dim": clip.dim}
-    if resume_state is None:
-        if init_state is not None:
-            trainer.load_state_dict(init_state, weights_only=True)
-        run_dir = new_run_dir(config.out, config.name) if world.main else None
-        if world.main:
-            write_pairs(run_dir, pair_keys)
-    else:
-        trainer.load_state_dict(resume_state)
-        trainer.step = start_step
-        restore_rng(resume_state["rng"])
-        run_dir = resume_path.parent  # the run continues in its own directory
-        batches = source.batches(start_step)
-        data, _ = data_record(batches)
-        if world.main:
-            trim_metrics(run_dir / "metrics.jsonl", start_step)
-    world.broadcast([trainer.G, trainer.D, trainer.G_ema])
-    if not world.main:  # the other ranks train in step and write nothing
-        for _ in range(start_step, config.steps):
-            trainer.train_step(next(batches))
-        return GanResult(None, config.steps, None, {}, 0.0, [])
-    write_run_config(
-        run_dir, {"kind": "gan", **config.to_dict(), "arch": arch, "clip": clip_args, "data": data}
-    )
+    parts = {"arch": arch, "clip": clip_args, "data": data}
+    run_dir, grid = None, None
+    if world.main:  # the other ranks train in step and write nothing
+        run_dir = loop.open_run(config, resume, pair_keys)
+        loop.write_config(run_dir, "gan", config, **parts)
+        grid_h = loop.prompt_grid(clip, config.prompts, config.samples_per_prompt)  # [P * n, D]
 
-    prompt_h = encode_texts(clip, list(config.prompts)).clone()  # [P, D]; clone: out of inference mode
-    grid_h = prompt_h.repeat_interleave(config.samples_per_prompt, dim=0)  # [P * n, D]
-    result = GanResult(run_dir, start_step, None, {}, 0.0, [])
-    t0, images = time.perf_counter(), 0
-    with (
-        _progress(config.steps, start_step, progress) as advance,
-        open(run_dir / "metrics.jsonl", "a") as log,
-    ):
-        for step in range(start_step, config.steps):
-            batch = next(batches)
-            losses = trainer.train_step(batch)
-            done, images = step + 1, images + batch["image"].shape[0] * world.size
-            last = done == config.steps
-            bar_fields = {}
-            if done % config.log_every == 0 or last:
-                result.images_per_s = images / (time.perf_counter() - t0)
-                result.losses = log_metrics(log, done, losses, images_per_s=result.images_per_s)
-                bar_fields = {"rate": f"{result.images_per_s:,.0f} img/s", "losses": result.losses}
-            advance(**bar_fields)
-            if (config.sample_every and done % config.sample_every == 0) or last:
-                images_u8 = trainer.G_ema.sample(grid_h, seed=config.seed)  # [P * n, 3, R, R] uint8
-                path = run_dir / f"samples-{done:07d}.png"
-                write_grid(path, images_u8, list(config.prompts), config.samples_per_prompt)
-                result.samples.append(path)
-            if (config.checkpoint_every and done % config.checkpoint_every == 0) or last:
-                state = {
-                    "kind": "gan",
-                    "config": config.to_dict(),
-                    "arch": arch,
-                    "clip": clip_args,
-                    "data": data,
-                    **trainer.state_dict(),
-                }
-                result.checkpoint = save_checkpoint(run_dir, done, state)
-            result.step = done
-    return result
+        def draw() -> torch.Tensor:
+            return trainer.G_ema.sample(grid_h, seed=config.seed)  # [P * n, 3, R, R] uint8
+
+        grid = loop.SampleGrid(draw, list(config.prompts), config.samples_per_prompt, config.sample_every)
+    record = loop.checkpoint_record("gan", config, **parts)
+    with _progress(config.steps, resume.step, progress) as advance:
+        trained = loop.train_steps(trainer, batches, config, run_dir, record, grid=grid, advance=advance)
+    return GanResult(run_dir, **vars(trained))

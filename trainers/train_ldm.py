@@ -25,10 +25,8 @@ model, EMA, optimiser and every global RNG state, and the loader restarts at `st
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import math
-import time
+import functools
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -36,30 +34,12 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import ConfigError, require_at_least
-from trainers.checkpoints import (
-    load_checkpoint,
-    load_init,
-    require_same_arch,
-    resolve_checkpoint,
-    restore_rng,
-    save_checkpoint,
-)
-from trainers.distributed import SINGLE, World, close_world, init_world
+from pipeline.errors import ConfigError
+from trainers import loop
+from trainers.checkpoints import require_same_arch
+from trainers.distributed import SINGLE, World
 from trainers.ldm import LDM_SIZES, Dit, flow_loss, ldm_architecture, sample_euler
-from trainers.runs import (
-    DEFAULT_PROMPTS,
-    RunConfig,
-    check_run_name,
-    log_metrics,
-    new_run_dir,
-    resolve_run_config,
-    seed_everything,
-    select_device,
-    trim_metrics,
-    write_pairs,
-    write_run_config,
-)
+from trainers.runs import DEFAULT_PROMPTS, RunConfig, resolve_run_config, seed_everything, select_device
 
 
 @dataclass(frozen=True)
@@ -90,37 +70,9 @@ class LdmConfig(RunConfig):
     resume: Path | None = None  # checkpoint file or run directory (latest checkpoint) to continue
 
     def validate(self) -> None:
-        from trainers.conditions import check_condition
-
-        if self.size not in LDM_SIZES:
-            raise ConfigError(f"--size {self.size}: choose one of {', '.join(LDM_SIZES)}")
-        check_condition(self.condition)
-        check_run_name(self.name)
-        require_at_least(
-            ("--steps", self.steps, 1),
-            ("--batch-size", self.batch_size, 1),
-            ("--seed", self.seed, 0),
-            ("--workers", self.workers, 0),
-            ("--checkpoint-every", self.checkpoint_every, 0),
-            ("--log-every", self.log_every, 1),
-            ("--sample-every", self.sample_every, 0),
-            ("sample_steps", self.sample_steps, 1),
-            ("samples_per_prompt", self.samples_per_prompt, 1),
-        )
-        if self.paired_limit is not None and self.paired_limit < 1:
-            raise ConfigError("--paired-limit must be at least 1")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError("--lr must be a positive number")
-        if not 0.0 <= self.cond_drop < 1.0:
-            raise ConfigError("--cond-drop must be in [0, 1)")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError("ema_decay must be in [0, 1)")
-        if self.cache is None:
-            raise ConfigError("--cache is required: the feature cache made by `pipeline embed` (or --resume)")
+        loop.check_run_options(self, LDM_SIZES, ("sample_steps", self.sample_steps, 1))
         if self.vae is None:
             raise ConfigError("--vae is required: a `trainers vae` checkpoint or run directory")
-        if self.init is not None and self.resume is not None:
-            raise ConfigError("--init starts a new run from weights; --resume continues one: give one")
 
 
 RESUME_OVERRIDABLE = (
@@ -159,9 +111,7 @@ class LdmTrainer:
         self.latent_cache = None  # trainers.latents.LatentCache of this VAE (`trainers vae --encode`), if any
 
     def autocast(self):
-        if self.amp:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return loop.bf16_autocast(self.amp)
 
     @torch.no_grad()
     def latents(self, images: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor:
@@ -182,8 +132,7 @@ class LdmTrainer:
         self.world.average_gradients(self.model.parameters())
         self.opt.step()
         self.step += 1
-        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
-        torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1.0 - decay)
+        loop.update_ema(self.ema, self.model, self.step, self.config.ema_decay)
         return {"loss": loss.detach()}
 
     def state_dict(self) -> dict[str, Any]:
@@ -223,61 +172,31 @@ class LdmResult:
 def run_ldm(config: LdmConfig, resume_state: dict | None = None, progress: Any = None) -> LdmResult:
     """Train (or continue) a run; checkpoints, config.json and metrics.jsonl in its dir. Under torchrun,
     data-parallel (trainers/distributed.py): rank 0 writes, and returns the result."""
-    config.validate()
-    world, device = init_world(config.device)
-    try:
-        world.local_batch(config.batch_size)
-        return _run_ldm(config, resume_state, progress if world.main else None, world, device)
-    finally:
-        close_world(world)
+    return loop.launch(config, functools.partial(_run_ldm, config, resume_state), progress)
 
 
-def _run_ldm(config, resume_state, progress, world: World, device_name: str) -> LdmResult:
-    from trainers.data import LoaderConfig, make_loader
+def _run_ldm(config, resume_state, world: World, device_name: str, progress) -> LdmResult:
+    from trainers.data import make_loader
     from trainers.embed_rows import cache_clip
     from trainers.latents import load_latent_cache, posterior_means
     from trainers.vae import load_vae
 
     device = select_device(device_name)
-    if config.resume is not None:
-        resume_path = resolve_checkpoint(config.resume, "--resume")
-        resume_state = resume_state or load_checkpoint(resume_path, "--resume")
-        if int(resume_state["step"]) >= config.steps:
-            return LdmResult(
-                resume_path.parent,
-                int(resume_state["step"]),
-                resume_path,
-                {},
-                0.0,
-                resume_state.get("data", {}),
-            )
-    init_path, init_state = load_init(config.init, "ldm") if config.init is not None else (None, None)
+    resume = loop.load_resume(config, "ldm", resume_state)
+    if resume.finished(config.steps):
+        return LdmResult(resume.path.parent, resume.step, resume.path, {}, 0.0, resume.state.get("data", {}))
+    init_path, init_state = loop.load_init_state(config, "ldm")
     clip = cache_clip(config.cache)
-    vae_path = resume_state["vae"]["path"] if resume_state is not None else config.vae
+    vae_path = resume.state["vae"]["path"] if resume.state is not None else config.vae
     vae, vae_ckpt = load_vae(vae_path, "--vae")
     latent_cache = load_latent_cache(config.cache, vae_ckpt["path"])  # None: encode every batch on the fly
-    loader_config = LoaderConfig(
-        cache=Path(config.cache),
-        condition=config.condition,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        workers=config.workers,
-        paired_limit=config.paired_limit,
-        allow_partial=config.allow_partial,
-    )
-    start_step = 0 if resume_state is None else int(resume_state["step"])
-    batches = make_loader(loader_config, start_step=start_step, world=world)
+    batches = make_loader(loop.cache_loader_config(config), start_step=resume.step, world=world)
     info = batches.info
-    if info.image_size != vae_ckpt["arch"]["resolution"]:
-        raise ConfigError(
-            f"--vae {vae_path}: trained on {vae_ckpt['arch']['resolution']}px images, the cache has "
-            f"{info.image_size}px ones"
-        )
-    if info.dim != int(clip.dim):
-        raise ConfigError(f"--cache {config.cache}: conditions are {info.dim}-d but its CLIP is {clip.dim}-d")
+    resolution = vae_ckpt["arch"]["resolution"]
+    loop.check_autoencoder_fits(info, int(clip.dim), config.cache, f"--vae {vae_path}", resolution)
     data = info.record()
     latent_size = info.image_size // 4
-    if resume_state is None:
+    if resume.state is None:
         first = next(batches)
         # the latent scale from the global first batch: every rank (and one process) gets the same
         mean = world.gather(posterior_means(vae, first["image"], first.get("key"), latent_cache))
@@ -290,91 +209,36 @@ def _run_ldm(config, resume_state, progress, world: World, device_name: str) -> 
             require_same_arch(init_path, init_state["arch"], arch, ARCH_KEYS_CHECKED_BY_INIT, INIT_HINT)
             arch = {**arch, "latent_scale": init_state["arch"]["latent_scale"]}  # its weights learnt with it
     else:
-        arch = resume_state["arch"]
+        arch = resume.state["arch"]
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    from pipeline.clip import encode_texts, load_clip
-    from trainers.sample import write_grid
-
-    text_clip = load_clip(clip.clip_model, clip.clip_pretrained or None, str(device))  # seeds torch: first
-    prompt_h = encode_texts(text_clip, list(DEFAULT_PROMPTS)).clone()  # [P, D]; clone: out of inference mode
-    grid_h = prompt_h.repeat_interleave(config.samples_per_prompt, dim=0)  # [P * n, D]
-    del text_clip
+    grid_h = loop.cache_prompt_grid(clip, device, DEFAULT_PROMPTS, config.samples_per_prompt)  # [P * n, D]
     seed_everything(config.seed)
     trainer = LdmTrainer(config, arch, vae, device, world)
     trainer.latent_cache = latent_cache
-    clip_args = {"model": clip.clip_model, "pretrained": clip.clip_pretrained, "dim": int(clip.dim)}
-    if resume_state is None:
-        if init_state is not None:
-            trainer.load_state_dict(init_state, weights_only=True)
-    else:
-        trainer.load_state_dict(resume_state)
-        trainer.step = start_step
-        restore_rng(resume_state["rng"])
-    world.broadcast([trainer.model, trainer.ema])
-    if not world.main:  # the other ranks train in step and write nothing
-        for _ in range(start_step, config.steps):
-            trainer.train_step(next(batches))
-        return LdmResult(None, config.steps, None, {}, 0.0, data)
-    if resume_state is None:
-        run_dir = new_run_dir(config.out, config.name)
-        write_pairs(run_dir, info.pair_keys)
-    else:
-        run_dir = resume_path.parent
-        trim_metrics(run_dir / "metrics.jsonl", start_step)
+    loop.restore(trainer, resume, init_state, [trainer.model, trainer.ema], world)
     vae_args = {"path": vae_ckpt["path"], "step": int(vae_ckpt["step"]), "arch": vae_ckpt["arch"]}
-    write_run_config(
-        run_dir,
-        {
-            "kind": "ldm",
-            **config.to_dict(),
-            "arch": arch,
-            "clip": clip_args,
-            "vae_ckpt": vae_args,
-            "data": data,
-            "latents": {
-                "stage": latent_cache.stage if latent_cache else None,
-                "cached": len(latent_cache) if latent_cache else 0,
-            },
-        },
-    )
-    result = LdmResult(run_dir, start_step, None, {}, 0.0, data)
-    t0, images = time.perf_counter(), 0
-    with open(run_dir / "metrics.jsonl", "a") as log:
-        for step in range(start_step, config.steps):
-            batch = next(batches)
-            losses = trainer.train_step(batch)
-            done, images = step + 1, images + batch["image"].shape[0] * world.size
-            last = done == config.steps
-            if done % config.log_every == 0 or last:
-                result.images_per_s = images / (time.perf_counter() - t0)
-                result.losses = log_metrics(log, done, losses, images_per_s=result.images_per_s)
-            if progress is not None:
-                progress(1)
-            if (config.checkpoint_every and done % config.checkpoint_every == 0) or last:
-                state = {
-                    "kind": "ldm",
-                    "config": config.to_dict(),
-                    "arch": arch,
-                    "clip": clip_args,
-                    "vae": vae_args,
-                    "data": data,
-                    **trainer.state_dict(),
-                }
-                result.checkpoint = save_checkpoint(run_dir, done, state)
-            if (config.sample_every and done % config.sample_every == 0) or last:
-                # a private generator for the noise: writing a grid does not move the training RNG
-                noise = torch.randn(
-                    (len(grid_h), arch["latent_channels"], arch["latent_size"], arch["latent_size"]),
-                    generator=torch.Generator().manual_seed(config.seed),
-                ).to(device)  # [P * n, C, r, r]
-                with trainer.autocast():
-                    z = sample_euler(trainer.ema, noise, grid_h, config.sample_steps, config.guidance)
-                    decoded = trainer.vae.decode(z.float() / arch["latent_scale"]).float()  # [P * n, 3, R, R]
-                images_u8 = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-                path = run_dir / f"samples-{done:07d}.png"
-                write_grid(path, images_u8, list(DEFAULT_PROMPTS), config.samples_per_prompt)
-                result.samples.append(path)
-            result.step = done
-    return result
+    clip_args = loop.clip_record(clip)
+    record = loop.checkpoint_record("ldm", config, arch=arch, clip=clip_args, vae=vae_args, data=data)
+    run_dir = None
+    if world.main:  # the other ranks train in step and write nothing
+        run_dir = loop.open_run(config, resume, info.pair_keys)
+        run_record = {"arch": arch, "clip": clip_args, "vae_ckpt": vae_args, "data": data}
+        loop.write_config(run_dir, "ldm", config, **run_record, latents=loop.derived_record(latent_cache))
+
+    def draw() -> torch.Tensor:
+        # a private generator for the noise: writing a grid does not move the training RNG
+        noise = torch.randn(
+            (len(grid_h), arch["latent_channels"], arch["latent_size"], arch["latent_size"]),
+            generator=torch.Generator().manual_seed(config.seed),
+        ).to(device)  # [P * n, C, r, r]
+        with trainer.autocast():
+            z = sample_euler(trainer.ema, noise, grid_h, config.sample_steps, config.guidance)
+            decoded = trainer.vae.decode(z.float() / arch["latent_scale"]).float()  # [P * n, 3, R, R]
+        return ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+    grid = loop.SampleGrid(draw, list(DEFAULT_PROMPTS), config.samples_per_prompt, config.sample_every)
+    advance = loop.step_counter(progress)
+    trained = loop.train_steps(trainer, batches, config, run_dir, record, grid=grid, advance=advance)
+    return LdmResult(run_dir, data=data, **vars(trained))

@@ -26,13 +26,14 @@ Data-parallel under torchrun, as `trainers gan` (trainers/distributed.py): `--ba
 batch, each rank loads its slice, the posterior noise is drawn for the global batch and sliced, and the
 autoencoder's and the discriminator's gradients are averaged over the ranks. Every loss term is a mean
 over a batch's rows (the perceptual term included: the frozen CLIP has no batch statistics), so the
-averaged gradients are the one-process ones. Rank 0 writes and evaluates. `--encode` is one process.
+averaged gradients are the one-process ones, and the logged losses, averaged over the ranks
+(trainers/loop.py), the one-process values. Rank 0 writes and evaluates. `--encode` is one process.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.errors import ConfigError, require_at_least
+from pipeline.errors import ConfigError
+from trainers import loop
 from trainers.distributed import SINGLE, World
 
 
@@ -245,24 +247,8 @@ class VaeConfig:
     log_every: int = 10  # steps between metrics.jsonl lines
 
     def validate(self) -> None:
-        from trainers.runs import check_run_name
-
-        if self.size not in VAE_SIZES:
-            raise ConfigError(f"--size {self.size}: choose one of {', '.join(VAE_SIZES)}")
-        if self.cache is None:
-            raise ConfigError("--cache is required: the feature cache made by `pipeline embed`")
-        check_run_name(self.name)
-        require_at_least(
-            ("--steps", self.steps, 1),
-            ("--batch-size", self.batch_size, 1),
-            ("--seed", self.seed, 0),
-            ("--eval-n", self.eval_n, 1),
-            ("--disc-start", self.disc_start, 0),
-            ("--checkpoint-every", self.checkpoint_every, 0),
-            ("--log-every", self.log_every, 1),
-        )
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError("--lr must be a positive number")
+        minimums = (("--eval-n", self.eval_n, 1), ("--disc-start", self.disc_start, 0))
+        loop.check_run_options(self, VAE_SIZES, *minimums)
         if min(self.perceptual_weight, self.kl_weight) < 0:
             raise ConfigError("the perceptual and KL weights must be non-negative")
         if not (math.isfinite(self.disc_weight) and self.disc_weight >= 0):
@@ -328,7 +314,7 @@ class VaeTrainer:
         self.step += 1
         return {k: v.detach() for k, v in losses.items()}
 
-    def state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """Model, optimiser and (when there is one) discriminator state, for a checkpoint."""
         out = {"model": self.model.state_dict(), "opt": self.opt.state_dict()}
         if self.disc is not None:
@@ -363,18 +349,11 @@ def split_cache(config: Any, start_step: int = 0, world: World = SINGLE):
     config with cache, batch_size, seed, allow_partial and eval_n (VaeConfig, train_dvae.DvaeConfig).
     Under torchrun the loader yields this rank's slice of each global batch; every rank holds the same
     held-out images (only rank 0 evaluates)."""
-    from trainers.data import LoaderConfig, build_dataset
+    from trainers.data import build_dataset
     from trainers.stream import CacheDataset, CacheLoader
 
     # perturb needs only the embed stage; the conditions are ignored here
-    loader_config = LoaderConfig(
-        cache=Path(config.cache),
-        condition="perturb",
-        batch_size=config.batch_size,
-        seed=config.seed,
-        allow_partial=config.allow_partial,
-    )
-    dataset, info = build_dataset(loader_config)
+    dataset, info = build_dataset(loop.cache_loader_config(config, condition="perturb"))
     n = len(dataset.rows_idx)
     n_eval = min(config.eval_n, n // 2)
     if n_eval < 1:
@@ -399,71 +378,37 @@ def split_cache(config: Any, start_step: int = 0, world: World = SINGLE):
 def run_vae(config: VaeConfig, progress: Any = None) -> VaeResult:
     """Train a run from scratch; checkpoints, config.json, metrics.jsonl and eval.json in its dir. Under
     torchrun, data-parallel (trainers/distributed.py): rank 0 writes, evaluates and returns the result."""
-    from trainers.distributed import close_world, init_world
-
-    config.validate()
-    world, device = init_world(config.device)
-    try:
-        world.local_batch(config.batch_size)
-        return _run_vae(config, progress if world.main else None, world, device)
-    finally:
-        close_world(world)
+    return loop.launch(config, functools.partial(_run_vae, config), progress)
 
 
-def _run_vae(config: VaeConfig, progress: Any, world: World, device_name: str) -> VaeResult:
-
+def _run_vae(config: VaeConfig, world: World, device_name: str, progress: Any) -> VaeResult:
     from manifests import write_json_atomic
     from pipeline.clip import load_clip
-    from trainers.checkpoints import save_checkpoint
     from trainers.embed_rows import cache_clip
-    from trainers.runs import log_metrics, new_run_dir, seed_everything, select_device, write_run_config
+    from trainers.runs import seed_everything, select_device
 
     device = select_device(device_name)
     clip_info = cache_clip(config.cache)
     loader, eval_images, info = split_cache(config, 0, world)
     arch = vae_architecture(config.size, int(eval_images.shape[-1]))
     clip = load_clip(clip_info.clip_model, clip_info.clip_pretrained or None, str(device))  # seeds torch
-    clip_args = {"model": clip_info.clip_model, "pretrained": clip_info.clip_pretrained, "dim": clip.dim}
     seed_everything(config.seed)
     trainer = VaeTrainer(config, arch, clip, device, world)
     world.broadcast([trainer.model] if trainer.disc is None else [trainer.model, trainer.disc])
-    if not world.main:  # the other ranks train in step and write nothing
-        for _ in range(config.steps):
-            trainer.train_step(next(loader))
-        return VaeResult(None, config.steps, None, {}, None, 0.0)
-    run_dir = new_run_dir(config.out, config.name)
     data = {**info.record(), "n_train": len(loader.dataset), "n_eval": len(eval_images)}
-    write_run_config(
-        run_dir, {"kind": "vae", **config.to_dict(), "arch": arch, "clip": clip_args, "data": data}
-    )
-    t0, images, losses, checkpoint = time.perf_counter(), 0, {}, None
-    with open(run_dir / "metrics.jsonl", "a") as log:
-        for step in range(config.steps):
-            batch = next(loader)
-            step_losses = trainer.train_step(batch)  # of this rank's rows, as `trainers ldm` logs
-            done, images = step + 1, images + batch["image"].shape[0] * world.size
-            last = done == config.steps
-            if done % config.log_every == 0 or last:
-                losses = log_metrics(log, done, step_losses)
-            if progress is not None:
-                progress(1)
-            if (config.checkpoint_every and done % config.checkpoint_every == 0) or last:
-                state = {
-                    "kind": "vae",
-                    "config": config.to_dict(),
-                    "arch": arch,
-                    "clip": clip_args,
-                    "data": data,
-                    **trainer.state(),
-                }
-                checkpoint = save_checkpoint(run_dir, done, state)
-    rate = images / (time.perf_counter() - t0)
+    parts = {"arch": arch, "clip": loop.clip_record(clip_info, clip.dim), "data": data}
+    run_dir = None
+    if world.main:  # the other ranks train in step and write nothing
+        run_dir = loop.open_run(config, loop.Resume())
+        loop.write_config(run_dir, "vae", config, **parts)
+    record, advance = loop.checkpoint_record("vae", config, **parts), loop.step_counter(progress)
+    trained = loop.train_steps(trainer, loader, config, run_dir, record, advance=advance, log_rate=False)
+    if not world.main:
+        return VaeResult(None, config.steps, None, trained.losses, None, trained.images_per_s)
     score = trainer.eval_psnr(eval_images)
-    write_json_atomic(
-        run_dir / "eval.json",
-        {"step": config.steps, "psnr_db": score, "n_eval": len(eval_images), **losses, "training_data": data},
-    )
-    return VaeResult(run_dir, config.steps, checkpoint, losses, score, rate)
+    scores = {"step": config.steps, "psnr_db": score, "n_eval": len(eval_images), **trained.losses}
+    write_json_atomic(run_dir / "eval.json", {**scores, "training_data": data})
+    return VaeResult(run_dir, config.steps, trained.checkpoint, trained.losses, score, trained.images_per_s)
 
 
 def load_vae(path: Path | str, flag: str = "--vae") -> tuple[AutoencoderKL, dict[str, Any]]:

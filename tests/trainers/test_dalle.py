@@ -19,9 +19,10 @@ from typer.testing import CliRunner
 from pipeline.errors import ConfigError
 from trainers.checkpoints import save_checkpoint
 from trainers.cli import app
+from trainers.loop import lr_at
 from trainers.sample import load_generator
 from trainers.tokens import dvae_digest, encode_tokens, load_token_cache, tokens_stage
-from trainers.train_dalle import DalleConfig, lr_at, resolve_config, run_dalle
+from trainers.train_dalle import DalleConfig, resolve_config, run_dalle
 from trainers.train_dvae import DvaeConfig, run_dvae
 
 H_DIM = 64  # lafite-tiny

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from factories import tiny_cache
-from torchrun import ENV, TORCHRUN, assert_close, checkpoint, trainers
+from torchrun import ENV, TORCHRUN, assert_close, assert_same_metrics, checkpoint, metrics, trainers
 
 from trainers.checkpoints import list_checkpoints
 from trainers.distributed import World, launched_world
@@ -40,6 +40,10 @@ def test_two_gan_processes_take_the_one_process_steps(cache, tmp_path):
     for part in ("G", "G_ema", "D"):
         assert_close(one[part], two[part])
     assert not torch.equal(one["G"]["mapping.0.weight"], checkpoint_at_start(cache, tmp_path)), "it trained"
+    # the logged losses (the last step's: `trainers gan` logs every 10) are the global batch's, averaged
+    # over the ranks; the contrastive ones are of the gathered batch, not scaled for the backward
+    assert [line["step"] for line in metrics(tmp_path / "two")] == [4]
+    assert_same_metrics(metrics(tmp_path / "one"), metrics(tmp_path / "two"))
 
 
 def checkpoint_at_start(cache, tmp_path):
@@ -48,15 +52,15 @@ def checkpoint_at_start(cache, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def one_process_gan(cache, tmp_path_factory):
+def one_process_gan_run(cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("gan-one")
     trainers(gan_args(cache, out, 4))
-    return checkpoint(out)
+    return out
 
 
 @pytest.mark.parametrize("first, then", [(1, 2), (2, 1)])
 def test_a_run_resumes_with_another_world_size_on_the_same_stream(
-    cache, tmp_path, one_process_gan, first, then
+    cache, tmp_path, one_process_gan_run, first, then
 ):
     out = tmp_path / "run"
     trainers(gan_args(cache, out, 2), nproc=first)
@@ -65,7 +69,10 @@ def test_a_run_resumes_with_another_world_size_on_the_same_stream(
     resumed = checkpoint(out)
     assert resumed["step"] == 4
     for part in ("G", "G_ema", "D"):
-        assert_close(one_process_gan[part], resumed[part])
+        assert_close(checkpoint(one_process_gan_run)[part], resumed[part])
+    logged = metrics(out)  # each invocation's last step, logged as one process logs it
+    assert [line["step"] for line in logged] == [2, 4]
+    assert_same_metrics(metrics(one_process_gan_run), logged[1:])
 
 
 def test_ranks_split_each_global_batch_and_never_share_a_sample():
@@ -131,6 +138,8 @@ def test_two_ldm_processes_take_the_one_process_steps(cache, tmp_path):
     assert one["step"] == two["step"] == 3 and one["arch"] == two["arch"]  # one latent scale for all ranks
     assert_close(one["model"], two["model"])
     assert_close(one["ema"], two["ema"])
+    assert_same_metrics(metrics(tmp_path / "one"), metrics(tmp_path / "two"))  # the global batch's loss
+    assert [line["step"] for line in metrics(tmp_path / "two")] == [3]
 
 
 def _children(pid: int) -> list[int]:

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from factories import tiny_cache
-from torchrun import assert_close, checkpoint, trainers
+from torchrun import assert_close, assert_same_metrics, checkpoint, metrics, trainers
 from typer.testing import CliRunner
 
 from trainers.cli import app
@@ -72,6 +72,7 @@ def test_two_vae_processes_take_the_one_process_steps_with_the_discriminator(cac
     assert_close(one["disc"], two["disc"])
     (run,) = (tmp_path / "two").iterdir()  # rank 0 alone wrote: one run, one metrics line (the last step)
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1 and (run / "eval.json").exists()
+    assert_same_metrics(metrics(tmp_path / "one"), metrics(tmp_path / "two"))  # the global batch's losses
 
 
 def dvae_args(cache, out, steps: int, *more) -> list:
@@ -105,6 +106,8 @@ def test_two_dvae_processes_take_the_one_process_steps(cache, tmp_path, one_proc
     # the logged batch perplexity is of the gathered global batch's codes (rank 0's 4 images use fewer)
     perplexity = last_metrics(one_process_dvae_run)["batch_perplexity"]
     assert last_metrics(tmp_path)["batch_perplexity"] == pytest.approx(perplexity, rel=1e-4)
+    # and the losses are the global batch's: averaged over the ranks
+    assert_same_metrics(metrics(one_process_dvae_run), metrics(tmp_path))
 
 
 def test_a_two_process_dvae_run_resumes_as_one_process(cache, tmp_path, one_process_dvae):

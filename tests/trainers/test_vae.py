@@ -150,12 +150,12 @@ def test_discriminator_starts_after_the_warm_up_and_trains(tiny_clip):
         torch.testing.assert_close(losses["loss"], expected)
     assert not all(torch.equal(a, b) for a, b in zip(disc_before, trainer.disc.parameters(), strict=True))
     assert all(p.requires_grad for p in trainer.disc.parameters())
-    assert {"model", "opt", "disc", "disc_opt"} == set(trainer.state())
+    assert {"model", "opt", "disc", "disc_opt"} == set(trainer.state_dict())
 
 
 def test_no_discriminator_by_default(tiny_clip):
     trainer = VaeTrainer(VaeConfig(size="tiny"), vae_architecture("tiny", 32), tiny_clip, torch.device("cpu"))
-    assert trainer.disc is None and set(trainer.state()) == {"model", "opt"}
+    assert trainer.disc is None and set(trainer.state_dict()) == {"model", "opt"}
 
 
 def test_cli_trains_with_the_discriminator(cache, tmp_path):
