@@ -20,16 +20,22 @@ from pipeline.cli_common import (
     CacheOpt,
     ClipModelOpt,
     ClipPretrainedOpt,
+    DeviceOpt,
+    DryRunPlanOpt,
+    ForceOpt,
     RepairOpt,
     ThreadsOpt,
     WaitOpt,
     fail,
+    given_options,
     user_errors,
     writing,
 )
 from pipeline.errors import ConfigError
 from pipeline.help import ordered_group
 from pipeline.progress import describe_drops, progress_bar, stderr
+from pipeline.run import RunConfig
+from pipeline.synth import SynthConfig
 
 # As run; doctor checks the machine, demo runs it all on a synthetic world.
 COMMAND_ORDER = ("init", "synth", "embed", "retrieve", "optimize", "run", "status", "doctor", "demo")
@@ -77,27 +83,27 @@ def _commands() -> dict[str, Callable]:
 @user_errors
 def synth(
     out: Annotated[Path, typer.Option("--out", help="Output directory for shards and the caption corpus.")],
-    n: Annotated[int, typer.Option("--n", help="Number of images.")] = 2000,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed: same seed, same bytes.")] = 0,
-    image_size: Annotated[int, typer.Option("--image-size", help="Image side in pixels.")] = 64,
-    max_objects: Annotated[int, typer.Option("--max-objects", help="Objects per image: 1 or 2.")] = 2,
-    shard_size: Annotated[int, typer.Option("--shard-size", help="Images per tar shard.")] = 500,
+    n: Annotated[int, typer.Option("--n", help="Number of images.")] = SynthConfig.n,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Random seed: same seed, same bytes.")
+    ] = SynthConfig.seed,
+    image_size: Annotated[
+        int, typer.Option("--image-size", help="Image side in pixels.")
+    ] = SynthConfig.image_size,
+    max_objects: Annotated[
+        int, typer.Option("--max-objects", help="Objects per image: 1 or 2.")
+    ] = SynthConfig.max_objects,
+    shard_size: Annotated[
+        int, typer.Option("--shard-size", help="Images per tar shard.")
+    ] = SynthConfig.shard_size,
     n_captions: Annotated[
         int, typer.Option("--n-captions", help="Size of the independent caption corpus.")
-    ] = 20000,
+    ] = SynthConfig.n_captions,
 ) -> None:
     """Render the synthetic world: WebDataset shards of labelled images, and an independent caption corpus."""
-    from pipeline.synth import SynthConfig, run_synth
+    config = SynthConfig(**given_options(locals()))
+    from pipeline.synth import run_synth
 
-    config = SynthConfig(
-        out=out,
-        n=n,
-        seed=seed,
-        image_size=image_size,
-        max_objects=max_objects,
-        shard_size=shard_size,
-        n_captions=n_captions,
-    )
     with progress_bar("synth", total=n) as advance:
         done = 0
 
@@ -144,11 +150,11 @@ def embed(
             "processes may not have children.",
         ),
     ] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: DeviceOpt = "auto",
     verify: Annotated[
         bool, typer.Option("--verify", help="Hash file contents instead of trusting size and mtime.")
     ] = False,
-    force: Annotated[bool, typer.Option("--force", help="Remake every shard.")] = False,
+    force: ForceOpt = False,
     key_prefix: Annotated[
         str,
         typer.Option(
@@ -160,34 +166,17 @@ def embed(
     ] = "none",
     repair: RepairOpt = False,
     wait: WaitOpt = 0.0,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved plan and exit.")] = False,
+    dry_run: DryRunPlanOpt = False,
 ) -> None:
     """Embed images with CLIP into the cache: embed/{i}.tar (image, img_emb.npy, json) + .parquet sidecar.
 
     Reruns do only what changed: new images go into new shards, a changed image remakes its shard, a
     changed model or image size remakes everything.
     """
+    given = given_options(locals(), "inputs", "wait", "dry_run")  # without --workers: EmbedConfig's
     from pipeline.embed import EmbedConfig, describe_dropped_sources, describe_plan, plan_embed, run_embed
 
-    kwargs = {} if workers is None else {"workers": workers}
-    config = EmbedConfig(
-        inputs=tuple(inputs or ()),
-        cache=cache,
-        clip_model=clip_model,
-        clip_pretrained=clip_pretrained,
-        image_size=image_size,
-        image_format=image_format,
-        quality=quality,
-        max_pixels=max_pixels,
-        shard_size=shard_size,
-        batch_size=batch_size,
-        device=device,
-        verify=verify,
-        force=force,
-        repair=repair,
-        key_prefix=key_prefix,
-        **kwargs,
-    )
+    config = EmbedConfig(inputs=tuple(inputs or ()), **given)
     if dry_run:
         typer.echo(json.dumps(describe_plan(config, plan_embed(config, write_plan=False)), indent=1))
         return
@@ -212,7 +201,7 @@ def demo(
         str, typer.Option("--preset", help="cpu (under 20 min on 2 cores), gpu (larger) or smoke (wiring).")
     ] = ("cpu"),
     workers: Annotated[int, typer.Option("--workers", help="Decoding processes.")] = 2,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: DeviceOpt = "auto",
 ) -> None:
     """The whole story offline on the synthetic world: synth, train a small CLIP on fresh synthetic pairs,
     pipeline run, then `trainers compare` of GANs trained on perturb vs optimize features; prints the table
@@ -258,6 +247,9 @@ app.command()(cli_stages.retrieve)  # registered here: pipeline.toml's sections 
 app.command()(cli_stages.optimize)
 
 
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
 def _sections(ctx: typer.Context) -> dict[str, dict]:
     return dict(ctx.find_root().default_map or {})
 
@@ -266,22 +258,24 @@ def _sections(ctx: typer.Context) -> dict[str, dict]:
 @user_errors
 def run(
     ctx: typer.Context,
-    cache: CacheOpt = Path("cache"),
-    until: Annotated[str, typer.Option("--until", help="Last stage to run: embed, retrieve or optimize.")] = (
-        "optimize"
-    ),
+    cache: CacheOpt = RunConfig.cache,
+    until: Annotated[
+        str, typer.Option("--until", help="Last stage to run: embed, retrieve or optimize.")
+    ] = RunConfig.until,
     force: Annotated[
         list[str] | None, typer.Option("--force", help="Remake every shard of this stage (repeatable).")
     ] = None,
-    executor: Annotated[str, typer.Option("--executor", help="local, or dask (a Dask cluster).")] = "local",
+    executor: Annotated[
+        str, typer.Option("--executor", help="local, or dask (a Dask cluster).")
+    ] = RunConfig.executor,
     scheduler: Annotated[
         str | None,
         typer.Option("--scheduler", help="Dask scheduler address (default: $DASK_SCHEDULER_ADDRESS)."),
-    ] = None,
+    ] = RunConfig.scheduler,
     workers: Annotated[
         int | None, typer.Option("--workers", help="Start a LocalCluster of N workers when no scheduler.")
-    ] = None,
-    wait: WaitOpt = 0.0,
+    ] = RunConfig.workers,
+    wait: WaitOpt = RunConfig.wait,
     verify: Annotated[
         bool,
         typer.Option(
@@ -289,7 +283,7 @@ def run(
             help="Re-hash every input and output instead of trusting size and mtime, and remake what is "
             "damaged (bit rot, a bad copy).",
         ),
-    ] = False,
+    ] = RunConfig.verify,
     repair: RepairOpt = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print what would run and why, and exit.")
@@ -301,7 +295,7 @@ def run(
     change requires. Two runs on one cache never write at once: the second waits (--wait) or stops.
     """
     from manifests import verifying_outputs
-    from pipeline.run import RunConfig, report_lines, run_pipeline, stage_configs
+    from pipeline.run import report_lines, run_pipeline, stage_configs
     from pipeline.status import pipeline_status, render_status
 
     sections = _sections(ctx)
@@ -323,8 +317,8 @@ def run(
 @user_errors
 def status(
     ctx: typer.Context,
-    cache: CacheOpt = Path("cache"),
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    cache: CacheOpt = RunConfig.cache,
+    as_json: JsonOpt = False,
     verify: Annotated[
         bool,
         typer.Option(
@@ -362,7 +356,7 @@ def doctor(
     cache: Annotated[
         Path | None, typer.Option("--cache", help="Also summarise `pipeline status` of this cache.")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """What to trust a machine by before a long run: versions, devices and free memory, the kernel
     self-check, faiss-gpu, thread and worker defaults, the CLIP weights, and what pipeline.toml needs.

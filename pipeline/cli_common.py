@@ -7,7 +7,7 @@ import functools
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -34,7 +34,11 @@ def fail(error: Exception):
     raise typer.Exit(2) from None
 
 
+DEVICE_HELP = "auto, cpu, cuda or cuda:N."
 CacheOpt = Annotated[Path, typer.Option("--cache", help="Feature cache directory.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help=DEVICE_HELP)]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Remake every shard.")]
+DryRunPlanOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved plan and exit.")]
 WaitOpt = Annotated[
     float,
     typer.Option(
@@ -65,6 +69,13 @@ ClipPretrainedOpt = Annotated[
         "for random weights. Offline? Download the checkpoint elsewhere and pass its path.",
     ),
 ]
+
+
+def given_options(options: dict[str, Any], *besides: str) -> dict[str, Any]:
+    """The options given, for the command's config to take: from the command's `locals()` taken first
+    thing (its parameters), those not None and the flags set (every flag defaults to off), less `besides`
+    (the ones that are no config field). The config's defaults supply the rest."""
+    return {k: v for k, v in options.items() if k not in besides and v is not None and v is not False}
 
 
 def one_line_warnings() -> None:

@@ -10,7 +10,17 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli_common import CacheOpt, WaitOpt, user_errors, writing
+from pipeline.cli_common import (
+    DEVICE_HELP,
+    CacheOpt,
+    DeviceOpt,
+    DryRunPlanOpt,
+    ForceOpt,
+    WaitOpt,
+    given_options,
+    user_errors,
+    writing,
+)
 from pipeline.progress import describe_drops, progress_bar
 
 
@@ -51,34 +61,22 @@ def retrieve(
     query_batch_size: Annotated[
         int, typer.Option("--query-batch-size", help="Image queries per index search call.")
     ] = 16_384,
-    device: Annotated[str, typer.Option("--device", help="CLIP device: auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option("--device", help=f"CLIP device: {DEVICE_HELP}")] = "auto",
     force: Annotated[
         bool, typer.Option("--force", help="Redo every step; accept captions encoded by another CLIP.")
     ] = False,
     wait: WaitOpt = 0.0,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved plan and exit.")] = False,
+    dry_run: DryRunPlanOpt = False,
 ) -> None:
     """Top-k captions per image: caption features (captions/), a FAISS index (index/), search (retrieve/).
 
     The CLIP is the embed stage's. Each step reruns only when stale: appended captions are the only
     ones encoded, a changed index re-searches every shard, a new embed shard is searched alone.
     """
+    given = given_options(locals(), "captions", "wait", "dry_run")
     from pipeline.retrieve import RetrieveConfig, describe_retrieve, run_retrieve, summary_lines
 
-    config = RetrieveConfig.from_options(
-        captions=tuple(captions or ()),
-        cache=cache,
-        caption_column=caption_column,
-        caption_shard_size=caption_shard_size,
-        index=index,
-        k=k,
-        target_recall=target_recall,
-        max_index_memory=max_index_memory,
-        batch_size=batch_size,
-        query_batch_size=query_batch_size,
-        device=device,
-        force=force,
-    )
+    config = RetrieveConfig.from_options(captions=tuple(captions or ()), **given)
     if dry_run:
         typer.echo(json.dumps(describe_retrieve(config), indent=1))
         return
@@ -138,12 +136,12 @@ def optimize(
     precision: Annotated[
         str, typer.Option("--precision", help="Loss-kernel inputs: auto (CUDA bf16, CPU fp32), fp32 or bf16.")
     ] = "auto",
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: DeviceOpt = "auto",
     verify: Annotated[
         bool,
         typer.Option("--verify", help="Re-hash this stage's outputs instead of trusting size and mtime."),
     ] = False,
-    force: Annotated[bool, typer.Option("--force", help="Remake every shard.")] = False,
+    force: ForceOpt = False,
     variant: Annotated[
         str,
         typer.Option(
@@ -153,7 +151,7 @@ def optimize(
         ),
     ] = "",
     wait: WaitOpt = 0.0,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved plan and exit.")] = False,
+    dry_run: DryRunPlanOpt = False,
 ) -> None:
     """Pseudo text features per image: optimize/{i}.parquet (pseudo_txt, cos_init, cos_final) + stats.
 
@@ -161,27 +159,10 @@ def optimize(
     the same params does nothing. `--variant NAME` keeps several methods or params side by side, each
     with its own shards and manifests, so training on one never waits for restaging another.
     """
+    given = given_options(locals(), "wait", "dry_run")
     from pipeline.optimize import OptimizeConfig, describe_plan, plan_optimize, run_optimize
 
-    config = OptimizeConfig(
-        cache=cache,
-        method=method,
-        param=param,
-        xi=xi,
-        tau_r=tau_r,
-        tau=tau,
-        proximity=proximity,
-        steps=steps,
-        lr=lr,
-        batch_size=batch_size,
-        seed=seed,
-        backend=backend,
-        precision=precision,
-        device=device,
-        verify=verify,
-        force=force,
-        variant=variant,
-    )
+    config = OptimizeConfig(**given)
     if dry_run:
         typer.echo(json.dumps(describe_plan(config, plan_optimize(config)), indent=1))
         return

@@ -1,21 +1,33 @@
 """Every command's defaults are its config's: an option whose name is a config field defaults to the
 field's default, and an option that defaults to None (the config decides) says the same value in its
-`(default: X)` help. So a default is changed in one place, the config dataclass."""
+`(default: X)` or `[default: X]` help. So a default is changed in one place, the config dataclass.
+
+The options are read as --help shows them: a trainer's `said` and `shown` options (trainers/cli_options.py)
+get their defaults from the config only when the help is printed."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
+from typing import Annotated
 
 import pytest
 import typer
 
+from pipeline.captions import CaptionsConfig
 from pipeline.cli import app as pipeline_app
 from pipeline.embed import EmbedConfig
+from pipeline.index import IndexConfig
 from pipeline.optimize import OptimizeConfig
+from pipeline.retrieve import RetrieveConfig
+from pipeline.run import RunConfig
+from pipeline.search import SearchConfig
 from pipeline.synth import SynthConfig
 from trainers.cli import app as trainers_app
+from trainers.cli_options import SAID, SHOWN
+from trainers.clip_train import ClipTrainConfig
+from trainers.compare import CompareConfig
 from trainers.evaluate import EvalConfig
 from trainers.probe import ProbeConfig
 from trainers.sample import SampleConfig
@@ -29,16 +41,23 @@ COMMANDS = [
     (pipeline_app, "synth", SynthConfig),
     (pipeline_app, "embed", EmbedConfig),
     (pipeline_app, "optimize", OptimizeConfig),
+    (pipeline_app, "run", RunConfig),
+    (pipeline_app, "status", RunConfig),  # it reads what `run` makes: the same --cache
+    (trainers_app, "clip", ClipTrainConfig),
+    (trainers_app, "probe", ProbeConfig),
     (trainers_app, "gan", GanConfig),
+    (trainers_app, "vae", VaeConfig),
     (trainers_app, "ldm", LdmConfig),
     (trainers_app, "dvae", DvaeConfig),
     (trainers_app, "dalle", DalleConfig),
-    (trainers_app, "vae", VaeConfig),
-    (trainers_app, "probe", ProbeConfig),
     (trainers_app, "sample", SampleConfig),
     (trainers_app, "eval", EvalConfig),
+    (trainers_app, "compare", CompareConfig),
 ]
+RETRIEVE = (pipeline_app, "retrieve")  # three step configs: test_retrieve_defaults_are_its_steps_configs
+NO_CONFIG = {(pipeline_app, "init"), (pipeline_app, "doctor"), (pipeline_app, "demo")}
 HELP_DEFAULT = re.compile(r"\(default: ([^)]*)\)")
+SAYABLE = (int, float, str, Path)  # what a help's `(default: X)` can say
 
 
 def _plain(value):
@@ -65,19 +84,82 @@ def _same(said: str, expected) -> bool:
         return False
 
 
-@pytest.mark.parametrize("app, name, config", COMMANDS, ids=[f"{a.info.name}-{n}" for a, n, _ in COMMANDS])
-def test_command_defaults_are_the_configs(app, name, config):
+def _equal(default, expected) -> bool:
+    """A comma-separated option (`compare --seeds 0,1`) defaults to its tuple field, joined."""
+    if isinstance(default, str) and isinstance(expected, tuple):
+        return default == ",".join(map(str, expected))
+    return _plain(default) == _plain(expected)
+
+
+def _help_params(app: typer.Typer, name: str) -> list:
+    """The command's options after its --help is made, which puts the `said` and `shown` defaults in."""
     command = typer.main.get_command(app).commands[name]
+    command.get_help(command.context_class(command, info_name=name))
+    return command.params
+
+
+def check_defaults(app: typer.Typer, name: str, config: type) -> int:
+    """Assert that each option of `name` named after a field of `config` defaults to (or says) the field's
+    default; -> how many options were checked."""
     defaults = _field_defaults(config)
     checked = 0
-    for param in command.params:
-        if param.name not in defaults or param.name in ("cache", "out", "inputs"):
+    for param in _help_params(app, name):
+        assert SAID not in (param.help or "") and getattr(param, "show_default", None) != SHOWN, (
+            f"{name} --{param.name}: its config's default was not put in (cls=defaults_from(...)?)"
+        )
+        if param.name not in defaults:
             continue
         expected = defaults[param.name]
         if param.default is not None:
-            assert _plain(param.default) == _plain(expected), f"{name} --{param.name}"
+            assert _equal(param.default, expected), f"{name} --{param.name}: {param.default} != {expected}"
             checked += 1
-        elif (said := HELP_DEFAULT.search(param.help or "")) and isinstance(expected, int | float | str):
-            assert _same(said.group(1), expected), f"{name} --{param.name}: help says {said.group(1)}"
+        elif (said := HELP_DEFAULT.search(param.help or "")) and isinstance(expected, SAYABLE):
+            if said.group(1).startswith("the "):  # decided elsewhere: the preset's, the run's
+                continue
+            assert _same(said.group(1), _plain(expected)), f"{name} --{param.name}: help says {said.group(1)}"
             checked += 1
-    assert checked, f"{name}: no option matched a config field"
+    return checked
+
+
+APP_NAMES = {pipeline_app: "pipeline", trainers_app: "trainers"}
+
+
+@pytest.mark.parametrize("app, name, config", COMMANDS, ids=[f"{APP_NAMES[a]}-{n}" for a, n, _ in COMMANDS])
+def test_command_defaults_are_the_configs(app, name, config):
+    assert check_defaults(app, name, config), f"{name}: no option matched a config field"
+
+
+def test_retrieve_defaults_are_its_steps_configs():
+    """`pipeline retrieve` sets up three steps: its defaults, through RetrieveConfig.from_options, make
+    each step's config at its own defaults."""
+    params = _help_params(*RETRIEVE)
+    options = {p.name: p.default for p in params if p.name not in ("captions", "wait", "dry_run")}
+    built = RetrieveConfig.from_options(captions=(), **options)
+    assert built == RetrieveConfig(CaptionsConfig(corpus=()), IndexConfig(), SearchConfig())
+
+
+def test_every_command_is_checked():
+    listed = {(app, name) for app, name, _ in COMMANDS} | {RETRIEVE} | NO_CONFIG
+    for app in (pipeline_app, trainers_app):
+        for name in typer.main.get_command(app).commands:
+            assert (app, name) in listed, f"{name}: add it to COMMANDS (or NO_CONFIG when it has no config)"
+
+
+@dataclass(frozen=True)
+class _Toy:
+    steps: int = 10
+    lr: float = 0.1
+
+
+def test_a_default_changed_in_one_place_only_fails():
+    toy = typer.Typer()
+
+    @toy.command()
+    def literal(steps: Annotated[int, typer.Option("--steps")] = 11) -> None: ...
+
+    @toy.command()
+    def said(lr: Annotated[float | None, typer.Option("--lr", help="LR. (default: 0.2)")] = None) -> None: ...
+
+    for name in ("literal", "said"):
+        with pytest.raises(AssertionError):
+            check_defaults(toy, name, _Toy)

@@ -4,21 +4,48 @@ Commands turn options into a config and call the core in its module: `gan` (trai
 `vae` (vae.py), `ldm` (train_ldm.py), `sample` (sample.py), `eval` (evaluate.py); `clip`
 (clip_train.py) and `probe` (probe.py) have their commands in trainers/cli_instruments.py, `compare`
 (compare.py) in trainers/cli_compare.py, `dvae` (train_dvae.py, tokens.py) in trainers/cli_dalle.py.
+The options several commands share, how a trainer's --help says its config's defaults, and the body of
+the resumable trainers' commands are in trainers/cli_options.py.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from pipeline.cli_common import ThreadsOpt, user_errors
+from pipeline.cli_common import DEVICE_HELP, DeviceOpt, ThreadsOpt, given_options, user_errors
 from pipeline.help import ordered_group
 from trainers.cli_compare import compare_command
 from trainers.cli_dalle import dalle_command, dvae_command
 from trainers.cli_instruments import clip_command, probe_command
+from trainers.cli_options import (
+    BATCH_HELP,
+    CHECKPOINTS_HELP,
+    NAME_HELP,
+    RUNS_HELP,
+    AllowPartialOpt,
+    BatchOpt,
+    CheckpointEveryOpt,
+    ConditionOpt,
+    DryRunOpt,
+    InitOpt,
+    NameOpt,
+    PairedFractionOpt,
+    PairedLimitOpt,
+    ProbeOpt,
+    RunDeviceOpt,
+    RunsOpt,
+    SampleEveryOpt,
+    TotalStepsOpt,
+    WorkersOpt,
+    defaults_from,
+    said,
+    shown,
+    train,
+)
+from trainers.sample import SampleConfig
 
 COMMAND_ORDER = ("clip", "probe", "gan", "vae", "ldm", "dvae", "dalle", "sample", "eval", "compare")  # as run
 
@@ -32,33 +59,6 @@ app = typer.Typer(
 )
 
 
-AllowPartialOpt = Annotated[
-    bool,
-    typer.Option(
-        "--allow-partial",
-        help="Train on the usable shards when some are being rewritten, stale or not made yet (without "
-        "it: wait briefly, then refuse); config.json records the rows used.",
-    ),
-]
-PairedLimitOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--paired-limit",
-        help="Few-shot: N real image-caption pairs, seeded by --seed and listed in the run's pairs.txt. "
-        "With --condition caption the run trains on them alone; otherwise they keep their captions "
-        "among the condition's features (semi-supervised).",
-    ),
-]
-InitOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--init",
-        help="Start a new run from this checkpoint's weights (same generator and architecture; fresh "
-        "optimiser, step 0): fine-tuning.",
-    ),
-]
-
-
 @app.callback(invoke_without_command=True)
 def root(ctx: typer.Context, threads: ThreadsOpt = None) -> None:
     from pipeline.processes import start_threads
@@ -68,41 +68,25 @@ def root(ctx: typer.Context, threads: ThreadsOpt = None) -> None:
         typer.echo(ctx.get_help())
 
 
-@app.command()
+@app.command(cls=defaults_from("trainers.train_gan:GanConfig"))
 @user_errors
 def gan(
     cache: Annotated[
         Path | None, typer.Option("--cache", help="Feature cache (pipeline embed, + retrieve/optimize).")
     ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", help="Runs directory; the run goes to OUT/{idx:03d}-{name}/. (default: runs)"),
-    ] = None,
-    name: Annotated[str | None, typer.Option("--name", help="Run name. (default: gan)")] = None,
+    out: RunsOpt = None,
+    name: NameOpt = None,
     size: Annotated[
         str | None,
-        typer.Option(
-            "--size",
-            help="trainers.gan.GAN_SIZES entry: tiny (tests, 32 px), small (64 px), "
-            "base (128-256 px). (default: small)",
+        said(
+            "--size", "trainers.gan.GAN_SIZES entry: tiny (tests, 32 px), small (64 px), base (128-256 px)."
         ),
     ] = None,
-    condition: Annotated[
-        str | None,
-        typer.Option("--condition", help="optimize, retrieve, perturb or caption. (default: optimize)"),
-    ] = None,
-    steps: Annotated[
-        int | None, typer.Option("--steps", help="Total steps (a resume continues to it). (default: 20000)")
-    ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="Images per step. (default: 32)")
-    ] = None,
-    lr: Annotated[
-        float | None, typer.Option("--lr", help="Adam learning rate of G and D. (default: 0.0025)")
-    ] = None,
-    seed: Annotated[
-        int | None, typer.Option("--seed", help="Seed of init, noise and data order. (default: 0)")
-    ] = None,
+    condition: ConditionOpt = None,
+    steps: TotalStepsOpt = None,
+    batch_size: BatchOpt = None,
+    lr: Annotated[float | None, said("--lr", "Adam learning rate of G and D.")] = None,
+    seed: Annotated[int | None, said("--seed", "Seed of init, noise and data order.")] = None,
     resume: Annotated[
         Path | None,
         typer.Option(
@@ -111,18 +95,9 @@ def gan(
             "model, data and losses come from it.",
         ),
     ] = None,
-    sample_every: Annotated[
-        int | None,
-        typer.Option("--sample-every", help="Steps between sample grids (0: end only). (default: 1000)"),
-    ] = None,
-    checkpoint_every: Annotated[
-        int | None,
-        typer.Option("--checkpoint-every", help="Steps between checkpoints (0: end only). (default: 5000)"),
-    ] = None,
-    paired_fraction: Annotated[
-        float | None,
-        typer.Option("--paired-fraction", help="Share of samples given real-caption features. (default: 0)"),
-    ] = None,
+    sample_every: SampleEveryOpt = None,
+    checkpoint_every: CheckpointEveryOpt = None,
+    paired_fraction: PairedFractionOpt = None,
     paired_limit: PairedLimitOpt = None,
     init: InitOpt = None,
     prompts: Annotated[
@@ -132,56 +107,39 @@ def gan(
         ),
     ] = None,
     allow_partial: AllowPartialOpt = False,
-    workers: Annotated[int | None, typer.Option("--workers", help="Loader processes. (default: 0)")] = None,
-    device: Annotated[
-        str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N. (default: auto)")
-    ] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
+    workers: WorkersOpt = None,
+    device: RunDeviceOpt = None,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Train the LAFITE-style conditional StyleGAN2-lite on the cache's images and conditions."""
+    given = given_options(locals(), "resume", "prompts", "dry_run")
     from trainers.evaluate import read_prompts  # its errors name an undecodable or empty file
     from trainers.train_gan import resolve_config, run_gan
 
-    given = dict(
-        cache=cache,
-        out=out,
-        name=name,
-        size=size,
-        condition=condition,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        sample_every=sample_every,
-        checkpoint_every=checkpoint_every,
-        paired_fraction=paired_fraction,
-        paired_limit=paired_limit,
-        init=init,
-        allow_partial=allow_partial or None,  # not given: a resumed run keeps its own
-        workers=workers,
-        device=device,
-    )
-    given = {k: v for k, v in given.items() if v is not None}
     if prompts is not None:
         given["prompts"] = tuple(read_prompts(prompts))
-    config, checkpoint = resolve_config(given, resume)
-    if dry_run:
-        config.validate()
-        typer.echo(json.dumps(config.to_dict(), indent=1))
-        return
-    result = run_gan(config, resume_state=checkpoint)
-    if result.run_dir is None:  # a torchrun rank other than 0: rank 0 reports
-        return
-    if not result.losses:
-        typer.echo(
-            f"gan: already at step {result.step:,} of {config.steps:,}; raise --steps to continue "
-            f"-> {result.run_dir}"
-        )
+    result = train(
+        "gan",
+        resolve_config,
+        run_gan,
+        given,
+        resume,
+        dry_run=dry_run,
+        bar=False,  # run_gan shows its own, with the losses
+        already="; raise --steps to continue",
+    )
+    if result is None:
         return
     losses = ", ".join(f"{k} {result.losses[k]:.3f}" for k in ("loss_g", "loss_d", "con_g", "con_d"))
     typer.echo(
         f"gan: step {result.step:,}, {result.images_per_s:,.1f} img/s; {losses} -> {result.checkpoint}"
     )
+
+
+SamplerStepsOpt = Annotated[int | None, typer.Option("--steps", help="LDM sampler steps (default 50).")]
+GuidanceOpt = Annotated[
+    float | None, typer.Option("--guidance", help="LDM classifier-free guidance (default: the run's).")
+]
 
 
 @app.command()
@@ -197,16 +155,16 @@ def sample(
     prompts: Annotated[
         Path | None, typer.Option("--prompts", help="A file of prompts, one per line.")
     ] = None,
-    n: Annotated[int, typer.Option("--n", help="Images per prompt.")] = 4,
-    seed: Annotated[int, typer.Option("--seed", help="Same checkpoint, prompts and seed: same pixels.")] = 0,
+    n: Annotated[int, typer.Option("--n", help="Images per prompt.")] = SampleConfig.n,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Same checkpoint, prompts and seed: same pixels.")
+    ] = SampleConfig.seed,
     out: Annotated[
         Path, typer.Option("--out", help="Grid PNG; single images go into a folder named after it.")
-    ] = Path("samples.png"),
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    steps: Annotated[int | None, typer.Option("--steps", help="LDM sampler steps (default 50).")] = None,
-    guidance: Annotated[
-        float | None, typer.Option("--guidance", help="LDM classifier-free guidance (default: the run's).")
-    ] = None,
+    ] = SampleConfig.out,
+    device: DeviceOpt = SampleConfig.device,
+    steps: SamplerStepsOpt = SampleConfig.steps,
+    guidance: GuidanceOpt = SampleConfig.guidance,
     rerank: Annotated[
         int,
         typer.Option(
@@ -214,25 +172,16 @@ def sample(
             help="CLIP re-ranking: each image is the best of N candidates by CLIP score with the "
             "checkpoint's CLIP (DALL-E's); 1: off.",
         ),
-    ] = 1,
+    ] = SampleConfig.rerank,
 ) -> None:
     """Prompts -> CLIP text features -> a labelled image grid (one row per prompt) and single images;
     `--rerank N` shows the best of N candidates per cell by CLIP score, for any generator family."""
+    given = given_options(locals(), "prompt", "prompts")
     from trainers.evaluate import read_prompts  # its errors name an undecodable or empty file
-    from trainers.sample import SampleConfig, run_sample
+    from trainers.sample import run_sample
 
     texts = tuple(prompt or ()) + (tuple(read_prompts(prompts)) if prompts is not None else ())
-    config = SampleConfig(
-        checkpoint=checkpoint,
-        prompts=texts,
-        out=out,
-        n=n,
-        seed=seed,
-        device=device,
-        steps=steps,
-        guidance=guidance,
-        rerank=rerank,
-    )
+    config = SampleConfig(**given, prompts=texts)
     result = run_sample(config)
     typer.echo(
         f"sample: {len(result.images)} images at {result.resolution}px from step {result.step:,} -> "
@@ -246,7 +195,7 @@ def sample(
         )
 
 
-@app.command("eval")
+@app.command("eval", cls=defaults_from("trainers.evaluate:EvalConfig"))
 @user_errors
 def eval_command(
     checkpoint: Annotated[
@@ -261,88 +210,66 @@ def eval_command(
         Path | None,
         typer.Option("--prompts", help="Prompts, one per line. (default: synthetic-world captions)"),
     ] = None,
-    n: Annotated[int, typer.Option("--n", help="Images generated (and real images compared).")] = 1000,
-    seed: Annotated[int, typer.Option("--seed", help="Prompts, generator noise, real-image draw.")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per generator call.")] = 100,
-    probe: Annotated[
-        Path | None,
-        typer.Option("--probe", help="A `trainers probe` file. (default: trained once per cache)"),
-    ] = None,
+    n: Annotated[int | None, shown("--n", "Images generated (and real images compared).")] = None,
+    seed: Annotated[int | None, shown("--seed", "Prompts, generator noise, real-image draw.")] = None,
+    batch_size: Annotated[int | None, shown("--batch-size", "Images per generator call.")] = None,
+    probe: ProbeOpt = None,
     inception: Annotated[
         Path | None,
         typer.Option(
             "--inception", help="Local inception-2015-12-05.pt for Inception FID (never downloaded)."
         ),
     ] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    steps: Annotated[int | None, typer.Option("--steps", help="LDM sampler steps (default 50).")] = None,
-    guidance: Annotated[
-        float | None, typer.Option("--guidance", help="LDM classifier-free guidance (default: the run's).")
-    ] = None,
+    device: Annotated[str | None, shown("--device", DEVICE_HELP)] = None,
+    steps: SamplerStepsOpt = None,
+    guidance: GuidanceOpt = None,
     rerank: Annotated[
-        int,
-        typer.Option(
+        int | None,
+        shown(
             "--rerank",
-            help="Also measure the best of N candidates per image by CLIP score (eval.json `rerank`, "
+            "Also measure the best of N candidates per image by CLIP score (eval.json `rerank`, "
             "grid_rerank.png); the plain metrics are unchanged. 1: off.",
         ),
-    ] = 1,
+    ] = None,
 ) -> None:
     """FID (CLIP features offline; Inception when its weights are local), CLIP score, attribute accuracy,
     each printed and written beside its reference: real images (FID: two halves of them) or chance;
     with `--rerank N` the same again on the best of N candidates per image by CLIP."""
+    given = given_options(locals(), "steps", "guidance")
     from pipeline.progress import progress_bar
     from trainers.evaluate import EvalConfig, describe, evaluate
     from trainers.sample import load_generator
 
-    config = EvalConfig(
-        checkpoint=str(checkpoint),
-        cache=cache,
-        out=out,
-        prompts=prompts,
-        n=n,
-        seed=seed,
-        batch_size=batch_size,
-        device=device,
-        probe=probe,
-        inception=inception,
-        rerank=rerank,
-    )
+    config = EvalConfig(**{**given, "checkpoint": str(checkpoint)})
     config.validate()
-    generate, info = load_generator(checkpoint, device=device, steps=steps, guidance=guidance)
-    with progress_bar("eval", total=n * rerank) as advance:  # every candidate is one image generated
+    generate, info = load_generator(checkpoint, device=config.device, steps=steps, guidance=guidance)
+    with progress_bar("eval", total=config.n * config.rerank) as advance:  # every candidate: one image
         result = evaluate(config, generate, info, progress=advance)
     typer.echo(f"{describe(result)} -> {out / 'eval.json'}")
 
 
-@app.command("vae")
+@app.command("vae", cls=defaults_from("trainers.vae:VaeConfig"))
 @user_errors
 def vae_command(
     cache: Annotated[Path | None, typer.Option("--cache", help="Feature cache (its images).")] = None,
-    out: Annotated[
-        Path, typer.Option("--out", help="Runs directory; the run goes to OUT/{idx:03d}-{name}/.")
-    ] = Path("runs"),
-    name: Annotated[str, typer.Option("--name", help="Run name.")] = "vae",
-    size: Annotated[
-        str, typer.Option("--size", help="trainers.vae.VAE_SIZES entry: tiny or small.")
-    ] = "small",
-    steps: Annotated[int, typer.Option("--steps", help="Optimisation steps.")] = 10_000,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = 32,
-    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 2e-4,
-    seed: Annotated[int, typer.Option("--seed", help="Init, noise, data order, held-out choice.")] = 0,
-    eval_n: Annotated[int, typer.Option("--eval-n", help="Held-out images for the PSNR in eval.json.")] = 64,
+    out: Annotated[Path | None, shown("--out", RUNS_HELP)] = None,
+    name: Annotated[str | None, shown("--name", NAME_HELP)] = None,
+    size: Annotated[str | None, shown("--size", "trainers.vae.VAE_SIZES entry: tiny or small.")] = None,
+    steps: Annotated[int | None, shown("--steps", "Optimisation steps.")] = None,
+    batch_size: Annotated[int | None, shown("--batch-size", BATCH_HELP)] = None,
+    lr: Annotated[float | None, shown("--lr", "Adam learning rate.")] = None,
+    seed: Annotated[int | None, shown("--seed", "Init, noise, data order, held-out choice.")] = None,
+    eval_n: Annotated[int | None, shown("--eval-n", "Held-out images for the PSNR in eval.json.")] = None,
     disc_weight: Annotated[
-        float,
-        typer.Option("--disc-weight", help="Patch-discriminator (hinge) term weight; 0 trains without one."),
-    ] = 0.0,
+        float | None,
+        shown("--disc-weight", "Patch-discriminator (hinge) term weight; 0 trains without one."),
+    ] = None,
     disc_start: Annotated[
-        int, typer.Option("--disc-start", help="Warm-up: the first step with the discriminator terms.")
-    ] = 2000,
-    checkpoint_every: Annotated[
-        int, typer.Option("--checkpoint-every", help="Steps between checkpoints (0: end only).")
-    ] = 5000,
+        int | None, shown("--disc-start", "Warm-up: the first step with the discriminator terms.")
+    ] = None,
+    checkpoint_every: Annotated[int | None, shown("--checkpoint-every", CHECKPOINTS_HELP)] = None,
     allow_partial: AllowPartialOpt = False,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str | None, shown("--device", DEVICE_HELP)] = None,
     encode: Annotated[
         Path | None,
         typer.Option(
@@ -358,34 +285,20 @@ def vae_command(
 
     With --encode CKPT: precompute that VAE's latents of every embed shard once (no training).
     """
+    given = given_options(locals(), "encode")
     from trainers.distributed import training_bar
     from trainers.vae import VaeConfig, run_vae
 
+    config = VaeConfig(**given)
     if encode is not None:
         from trainers.derived_shards import encode_command
         from trainers.latents import describe, encode_latents
 
-        run = lambda advance: encode_latents(cache, encode, batch_size, device, advance)  # noqa: E731
+        run = lambda advance: encode_latents(cache, encode, config.batch_size, config.device, advance)  # noqa: E731
         typer.echo(describe(encode_command("vae", cache, run)))
         return
-    config = VaeConfig(
-        cache=cache,
-        out=out,
-        name=name,
-        size=size,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        eval_n=eval_n,
-        disc_weight=disc_weight,
-        disc_start=disc_start,
-        checkpoint_every=checkpoint_every,
-        device=device,
-        allow_partial=allow_partial,
-    )
     config.validate()
-    with training_bar("vae", steps) as advance:
+    with training_bar("vae", config.steps) as advance:
         result = run_vae(config, advance)
     if result.run_dir is None:  # a torchrun rank other than 0: rank 0 reports
         return
@@ -395,7 +308,7 @@ def vae_command(
     )
 
 
-@app.command("ldm")
+@app.command("ldm", cls=defaults_from("trainers.train_ldm:LdmConfig"))
 @user_errors
 def ldm_command(
     cache: Annotated[
@@ -404,65 +317,30 @@ def ldm_command(
     vae: Annotated[
         Path | None, typer.Option("--vae", help="A `trainers vae` checkpoint or run directory.")
     ] = None,
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Runs directory; the run goes to OUT/{idx:03d}-{name}/.")
-    ] = None,
-    name: Annotated[str | None, typer.Option("--name", help="Run name. (default: ldm)")] = None,
-    size: Annotated[
-        str | None, typer.Option("--size", help="trainers.ldm.LDM_SIZES entry: tiny, S or B. (default: S)")
-    ] = None,
-    condition: Annotated[
-        str | None,
-        typer.Option("--condition", help="optimize, retrieve, perturb or caption. (default: optimize)"),
-    ] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Total steps. (default: 50000)")] = None,
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="Images per step. (default: 64)")
-    ] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="AdamW learning rate. (default: 1e-4)")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed. (default: 0)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help=RUNS_HELP)] = None,
+    name: NameOpt = None,
+    size: Annotated[str | None, said("--size", "trainers.ldm.LDM_SIZES entry: tiny, S or B.")] = None,
+    condition: ConditionOpt = None,
+    steps: Annotated[int | None, said("--steps", "Total steps.")] = None,
+    batch_size: BatchOpt = None,
+    lr: Annotated[float | None, said("--lr", "AdamW learning rate.")] = None,
+    seed: Annotated[int | None, said("--seed", "Seed.")] = None,
     init: InitOpt = None,
     paired_limit: PairedLimitOpt = None,
     resume: Annotated[
         Path | None, typer.Option("--resume", help="Checkpoint, or run directory (its latest), to continue.")
     ] = None,
-    checkpoint_every: Annotated[
-        int | None, typer.Option("--checkpoint-every", help="Steps between checkpoints (0: end only).")
-    ] = None,
+    checkpoint_every: Annotated[int | None, typer.Option("--checkpoint-every", help=CHECKPOINTS_HELP)] = None,
     allow_partial: AllowPartialOpt = False,
-    workers: Annotated[int | None, typer.Option("--workers", help="Loader processes. (default: 0)")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = None,
+    workers: WorkersOpt = None,
+    device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP)] = None,
 ) -> None:
     """Train the DiT-style latent rectified-flow model on a frozen `trainers vae`, with guidance dropout."""
-    from trainers.distributed import training_bar
+    given = given_options(locals(), "resume")
     from trainers.train_ldm import resolve_config, run_ldm
 
-    given = dict(
-        cache=cache,
-        vae=vae,
-        out=out,
-        name=name,
-        size=size,
-        condition=condition,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        init=init,
-        paired_limit=paired_limit,
-        checkpoint_every=checkpoint_every,
-        workers=workers,
-        device=device,
-        allow_partial=allow_partial or None,  # not given: a resumed run keeps its own
-    )
-    config, checkpoint = resolve_config({k: v for k, v in given.items() if v is not None}, resume)
-    config.validate()
-    with training_bar("ldm", config.steps) as advance:
-        result = run_ldm(config, resume_state=checkpoint, progress=advance)
-    if result.run_dir is None:  # a torchrun rank other than 0: rank 0 reports
-        return
-    if not result.losses:
-        typer.echo(f"ldm: already at step {result.step:,} of {config.steps:,} -> {result.run_dir}")
+    result = train("ldm", resolve_config, run_ldm, given, resume)
+    if result is None:
         return
     typer.echo(
         f"ldm: step {result.step:,}, loss {result.losses['loss']:.4f}, {result.data['n_images']:,} images "
@@ -470,11 +348,11 @@ def ldm_command(
     )
 
 
-app.command("clip")(clip_command)
-app.command("probe")(probe_command)
+app.command("clip", cls=defaults_from("trainers.clip_train:ClipTrainConfig"))(clip_command)
+app.command("probe", cls=defaults_from("trainers.probe:ProbeConfig"))(probe_command)
 app.command("compare")(compare_command)
-app.command("dvae")(dvae_command)
-app.command("dalle")(dalle_command)
+app.command("dvae", cls=defaults_from("trainers.train_dvae:DvaeConfig"))(dvae_command)
+app.command("dalle", cls=defaults_from("trainers.train_dalle:DalleConfig"))(dalle_command)
 
 
 def main() -> None:

@@ -9,7 +9,9 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli_common import user_errors
+from pipeline.cli_common import DeviceOpt, given_options, user_errors
+from trainers.cli_options import ProbeOpt
+from trainers.compare import CompareConfig
 
 
 @user_errors
@@ -20,7 +22,7 @@ def compare_command(
     ],
     generator: Annotated[
         str, typer.Option("--generator", help="gan, ldm (one shared VAE) or dalle (one shared dVAE).")
-    ] = "gan",
+    ] = CompareConfig.generator,
     conditions: Annotated[
         str,
         typer.Option(
@@ -29,17 +31,17 @@ def compare_command(
             "(pre-train language-free, fine-tune on P real pairs), scratch:P (P pairs from scratch), "
             "semi:P (language-free with P pairs mixed in); P a count (20) or a fraction of the cache (0.01).",
         ),
-    ] = "perturb,retrieve,optimize,caption",
+    ] = ",".join(CompareConfig.conditions),
     seeds: Annotated[
         str, typer.Option("--seeds", help="Comma-separated seeds: one run per condition and seed.")
-    ] = "0,1",
+    ] = ",".join(map(str, CompareConfig.seeds)),
     preset: Annotated[
         str,
         typer.Option(
             "--preset",
             help="Budget: smoke (seconds, tests), cpu (~7 min on 2 cores for 2 conditions x 2 seeds), gpu.",
         ),
-    ] = "cpu",
+    ] = CompareConfig.preset,
     size: Annotated[
         str | None, typer.Option("--size", help="Generator size. (default: the preset's)", show_default=False)
     ] = None,
@@ -67,13 +69,10 @@ def compare_command(
             show_default=False,
         ),
     ] = None,
-    eval_seed: Annotated[int, typer.Option("--eval-seed", help="Eval prompts and noise, for every run.")] = 0,
-    probe: Annotated[
-        Path | None,
-        typer.Option(
-            "--probe", help="A `trainers probe` file. (default: trained once per cache)", show_default=False
-        ),
-    ] = None,
+    eval_seed: Annotated[
+        int, typer.Option("--eval-seed", help="Eval prompts and noise, for every run.")
+    ] = CompareConfig.eval_seed,
+    probe: ProbeOpt = None,
     vae_size: Annotated[
         str | None,
         typer.Option("--vae-size", help="ldm, dalle: the shared VAE's or dVAE's size.", show_default=False),
@@ -93,18 +92,18 @@ def compare_command(
             help="Every run trains on the usable shards when some are being rewritten, stale or not made "
             "yet (without it: wait briefly, then refuse); each config.json and eval.json records the rows.",
         ),
-    ] = False,
+    ] = CompareConfig.allow_partial,
     language_free: Annotated[
         str,
         typer.Option(
             "--language-free", help="Arms: what fewshot pre-trains on and semi mixes real captions into."
         ),
-    ] = "optimize",
+    ] = CompareConfig.language_free,
     finetune_share: Annotated[
         float,
         typer.Option("--finetune-share", help="fewshot arms: the share of the budget spent on the P pairs."),
-    ] = 0.25,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    ] = CompareConfig.finetune_share,
+    device: DeviceOpt = CompareConfig.device,
     features_only: Annotated[
         bool,
         typer.Option(
@@ -119,29 +118,15 @@ def compare_command(
 
     Each run is committed with a manifest: a rerun makes only the missing or stale runs.
     """
+    given = given_options(locals(), "preset", "generator", "conditions", "seeds", "features_only", "dry_run")
     from trainers import compare as core
 
-    config = core.CompareConfig.from_preset(
+    config = CompareConfig.from_preset(
         preset,
         generator,
-        cache=cache,
-        out=out,
         conditions=core.parse_list(conditions, "--conditions"),
         seeds=core.parse_list(seeds, "--seeds", int),
-        size=size,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        eval_n=eval_n,
-        eval_seed=eval_seed,
-        probe=probe,
-        vae_size=vae_size,
-        vae_steps=vae_steps,
-        sample_steps=sample_steps,
-        device=device,
-        allow_partial=allow_partial,
-        language_free=language_free,
-        finetune_share=finetune_share,
+        **given,
     )
     config.validate()
     if dry_run:

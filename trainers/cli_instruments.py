@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli_common import user_errors
+from pipeline.cli_common import DEVICE_HELP, given_options, user_errors
+from trainers.cli_options import shown
 
 
 @user_errors
@@ -36,50 +37,48 @@ def clip_command(
         ),
     ] = None,
     size: Annotated[
-        str,
-        typer.Option(
+        str | None,
+        shown(
             "--size",
-            help="rn32 (lafite-rn32: ModifiedResNet, 32 px; sees shape, colour, size and position), tiny "
+            "rn32 (lafite-rn32: ModifiedResNet, 32 px; sees shape, colour, size and position), tiny "
             "(lafite-tiny ViT, 32 px; for tests) or small (lafite-small ViT, 64 px).",
         ),
-    ] = "rn32",
-    steps: Annotated[int, typer.Option("--steps", help="Optimisation steps.")] = 3000,
+    ] = None,
+    steps: Annotated[int | None, shown("--steps", "Optimisation steps.")] = None,
     batch_size: Annotated[
-        int,
-        typer.Option(
-            "--batch-size", help="Pairs per step (the InfoNCE negatives), in whole contrast groups."
-        ),
-    ] = 129,
+        int | None,
+        shown("--batch-size", "Pairs per step (the InfoNCE negatives), in whole contrast groups."),
+    ] = None,
     pretrain_n: Annotated[
-        int,
-        typer.Option(
+        int | None,
+        shown(
             "--pretrain-n",
-            help="Without --data: how many fresh synthetic pairs to render for training (indices from "
+            "Without --data: how many fresh synthetic pairs to render for training (indices from "
             "2*10^9, disjoint from every `pipeline synth` world and from the held-out eval images).",
         ),
-    ] = 40000,
+    ] = None,
     contrast_group: Annotated[
-        int,
-        typer.Option(
+        int | None,
+        shown(
             "--contrast-group",
-            help="Without --data: scenes per group that differ only in the first object's shape, so each "
+            "Without --data: scenes per group that differ only in the first object's shape, so each "
             "batch forces the loss to learn shape (1: independent pairs).",
         ),
-    ] = 3,
+    ] = None,
     max_objects: Annotated[
-        int,
-        typer.Option(
+        int | None,
+        shown(
             "--max-objects",
-            help="Without --data: objects per training image, 1 or 2 (2 binds attributes to objects in "
+            "Without --data: objects per training image, 1 or 2 (2 binds attributes to objects in "
             "two-object scenes but reads single objects less well in the same time; BENCHMARKS.md).",
         ),
-    ] = 1,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW peak learning rate (warmup, then cosine).")] = 2e-3,
-    seed: Annotated[int, typer.Option("--seed", help="Init, batch order and augmentation.")] = 0,
+    ] = None,
+    lr: Annotated[float | None, shown("--lr", "AdamW peak learning rate (warmup, then cosine).")] = None,
+    seed: Annotated[int | None, shown("--seed", "Init, batch order and augmentation.")] = None,
     eval_n: Annotated[
-        int, typer.Option("--eval-n", help="Held-out synthetic images for zero-shot accuracy (0: skip).")
-    ] = 600,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+        int | None, shown("--eval-n", "Held-out synthetic images for zero-shot accuracy (0: skip).")
+    ] = None,
+    device: Annotated[str | None, shown("--device", DEVICE_HELP)] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUT/clip.pt.")] = False,
 ) -> None:
     """Train a small CLIP (open_clip, bundled config) for offline caches: on a fresh synthetic stream by
@@ -87,28 +86,15 @@ def clip_command(
 
     Then: `pipeline embed ... --clip-model OUT/clip_config.json --clip-pretrained OUT/clip.pt`.
     """
+    given = given_options(locals(), "shards", "data")
     from pipeline.errors import ConfigError
     from trainers.clip_train import CLIP_SIZES, ClipTrainConfig, describe, train_clip
     from trainers.distributed import training_bar
 
-    if size not in CLIP_SIZES:
-        raise ConfigError(f"--size {size}: choose one of {', '.join(CLIP_SIZES)}")
-    config = ClipTrainConfig(
-        data=tuple(data or ()) + tuple(shards or ()),
-        out=out,
-        size=size,
-        steps=steps,
-        batch_size=batch_size,
-        pretrain_n=pretrain_n,
-        contrast_group=contrast_group,
-        max_objects=max_objects,
-        lr=lr,
-        seed=seed,
-        eval_n=eval_n,
-        device=device,
-        force=force,
-    )
-    with training_bar("clip", steps) as advance:
+    config = ClipTrainConfig(**given, data=tuple(data or ()) + tuple(shards or ()))
+    if config.size not in CLIP_SIZES:
+        raise ConfigError(f"--size {config.size}: choose one of {', '.join(CLIP_SIZES)}")
+    with training_bar("clip", config.steps) as advance:
         result = train_clip(config, advance)
     if result.run_dir is None:  # a torchrun rank other than 0: rank 0 reports
         return
@@ -129,28 +115,26 @@ def probe_command(
     image_size: Annotated[
         int | None, typer.Option("--image-size", help="Image size, instead of --cache.", show_default=False)
     ] = None,
-    n_train: Annotated[int, typer.Option("--n-train", help="Rendered training images.")] = 6000,
-    epochs: Annotated[int, typer.Option("--epochs", help="Passes over them.")] = 6,
-    seed: Annotated[int, typer.Option("--seed", help="Training images, init and order.")] = 0,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    n_train: Annotated[int | None, shown("--n-train", "Rendered training images.")] = None,
+    epochs: Annotated[int | None, shown("--epochs", "Passes over them.")] = None,
+    seed: Annotated[int | None, shown("--seed", "Training images, init and order.")] = None,
+    device: Annotated[str | None, shown("--device", DEVICE_HELP)] = None,
 ) -> None:
     """Train the synthetic world's attribute classifier (the instrument `trainers eval` measures with)."""
-    from dataclasses import replace
-
+    given = given_options(locals(), "cache", "out", "image_size")
     from pipeline.errors import ConfigError
     from pipeline.progress import progress_bar
     from trainers.probe import ProbeConfig, cached_probe, describe, save_probe, train_probe
 
     if (cache is None) == (image_size is None):
         raise ConfigError("give --cache (its image size is used) or --image-size, not both")
-    base = ProbeConfig(n_train=n_train, epochs=epochs, seed=seed, device=device)
     if cache is not None:
         from trainers.embed_rows import cache_image_size
 
         size = cache_image_size(cache)
     else:
         size = image_size
-    config = replace(base, image_size=size)
+    config = ProbeConfig(**given, image_size=size)
     config.validate()
     if out is not None and (out.is_dir() or out.suffix == ""):
         raise ConfigError(f"--out {out}: give a file path such as probe.pt")

@@ -1,0 +1,156 @@
+"""What the `trainers` commands share: options written once, defaults read from each command's config
+dataclass, and the body of the resumable trainers' commands (gan, ldm, dvae, dalle).
+
+A trainer's option defaults to None, "not given": its config decides, or on --resume the checkpoint. Its
+help still says the config's default: `said` ends the help text with `(default: X)`, `shown` shows
+typer's `[default: X]`. The command class `defaults_from(config)` reads X from the dataclass when
+--help is printed, not at import: the trainers' configs live beside torch or numpy, which must load after
+the root callback has set the threads (pipeline.processes.start_threads), and torch's import (1.3 s on 2
+cores) would slow `trainers --help` and every other trainer's command. The command passes the options
+given (pipeline.cli_common.given_options) to the config, which supplies the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperCommand
+from typer.models import OptionInfo
+
+from pipeline.cli_common import DEVICE_HELP
+
+SAID = "(default: the config's)"  # how a `said` help ends until --help puts the value in
+SHOWN = "the config's"  # a `shown` option's show_default until --help puts the value in
+
+
+def said(flag: str, help: str, **kwargs: Any) -> OptionInfo:
+    """An option that defaults to None and ends its help with its config field's default: `(default: X)`."""
+    return typer.Option(flag, help=f"{help} {SAID}", **kwargs)
+
+
+def shown(flag: str, help: str, **kwargs: Any) -> OptionInfo:
+    """An option that defaults to None and shows its config field's default as typer does: `[default: X]`."""
+    return typer.Option(flag, help=help, show_default=SHOWN, **kwargs)
+
+
+def config_defaults(config: str) -> dict[str, Any]:
+    """Field -> default of the dataclass `config` ("module:Class"), for the fields with a fixed one."""
+    module, name = config.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+def say_defaults(params: Iterable[Any], defaults: dict[str, Any]) -> None:
+    """Put each `said` and `shown` option's default, `defaults[option name]`, into its help."""
+    for param in params:
+        if param.help and param.help.endswith(SAID):
+            param.help = param.help.removesuffix(SAID) + f"(default: {defaults[param.name]})"
+        if getattr(param, "show_default", None) == SHOWN:
+            param.default, param.show_default = defaults[param.name], True
+
+
+def defaults_from(config: str) -> type[TyperCommand]:
+    """The command class (`app.command(cls=...)`) of a trainer whose options are `said` or `shown`: its
+    --help takes their defaults from the dataclass `config` ("module:Class")."""
+
+    class SaysConfigDefaults(TyperCommand):
+        def format_help(self, ctx, formatter) -> None:
+            say_defaults(self.params, config_defaults(config))
+            super().format_help(ctx, formatter)
+
+    return SaysConfigDefaults
+
+
+RUNS_HELP = "Runs directory; the run goes to OUT/{idx:03d}-{name}/."
+CHECKPOINTS_HELP = "Steps between checkpoints (0: end only)."
+NAME_HELP = "Run name."
+BATCH_HELP = "Images per step."
+
+# Options of several trainers; each says its own config's default.
+RunsOpt = Annotated[Path | None, said("--out", RUNS_HELP)]
+NameOpt = Annotated[str | None, said("--name", NAME_HELP)]
+ConditionOpt = Annotated[str | None, said("--condition", "optimize, retrieve, perturb or caption.")]
+TotalStepsOpt = Annotated[int | None, said("--steps", "Total steps (a resume continues to it).")]
+BatchOpt = Annotated[int | None, said("--batch-size", BATCH_HELP)]
+PairedFractionOpt = Annotated[
+    float | None, said("--paired-fraction", "Share of samples given real-caption features.")
+]
+SampleEveryOpt = Annotated[int | None, said("--sample-every", "Steps between sample grids (0: end only).")]
+CheckpointEveryOpt = Annotated[int | None, said("--checkpoint-every", CHECKPOINTS_HELP)]
+WorkersOpt = Annotated[int | None, said("--workers", "Loader processes.")]
+RunDeviceOpt = Annotated[str | None, said("--device", DEVICE_HELP)]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")]
+AllowPartialOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-partial",
+        help="Train on the usable shards when some are being rewritten, stale or not made yet (without "
+        "it: wait briefly, then refuse); config.json records the rows used.",
+    ),
+]
+PairedLimitOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--paired-limit",
+        help="Few-shot: N real image-caption pairs, seeded by --seed and listed in the run's pairs.txt. "
+        "With --condition caption the run trains on them alone; otherwise they keep their captions "
+        "among the condition's features (semi-supervised).",
+    ),
+]
+InitOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--init",
+        help="Start a new run from this checkpoint's weights (same generator and architecture; fresh "
+        "optimiser, step 0): fine-tuning.",
+    ),
+]
+ProbeOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--probe", help="A `trainers probe` file. (default: trained once per cache)", show_default=False
+    ),
+]
+
+
+def train(
+    name: str,
+    resolve: Callable,
+    run: Callable,
+    given: dict[str, Any],
+    resume: Path | None,
+    *,
+    dry_run: bool = False,
+    bar: bool = True,
+    already: str = "",
+) -> Any:
+    """The body of a resumable trainer's command: the options given -> its config (`resolve`: the
+    checkpoint's on --resume), printed by --dry-run, else `run` under the command's progress bar (`bar`
+    False: the run shows its own). -> the result to report, or None when there is nothing to: a dry run,
+    a torchrun rank other than 0, or a run already at --steps (said here, then `already`)."""
+    import json
+
+    from trainers.distributed import training_bar
+
+    config, checkpoint = resolve(given, resume)
+    config.validate()
+    if dry_run:
+        typer.echo(json.dumps(config.to_dict(), indent=1))
+        return None
+    if bar:
+        with training_bar(name, config.steps) as advance:
+            result = run(config, resume_state=checkpoint, progress=advance)
+    else:
+        result = run(config, resume_state=checkpoint)
+    if result.run_dir is None:  # a torchrun rank other than 0: rank 0 reports
+        return None
+    if not result.losses:
+        step = f"{result.step:,} of {config.steps:,}"
+        typer.echo(f"{name}: already at step {step}{already} -> {result.run_dir}")
+        return None
+    return result
