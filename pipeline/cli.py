@@ -9,6 +9,7 @@ app's and `trainers`') are in pipeline/cli_common.py.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -309,7 +310,10 @@ def run(
             stages = pipeline_status(cache, configs)
         typer.echo(render_status(stages))
         return
-    for line in report_lines(configs, run_pipeline(configs, run_config, progress_bar)):
+    results = run_pipeline(configs, run_config, progress_bar)
+    for warning in (w for result in results.values() for w in result.warnings):
+        warnings.warn(warning, stacklevel=1)  # as the stage's own command warns (a recall target missed)
+    for line in report_lines(configs, results):
         typer.echo(line)
 
 

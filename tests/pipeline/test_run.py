@@ -180,3 +180,23 @@ def test_sigkilled_run_then_rerun_gives_the_same_outputs(project, tmp_path_facto
     assert sorted(got) == sorted(expected)
     for name, table in expected.items():
         assert got[name].equals(table), name
+
+
+def test_run_warns_what_a_stage_warns(project, monkeypatch):
+    """A stage's warnings (retrieve: a recall target its index missed) reach `pipeline run`, as they reach
+    the stage's own command."""
+    import pipeline.run
+    from pipeline.retrieve import index_warnings
+
+    missed = {"target_reached": False, "k": 4, "recall_at_k": 0.5, "target_recall": 0.9}
+    assert index_warnings({**missed, "target_reached": True}) == []
+    real = pipeline.run.run_pipeline
+
+    def missing_the_target(configs, run, progress_factory=None):
+        results = real(configs, run, progress_factory)
+        results["retrieve"].warnings = index_warnings(missed)
+        return results
+
+    monkeypatch.setattr(pipeline.run, "run_pipeline", missing_the_target)
+    with pytest.warns(UserWarning, match=r"index recall@4 0\.500 is below --target-recall 0\.9"):
+        _cli("run")
