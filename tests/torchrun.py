@@ -7,36 +7,20 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
 from trainers.checkpoints import list_checkpoints
 
-ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
 def trainers(args: list, nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
     """`trainers ARGS` as one plain process, or under torchrun with `nproc` processes; must succeed."""
-    return _launch(["-m", "trainers", *args], nproc, timeout)
-
-
-def script(path, args: list, nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
-    """The Python script `path ARGS` as one process or under torchrun with `nproc`, importing this
-    checkout (its directory first on PYTHONPATH); must succeed. For what the CLI has no flag for."""
-    return _launch([path, *args], nproc, timeout, {"PYTHONPATH": str(ROOT)})
-
-
-def _launch(args: list, nproc: int, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
     launch = [*TORCHRUN, "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]
     proc = subprocess.run(
-        [*launch, *map(str, args)],
-        capture_output=True,
-        text=True,
-        env={**ENV, **(env or {})},
-        timeout=timeout,
+        [*launch, "-m", "trainers", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=timeout
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

@@ -31,6 +31,7 @@ from trainers.cli_options import (
     ConditionOpt,
     DryRunOpt,
     InitOpt,
+    LogEveryOpt,
     NameOpt,
     PairedFractionOpt,
     PairedLimitOpt,
@@ -97,6 +98,7 @@ def gan(
     ] = None,
     sample_every: SampleEveryOpt = None,
     checkpoint_every: CheckpointEveryOpt = None,
+    log_every: LogEveryOpt = None,
     paired_fraction: PairedFractionOpt = None,
     paired_limit: PairedLimitOpt = None,
     init: InitOpt = None,
@@ -268,6 +270,7 @@ def vae_command(
         int | None, shown("--disc-start", "Warm-up: the first step with the discriminator terms.")
     ] = None,
     checkpoint_every: Annotated[int | None, shown("--checkpoint-every", CHECKPOINTS_HELP)] = None,
+    log_every: Annotated[int | None, shown("--log-every", "Steps between metrics.jsonl lines.")] = None,
     allow_partial: AllowPartialOpt = False,
     device: Annotated[str | None, shown("--device", DEVICE_HELP)] = None,
     encode: Annotated[
@@ -331,6 +334,7 @@ def ldm_command(
         Path | None, typer.Option("--resume", help="Checkpoint, or run directory (its latest), to continue.")
     ] = None,
     checkpoint_every: Annotated[int | None, typer.Option("--checkpoint-every", help=CHECKPOINTS_HELP)] = None,
+    log_every: LogEveryOpt = None,
     allow_partial: AllowPartialOpt = False,
     workers: WorkersOpt = None,
     device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP)] = None,

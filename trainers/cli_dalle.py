@@ -14,6 +14,7 @@ from trainers.cli_options import (
     CheckpointEveryOpt,
     ConditionOpt,
     DryRunOpt,
+    LogEveryOpt,
     NameOpt,
     PairedFractionOpt,
     RunDeviceOpt,
@@ -69,6 +70,7 @@ def dvae_command(
     ] = None,
     eval_n: Annotated[int | None, said("--eval-n", "Held-out images for eval.json.")] = None,
     checkpoint_every: CheckpointEveryOpt = None,
+    log_every: LogEveryOpt = None,
     resume: ResumeOpt = None,
     allow_partial: AllowPartialOpt = False,
     device: RunDeviceOpt = None,
@@ -130,6 +132,9 @@ def dalle_command(
     cond_drop: Annotated[
         float | None, said("--cond-drop", "Share of samples trained with the null condition (for guidance).")
     ] = None,
+    dropout: Annotated[
+        float | None, said("--dropout", "Dropout of the embeddings, attention weights and residual branches.")
+    ] = None,
     n_prefix: Annotated[
         int | None, said("--n-prefix", "Prefix slots the condition feature is projected to.")
     ] = None,
@@ -155,7 +160,7 @@ def dalle_command(
     top_p: Annotated[float | None, said("--top-p", "Sampling default; 1 keeps every token.")] = None,
     resume: ResumeOpt = None,
     checkpoint_every: CheckpointEveryOpt = None,
-    log_every: Annotated[int | None, said("--log-every", "Steps between metrics.jsonl lines.")] = None,
+    log_every: LogEveryOpt = None,
     sample_every: SampleEveryOpt = None,
     allow_partial: AllowPartialOpt = False,
     workers: WorkersOpt = None,

@@ -82,6 +82,7 @@ PairedFractionOpt = Annotated[
 ]
 SampleEveryOpt = Annotated[int | None, said("--sample-every", "Steps between sample grids (0: end only).")]
 CheckpointEveryOpt = Annotated[int | None, said("--checkpoint-every", CHECKPOINTS_HELP)]
+LogEveryOpt = Annotated[int | None, said("--log-every", "Steps between metrics.jsonl lines.")]
 WorkersOpt = Annotated[int | None, said("--workers", "Loader processes.")]
 RunDeviceOpt = Annotated[str | None, said("--device", DEVICE_HELP)]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")]

@@ -33,16 +33,16 @@ def gan_args(cache, out, steps: int, **more) -> list:
 
 
 def test_two_gan_processes_take_the_one_process_steps(cache, tmp_path):
-    trainers(gan_args(cache, tmp_path / "one", 4))
-    trainers(gan_args(cache, tmp_path / "two", 4), nproc=2)
+    trainers(gan_args(cache, tmp_path / "one", 4, log_every=1))
+    trainers(gan_args(cache, tmp_path / "two", 4, log_every=1), nproc=2)
     one, two = checkpoint(tmp_path / "one"), checkpoint(tmp_path / "two")
     assert one["step"] == two["step"] == 4  # R1 ran at step 0: the lazy regulariser is in the comparison
     for part in ("G", "G_ema", "D"):
         assert_close(one[part], two[part])
     assert not torch.equal(one["G"]["mapping.0.weight"], checkpoint_at_start(cache, tmp_path)), "it trained"
-    # the logged losses (the last step's: `trainers gan` logs every 10) are the global batch's, averaged
-    # over the ranks; the contrastive ones are of the gathered batch, not scaled for the backward
-    assert [line["step"] for line in metrics(tmp_path / "two")] == [4]
+    # every step's logged losses are the global batch's, averaged over the ranks; the contrastive ones are
+    # of the gathered batch, not scaled for the backward
+    assert [line["step"] for line in metrics(tmp_path / "two")] == [1, 2, 3, 4]
     assert_same_metrics(metrics(tmp_path / "one"), metrics(tmp_path / "two"))
 
 
@@ -131,7 +131,7 @@ def test_two_ldm_processes_take_the_one_process_steps(cache, tmp_path):
     trainers([*vae, "--batch-size", 4, "--eval-n", 4, "--device", "cpu"])
     (vae_run,) = (tmp_path / "vae").iterdir()
     ldm = ["ldm", "--cache", cache, "--vae", vae_run, "--size", "tiny", "--steps", 3, "--batch-size", 8]
-    ldm += ["--condition", "perturb", "--device", "cpu"]
+    ldm += ["--condition", "perturb", "--device", "cpu", "--log-every", 1]
     trainers([*ldm, "--out", tmp_path / "one"])
     trainers([*ldm, "--out", tmp_path / "two"], nproc=2)
     one, two = checkpoint(tmp_path / "one"), checkpoint(tmp_path / "two")
@@ -139,7 +139,7 @@ def test_two_ldm_processes_take_the_one_process_steps(cache, tmp_path):
     assert_close(one["model"], two["model"])
     assert_close(one["ema"], two["ema"])
     assert_same_metrics(metrics(tmp_path / "one"), metrics(tmp_path / "two"))  # the global batch's loss
-    assert [line["step"] for line in metrics(tmp_path / "two")] == [3]
+    assert [line["step"] for line in metrics(tmp_path / "two")] == [1, 2, 3]
 
 
 def _children(pid: int) -> list[int]:

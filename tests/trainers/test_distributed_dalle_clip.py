@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 from factories import tiny_cache
-from torchrun import ENV, TORCHRUN, assert_close, assert_same_metrics, checkpoint, metrics, script, trainers
+from torchrun import ENV, TORCHRUN, assert_close, assert_same_metrics, checkpoint, metrics, trainers
 
 
 @pytest.fixture(scope="module")
@@ -26,30 +26,16 @@ def dalle_world(tmp_path_factory):
     return cache, dvae_run
 
 
-# `trainers dalle` with dropout, which the command has no flag for: run_dalle as the command calls it
-DALLE = """
-import sys
-from pathlib import Path
-from trainers.train_dalle import DalleConfig, run_dalle
-
-cache, dvae, out = map(Path, sys.argv[1:])
-run_dalle(
-    DalleConfig(
-        cache=cache, dvae=dvae, out=out, size="tiny", steps=3, batch_size=8, condition="perturb",
-        cond_drop=0.5, dropout=0.2, device="cpu", sample_every=0, log_every=1,
-    )
-)
-"""
-
-
 def test_two_dalle_processes_take_the_one_process_steps(dalle_world, tmp_path):
     # half the conditions dropped (the draw must be the global batch's), dropout's masks (embeddings,
     # attention weights, residuals) drawn for the global batch too, and a clip that always bites (by the
     # global gradient norm: clipping each rank's own would scale the ranks' gradients differently)
     cache, dvae = dalle_world
-    (tmp_path / "dalle.py").write_text(DALLE)
-    script(tmp_path / "dalle.py", [cache, dvae, tmp_path / "one"])
-    script(tmp_path / "dalle.py", [cache, dvae, tmp_path / "two"], nproc=2)
+    dalle = ["dalle", "--cache", cache, "--dvae", dvae, "--size", "tiny", "--steps", 3, "--batch-size", 8]
+    dalle += ["--condition", "perturb", "--cond-drop", 0.5, "--dropout", 0.2, "--device", "cpu"]
+    dalle += ["--sample-every", 0, "--log-every", 1]
+    trainers([*dalle, "--out", tmp_path / "one"])
+    trainers([*dalle, "--out", tmp_path / "two"], nproc=2)
     one, two = checkpoint(tmp_path / "one"), checkpoint(tmp_path / "two")  # one run dir each: rank 0's
     assert one["step"] == two["step"] == 3 and one["arch"]["dropout"] == 0.2
     assert_close(one["model"], two["model"])
