@@ -12,12 +12,16 @@ On the CPU each process gets `--threads` intra-op threads (default 1: one core p
 per process), so the rows measure what adding processes and their cores buys, all-reduce included. On
 CUDA each process takes its `cuda:LOCAL_RANK`.
 
-Rows are appended to benchmarks/results/ddp.csv (date, commit, device, model, size, batch, steps,
-nproc, threads, images_per_s, scaling, efficiency).
+`--compile BACKEND` trains with `--compile` (each run compiles in its first steps, before the rate is read),
+so an eager and a compiled invocation give the compiler's speed-up.
+
+Rows are appended to benchmarks/results/ddp.csv (date, commit, device, model, size, resolution, compile,
+batch, steps, nproc, threads, images_per_s, scaling, efficiency).
 
     python benchmarks/bench_ddp.py --nproc 1,2                      # CPU: gan tiny, global batch 32
     python benchmarks/bench_ddp.py --model ldm --nproc 1,2
     python benchmarks/bench_ddp.py --device cuda --size small --batch-size 256 --nproc 1,8 --cache cache
+    python benchmarks/bench_ddp.py --device cuda --size small --resolution 64 --nproc 1 --compile inductor
 """
 
 from __future__ import annotations
@@ -36,15 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_rows, print_table, stamp  # noqa: E402
 
 TABLE_COLUMNS = [
-    "model",
-    "size",
-    "batch",
-    "steps",
-    "nproc",
-    "threads",
-    "images_per_s",
-    "scaling",
-    "efficiency",
+    *("model", "size", "resolution", "compile", "batch", "steps", "nproc", "threads"),
+    *("images_per_s", "scaling", "efficiency"),
 ]
 MODELS = ("gan", "ldm")
 
@@ -55,13 +52,14 @@ def run(command: list[str], env: dict[str, str]) -> None:
         raise SystemExit(f"{' '.join(map(str, command))} failed:\n{proc.stderr[-3000:]}")
 
 
-def synthetic_cache(root: Path, n: int, env: dict[str, str]) -> Path:
-    """A 32 px synthetic-world cache (embed only): what the trainers' tests train on, larger."""
+def synthetic_cache(root: Path, n: int, resolution: int, env: dict[str, str]) -> Path:
+    """A synthetic-world cache (embed only) at `resolution` px: what the trainers' tests train on, larger."""
     pipeline = [sys.executable, "-c", "from pipeline.cli import main; main()"]
-    run([*pipeline, "synth", "--out", root / "w", "--n", n, "--shard-size", 256, "--image-size", 32], env)
+    world = ["--n", n, "--shard-size", 256, "--image-size", resolution]
+    run([*pipeline, "synth", "--out", root / "w", *world], env)
     run(
         [*pipeline, "embed", f"{root / 'w'}/*.tar", "--cache", root / "c", "--clip-model", "lafite-tiny"]
-        + ["--clip-pretrained", "", "--image-size", 32, "--workers", 0],
+        + ["--clip-pretrained", "", "--image-size", resolution, "--workers", 0],
         env,
     )
     return root / "c"
@@ -99,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=60, help="steps per run (rates from step 10 on)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per process (CPU)")
     parser.add_argument("--images", type=int, default=1024, help="synthetic cache size (without --cache)")
+    parser.add_argument("--resolution", type=int, default=32, help="synthetic cache image size")
+    parser.add_argument("--compile", help="train with --compile BACKEND (inductor), else eager")
     parser.add_argument("--cache", type=Path, help="train on this cache instead of a synthetic one")
     parser.add_argument("--vae", type=Path, help="ldm: this VAE (default: a 20-step tiny one)")
     parser.add_argument("--no-csv", action="store_true", help="print only, append nothing")
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-ddp-") as tmp:
         tmp = Path(tmp)
-        cache = args.cache or synthetic_cache(tmp / "cache", args.images, env)
+        cache = args.cache or synthetic_cache(tmp / "cache", args.images, args.resolution, env)
         common = [
             "--cache",
             cache,
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
             args.batch_size,
         ]
         common += ["--condition", "perturb", "--device", args.device, "--checkpoint-every", 0]
+        common += ["--compile", args.compile] if args.compile else []
         if args.model == "gan":
             common += ["--sample-every", 0]
         else:
@@ -141,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
                     **stamp(args.device),
                     "model": args.model,
                     "size": args.size,
+                    "resolution": "" if args.cache else args.resolution,
+                    "compile": args.compile or "",
                     "batch": args.batch_size,
                     "steps": args.steps,
                     "nproc": n,

@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_suite.sh contrastive-1m  # N = 524,288 and 1,048,576 (naive is long out of memory)
 #   bash benchmarks/gpu_suite.sh optimize      # bench_optimize up to N = 1,048,576 (1M images/min target)
 #   bash benchmarks/gpu_suite.sh stages        # bench_embed / bench_retrieve / bench_train (gan, ldm) on CUDA
+#   bash benchmarks/gpu_suite.sh compile       # whole gan and ldm runs, eager vs --compile inductor (bench_ddp)
 #
 # Logs and the CSVs under benchmarks/results/ are copied to $OUT (default /tmp/gpu-suite) so that a
 # device call brings them back; record them in BENCHMARKS.md with the device, date and commit.
@@ -16,7 +17,7 @@
 set -uo pipefail
 out=${OUT:-/tmp/gpu-suite}
 mkdir -p "$out"
-phase=${1:?usage: gpu_suite.sh kernels|contrastive|contrastive-1m|optimize|stages}
+phase=${1:?usage: gpu_suite.sh kernels|contrastive|contrastive-1m|optimize|stages|compile}
 log="$out/$phase.log"
 export PYTHONUNBUFFERED=1
 
@@ -51,6 +52,15 @@ case "$phase" in
         run 200 python benchmarks/bench_retrieve.py --device cuda
         run 100 python benchmarks/bench_train.py --device cuda --size small
         run 100 python benchmarks/bench_train.py --model ldm --device cuda --size S --resolution 64
+        ;;
+    compile)
+        for model_size in gan:small ldm:S; do
+            for backend in "" inductor; do
+                run 140 python benchmarks/bench_ddp.py --device cuda --model "${model_size%%:*}" \
+                    --size "${model_size##*:}" --resolution 64 --images 4096 --batch-size 64 --steps 300 \
+                    --nproc 1 ${backend:+--compile $backend}
+            done
+        done
         ;;
     *)
         echo "unknown phase: $phase" >&2

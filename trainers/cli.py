@@ -28,6 +28,7 @@ from trainers.cli_options import (
     AllowPartialOpt,
     BatchOpt,
     CheckpointEveryOpt,
+    CompileOpt,
     ConditionOpt,
     DryRunOpt,
     InitOpt,
@@ -111,6 +112,7 @@ def gan(
     allow_partial: AllowPartialOpt = False,
     workers: WorkersOpt = None,
     device: RunDeviceOpt = None,
+    compile: CompileOpt = None,
     dry_run: DryRunOpt = False,
 ) -> None:
     """Train the LAFITE-style conditional StyleGAN2-lite on the cache's images and conditions."""
@@ -338,6 +340,7 @@ def ldm_command(
     allow_partial: AllowPartialOpt = False,
     workers: WorkersOpt = None,
     device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP)] = None,
+    compile: CompileOpt = None,
 ) -> None:
     """Train the DiT-style latent rectified-flow model on a frozen `trainers vae`, with guidance dropout."""
     given = given_options(locals(), "resume")

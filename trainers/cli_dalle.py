@@ -12,6 +12,7 @@ from pipeline.cli_common import given_options, user_errors
 from trainers.cli_options import (
     BatchOpt,
     CheckpointEveryOpt,
+    CompileOpt,
     ConditionOpt,
     DryRunOpt,
     LogEveryOpt,
@@ -165,6 +166,7 @@ def dalle_command(
     allow_partial: AllowPartialOpt = False,
     workers: WorkersOpt = None,
     device: RunDeviceOpt = None,
+    compile: CompileOpt = None,
     dry_run: DryRunOpt = False,
 ) -> None:
     """Train the language-free DALL-E transformer on a frozen `trainers dvae`'s image tokens (the token

@@ -83,6 +83,15 @@ PairedFractionOpt = Annotated[
 SampleEveryOpt = Annotated[int | None, said("--sample-every", "Steps between sample grids (0: end only).")]
 CheckpointEveryOpt = Annotated[int | None, said("--checkpoint-every", CHECKPOINTS_HELP)]
 LogEveryOpt = Annotated[int | None, said("--log-every", "Steps between metrics.jsonl lines.")]
+CompileOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--compile",
+        help="torch.compile the training forward with this backend: inductor (the compiler; the first "
+        "steps compile), aot_eager (tracing only, to check a model compiles). (default: off)",
+        metavar="BACKEND",
+    ),
+]
 WorkersOpt = Annotated[int | None, said("--workers", "Loader processes.")]
 RunDeviceOpt = Annotated[str | None, said("--device", DEVICE_HELP)]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")]

@@ -34,11 +34,11 @@ RUNS_DIR = "runs"
 # Generator-config fields that say where a run writes and how it runs, not what it learns: not keyed.
 UNKEYED = {
     "gan": ("cache", "out", "name", "workers", "device", "sample_every", "checkpoint_every", "log_every")
-    + ("prompts", "samples_per_prompt", "resume", "allow_partial", "init"),
+    + ("prompts", "samples_per_prompt", "resume", "allow_partial", "init", "compile"),
     "ldm": ("cache", "vae", "out", "name", "workers", "device", "checkpoint_every", "log_every")
-    + ("sample_every", "sample_steps", "samples_per_prompt", "resume", "allow_partial", "init"),
+    + ("sample_every", "sample_steps", "samples_per_prompt", "resume", "allow_partial", "init", "compile"),
     "dalle": ("cache", "dvae", "out", "name", "workers", "device", "checkpoint_every", "log_every")
-    + ("sample_every", "samples_per_prompt", "resume", "allow_partial", "init"),
+    + ("sample_every", "samples_per_prompt", "resume", "allow_partial", "init", "compile"),
     "vae": ("cache", "out", "name", "device", "checkpoint_every", "log_every", "allow_partial"),
     "dvae": ("cache", "out", "name", "device", "checkpoint_every", "log_every", "allow_partial", "resume"),
 }

@@ -2,6 +2,7 @@
 file keeps its config, its model's step (`Trainer.train_step`) and what its run records.
 
     check_run_options(config, sizes)      the checks of the options the trainer configs share
+    compiled(forward, backend)            the training forward under torch.compile (--compile), or itself
     launch(config, train)                 validate, join the torchrun world (or none), train, leave it
     load_resume(config, kind, state)      the --resume checkpoint, read once
     cache_loader_config(config)           the cache loader's config from the trainer's
@@ -101,6 +102,27 @@ def check_run_options(
         raise ConfigError(f"--cache is required: the feature cache made by `pipeline embed`{resume}")
     if getattr(config, "init", None) is not None and getattr(config, "resume", None) is not None:
         raise ConfigError("--init starts a new run from weights; --resume continues one: give one")
+    if getattr(config, "compile", None):
+        check_compile_backend(config.compile)
+
+
+def check_compile_backend(backend: str) -> None:
+    import torch._dynamo
+
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):  # debug backends (aot_eager) included
+        choices = ", ".join(torch._dynamo.list_backends())
+        raise ConfigError(f"--compile {backend}: not a torch.compile backend; choose {choices} or aot_eager")
+
+
+def compiled(forward: Callable[..., T], backend: str | None) -> Callable[..., T]:
+    """`forward` (a module, or a model's loss method) under torch.compile with `backend` (`--compile`:
+    inductor, the compiler; aot_eager, tracing only), else itself. Only the training step calls it: the
+    module itself, its state_dict, the EMA and sampling stay eager, so checkpoints do not depend on it."""
+    if not backend:
+        return forward
+    import torch
+
+    return torch.compile(forward, backend=backend)
 
 
 def lr_at(step: int, config: Any) -> float:

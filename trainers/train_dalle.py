@@ -81,6 +81,7 @@ class DalleConfig(RunConfig):
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     checkpoint_every: int = 5000  # steps between checkpoints, 0 for the final one only
     log_every: int = 10  # steps between metrics.jsonl lines
+    compile: str | None = None  # torch.compile backend of the training forward (inductor); None: eager
     sample_every: int = 1000  # steps between sample grids (EMA model, sampling defaults), 0: final only
     samples_per_prompt: int = 4  # grid columns; rows are trainers.runs.DEFAULT_PROMPTS
     resume: Path | None = None  # checkpoint file or run directory (latest checkpoint) to continue
@@ -119,7 +120,7 @@ def sampling_options(config: Any) -> dict[str, Any]:
 # the same dVAE moved (its digest must be the recorded one).
 RESUME_OVERRIDABLE = (
     *("cache", "dvae", "allow_partial", "steps", "checkpoint_every", "log_every", "device", "workers"),
-    *("guidance", "temperature", "top_k", "top_p", "sample_every", "samples_per_prompt"),
+    *("guidance", "temperature", "top_k", "top_p", "sample_every", "samples_per_prompt", "compile"),
 )
 
 
@@ -153,6 +154,7 @@ class DalleTrainer:
         self.model = model.to(device)
         self.arch = model.architecture()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.loss = loop.compiled(self.model.loss, config.compile)  # the training step's
         self.dvae = dvae.to(device)
         self.opt = torch.optim.AdamW(
             self.model.param_groups(config.weight_decay), lr=config.lr, betas=(0.9, 0.95)
@@ -180,7 +182,7 @@ class DalleTrainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         with self.autocast():
-            loss = self.model.loss(
+            loss = self.loss(
                 h, tokens, cond_drop=self.config.cond_drop, generator=self.drop_rng, world=self.world
             )
         self.opt.zero_grad(set_to_none=True)

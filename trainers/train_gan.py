@@ -62,6 +62,7 @@ class GanConfig(RunConfig):
     sample_every: int = 1000  # steps between sample grids, 0 for the final one only
     checkpoint_every: int = 5000  # steps between checkpoints, 0 for the final one only
     log_every: int = 10  # steps between metrics.jsonl lines and progress-bar loss updates
+    compile: str | None = None  # torch.compile backend of the training forward (inductor); None: eager
     prompts: tuple[str, ...] = DEFAULT_PROMPTS  # sample-grid rows
     samples_per_prompt: int = 4  # sample-grid columns
     r1_gamma: float | None = None  # R1 weight; None: StyleGAN2-ADA's heuristic 0.0002 * res^2 / batch
@@ -91,6 +92,7 @@ class GanConfig(RunConfig):
 # the data or the losses, and changing it would not be a continuation).
 RESUME_OVERRIDABLE = (
     "cache",
+    "compile",
     "allow_partial",
     "steps",
     "sample_every",
@@ -135,6 +137,8 @@ class GanTrainer:
     def __init__(self, config: GanConfig, arch: dict, clip: Any, device: torch.device, world: World = SINGLE):
         self.config, self.arch, self.clip, self.device, self.world = config, arch, clip, device, world
         self.G, self.D = (m.to(device) for m in build_models(arch))
+        # the training step's G (D stays eager: R1's double backward is not compilable)
+        self.G_forward = loop.compiled(self.G, config.compile)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=config.lr, betas=(0.0, 0.99), eps=1e-8)
         # Lazy R1 (StyleGAN2): D's Adam sees the regulariser every r1_every steps, so its lr and beta2
@@ -177,7 +181,7 @@ class GanTrainer:
         do_r1 = self.r1_gamma > 0 and self.step % cfg.r1_every == 0
         z = world.part(torch.randn(b * world.size, self.G.size.z_dim, device=self.device))  # [B, z_dim]
         with self.autocast():
-            fake = self.G(z, h, world=world)  # [B, 3, R, R]; D sees it detached, G's loss through it
+            fake = self.G_forward(z, h, world=world)  # [B, 3, R, R]; D sees it detached, G's through it
 
         # Discriminator: logistic loss, L_ConD on reals, lazy R1 (its pass in fp32: a double backward).
         self.D.requires_grad_(True)

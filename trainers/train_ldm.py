@@ -64,6 +64,7 @@ class LdmConfig(RunConfig):
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     checkpoint_every: int = 5000  # steps between checkpoints, 0 for the final one only
     log_every: int = 10  # steps between metrics.jsonl lines
+    compile: str | None = None  # torch.compile backend of the training forward (inductor); None: eager
     sample_every: int = 1000  # steps between sample grids (EMA model, `guidance`), 0 for the final one only
     sample_steps: int = 25  # Euler steps of the grids
     samples_per_prompt: int = 4  # grid columns; rows are trainers.runs.DEFAULT_PROMPTS
@@ -77,6 +78,7 @@ class LdmConfig(RunConfig):
 
 RESUME_OVERRIDABLE = (
     "cache",
+    "compile",
     "allow_partial",
     "steps",
     "checkpoint_every",
@@ -104,6 +106,7 @@ class LdmTrainer:
         self.config, self.arch, self.device, self.world = config, arch, device, world
         self.model = Dit(arch).to(device)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.forward = loop.compiled(self.model, config.compile)  # the training step's
         self.vae = vae.to(device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=0.0)
         self.amp = device.type == "cuda"
@@ -126,7 +129,7 @@ class LdmTrainer:
         z0 = self.latents(batch["image"], batch.get("key"))  # [B, 4, r, r]
         h = batch["cond"].to(self.device, non_blocking=True).float()  # [B, D]
         with self.autocast():
-            loss = flow_loss(self.model, z0, h, self.config.cond_drop, self.world)
+            loss = flow_loss(self.forward, z0, h, self.config.cond_drop, self.world)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.world.average_gradients(self.model.parameters())
