@@ -139,7 +139,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipeline.clip import cached_clip
-    from pipeline.embed import EmbedConfig, run_embed
+    from pipeline.embed import run_embed
+    from pipeline.embed_config import EmbedConfig
 
     bundle = cached_clip(args.model, "", args.device)
     rows = []

@@ -138,7 +138,8 @@ def stage_cache_root(parent: Path | None, n: int) -> Path:
 def time_stage(cache: Path, method: str, backend: str, precision: str, args, device: torch.device):
     """Seconds of `run_optimize` remaking every shard, the caption bank loaded afresh; and its result."""
     from pipeline import optimize_inputs
-    from pipeline.optimize import OptimizeConfig, run_optimize
+    from pipeline.optimize import run_optimize
+    from pipeline.optimize_config import OptimizeConfig
 
     config = OptimizeConfig(
         cache=cache,

@@ -51,9 +51,11 @@ def build(root: Path, shards: int, payload: int = 0) -> None:
 
     Each of the three outputs per shard holds `payload` random bytes (default: its own name)."""
     from manifests import commit_manifest, digest_file_content, stat_out, write_bytes_atomic, write_stats
-    from pipeline.embed import EmbedConfig, plan_embed
+    from pipeline.embed import plan_embed
+    from pipeline.embed_config import EmbedConfig
     from pipeline.layout import shard_file
-    from pipeline.optimize import OptimizeConfig, plan_optimize
+    from pipeline.optimize import plan_optimize
+    from pipeline.optimize_config import OptimizeConfig
 
     (root / "inputs").mkdir(parents=True)
     for i in range(shards):

@@ -54,40 +54,12 @@ from pipeline.corpus import corpus_files, read_corpus
 from pipeline.errors import ConfigError
 from pipeline.executor import Progress  # (items just finished, reasons of those dropped)
 from pipeline.layout import captions_schema, shard_file
+from pipeline.retrieve_config import CaptionsConfig
 from pipeline.stage import StageResult
 
 STAGE = "captions"
 STAGE_VERSION = "1"
 CORPUS_FILE = f"{STAGE}/_corpus.json"  # what the last run read: files, counts by reason (not keyed)
-
-
-@dataclass(frozen=True)
-class CaptionsConfig:
-    corpus: tuple[str, ...]  # --captions: files, folders or globs (.txt .jsonl .csv .tsv .parquet, [.gz])
-    cache: Path = Path("cache")  # the feature cache (must hold an embed stage: its CLIP encodes the texts)
-    caption_column: str = "caption"  # the text column of .jsonl/.csv/.tsv/.parquet files
-    shard_size: int = 100_000  # captions per shard (changing it re-keys every shard; vectors are reused)
-    batch_size: int = 1024  # captions per CLIP forward pass (not keyed: does not change the output)
-    device: str = "auto"  # "auto" (CUDA if present), "cpu", "cuda", "cuda:1"
-    force: bool = False  # re-encode every shard, and accept captions made by another CLIP
-
-    def validate(self) -> None:
-        if not self.corpus:
-            raise ConfigError(
-                "give the caption corpus with --captions PATH (a .txt, .jsonl, .csv, .tsv or "
-                ".parquet file, a folder or a glob)"
-            )
-        if not self.caption_column:
-            raise ConfigError("--caption-column must not be empty")
-        if self.shard_size < 1:
-            raise ConfigError("--caption-shard-size must be at least 1")
-        if self.batch_size < 1:
-            raise ConfigError("--batch-size must be at least 1")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Reading the corpus
-# ---------------------------------------------------------------------------------------------------------
 
 
 # ---------------------------------------------------------------------------------------------------------

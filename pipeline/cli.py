@@ -32,6 +32,7 @@ from pipeline.cli_common import (
     user_errors,
     writing,
 )
+from pipeline.embed_config import EmbedConfig
 from pipeline.errors import ConfigError
 from pipeline.help import ordered_group
 from pipeline.progress import describe_drops, progress_bar, stderr
@@ -128,21 +129,27 @@ def embed(
             show_default=False,
         ),
     ] = None,
-    cache: CacheOpt = Path("cache"),
-    clip_model: ClipModelOpt = "ViT-B-32",
-    clip_pretrained: ClipPretrainedOpt = "auto",
+    cache: CacheOpt = EmbedConfig.cache,
+    clip_model: ClipModelOpt = EmbedConfig.clip_model,
+    clip_pretrained: ClipPretrainedOpt = EmbedConfig.clip_pretrained,
     image_size: Annotated[
         int, typer.Option("--image-size", help="Stored training size (centre crop + resize); 0 keeps it.")
-    ] = 256,
-    image_format: Annotated[str, typer.Option("--image-format", help="jpg, png or webp.")] = "jpg",
-    quality: Annotated[int, typer.Option("--quality", help="JPEG/WebP quality of re-encoded images.")] = 95,
+    ] = EmbedConfig.image_size,
+    image_format: Annotated[
+        str, typer.Option("--image-format", help="jpg, png or webp.")
+    ] = EmbedConfig.image_format,
+    quality: Annotated[
+        int, typer.Option("--quality", help="JPEG/WebP quality of re-encoded images.")
+    ] = EmbedConfig.quality,
     max_pixels: Annotated[
         int, typer.Option("--max-pixels", help="Skip larger images (decompression bombs).")
-    ] = 64_000_000,
+    ] = EmbedConfig.max_pixels,
     shard_size: Annotated[
         int, typer.Option("--shard-size", help="Images per shard for folder inputs.")
-    ] = 10_000,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per CLIP forward pass.")] = 256,
+    ] = EmbedConfig.shard_size,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Images per CLIP forward pass.")
+    ] = EmbedConfig.batch_size,
     workers: Annotated[
         int | None,
         typer.Option(
@@ -151,11 +158,11 @@ def embed(
             "processes may not have children.",
         ),
     ] = None,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = EmbedConfig.device,
     verify: Annotated[
         bool, typer.Option("--verify", help="Hash file contents instead of trusting size and mtime.")
-    ] = False,
-    force: ForceOpt = False,
+    ] = EmbedConfig.verify,
+    force: ForceOpt = EmbedConfig.force,
     key_prefix: Annotated[
         str,
         typer.Option(
@@ -164,8 +171,8 @@ def embed(
             "key are refused before anything is written), input (each key prefixed with its input "
             "folder's name: dl1/000000012) or a TEMPLATE using {input}, {parent}, {stem}.",
         ),
-    ] = "none",
-    repair: RepairOpt = False,
+    ] = EmbedConfig.key_prefix,
+    repair: RepairOpt = EmbedConfig.repair,
     wait: WaitOpt = 0.0,
     dry_run: DryRunPlanOpt = False,
 ) -> None:
@@ -175,7 +182,7 @@ def embed(
     changed model or image size remakes everything.
     """
     given = given_options(locals(), "inputs", "wait", "dry_run")  # without --workers: EmbedConfig's
-    from pipeline.embed import EmbedConfig, describe_dropped_sources, describe_plan, plan_embed, run_embed
+    from pipeline.embed import describe_dropped_sources, describe_plan, plan_embed, run_embed
 
     config = EmbedConfig(inputs=tuple(inputs or ()), **given)
     if dry_run:

@@ -1,11 +1,11 @@
 """`pipeline retrieve` and `pipeline optimize`, the commands of stages 2 and 3 (their cores:
-pipeline/retrieve.py, pipeline/optimize.py); registered on the `pipeline` app in pipeline/cli.py."""
+pipeline/retrieve.py, pipeline/optimize.py); registered on the `pipeline` app in pipeline/cli.py. Each
+option defaults to its config field's (pipeline/retrieve_config.py, pipeline/optimize_config.py)."""
 
 from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -21,7 +21,9 @@ from pipeline.cli_common import (
     user_errors,
     writing,
 )
+from pipeline.optimize_config import OptimizeConfig
 from pipeline.progress import describe_drops, progress_bar
+from pipeline.retrieve_config import CaptionsConfig, IndexConfig, RetrieveConfig, SearchConfig
 
 
 @user_errors
@@ -35,13 +37,13 @@ def retrieve(
             show_default=False,
         ),
     ] = None,
-    cache: CacheOpt = Path("cache"),
+    cache: CacheOpt = CaptionsConfig.cache,
     caption_column: Annotated[
         str, typer.Option("--caption-column", help="Text column of .jsonl/.csv/.tsv/.parquet corpora.")
-    ] = "caption",
+    ] = CaptionsConfig.caption_column,
     caption_shard_size: Annotated[
         int, typer.Option("--caption-shard-size", help="Captions per captions/ shard.")
-    ] = 100_000,
+    ] = CaptionsConfig.shard_size,
     index: Annotated[
         str,
         typer.Option(
@@ -49,22 +51,26 @@ def retrieve(
             help="auto (Flat below 50k captions, else IVF), a FAISS factory string (IVF4096,Flat) or "
             "gpu-flat (exact fp16 matmul top-k on a CUDA GPU).",
         ),
-    ] = "auto",
-    k: Annotated[int, typer.Option("--k", help="Captions retrieved per image.")] = 16,
+    ] = IndexConfig.index,
+    k: Annotated[int, typer.Option("--k", help="Captions retrieved per image.")] = IndexConfig.k,
     target_recall: Annotated[
         float, typer.Option("--target-recall", help="recall@k that IVF nprobe is tuned to reach.")
-    ] = 0.95,
+    ] = IndexConfig.target_recall,
     max_index_memory: Annotated[
         str, typer.Option("--max-index-memory", help="Index memory budget (8GB, 512MiB); auto fits it by PQ.")
-    ] = "",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Captions per CLIP forward pass.")] = 1024,
+    ] = "",  # no limit: parse_size reads it as IndexConfig.max_index_memory's 0
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Captions per CLIP forward pass.")
+    ] = CaptionsConfig.batch_size,
     query_batch_size: Annotated[
         int, typer.Option("--query-batch-size", help="Image queries per index search call.")
-    ] = 16_384,
-    device: Annotated[str, typer.Option("--device", help=f"CLIP device: {DEVICE_HELP}")] = "auto",
+    ] = SearchConfig.batch_size,
+    device: Annotated[
+        str, typer.Option("--device", help=f"CLIP device: {DEVICE_HELP}")
+    ] = CaptionsConfig.device,
     force: Annotated[
         bool, typer.Option("--force", help="Redo every step; accept captions encoded by another CLIP.")
-    ] = False,
+    ] = CaptionsConfig.force,
     wait: WaitOpt = 0.0,
     dry_run: DryRunPlanOpt = False,
 ) -> None:
@@ -74,7 +80,7 @@ def retrieve(
     ones encoded, a changed index re-searches every shard, a new embed shard is searched alone.
     """
     given = given_options(locals(), "captions", "wait", "dry_run")
-    from pipeline.retrieve import RetrieveConfig, describe_retrieve, run_retrieve, summary_lines
+    from pipeline.retrieve import describe_retrieve, run_retrieve, summary_lines
 
     config = RetrieveConfig.from_options(captions=tuple(captions or ()), **given)
     if dry_run:
@@ -90,7 +96,7 @@ def retrieve(
 
 @user_errors
 def optimize(
-    cache: CacheOpt = Path("cache"),
+    cache: CacheOpt = OptimizeConfig.cache,
     method: Annotated[
         str,
         typer.Option(
@@ -98,7 +104,7 @@ def optimize(
             help="optimize (contrastive refinement of the retrieved features), retrieve (their "
             "softmax mix) or perturb (LAFITE: image feature + noise; needs only embed).",
         ),
-    ] = "optimize",
+    ] = OptimizeConfig.method,
     param: Annotated[
         str,
         typer.Option(
@@ -106,42 +112,48 @@ def optimize(
             help="optimize: weights (learn mixing logits over the k neighbours: stays among real "
             "caption features) or residual (h = normalize(h0 + delta)).",
         ),
-    ] = "weights",
-    steps: Annotated[int, typer.Option("--steps", help="optimize: Adam steps per batch.")] = 20,
+    ] = OptimizeConfig.param,
+    steps: Annotated[
+        int, typer.Option("--steps", help="optimize: Adam steps per batch.")
+    ] = OptimizeConfig.steps,
     batch_size: Annotated[
         int,
         typer.Option(
             "--batch-size",
             help="optimize: images per batch, the contrastive negatives (clamped to the shard).",
         ),
-    ] = 65_536,
-    tau: Annotated[float, typer.Option("--tau", help="optimize: InfoNCE temperature.")] = 0.07,
+    ] = OptimizeConfig.batch_size,
+    tau: Annotated[float, typer.Option("--tau", help="optimize: InfoNCE temperature.")] = OptimizeConfig.tau,
     tau_r: Annotated[
         float, typer.Option("--tau-r", help="Softmax temperature over neighbour similarities (large: mean).")
-    ] = 0.05,
+    ] = OptimizeConfig.tau_r,
     proximity: Annotated[
         float, typer.Option("--proximity", help="optimize: weight of mean |h - h0|^2.")
-    ] = 1.0,
+    ] = OptimizeConfig.proximity,
     lr: Annotated[
         float | None,
         typer.Option(
             "--lr", help="optimize: Adam learning rate (default 0.1 for weights, 0.05/sqrt(D) residual)."
         ),
-    ] = None,
-    xi: Annotated[float, typer.Option("--xi", help="perturb: noise scale relative to |f|.")] = 3.0,
-    seed: Annotated[int, typer.Option("--seed", help="perturb noise and batch shuffle.")] = 0,
+    ] = OptimizeConfig.lr,
+    xi: Annotated[
+        float, typer.Option("--xi", help="perturb: noise scale relative to |f|.")
+    ] = OptimizeConfig.xi,
+    seed: Annotated[
+        int, typer.Option("--seed", help="perturb noise and batch shuffle.")
+    ] = OptimizeConfig.seed,
     backend: Annotated[
         str, typer.Option("--backend", help="Contrastive-loss kernel: auto, triton (CUDA) or torch.")
-    ] = "auto",
+    ] = OptimizeConfig.backend,
     precision: Annotated[
         str, typer.Option("--precision", help="Loss-kernel inputs: auto (CUDA bf16, CPU fp32), fp32 or bf16.")
-    ] = "auto",
-    device: DeviceOpt = "auto",
+    ] = OptimizeConfig.precision,
+    device: DeviceOpt = OptimizeConfig.device,
     verify: Annotated[
         bool,
         typer.Option("--verify", help="Re-hash this stage's outputs instead of trusting size and mtime."),
-    ] = False,
-    force: ForceOpt = False,
+    ] = OptimizeConfig.verify,
+    force: ForceOpt = OptimizeConfig.force,
     variant: Annotated[
         str,
         typer.Option(
@@ -149,7 +161,7 @@ def optimize(
             help="Make a named variant beside the default one, in optimize-NAME/ (trainers read it with "
             "--condition optimize:NAME); '' is the default variant, optimize/.",
         ),
-    ] = "",
+    ] = OptimizeConfig.variant,
     wait: WaitOpt = 0.0,
     dry_run: DryRunPlanOpt = False,
 ) -> None:
@@ -160,7 +172,7 @@ def optimize(
     with its own shards and manifests, so training on one never waits for restaging another.
     """
     given = given_options(locals(), "wait", "dry_run")
-    from pipeline.optimize import OptimizeConfig, describe_plan, plan_optimize, run_optimize
+    from pipeline.optimize import describe_plan, plan_optimize, run_optimize
 
     config = OptimizeConfig(**given)
     if dry_run:

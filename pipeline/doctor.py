@@ -218,7 +218,7 @@ def thread_checks(sections: dict[str, dict]) -> list[Check]:
     """The torch threads `start_threads` gives a command, and what embed lowers them to beside its
     decoders (`limit_threads`), unless --threads or OMP_NUM_THREADS chose a count."""
     from pipeline import processes
-    from pipeline.embed import EmbedConfig
+    from pipeline.embed_config import EmbedConfig
 
     explicit = processes._explicit_threads()  # what this command was asked for, as limit_threads reads it
     cpus = processes.available_cpus()

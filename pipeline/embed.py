@@ -4,7 +4,7 @@ Pure core: `plan_embed(config)` decides which shards must be (re)made and why; `
 makes one shard and returns its manifest (a small dict, so it can run as a Dask task); `run_embed`
 does both in-process. Reading and decoding run in DataLoader workers (threads inside a Dask worker),
 CLIP runs batched in the main process (bf16 autocast on CUDA), and the writer commits the tar, the
-sidecar Parquet, the stats and finally the manifest.
+sidecar Parquet, the stats and finally the manifest. The config, `EmbedConfig`, is pipeline/embed_config.py.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,11 +31,11 @@ from manifests import (
     read_manifest,
     write_stats,
 )
+from pipeline.embed_config import EmbedConfig
 from pipeline.errors import ConfigError
 from pipeline.executor import Progress  # (items just finished, reasons of those dropped)
-from pipeline.images import DEFAULT_MAX_PIXELS
-from pipeline.paths import recorded_path, resolve_recorded
-from pipeline.sources import Unit, check_key_prefix, expand_inputs, key_prefix, unit_keys
+from pipeline.paths import resolve_recorded
+from pipeline.sources import Unit, expand_inputs, key_prefix, unit_keys
 
 if TYPE_CHECKING:
     from pipeline.stage import StageResult
@@ -45,69 +45,6 @@ STAGE_VERSION = "1"
 PLAN_FILE = "_plan.json"
 DROPPED_SOURCES = 100  # dropped inputs named per reason in a shard's stats
 DROPPED_EXAMPLES = 3  # ... in its manifest, and printed at the end of a run
-IMAGE_FORMATS = ("jpg", "png", "webp")
-
-
-@dataclass(frozen=True)
-class EmbedConfig:
-    inputs: tuple[str, ...]  # folders, image files, .tar shards, .parquet files; globs and {a..b} braces
-    cache: Path = Path("cache")  # the feature cache directory
-    clip_model: str = "ViT-B-32"  # open_clip architecture, bundled config name, or model-config JSON
-    clip_pretrained: str = "auto"  # auto (openai where open_clip has it), tag, checkpoint file; "": random
-    image_size: int = 256  # stored training resolution (centre-crop + resize); 0 keeps the source size
-    image_format: str = "jpg"  # how stored images are encoded (sources already right are kept as-is)
-    quality: int = 95  # JPEG/WebP quality of re-encoded images
-    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped (decompression-bomb guard)
-    shard_size: int = 10_000  # images per shard for folder inputs (a tar or Parquet file is one shard)
-    batch_size: int = 256  # images per CLIP forward pass (not keyed: does not change the output)
-    workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))  # decoders (threads in Dask)
-    device: str = "auto"  # "auto" (CUDA if present), "cpu", "cuda", "cuda:1"
-    verify: bool = False  # hash input and output contents instead of trusting size + mtime
-    force: bool = False  # remake every shard even when up to date
-    repair: bool = False  # rebuild a damaged shard plan (_plan.json) from the committed manifests
-    key_prefix: str = "none"  # none | input | TEMPLATE with {input}, {parent}, {stem} (sources.key_prefix)
-
-    def validate(self) -> None:
-        if not self.inputs:
-            raise ConfigError("give at least one INPUT (a folder, image files, .tar or .parquet files)")
-        if self.image_size < 0 or self.image_size > 8192:
-            raise ConfigError("--image-size must be between 0 (keep source size) and 8192")
-        if self.image_format not in IMAGE_FORMATS:
-            raise ConfigError(f"--image-format must be one of {', '.join(IMAGE_FORMATS)}")
-        if not 1 <= self.quality <= 100:
-            raise ConfigError("--quality must be between 1 and 100")
-        for flag, value in (("--batch-size", self.batch_size), ("--shard-size", self.shard_size)):
-            if value < 1:
-                raise ConfigError(f"{flag} must be at least 1")
-        if self.workers < 0:
-            raise ConfigError("--workers must be 0 (decode in the main process) or more")
-        if self.max_pixels < 1:
-            raise ConfigError("--max-pixels must be positive")
-        check_key_prefix(self.key_prefix)
-
-    def keyed_params(self, identity: dict[str, str]) -> dict[str, Any]:
-        """The params that change the output: a change remakes every shard."""
-        return {
-            "clip_model": identity["model"],
-            "clip_weights": identity["weights"],
-            "image_size": self.image_size,
-            "image_format": self.image_format,
-            "quality": self.quality,
-            "max_pixels": self.max_pixels,
-            # none leaves keys as they are: caches made before the option stay up to date
-            **({} if self.key_prefix == "none" else {"key_prefix": self.key_prefix}),
-        }
-
-    def unkeyed_params(self) -> dict[str, Any]:
-        # The model arguments as given: later stages load the same CLIP from them (a moved file does not
-        # stale the cache; the keyed identity above is content-based).
-        return {
-            "clip_model_arg": recorded_path(self.clip_model),
-            "clip_pretrained_arg": recorded_path(self.clip_pretrained),
-            "batch_size": self.batch_size,
-            "workers": self.workers,
-            "device": self.device,
-        }
 
 
 @dataclass

@@ -15,11 +15,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.errors import ConfigError
+from pipeline.retrieve_config import AUTO, GPU_FLAT
 
 if TYPE_CHECKING:
-    from pipeline.index import IndexConfig
-
-AUTO, GPU_FLAT = "auto", "gpu-flat"
+    from pipeline.retrieve_config import IndexConfig
 
 
 def human_bytes(n: float) -> str:

@@ -25,18 +25,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from pipeline.embed_config import DEFAULT_MAX_PIXELS, IMAGE_FORMATS
 from pipeline.errors import SampleSkipped
-
-# A decompression-bomb guard: a 50 KB PNG can declare 50,000 x 50,000 pixels (7.5 GB as RGB). 64 MP
-# covers every real camera and scan we expect (a 9000 x 7000 photo) while capping one decode at
-# ~192 MB of RGB, so a DataLoader worker cannot be OOM-killed by a single hostile file.
-DEFAULT_MAX_PIXELS = 64_000_000
 
 # For folder scanning; lower-case, callers compare case-insensitively. Decoding itself ignores names.
 SUPPORTED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
-# What `prepare_image` can store, and the PIL format name that lets the source bytes be kept as they are.
-IMAGE_FORMATS = ("jpg", "png", "webp")
+# The PIL format name of each format `prepare_image` can store (IMAGE_FORMATS), which lets the source bytes
+# be kept as they are.
 _PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 SKIP_REASONS = ("empty", "undecodable", "truncated", "too_many_pixels", "unencodable")

@@ -22,10 +22,8 @@ depends on, so a rebuild that reproduces identical bytes remakes no retrieve sha
 from __future__ import annotations
 
 import json
-import os
-import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +43,6 @@ from manifests import (
 from pipeline.errors import ConfigError
 from pipeline.executor import ProgressFactory
 from pipeline.faiss_index import (
-    AUTO,
-    GPU_FLAT,
     IndexChoice,
     build_faiss_index,
     choose_index,
@@ -63,6 +59,7 @@ from pipeline.faiss_index import (
 )
 from pipeline.layout import shard_file
 from pipeline.progress import null_progress
+from pipeline.retrieve_config import GPU_FLAT, IndexConfig
 from pipeline.stage import StageResult
 
 STAGE = "index"
@@ -70,79 +67,6 @@ STAGE_VERSION = "1"
 SHARD = 0  # a single task
 INDEX_FILE = f"{STAGE}/captions.faiss"
 INFO_FILE = f"{STAGE}/index.json"
-
-
-@dataclass(frozen=True)
-class IndexConfig:
-    cache: Path = Path("cache")  # the feature cache
-    index: str = AUTO  # "auto", "gpu-flat" or a FAISS factory string ("Flat", "IVF4096,Flat", ...)
-    k: int = 16  # neighbours per image: nprobe is tuned for recall@k
-    target_recall: float = 0.95  # recall@k against exact search that nprobe must reach
-    max_index_memory: int = 0  # bytes the index may take in memory (0: no limit); `auto` picks PQ to fit
-    train_size: int = 0  # captions sampled to train IVF/PQ; 0: min(N, max(50 * nlist, 10k))
-    tune_queries: int = 1000  # held-out image queries for tuning nprobe and measuring recall
-    seed: int = 0  # seed of the training sample and of the held-out queries
-    threads: int = field(default_factory=lambda: os.cpu_count() or 1)  # faiss OpenMP threads
-    force: bool = False  # rebuild even when up to date
-
-    def validate(self) -> None:
-        if not self.index:
-            raise ConfigError("--index must be auto, gpu-flat or a FAISS factory string such as IVF4096,Flat")
-        if self.k < 1:
-            raise ConfigError("--k must be at least 1")
-        if not 0.0 < self.target_recall <= 1.0:
-            raise ConfigError("--target-recall must be in (0, 1]")
-        if self.max_index_memory < 0:
-            raise ConfigError("--max-index-memory must be positive (or 0 for no limit)")
-        if self.train_size < 0 or self.tune_queries < 1 or self.threads < 1:
-            raise ConfigError("train size, tune queries and threads must be positive")
-        if self.index == GPU_FLAT:
-            require_cuda("--index gpu-flat")
-
-    def keyed_params(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "k": self.k,
-            "target_recall": self.target_recall,
-            "max_index_memory": self.max_index_memory,
-            "train_size": self.train_size,
-            "tune_queries": self.tune_queries,
-            "seed": self.seed,
-        }
-
-
-def require_cuda(flag: str) -> None:
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ConfigError(
-            f"{flag} needs a CUDA GPU, and torch sees none on this machine; use --index auto (or Flat) "
-            "to search on the CPU"
-        )
-
-
-def parse_size(text: str | int | None) -> int:
-    """'8GB', '512MiB', '2.5G', '1000000' -> bytes; '' or 0 -> 0 (no limit). Decimal and binary units."""
-    if text is None or text == "" or text == 0:
-        return 0
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", text)
-    if not m:
-        raise ConfigError(f"--max-index-memory {text}: not a size; write e.g. 8GB, 512MiB or 0 for no limit")
-    value, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
-    base = 1024 if binary else 1000
-    return int(value * base ** " KMGT".index(unit or " "))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Choosing the index
-# ---------------------------------------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Pure cores: exact search, recall, building, tuning, matmul top-k
-# ---------------------------------------------------------------------------------------------------------
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,14 +1,17 @@
 """`pipeline optimize`'s config: its methods, their parameters and defaults, which of them are keyed, and
-the variants (`optimize-{name}/` beside the default `optimize/`). The stage is pipeline/optimize.py."""
+the variants (`optimize-{name}/` beside the default `optimize/`). The stage is pipeline/optimize.py.
+
+Light on purpose: `pipeline optimize`'s signature reads its defaults from `OptimizeConfig` when
+pipeline/cli.py is imported, before the root callback sets the thread count
+(pipeline.processes.start_threads) and for every command, so nothing here may import numpy or torch."""
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from pipeline.errors import ConfigError
 
@@ -85,10 +88,10 @@ class OptimizeConfig:
         if self.backend not in BACKENDS:
             raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
         for flag, value in (("--xi", self.xi), ("--proximity", self.proximity)):
-            if not np.isfinite(value) or value < 0:
+            if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{flag} must be a finite number >= 0")
         for flag, value in (("--tau-r", self.tau_r), ("--tau", self.tau), ("--lr", self.lr)):
-            if value is not None and (not np.isfinite(value) or value <= 0):
+            if value is not None and (not math.isfinite(value) or value <= 0):
                 raise ConfigError(f"{flag} must be a finite number > 0")
         if self.steps < 0:
             raise ConfigError("--steps must be 0 (keep the retrieve result) or more")

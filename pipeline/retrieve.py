@@ -15,114 +15,27 @@ Three cached steps, each with per-shard manifests like embed, each skipped when 
 The CLIP is the embed stage's (`embedded_clip`), never passed again; captions encoded by another CLIP
 (identity or dimension) are refused. `nbr_ids` are `caption_id`s: join them to `captions/*.parquet`.
 
-This module holds the stage's config and runs the three steps in order.
+This module runs the three steps in order; their configs, and the stage's, are pipeline/retrieve_config.py.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from manifests import (
-    list_manifests,
-    read_stats,
-)
-from pipeline.attribute_precision import (
-    ATTRIBUTES,
-)
-from pipeline.captions import CaptionsConfig, caption_shard_outputs, plan_captions, run_captions
+from manifests import list_manifests, read_stats
+from pipeline.attribute_precision import ATTRIBUTES
+from pipeline.captions import caption_shard_outputs, plan_captions, run_captions
 from pipeline.errors import ConfigError
 from pipeline.executor import ProgressFactory
 from pipeline.faiss_index import describe_choice
-from pipeline.index import (
-    AUTO,
-    GPU_FLAT,
-    IndexConfig,
-    index_manifest,
-    parse_size,
-    plan_index,
-    run_index,
-)
+from pipeline.index import index_manifest, plan_index, run_index
 from pipeline.progress import describe_drops, null_progress
-from pipeline.search import STAGE, SearchConfig, plan_search, search_shard
+from pipeline.retrieve_config import RetrieveConfig
+from pipeline.search import STAGE, plan_search, search_shard
 from pipeline.stage import StageResult
-
-
-@dataclass(frozen=True)
-class RetrieveConfig:
-    """The whole stage: one config per step (each validates its own flags)."""
-
-    captions: CaptionsConfig
-    index: IndexConfig
-    search: SearchConfig
-
-    @classmethod
-    def from_options(
-        cls,
-        *,
-        captions: tuple[str, ...] | list[str],
-        cache: Path = Path("cache"),
-        caption_column: str = "caption",
-        caption_shard_size: int = 100_000,
-        index: str = AUTO,
-        k: int = 16,
-        target_recall: float = 0.95,
-        max_index_memory: str | int = "",
-        batch_size: int = 1024,
-        query_batch_size: int = 16_384,
-        device: str = "auto",
-        threads: int | None = None,
-        force: bool = False,
-    ) -> RetrieveConfig:
-        """Build from CLI-style options (the `pipeline retrieve` flags, one keyword each)."""
-        threads = threads or os.cpu_count() or 1
-        cache = Path(cache)
-        return cls(
-            captions=CaptionsConfig(
-                corpus=tuple(str(c) for c in captions),
-                cache=cache,
-                caption_column=caption_column,
-                shard_size=caption_shard_size,
-                batch_size=batch_size,
-                device=device,
-                force=force,
-            ),
-            index=IndexConfig(
-                cache=cache,
-                index=index,
-                k=k,
-                target_recall=target_recall,
-                max_index_memory=parse_size(max_index_memory),
-                threads=threads,
-                force=force,
-            ),
-            search=SearchConfig(
-                cache=cache,
-                k=k,
-                gpu_flat=index == GPU_FLAT,
-                batch_size=query_batch_size,
-                threads=threads,
-                force=force,
-            ),
-        )
-
-    def validate(self) -> None:
-        self.captions.validate()
-        self.index.validate()
-        self.search.validate()
-        if not (self.captions.cache == self.index.cache == self.search.cache):
-            raise ConfigError("the three retrieve steps must share one --cache")
-        if self.index.k != self.search.k:
-            raise ConfigError("--k must be the same for the index (nprobe tuning) and the search")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The stage
-# ---------------------------------------------------------------------------------------------------------
 
 
 def index_warnings(info: dict[str, Any]) -> list[str]:

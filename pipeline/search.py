@@ -13,9 +13,8 @@ pipeline/attribute_precision.py's).
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,40 +35,12 @@ from pipeline.attribute_precision import ATTRIBUTES, DEFINITION, attribute_preci
 from pipeline.errors import ConfigError
 from pipeline.executor import Progress  # (items just finished, reasons of those dropped)
 from pipeline.faiss_index import human_bytes, set_nprobe, topk_matmul
-from pipeline.index import INDEX_FILE, index_manifest, read_embeddings, require_cuda
+from pipeline.index import INDEX_FILE, index_manifest, read_embeddings
 from pipeline.layout import retrieve_schema, shard_file, shard_out
+from pipeline.retrieve_config import SearchConfig
 
 STAGE = "retrieve"
 STAGE_VERSION = "1"
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    cache: Path = Path("cache")  # the feature cache
-    k: int = 16  # captions retrieved per image
-    gpu_flat: bool = False  # exact chunked matmul top-k in torch instead of the FAISS index
-    matmul_device: str = "cuda"  # device of that matmul: fp16 on CUDA; "cpu" runs it in fp32 (tests)
-    batch_size: int = 16_384  # queries per search call (not keyed)
-    threads: int = field(default_factory=lambda: os.cpu_count() or 1)  # faiss OpenMP threads
-    force: bool = False  # remake every shard even when up to date
-
-    def validate(self) -> None:
-        if self.k < 1:
-            raise ConfigError("--k must be at least 1")
-        if self.batch_size < 1:
-            raise ConfigError("--query-batch-size must be at least 1")
-        if self.gpu_flat and self.matmul_device.startswith("cuda"):
-            require_cuda("--index gpu-flat")
-
-    @property
-    def method(self) -> str:
-        """Keyed: fp16 and fp32 matmul differ in the last bits of `nbr_sims` and may swap exact ties."""
-        if not self.gpu_flat:
-            return "faiss"
-        return "matmul-fp16" if self.matmul_device.startswith("cuda") else "matmul-fp32"
-
-    def keyed_params(self) -> dict[str, Any]:
-        return {"k": self.k, "method": self.method}
 
 
 class FaissSearcher:

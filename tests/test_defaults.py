@@ -15,14 +15,11 @@ from typing import Annotated
 import pytest
 import typer
 
-from pipeline.captions import CaptionsConfig
 from pipeline.cli import app as pipeline_app
-from pipeline.embed import EmbedConfig
-from pipeline.index import IndexConfig
-from pipeline.optimize import OptimizeConfig
-from pipeline.retrieve import RetrieveConfig
+from pipeline.embed_config import EmbedConfig
+from pipeline.optimize_config import OptimizeConfig
+from pipeline.retrieve_config import CaptionsConfig, IndexConfig, RetrieveConfig, SearchConfig
 from pipeline.run import RunConfig
-from pipeline.search import SearchConfig
 from pipeline.synth import SynthConfig
 from trainers.cli import app as trainers_app
 from trainers.cli_options import SAID, SHOWN

@@ -15,9 +15,11 @@ import pytest
 from factories import TINY_CLIP
 
 from pipeline import captions as cap
-from pipeline.embed import EmbedConfig, embedded_clip, run_embed
+from pipeline.embed import embedded_clip, run_embed
+from pipeline.embed_config import EmbedConfig
 from pipeline.errors import ConfigError
 from pipeline.layout import captions_schema
+from pipeline.retrieve_config import CaptionsConfig
 from pipeline.synth import SynthConfig, run_synth
 
 # What every format below holds: padded whitespace, an exact duplicate (after normalising), an empty record.
@@ -181,7 +183,7 @@ def _corpus(path, texts):
 def _config(cache, corpus, **kw):
     kw.setdefault("shard_size", 20)
     kw.setdefault("batch_size", 16)
-    return cap.CaptionsConfig(corpus=(str(corpus),), cache=cache, device="cpu", **kw)
+    return CaptionsConfig(corpus=(str(corpus),), cache=cache, device="cpu", **kw)
 
 
 def _texts(n, start=0):

@@ -99,7 +99,10 @@ def test_embed_empty_folder(tmp_path):
 
 
 def test_help_is_instant_because_heavy_modules_are_not_imported():
-    heavy = "('torch', 'open_clip', 'faiss', 'pyarrow')"
+    """Nor numpy: it sizes its thread pools when imported, which must come after the root callback sets
+    the thread count (pipeline.processes.start_threads). The stage configs the options read their
+    defaults from are light modules for this (pipeline/*_config.py)."""
+    heavy = "('torch', 'open_clip', 'faiss', 'pyarrow', 'numpy', 'PIL')"
     code = f"import sys, pipeline.cli; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -25,7 +25,7 @@ from pipeline.clip import (
     load_clip,
     resolve_pretrained,
 )
-from pipeline.embed import EmbedConfig
+from pipeline.embed_config import EmbedConfig
 from pipeline.errors import ConfigError
 
 

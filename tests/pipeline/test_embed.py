@@ -15,7 +15,8 @@ import webdataset as wds
 from factories import TINY_CLIP, image_bytes, write_tar
 from PIL import Image
 
-from pipeline.embed import EmbedConfig, run_embed
+from pipeline.embed import run_embed
+from pipeline.embed_config import EmbedConfig
 from pipeline.errors import ConfigError
 
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from pipeline.embed_config import DEFAULT_MAX_PIXELS
 from pipeline.errors import SampleSkipped
 from pipeline.images import (
-    DEFAULT_MAX_PIXELS,
     SKIP_REASONS,
     SUPPORTED_EXTENSIONS,
     PreparedImage,

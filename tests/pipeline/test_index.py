@@ -8,6 +8,7 @@ import torch
 
 from pipeline import index as ix
 from pipeline.errors import ConfigError
+from pipeline.retrieve_config import GPU_FLAT, IndexConfig, parse_size
 
 
 def clustered(n: int, dim: int, *, centres: int, seed: int, offset: float = 0.0, spread: float = 0.5):
@@ -53,24 +54,24 @@ def test_auto_picks_flat_for_small_corpora_and_ivf_for_large():
 
 
 def test_auto_uses_pq_when_the_memory_budget_requires_it():
-    fits = ix.choose_index(1_000_000, 512, max_memory=ix.parse_size("3GB"))
+    fits = ix.choose_index(1_000_000, 512, max_memory=parse_size("3GB"))
     assert fits.factory == "IVF4096,Flat"
-    pq = ix.choose_index(1_000_000, 512, max_memory=ix.parse_size("1GB"))
+    pq = ix.choose_index(1_000_000, 512, max_memory=parse_size("1GB"))
     assert (pq.factory, pq.pq_m) == ("IVF4096,PQ128", 128) and pq.memory_bytes <= 1e9
-    smaller = ix.choose_index(1_000_000, 512, max_memory=ix.parse_size("100MB"))
+    smaller = ix.choose_index(1_000_000, 512, max_memory=parse_size("100MB"))
     assert smaller.factory == "IVF4096,PQ64" and smaller.memory_bytes <= 100e6
-    small_corpus = ix.choose_index(20_000, 512, max_memory=ix.parse_size("10MB"))  # Flat needs 41 MB
+    small_corpus = ix.choose_index(20_000, 512, max_memory=parse_size("10MB"))  # Flat needs 41 MB
     assert small_corpus.factory.startswith("IVF") and "PQ" in small_corpus.factory
     with pytest.raises(ConfigError, match="--max-index-memory .* too small"):
-        ix.choose_index(1_000_000, 512, max_memory=ix.parse_size("1MB"))
+        ix.choose_index(1_000_000, 512, max_memory=parse_size("1MB"))
 
 
 def test_explicit_factories_and_gpu_flat():
     ivf = ix.choose_index(10_000, 64, "IVF64,Flat")
     assert (ivf.factory, ivf.nlist, ivf.tuned) == ("IVF64,Flat", 64, True)
     assert ix.choose_index(10_000, 64, "HNSW32").tuned is False
-    gpu = ix.choose_index(1_000_000, 512, ix.GPU_FLAT)
-    assert (gpu.factory, gpu.method, gpu.memory_bytes) == ("Flat", ix.GPU_FLAT, 1_000_000 * 512 * 2)
+    gpu = ix.choose_index(1_000_000, 512, GPU_FLAT)
+    assert (gpu.factory, gpu.method, gpu.memory_bytes) == ("Flat", GPU_FLAT, 1_000_000 * 512 * 2)
     with pytest.raises(ConfigError, match="--index IVFx,Flat: not auto, gpu-flat or a valid FAISS factory"):
         ix.choose_index(10_000, 64, "IVFx,Flat")
     with pytest.raises(ConfigError, match="--index Flat needs about .* more than --max-index-memory"):
@@ -78,13 +79,13 @@ def test_explicit_factories_and_gpu_flat():
 
 
 def test_parse_size():
-    assert ix.parse_size("") == 0 and ix.parse_size("0") == 0
-    assert ix.parse_size("8GB") == 8 * 10**9
-    assert ix.parse_size("512MiB") == 512 * 2**20
-    assert ix.parse_size("1.5G") == 1_500_000_000
-    assert ix.parse_size("123") == 123
+    assert parse_size("") == 0 and parse_size("0") == 0
+    assert parse_size("8GB") == 8 * 10**9
+    assert parse_size("512MiB") == 512 * 2**20
+    assert parse_size("1.5G") == 1_500_000_000
+    assert parse_size("123") == 123
     with pytest.raises(ConfigError, match="--max-index-memory lots"):
-        ix.parse_size("lots")
+        parse_size("lots")
 
 
 def test_training_sample_is_random_with_a_fixed_seed_not_the_first_rows():
@@ -168,7 +169,7 @@ def test_topk_matmul_half_precision_reranks_to_the_exact_order():
 def test_gpu_flat_without_cuda_is_a_config_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="--index gpu-flat needs a CUDA GPU"):
-        ix.IndexConfig(index=ix.GPU_FLAT).validate()
+        IndexConfig(index=GPU_FLAT).validate()
 
 
 def test_config_validation_names_the_flag():
@@ -179,4 +180,4 @@ def test_config_validation_names_the_flag():
         ({"max_index_memory": -1}, "--max-index-memory"),
     ]:
         with pytest.raises(ConfigError, match=flag):
-            ix.IndexConfig(**kwargs).validate()
+            IndexConfig(**kwargs).validate()

@@ -24,7 +24,8 @@ from manifests import list_manifests
 from pipeline.cache_writer import CacheWriter
 from pipeline.cli import app
 from pipeline.errors import ConfigError
-from pipeline.optimize import OptimizeConfig, plan_optimize, run_optimize
+from pipeline.optimize import plan_optimize, run_optimize
+from pipeline.optimize_config import OptimizeConfig
 from pipeline.optimize_methods import (
     Hyper,
     Neighbours,

@@ -18,11 +18,13 @@ from pipeline import retrieve as rt
 from pipeline import search
 from pipeline.captions import read_caption_shard
 from pipeline.cli import app
-from pipeline.embed import EmbedConfig, run_embed
+from pipeline.embed import run_embed
+from pipeline.embed_config import EmbedConfig
 from pipeline.errors import ConfigError
 from pipeline.faiss_index import set_nprobe
-from pipeline.index import INDEX_FILE, IndexConfig, read_embeddings, run_index
+from pipeline.index import INDEX_FILE, read_embeddings, run_index
 from pipeline.layout import retrieve_schema
+from pipeline.retrieve_config import IndexConfig, RetrieveConfig, SearchConfig
 from pipeline.synth import SynthConfig, run_synth
 
 K = 8
@@ -34,7 +36,7 @@ def _config(cache, corpus, **kw):
     kw.setdefault("caption_shard_size", 150)
     kw.setdefault("batch_size", 128)
     kw.setdefault("device", "cpu")
-    return rt.RetrieveConfig.from_options(captions=[str(corpus)], cache=cache, **kw)
+    return RetrieveConfig.from_options(captions=[str(corpus)], cache=cache, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -212,14 +214,12 @@ def test_identical_index_bytes_stop_the_cascade_and_k_restales_search(cache, bas
     assert (
         json.loads((cache / "index" / "_manifests" / "00000.json").read_text())["outs"][0]["digest"] == digest
     )
-    assert (
-        search.plan_search(search.SearchConfig(cache=cache, k=K)).tasks == []
-    )  # same bytes: nothing to redo
+    assert search.plan_search(SearchConfig(cache=cache, k=K)).tasks == []  # same bytes: nothing to redo
     smaller = rt.run_retrieve(_config(cache, base["corpus"], k=4))
     assert smaller.steps["index"].shards_run  # k is keyed for the search
     assert smaller.shards_run == [0, 1, 2, 3]
     assert _retrieved(cache, 0)[1].shape == (20, 4)
-    assert search.plan_search(search.SearchConfig(cache=cache, k=4)).tasks == []
+    assert search.plan_search(SearchConfig(cache=cache, k=4)).tasks == []
 
 
 def _outs(cache):
@@ -255,7 +255,7 @@ def test_ivf_index_is_tuned_recorded_and_reloads_with_plain_faiss(cache, base):
 
 def test_matmul_search_path_on_cpu_matches_flat(cache):
     """The gpu-flat code path (chunked torch top-k over the Flat index' vectors), run in fp32 on the CPU."""
-    config = search.SearchConfig(cache=cache, k=K, gpu_flat=True, matmul_device="cpu", batch_size=7)
+    config = SearchConfig(cache=cache, k=K, gpu_flat=True, matmul_device="cpu", batch_size=7)
     plan = search.plan_search(config)
     assert len(plan.tasks) == 4 and plan.tasks[0].reason == "params changed: method"
     _, flat_ids, flat_sims = _retrieved(cache, 0)

@@ -13,7 +13,8 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.clip import encode_images, encode_texts, load_clip
-from pipeline.embed import EmbedConfig, run_embed
+from pipeline.embed import run_embed
+from pipeline.embed_config import EmbedConfig
 from pipeline.synth import SynthConfig, run_synth
 from pipeline.synth_grammar import ATTRIBUTES, parse_caption
 from trainers.cli import app

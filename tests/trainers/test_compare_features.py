@@ -11,8 +11,10 @@ from factories import tiny_cache
 from PIL import Image
 
 from pipeline.errors import ConfigError
-from pipeline.optimize import OptimizeConfig, run_optimize
-from pipeline.retrieve import RetrieveConfig, run_retrieve
+from pipeline.optimize import run_optimize
+from pipeline.optimize_config import OptimizeConfig
+from pipeline.retrieve import run_retrieve
+from pipeline.retrieve_config import RetrieveConfig
 from trainers import embed_rows
 from trainers.compare_features import METHODS, TOP1_BATCH, feature_report
 

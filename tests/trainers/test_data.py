@@ -33,7 +33,8 @@ from manifests import (
     write_parquet_atomic,
 )
 from manifests.errors import Unreadable
-from pipeline.embed import EmbedConfig, run_embed
+from pipeline.embed import run_embed
+from pipeline.embed_config import EmbedConfig
 from pipeline.errors import ConfigError
 from pipeline.synth import SynthConfig, run_synth
 from trainers import conditions, data

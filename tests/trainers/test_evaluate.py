@@ -14,7 +14,8 @@ from factories import TINY_CLIP
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.embed import EmbedConfig, run_embed
+from pipeline.embed import run_embed
+from pipeline.embed_config import EmbedConfig
 from pipeline.errors import ConfigError
 from pipeline.synth import Scene, SynthConfig, _place, render_scene, run_synth, sample_scene
 from pipeline.synth_grammar import parse_caption

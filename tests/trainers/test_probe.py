@@ -11,7 +11,8 @@ import torch
 from factories import TINY_CLIP
 from typer.testing import CliRunner
 
-from pipeline.embed import EmbedConfig, run_embed
+from pipeline.embed import run_embed
+from pipeline.embed_config import EmbedConfig
 from pipeline.synth import SynthConfig, run_synth
 from trainers import probe as probe_module
 from trainers.cli import app
