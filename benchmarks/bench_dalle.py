@@ -37,11 +37,12 @@ def main(argv: list[str] | None = None) -> None:
     import numpy as np
 
     from trainers.dalle import DalleTransformer
+    from trainers.dalle_config import DalleConfig
     from trainers.dalle_sample import sample_tokens
     from trainers.derived_shards import KeyedRows
     from trainers.dvae import DiscreteVAE, decode_tokens, dvae_architecture
     from trainers.tokens import TokenCache, image_tokens
-    from trainers.train_dalle import DalleConfig, DalleTrainer
+    from trainers.train_dalle import DalleTrainer
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from pipeline.clip import load_clip
     from trainers.gan import architecture
-    from trainers.train_gan import GanConfig, GanTrainer
+    from trainers.gan_config import GanConfig
+    from trainers.train_gan import GanTrainer
 
     device = torch.device(args.device)
     size, resolution, clip_model, batch_sizes = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]

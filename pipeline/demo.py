@@ -91,7 +91,8 @@ def run_demo(out: Path, preset: str = "cpu", workers: int = 2, device: str = "au
     from pipeline.progress import progress_bar
     from pipeline.run import RunConfig, run_pipeline, stage_configs
     from pipeline.synth import SynthConfig
-    from trainers.clip_train import ClipTrainConfig, train_clip
+    from trainers.clip_config import ClipTrainConfig
+    from trainers.clip_train import train_clip
     from trainers.compare import CompareConfig, compare_progress, run_compare
 
     if preset not in PRESETS:

@@ -23,16 +23,16 @@ from pipeline.run import RunConfig
 from pipeline.synth import SynthConfig
 from trainers.cli import app as trainers_app
 from trainers.cli_options import SAID, SHOWN
-from trainers.clip_train import ClipTrainConfig
+from trainers.clip_config import ClipTrainConfig
 from trainers.compare import CompareConfig
-from trainers.evaluate import EvalConfig
-from trainers.probe import ProbeConfig
+from trainers.dalle_config import DalleConfig
+from trainers.dvae_config import DvaeConfig
+from trainers.eval_config import EvalConfig
+from trainers.gan_config import GanConfig
+from trainers.ldm_config import LdmConfig
+from trainers.probe_config import ProbeConfig
 from trainers.sample import SampleConfig
-from trainers.train_dalle import DalleConfig
-from trainers.train_dvae import DvaeConfig
-from trainers.train_gan import GanConfig
-from trainers.train_ldm import LdmConfig
-from trainers.vae import VaeConfig
+from trainers.vae_config import VaeConfig
 
 COMMANDS = [
     (pipeline_app, "synth", SynthConfig),

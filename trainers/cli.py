@@ -70,7 +70,7 @@ def root(ctx: typer.Context, threads: ThreadsOpt = None) -> None:
         typer.echo(ctx.get_help())
 
 
-@app.command(cls=defaults_from("trainers.train_gan:GanConfig"))
+@app.command(cls=defaults_from("trainers.gan_config:GanConfig"))
 @user_errors
 def gan(
     cache: Annotated[
@@ -199,7 +199,7 @@ def sample(
         )
 
 
-@app.command("eval", cls=defaults_from("trainers.evaluate:EvalConfig"))
+@app.command("eval", cls=defaults_from("trainers.eval_config:EvalConfig"))
 @user_errors
 def eval_command(
     checkpoint: Annotated[
@@ -241,7 +241,8 @@ def eval_command(
     with `--rerank N` the same again on the best of N candidates per image by CLIP."""
     given = given_options(locals(), "steps", "guidance")
     from pipeline.progress import progress_bar
-    from trainers.evaluate import EvalConfig, describe, evaluate
+    from trainers.eval_config import EvalConfig
+    from trainers.evaluate import describe, evaluate
     from trainers.sample import load_generator
 
     config = EvalConfig(**{**given, "checkpoint": str(checkpoint)})
@@ -252,7 +253,7 @@ def eval_command(
     typer.echo(f"{describe(result)} -> {out / 'eval.json'}")
 
 
-@app.command("vae", cls=defaults_from("trainers.vae:VaeConfig"))
+@app.command("vae", cls=defaults_from("trainers.vae_config:VaeConfig"))
 @user_errors
 def vae_command(
     cache: Annotated[Path | None, typer.Option("--cache", help="Feature cache (its images).")] = None,
@@ -292,7 +293,8 @@ def vae_command(
     """
     given = given_options(locals(), "encode")
     from trainers.distributed import training_bar
-    from trainers.vae import VaeConfig, run_vae
+    from trainers.vae import run_vae
+    from trainers.vae_config import VaeConfig
 
     config = VaeConfig(**given)
     if encode is not None:
@@ -313,7 +315,7 @@ def vae_command(
     )
 
 
-@app.command("ldm", cls=defaults_from("trainers.train_ldm:LdmConfig"))
+@app.command("ldm", cls=defaults_from("trainers.ldm_config:LdmConfig"))
 @user_errors
 def ldm_command(
     cache: Annotated[
@@ -355,11 +357,11 @@ def ldm_command(
     )
 
 
-app.command("clip", cls=defaults_from("trainers.clip_train:ClipTrainConfig"))(clip_command)
-app.command("probe", cls=defaults_from("trainers.probe:ProbeConfig"))(probe_command)
+app.command("clip", cls=defaults_from("trainers.clip_config:ClipTrainConfig"))(clip_command)
+app.command("probe", cls=defaults_from("trainers.probe_config:ProbeConfig"))(probe_command)
 app.command("compare")(compare_command)
-app.command("dvae", cls=defaults_from("trainers.train_dvae:DvaeConfig"))(dvae_command)
-app.command("dalle", cls=defaults_from("trainers.train_dalle:DalleConfig"))(dalle_command)
+app.command("dvae", cls=defaults_from("trainers.dvae_config:DvaeConfig"))(dvae_command)
+app.command("dalle", cls=defaults_from("trainers.dalle_config:DalleConfig"))(dalle_command)
 
 
 def main() -> None:

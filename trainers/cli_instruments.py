@@ -88,7 +88,8 @@ def clip_command(
     """
     given = given_options(locals(), "shards", "data")
     from pipeline.errors import ConfigError
-    from trainers.clip_train import CLIP_SIZES, ClipTrainConfig, describe, train_clip
+    from trainers.clip_config import CLIP_SIZES, ClipTrainConfig
+    from trainers.clip_train import describe, train_clip
     from trainers.distributed import training_bar
 
     config = ClipTrainConfig(**given, data=tuple(data or ()) + tuple(shards or ()))
@@ -124,7 +125,8 @@ def probe_command(
     given = given_options(locals(), "cache", "out", "image_size")
     from pipeline.errors import ConfigError
     from pipeline.progress import progress_bar
-    from trainers.probe import ProbeConfig, cached_probe, describe, save_probe, train_probe
+    from trainers.probe import cached_probe, describe, save_probe, train_probe
+    from trainers.probe_config import ProbeConfig
 
     if (cache is None) == (image_size is None):
         raise ConfigError("give --cache (its image size is used) or --image-size, not both")

@@ -123,7 +123,7 @@ class CompareConfig:
     eval_seed: int = 0  # eval prompts, noise and real-image draw: the same for every run
     eval_batch_size: int = 100  # images per generator call in eval (keyed: it seeds the noise per batch)
     probe: Path | None = None  # a `trainers probe` file; None: trained once per cache with probe_* below
-    probe_n_train: int = 6000  # the probe's rendered training images (trainers.probe.ProbeConfig)
+    probe_n_train: int = 6000  # the probe's rendered training images (trainers.probe_config.ProbeConfig)
     probe_epochs: int = 6  # the probe's passes over them
     probe_n_eval: int = 1000  # the probe's own held-out check (recorded in its file)
     vae_size: str = "tiny"  # ldm, dalle: the shared autoencoder's size (VAE_SIZES, DVAE_SIZES entry)

@@ -137,7 +137,7 @@ def cache_deps(cache: Path, condition: str) -> list[Dep]:
 
 
 def probe_config(config: CompareConfig, image_size: int):
-    from trainers.probe import ProbeConfig
+    from trainers.probe_config import ProbeConfig
 
     return ProbeConfig(
         image_size=image_size,
@@ -155,7 +155,7 @@ def probe_dep(config: CompareConfig, image_size: int) -> Dep:
 
 
 def eval_params(config: CompareConfig) -> dict[str, Any]:
-    from trainers.evaluate import EvalConfig
+    from trainers.eval_config import EvalConfig
 
     grid = EvalConfig.__dataclass_fields__["grid"].default
     params = {"n": config.eval_n, "seed": config.eval_seed, "batch_size": config.eval_batch_size}
@@ -359,7 +359,8 @@ def _pairs(run_dir: Path) -> tuple[list[Path], dict[str, Any] | None]:
 
 def do_run(config: CompareConfig, unit: Unit, probe: Any, progress: Callable[..., None]) -> dict:
     """Train, evaluate and sample one run, then commit it."""
-    from trainers.evaluate import EvalConfig, evaluate
+    from trainers.eval_config import EvalConfig
+    from trainers.evaluate import evaluate
     from trainers.sample import SampleConfig, load_generator, run_sample
 
     out = Path(config.out)

@@ -63,10 +63,10 @@ def load_dalle(
     import torch
 
     from trainers.dalle import build_dalle
+    from trainers.dalle_config import sampling_options
     from trainers.dalle_sample import check_sampling, sample_tokens
     from trainers.dvae import decode_tokens
     from trainers.runs import select_device
-    from trainers.train_dalle import sampling_options
 
     if ckpt.get("kind") != "dalle" or "ema" not in ckpt or "dvae" not in ckpt:
         raise ConfigError(

@@ -44,14 +44,14 @@ import io
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from manifests import write_bytes_atomic, write_json_atomic
-from pipeline.errors import ConfigError, require_at_least
+from pipeline.errors import ConfigError
+from trainers.eval_config import EvalConfig
 
 # The helpers live in their own modules; callers import them from here too (trainers.cli, compare_report).
 from trainers.eval_features import (
@@ -79,43 +79,6 @@ GRID_COLUMNS = 8
 FID_KEYS = ("fid", "fid_real", "fid_clip", "fid_clip_real", "fid_inception", "fid_inception_real")
 
 Generate = Callable[[Any, int], Any]  # (cond float32 [N, D], seed) -> uint8 [N, 3, H, W]
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    checkpoint: str  # what is evaluated (recorded in eval.json; the CLI loads the generator from it)
-    cache: Path  # the feature cache the generator was trained on: its CLIP and its real images
-    out: Path  # directory for eval.json, grid.png, grid_prompts.txt
-    prompts: Path | None = None  # one prompt per line (# comments); default: synthetic-world prompts
-    n: int = 1000  # images generated (and real images drawn from the cache, at most all of them)
-    seed: int = 0  # prompts, generator noise and the real-image draw
-    batch_size: int = 100  # images per generator call
-    device: str = "auto"  # CLIP, probe and Inception device
-    probe: Path | None = None  # a `trainers probe` file; default: trained once per cache in _trainers/
-    inception: Path | None = None  # inception-2015-12-05.pt; default: clean-fid's location if present
-    grid: int = 64  # images in grid.png
-    rerank: int = 1  # > 1: also the metrics of the best of this many candidates by CLIP (trainers.rerank)
-
-    def validate(self) -> None:
-        require_at_least(
-            ("--n", self.n, 2),
-            ("--batch-size", self.batch_size, 1),
-            ("--seed", self.seed, 0),
-            ("--rerank", self.rerank, 1),
-        )
-        if self.grid < 0:
-            raise ConfigError("--grid must be 0 or more")
-        if self.prompts is not None and not Path(self.prompts).is_file():
-            raise ConfigError(f"--prompts {self.prompts}: file not found (one prompt per line)")
-        if self.inception is not None and not Path(self.inception).is_file():
-            raise ConfigError(
-                f"--inception {self.inception}: file not found; download inception-2015-12-05.pt on a "
-                "connected machine (clean-fid's URL) and pass its path, or leave --inception out "
-                "for CLIP-feature FID"
-            )
-        out = Path(self.out)
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"--out {out}: exists and is not a directory")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -271,7 +234,8 @@ def evaluate(
     from trainers.committed import describe_skipped
     from trainers.conditions import load_cache_clip
     from trainers.embed_rows import labels_of, read_embed
-    from trainers.probe import ProbeConfig, cached_probe, load_probe, score_objects, summarise
+    from trainers.probe import cached_probe, load_probe, score_objects, summarise
+    from trainers.probe_config import ProbeConfig
     from trainers.runs import select_device
 
     config.validate()

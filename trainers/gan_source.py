@@ -12,7 +12,7 @@ from trainers.distributed import SINGLE, World
 from trainers.gan import check_resolution
 
 if TYPE_CHECKING:
-    from trainers.train_gan import GanConfig
+    from trainers.gan_config import GanConfig
 
 
 @dataclass

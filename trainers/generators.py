@@ -42,14 +42,14 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "gan": Family(
         "gan",
-        "trainers.train_gan:GanConfig",
+        "trainers.gan_config:GanConfig",
         "trainers.train_gan:run_gan",
         "trainers.sample:load_gan",
         "trainers.gan:GAN_SIZES",
     ),
     "ldm": Family(
         "ldm",
-        "trainers.train_ldm:LdmConfig",
+        "trainers.ldm_config:LdmConfig",
         "trainers.train_ldm:run_ldm",
         "trainers.ldm_sample:load_ldm",
         "trainers.ldm:LDM_SIZES",
@@ -58,7 +58,7 @@ FAMILIES: dict[str, Family] = {
             "vae",
             "VAE",
             "vae",
-            "trainers.vae:VaeConfig",
+            "trainers.vae_config:VaeConfig",
             "trainers.vae:run_vae",
             "trainers.latents:encode_latents",
             "trainers.vae:VAE_SIZES",
@@ -66,7 +66,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "dalle": Family(
         "dalle",
-        "trainers.train_dalle:DalleConfig",
+        "trainers.dalle_config:DalleConfig",
         "trainers.train_dalle:run_dalle",
         "trainers.dalle_load:load_dalle",
         "trainers.dalle:DALLE_SIZES",
@@ -75,7 +75,7 @@ FAMILIES: dict[str, Family] = {
             "dvae",
             "dVAE",
             "dvae",
-            "trainers.train_dvae:DvaeConfig",
+            "trainers.dvae_config:DvaeConfig",
             "trainers.train_dvae:run_dvae",
             "trainers.tokens:encode_tokens",
             "trainers.dvae:DVAE_SIZES",

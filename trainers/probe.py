@@ -20,20 +20,19 @@ held-out accuracy it reached. `cached_probe(cache)` keeps one per (config, image
 from __future__ import annotations
 
 import io
-import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from manifests import digest_json, write_bytes_atomic
-from pipeline.errors import ConfigError, require_at_least
+from pipeline.errors import ConfigError
+from trainers.probe_config import PROBE_VERSION, ProbeConfig
 
-PROBE_VERSION = "1"
 TRAIN_SEED_OFFSET = 7_000_001  # synth seed of the training images = this + seed (any seed would do)
 HELD_OUT_INDEX = 10**9  # evaluation images: beyond any `pipeline synth` key, and beyond n_train
 SLOT_ATTRIBUTES = ("shape", "colour", "size")
@@ -43,42 +42,6 @@ def vocabulary() -> dict[str, tuple[str, ...]]:
     from pipeline.labels import labels
 
     return labels().vocabulary
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    image_size: int = 32  # pixels per side (the cache's stored size)
-    n_train: int = 6000  # rendered training images
-    epochs: int = 6  # passes over their occupied slots (and as many empty ones)
-    batch_size: int = 256  # slot crops per step
-    lr: float = 5e-3  # AdamW peak, one-cycle cosine
-    width: int = 16  # channels of the first conv stage (x2 in the second)
-    max_objects: int = 2  # objects per training image (1 or 2)
-    seed: int = 0  # training images, init and order
-    n_eval: int = 1000  # held-out images for the recorded accuracy
-    device: str = "auto"
-
-    def validate(self) -> None:
-        if not 16 <= self.image_size <= 1024:
-            raise ConfigError("--image-size must be between 16 and 1024")
-        require_at_least(
-            ("--n-train", self.n_train, 16),
-            ("--epochs", self.epochs, 1),
-            ("--batch-size", self.batch_size, 2),
-            ("--width", self.width, 4),
-            ("--n-eval", self.n_eval, 0),
-            ("--seed", self.seed, 0),
-        )
-        if self.max_objects not in (1, 2):
-            raise ConfigError("--max-objects must be 1 or 2")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError("--lr must be a positive number")
-
-    def keyed(self) -> dict[str, Any]:
-        """What changes the probe (not the device)."""
-        values = asdict(self)
-        values.pop("device")
-        return {"version": PROBE_VERSION, **values}
 
 
 CROP_HALF = 0.18  # crop = anchor +- 0.18 of the side: a large object (0.152) plus its jitter (0.015) fits

@@ -34,62 +34,12 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import ConfigError
 from trainers import loop
 from trainers.checkpoints import require_same_arch
 from trainers.distributed import SINGLE, World
-from trainers.ldm import LDM_SIZES, Dit, flow_loss, ldm_architecture, sample_euler
-from trainers.runs import DEFAULT_PROMPTS, RunConfig, resolve_run_config, seed_everything, select_device
-
-
-@dataclass(frozen=True)
-class LdmConfig(RunConfig):
-    cache: Path | None = None  # feature cache (read-only); on --resume the checkpoint's unless given
-    vae: Path | None = None  # `trainers vae` checkpoint (or run dir: its latest), frozen
-    out: Path = Path("runs")  # the run goes to OUT/{idx:03d}-{name}/
-    name: str = "ldm"  # run name (a folder name)
-    size: str = "S"  # LDM_SIZES entry: tiny (tests), S, B
-    condition: str = "optimize"  # conditioning source: optimize, retrieve, perturb, caption
-    steps: int = 50_000  # total optimisation steps; a resumed run continues up to this
-    batch_size: int = 64  # images per step
-    lr: float = 1e-4  # AdamW learning rate (DiT's, no weight decay)
-    seed: int = 0  # init, t, noise, condition dropout and data order
-    paired_limit: int | None = None  # few-shot: N real pairs (only them with caption, else mixed in)
-    allow_partial: bool = False  # train on the usable shards of a partial cache (see LoaderConfig)
-    init: Path | None = None  # start from this `trainers ldm` checkpoint's weights (same architecture)
-    cond_drop: float = 0.1  # share of samples trained with the null condition (for guidance)
-    ema_decay: float = 0.9999  # EMA decay per step (warmed up: min(decay, (1 + step) / (10 + step)))
-    guidance: float = 3.0  # default guidance scale recorded for sampling
-    workers: int = 0  # loader processes
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
-    checkpoint_every: int = 5000  # steps between checkpoints, 0 for the final one only
-    log_every: int = 10  # steps between metrics.jsonl lines
-    compile: str | None = None  # torch.compile backend of the training forward (inductor); None: eager
-    sample_every: int = 1000  # steps between sample grids (EMA model, `guidance`), 0 for the final one only
-    sample_steps: int = 25  # Euler steps of the grids
-    samples_per_prompt: int = 4  # grid columns; rows are trainers.runs.DEFAULT_PROMPTS
-    resume: Path | None = None  # checkpoint file or run directory (latest checkpoint) to continue
-
-    def validate(self) -> None:
-        loop.check_run_options(self, LDM_SIZES, ("sample_steps", self.sample_steps, 1))
-        if self.vae is None:
-            raise ConfigError("--vae is required: a `trainers vae` checkpoint or run directory")
-
-
-RESUME_OVERRIDABLE = (
-    "cache",
-    "compile",
-    "allow_partial",
-    "steps",
-    "checkpoint_every",
-    "log_every",
-    "device",
-    "workers",
-    "guidance",
-    "sample_every",
-    "sample_steps",
-    "samples_per_prompt",
-)
+from trainers.ldm import Dit, flow_loss, ldm_architecture, sample_euler
+from trainers.ldm_config import RESUME_OVERRIDABLE, LdmConfig
+from trainers.runs import DEFAULT_PROMPTS, resolve_run_config, seed_everything, select_device
 
 
 def resolve_config(values: dict[str, Any], resume: Path | str | None = None) -> tuple[LdmConfig, dict | None]:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from pipeline.errors import ConfigError
 from trainers import loop
 from trainers.distributed import SINGLE, World
+from trainers.vae_config import VaeConfig
 
 
 @dataclass(frozen=True)
@@ -226,43 +227,6 @@ def psnr(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class VaeConfig:
-    cache: Path | None = None  # feature cache (its images; conditions are not used)
-    out: Path = Path("runs")  # the run goes to OUT/{idx:03d}-{name}/
-    name: str = "vae"  # run name (a folder name)
-    size: str = "small"  # VAE_SIZES entry
-    steps: int = 10_000  # optimisation steps
-    batch_size: int = 32  # images per step (the global batch under torchrun, split between the ranks)
-    lr: float = 2e-4  # Adam learning rate
-    seed: int = 0  # init, posterior noise, data order and the held-out choice
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
-    perceptual_weight: float = 0.5  # CLIP-feature term weight
-    kl_weight: float = 1e-6  # KL weight (per image element, see the module docstring)
-    disc_weight: float = 0.0  # patch-discriminator term weight; 0: no discriminator
-    disc_start: int = 2000  # first step with the adversarial terms (the warm-up before it)
-    eval_n: int = 64  # held-out images for the PSNR in eval.json (never trained on)
-    allow_partial: bool = False  # train on the usable shards of a partial cache (trainers.data.LoaderConfig)
-    checkpoint_every: int = 5000  # steps between checkpoints, 0 for the final one only
-    log_every: int = 10  # steps between metrics.jsonl lines
-
-    def validate(self) -> None:
-        minimums = (("--eval-n", self.eval_n, 1), ("--disc-start", self.disc_start, 0))
-        loop.check_run_options(self, VAE_SIZES, *minimums)
-        if min(self.perceptual_weight, self.kl_weight) < 0:
-            raise ConfigError("the perceptual and KL weights must be non-negative")
-        if not (math.isfinite(self.disc_weight) and self.disc_weight >= 0):
-            raise ConfigError(
-                f"--disc-weight must be a number >= 0 (0: no discriminator), got {self.disc_weight}"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        for key in ("cache", "out"):
-            out[key] = None if out[key] is None else str(out[key])
-        return out
-
-
 class VaeTrainer:
     """Model, optimiser and one step; no files, no loader. `world`: the torchrun ranks sharing the step."""
 
@@ -346,7 +310,7 @@ class VaeResult:
 def split_cache(config: Any, start_step: int = 0, world: World = SINGLE):
     """(training loader from step `start_step`, held-out images float [-1, 1] [n, 3, R, R], loader info):
     a fixed seeded `eval_n` of the cache's images are held out (at most half of them). `config`: any
-    config with cache, batch_size, seed, allow_partial and eval_n (VaeConfig, train_dvae.DvaeConfig).
+    config with cache, batch_size, seed, allow_partial and eval_n (VaeConfig, dvae_config.DvaeConfig).
     Under torchrun the loader yields this rank's slice of each global batch; every rank holds the same
     held-out images (only rank 0 evaluates)."""
     from trainers.data import build_dataset

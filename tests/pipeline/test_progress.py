@@ -175,7 +175,8 @@ def test_embed_and_optimize_bar_totals_are_the_samples_of_the_shards_to_run(tmp_
 
 
 def test_probe_bar_total_is_its_training_steps(monkeypatch):
-    from trainers.probe import ProbeConfig, train_probe
+    from trainers.probe import train_probe
+    from trainers.probe_config import ProbeConfig
 
     console = plain_console(monkeypatch)
     config = ProbeConfig(image_size=16, n_train=64, epochs=2, batch_size=16, n_eval=0, device="cpu")

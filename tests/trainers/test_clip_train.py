@@ -18,9 +18,10 @@ from pipeline.embed_config import EmbedConfig
 from pipeline.synth import SynthConfig, run_synth
 from pipeline.synth_grammar import ATTRIBUTES, parse_caption
 from trainers.cli import app
+from trainers.clip_config import ClipTrainConfig
 from trainers.clip_data import PRETRAIN_INDEX, batch_rows, contrast_group, render_pairs
 from trainers.clip_eval import HELD_OUT_INDEX, held_out_images
-from trainers.clip_train import ClipTrainConfig, train_clip
+from trainers.clip_train import train_clip
 
 runner = CliRunner()
 

@@ -19,11 +19,13 @@ from typer.testing import CliRunner
 from pipeline.errors import ConfigError
 from trainers.checkpoints import save_checkpoint
 from trainers.cli import app
+from trainers.dalle_config import DalleConfig
+from trainers.dvae_config import DvaeConfig
 from trainers.loop import lr_at
 from trainers.sample import load_generator
 from trainers.tokens import dvae_digest, encode_tokens, load_token_cache, tokens_stage
-from trainers.train_dalle import DalleConfig, resolve_config, run_dalle
-from trainers.train_dvae import DvaeConfig, run_dvae
+from trainers.train_dalle import resolve_config, run_dalle
+from trainers.train_dvae import run_dvae
 
 H_DIM = 64  # lafite-tiny
 runner = CliRunner()
@@ -213,7 +215,8 @@ def test_sample_refuses_a_missing_or_changed_dvae(world, tmp_path):
 
 
 def test_cli_trains_samples_and_evaluates(world, tmp_path):
-    from trainers.probe import ProbeConfig, save_probe, train_probe
+    from trainers.probe import save_probe, train_probe
+    from trainers.probe_config import ProbeConfig
 
     cache, dvae = world
     base = ["dalle", "--cache", cache, "--dvae", dvae.parent, "--out", tmp_path, "--size", "tiny"]

@@ -469,7 +469,8 @@ def test_a_shard_being_rewritten_is_refused_after_the_wait(scratch, tmp_path, mo
 
 
 def test_allow_partial_trains_on_the_rest_and_records_the_rows(scratch, tmp_path):
-    from trainers.evaluate import EvalConfig, evaluate
+    from trainers.eval_config import EvalConfig
+    from trainers.evaluate import evaluate
     from trainers.sample import load_generator
 
     with open(scratch / "optimize" / "00001.parquet", "ab") as f:

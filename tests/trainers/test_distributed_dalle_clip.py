@@ -78,7 +78,7 @@ GRADIENTS = """
 import sys, torch
 from open_clip.loss import ClipLoss
 from trainers.clip_train import build_clip, clip_loss, global_batch_norms, make_optimizers
-from trainers.clip_train import ClipTrainConfig
+from trainers.clip_config import ClipTrainConfig
 from trainers.distributed import close_world, init_world
 
 world, _ = init_world("cpu")

@@ -22,7 +22,8 @@ from trainers.dvae import (
     kl_to_uniform,
     load_dvae,
 )
-from trainers.train_dvae import DvaeConfig, DvaeTrainer, resolve_config, run_dvae
+from trainers.dvae_config import DvaeConfig
+from trainers.train_dvae import DvaeTrainer, resolve_config, run_dvae
 
 runner = CliRunner()
 
@@ -184,7 +185,8 @@ def test_cli_trains_encodes_and_reruns_nothing(cache, tmp_path):
 
 
 def test_cli_errors_are_one_line(cache, tmp_path):
-    from trainers.vae import VaeConfig, run_vae
+    from trainers.vae import run_vae
+    from trainers.vae_config import VaeConfig
 
     vae = run_vae(VaeConfig(cache=cache, out=tmp_path / "v", size="tiny", steps=1, batch_size=4, eval_n=2))
     base = ["dvae", "--cache", cache, "--out", tmp_path]

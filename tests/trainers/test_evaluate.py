@@ -24,8 +24,10 @@ from trainers import evaluate as evaluate_module
 from trainers.cli import app
 from trainers.conditions import load_cache_clip
 from trainers.embed_rows import read_embed
-from trainers.evaluate import EvalConfig, evaluate, synthetic_prompts
-from trainers.probe import ProbeConfig, save_probe, train_probe
+from trainers.eval_config import EvalConfig
+from trainers.evaluate import evaluate, synthetic_prompts
+from trainers.probe import save_probe, train_probe
+from trainers.probe_config import ProbeConfig
 
 runner = CliRunner()
 N = 80

@@ -16,8 +16,9 @@ from pipeline.clip import load_clip
 from pipeline.errors import ConfigError
 from trainers.cli import app
 from trainers.gan import GAN_SIZES, ModulatedConv, architecture, build_models, count_params
+from trainers.gan_config import GanConfig
 from trainers.runs import new_run_dir
-from trainers.train_gan import DataSource, GanConfig, GanTrainer, resolve_config, run_gan
+from trainers.train_gan import DataSource, GanTrainer, resolve_config, run_gan
 
 H_DIM = 64  # lafite-tiny's embedding size
 PROMPTS = ("a red circle", "a large blue square on the left")

@@ -27,8 +27,10 @@ from trainers.latents import (
     vae_digest,
 )
 from trainers.ldm import ldm_architecture
-from trainers.train_ldm import LdmConfig, LdmTrainer
-from trainers.vae import VaeConfig, load_vae, run_vae
+from trainers.ldm_config import LdmConfig
+from trainers.train_ldm import LdmTrainer
+from trainers.vae import load_vae, run_vae
+from trainers.vae_config import VaeConfig
 
 runner = CliRunner()
 

@@ -17,9 +17,11 @@ from pipeline.errors import ConfigError
 from trainers.cli import app
 from trainers.data import LoaderConfig, make_loader
 from trainers.ldm import LDM_SIZES, Dit, ldm_architecture, sample_euler
+from trainers.ldm_config import LdmConfig
 from trainers.ldm_sample import load_ldm_generator
-from trainers.train_ldm import LdmConfig, resolve_config, run_ldm
-from trainers.vae import VaeConfig, run_vae
+from trainers.train_ldm import resolve_config, run_ldm
+from trainers.vae import run_vae
+from trainers.vae_config import VaeConfig
 
 H_DIM = 64  # lafite-tiny
 runner = CliRunner()

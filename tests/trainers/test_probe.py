@@ -17,7 +17,6 @@ from pipeline.synth import SynthConfig, run_synth
 from trainers import probe as probe_module
 from trainers.cli import app
 from trainers.probe import (
-    ProbeConfig,
     cached_probe,
     load_probe,
     render,
@@ -26,6 +25,7 @@ from trainers.probe import (
     summarise,
     train_probe,
 )
+from trainers.probe_config import ProbeConfig
 
 runner = CliRunner()
 SMALL = ProbeConfig(image_size=32, n_train=3000, epochs=5, n_eval=300, seed=0, device="cpu")

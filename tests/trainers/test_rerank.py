@@ -17,10 +17,12 @@ from typer.testing import CliRunner
 
 from pipeline.clip import encode_images, encode_texts, load_clip
 from trainers.cli import app
-from trainers.probe import ProbeConfig, save_probe, train_probe
+from trainers.gan_config import GanConfig
+from trainers.probe import save_probe, train_probe
+from trainers.probe_config import ProbeConfig
 from trainers.rerank import candidate_seed, rerank
 from trainers.sample import load_generator
-from trainers.train_gan import DataSource, GanConfig, run_gan
+from trainers.train_gan import DataSource, run_gan
 
 H_DIM = 64  # lafite-tiny
 RES = 32
@@ -148,8 +150,10 @@ def gan(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ldm(world, tmp_path_factory):
-    from trainers.train_ldm import LdmConfig, run_ldm
-    from trainers.vae import VaeConfig, run_vae
+    from trainers.ldm_config import LdmConfig
+    from trainers.train_ldm import run_ldm
+    from trainers.vae import run_vae
+    from trainers.vae_config import VaeConfig
 
     cache, _ = world
     runs = tmp_path_factory.mktemp("ldm-runs")

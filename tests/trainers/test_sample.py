@@ -18,8 +18,9 @@ from typer.testing import CliRunner
 from pipeline.errors import ConfigError
 from trainers.cli import app
 from trainers.gan import build_models
+from trainers.gan_config import GanConfig
 from trainers.sample import LABEL_WIDTH, SampleConfig, load_generator, render_grid, run_sample
-from trainers.train_gan import DataSource, GanConfig, run_gan
+from trainers.train_gan import DataSource, run_gan
 
 H_DIM = 64  # lafite-tiny
 RES = 32

@@ -22,6 +22,7 @@ from pipeline.errors import ConfigError
 from trainers import derived_store
 from trainers.derived_shards import read_derived
 from trainers.dvae import decode_tokens, load_dvae
+from trainers.dvae_config import DvaeConfig
 from trainers.embed_rows import read_embed
 from trainers.tokens import (
     KIND,
@@ -33,7 +34,7 @@ from trainers.tokens import (
     tokens_for,
     tokens_stage,
 )
-from trainers.train_dvae import DvaeConfig, run_dvae
+from trainers.train_dvae import run_dvae
 
 runner = CliRunner()
 

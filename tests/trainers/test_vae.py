@@ -18,13 +18,13 @@ from trainers.vae import (
     AutoencoderKL,
     ClipPerceptual,
     PatchDiscriminator,
-    VaeConfig,
     VaeTrainer,
     kl_loss,
     load_vae,
     psnr,
     vae_architecture,
 )
+from trainers.vae_config import VaeConfig
 
 runner = CliRunner()
 

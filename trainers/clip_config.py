@@ -1,0 +1,66 @@
+"""`trainers clip`'s config: its options and their defaults, checked, and the bundled open_clip config of
+each --size. The trainer is trainers/clip_train.py.
+
+Light on purpose, as trainers/gan_config.py: `trainers clip --help` reads its defaults from
+`ClipTrainConfig`, so nothing here imports torch, numpy or open_clip.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import ConfigError, require_at_least
+
+# --size -> bundled open_clip config: rn32 (ModifiedResNet, 32 px) is the one that sees every attribute;
+# tiny is for tests; small is a 64 px ViT
+CLIP_SIZES = {"rn32": "lafite-rn32", "tiny": "lafite-tiny", "small": "lafite-small"}
+
+
+@dataclass(frozen=True)
+class ClipTrainConfig:
+    data: tuple[str, ...] = ()  # image+caption inputs (tars, folders, Parquet); (): a fresh synthetic stream
+    out: Path | None = None  # run dir (clip.pt, clip_config.json, clip_eval.json); None: runs/NNN-clip-SIZE
+    size: str = "rn32"  # a CLIP_SIZES key (bundled open_clip configs)
+    steps: int = 3000  # optimisation steps
+    batch_size: int = 129  # pairs per step (the InfoNCE negatives), rounded down to whole contrast groups
+    pretrain_n: int = 40000  # fresh synthetic pairs rendered for training when no --data is given
+    contrast_group: int = 3  # scenes per group that differ only in shape (see trainers.clip_data)
+    max_objects: int = 1  # objects per synthetic training image (1 or 2; see bench_clip in BENCHMARKS.md)
+    lr: float = 2e-3  # AdamW peak learning rate (3e-3 collapsed to a constant embedding on the tiny model)
+    weight_decay: float = 0.1  # on matrices only
+    warmup: int = 50  # linear warmup steps (clamped to steps // 2)
+    seed: int = 0  # init, batch order, augmentation
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    eval_n: int = 600  # held-out synthetic images for zero-shot accuracy (0: skip)
+    eval_seed: int = 0  # synth seed of the held-out images (indices >= 10^9 never collide with training)
+    force: bool = False  # overwrite an existing RUN/clip.pt
+
+    def validate(self) -> None:
+        if self.size not in CLIP_SIZES:
+            raise ConfigError(f"--size {self.size}: choose one of {', '.join(CLIP_SIZES)}")
+        if self.max_objects not in (1, 2):
+            raise ConfigError("--max-objects must be 1 or 2")
+        require_at_least(
+            ("--pretrain-n", self.pretrain_n, 2),
+            ("--contrast-group", self.contrast_group, 1),
+            ("--steps", self.steps, 1),
+            ("--batch-size", self.batch_size, 2),
+            ("--warmup", self.warmup, 0),
+            ("--eval-n", self.eval_n, 0),
+            ("--seed", self.seed, 0),
+        )
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError("--lr must be a positive number")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError("--weight-decay must be 0 or more")
+        if self.out is None:
+            return
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out}: exists and is not a directory")
+        if (out / "clip.pt").exists() and not self.force:
+            raise ConfigError(
+                f"--out {out}: already holds clip.pt; pass --force to overwrite it or another --out"
+            )
