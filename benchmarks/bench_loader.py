@@ -1,4 +1,4 @@
-"""Benchmark the trainers' loader memory as the cache grows: the stored, memory-mapped sample set
+"""Benchmark the trainers' loader memory as the cache grows: the stored sample set, read per row
 (trainers/sample_store.py) against loading every feature into memory, at 1M, 4M and 10M rows.
 
 For each size it writes a features-only cache (embed sidecars of random unit D-dim float16 features
@@ -9,7 +9,7 @@ tars, is not part of it), then runs, each in a fresh process so the memory figur
                  (trainers.committed.read_parquet_committed) and decoded into one float16 [N, D] array,
                  the keys as Python strings, the sample set's own copy of the conditions
     derive       the first loader of a store: the same reads, then the store written (seconds only)
-    store        every later loader: trainers.sample_store.open_store, memory-mapped
+    store        every later loader: trainers.sample_store.open_store, one pread per row
 
 and reports start-up seconds (to the first batch), resident memory after start-up and after the batches
 (VmRSS; RssAnon is the part that is not file pages the kernel can drop), the peak (VmHWM), and batches/s
@@ -111,22 +111,27 @@ def latents_child(mode: str, cache: Path, rows: int, batch: int, batches: int) -
     t0 = time.perf_counter()
     latents = (read_derived if mode == "everything" else load_derived)(KIND, cache, checkpoint)
 
-    def one() -> None:
+    def one(step: int) -> None:
         found, values = latents.lookup([f"{i:010d}" for i in rng.integers(0, rows, batch).tolist()])
         assert found.all() and values.dtype == np.float32  # [B, C, h, w]
 
-    one()
+    figure = time_batches(one, t0, batches)
+    return {"held": type(latents).__name__, "rss_base_mib": base["VmRSS"], **figure}
+
+
+def time_batches(one, t0: float, batches: int) -> dict:
+    """The figure of a loader opened at `t0`: start-up to its first batch `one(0)`, memory then, and
+    batches/s and memory over `one(1..batches)`."""
+    one(0)
     startup = time.perf_counter() - t0
     after_start = memory()
     t1 = time.perf_counter()
-    for _ in range(batches):
-        one()
+    for step in range(1, batches + 1):
+        one(step)
     rate = batches / (time.perf_counter() - t1)
     after = memory()
     return {
-        "held": type(latents).__name__,
         "startup_s": round(startup, 2),
-        "rss_base_mib": base["VmRSS"],
         "rss_start_mib": after_start["VmRSS"],
         "anon_start_mib": after_start["RssAnon"],
         "rss_mib": after["VmRSS"],
@@ -203,23 +208,7 @@ def child(mode: str, cache: Path, dim: int, batch: int, batches: int) -> dict:
         x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         [keys[int(i)] for i in samples]
 
-    one(0)
-    startup = time.perf_counter() - t0
-    after_start = memory()
-    t1 = time.perf_counter()
-    for step in range(1, batches + 1):
-        one(step)
-    rate = batches / (time.perf_counter() - t1)
-    after = memory()
-    return {
-        "startup_s": round(startup, 2),
-        "rss_start_mib": after_start["VmRSS"],
-        "anon_start_mib": after_start["RssAnon"],
-        "rss_mib": after["VmRSS"],
-        "anon_mib": after["RssAnon"],
-        "peak_mib": after["VmHWM"],
-        "batches_per_s": round(rate, 1),
-    }
+    return time_batches(one, t0, batches)
 
 
 def run_child(mode: str, cache: Path, args, rows: int = 0) -> dict:

@@ -206,7 +206,7 @@ def _read_committed(config: LoaderConfig) -> tuple[EmbedRows, np.ndarray | None,
 
 
 def build_dataset(config: LoaderConfig) -> tuple[CacheDataset, LoaderInfo]:
-    """The sample set: from its memory-mapped store when one was derived (trainers/sample_store.py), else
+    """The sample set: from its store (read per row) when one was derived (trainers/sample_store.py), else
     read from the cache and stored for the next loader."""
     from trainers.sample_store import AllRows, open_store, store_dir, store_key, write_store
 

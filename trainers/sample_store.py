@@ -1,4 +1,4 @@
-"""The loader's sample set, derived once from the cache into memory-mapped files, so a trainer's memory
+"""The loader's sample set, derived once from the cache into files read per row, so a trainer's memory
 does not grow with the cache.
 
     {cache}/_trainers/samples-{key}/info.json        what the loader found (LoaderInfo), written last
