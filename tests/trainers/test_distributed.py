@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from factories import tiny_cache
-from torchrun import ENV, TORCHRUN, assert_close, assert_same_metrics, checkpoint, metrics, trainers
+from torchrun import ENV, TORCHRUN, assert_close, assert_same_metrics, checkpoint, lrs_of, metrics, trainers
 
 from trainers.checkpoints import list_checkpoints
 from trainers.distributed import World, launched_world
@@ -38,7 +38,7 @@ def test_two_gan_processes_take_the_one_process_steps(cache, tmp_path):
     one, two = checkpoint(tmp_path / "one"), checkpoint(tmp_path / "two")
     assert one["step"] == two["step"] == 4  # R1 ran at step 0: the lazy regulariser is in the comparison
     for part in ("G", "G_ema", "D"):
-        assert_close(one[part], two[part])
+        assert_close(one[part], two[part], lrs_of(one["config"]))
     assert not torch.equal(one["G"]["mapping.0.weight"], checkpoint_at_start(cache, tmp_path)), "it trained"
     # every step's logged losses are the global batch's, averaged over the ranks; the contrastive ones are
     # of the gathered batch, not scaled for the backward
@@ -69,7 +69,7 @@ def test_a_run_resumes_with_another_world_size_on_the_same_stream(
     resumed = checkpoint(out)
     assert resumed["step"] == 4
     for part in ("G", "G_ema", "D"):
-        assert_close(checkpoint(one_process_gan_run)[part], resumed[part])
+        assert_close(checkpoint(one_process_gan_run)[part], resumed[part], lrs_of(resumed["config"]))
     logged = metrics(out)  # each invocation's last step, logged as one process logs it
     assert [line["step"] for line in logged] == [2, 4]
     assert_same_metrics(metrics(one_process_gan_run), logged[1:])
@@ -136,8 +136,8 @@ def test_two_ldm_processes_take_the_one_process_steps(cache, tmp_path):
     trainers([*ldm, "--out", tmp_path / "two"], nproc=2)
     one, two = checkpoint(tmp_path / "one"), checkpoint(tmp_path / "two")
     assert one["step"] == two["step"] == 3 and one["arch"] == two["arch"]  # one latent scale for all ranks
-    assert_close(one["model"], two["model"])
-    assert_close(one["ema"], two["ema"])
+    assert_close(one["model"], two["model"], lrs_of(one["config"]))
+    assert_close(one["ema"], two["ema"], lrs_of(one["config"]))
     assert_same_metrics(metrics(tmp_path / "one"), metrics(tmp_path / "two"))  # the global batch's loss
     assert [line["step"] for line in metrics(tmp_path / "two")] == [1, 2, 3]
 

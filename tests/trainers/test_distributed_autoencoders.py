@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from factories import tiny_cache
-from torchrun import assert_close, assert_same_metrics, checkpoint, metrics, trainers
+from torchrun import assert_close, assert_same_metrics, checkpoint, lrs_of, metrics, trainers
 from typer.testing import CliRunner
 
 from trainers.cli import app
@@ -50,7 +50,8 @@ def assert_same_autoencoder(make, output, one: dict, two: dict) -> None:
     out.mul(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).double()).sum().backward()
     unseen = {n for n, p in probe.named_parameters() if float(p.grad.abs().max()) < 1e-9}
     assert unseen and all(n.endswith(".bias") for n in unseen), unseen
-    assert_close(*({k: v for k, v in state["model"].items() if k not in unseen} for state in (one, two)))
+    seen = [{k: v for k, v in state["model"].items() if k not in unseen} for state in (one, two)]
+    assert_close(*seen, lrs_of(one["config"], one["step"]))
     with torch.no_grad():
         diff = float((output(models[0], x) - output(models[1], x)).abs().max())
     assert diff <= 1e-4, f"the outputs differ by {diff:.2e}"
@@ -69,7 +70,7 @@ def test_two_vae_processes_take_the_one_process_steps_with_the_discriminator(cac
     assert one["step"] == two["step"] == 3
     assert one["opt"]["state"][0]["step"] == one["disc_opt"]["state"][0]["step"] == 3  # both trained
     assert_same_autoencoder(AutoencoderKL, vae_output, one, two)
-    assert_close(one["disc"], two["disc"])
+    assert_close(one["disc"], two["disc"], lrs_of(one["config"]))
     (run,) = (tmp_path / "two").iterdir()  # rank 0 alone wrote: one run, one metrics line (the last step)
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1 and (run / "eval.json").exists()
     assert_same_metrics(metrics(tmp_path / "one"), metrics(tmp_path / "two"))  # the global batch's losses

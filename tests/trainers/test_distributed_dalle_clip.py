@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 from factories import tiny_cache
-from torchrun import ENV, TORCHRUN, assert_close, assert_same_metrics, checkpoint, metrics, trainers
+from torchrun import ENV, TORCHRUN, assert_close, assert_same_metrics, checkpoint, lrs_of, metrics, trainers
 
 
 @pytest.fixture(scope="module")
@@ -26,27 +26,54 @@ def dalle_world(tmp_path_factory):
     return cache, dvae_run
 
 
-def test_two_dalle_processes_take_the_one_process_steps(dalle_world, tmp_path):
+def dalle_args(dalle_world, out) -> list:
     # half the conditions dropped (the draw must be the global batch's), dropout's masks (embeddings,
     # attention weights, residuals) drawn for the global batch too, and a clip that always bites (by the
     # global gradient norm: clipping each rank's own would scale the ranks' gradients differently)
     cache, dvae = dalle_world
-    dalle = ["dalle", "--cache", cache, "--dvae", dvae, "--size", "tiny", "--steps", 3, "--batch-size", 8]
-    dalle += ["--condition", "perturb", "--cond-drop", 0.5, "--dropout", 0.2, "--device", "cpu"]
-    dalle += ["--sample-every", 0, "--log-every", 1]
-    trainers([*dalle, "--out", tmp_path / "one"])
-    trainers([*dalle, "--out", tmp_path / "two"], nproc=2)
-    one, two = checkpoint(tmp_path / "one"), checkpoint(tmp_path / "two")  # one run dir each: rank 0's
+    args = ["dalle", "--cache", cache, "--dvae", dvae, "--size", "tiny", "--steps", 3, "--batch-size", 8]
+    args += ["--condition", "perturb", "--cond-drop", 0.5, "--dropout", 0.2, "--device", "cpu"]
+    return args + ["--sample-every", 0, "--log-every", 1, "--out", out]
+
+
+@pytest.fixture(scope="module")
+def one_process_dalle(dalle_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dalle-one")
+    trainers(dalle_args(dalle_world, out))
+    return out
+
+
+def test_two_dalle_processes_take_the_one_process_steps(dalle_world, one_process_dalle, tmp_path):
+    trainers(dalle_args(dalle_world, tmp_path), nproc=2)
+    one, two = checkpoint(one_process_dalle), checkpoint(tmp_path)  # one run dir each: rank 0's
     assert one["step"] == two["step"] == 3 and one["arch"]["dropout"] == 0.2
-    assert_close(one["model"], two["model"])
-    assert_close(one["ema"], two["ema"])
+    assert_close(one["model"], two["model"], lrs_of(one["config"]))
+    assert_close(one["ema"], two["ema"], lrs_of(one["config"]))
     assert torch.equal(one["drop_rng"], two["drop_rng"])  # the generator moved as in one process
-    (run,) = (tmp_path / "two").iterdir()
-    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    last = metrics(tmp_path)[-1]
     assert last["grad_norm"] > one["config"]["grad_clip"] == 1.0  # the clip bit
-    assert_same_metrics(metrics(tmp_path / "one"), metrics(tmp_path / "two"))  # every step's, global
+    assert_same_metrics(metrics(one_process_dalle), metrics(tmp_path))  # every step's, global
     diff = max(float((one["model"][k] - two["model"][k]).abs().max()) for k in one["model"])
     print(f"dalle 1 vs 2 processes: max parameter difference {diff:.2e}")
+
+
+def test_the_parity_checks_fail_on_per_rank_dropout_masks(dalle_world, one_process_dalle, tmp_path):
+    """The bug the dropout function exists to avoid (masks drawn at each rank's shape, as nn.Dropout
+    draws them): the weights check must catch it, not just rounding."""
+    trainers(dalle_args(dalle_world, tmp_path), nproc=2, mutation="per_rank_dropout")
+    one, two = checkpoint(one_process_dalle), checkpoint(tmp_path)
+    with pytest.raises(AssertionError, match="differs by"):
+        assert_close(one["model"], two["model"], lrs_of(one["config"]))
+
+
+def test_the_parity_checks_fail_on_losses_logged_per_rank(dalle_world, one_process_dalle, tmp_path):
+    """Rank 0 logging its own half batch's losses (World.mean_scalars not averaging): the weights are
+    right, so it is the metrics check that must catch it."""
+    trainers(dalle_args(dalle_world, tmp_path), nproc=2, mutation="local_losses")
+    one, two = checkpoint(one_process_dalle), checkpoint(tmp_path)
+    assert_close(one["model"], two["model"], lrs_of(one["config"]))
+    with pytest.raises(AssertionError, match="loss"):
+        assert_same_metrics(metrics(one_process_dalle), metrics(tmp_path))
 
 
 def clip_args(out, size: str, batch_size: int = 12) -> list:
@@ -66,7 +93,7 @@ def test_two_clip_processes_take_the_one_process_steps(tmp_path, size):
     trainers(clip_args(tmp_path / "one", size))
     trainers(clip_args(tmp_path / "two", size), nproc=2)
     one, two = clip_weights(tmp_path / "one"), clip_weights(tmp_path / "two")
-    assert_close(one, two)
+    assert_close(one, two, lrs_of(json.loads((tmp_path / "one" / "config.json").read_text())["config"]))
     assert (tmp_path / "two" / "clip_eval.json").is_file()  # written by rank 0
     diff = max(float((one[k].float() - two[k].float()).abs().max()) for k in one)
     print(f"clip {size} 1 vs 2 processes: max parameter difference {diff:.2e}")

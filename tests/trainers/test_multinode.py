@@ -10,7 +10,7 @@ import sys
 
 import pytest
 from factories import tiny_cache
-from torchrun import ENV, assert_close, checkpoint, trainers
+from torchrun import ENV, assert_close, checkpoint, lrs_of, trainers
 
 
 def free_port() -> int:
@@ -50,7 +50,7 @@ def test_two_nodes_meet_at_the_rendezvous_and_take_the_one_process_steps(tmp_pat
     one, two = checkpoint(tmp_path / "one"), checkpoint(out)
     assert one["step"] == two["step"] == 4
     for part in ("G", "G_ema", "D"):
-        assert_close(one[part], two[part])
+        assert_close(one[part], two[part], lrs_of(one["config"]))
     (run,) = [p for p in out.iterdir() if p.is_dir()]  # one run folder: node 1 wrote nothing of its own
     assert (run / "metrics.jsonl").is_file()
     assert logs[1][0] == "", "only global rank 0 prints"
