@@ -110,7 +110,11 @@ def chance_levels(evaluation: dict[str, Any]) -> tuple[dict[str, dict[str, float
     """Chance accuracy per split (`acc`, `acc_seen`, `acc_held_out`) and attribute, and where it comes
     from: eval.json's own `attribute_accuracy*_chance` (trainers.evaluate.attribute_chance, the one
     definition); an eval.json written before it had them gets the same function on the synthetic
-    prompts that eval drew."""
+    prompts that eval drew; one whose attributes were not measured (a cache without world labels) has
+    none."""
+    attributes = evaluation.get("attributes") or {}
+    if attributes.get("measured") is False:
+        return {}, f"none: attributes not measured ({attributes.get('why_not')})"
     given = {prefix: evaluation.get(f"{key}_chance") for prefix, key in SPLITS.items()}
     if any(isinstance(levels, dict) for levels in given.values()):
         levels = {prefix: levels for prefix, levels in given.items() if isinstance(levels, dict)}

@@ -17,7 +17,7 @@ class EvalConfig:
     checkpoint: str  # what is evaluated (recorded in eval.json; the CLI loads the generator from it)
     cache: Path  # the feature cache the generator was trained on: its CLIP and its real images
     out: Path  # directory for eval.json, grid.png, grid_prompts.txt
-    prompts: Path | None = None  # one prompt per line (# comments); default: synthetic-world prompts
+    prompts: Path | None = None  # one prompt per line (# comments); default: eval_prompts.default_prompts
     n: int = 1000  # images generated (and real images drawn from the cache, at most all of them)
     seed: int = 0  # prompts, generator noise and the real-image draw
     batch_size: int = 100  # images per generator call

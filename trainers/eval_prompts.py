@@ -1,17 +1,21 @@
-"""The prompts `trainers eval` asks for, and what guessing would score on them: synthetic-world captions
-(or a user's file), which of them name a held-out colour-shape pair, and the chance level of the probe's
+"""The prompts `trainers eval` asks for, and what guessing would score on them: synthetic-world captions,
+the cache's own captions or a user's file; whether the cache's labels let the probe measure attributes at
+all (`world_labels`); which prompts name a held-out colour-shape pair, and the chance level of the probe's
 attribute accuracy on their objects."""
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from pipeline.errors import ConfigError
 
 ATTRIBUTES = ("shape", "colour", "size", "position")  # what the probe reads
+CAPTION_STREAM = 12  # numpy stream id of the draw of the cache's captions as prompts (real images: 11)
 
 
 def synthetic_prompts(n: int, seed: int, max_objects: int = 2) -> list[str]:
@@ -36,14 +40,69 @@ def synthetic_prompts(n: int, seed: int, max_objects: int = 2) -> list[str]:
     return prompts[:n]
 
 
-def world_max_objects(rows, sample: int = 2000) -> int:
-    """The most objects any of (a seeded sample of) the cache's labelled images has; 2 without labels.
-    Prompts then ask for no more objects than the generator's world shows."""
+def world_labels(rows, sample: int = 2000) -> dict[str, Any]:
+    """What a seeded sample of the cache's rows says about synthetic-world labels: `sampled` rows,
+    `labelled` ones (labels naming objects, each with every attribute the probe reads, in the world's
+    vocabulary), `max_objects` (the most objects a labelled row has; 0 without) and `measurable`: most
+    sampled rows are labelled, so the probe (trained on rendered world images) and prompts in the world's
+    grammar describe what the generator was trained on. Elsewhere (a user's own images) attribute accuracy
+    would score the probe's reading of pictures it was never made for."""
+    from pipeline.labels import labels
     from trainers.embed_rows import labels_of
 
+    vocab = labels().vocabulary
     pick = np.random.default_rng(0).permutation(len(rows))[:sample]
-    counts = [len((labels_of(rows, int(r)) or {}).get("objects") or []) for r in pick]
-    return max(counts, default=0) or 2
+    counts = []
+    for r in pick:
+        objects = (labels_of(rows, int(r)) or {}).get("objects")
+        world = (
+            isinstance(objects, list)
+            and objects
+            and all(isinstance(o, dict) and all(o.get(a) in vocab[a] for a in ATTRIBUTES) for o in objects)
+        )
+        counts.append(len(objects) if world else 0)
+    labelled = sum(c > 0 for c in counts)
+    return {
+        "sampled": len(counts),
+        "labelled": labelled,
+        "max_objects": max(counts, default=0),
+        "measurable": labelled > 0 and 2 * labelled >= len(counts),
+    }
+
+
+def default_prompts(rows, n: int, seed: int, world: dict[str, Any]) -> tuple[list[str], str, int | None]:
+    """(unique prompts, their source, their most objects if synthetic) when no --prompts file is given: up
+    to min(n, 1000) of them.
+
+    A labelled world cache gets synthetic-world captions with as many objects as its images show (the
+    probe can score them). Any other cache gets its own captions, a seeded draw of distinct ones: prompts
+    like the data the generator learnt from, and what `clip_score_real` is measured on, so FID and CLIP
+    score read on the same footing. A cache without captions gets synthetic captions as placeholders (FID
+    and CLIP score need some text), and its source says so."""
+    count = min(n, 1000)
+    if world["measurable"]:
+        max_objects = world["max_objects"]
+        return (
+            synthetic_prompts(count, seed, max_objects),
+            f"synthetic (seed {seed}, 1-{max_objects} objects: as the cache's images)",
+            max_objects,
+        )
+    captions, seen = [], set()
+    for r in np.random.default_rng([seed, CAPTION_STREAM]).permutation(len(rows)):
+        caption = rows.captions[int(r)]
+        text = caption.strip() if isinstance(caption, str) else ""
+        if text and text not in seen:
+            seen.add(text)
+            captions.append(text)
+            if len(captions) == count:
+                break
+    if captions:
+        return captions, f"the cache's captions (seed {seed}, {len(captions)} distinct)", None
+    return (
+        synthetic_prompts(count, seed, 2),
+        f"synthetic (seed {seed}, 1-2 objects): placeholders, the cache has no captions or world labels",
+        2,
+    )
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -64,10 +123,15 @@ def names_held_out_pair(objects: list[dict[str, str]]) -> bool:
 
 
 def attribute_chance(targets: list[list[dict[str, str]]]) -> dict[str, float] | None:
-    """The expected score of uniform guessing on these prompts' objects under the probe's rule
-    (trainers.probe.score_objects): shape, colour, size: 1/|values| per named object; position: k/5 for a
-    prompt naming k objects, since any k of the 5 slots count as seen; `all`: the product over the
-    attributes an object names. Averaged over objects, as the accuracies are."""
+    """Chance, the one definition: the expected score of uniform guessing on these prompts' objects under
+    the probe's rule (trainers.probe.score_objects), averaged over objects as the accuracies are. Shape,
+    colour, size: 1/|values| per named object. Position: k/5 for an object of a prompt naming k objects,
+    since the probe's k most confident of the 5 slots count as seen and a uniform guess of k slots holds
+    the named one with probability k/5. `all`: the product over the attributes an object names.
+
+    So position chance depends on how many objects the prompts name (`objects_named`, eval.json's
+    `prompts.by_objects`): 0.20 for single-object prompts; 1/3 for as many one- as two-object prompts
+    (per pair of prompts, one object at 1/5 and two at 2/5: (0.2 + 0.8) / 3)."""
     from trainers.probe import vocabulary
 
     vocab = vocabulary()
@@ -84,3 +148,10 @@ def attribute_chance(targets: list[list[dict[str, str]]]) -> dict[str, float] | 
                 scores[a].append(value)
     chance = {a: round(float(np.mean(v)), 4) for a, v in scores.items() if v}
     return chance or None
+
+
+def objects_named(targets: list[list[dict[str, str]]]) -> dict[str, int]:
+    """How many prompts name k objects, by k (a string, as JSON keys are): the mix position chance
+    depends on."""
+    counts = Counter(len(objects) for objects in targets)
+    return {str(k): counts[k] for k in sorted(counts)}

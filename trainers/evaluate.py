@@ -15,14 +15,19 @@ with its reference under the same name plus `_real` (what real images score) or 
   CLIP-FID values are on another scale than Inception FID: compare them only with each other, on the same
   cache (the printed line says which: "FID (CLIP features)"). `fid_real` (and `fid_clip_real`,
   `fid_inception_real`): the same FID between two disjoint halves of the real images (`n_real_halves`),
-  what real images score against real images.
+  what real images score against real images. `fid_dim`: the features' dimension; with fewer than
+  FID_IMAGES_PER_DIM real images per dimension the printed line says over how many real images, and a
+  note that the FID is biased upwards.
 - `clip_score`: mean of max(100 * cos(image feature, prompt text feature), 0) with the cache's CLIP
   (torchmetrics' convention); `clip_score_real` is the same for real images and their own captions.
-- `attribute_accuracy`: on the synthetic world, the probe (`trainers.probe`) reads every generated image
-  and is scored against the objects its prompt states (`pipeline.attribute_precision.caption_objects`);
-  split into prompts naming a held-out colour-shape pair (never in an image) and the rest. Each has its
-  `..._chance`: uniform guessing on the same prompts (`attribute_chance`). `attribute_accuracy_real`
-  scores real cache images against their own labels: the instrument's ceiling on this cache.
+- `attribute_accuracy`: only on a cache of the synthetic world (its images carry world labels:
+  `eval_prompts.world_labels`), the probe (`trainers.probe`) reads every generated image and is scored
+  against the objects its prompt states (`pipeline.attribute_precision.caption_objects`); split into
+  prompts naming a held-out colour-shape pair (never in an image) and the rest. Each has its `..._chance`:
+  uniform guessing on the same prompts (`attribute_chance`, which depends on `prompts.by_objects`).
+  `attribute_accuracy_real` scores real cache images against their own labels: the instrument's ceiling
+  on this cache. `attributes` says whether they were measured and, if not, why (`why_not`): on any other
+  cache no probe is trained or used and every attribute key is None.
 
 With `rerank: N` > 1 (`--rerank N`) the same metrics are measured again, under `rerank` in eval.json, on
 the best of N candidates per image by CLIP (`trainers.rerank`; candidate 0 is the plain image): `fid`,
@@ -32,8 +37,10 @@ plain draw won) and `candidates` (N); their references are the plain ones (same 
 images). The plain metrics and keys are as without it (`seconds` adds `rerank`). CLIP score favours the
 re-ranked images by construction (the same CLIP chose them); FID and attribute accuracy do not.
 
-Default prompts: synthetic-world captions from the synth caption generator with a random stream of its
-own (so they are independent of any corpus), starting with one prompt per HELD_OUT_PAIRS pair.
+Default prompts (`eval_prompts.default_prompts`): on a world cache, synthetic-world captions from the
+synth caption generator with a random stream of its own (so they are independent of any corpus), starting
+with one prompt per HELD_OUT_PAIRS pair; on any other cache, a seeded draw of its own captions, or, without
+captions, synthetic captions recorded as placeholders (`prompts.source`).
 Outputs: `OUT/eval.json` and `OUT/grid.png` (the first 64 images, 8 per row; prompts in
 `OUT/grid_prompts.txt`, row-major); with re-ranking also `OUT/grid_rerank.png`, the same cells re-ranked.
 """
@@ -68,15 +75,24 @@ from trainers.eval_features import (
 from trainers.eval_prompts import (
     ATTRIBUTES,
     attribute_chance,
+    default_prompts,
     names_held_out_pair,
+    objects_named,
     read_prompts,
-    synthetic_prompts,
-    world_max_objects,
+    synthetic_prompts,  # noqa: F401 (re-exported: compare_report, the tests)
+    world_labels,
 )
 
 REAL_STREAM = 11  # numpy stream id of the real-image draw
 GRID_COLUMNS = 8
 FID_KEYS = ("fid", "fid_real", "fid_clip", "fid_clip_real", "fid_inception", "fid_inception_real")
+# FID's small-sample bias falls as d/n (Chong & Forsyth 2020, "Effectively Unbiased FID"). Measured here
+# between two samples of one Gaussian with total variance 1 (as unit-norm CLIP features), d = 64 and 256:
+# 0.06 at n = 5 d, 0.03 at 10 d, 0.016 at 20 d, as large as the gaps between conditions in the README's
+# CLIP-feature FIDs (0.20 vs 0.24) below 10 d. There the count is printed beside the FID, with a note.
+FID_IMAGES_PER_DIM = 10
+NO_WORLD_LABELS = "the cache's images have no synthetic-world labels"
+NO_WORLD_OBJECTS = "no prompt names a synthetic-world object"
 
 Generate = Callable[[Any, int], Any]  # (cond float32 [N, D], seed) -> uint8 [N, 3, H, W]
 
@@ -259,15 +275,14 @@ def evaluate(
         notes.append(f"real images drawn without {skipped}")
     bundle = load_cache_clip(rows.clip, str(device))
 
-    max_objects = None
+    # Attributes are measured only where the cache's own labels are the synthetic world's (world_labels).
+    world = world_labels(rows)
     if config.prompts is not None:
-        unique = read_prompts(config.prompts)
-        source = str(config.prompts)
+        unique, source, max_objects = read_prompts(config.prompts), str(config.prompts), None
     else:
-        max_objects = world_max_objects(rows)
-        unique = synthetic_prompts(min(config.n, 1000), config.seed, max_objects)
-        source = f"synthetic (seed {config.seed}, 1-{max_objects} objects: as the cache's images)"
+        unique, source, max_objects = default_prompts(rows, config.n, config.seed, world)
     prompts = [unique[i % len(unique)] for i in range(config.n)]
+    targets = [caption_objects(p) for p in prompts] if world["measurable"] else []
     text_unique = clip_text_features(bundle, unique)  # [P, D]
     text = text_unique[np.arange(config.n) % len(unique)]  # [N, D]
     if info.get("h_dim") not in (None, text.shape[1]):
@@ -301,7 +316,11 @@ def evaluate(
             "source": source,
             "unique": len(unique),
             "max_objects": max_objects,
-            "naming_held_out_pairs": sum(names_held_out_pair(caption_objects(p)) for p in unique),
+            "naming_held_out_pairs": (
+                sum(names_held_out_pair(caption_objects(p)) for p in unique) if world["measurable"] else None
+            ),
+            # how many of the n prompts name k objects: what the position chance depends on (k/5 each)
+            "by_objects": objects_named(targets) if world["measurable"] else None,
         },
         "image_size": {"generated": int(generated.shape[-1]), "real": int(real.shape[-1])},
         "clip": {"clip_model": rows.clip.clip_model, "clip_pretrained": rows.clip.clip_pretrained},
@@ -325,8 +344,13 @@ def evaluate(
     )
     for key in FID_KEYS:
         result[key] = None if result[key] is None else round(result[key], 4)
-    if config.n < 2 * gen_feat.shape[1]:
-        notes.append(f"n={config.n} is small for {gen_feat.shape[1]}-d features: FID is biased upwards")
+    result["fid_dim"] = int(real_inception.shape[1]) if inception is not None else int(real_feat.shape[1])
+    if fid_n_is_small(n_real, result["fid_dim"]):  # n_real <= n: the smaller sample
+        notes.append(
+            f"n_real={n_real} is small for {result['fid_dim']}-d features: FID is biased upwards "
+            f"(compare FIDs at equal n only; about {FID_IMAGES_PER_DIM * result['fid_dim']} images make "
+            "the bias small)"
+        )
 
     result["clip_score"] = round(clip_score(gen_feat, text), 4)
     real_captions = [rows.captions[int(r)] for r in real_rows]
@@ -337,11 +361,17 @@ def evaluate(
         else None
     )
 
-    targets = [caption_objects(p) for p in prompts]
     for name in ACCURACY_SPLITS:
         result[f"attribute_accuracy{name}"] = result[f"attribute_accuracy{name}_chance"] = None
     result["attribute_accuracy_real"] = result["probe"] = None
-    if any(targets):
+    why_not = None if any(targets) else NO_WORLD_OBJECTS if world["measurable"] else NO_WORLD_LABELS
+    result["attributes"] = {
+        "measured": why_not is None,
+        "why_not": why_not,
+        "labelled_images": world["labelled"],  # of a seeded sample of the cache's rows
+        "sampled_images": world["sampled"],
+    }
+    if why_not is None:
         if probe is None:
             probe_config = ProbeConfig(device=config.device)
             probe, probe_file = cached_probe(config.cache, probe_config, image_size=int(real.shape[-1]))
@@ -418,8 +448,14 @@ def write_grid(path: Path, images) -> Path:
     return Path(path)
 
 
+def fid_n_is_small(n_real: int, dim: int | None) -> bool:
+    """Too few real images for a FID of `dim`-d features to be read without its count (FID_IMAGES_PER_DIM)."""
+    return dim is not None and n_real < FID_IMAGES_PER_DIM * dim
+
+
 def describe(result: dict[str, Any]) -> str:
-    """One line: each number with its reference, e.g. `FID (CLIP features) 0.09 (real halves 0.05)`; with
+    """One line: each number with its reference, e.g. `FID (CLIP features) 0.09 (real halves 0.05)` (with
+    `over N real images` when N is small for the features), or why attributes were not measured; with
     re-ranking, the re-ranked numbers after it."""
 
     def number(value: float | None) -> str:
@@ -436,11 +472,14 @@ def describe(result: dict[str, Any]) -> str:
         )
 
     parts = attributes(result.get("attribute_accuracy") or {}, True)
+    why_not = (result.get("attributes") or {}).get("why_not")
+    n_real = result.get("n_real")
+    over = f" over {n_real} real images" if fid_n_is_small(n_real or 0, result.get("fid_dim")) else ""
     line = (
-        f"eval: n={result['n']}, {fid_label(result.get('fid_features'))} {result['fid']} "
+        f"eval: n={result['n']}, {fid_label(result.get('fid_features'))} {result['fid']}{over} "
         f"(real halves {result.get('fid_real')}), "
         f"CLIP score {result['clip_score']} (real {result.get('clip_score_real')})"
-        + (f", attributes {parts}" if parts else "")
+        + (f", attributes {parts}" if parts else f", attributes: not measured ({why_not})" if why_not else "")
     )
     rerank = result.get("rerank")
     if rerank:

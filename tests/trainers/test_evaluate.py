@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from bad_torch_files import bad_torch_files
-from factories import TINY_CLIP
+from factories import TINY_CLIP, image_bytes
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -167,6 +167,7 @@ def test_prompt_file_without_synthetic_captions_has_no_attribute_accuracy(cache,
         "unique": 2,
         "max_objects": None,
         "naming_held_out_pairs": 0,
+        "by_objects": {"0": N},  # no prompt names an object
     }
     assert result["attribute_accuracy"] is None and result["probe"] is None
     assert not (tmp_path / "free" / "grid.png").exists() and (tmp_path / "free" / "eval.json").is_file()
@@ -358,3 +359,144 @@ def test_rerank_block_beside_the_plain_metrics(cache, tmp_path, probe):
     assert f"best of 3 by CLIP: FID {block['fid']}, CLIP score {block['clip_score']}" in line, line
     with pytest.raises(ConfigError, match="--rerank must be at least 1"):
         EvalConfig("x", cache, tmp_path / "c", rerank=0).validate()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A cache without synthetic-world labels (a user's own images): no attribute numbers, honest prompts
+# ---------------------------------------------------------------------------------------------------------
+
+PHOTO_CAPTIONS = ("a dog on a sofa", "a bowl of soup", "two bikes by a wall", "a rainy street")
+
+
+def _embed_folder(folder, cache):
+    config = EmbedConfig(
+        inputs=(str(folder),), cache=cache, clip_model=TINY_CLIP, clip_pretrained="", image_size=32, workers=0
+    )
+    run_embed(config)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def photo_caches(tmp_path_factory):
+    """Two image-folder caches without .json labels: one with a .txt caption beside most images, one
+    without any caption."""
+    caches = {}
+    for name, captioned in (("captioned", True), ("bare", False)):
+        folder = tmp_path_factory.mktemp(f"photos-{name}")
+        for i in range(24):
+            (folder / f"p{i:02d}.jpg").write_bytes(image_bytes((10 * i, 255 - 9 * i, 90), size=(40, 32)))
+            if captioned and i % 6:
+                (folder / f"p{i:02d}.txt").write_text(PHOTO_CAPTIONS[i % 4] + "\n")
+        caches[name] = _embed_folder(folder, tmp_path_factory.mktemp(f"cache-{name}"))
+    return caches
+
+
+ATTRIBUTE_KEYS = tuple(
+    f"attribute_accuracy{split}{ref}"
+    for split in ("", "_held_out_pairs", "_seen_pairs")
+    for ref in ("", "_chance")
+) + ("attribute_accuracy_real", "probe")
+
+
+def test_unlabelled_cache_measures_no_attributes_and_prompts_are_its_captions(photo_caches, tmp_path, probe):
+    result = run(photo_caches["captioned"], tmp_path, "photos", noise, probe, n=16, rerank=2)
+    assert {k: result[k] for k in ATTRIBUTE_KEYS} == dict.fromkeys(ATTRIBUTE_KEYS)  # the probe given: unused
+    assert all(
+        result["rerank"][f"attribute_accuracy{s}"] is None for s in ("", "_held_out_pairs", "_seen_pairs")
+    )
+    assert result["attributes"] == {
+        "measured": False,
+        "why_not": "the cache's images have no synthetic-world labels",
+        "labelled_images": 0,
+        "sampled_images": 24,
+    }
+    prompts = result["prompts"]
+    assert prompts["source"] == "the cache's captions (seed 0, 4 distinct)" and prompts["unique"] == 4
+    assert prompts["max_objects"] is None and prompts["naming_held_out_pairs"] is None
+    assert prompts["by_objects"] is None
+    grid_prompts = (tmp_path / "photos" / "grid_prompts.txt").read_text().splitlines()
+    assert set(grid_prompts) == set(PHOTO_CAPTIONS)
+    line = evaluate_module.describe(result)
+    plain = line.split("; best of")[0]
+    assert plain.endswith(", attributes: not measured (the cache's images have no synthetic-world labels)")
+    assert "chance" not in line, line
+
+
+def test_unlabelled_cache_without_captions_says_its_prompts_are_placeholders(photo_caches, tmp_path, probe):
+    result = run(photo_caches["bare"], tmp_path, "bare", noise, probe, n=8, grid=0)
+    assert result["prompts"]["source"].startswith("synthetic (seed 0, 1-2 objects): placeholders")
+    assert "as the cache's images" not in result["prompts"]["source"]
+    assert result["attribute_accuracy"] is None and result["probe"] is None
+    # Prompts in the world's grammar from a file: still nothing for the probe to be right about here.
+    prompts = tmp_path / "world_prompts.txt"
+    prompts.write_text("a red star on the left\na small blue circle at the top\n")
+    given = run(photo_caches["bare"], tmp_path, "given", noise, probe, n=8, grid=0, prompts=prompts)
+    assert given["attribute_accuracy"] is None and given["attributes"]["measured"] is False
+    assert given["prompts"]["source"] == str(prompts)
+
+
+def test_eval_cli_on_unlabelled_cache_trains_no_probe_and_says_so(photo_caches, tmp_path, fake_sampler):
+    cache, out = photo_caches["captioned"], tmp_path / "out"
+    args = ["eval", "--checkpoint", "c.pt", "--cache", str(cache), "--out", str(out), "--n", "12"]
+    result = runner.invoke(app, args + ["--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert not list(cache.glob("_trainers/probe-*.pt"))  # no probe was trained for it
+    line = next(line for line in result.output.splitlines() if line.startswith("eval: n="))
+    assert "attributes: not measured (the cache's images have no synthetic-world labels)" in line, line
+    assert "FID (CLIP features) " in line and " over 12 real images (real halves " in line, line
+    written = json.loads((out / "eval.json").read_text())
+    assert written["attributes"]["why_not"] and written["attribute_accuracy"] is None
+
+
+def test_labelled_cache_is_measured_and_records_why_not_for_free_prompts(results, cache, tmp_path, probe):
+    assert results["oracle"]["attributes"] == {
+        "measured": True,
+        "why_not": None,
+        "labelled_images": 40,
+        "sampled_images": 40,
+    }
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello world\n")
+    free = run(cache, tmp_path, "free", noise, probe, prompts=prompts, n=8, grid=0)
+    assert free["attributes"]["why_not"] == "no prompt names a synthetic-world object"
+    assert "attributes: not measured (no prompt names a synthetic-world object)" in evaluate_module.describe(
+        free
+    )
+
+
+def test_fid_line_says_how_many_real_images_when_few(results):
+    oracle = dict(results["oracle"])
+    assert oracle["n_real"] == 40 and oracle["fid_dim"] == 64  # 40 < 10 x 64
+    assert (
+        f"FID (CLIP features) {oracle['fid']} over 40 real images (real halves"
+        in evaluate_module.describe(oracle)
+    )
+    assert any(note.startswith("n_real=40 is small for 64-d features") for note in oracle["notes"])
+    oracle["n_real"] = evaluate_module.FID_IMAGES_PER_DIM * 64  # enough: the line stays short
+    assert "real images (real halves" not in evaluate_module.describe(oracle)
+
+
+def test_position_chance_is_k_over_5_per_object_of_a_k_object_prompt(results):
+    """One definition: 0.20 on single-object prompts, 1/3 on as many one- as two-object prompts; eval.json
+    carries the mix (prompts.by_objects), so its position chance follows from the file."""
+    from trainers.eval_prompts import attribute_chance
+
+    one = {"shape": "star", "colour": "red", "size": "small", "position": "left"}
+    two = [one, {**one, "position": "right"}]
+    assert attribute_chance([[one]] * 10)["position"] == pytest.approx(0.2)
+    assert attribute_chance([[one], two] * 5)["position"] == pytest.approx(1 / 3, abs=1e-4)
+    written = results["oracle"]
+    by_objects = {int(k): v for k, v in written["prompts"]["by_objects"].items()}
+    assert sum(by_objects.values()) == N and set(by_objects) == {1, 2}, by_objects
+    objects = sum(k * count for k, count in by_objects.items())
+    expected = sum(k * count * k / 5 for k, count in by_objects.items()) / objects
+    assert written["attribute_accuracy_chance"]["position"] == pytest.approx(expected, abs=1e-4)
+    assert written["attribute_accuracy"]["n_objects"] == objects
+
+
+def test_compare_has_no_chance_levels_for_an_unmeasured_eval(photo_caches, tmp_path, probe):
+    from trainers.compare_report import chance_levels
+
+    result = run(photo_caches["captioned"], tmp_path, "photos", noise, probe, n=8, grid=0)
+    chance, source = chance_levels(result)
+    assert chance == {} and "not measured" in source, (chance, source)
