@@ -305,7 +305,13 @@ def captions_shard(task: CaptionsTask, progress: Progress | None = None) -> dict
         txt_emb[rows] = emb
         if progress:
             progress(len(rows), ["non_finite_embedding"] * int(bad.sum()))
+    # The shard's own count (its stats describe what it holds), and the count among the captions this run
+    # encoded: a run's summary reports its own work, not a long caption reused from before.
     truncated = count_truncated(bundle.tokenizer, task.texts, bundle.context_length)
+    encoded_truncated = truncated
+    if truncated and len(todo) < n:
+        encoded = [task.texts[r] for r in todo]
+        encoded_truncated = count_truncated(bundle.tokenizer, encoded, bundle.context_length)
 
     schema = captions_schema(dim)
     ids = np.arange(task.first_id, task.first_id + n, dtype=np.int64)
@@ -333,6 +339,7 @@ def captions_shard(task: CaptionsTask, progress: Progress | None = None) -> dict
         "encoded": len(todo),
         "reused": n - len(todo),
         "truncated": truncated,
+        "encoded_truncated": encoded_truncated,
         "context_length": bundle.context_length,
         "non_finite_embedding": non_finite,
         "dropped_while_reading": dict(sorted(task.drops.items())),
@@ -346,6 +353,7 @@ def captions_shard(task: CaptionsTask, progress: Progress | None = None) -> dict
         "first_caption_id": task.first_id,
         "encoded": len(todo),
         "truncated": truncated,
+        "encoded_truncated": encoded_truncated,
     }
     return commit_manifest(cfg.cache, spec, [stat_out(cfg.cache, rel, size, digest, n)], timings, extra=extra)
 
@@ -367,7 +375,8 @@ def run_captions(
 ) -> StageResult:
     """Plan (unless given), then make every stale shard, in-process or on `executor` (pipeline.executor).
     Its summary: the corpus's unique captions (`n_captions`), those encoded by CLIP this run (`encoded`,
-    `truncated` among them) and what the corpus read found (`corpus`: files, records, drops)."""
+    `truncated` among them, not the reused ones) and what the corpus read found (`corpus`: files,
+    records, drops)."""
     from pipeline.stage import run_shards
 
     t0 = time.perf_counter()
@@ -390,7 +399,7 @@ def run_captions(
     run.summary = {
         "n_captions": plan.n_captions,
         "encoded": sum(m["encoded"] for m in run.manifests),
-        "truncated": sum(m["truncated"] for m in run.manifests),
+        "truncated": sum(m["encoded_truncated"] for m in run.manifests),
         "corpus": plan.corpus,
     }
     run.seconds = time.perf_counter() - t0

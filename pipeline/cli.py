@@ -35,7 +35,7 @@ from pipeline.cli_common import (
 from pipeline.embed_config import EmbedConfig
 from pipeline.errors import ConfigError
 from pipeline.help import ordered_group
-from pipeline.progress import describe_drops, progress_bar, stderr
+from pipeline.progress import progress_bar, stderr
 from pipeline.run import RunConfig
 from pipeline.synth import SynthConfig
 
@@ -58,7 +58,9 @@ def root(
     config: Annotated[
         Path | None,
         typer.Option(
-            "--config", help="Project config (default: ./pipeline.toml if present). Flags override it."
+            "--config",
+            help="Project config. Flags override it.",
+            show_default="./pipeline.toml if present",
         ),
     ] = None,
     threads: ThreadsOpt = None,
@@ -154,8 +156,8 @@ def embed(
         int | None,
         typer.Option(
             "--workers",
-            help="Decoding processes (default: min(8, cores)); threads inside a Dask worker, whose "
-            "processes may not have children.",
+            help="Decoding processes; threads inside a Dask worker, whose processes may not have children.",
+            show_default="min(8, cores)",
         ),
     ] = None,
     device: DeviceOpt = EmbedConfig.device,
@@ -182,20 +184,16 @@ def embed(
     changed model or image size remakes everything.
     """
     given = given_options(locals(), "inputs", "wait", "dry_run")  # without --workers: EmbedConfig's
-    from pipeline.embed import describe_dropped_sources, describe_plan, plan_embed, run_embed
+    from pipeline.embed import check_first_run, describe_plan, plan_embed, report, run_embed
 
     config = EmbedConfig(inputs=tuple(inputs or ()), **given)
     if dry_run:
         typer.echo(json.dumps(describe_plan(config, plan_embed(config, write_plan=False)), indent=1))
         return
+    check_first_run(config)  # before the lock: a first run that cannot load CLIP leaves no cache behind
     with writing(cache, wait, create=True), progress_bar("embed", total=None) as advance:
         result = run_embed(config, advance)
-    typer.echo(
-        f"embed: {len(result.shards_run)} shard(s) made, {len(result.shards_up_to_date)} up to date; "
-        f"{result.rows_written:,} images written, {describe_drops(result.dropped)}; "
-        f"{result.seconds:.1f} s -> {cache / 'embed'}"
-    )
-    for line in describe_dropped_sources(result, cache):
+    for line in report(result, config):  # what `pipeline run` prints too
         typer.echo(line)
 
 
@@ -206,7 +204,12 @@ def demo(
         "demo"
     ),
     preset: Annotated[
-        str, typer.Option("--preset", help="cpu (under 20 min on 2 cores), gpu (larger) or smoke (wiring).")
+        str,
+        typer.Option(
+            "--preset",
+            help="cpu (12-27 min on 2 quiet cores, measured; longer on a busy machine), gpu (a larger world, "
+            "longer training) or smoke (about a minute: checks the wiring).",
+        ),
     ] = ("cpu"),
     workers: Annotated[int, typer.Option("--workers", help="Decoding processes.")] = 2,
     device: DeviceOpt = "auto",
@@ -278,7 +281,7 @@ def run(
     ] = RunConfig.executor,
     scheduler: Annotated[
         str | None,
-        typer.Option("--scheduler", help="Dask scheduler address (default: $DASK_SCHEDULER_ADDRESS)."),
+        typer.Option("--scheduler", help="Dask scheduler address.", show_default="$DASK_SCHEDULER_ADDRESS"),
     ] = RunConfig.scheduler,
     workers: Annotated[
         int | None, typer.Option("--workers", help="Start a LocalCluster of N workers when no scheduler.")
@@ -342,7 +345,8 @@ def status(
     """Per stage: shards up to date, and the stale ones with the reason.
 
     Reads manifests and file stats only (sizes, mtimes), so it is instant and cannot see bytes that
-    changed in place: `--verify` checks content digests too.
+    changed in place: `--verify` checks content digests too. New and changed images are judged against
+    pipeline.toml's [embed] inputs, else against those the cache's last embed run recorded.
     """
     from manifests import verifying_outputs
     from pipeline.run import stage_configs
@@ -352,8 +356,10 @@ def status(
     configs = (
         stage_configs(sections, cache, verify=verify) if sections.get("embed", {}).get("inputs") else None
     )
+    # pipeline.toml's cache, as `pipeline run` takes it: another --cache must hold a cache to be compared
+    configured = Path(sections.get("run", {}).get("cache", RunConfig.cache)) if sections else None
     with verifying_outputs(verify):
-        stages = pipeline_status(cache, configs)
+        stages = pipeline_status(cache, configs, configured_cache=configured)
     if as_json:
         typer.echo(json.dumps([s.to_dict() for s in stages], indent=1))
     else:
@@ -372,8 +378,8 @@ def doctor(
     """What to trust a machine by before a long run: versions, devices and free memory, the kernel
     self-check, faiss-gpu, thread and worker defaults, the CLIP weights, and what pipeline.toml needs.
 
-    Offline and in seconds: nothing asks the network. Exits 1 when something the config needs is missing;
-    warnings do not fail.
+    In seconds, offline too: only CLIP weights missing from the local cache make it probe the hub, once
+    (no probe under HF_HUB_OFFLINE). Exits 1 when something the config needs is missing; warnings do not fail.
     """
     from pipeline.doctor import diagnose, render_report
 

@@ -20,8 +20,9 @@ ThreadsOpt = Annotated[  # a root option of both apps (pipeline.processes.start_
     typer.Option(
         "--threads",
         min=1,
-        help="Torch threads of the command's process (default: OMP_NUM_THREADS, else the CPUs it may use, "
-        "shared with the worker processes it starts). On a machine shared with other jobs, use 1.",
+        help="Torch threads of the command's process, shared with the worker processes it starts. On a "
+        "machine shared with other jobs, use 1.",
+        show_default="OMP_NUM_THREADS, else the CPUs it may use less those the load average says are busy",
     ),
 ]
 
@@ -43,7 +44,7 @@ WaitOpt = Annotated[
     float,
     typer.Option(
         "--wait",
-        help="Seconds to wait for another command that is writing this cache (default: stop at once).",
+        help="Seconds to wait for another command that is writing this cache (0: stop at once).",
     ),
 ]
 RepairOpt = Annotated[

@@ -22,7 +22,7 @@ from pipeline.cli_common import (
     writing,
 )
 from pipeline.optimize_config import OptimizeConfig
-from pipeline.progress import describe_drops, progress_bar
+from pipeline.progress import progress_bar
 from pipeline.retrieve_config import CaptionsConfig, IndexConfig, RetrieveConfig, SearchConfig
 
 
@@ -133,7 +133,9 @@ def optimize(
     lr: Annotated[
         float | None,
         typer.Option(
-            "--lr", help="optimize: Adam learning rate (default 0.1 for weights, 0.05/sqrt(D) residual)."
+            "--lr",
+            help="optimize: Adam learning rate.",
+            show_default="0.1 for weights, 0.05/sqrt(D) residual",
         ),
     ] = OptimizeConfig.lr,
     xi: Annotated[
@@ -172,7 +174,7 @@ def optimize(
     with its own shards and manifests, so training on one never waits for restaging another.
     """
     given = given_options(locals(), "wait", "dry_run")
-    from pipeline.optimize import describe_plan, plan_optimize, run_optimize
+    from pipeline.optimize import describe_plan, plan_optimize, report, run_optimize
 
     config = OptimizeConfig(**given)
     if dry_run:
@@ -180,18 +182,5 @@ def optimize(
         return
     with writing(cache, wait), progress_bar(config.stage, total=None) as advance:
         result = run_optimize(config, advance)
-    s = result.summary
-
-    def change(name: str, fmt: str = ".3f") -> str:
-        before, after = s.get(f"{name}_init"), s.get(f"{name}_final")
-        return "n/a" if before is None or after is None else f"{before:{fmt}} -> {after:{fmt}}"
-
-    typer.echo(
-        f"{config.stage}: {len(result.shards_run)} shard(s) made, {len(result.shards_up_to_date)} up to "
-        f"date; {s.get('written', 0):,} pseudo features ({', '.join(s.get('methods', [])) or method}), "
-        f"{describe_drops(result.dropped)}; {result.seconds:.1f} s -> {cache / config.stage}"
-    )
-    typer.echo(
-        f"  cos(image, pseudo) {change('cos')}; in-batch top-1 {change('top1')}; "
-        f"InfoNCE {change('loss')}; attribute precision {change('attr_precision')}"
-    )
+    for line in report(result, config):  # what `pipeline run` prints too
+        typer.echo(line)

@@ -8,8 +8,10 @@ random weights (seeded, so two runs agree). The `identity` dict fingerprints bot
 has the identity of what it resolves to, so a cache made with `openai` or `''` stays up to date.
 
 A tag's weights come from the local Hugging Face cache when they are there (the hub is not asked); else
-the hub is tried once, with a short timeout, and an unreachable hub (or HF_HUB_OFFLINE) is one error line
-at once, rather than huggingface_hub's minute of retries.
+the hub is tried once, name lookup and connect within HUB_TIMEOUT_S, and an unreachable hub (or
+HF_HUB_OFFLINE) is one error line naming the file to download and its repo, rather than huggingface_hub's
+minute of retries. `check_weights` runs those checks without building the model (or importing open_clip's
+model code), so a command can stop before it writes anything.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +33,12 @@ BUNDLED_CONFIGS = Path(__file__).parent / "clip_configs"
 RANDOM_WEIGHTS_SEED = 0
 AUTO = "auto"  # --clip-pretrained's default
 AUTO_TAG = "openai"  # what `auto` picks where open_clip has it
-HUB_TIMEOUT_S = 3.0  # to find out whether the hub answers at all
-OFFLINE_FIX = (
-    "download them on a connected machine and pass the file (--clip-pretrained /path/to/{file}), or use a "
-    "bundled config with random weights (--clip-model lafite-tiny --clip-pretrained '')"
+HUB_TIMEOUT_S = 3.0  # to find out whether the hub answers at all: name lookup and TCP connect together
+HUB_URL = "https://huggingface.co"  # where a user on another machine downloads from (not HF_ENDPOINT's)
+HF_WEIGHTS_NAME = "open_clip_pytorch_model.bin"  # open_clip's default weights file in a hub repo
+HF_SAFE_WEIGHTS_NAME = "open_clip_model.safetensors"  # ... and its twin, which open_clip tries first
+RANDOM_WEIGHTS_FIX = (
+    "or use a bundled config with random weights (--clip-model lafite-tiny --clip-pretrained '')"
 )
 
 
@@ -71,13 +76,21 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def _builtin_models() -> set[str]:
-    """open_clip's architecture names, read from its config folder without importing it (~3 s of torch)."""
+def _builtin_config_files() -> dict[str, Path]:
+    """open_clip's architecture configs by name, found in its folder without importing it (~3 s of torch)."""
     import importlib.util
 
     spec = importlib.util.find_spec("open_clip")
     folders = spec.submodule_search_locations if spec else None
-    return {p.stem for folder in folders or [] for p in (Path(folder) / "model_configs").glob("*.json")}
+    return {p.stem: p for folder in folders or [] for p in (Path(folder) / "model_configs").glob("*.json")}
+
+
+def model_dim(clip_model: str) -> int:
+    """The joint embedding width of a --clip-model, read from its config without importing open_clip."""
+    _, cfg, _ = model_config(clip_model)
+    if cfg is None:
+        cfg = json.loads(_builtin_config_files()[clip_model].read_text())
+    return int(cfg["embed_dim"])
 
 
 def model_config(clip_model: str) -> tuple[str, dict[str, Any] | None, str]:
@@ -93,7 +106,7 @@ def model_config(clip_model: str) -> tuple[str, dict[str, Any] | None, str]:
         cfg = _read_config_file(path)
         identity = digest_json(cfg)
         return f"cfg-{identity[:12]}", cfg, f"config:{identity}"
-    if clip_model not in _builtin_models():
+    if clip_model not in _builtin_config_files():
         raise ConfigError(
             f"--clip-model {clip_model}: unknown open_clip architecture; pass a model-config JSON file "
             f"or one of: lafite-tiny, lafite-small, ViT-B-32, ViT-B-16, ViT-L-14, ..."
@@ -113,10 +126,38 @@ def resolve_model(clip_model: str) -> tuple[str, str]:
     return name, identity
 
 
-def _pretrained_tags(name: str) -> list[str]:
-    import open_clip
+_TAGS_PACKAGE = "_open_clip_tags"  # the name open_clip's pretrained table is loaded under, without open_clip
 
-    return open_clip.list_pretrained_tags_by_model(name)
+
+def pretrained_table():
+    """open_clip's table of pretrained tags (its `pretrained` module) without open_clip's model code:
+    `import open_clip` also loads torchvision, timm and torch._dynamo, 2.9-5.4 s on top of torch's 1.7-3.4 s
+    on 2 busy cores, which the weights checks (a command failing offline, `pipeline doctor`) do not need.
+    The module is loaded from open_clip's folder as a submodule of another package name; once open_clip is
+    imported (a test may add a tag to it), open_clip's own module is used."""
+    if "open_clip" in sys.modules:
+        return sys.modules["open_clip"].pretrained
+    if f"{_TAGS_PACKAGE}.pretrained" in sys.modules:
+        return sys.modules[f"{_TAGS_PACKAGE}.pretrained"]
+    import importlib.machinery
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    try:
+        package = importlib.machinery.ModuleSpec(_TAGS_PACKAGE, None, is_package=True)
+        package.submodule_search_locations = list(spec.submodule_search_locations or [])
+        sys.modules[_TAGS_PACKAGE] = importlib.util.module_from_spec(package)
+        return importlib.import_module(f"{_TAGS_PACKAGE}.pretrained")
+    except Exception:  # noqa: BLE001 - not installed, or another layout of open_clip: import it all (slower)
+        for module in [m for m in sys.modules if m == _TAGS_PACKAGE or m.startswith(f"{_TAGS_PACKAGE}.")]:
+            del sys.modules[module]
+        import open_clip
+
+        return open_clip.pretrained
+
+
+def _pretrained_tags(name: str) -> list[str]:
+    return pretrained_table().list_pretrained_tags_by_model(name)
 
 
 def resolve_pretrained(clip_model: str, clip_pretrained: str | None) -> str:
@@ -150,19 +191,39 @@ def _hub_files(cfg: dict[str, Any]) -> tuple[str, list[str]] | None:
     if not cfg.get("hf_hub"):
         return None
     repo, filename = os.path.split(cfg["hf_hub"])
-    filename = filename or "open_clip_pytorch_model.bin"  # open_clip's HF_WEIGHTS_NAME
-    if filename == "open_clip_pytorch_model.bin":  # as open_clip.pretrained._get_safe_alternatives
-        return repo, ["open_clip_model.safetensors", filename]
+    filename = filename or HF_WEIGHTS_NAME
+    if filename == HF_WEIGHTS_NAME:  # as open_clip.pretrained._get_safe_alternatives
+        return repo, [HF_SAFE_WEIGHTS_NAME, filename]
     if filename.endswith((".bin", ".pth")):
         return repo, [filename[:-4] + ".safetensors", filename]
     return repo, [filename]
 
 
+def weights_download(name: str, tag: str) -> tuple[str, str, str]:
+    """(file name, URL, where from) to download a tag's weights by hand for `--clip-pretrained FILE`: for a
+    hub repo's default weights its open_clip_model.safetensors (what open_clip itself tries first; it loads
+    without unpickling), else the file the tag names; for a URL-only tag, its URL."""
+    cfg = pretrained_table().get_pretrained_cfg(name, tag) or {}
+    if cfg.get("hf_hub"):
+        repo, filename = os.path.split(cfg["hf_hub"])
+        file = HF_SAFE_WEIGHTS_NAME if filename in ("", HF_WEIGHTS_NAME) else filename
+        return file, f"{HUB_URL}/{repo}/resolve/main/{file}", f"the Hugging Face repo {repo}"
+    url = cfg.get("url") or ""
+    return os.path.basename(url) or "checkpoint.pt", url, "open_clip's URL for it"
+
+
+def offline_fix(name: str, tag: str) -> str:
+    """What to do when a tag's weights cannot be downloaded here: the file, where from, and the flag."""
+    file, url, source = weights_download(name, tag)
+    return (
+        f"on a connected machine download {file} from {source} ({url}) and pass it: "
+        f"--clip-pretrained /path/to/{file}; " + RANDOM_WEIGHTS_FIX
+    )
+
+
 def cached_weights_file(name: str, tag: str) -> Path | None:
     """The tag's weights file where open_clip would find it without the network, or None."""
-    import open_clip
-
-    cfg = open_clip.get_pretrained_cfg(name, tag) or {}
+    cfg = pretrained_table().get_pretrained_cfg(name, tag) or {}
     if cfg.get("file"):
         return Path(cfg["file"]) if Path(cfg["file"]).is_file() else None
     hub = _hub_files(cfg)
@@ -179,18 +240,16 @@ def cached_weights_file(name: str, tag: str) -> Path | None:
     return path if path is not None and path.is_file() else None
 
 
-def _offline_reason(url: str | None = None) -> str | None:
-    """Why the weights cannot be downloaded, found in at most HUB_TIMEOUT_S (one TCP connect to the hub,
-    or to the proxy the environment names for it), or None when it answers. `url`: a URL-only tag's."""
-    import socket
+def offline_reason(url: str | None = None) -> str | None:
+    """Why the weights cannot be downloaded, found in at most about HUB_TIMEOUT_S (one name lookup and TCP
+    connect to the hub, or to the proxy the environment names for it), or None when it answers. `url`: a
+    URL-only tag's."""
     import urllib.request
     from urllib.parse import urlsplit
 
     from huggingface_hub import constants
 
-    if url is None and (
-        constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    ):
+    if url is None and hub_offline_set():
         return "HF_HUB_OFFLINE is set"
     target = urlsplit(url or constants.ENDPOINT)
     proxy = urllib.request.getproxies().get(target.scheme)
@@ -198,10 +257,60 @@ def _offline_reason(url: str | None = None) -> str | None:
         target = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
     port = target.port or (443 if target.scheme == "https" else 80)
     try:
-        socket.create_connection((target.hostname, port), timeout=HUB_TIMEOUT_S).close()
+        _connect_once(target.hostname or "", port, HUB_TIMEOUT_S)
+    except TimeoutError as e:
+        return f"{target.hostname} cannot be reached ({e})"
     except OSError as e:
         return f"{target.hostname} cannot be reached ({e.strerror or e})"
     return None
+
+
+def hub_offline_set() -> bool:
+    """HF_HUB_OFFLINE, as huggingface_hub read it at import or as the environment says now."""
+    from huggingface_hub import constants
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return bool(constants.HF_HUB_OFFLINE) or offline
+
+
+def _connect_once(host: str, port: int, timeout: float) -> None:
+    """Open and close one TCP connection to host:port, the name lookup included, within about `timeout`
+    seconds, or raise OSError. `socket.create_connection(timeout=)` bounds only the connect: getaddrinfo
+    has no timeout, and a resolver that does not answer held the reporter's offline embed for 28 s. So
+    the lookup runs in a daemon thread, left behind if it hangs."""
+    import socket
+    import threading
+    import time
+
+    deadline = time.monotonic() + timeout
+    found: list = []
+
+    def lookup() -> None:
+        try:
+            found.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as e:
+            found.append(e)
+
+    thread = threading.Thread(target=lookup, name=f"lookup {host}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not found:
+        raise TimeoutError(f"the name lookup of {host} timed out after {timeout:g} s")
+    if isinstance(found[0], OSError):
+        raise found[0]
+    error: OSError = OSError(f"no address for {host}")
+    for family, kind, proto, _, address in found[0]:  # as create_connection: each address in turn
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"connecting to {host} timed out after {timeout:g} s")
+        with socket.socket(family, kind, proto) as sock:
+            sock.settimeout(left)
+            try:
+                sock.connect(address)
+                return
+            except OSError as e:
+                error = e
+    raise error
 
 
 @contextlib.contextmanager
@@ -217,23 +326,54 @@ def _hub_offline():
         constants.HF_HUB_OFFLINE = before
 
 
+def tag_weights(name: str, tag: str) -> tuple[Path | None, str | None]:
+    """(the tag's weights file on disk or None, why they cannot be downloaded or None): the local cache
+    first; only when they are not there, one probe of the hub (none under HF_HUB_OFFLINE)."""
+    found = cached_weights_file(name, tag)
+    if found is not None:
+        return found, None
+    cfg = pretrained_table().get_pretrained_cfg(name, tag) or {}
+    return None, offline_reason(None if cfg.get("hf_hub") else cfg.get("url"))
+
+
 def _check_tag_weights(clip_model: str, name: str, tag: str, flag: str) -> bool:
     """Whether the tag's weights are on disk; a ConfigError at once when they are not and the hub cannot
     be reached (huggingface_hub would retry for about a minute, printing each retry twice)."""
-    import open_clip
-
-    if cached_weights_file(name, tag) is not None:
-        return True
-    cfg = open_clip.get_pretrained_cfg(name, tag) or {}
-    hub = _hub_files(cfg)
-    reason = _offline_reason(None if hub else cfg.get("url"))
+    found, reason = tag_weights(name, tag)
     if reason is not None:
-        file = hub[1][-1] if hub else "checkpoint.bin"
         raise ConfigError(
             f"{flag}: could not download {clip_model}'s {tag} weights: they are not in the local cache and "
-            f"{reason}; " + OFFLINE_FIX.format(file=file)
+            f"{reason}; " + offline_fix(name, tag)
         )
-    return False
+    return found is not None
+
+
+def _check_pretrained(clip_model: str, clip_pretrained: str | None) -> tuple[str, str, bool]:
+    """(resolved --clip-pretrained, the flag as errors name it, whether a tag's weights are on disk), or a
+    ConfigError: a checkpoint file that is not CLIP weights, a tag unknown or not downloadable."""
+    name = model_config(clip_model)[0]
+    pretrained = resolve_pretrained(clip_model, clip_pretrained)
+    flag = f"--clip-pretrained {clip_pretrained}" + (f" ({pretrained})" if clip_pretrained == AUTO else "")
+    if not pretrained:
+        return pretrained, flag, False
+    if Path(pretrained).is_file():
+        _check_checkpoint_file(pretrained, clip_model)
+        return pretrained, flag, False
+    if Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") or "/" in pretrained:
+        raise ConfigError(f"{flag}: checkpoint file not found")
+    if not pretrained_table().get_pretrained_cfg(name, pretrained):
+        tags = _pretrained_tags(name)
+        raise ConfigError(
+            f"{flag}: not a file and not an open_clip tag for {clip_model}"
+            + (f" (tags: {', '.join(tags)})" if tags else "")
+        )
+    return pretrained, flag, _check_tag_weights(clip_model, name, pretrained, flag)
+
+
+def check_weights(clip_model: str, clip_pretrained: str | None) -> None:
+    """`load_clip`'s checks of the model and its weights, without building it: for a command to stop
+    before it writes anything. Offline, one probe of the hub (none with HF_HUB_OFFLINE)."""
+    _check_pretrained(clip_model, clip_pretrained)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -303,29 +443,14 @@ def load_clip(clip_model: str, clip_pretrained: str | None = AUTO, device: str =
 
     name, model_identity = resolve_model(clip_model)
     torch_device = resolve_device(device)
-    pretrained = resolve_pretrained(clip_model, clip_pretrained)
-    flag = f"--clip-pretrained {clip_pretrained}" + (f" ({pretrained})" if clip_pretrained == AUTO else "")
-    hub_cached = False
-    if not pretrained:
-        if clip_pretrained == AUTO:
-            warnings.warn(
-                f"--clip-pretrained auto: open_clip has no pretrained weights for {clip_model}, so it has "
-                "random weights (fine for tests, useless for real features); pass a checkpoint file, or "
-                "--clip-pretrained '' to choose random weights without this warning",
-                stacklevel=2,
-            )
-    elif Path(pretrained).is_file():
-        _check_checkpoint_file(pretrained, clip_model)
-    else:
-        if Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") or "/" in pretrained:
-            raise ConfigError(f"{flag}: checkpoint file not found")
-        if not open_clip.get_pretrained_cfg(name, pretrained):
-            tags = _pretrained_tags(name)
-            raise ConfigError(
-                f"{flag}: not a file and not an open_clip tag for {clip_model}"
-                + (f" (tags: {', '.join(tags)})" if tags else "")
-            )
-        hub_cached = _check_tag_weights(clip_model, name, pretrained, flag)
+    pretrained, flag, hub_cached = _check_pretrained(clip_model, clip_pretrained)
+    if not pretrained and clip_pretrained == AUTO:
+        warnings.warn(
+            f"--clip-pretrained auto: open_clip has no pretrained weights for {clip_model}, so it has "
+            "random weights (fine for tests, useless for real features); pass a checkpoint file, or "
+            "--clip-pretrained '' to choose random weights without this warning",
+            stacklevel=2,
+        )
     torch.manual_seed(RANDOM_WEIGHTS_SEED)  # random weights are part of the identity: make them reproducible
     try:
         with open_clip_quiet(), _hub_offline() if hub_cached else contextlib.nullcontext():
@@ -336,7 +461,7 @@ def load_clip(clip_model: str, clip_pretrained: str | None = AUTO, device: str =
         if not Path(pretrained).is_file() and "download" in str(e).lower():
             raise ConfigError(
                 f"{flag}: could not download the weights ({_one_line(e, 160)}); "
-                + OFFLINE_FIX.format(file="")
+                + offline_fix(name, pretrained)
             ) from None
         raise ConfigError(f"{flag}: cannot load into {clip_model}: {_one_line(e)}") from None
     model.eval().requires_grad_(False)

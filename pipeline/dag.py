@@ -41,6 +41,7 @@ class Step:
     stage: str  # the `pipeline run` stage (and pipeline.toml section) that makes it
     command: str  # the command that makes it, with {cache}
     status: str  # "module:function" judging its shards (see the module docstring)
+    single: bool = False  # one task for the whole cache (the index), not one per embed shard
 
     def status_function(self) -> Callable:
         module, _, name = self.status.partition(":")
@@ -56,7 +57,7 @@ RETRIEVE_COMMAND = "pipeline retrieve --captions CORPUS --cache {cache}"
 STEPS: tuple[Step, ...] = (
     Step("embed", (), "embed", "pipeline embed INPUT... --cache {cache}", "pipeline.status:embed_status"),
     Step("captions", (), "retrieve", RETRIEVE_COMMAND, "pipeline.status:captions_status"),
-    Step("index", ("captions",), "retrieve", RETRIEVE_COMMAND, "pipeline.status:index_status"),
+    Step("index", ("captions",), "retrieve", RETRIEVE_COMMAND, "pipeline.status:index_status", single=True),
     Step("retrieve", ("embed", "index"), "retrieve", RETRIEVE_COMMAND, "pipeline.status:retrieve_status"),
     Step(
         "optimize",

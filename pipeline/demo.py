@@ -28,8 +28,8 @@ from typing import Any
 from pipeline.errors import ConfigError
 
 PRESETS = {
-    # smoke: a minute, checks the wiring (the test suite runs it); cpu: under 20 minutes on 2 cores (the
-    # CLIP about 4.5, the compare about 10; BENCHMARKS.md); gpu: larger world, longer training
+    # smoke: a minute, checks the wiring (the test suite runs it); cpu: 12-27 minutes on 2 quiet cores
+    # (11.5 and 27 measured on two machines of one kind; README); gpu: larger world, longer training
     "smoke": dict(
         n=96,
         n_captions=300,
@@ -83,12 +83,12 @@ class DemoResult:
 
 N_STEPS = 4
 WORLD_RECORD = "demo_world.json"  # in the world folder: the SynthConfig and files the demo rendered
-CLIP_UNKEYED = ("out", "device", "force")  # ClipTrainConfig fields that do not change what is learnt
 
 
 def run_demo(out: Path, preset: str = "cpu", workers: int = 2, device: str = "auto") -> DemoResult:
     from manifests import list_manifests
-    from pipeline.progress import progress_bar
+    from pipeline.processes import threads_note, threads_reason
+    from pipeline.progress import print_line, progress_bar
     from pipeline.run import RunConfig, run_pipeline, stage_configs
     from pipeline.synth import SynthConfig
     from trainers.clip_config import ClipTrainConfig
@@ -100,6 +100,8 @@ def run_demo(out: Path, preset: str = "cpu", workers: int = 2, device: str = "au
     p = PRESETS[preset]
     out = Path(out).resolve()  # pipeline.toml and the manifests then name the same files from anywhere
     world, cache, config_path = out / "world", out / "cache", out / "pipeline.toml"
+    print_line(f"demo: {threads_reason()}")  # a busy machine is the first thing that makes it slow
+    threads_note()  # said: the first bar need not say it again
 
     with demo_step(1, "synth") as step:
         synth_config = SynthConfig(
@@ -119,15 +121,17 @@ def run_demo(out: Path, preset: str = "cpu", workers: int = 2, device: str = "au
             step.what = f"kept {world} (rendered with the same settings)"
 
     with demo_step(2, "clip") as step:
-        clip_config = ClipTrainConfig(out=out / "clip", device=device, force=True, **p["clip"])
+        # resume: an interrupted demo continues its CLIP from the last RUN/train_state.pt
+        clip_config = ClipTrainConfig(out=out / "clip", device=device, force=True, resume=True, **p["clip"])
         clip_dir = Path(clip_config.out)
         retrained = not trained_clip(clip_config)
         if retrained:
             (clip_dir / "clip_eval.json").unlink(missing_ok=True)  # written last: marks a complete run
             with progress_bar("clip", total=clip_config.steps, unit="step") as advance:
-                train_clip(clip_config, advance)
-            step.what = f"{clip_config.steps:,} steps -> {clip_dir}"
-            step.done, step.unit = clip_config.steps, "step"
+                trained = train_clip(clip_config, advance)
+            resumed = f" (resumed at step {trained.resumed_at:,})" if trained.resumed_at else ""
+            step.what = f"{clip_config.steps:,} steps{resumed} -> {clip_dir}"
+            step.done, step.unit = clip_config.steps - trained.resumed_at, "step"
         else:
             step.what = f"reused {clip_dir} (trained with the same settings)"
 
@@ -241,12 +245,12 @@ def trained_clip(config) -> bool:
         recorded = json.loads((out / "config.json").read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    wanted = json.loads(json.dumps(asdict(config), default=str))  # as train_clip records it
-    return isinstance(recorded, dict) and _learnt(recorded) == _learnt(wanted)
+    from trainers.clip_config import UNKEYED
 
-
-def _learnt(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in CLIP_UNKEYED}
+    return (
+        isinstance(recorded, dict)
+        and {k: v for k, v in recorded.items() if k not in UNKEYED} == config.learnt()
+    )
 
 
 def write_pipeline_toml(path: Path, cache: Path, sections: dict[str, dict[str, Any]]) -> None:

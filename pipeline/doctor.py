@@ -5,8 +5,9 @@ self-check, faiss-gpu, the thread and worker defaults, the default CLIP weights,
 pipeline.toml and, given a cache, a count per stage of `pipeline status`. A row is `missing` only when
 something the config needs is absent or broken (a required package, CUDA for `device = "cuda"` or
 `index = "gpu-flat"`, weights that cannot be downloaded, a failed self-check under `backend = "triton"`);
-`warn` marks what runs, but worse than it could. Nothing here reaches the network: CLIP weights are looked
-up in the local cache only, so doctor takes seconds offline.
+`warn` marks what runs, but worse than it could. CLIP weights are looked up in the local cache; only when
+they are not there, and HF_HUB_OFFLINE is unset, is the hub probed, once, as `pipeline embed` probes it
+(name lookup and connect within pipeline.clip.HUB_TIMEOUT_S), so doctor takes seconds offline too.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ OPTIONAL_PACKAGES = {  # module -> what runs without it
     "dask": 'needed only for [run] executor = "dask"',
 }
 GiB = 2**30
-TRUE_WORDS = ("1", "ON", "YES", "TRUE")  # as huggingface_hub reads HF_HUB_OFFLINE
 DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED = "ViT-B-32", "auto"  # `pipeline embed`'s defaults
 
 
@@ -166,16 +166,11 @@ def self_check_checks(sections: dict[str, dict]) -> list[Check]:
 
 def clip_dim(clip_model: str) -> int:
     """The CLIP feature width, which optimize's loss runs at (the self-check keys on it); 512 if unknown."""
-    from pipeline.clip import model_config
+    from pipeline.clip import model_dim
 
     try:
-        name, cfg, _ = model_config(clip_model)
-        if cfg is None:
-            import open_clip
-
-            cfg = open_clip.get_model_config(name)
-        return int(cfg["embed_dim"])
-    except (ConfigError, ImportError, KeyError, TypeError):
+        return model_dim(clip_model)
+    except (ConfigError, OSError, KeyError, TypeError, ValueError):
         return 512
 
 
@@ -204,39 +199,60 @@ def self_check_check(device: str, dtype: str, dim: int, explicit_triton: bool) -
 def faiss_gpu_check() -> Check:
     if package_version("faiss") is None:
         return Check("faiss-gpu", "faiss not installed", NA)
+    if not cuda_devices():  # without importing faiss
+        return Check("faiss-gpu", "not applicable (no CUDA device)", NA)
     from pipeline.faiss_index import faiss_gpus
 
     gpus = faiss_gpus()
     if gpus:
         return Check("faiss-gpu", f"usable on {gpus} GPU(s)", OK)
-    if cuda_devices():
-        return Check("faiss-gpu", "not usable: indexes build on the CPU", WARN, "pip install faiss-gpu-cu12")
-    return Check("faiss-gpu", "not applicable (no CUDA device)", NA)
+    return Check("faiss-gpu", "not usable: indexes build on the CPU", WARN, "pip install faiss-gpu-cu12")
 
 
 def thread_checks(sections: dict[str, dict]) -> list[Check]:
-    """The torch threads `start_threads` gives a command, and what embed lowers them to beside its
-    decoders (`limit_threads`), unless --threads or OMP_NUM_THREADS chose a count."""
+    """The torch threads `start_threads` gives a command (`default_threads`: the CPUs, less those the load
+    average says other jobs keep busy), and what embed lowers them to beside its decoders
+    (`limit_threads`), unless --threads or OMP_NUM_THREADS chose a count. A count chosen that way is kept
+    whatever the load, so a load above the CPUs with more than one thread is a warning
+    (pipeline/processes.py: threads that wait for cores other jobs hold run several times slower)."""
     from pipeline import processes
     from pipeline.embed_config import EmbedConfig
 
     explicit = processes._explicit_threads()  # what this command was asked for, as limit_threads reads it
     cpus = processes.available_cpus()
+    threads, why = (explicit, "--threads or OMP_NUM_THREADS") if explicit else processes.default_threads()
     workers = sections.get("embed", {}).get("workers", EmbedConfig(inputs=()).workers)
-    source = "--threads or OMP_NUM_THREADS" if explicit else "the CPUs this process may use"
-    beside = explicit or max(1, cpus // (1 + workers))
+    beside = explicit or max(1, min(threads, cpus // (1 + workers)))
+    value = f"{threads} torch thread(s) ({why})"
+    load, machine_cpus = processes.load_average(), os.cpu_count() or cpus  # the load counts every CPU
+    if load is not None:
+        value += f"; load {load:.1f} on {machine_cpus} CPUs"
+    busy = load is not None and load > machine_cpus
+    if busy and max(threads, beside) > 1:
+        hint = "busy machine: pass --threads 1 (`pipeline --threads 1 run`, `trainers --threads 1 gan ...`)"
+        threads_check = Check("threads", value + f": a command would still start {threads}", WARN, hint)
+    else:
+        threads_check = Check("threads", value, OK)
     return [
-        Check("threads", f"{explicit or cpus} torch thread(s) ({source})", OK),
+        threads_check,
         Check("embed workers", f"{workers} decoders of 1 thread, beside {beside} torch thread(s)", OK),
     ]
 
 
 def clip_weights_check(clip_model: str, clip_pretrained: str) -> Check:
-    """Whether the weights embed would load are on this machine: the local cache only, never the hub."""
+    """Whether the weights embed would load are on this machine, or can be downloaded: the local cache
+    first, then (not under HF_HUB_OFFLINE) the one bounded probe of the hub that embed makes."""
     name = "CLIP weights"
     if package_version("open_clip") is None or package_version("torch") is None:
         return Check(name, "open_clip or torch not installed", NA)
-    from pipeline.clip import AUTO, OFFLINE_FIX, cached_weights_file, model_config, resolve_pretrained
+    from pipeline.clip import (
+        AUTO,
+        model_config,
+        offline_fix,
+        pretrained_table,
+        resolve_pretrained,
+        tag_weights,
+    )
 
     try:
         model_name = model_config(clip_model)[0]
@@ -252,24 +268,17 @@ def clip_weights_check(clip_model: str, clip_pretrained: str) -> Check:
         return Check(name, f"{label}: checkpoint file", OK)
     if Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") or "/" in pretrained:
         return Check(name, f"{label}: checkpoint file not found", MISSING)
-    import open_clip
-
-    if not open_clip.get_pretrained_cfg(model_name, pretrained):
+    if not pretrained_table().get_pretrained_cfg(model_name, pretrained):
         return Check(name, f"{label}: not an open_clip tag for {clip_model}", MISSING)
-    found = cached_weights_file(model_name, pretrained)
+    found, reason = tag_weights(model_name, pretrained)
     if found is not None:
         return Check(name, f"{label}: in the local cache ({found})", OK)
-    fix = OFFLINE_FIX.format(file="open_clip_model.safetensors")
-    if _hub_offline():
-        return Check(name, f"{label}: not in the local cache, and HF_HUB_OFFLINE is set", MISSING, fix)
-    return Check(name, f"{label}: not in the local cache; the first embed downloads them", WARN, fix)
-
-
-def _hub_offline() -> bool:
-    """Only what the environment says: asking the hub is what doctor must not do."""
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in TRUE_WORDS
+    if reason is not None:
+        fix = offline_fix(model_name, pretrained)
+        return Check(name, f"{label}: not in the local cache, and {reason}", MISSING, fix)
+    return Check(
+        name, f"{label}: not in the local cache; the hub answers, so the first embed downloads them", WARN
+    )
 
 
 def config_checks(sections: dict[str, dict]) -> list[Check]:

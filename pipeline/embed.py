@@ -9,6 +9,8 @@ sidecar Parquet, the stats and finally the manifest. The config, `EmbedConfig`, 
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import time
 from collections import Counter
@@ -29,12 +31,13 @@ from manifests import (
     group_units,
     list_manifests,
     read_manifest,
+    write_json_atomic,
     write_stats,
 )
 from pipeline.embed_config import EmbedConfig
 from pipeline.errors import ConfigError
 from pipeline.executor import Progress  # (items just finished, reasons of those dropped)
-from pipeline.paths import resolve_recorded
+from pipeline.paths import recorded_path, resolve_recorded
 from pipeline.sources import Unit, expand_inputs, key_prefix, unit_keys
 
 if TYPE_CHECKING:
@@ -43,6 +46,20 @@ if TYPE_CHECKING:
 STAGE = "embed"
 STAGE_VERSION = "1"
 PLAN_FILE = "_plan.json"
+# What the last run embedded from: its INPUTs made absolute and the options the plan depends on, so
+# `pipeline status --cache` sees new and changed images without a pipeline.toml (`recorded_config`).
+INPUTS_FILE = "_inputs.json"
+INPUTS_VERSION = 1
+RECORDED_OPTIONS = (
+    "clip_model",
+    "clip_pretrained",
+    "image_size",
+    "image_format",
+    "quality",
+    "max_pixels",
+    "shard_size",
+    "key_prefix",
+)
 DROPPED_SOURCES = 100  # dropped inputs named per reason in a shard's stats
 DROPPED_EXAMPLES = 3  # ... in its manifest, and printed at the end of a run
 
@@ -151,6 +168,48 @@ def _collision(config: EmbedConfig, key: str, first: str, unit: Unit) -> str:
         else "pass --key-prefix TEMPLATE with {input}, {parent} and {stem}, such as '{parent}-{stem}'"
     )
     return f"inputs {first} and {unit.path} both hold key {key!r}, and keys must be unique in a cache; {fix}"
+
+
+def absolute_input(spec: str) -> str:
+    """An INPUT as the cache records it: absolute, a glob or brace pattern still one, so that it expands to
+    the same units from any working directory (units are identified by absolute path)."""
+    path = os.path.expanduser(spec)
+    return path if os.path.isabs(path) else os.path.join(glob.escape(os.getcwd()), path)
+
+
+def record_inputs(config: EmbedConfig) -> None:
+    """Record what this run embeds from in `embed/_inputs.json` (rewritten only when it changed)."""
+    record = {
+        "version": INPUTS_VERSION,
+        "inputs": [absolute_input(spec) for spec in config.inputs],
+        **{name: getattr(config, name) for name in RECORDED_OPTIONS},
+        "clip_model": recorded_path(config.clip_model),
+        "clip_pretrained": recorded_path(config.clip_pretrained),
+    }
+    path = Path(config.cache) / STAGE / INPUTS_FILE
+    try:
+        if json.loads(path.read_bytes()) == record:
+            return
+    except (OSError, ValueError):
+        pass
+    write_json_atomic(path, record)
+
+
+def recorded_config(cache: Path) -> EmbedConfig | None:
+    """The config the cache's last embed run recorded (`record_inputs`), pointed at `cache`; None for a cache
+    that recorded none (made before). A damaged record is `Unreadable`."""
+    from manifests.errors import Unreadable, read_json
+
+    path = Path(cache) / STAGE / INPUTS_FILE
+    fix = f"rerun `pipeline embed INPUT... --cache {cache}` (or `pipeline run`) to record them again"
+    try:
+        record = read_json(path, fix)
+    except FileNotFoundError:
+        return None
+    if not isinstance(record, dict) or record.get("version") != INPUTS_VERSION or not record.get("inputs"):
+        raise Unreadable(f"{path}: not a record of embed inputs of version {INPUTS_VERSION}; {fix}")
+    options = {name: record[name] for name in RECORDED_OPTIONS if name in record}
+    return EmbedConfig(inputs=tuple(record["inputs"]), cache=Path(cache), **options)
 
 
 def load_plan(config: EmbedConfig, *, write: bool) -> ShardPlan:
@@ -279,6 +338,18 @@ def embed_shard(task: EmbedTask, progress: Progress | None = None) -> dict[str, 
     return commit_manifest(cfg.cache, spec, outs, timings, extra=extra)
 
 
+def check_first_run(config: EmbedConfig) -> None:
+    """Before a first embed into a cache writes anything (the cache folder, its lock, the shard plan): the
+    options, then the CLIP weights, which every shard of a first run needs, so a run that cannot load them
+    leaves the cache as it was. A rerun loads the model only for a stale shard (an up-to-date cache stays
+    usable offline), and `load_clip` checks the weights then."""
+    from pipeline.clip import check_weights
+
+    config.validate()
+    if not (Path(config.cache) / STAGE / PLAN_FILE).exists():
+        check_weights(config.clip_model, config.clip_pretrained)
+
+
 def run_embed(config: EmbedConfig, progress: Progress | None = None, executor=None) -> StageResult:
     """Plan, then make every stale shard, in-process or on the given executor (`pipeline.executor`)."""
     from pipeline.sources import count_samples
@@ -286,6 +357,7 @@ def run_embed(config: EmbedConfig, progress: Progress | None = None, executor=No
 
     t0 = time.perf_counter()
     plan = plan_embed(config)
+    record_inputs(config)
     units = [u for task in plan.tasks for u in task.units]
     run = run_shards(
         config.cache,
@@ -330,11 +402,13 @@ def run_stage(config: EmbedConfig, executor, progress_factory) -> StageResult:
 
 
 def report(result: StageResult, config: EmbedConfig) -> list[str]:
+    """What `pipeline embed` and `pipeline run` print after the stage."""
     from pipeline.progress import describe_drops
+    from pipeline.stage import describe_shards
 
     return [
-        f"embed: {len(result.shards_run)} shard(s) made, {len(result.shards_up_to_date)} up to date; "
-        f"{result.rows_written:,} images written, {describe_drops(result.dropped)}",
+        f"embed: {describe_shards(result)}; {result.rows_written:,} images written, "
+        f"{describe_drops(result.dropped)}; {result.seconds:.1f} s -> {Path(config.cache) / STAGE}",
         *describe_dropped_sources(result, config.cache),
     ]
 

@@ -371,9 +371,23 @@ def run_stage(config: OptimizeConfig, executor, progress_factory) -> StageResult
 
 
 def report(result: StageResult, config: OptimizeConfig) -> list[str]:
+    """What `pipeline optimize` and `pipeline run` print after the stage: its shards, then the quality
+    figures over every shard of the stage (`stage_summary`), before -> after."""
+    from pipeline.progress import describe_drops
+    from pipeline.stage import describe_shards
+
+    s = result.summary
+
+    def change(name: str, fmt: str = ".3f") -> str:
+        before, after = s.get(f"{name}_init"), s.get(f"{name}_final")
+        return "n/a" if before is None or after is None else f"{before:{fmt}} -> {after:{fmt}}"
+
     return [
-        f"{config.stage}: {len(result.shards_run)} shard(s) made, {len(result.shards_up_to_date)} up to "
-        f"date; {result.rows_written:,} pseudo text features written"
+        f"{config.stage}: {describe_shards(result)}; {s.get('written', 0):,} pseudo features "
+        f"({', '.join(s.get('methods', [])) or config.method}), {describe_drops(result.dropped)}; "
+        f"{result.seconds:.1f} s -> {Path(config.cache) / config.stage}",
+        f"  cos(image, pseudo) {change('cos')}; in-batch top-1 {change('top1')}; "
+        f"InfoNCE {change('loss')}; attribute precision {change('attr_precision')}",
     ]
 
 

@@ -10,12 +10,14 @@ LocalCluster workers need nothing here: distributed hands each one a pipe from t
 exits when it closes.
 
 Threads: a command starts with `--threads`, else OMP_NUM_THREADS, else `available_cpus()` (the affinity
-mask capped by a cgroup CPU quota), and a process that starts W workers beside it lowers itself to
+mask capped by a cgroup CPU quota) less the CPUs other jobs keep busy by the load average
+(`default_threads`), and a process that starts W workers beside it lowers itself to
 `available_cpus() // (1 + W)`, at least 1; decode and loader workers run 1 thread (torch sets it), Dask
 workers 1 (distributed sets OMP_NUM_THREADS=1). More threads than free cores is far worse than fewer: on
 2 cores beside one busy process, a GAN-sized step ran at 38-74 img/s on 2 threads and 480-1000 on 1
-(benchmarks/bench_threads.py). Other jobs are invisible here; a shorter OpenMP spin (`start_threads`)
-softens that 2-5x, and on a shared machine --threads 1 avoids it.
+(benchmarks/bench_threads.py). The load average sees other jobs only as they were over the last minute; a
+shorter OpenMP spin (`start_threads`) softens what it misses 2-5x, and on a shared machine --threads 1
+avoids it. When the load lowers the count, the first progress bar says so (`threads_note`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import functools
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,6 +39,8 @@ SPIN_COUNT = "10000"  # libgomp's default spins ~300,000 times (active) before a
 
 _UNSET = object()
 _requested: int | None | object = _UNSET  # the command's explicit count, once `start_threads` has run
+_why = ""  # why the command has the threads it has (`start_threads`)
+_note = False  # the load lowered them, and `threads_note` has not said so yet
 
 
 def die_with_parent(parent: int) -> None:
@@ -115,6 +120,51 @@ def available_cpus() -> int:
     return max(1, min(cpus, int(quota))) if quota is not None else cpus
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (runnable processes, all CPUs together), or None where there is none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _own_load() -> float:
+    """This process's own share of the 1-minute load average, roughly: its CPU seconds over its age, at
+    least a minute (a test session that runs many commands in one process is busy itself)."""
+    try:
+        age = time.time() - _start_time()
+    except (OSError, ValueError, IndexError, StopIteration):
+        return 0.0
+    return sum(os.times()[:2]) / max(60.0, age)
+
+
+def _start_time() -> float:
+    """When this process started (epoch seconds), from /proc (OSError elsewhere)."""
+    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    stat = Path("/proc/stat").read_text().splitlines()
+    boot = next(float(line.split()[1]) for line in stat if line.startswith("btime"))
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def default_threads() -> tuple[int, str]:
+    """(threads, why) for a command not asked for a count: the CPUs this process may use, less the CPUs
+    that other jobs keep busy by the load average (scaled to this process's CPUs where a quota or affinity
+    gives it part of the machine, less this process's own share), at least 1."""
+    cpus = available_cpus()
+    load = load_average()
+    if load is None or cpus == 1:
+        return cpus, "the CPUs this process may use"
+    machine = os.cpu_count() or cpus
+    others = max(0.0, load * cpus / machine - _own_load())
+    threads = max(1, cpus - round(others))
+    if threads == cpus:
+        return cpus, "the CPUs this process may use"
+    return threads, (
+        f"{cpus} CPUs, and a load average of {load:.1f} says other jobs keep {cpus - threads} busy; "
+        "--threads N chooses"
+    )
+
+
 def _env_threads() -> int | None:
     value = os.environ.get(THREADS_ENV, "")
     return int(value) if value.isdigit() and int(value) > 0 else None
@@ -146,14 +196,31 @@ def start_threads(threads: int | None) -> int:
     img/s (median) with GOMP_SPINCOUNT=10000 against 126-787 with libgomp's default, and at the same
     speed on the quiet machine (1,764-1,810 against 1,767-1,851); OMP_WAIT_POLICY=PASSIVE gave 892-1,003
     beside the busy process but lost 15% when quiet (benchmarks/bench_threads.py, BENCHMARKS.md)."""
-    global _requested
+    global _requested, _why, _note
     if not any(name in os.environ for name in OMP_WAIT_ENV):
         os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
     _requested = threads or _env_threads()
-    chosen = _requested or available_cpus()
+    chosen, _why = (_requested, "--threads or OMP_NUM_THREADS") if _requested else default_threads()
     if threads or chosen < _affinity_cpus():
         os.environ[THREADS_ENV] = str(chosen)
-    return _set_torch_threads(chosen, exact=_requested is not None)
+    chosen = _set_torch_threads(chosen, exact=_requested is not None)
+    _note = _requested is None and chosen < available_cpus()
+    return chosen
+
+
+def threads_reason() -> str:
+    """`2 torch thread(s) (the CPUs this process may use)`: this command's count and why."""
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else _requested or default_threads()[0]
+    return f"{threads} torch thread(s) ({_why or default_threads()[1]})"
+
+
+def threads_note() -> str | None:
+    """`threads: 1 torch thread(s) (2 CPUs, and a load average of 1.9 says ...)` once, when the load lowered
+    this command's threads (`start_threads`); then None. The first progress bar prints it."""
+    global _note
+    note, _note = (f"threads: {threads_reason()}" if _note else None), False
+    return note
 
 
 def limit_threads(workers: int) -> int:

@@ -32,7 +32,7 @@ from rich.text import Text
 
 stderr = Console(stderr=True)
 PLAIN_EVERY_S = 30.0  # seconds between the plain lines of one bar off a terminal
-PLAIN_FIELDS_SKIPPED = ("rate", "unit")  # task fields a plain line shows in its own way
+PLAIN_FIELDS_SKIPPED = ("unit",)  # task fields a plain line shows in its own way
 
 
 def format_clock(seconds: float | None) -> str:
@@ -45,13 +45,21 @@ def format_rate(per_second: float, unit: str) -> str:
     return f"{per_second:,.0f} {unit}/s" if per_second >= 10 else f"{per_second:.2g} {unit}/s"
 
 
+FIRST = "_first"  # task field: (elapsed, completed) at its first progress, where its rate starts
+
+
 def _speed(task: Task) -> float | None:
-    """Items per second: rich's recent-window estimate, else the average since the start (a bar over
-    runs of minutes advances too rarely for the window)."""
+    """Items per second: rich's recent-window estimate, else the average since the first progress (a bar
+    over steps of minutes advances too rarely for the window). Not since the task started: that would
+    count the start-up (loading a model, the first batch) as work, and a 3,000-step run whose first step
+    came after a minute of start-up would say `eta 2 days`. None (no ETA yet) until it advanced twice."""
     if task.speed:  # from the samples alone: fixed once the task finishes
         return task.speed
+    first = task.fields.get(FIRST)
     elapsed = task.finished_time if task.finished else task.elapsed
-    return task.completed / elapsed if task.completed and elapsed else None
+    if first is None or elapsed is None or task.completed <= first[1] or elapsed <= first[0]:
+        return None
+    return (task.completed - first[1]) / (elapsed - first[0])
 
 
 def eta_seconds(task: Task) -> float | None:
@@ -64,10 +72,7 @@ def eta_seconds(task: Task) -> float | None:
 
 
 def rate_text(task: Task) -> str:
-    """The task's own `rate` field when it sets one (the GAN's img/s), else the speed in its unit."""
-    given = task.fields.get("rate")
-    if given:
-        return str(given)
+    """The speed in the task's unit, the one its count is in (`3.2 step/s` from start to end)."""
     unit, speed = task.fields.get("unit"), _speed(task)
     return format_rate(speed, unit) if unit and speed else ""
 
@@ -119,7 +124,11 @@ def plain_line(task: Task) -> str:
     parts = [f"{task.description}: {done}", rate_text(task), f"elapsed {format_clock(elapsed)}"]
     if task.total is not None and (eta := eta_seconds(task)) is not None:
         parts.append(f"eta {format_clock(eta)}")
-    parts += [str(v) for k, v in task.fields.items() if k not in PLAIN_FIELDS_SKIPPED and v not in ("", None)]
+    parts += [
+        str(v)
+        for k, v in task.fields.items()
+        if k not in PLAIN_FIELDS_SKIPPED and not k.startswith("_") and v not in ("", None)
+    ]
     return ", ".join(p for p in parts if p)
 
 
@@ -134,17 +143,20 @@ class LineProgress(Progress):
         self._printed: dict[TaskID, tuple[float, float]] = {}  # task -> (when, done) at its last line
 
     def update(self, task_id: TaskID, **kwargs: Any) -> None:
+        before = self._tasks[task_id].completed
         super().update(task_id, **kwargs)
-        self._tick(task_id)
+        self._tick(task_id, progressed=self._tasks[task_id].completed != before)
 
     def advance(self, task_id: TaskID, advance: float = 1) -> None:
         super().advance(task_id, advance)
-        self._tick(task_id)
+        self._tick(task_id, progressed=bool(advance))
 
-    def _tick(self, task_id: TaskID) -> None:
+    def _tick(self, task_id: TaskID, progressed: bool) -> None:
+        task = self._tasks[task_id]
+        if progressed and FIRST not in task.fields and task.started:  # the rate counts from here
+            task.fields[FIRST] = (task.elapsed, task.completed)
         if not self.plain:
             return
-        task = self._tasks[task_id]
         last = self._printed.get(task_id)
         if task.completed and (last is None or time.monotonic() - last[0] >= self.every):
             self._print(task)
@@ -162,7 +174,13 @@ class LineProgress(Progress):
 
 
 def make_progress(*columns: ProgressColumn, **kwargs: Any) -> LineProgress:
-    """Every bar of the project: on `stderr`, live on a terminal, plain lines elsewhere."""
+    """Every bar of the project: on `stderr`, live on a terminal, plain lines elsewhere. The first says
+    when a busy machine lowered the command's threads (pipeline.processes.threads_note)."""
+    from pipeline.processes import threads_note
+
+    note = threads_note()
+    if note:
+        print_line(note)
     return LineProgress(*columns, console=stderr, every=PLAIN_EVERY_S, **kwargs)
 
 

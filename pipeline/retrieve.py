@@ -35,7 +35,7 @@ from pipeline.index import index_manifest, plan_index, run_index
 from pipeline.progress import describe_drops, null_progress
 from pipeline.retrieve_config import RetrieveConfig
 from pipeline.search import STAGE, plan_search, search_shard
-from pipeline.stage import StageResult
+from pipeline.stage import StageResult, describe_shards
 
 
 def index_warnings(info: dict[str, Any]) -> list[str]:
@@ -50,7 +50,7 @@ def index_warnings(info: dict[str, Any]) -> list[str]:
 
 
 def summary_lines(result: StageResult) -> list[str]:
-    """What the CLI prints after a run: one line per step."""
+    """What `pipeline retrieve` and `pipeline run` print after the stage: one line per step."""
     cap, index = result.steps["captions"], result.steps["index"]
     info, corpus = index.summary, cap.summary["corpus"]
     recall = f"recall@{info['k']} {info['recall_at_k']:.3f}"
@@ -67,8 +67,8 @@ def summary_lines(result: StageResult) -> list[str]:
         f"{describe_drops(cap.dropped)}",
         f"index: {info['factory']} ({info['search']}) {'built' if index.shards_run else 'up to date'}, "
         f"{info['n_vectors']:,} vectors, {recall}",
-        f"retrieve: {len(result.shards_run)} shard(s) made, {len(result.shards_up_to_date)} up to date; "
-        f"{result.rows_written:,} images searched{precision}; {result.seconds:.1f} s",
+        f"retrieve: {describe_shards(result)}; {result.rows_written:,} images searched{precision}; "
+        f"{result.seconds:.1f} s",
     ]
 
 

@@ -2,7 +2,9 @@
 
 Each stage plans against what its upstream has committed *after* the upstream ran, so staleness
 propagates by digests: a remade embed shard with new bytes stales its retrieve and optimize shards, and
-one that came out byte-identical stops the cascade. The whole run holds the cache lock.
+one that came out byte-identical stops the cascade, which the downstream stages' lines then name
+(`upstream_identical`). The whole run holds the cache lock. What the run prints is each stage's own
+`report`, the same lines as the stage's command.
 """
 
 from __future__ import annotations
@@ -84,6 +86,11 @@ def run_pipeline(configs: StageConfigs, run: RunConfig, progress_factory=None) -
     from pipeline.progress import null_progress
 
     run.validate()
+    if "embed" in run.stages():  # a first run that cannot load its CLIP leaves no cache behind
+        from pipeline.embed import check_first_run
+
+        for config in configs.of("embed"):
+            check_first_run(config)
     results: dict[str, Any] = {}
     with CacheLock(run.cache, wait=run.wait), verifying_outputs(run.verify):
         executor = make_executor(run.executor, run.scheduler, run.workers)
@@ -91,12 +98,35 @@ def run_pipeline(configs: StageConfigs, run: RunConfig, progress_factory=None) -
             for name in run.stages():
                 module = dag.stage(name).implementation()
                 for config in configs.of(name):
-                    results[result_key(name, config)] = module.run_stage(
-                        config, executor, progress_factory or null_progress
-                    )
+                    key = result_key(name, config)
+                    results[key] = module.run_stage(config, executor, progress_factory or null_progress)
+                    note_identical_upstream(key, results)
         finally:
             executor.close()
     return results
+
+
+def note_identical_upstream(key: str, results: dict[str, Any]) -> None:
+    """Name, on the result filed under `key`, the upstream shards this run remade with the same data outputs
+    that its up-to-date shards read (so they were not redone): what would otherwise look like a silent skip.
+    """
+    steps = {}  # step name -> its result in this run (retrieve's captions and index steps included)
+    for name, result in results.items():
+        steps.update({name: result, **result.steps})
+    result = results[key]
+    up_to_date = set(result.shards_up_to_date)
+    try:
+        upstreams = dag.step(key).upstream
+    except StopIteration:  # a stage filed under no step of its own reads no upstream step
+        return
+    for upstream in upstreams:
+        made = steps.get(upstream)
+        if made is None or not made.shards_identical:
+            continue
+        single = dag.step(upstream).single  # the index: every shard here read it
+        shards = [] if single else sorted(up_to_date & set(made.shards_identical))
+        if up_to_date and (single or shards):
+            result.upstream_identical[upstream] = shards
 
 
 def result_key(stage_name: str, config) -> str:

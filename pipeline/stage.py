@@ -10,7 +10,9 @@ wrote and dropped.
 
 Every step, and every stage of several steps, reports one `StageResult`: what it made, what was already
 up to date, what it wrote and set aside, and its step-specific totals (`summary`); a stage of several
-steps (retrieve) holds each step's result in `steps`.
+steps (retrieve) holds each step's result in `steps`. A shard remade with the same data outputs as the
+version it replaced (a touched input) is `shards_identical`: downstream shards key on those digests, so
+they stay up to date, and `pipeline run` says so on their line (`upstream_identical`, `describe_shards`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from manifests import clean_temp_files, migrate_stats
+from manifests import clean_temp_files, migrate_stats, read_manifest
 
 
 @dataclass
@@ -38,6 +40,10 @@ class StageResult:
     summary: dict[str, Any] = field(default_factory=dict)  # step-specific totals
     steps: dict[str, StageResult] = field(default_factory=dict)  # a stage of several steps: each one's
     warnings: list[str] = field(default_factory=list)  # what the command warns about after the run
+    shards_identical: list[int] = field(default_factory=list)  # remade, with the data outputs it had before
+    # upstream step -> its shards remade identical in this run that left shards of this one up to date
+    # (filled by `pipeline run`, which knows what the run remade; pipeline/run.py)
+    upstream_identical: dict[str, list[int]] = field(default_factory=dict)
     manifests: list[dict[str, Any]] = field(default_factory=list, repr=False)  # of the shards made
 
 
@@ -63,6 +69,7 @@ def run_shards(
     migrate_stats(cache, stage)
     if total is not None and hasattr(progress, "set_total"):
         progress.set_total(total())
+    before = {t.spec.shard: data_digests(read_manifest(cache, stage, t.spec.shard)) for t in tasks}
     manifests = (executor or LocalExecutor()).map(fn, tasks, gpu=gpu, progress=progress) if tasks else []
     dropped: Counter = Counter()
     for manifest in manifests:
@@ -75,7 +82,37 @@ def run_shards(
         dropped=dict(dropped),
         seconds=time.perf_counter() - t0,
         manifests=list(manifests),
+        shards_identical=sorted(
+            m["shard"] for m in manifests if data_digests(m) and before.get(m.get("shard")) == data_digests(m)
+        ),
     )
+
+
+def data_digests(manifest: dict[str, Any] | None) -> dict[str, str]:
+    """A manifest's data outputs by path (JSON metadata aside: index.json records its build time)."""
+    outs = (manifest or {}).get("outs", [])
+    return {o["path"]: o["digest"] for o in outs if not o["path"].endswith(".json")}
+
+
+def describe_shards(result: StageResult) -> str:
+    """`1 shard(s) made (00001 identical to before), 3 up to date (embed shard 00001 remade with identical
+    outputs)`: what a stage's summary line says about its shards."""
+    made = f"{len(result.shards_run)} shard(s) made"
+    if result.shards_identical:
+        made += f" ({_shard_names(result.shards_identical)} identical to before)"
+    up = f"{len(result.shards_up_to_date)} up to date"
+    why = [
+        f"{step} {'shard' if len(shards) == 1 else 'shards'} {_shard_names(shards)}" if shards else step
+        for step, shards in result.upstream_identical.items()
+    ]
+    if why:
+        up += f" ({', '.join(why)} remade with identical outputs)"
+    return f"{made}, {up}"
+
+
+def _shard_names(shards: list[int], limit: int = 3) -> str:
+    names = ", ".join(f"{s:05d}" for s in shards[:limit])
+    return names + (f" and {len(shards) - limit:,} more" if len(shards) > limit else "")
 
 
 def embed_rows(cache: Path, tasks: Sequence) -> int:

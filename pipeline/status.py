@@ -1,7 +1,8 @@
 """`pipeline status`: per stage, which shards are up to date and why the others are stale.
 
-Reads only manifests, stats files and file stats (sizes, mtimes), never the data: the caption corpus
-is judged by its files' sizes and mtimes, recorded when the captions step last ran. Staleness flows
+Reads only manifests, stats files and file stats (sizes, mtimes), never the data: images are judged
+against pipeline.toml's [embed] inputs, else those the last embed run recorded (embed/_inputs.json), and
+the caption corpus by its files' sizes and mtimes, recorded when the captions step last ran. Staleness flows
 downstream: an embed shard that will be remade stales its retrieve and optimize shards; a caption
 corpus that changed stales the index and so every retrieve and optimize shard.
 """
@@ -54,14 +55,43 @@ def _committed(cache: Path, stage: str) -> StageStatus:
 
 
 def embed_status(cache: Path, configs: tuple, upstream: dict) -> list[StageStatus]:
+    """Against pipeline.toml's [embed] inputs, else those the cache's last embed run recorded
+    (embed/_inputs.json); without either (a cache made before they were recorded), from its manifests."""
+    from manifests.errors import Unreadable
+    from pipeline.embed import recorded_config
+
+    if configs and configs[0].inputs:
+        return [_planned_embed(configs[0])]
+    try:
+        config = recorded_config(cache)
+    except Unreadable as e:
+        return [_unseen_inputs(cache, str(e))]
+    if config is None:
+        return [_unseen_inputs(cache, "inputs neither configured nor recorded in the cache")]
+    try:
+        status = _planned_embed(config)
+    except ConfigError as e:  # an input gone, a CLIP config moved: `pipeline embed` would say the same
+        return [_unseen_inputs(cache, f"the recorded inputs cannot be planned ({e})")]
+    status.note = f"inputs as the last embed run recorded them: {_some(config.inputs)}"
+    return [status]
+
+
+def _planned_embed(config) -> StageStatus:
     from pipeline.embed import plan_embed
 
-    if not configs or not configs[0].inputs:
-        status = _committed(cache, "embed")
-        status.note = "inputs not configured: new or changed images cannot be seen"
-        return [status]
-    plan = plan_embed(configs[0], write_plan=False)
-    return [StageStatus("embed", list(plan.up_to_date), {t.spec.shard: t.reason for t in plan.tasks})]
+    plan = plan_embed(config, write_plan=False)
+    return StageStatus("embed", list(plan.up_to_date), {t.spec.shard: t.reason for t in plan.tasks})
+
+
+def _unseen_inputs(cache: Path, why: str) -> StageStatus:
+    status = _committed(cache, "embed")
+    status.note = f"{why}: new or changed images cannot be seen"
+    return status
+
+
+def _some(names, limit: int = 2) -> str:
+    names = list(names)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def captions_status(cache: Path, configs: tuple, upstream: dict) -> list[StageStatus]:
@@ -164,8 +194,25 @@ def optimize_status(cache: Path, configs: tuple, upstream: dict) -> list[StageSt
     if not configs and (cache / STAGE / MANIFEST_DIR).is_dir():
         optimize = _committed(cache, STAGE)
         optimize.note = "not configured: judged from its manifests"
+        _mark_committed_upstream(cache, optimize, embed, upstream["retrieve"])
         return [optimize]
     return []
+
+
+def _mark_committed_upstream(
+    cache: Path, status: StageStatus, embed: StageStatus, retrieve: StageStatus
+) -> None:
+    """An unconfigured optimize stage: stale where embed is, or retrieve is and the shard read it, and where
+    an embed shard has no optimize shard yet."""
+    manifests = list_manifests(cache, status.stage)
+    for shard in sorted(set(embed.up_to_date) | set(embed.stale)):
+        deps = manifests.get(shard, {}).get("deps", [])
+        if shard in embed.stale:
+            status.mark(shard, "upstream changed: embed")
+        elif shard in retrieve.stale and any(d["name"].startswith("retrieve/") for d in deps):
+            status.mark(shard, "upstream changed: retrieve")
+        elif shard not in status.up_to_date:
+            status.stale.setdefault(shard, absent_reason(cache, status.stage, shard))
 
 
 def _optimize_status(cache: Path, config, embed: StageStatus, retrieve: StageStatus) -> StageStatus:
@@ -190,13 +237,15 @@ def _optimize_status(cache: Path, config, embed: StageStatus, retrieve: StageSta
     return status
 
 
-def pipeline_status(cache: Path, configs=None) -> list[StageStatus]:
+def pipeline_status(cache: Path, configs=None, *, configured_cache: Path | None = None) -> list[StageStatus]:
     """Every step of pipeline.dag in order (an optimize variant per configured one), then every other stage
     the cache holds manifests of (undeclared variants, latents/...).
 
     `configs`: the run's StageConfigs (pipeline.run); a stage without one is judged from its committed
-    manifests alone. A path that is not a cache (missing, or holding no manifests while nothing is
-    configured) is a ConfigError.
+    manifests alone (embed: from the inputs its last run recorded). `configured_cache`: the cache those
+    configs were written for (pipeline.toml's); another one is compared with them only if it is a cache.
+    A path that is not a cache (missing; without an embed/ folder or any manifests while nothing is
+    configured; without an embed/ folder while it is not the configured cache) is a ConfigError.
     """
     cache = Path(cache)
     if not cache.is_dir():
@@ -204,8 +253,11 @@ def pipeline_status(cache: Path, configs=None) -> list[StageStatus]:
             f"--cache {cache}: no such directory; `pipeline run` (or `pipeline embed`) makes it"
         )
     others = other_stages(cache)
-    if configs is None and not others and next(cache.glob("*/_manifests/*.json"), None) is None:
-        raise ConfigError(f"--cache {cache}: not a pipeline cache (no stage manifests in it)")
+    elsewhere = configured_cache is not None and not _same_path(cache, configured_cache)
+    no_manifests = not others and next(cache.glob("*/_manifests/*.json"), None) is None
+    if not (cache / "embed").is_dir() and (elsewhere or configs is None and no_manifests):
+        toml = f"; pipeline.toml's cache is {configured_cache}" if elsewhere else ""
+        raise ConfigError(f"--cache {cache}: no pipeline cache here (no embed/ folder){toml}")
     result: list[StageStatus] = []
     judged: dict[str, StageStatus] = {}
     for step in dag.STEPS:
@@ -215,8 +267,30 @@ def pipeline_status(cache: Path, configs=None) -> list[StageStatus]:
         if statuses:
             judged[step.name] = statuses[0]
         result += statuses
+    if elsewhere and configs is not None and configs.of("embed"):
+        judged["embed"].note = _compared_inputs(cache, configs.of("embed")[0], configured_cache)
     shown = {s.stage for s in result}
     return result + [_committed(cache, stage) for stage in others if stage not in shown]
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _compared_inputs(cache: Path, config, configured_cache: Path) -> str:
+    """Which inputs a cache other than pipeline.toml's is compared with: the toml's, as `pipeline run
+    --cache` would embed them; and the cache's own record when it differs."""
+    from manifests.errors import Unreadable
+    from pipeline.embed import absolute_input, recorded_config
+
+    note = f"inputs from pipeline.toml, whose cache is {configured_cache}: {_some(config.inputs)}"
+    try:
+        recorded = recorded_config(cache)
+    except Unreadable:
+        recorded = None
+    if recorded is not None and list(recorded.inputs) != [absolute_input(i) for i in config.inputs]:
+        note += f"; this cache was last embedded from {_some(recorded.inputs)}"
+    return note
 
 
 def other_stages(cache: Path) -> list[str]:

@@ -13,6 +13,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never try the network from tests
 warnings.filterwarnings("ignore", message=".*random weights.*")
 
 
+@pytest.fixture(autouse=True)
+def quiet_machine(monkeypatch):
+    """In-process commands take their threads as on a quiet machine: the load average (this suite's own
+    subprocesses, other jobs) would make their count and their `threads:` note vary from run to run. The
+    tests of that rule (tests/pipeline/test_processes.py) set the load they need."""
+    from pipeline import processes
+
+    monkeypatch.setattr(processes, "load_average", lambda: None)
+
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     """Six good images in two sub-folders, with a caption beside one of them."""

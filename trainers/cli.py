@@ -31,6 +31,7 @@ from trainers.cli_options import (
     CompileOpt,
     ConditionOpt,
     DryRunOpt,
+    GridPromptsOpt,
     InitOpt,
     LogEveryOpt,
     NameOpt,
@@ -43,9 +44,9 @@ from trainers.cli_options import (
     TotalStepsOpt,
     WorkersOpt,
     defaults_from,
-    said,
     shown,
     train,
+    with_grid_prompts,
 )
 from trainers.sample import SampleConfig
 
@@ -80,15 +81,15 @@ def gan(
     name: NameOpt = None,
     size: Annotated[
         str | None,
-        said(
+        shown(
             "--size", "trainers.gan.GAN_SIZES entry: tiny (tests, 32 px), small (64 px), base (128-256 px)."
         ),
     ] = None,
     condition: ConditionOpt = None,
     steps: TotalStepsOpt = None,
     batch_size: BatchOpt = None,
-    lr: Annotated[float | None, said("--lr", "Adam learning rate of G and D.")] = None,
-    seed: Annotated[int | None, said("--seed", "Seed of init, noise and data order.")] = None,
+    lr: Annotated[float | None, shown("--lr", "Adam learning rate of G and D.")] = None,
+    seed: Annotated[int | None, shown("--seed", "Seed of init, noise and data order.")] = None,
     resume: Annotated[
         Path | None,
         typer.Option(
@@ -103,12 +104,7 @@ def gan(
     paired_fraction: PairedFractionOpt = None,
     paired_limit: PairedLimitOpt = None,
     init: InitOpt = None,
-    prompts: Annotated[
-        Path | None,
-        typer.Option(
-            "--prompts", help="Sample-grid prompts, one per line. (default: synthetic-world captions)"
-        ),
-    ] = None,
+    prompts: GridPromptsOpt = None,
     allow_partial: AllowPartialOpt = False,
     workers: WorkersOpt = None,
     device: RunDeviceOpt = None,
@@ -116,12 +112,9 @@ def gan(
     dry_run: DryRunOpt = False,
 ) -> None:
     """Train the LAFITE-style conditional StyleGAN2-lite on the cache's images and conditions."""
-    given = given_options(locals(), "resume", "prompts", "dry_run")
-    from trainers.evaluate import read_prompts  # its errors name an undecodable or empty file
+    given = with_grid_prompts(given_options(locals(), "resume", "prompts", "dry_run"), prompts)
     from trainers.train_gan import resolve_config, run_gan
 
-    if prompts is not None:
-        given["prompts"] = tuple(read_prompts(prompts))
     result = train(
         "gan",
         resolve_config,
@@ -140,9 +133,10 @@ def gan(
     )
 
 
-SamplerStepsOpt = Annotated[int | None, typer.Option("--steps", help="LDM sampler steps (default 50).")]
+SamplerStepsOpt = Annotated[int | None, typer.Option("--steps", help="LDM sampler steps.", show_default="50")]
 GuidanceOpt = Annotated[
-    float | None, typer.Option("--guidance", help="LDM classifier-free guidance (default: the run's).")
+    float | None,
+    typer.Option("--guidance", help="LDM or DALL-E classifier-free guidance.", show_default="the run's"),
 ]
 
 
@@ -151,7 +145,9 @@ GuidanceOpt = Annotated[
 def sample(
     checkpoint: Annotated[
         Path,
-        typer.Option("--checkpoint", help="A `trainers gan` or `ldm` checkpoint, or a run directory."),
+        typer.Option(
+            "--checkpoint", help="A `trainers gan`, `ldm` or `dalle` checkpoint, or a run directory."
+        ),
     ],
     prompt: Annotated[
         list[str] | None, typer.Option("--prompt", help="A prompt (repeatable): one grid row.")
@@ -212,7 +208,11 @@ def eval_command(
     out: Annotated[Path, typer.Option("--out", help="Directory for eval.json and grid.png.")],
     prompts: Annotated[
         Path | None,
-        typer.Option("--prompts", help="Prompts, one per line. (default: synthetic-world captions)"),
+        typer.Option(
+            "--prompts",
+            help="Prompts, one per line.",
+            show_default="synthetic-world captions; on a cache without world labels, its own captions",
+        ),
     ] = None,
     n: Annotated[int | None, shown("--n", "Images generated (and real images compared).")] = None,
     seed: Annotated[int | None, shown("--seed", "Prompts, generator noise, real-image draw.")] = None,
@@ -326,12 +326,12 @@ def ldm_command(
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help=RUNS_HELP)] = None,
     name: NameOpt = None,
-    size: Annotated[str | None, said("--size", "trainers.ldm.LDM_SIZES entry: tiny, S or B.")] = None,
+    size: Annotated[str | None, shown("--size", "trainers.ldm.LDM_SIZES entry: tiny, S or B.")] = None,
     condition: ConditionOpt = None,
-    steps: Annotated[int | None, said("--steps", "Total steps.")] = None,
+    steps: Annotated[int | None, shown("--steps", "Total steps.")] = None,
     batch_size: BatchOpt = None,
-    lr: Annotated[float | None, said("--lr", "AdamW learning rate.")] = None,
-    seed: Annotated[int | None, said("--seed", "Seed.")] = None,
+    lr: Annotated[float | None, shown("--lr", "AdamW learning rate.")] = None,
+    seed: Annotated[int | None, shown("--seed", "Seed.")] = None,
     init: InitOpt = None,
     paired_limit: PairedLimitOpt = None,
     resume: Annotated[
@@ -339,13 +339,14 @@ def ldm_command(
     ] = None,
     checkpoint_every: Annotated[int | None, typer.Option("--checkpoint-every", help=CHECKPOINTS_HELP)] = None,
     log_every: LogEveryOpt = None,
+    prompts: GridPromptsOpt = None,
     allow_partial: AllowPartialOpt = False,
     workers: WorkersOpt = None,
     device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP)] = None,
     compile: CompileOpt = None,
 ) -> None:
     """Train the DiT-style latent rectified-flow model on a frozen `trainers vae`, with guidance dropout."""
-    given = given_options(locals(), "resume")
+    given = with_grid_prompts(given_options(locals(), "resume", "prompts"), prompts)
     from trainers.train_ldm import resolve_config, run_ldm
 
     result = train("ldm", resolve_config, run_ldm, given, resume)

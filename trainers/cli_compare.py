@@ -43,30 +43,26 @@ def compare_command(
         ),
     ] = CompareConfig.preset,
     size: Annotated[
-        str | None, typer.Option("--size", help="Generator size. (default: the preset's)", show_default=False)
+        str | None, typer.Option("--size", help="Generator size.", show_default="the preset's")
     ] = None,
     steps: Annotated[
         int | None,
-        typer.Option("--steps", help="Steps of every run. (default: the preset's)", show_default=False),
+        typer.Option("--steps", help="Steps of every run.", show_default="the preset's"),
     ] = None,
     batch_size: Annotated[
         int | None,
-        typer.Option(
-            "--batch-size", help="Images per step of every run. (default: the preset's)", show_default=False
-        ),
+        typer.Option("--batch-size", help="Images per step of every run.", show_default="the preset's"),
     ] = None,
     lr: Annotated[
         float | None,
-        typer.Option(
-            "--lr", help="Learning rate of every run. (default: the generator's)", show_default=False
-        ),
+        typer.Option("--lr", help="Learning rate of every run.", show_default="the generator's"),
     ] = None,
     eval_n: Annotated[
         int | None,
         typer.Option(
             "--eval-n",
-            help="Images `trainers eval` generates per run. (default: the preset's)",
-            show_default=False,
+            help="Images `trainers eval` generates per run.",
+            show_default="the preset's",
         ),
     ] = None,
     eval_seed: Annotated[

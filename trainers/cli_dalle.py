@@ -15,6 +15,7 @@ from trainers.cli_options import (
     CompileOpt,
     ConditionOpt,
     DryRunOpt,
+    GridPromptsOpt,
     LogEveryOpt,
     NameOpt,
     PairedFractionOpt,
@@ -23,8 +24,9 @@ from trainers.cli_options import (
     SampleEveryOpt,
     TotalStepsOpt,
     WorkersOpt,
-    said,
+    shown,
     train,
+    with_grid_prompts,
 )
 
 ResumeOpt = Annotated[
@@ -43,7 +45,7 @@ def dvae_command(
     name: NameOpt = None,
     size: Annotated[
         str | None,
-        said(
+        shown(
             "--size",
             "trainers.dvae.DVAE_SIZES entry: tiny (tests), small (x4 down, 512 codes), small8 (x8 down, 512 "
             "codes).",
@@ -51,25 +53,29 @@ def dvae_command(
     ] = None,
     steps: TotalStepsOpt = None,
     batch_size: Annotated[
-        int | None, said("--batch-size", "Images per step (or per --encode batch).")
+        int | None, shown("--batch-size", "Images per step (or per --encode batch).")
     ] = None,
-    lr: Annotated[float | None, said("--lr", "Adam learning rate.")] = None,
-    seed: Annotated[int | None, said("--seed", "Init, gumbel noise, data order, held-out choice.")] = None,
+    lr: Annotated[float | None, shown("--lr", "Adam learning rate.")] = None,
+    seed: Annotated[int | None, shown("--seed", "Init, gumbel noise, data order, held-out choice.")] = None,
     kl_weight: Annotated[
-        float | None, said("--kl-weight", "Weight of the KL to the uniform prior, once warmed up.")
+        float | None, shown("--kl-weight", "Weight of the KL to the uniform prior, once warmed up.")
     ] = None,
     kl_warmup: Annotated[
         int | None,
         typer.Option(
-            "--kl-warmup", help="Steps of the linear KL-weight warm-up. (default: a quarter of --steps)"
+            "--kl-warmup",
+            help="Steps of the linear KL-weight warm-up.",
+            show_default="a quarter of --steps",
         ),
     ] = None,
-    tau_end: Annotated[float | None, said("--tau-end", "Final gumbel-softmax temperature (from 1).")] = None,
+    tau_end: Annotated[float | None, shown("--tau-end", "Final gumbel-softmax temperature (from 1).")] = None,
     anneal_steps: Annotated[
         int | None,
-        typer.Option("--anneal-steps", help="Steps of the temperature annealing. (default: half of --steps)"),
+        typer.Option(
+            "--anneal-steps", help="Steps of the temperature annealing.", show_default="half of --steps"
+        ),
     ] = None,
-    eval_n: Annotated[int | None, said("--eval-n", "Held-out images for eval.json.")] = None,
+    eval_n: Annotated[int | None, shown("--eval-n", "Held-out images for eval.json.")] = None,
     checkpoint_every: CheckpointEveryOpt = None,
     log_every: LogEveryOpt = None,
     resume: ResumeOpt = None,
@@ -81,7 +87,7 @@ def dvae_command(
             "--encode",
             help="Instead of training: the image tokens of this `trainers dvae` checkpoint (or run "
             "directory) for every embed shard, into CACHE/tokens/{dvae_id}/, which `trainers dalle` "
-            "reads. Only stale or new shards are encoded; uses --batch-size (default 64) and --device. "
+            "reads. Only stale or new shards are encoded; uses --batch-size (64 unless given) and --device. "
             "One process (not torchrun).",
             show_default=False,
         ),
@@ -119,25 +125,26 @@ def dalle_command(
     out: RunsOpt = None,
     name: NameOpt = None,
     size: Annotated[
-        str | None, said("--size", "trainers.dalle.DALLE_SIZES entry: tiny (tests), small, base.")
+        str | None, shown("--size", "trainers.dalle.DALLE_SIZES entry: tiny (tests), small, base.")
     ] = None,
     condition: ConditionOpt = None,
     steps: TotalStepsOpt = None,
     batch_size: BatchOpt = None,
-    lr: Annotated[float | None, said("--lr", "AdamW peak learning rate.")] = None,
+    lr: Annotated[float | None, shown("--lr", "AdamW peak learning rate.")] = None,
     weight_decay: Annotated[
-        float | None, said("--weight-decay", "AdamW weight decay of matrices and embeddings.")
+        float | None, shown("--weight-decay", "AdamW weight decay of matrices and embeddings.")
     ] = None,
-    warmup: Annotated[int | None, said("--warmup", "Linear warm-up steps, then cosine to 0.")] = None,
-    seed: Annotated[int | None, said("--seed", "Init, condition dropout and data order.")] = None,
+    warmup: Annotated[int | None, shown("--warmup", "Linear warm-up steps, then cosine to 0.")] = None,
+    seed: Annotated[int | None, shown("--seed", "Init, condition dropout and data order.")] = None,
     cond_drop: Annotated[
-        float | None, said("--cond-drop", "Share of samples trained with the null condition (for guidance).")
+        float | None, shown("--cond-drop", "Share of samples trained with the null condition (for guidance).")
     ] = None,
     dropout: Annotated[
-        float | None, said("--dropout", "Dropout of the embeddings, attention weights and residual branches.")
+        float | None,
+        shown("--dropout", "Dropout of the embeddings, attention weights and residual branches."),
     ] = None,
     n_prefix: Annotated[
-        int | None, said("--n-prefix", "Prefix slots the condition feature is projected to.")
+        int | None, shown("--n-prefix", "Prefix slots the condition feature is projected to.")
     ] = None,
     paired_fraction: PairedFractionOpt = None,
     paired_limit: Annotated[
@@ -154,15 +161,16 @@ def dalle_command(
         ),
     ] = None,
     guidance: Annotated[
-        float | None, said("--guidance", "Sampling default recorded for grids, sample and eval.")
+        float | None, shown("--guidance", "Sampling default recorded for grids, sample and eval.")
     ] = None,
-    temperature: Annotated[float | None, said("--temperature", "Sampling default.")] = None,
-    top_k: Annotated[int | None, said("--top-k", "Sampling default; 0 keeps every token.")] = None,
-    top_p: Annotated[float | None, said("--top-p", "Sampling default; 1 keeps every token.")] = None,
+    temperature: Annotated[float | None, shown("--temperature", "Sampling default.")] = None,
+    top_k: Annotated[int | None, shown("--top-k", "Sampling default; 0 keeps every token.")] = None,
+    top_p: Annotated[float | None, shown("--top-p", "Sampling default; 1 keeps every token.")] = None,
     resume: ResumeOpt = None,
     checkpoint_every: CheckpointEveryOpt = None,
     log_every: LogEveryOpt = None,
     sample_every: SampleEveryOpt = None,
+    prompts: GridPromptsOpt = None,
     allow_partial: AllowPartialOpt = False,
     workers: WorkersOpt = None,
     device: RunDeviceOpt = None,
@@ -171,7 +179,7 @@ def dalle_command(
 ) -> None:
     """Train the language-free DALL-E transformer on a frozen `trainers dvae`'s image tokens (the token
     cache of `trainers dvae --encode`, else encoded on the fly), conditioned on the cache's features."""
-    given = given_options(locals(), "resume", "dry_run")
+    given = with_grid_prompts(given_options(locals(), "resume", "prompts", "dry_run"), prompts)
     from trainers.train_dalle import describe, resolve_config, run_dalle
 
     result = train("dalle", resolve_config, run_dalle, given, resume, dry_run=dry_run)

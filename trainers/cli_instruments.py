@@ -33,7 +33,8 @@ def clip_command(
         Path | None,
         typer.Option(
             "--out",
-            help="Run directory for clip.pt, clip_config.json, clip_eval.json. (default: runs/NNN-clip-SIZE)",
+            help="Run directory for clip.pt, clip_config.json, clip_eval.json.",
+            show_default="runs/NNN-clip-SIZE",
         ),
     ] = None,
     size: Annotated[
@@ -80,6 +81,21 @@ def clip_command(
     ] = None,
     device: Annotated[str | None, shown("--device", DEVICE_HELP)] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUT/clip.pt.")] = False,
+    checkpoint_every: Annotated[
+        int | None,
+        shown(
+            "--checkpoint-every",
+            "Steps between saves of OUT/train_state.pt, the run so far (0: none); removed at the end.",
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue from OUT/train_state.pt (a run stopped before its end), to the same weights as a "
+            "run never stopped; its learnt options must be the same.",
+        ),
+    ] = False,
 ) -> None:
     """Train a small CLIP (open_clip, bundled config) for offline caches: on a fresh synthetic stream by
     default (a real CLIP is pretrained on other pairs than the generator's), or on given image-caption shards.
@@ -110,7 +126,7 @@ def probe_command(
     out: Annotated[
         Path | None,
         typer.Option(
-            "--out", help="Probe file to write (+ .json beside it). (default: kept in CACHE/_trainers/)"
+            "--out", help="Probe file to write (+ .json beside it).", show_default="kept in CACHE/_trainers/"
         ),
     ] = None,
     image_size: Annotated[

@@ -2,8 +2,9 @@
 dataclass, and the body of the resumable trainers' commands (gan, ldm, dvae, dalle).
 
 A trainer's option defaults to None, "not given": its config decides, or on --resume the checkpoint. Its
-help still says the config's default: `said` ends the help text with `(default: X)`, `shown` shows
-typer's `[default: X]`. The command class `defaults_from(config)` reads X from the dataclass when
+help still says the config's default, as typer says every other: `shown` options show `[default: X]`, and
+an option whose default is decided elsewhere says so the same way (`show_default="the preset's"`). The
+command class `defaults_from(config)` reads X from the dataclass when
 --help is printed, not at import: the trainers' configs live beside torch or numpy, which must load after
 the root callback has set the threads (pipeline.processes.start_threads), and torch's import (1.3 s on 2
 cores) would slow `trainers --help` and every other trainer's command. The command passes the options
@@ -24,13 +25,7 @@ from typer.models import OptionInfo
 
 from pipeline.cli_common import DEVICE_HELP
 
-SAID = "(default: the config's)"  # how a `said` help ends until --help puts the value in
 SHOWN = "the config's"  # a `shown` option's show_default until --help puts the value in
-
-
-def said(flag: str, help: str, **kwargs: Any) -> OptionInfo:
-    """An option that defaults to None and ends its help with its config field's default: `(default: X)`."""
-    return typer.Option(flag, help=f"{help} {SAID}", **kwargs)
 
 
 def shown(flag: str, help: str, **kwargs: Any) -> OptionInfo:
@@ -46,16 +41,14 @@ def config_defaults(config: str) -> dict[str, Any]:
 
 
 def say_defaults(params: Iterable[Any], defaults: dict[str, Any]) -> None:
-    """Put each `said` and `shown` option's default, `defaults[option name]`, into its help."""
+    """Put each `shown` option's default, `defaults[option name]`, into its help."""
     for param in params:
-        if param.help and param.help.endswith(SAID):
-            param.help = param.help.removesuffix(SAID) + f"(default: {defaults[param.name]})"
         if getattr(param, "show_default", None) == SHOWN:
             param.default, param.show_default = defaults[param.name], True
 
 
 def defaults_from(config: str) -> type[TyperCommand]:
-    """The command class (`app.command(cls=...)`) of a trainer whose options are `said` or `shown`: its
+    """The command class (`app.command(cls=...)`) of a trainer whose options are `shown`: its
     --help takes their defaults from the dataclass `config` ("module:Class")."""
 
     class SaysConfigDefaults(TyperCommand):
@@ -72,28 +65,36 @@ NAME_HELP = "Run name."
 BATCH_HELP = "Images per step."
 
 # Options of several trainers; each says its own config's default.
-RunsOpt = Annotated[Path | None, said("--out", RUNS_HELP)]
-NameOpt = Annotated[str | None, said("--name", NAME_HELP)]
-ConditionOpt = Annotated[str | None, said("--condition", "optimize, retrieve, perturb or caption.")]
-TotalStepsOpt = Annotated[int | None, said("--steps", "Total steps (a resume continues to it).")]
-BatchOpt = Annotated[int | None, said("--batch-size", BATCH_HELP)]
-PairedFractionOpt = Annotated[
-    float | None, said("--paired-fraction", "Share of samples given real-caption features.")
+RunsOpt = Annotated[Path | None, shown("--out", RUNS_HELP)]
+NameOpt = Annotated[str | None, shown("--name", NAME_HELP)]
+ConditionOpt = Annotated[
+    str | None,
+    shown(
+        "--condition",
+        "optimize, retrieve, perturb or caption; optimize:NAME for a pipeline.toml variant "
+        "([optimize.variants.NAME]).",
+    ),
 ]
-SampleEveryOpt = Annotated[int | None, said("--sample-every", "Steps between sample grids (0: end only).")]
-CheckpointEveryOpt = Annotated[int | None, said("--checkpoint-every", CHECKPOINTS_HELP)]
-LogEveryOpt = Annotated[int | None, said("--log-every", "Steps between metrics.jsonl lines.")]
+TotalStepsOpt = Annotated[int | None, shown("--steps", "Total steps (a resume continues to it).")]
+BatchOpt = Annotated[int | None, shown("--batch-size", BATCH_HELP)]
+PairedFractionOpt = Annotated[
+    float | None, shown("--paired-fraction", "Share of samples given real-caption features.")
+]
+SampleEveryOpt = Annotated[int | None, shown("--sample-every", "Steps between sample grids (0: end only).")]
+CheckpointEveryOpt = Annotated[int | None, shown("--checkpoint-every", CHECKPOINTS_HELP)]
+LogEveryOpt = Annotated[int | None, shown("--log-every", "Steps between metrics.jsonl lines.")]
 CompileOpt = Annotated[
     str | None,
     typer.Option(
         "--compile",
         help="torch.compile the training forward with this backend: inductor (the compiler; the first "
-        "steps compile), aot_eager (tracing only, to check a model compiles). (default: off)",
+        "steps compile), aot_eager (tracing only, to check a model compiles).",
+        show_default="off",
         metavar="BACKEND",
     ),
 ]
-WorkersOpt = Annotated[int | None, said("--workers", "Loader processes.")]
-RunDeviceOpt = Annotated[str | None, said("--device", DEVICE_HELP)]
+WorkersOpt = Annotated[int | None, shown("--workers", "Loader processes.")]
+RunDeviceOpt = Annotated[str | None, shown("--device", DEVICE_HELP)]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")]
 AllowPartialOpt = Annotated[
     bool,
@@ -120,11 +121,29 @@ InitOpt = Annotated[
         "optimiser, step 0): fine-tuning.",
     ),
 ]
-ProbeOpt = Annotated[
+GridPromptsOpt = Annotated[
     Path | None,
     typer.Option(
-        "--probe", help="A `trainers probe` file. (default: trained once per cache)", show_default=False
+        "--prompts",
+        help="Sample-grid prompts, one per line (rows of the grids the run writes).",
+        show_default="synthetic-world captions",
     ),
+]
+
+
+def with_grid_prompts(given: dict[str, Any], prompts: Path | None) -> dict[str, Any]:
+    """The options given, with --prompts FILE read into the config's tuple of sample-grid prompts (an
+    unreadable or empty file is one line)."""
+    if prompts is None:
+        return given
+    from trainers.eval_prompts import read_prompts
+
+    return {**given, "prompts": tuple(read_prompts(prompts))}
+
+
+ProbeOpt = Annotated[
+    Path | None,
+    typer.Option("--probe", help="A `trainers probe` file.", show_default="trained once per cache"),
 ]
 
 

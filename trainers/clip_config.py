@@ -16,6 +16,9 @@ from pipeline.errors import ConfigError, require_at_least
 # --size -> bundled open_clip config: rn32 (ModifiedResNet, 32 px) is the one that sees every attribute;
 # tiny is for tests; small is a 64 px ViT
 CLIP_SIZES = {"rn32": "lafite-rn32", "tiny": "lafite-tiny", "small": "lafite-small"}
+# ClipTrainConfig fields that do not change what is learnt: a run resumes, and the demo reuses a CLIP,
+# whatever they are
+UNKEYED = ("out", "device", "force", "resume", "checkpoint_every")
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,18 @@ class ClipTrainConfig:
     eval_n: int = 600  # held-out synthetic images for zero-shot accuracy (0: skip)
     eval_seed: int = 0  # synth seed of the held-out images (indices >= 10^9 never collide with training)
     force: bool = False  # overwrite an existing RUN/clip.pt
+    checkpoint_every: int = (
+        250  # steps between saves of RUN/train_state.pt (0: none), which --resume continues
+    )
+    resume: bool = False  # continue from RUN/train_state.pt when it holds a run with these learnt settings
+
+    def learnt(self) -> dict:
+        """The fields that decide what is learnt (all but UNKEYED), as config.json records them."""
+        import json
+        from dataclasses import asdict
+
+        recorded = json.loads(json.dumps(asdict(self), default=str))
+        return {k: v for k, v in recorded.items() if k not in UNKEYED}
 
     def validate(self) -> None:
         if self.size not in CLIP_SIZES:
@@ -50,6 +65,7 @@ class ClipTrainConfig:
             ("--warmup", self.warmup, 0),
             ("--eval-n", self.eval_n, 0),
             ("--seed", self.seed, 0),
+            ("--checkpoint-every", self.checkpoint_every, 0),
         )
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError("--lr must be a positive number")

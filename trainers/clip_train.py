@@ -16,7 +16,10 @@ Outputs in RUN (the `--out` directory):
 - `clip_config.json`: the open_clip model config, so `--clip-model RUN/clip_config.json` works too;
 - `clip_eval.json`: zero-shot attribute accuracy on freshly rendered synthetic images that no synth run
   can contain (indices >= 10^9; `pipeline synth` keys have 9 digits), and the training loss curve;
-- `config.json`: the resolved config.
+- `config.json`: the resolved config;
+- `train_state.pt`, while it trains: the run so far (model, optimisers, batch generator, losses), saved
+  atomically every `--checkpoint-every` steps and removed once clip.pt is written. `--resume` (the demo
+  always) continues from it, to the same weights as a run never stopped, when its learnt settings match.
 
 Zero-shot: each attribute value (red, circle, small, left...) is a class whose text feature is the mean
 of the features of captions of every single-object combination with that value (prompt ensembling over
@@ -58,6 +61,51 @@ if TYPE_CHECKING:
     from trainers.distributed import World
 
 MAX_LOGIT_SCALE = math.log(100.0)
+TRAIN_STATE = "train_state.pt"
+
+
+def save_train_state(config: ClipTrainConfig, step: int, model, optimizers, generator, losses) -> None:
+    """RUN/train_state.pt after `step` steps, atomically (a kill while saving keeps the previous one)."""
+    import torch
+
+    from manifests import atomic_write
+
+    state = {
+        "kind": "clip-train",
+        "learnt": config.learnt(),
+        "step": step,
+        "model": model.state_dict(),
+        "optimizers": [optimizer.state_dict() for optimizer in optimizers],
+        "generator": generator.get_state(),
+        "losses": list(losses),
+    }
+    with atomic_write(Path(config.out) / TRAIN_STATE) as f:
+        torch.save(state, f)
+
+
+def resume_train_state(config: ClipTrainConfig, model, optimizers, generator) -> tuple[int, list[float]]:
+    """(the step to start at, the losses so far): with --resume and RUN/train_state.pt there, the saved run
+    loaded into `model`, `optimizers` and `generator`; else (0, []). A state saved with other learnt
+    settings is refused in one line (it is another run: --force without --resume starts over)."""
+    path = Path(config.out) / TRAIN_STATE if config.out is not None else None
+    if not (config.resume and path is not None and path.is_file()):
+        return 0, []
+    from trainers.checkpoints import load_checkpoint
+
+    state = load_checkpoint(path, "--resume", kinds=("clip-train",))
+    theirs, ours = state.get("learnt", {}), config.learnt()
+    changed = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    if changed:
+        said = ", ".join(f"{k} {theirs.get(k)!r} (now {ours.get(k)!r})" for k in changed)
+        raise ConfigError(
+            f"--resume: {path} was trained with {said}; give the same options, or --force without "
+            "--resume to start over"
+        )
+    model.load_state_dict(state["model"])
+    for optimizer, saved in zip(optimizers, state["optimizers"], strict=True):
+        optimizer.load_state_dict(saved)
+    generator.set_state(state["generator"])
+    return int(state["step"]), list(state["losses"])
 
 
 def build_clip(size: str, seed: int, device):
@@ -227,6 +275,7 @@ class ClipTrainResult:
     losses: list[float]
     evaluation: dict[str, Any]
     model: Any  # the trained model, eval mode (for tests and callers that go on using it)
+    resumed_at: int = 0  # the step a --resume continued from (0: trained from the start)
 
 
 def train_clip(config: ClipTrainConfig, progress: Callable[[int], None] | None = None) -> ClipTrainResult:
@@ -266,14 +315,16 @@ def _train_clip(config: ClipTrainConfig, world: World, device_name: str, progres
     t_read = time.perf_counter()
 
     model.train()
+    optimizers = make_optimizers(model, config)
+    generator = torch.Generator().manual_seed(config.seed)
+    start, losses = resume_train_state(config, model, optimizers, generator)
+    if start and progress:
+        progress(start)  # the bar continues where the saved run stopped
     global_batch_norms(model, world)
     world.broadcast([model])
-    optimizers = make_optimizers(model, config)
     loss_fn = ClipLoss()
-    generator = torch.Generator().manual_seed(config.seed)
     n = len(data.captions)
-    losses = []
-    for step in range(config.steps):
+    for step in range(start, config.steps):
         idx = batch_rows(data, config.batch_size, generator)  # [B]: the global batch, the same on every rank
         rows = world.part(idx)  # [b]: this rank's whole contrast groups
         images = normalise(augment(data.pixels[rows], generator, world), mean, std).to(device)  # [b, 3, S, S]
@@ -293,12 +344,14 @@ def _train_clip(config: ClipTrainConfig, world: World, device_name: str, progres
         with torch.no_grad():
             model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         losses.append(float(loss.detach()))
+        if world.main and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+            save_train_state(config, step + 1, model, optimizers, generator, losses)
         if progress:
             progress(1)
     t_train = time.perf_counter()
     model.eval()
     if not world.main:  # the other ranks trained in step and write nothing
-        return ClipTrainResult(None, None, None, None, losses, {}, model)
+        return ClipTrainResult(None, None, None, None, losses, {}, model, start)
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -345,8 +398,9 @@ def _train_clip(config: ClipTrainConfig, world: World, device_name: str, progres
             )
     eval_path = out / "clip_eval.json"
     write_json_atomic(eval_path, evaluation)
+    (out / TRAIN_STATE).unlink(missing_ok=True)  # clip.pt holds the run now
     return ClipTrainResult(
-        out, out / "clip.pt", out / "clip_config.json", eval_path, losses, evaluation, model
+        out, out / "clip.pt", out / "clip_config.json", eval_path, losses, evaluation, model, start
     )
 
 
@@ -361,8 +415,9 @@ def describe(result: ClipTrainResult) -> str:
     ev = result.evaluation
     zs = ev.get("zero_shot")
     acc = ", ".join(f"{k} {v:.2f}" for k, v in zs.items()) if zs else "not evaluated"
+    resumed = f" (resumed at step {result.resumed_at:,})" if result.resumed_at else ""
     return (
-        f"clip: {ev['steps']} steps on {ev['pairs']:,} pairs, "
+        f"clip: {ev['steps']} steps{resumed} on {ev['pairs']:,} pairs, "
         f"loss {ev['loss_first']:.3f} -> {ev['loss_last']:.3f}; "
         f"zero-shot {acc} -> {result.checkpoint}"
     )

@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 from trainers.run_options import check_run_options
-from trainers.runs import RunConfig
+from trainers.runs import DEFAULT_PROMPTS, RunConfig
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,8 @@ class DalleConfig(RunConfig):
     log_every: int = 10  # steps between metrics.jsonl lines
     compile: str | None = None  # torch.compile backend of the training forward (inductor); None: eager
     sample_every: int = 1000  # steps between sample grids (EMA model, sampling defaults), 0: final only
-    samples_per_prompt: int = 4  # grid columns; rows are trainers.runs.DEFAULT_PROMPTS
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS  # sample-grid rows
+    samples_per_prompt: int = 4  # sample-grid columns
     resume: Path | None = None  # checkpoint file or run directory (latest checkpoint) to continue
 
     def validate(self) -> None:
@@ -89,5 +90,6 @@ def sampling_options(config: Any) -> dict[str, Any]:
 # the same dVAE moved (its digest must be the recorded one).
 RESUME_OVERRIDABLE = (
     *("cache", "dvae", "allow_partial", "steps", "checkpoint_every", "log_every", "device", "workers"),
-    *("guidance", "temperature", "top_k", "top_p", "sample_every", "samples_per_prompt", "compile"),
+    *("guidance", "temperature", "top_k", "top_p", "sample_every", "prompts", "samples_per_prompt"),
+    "compile",
 )

@@ -114,7 +114,7 @@ class LoaderConfig:
 class LoaderInfo:
     """What the loader found: for logs and the run's config.json."""
 
-    condition: str
+    condition: str | None  # None: read for its images alone (the autoencoders)
     n_images: int  # images in the sample set
     image_size: int
     dim: int

@@ -53,8 +53,6 @@ class GanConfig(RunConfig):
         from trainers.gan import GAN_SIZES  # torch: validate() runs for a command, not for its --help
 
         check_run_options(self, GAN_SIZES, ("r1_every", self.r1_every, 1), min_batch=2, needs_cache=False)
-        if not self.prompts:
-            raise ConfigError("--prompts: the file has no prompts (one per line)")
         if (
             self.tau <= 0
             or min(self.con_g_weight, self.con_d_weight, self.r1_gamma or 0.0, self.ema_kimg) < 0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline.errors import ConfigError
 from trainers.run_options import check_run_options
-from trainers.runs import RunConfig
+from trainers.runs import DEFAULT_PROMPTS, RunConfig
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,8 @@ class LdmConfig(RunConfig):
     compile: str | None = None  # torch.compile backend of the training forward (inductor); None: eager
     sample_every: int = 1000  # steps between sample grids (EMA model, `guidance`), 0 for the final one only
     sample_steps: int = 25  # Euler steps of the grids
-    samples_per_prompt: int = 4  # grid columns; rows are trainers.runs.DEFAULT_PROMPTS
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS  # sample-grid rows
+    samples_per_prompt: int = 4  # sample-grid columns
     resume: Path | None = None  # checkpoint file or run directory (latest checkpoint) to continue
 
     def validate(self) -> None:
@@ -64,5 +65,6 @@ RESUME_OVERRIDABLE = (
     "guidance",
     "sample_every",
     "sample_steps",
+    "prompts",
     "samples_per_prompt",
 )

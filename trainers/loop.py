@@ -74,8 +74,32 @@ def launch(
         if split_batch:
             world.local_batch(config.batch_size)
         return train(world, device, progress if world.main else None)
+    except BaseException:  # an error, Ctrl-C: a run folder opened for nothing is not left behind
+        discard_empty_runs()
+        raise
     finally:
+        _OPENED.clear()
         close_world(world)
+
+
+_OPENED: list[Path] = []  # the new run directories this process opened (open_run), until launch ends
+EMPTY_RUN_FILES = {"config.json", "pairs.txt", "metrics.jsonl"}  # what a run writes before its first step
+
+
+def discard_empty_runs() -> None:
+    """Remove the run directories this process opened that hold no step's work yet: nothing but what
+    open_run and write_config wrote, and no metrics line. A run stopped after a step keeps its folder
+    (its metrics, samples and checkpoints are what the user looks at). A SIGKILL leaves the folder."""
+    import shutil
+
+    for run_dir in _OPENED:
+        try:
+            files = {p.name: p for p in run_dir.iterdir()}
+            metrics = files.get("metrics.jsonl")
+            if set(files) <= EMPTY_RUN_FILES and (metrics is None or metrics.stat().st_size == 0):
+                shutil.rmtree(run_dir)
+        except OSError:
+            pass  # gone already, or not ours to judge
 
 
 @dataclass(frozen=True)
@@ -186,6 +210,7 @@ def open_run(config: Any, resume: Resume, pair_keys: list[str] | None = None) ->
     resumed checkpoint's, its metrics.jsonl cut back to the checkpoint (the steps after are redone)."""
     if resume.state is None:
         run_dir = new_run_dir(config.out, config.name)
+        _OPENED.append(run_dir)
         write_pairs(run_dir, pair_keys)
         return run_dir
     trim_metrics(resume.path.parent / "metrics.jsonl", resume.step)
@@ -264,8 +289,9 @@ def train_steps(
     """Steps `trainer.step` (0, or where `restore` put a resumed run) to `config.steps` on `trainer.world`'s
     ranks (see the module docstring). `run_dir`: rank 0's (None on the others); a checkpoint holds `record`
     (`checkpoint_record`) and `trainer.state_dict()`, to which `save_checkpoint` adds the step and the RNG
-    states; `advance(rate=, losses=)` at log steps and `advance()` at the others, after each step (a
-    progress bar); `log_rate`: metrics.jsonl lines carry images_per_s."""
+    states; `advance(losses=)` at log steps and `advance()` at the others, after each step (a progress
+    bar, whose rate is its own: steps/s from the first step, in one unit throughout); `log_rate`:
+    metrics.jsonl lines carry images_per_s."""
     from trainers.checkpoints import save_checkpoint
 
     world = trainer.world
@@ -284,7 +310,7 @@ def train_steps(
                 if log is not None:
                     extra = {"images_per_s": trained.images_per_s} if log_rate else {}
                     log_metrics(log, done, trained.losses, **extra)
-                bar_fields = {"rate": f"{trained.images_per_s:,.0f} img/s", "losses": trained.losses}
+                bar_fields = {"losses": trained.losses}
             if advance is not None:
                 advance(**bar_fields)
             trained.step = done

@@ -54,6 +54,8 @@ def check_run_options(
     )
     if not (math.isfinite(config.lr) and config.lr > 0):
         raise ConfigError("--lr must be a positive number")
+    if hasattr(config, "prompts") and not config.prompts:
+        raise ConfigError("--prompts: the file has no prompts (one per line)")
     if not 0.0 <= getattr(config, "paired_fraction", 0.0) <= 1.0:
         raise ConfigError("--paired-fraction must be between 0 and 1")
     for flag, name in RUN_SHARES:

@@ -46,7 +46,7 @@ from trainers.checkpoints import require_same_arch
 from trainers.dalle import DalleTransformer, build_dalle
 from trainers.dalle_config import RESUME_OVERRIDABLE, DalleConfig, sampling_options
 from trainers.distributed import SINGLE, World
-from trainers.runs import DEFAULT_PROMPTS, resolve_run_config, seed_everything, select_device
+from trainers.runs import resolve_run_config, seed_everything, select_device
 
 COND_DROP_STREAM = 31  # SeedSequence tag of the condition-dropout generator (apart from torch's global)
 
@@ -216,7 +216,7 @@ def _run_dalle(config, resume_state, world: World, device_name: str, progress) -
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    grid_h = loop.cache_prompt_grid(clip, device, DEFAULT_PROMPTS, config.samples_per_prompt)  # [P * n, D]
+    grid_h = loop.cache_prompt_grid(clip, device, config.prompts, config.samples_per_prompt)  # [P * n, D]
     seed_everything(config.seed)
     if resume.state is None:
         model = DalleTransformer(
@@ -257,7 +257,7 @@ def _run_dalle(config, resume_state, world: World, device_name: str, progress) -
             )  # [P * n, h*w]
         return decode_tokens(trainer.dvae, grid_tokens)  # [P * n, 3, R, R] uint8
 
-    grid = loop.SampleGrid(draw, list(DEFAULT_PROMPTS), config.samples_per_prompt, config.sample_every)
+    grid = loop.SampleGrid(draw, list(config.prompts), config.samples_per_prompt, config.sample_every)
     record, advance = loop.checkpoint_record("dalle", config, **parts), loop.step_counter(progress)
     trained = loop.train_steps(trainer, batches, config, run_dir, record, grid=grid, advance=advance)
     return DalleResult(run_dir, data=data, vocab=arch["vocab"], **vars(trained))

@@ -235,7 +235,7 @@ def bar_losses(losses: dict[str, float]) -> str:
 @contextlib.contextmanager
 def _progress(total: int, start: int, enabled: bool | Callable[[int], None]):
     """The run's own bar (`pipeline.progress`: live on a terminal, plain lines elsewhere), advanced with
-    `advance(rate=, losses=)` per step; a callable `enabled` is called with 1 per step instead (a
+    `advance(losses=)` per step; a callable `enabled` is called with 1 per step instead (a
     caller's bar)."""
     from pipeline.progress import bar_columns, make_progress
 
@@ -246,12 +246,10 @@ def _progress(total: int, start: int, enabled: bool | Callable[[int], None]):
         yield lambda **fields: None
         return
     with make_progress(*bar_columns("losses")) as bar:
-        task = bar.add_task("gan", total=total, completed=start, rate="", losses="", unit="step")
+        task = bar.add_task("gan", total=total, completed=start, losses="", unit="step")
 
-        def advance(rate: str | None = None, losses: dict[str, float] | None = None) -> None:
-            fields = {"rate": rate} if rate else {}
-            if losses:
-                fields["losses"] = bar_losses(losses)
+        def advance(losses: dict[str, float] | None = None) -> None:
+            fields = {"losses": bar_losses(losses)} if losses else {}
             bar.update(task, advance=1, **fields)
 
         yield advance

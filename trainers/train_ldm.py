@@ -39,7 +39,7 @@ from trainers.checkpoints import require_same_arch
 from trainers.distributed import SINGLE, World
 from trainers.ldm import Dit, flow_loss, ldm_architecture, sample_euler
 from trainers.ldm_config import RESUME_OVERRIDABLE, LdmConfig
-from trainers.runs import DEFAULT_PROMPTS, resolve_run_config, seed_everything, select_device
+from trainers.runs import resolve_run_config, seed_everything, select_device
 
 
 def resolve_config(values: dict[str, Any], resume: Path | str | None = None) -> tuple[LdmConfig, dict | None]:
@@ -166,7 +166,7 @@ def _run_ldm(config, resume_state, world: World, device_name: str, progress) -> 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    grid_h = loop.cache_prompt_grid(clip, device, DEFAULT_PROMPTS, config.samples_per_prompt)  # [P * n, D]
+    grid_h = loop.cache_prompt_grid(clip, device, config.prompts, config.samples_per_prompt)  # [P * n, D]
     seed_everything(config.seed)
     trainer = LdmTrainer(config, arch, vae, device, world)
     trainer.latent_cache = latent_cache
@@ -191,7 +191,7 @@ def _run_ldm(config, resume_state, world: World, device_name: str, progress) -> 
             decoded = trainer.vae.decode(z.float() / arch["latent_scale"]).float()  # [P * n, 3, R, R]
         return ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
-    grid = loop.SampleGrid(draw, list(DEFAULT_PROMPTS), config.samples_per_prompt, config.sample_every)
+    grid = loop.SampleGrid(draw, list(config.prompts), config.samples_per_prompt, config.sample_every)
     advance = loop.step_counter(progress)
     trained = loop.train_steps(trainer, batches, config, run_dir, record, grid=grid, advance=advance)
     return LdmResult(run_dir, data=data, **vars(trained))

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -308,7 +308,8 @@ class VaeResult:
 
 
 def split_cache(config: Any, start_step: int = 0, world: World = SINGLE):
-    """(training loader from step `start_step`, held-out images float [-1, 1] [n, 3, R, R], loader info):
+    """(training loader from step `start_step`, held-out images float [-1, 1] [n, 3, R, R], loader info,
+    whose `condition` is None: an autoencoder reads images alone):
     a fixed seeded `eval_n` of the cache's images are held out (at most half of them). `config`: any
     config with cache, batch_size, seed, allow_partial and eval_n (VaeConfig, dvae_config.DvaeConfig).
     Under torchrun the loader yields this rank's slice of each global batch; every rank holds the same
@@ -318,6 +319,7 @@ def split_cache(config: Any, start_step: int = 0, world: World = SINGLE):
 
     # perturb needs only the embed stage; the conditions are ignored here
     dataset, info = build_dataset(loop.cache_loader_config(config, condition="perturb"))
+    info = replace(info, condition=None)  # so its records (config.json, eval.json) name no condition
     n = len(dataset.rows_idx)
     n_eval = min(config.eval_n, n // 2)
     if n_eval < 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -32,6 +33,39 @@ def test_a_parquet_stage_folder_reads_as_one_table(ran_project, stage, rows):
     ]
 
 
+ROWS = {"embed": 48, "captions": 120, "retrieve": 48, "optimize": 48}
+
+
+def _readme_table_reads() -> list[str]:
+    """The pyarrow and pandas reads the README's "Reading a stage as a table" paragraph shows."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    paragraph = readme[readme.index("**Reading a stage as a table.**") :].split("\n\n")[0]
+    return re.findall(r"`((?:pq\.read_table|pd\.read_parquet)\(.*?\))`", paragraph.replace("\n", " "))
+
+
+def test_every_stage_folder_reads_as_one_table_as_the_readme_shows(ran_project):
+    """Exactly the README's reads, embed's included (its folder also holds the .tar shards). The pandas
+    ones run where pandas is installed (it is no dependency); pandas reads Parquet through pyarrow."""
+    import glob
+    import importlib.util
+
+    reads = {
+        stage: [r for r in _readme_table_reads() if f'cache/{stage}"' in r or f"cache/{stage}/" in r]
+        for stage in ROWS
+    }
+    assert any(r.startswith("pq.") for r in reads["embed"]), "the README shows how to read embed/ as a table"
+    pd = importlib.import_module("pandas") if importlib.util.find_spec("pandas") else None
+    for stage, expressions in reads.items():
+        for expression in expressions:
+            if expression.startswith("pd.") and pd is None:
+                continue
+            table = eval(expression, {"pq": pq, "pd": pd, "glob": glob})  # noqa: S307 (the README's text)
+            assert len(table) == ROWS[stage], expression
+
+
 def test_stats_in_the_old_layout_are_still_read_and_moved_by_the_next_run(ran_project):
     from pipeline.optimize import stage_summary
 
@@ -54,6 +88,65 @@ def test_status_without_a_config_shows_every_stage_with_manifests(ran_project):
     assert "latents/abc123" in stages
 
 
+def _stages(*args) -> dict[str, dict]:
+    return {s["stage"]: s for s in json.loads(_invoke("status", *args, "--json"))}
+
+
+def test_status_without_a_config_sees_new_and_changed_images_from_the_recorded_inputs(
+    ran_project, tmp_path, monkeypatch
+):
+    """`pipeline run` recorded its [embed] inputs in the cache, absolute: status needs no pipeline.toml,
+    from any directory."""
+    from factories import image_bytes, write_tar
+
+    (ran_project / "pipeline.toml").unlink()
+    monkeypatch.chdir(tmp_path)
+    cache = str(ran_project / "cache")
+    stages = _stages("--cache", cache)
+    assert (stages["embed"]["up_to_date"], stages["embed"]["stale"]) == (3, {})
+    assert stages["embed"]["note"] == f"inputs as the last embed run recorded them: {ran_project}/world/*.tar"
+    tar = ran_project / "world" / "00001.tar"
+    os.utime(tar, ns=(tar.stat().st_atime_ns, tar.stat().st_mtime_ns + 10**9))
+    write_tar(
+        ran_project / "world" / "00003.tar",
+        [("new0.jpg", image_bytes()), ("new1.png", image_bytes(fmt="PNG"))],
+    )
+    stages = _stages("--cache", cache)
+    assert stages["embed"]["stale"] == {"1": "inputs changed", "3": "new shard"}
+    assert stages["retrieve"]["stale"] == {"1": "upstream changed: embed", "3": "upstream changed: embed"}
+    assert stages["optimize"]["stale"] == {"1": "upstream changed: embed", "3": "upstream changed: embed"}
+
+
+def test_status_compares_pipeline_tomls_inputs_when_there_is_one(ran_project):
+    toml = ran_project / "pipeline.toml"
+    toml.write_text(toml.read_text().replace('"world/*.tar"', '"world/0000[01].tar"'))
+    stages = _stages()
+    assert stages["embed"]["stale"] == {"2": "inputs changed"} and stages["embed"]["note"] == ""
+
+
+def test_status_of_another_cache_than_pipeline_tomls(ran_project, tmp_path):
+    """An explicit --cache that holds no cache is one line and exit 2, not every shard listed as new; a
+    cache that is not pipeline.toml's says which inputs it is compared with."""
+    output = _invoke("status", "--cache", str(tmp_path), code=2)
+    assert output == (
+        f"error: --cache {tmp_path}: no pipeline cache here (no embed/ folder); "
+        "pipeline.toml's cache is cache\n"
+    )
+    other = tmp_path / "other"
+    shutil.copytree(ran_project / "cache", other)
+    record = json.loads((other / "embed" / "_inputs.json").read_text())
+    (other / "embed" / "_inputs.json").write_text(json.dumps({**record, "inputs": ["/data/elsewhere/*.tar"]}))
+    stages = _stages("--cache", str(other))
+    assert stages["embed"]["note"] == (
+        "inputs from pipeline.toml, whose cache is cache: world/*.tar; this cache was last embedded from "
+        "/data/elsewhere/*.tar"
+    )
+    assert all(not s["stale"] for s in stages.values())  # the same inputs as the toml's own cache, copied
+    assert _invoke("status", "--cache", "./cache/../cache").startswith(
+        "embed "
+    )  # the toml's, spelled otherwise
+
+
 @pytest.mark.parametrize("where", ["missing", "empty"])
 def test_status_of_a_path_that_is_not_a_cache_is_one_line(tmp_path, monkeypatch, where):
     monkeypatch.chdir(tmp_path)
@@ -61,7 +154,9 @@ def test_status_of_a_path_that_is_not_a_cache_is_one_line(tmp_path, monkeypatch,
         (tmp_path / "nocache").mkdir()
     output = _invoke("status", "--cache", "nocache", code=2)
     assert output.startswith("error: --cache nocache: ") and len(output.strip().splitlines()) == 1
-    assert ("no such directory" if where == "missing" else "not a pipeline cache") in output
+    assert (
+        "no such directory" if where == "missing" else "no pipeline cache here (no embed/ folder)"
+    ) in output
 
 
 def _count_hashes(monkeypatch) -> list[str]:

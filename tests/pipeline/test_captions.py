@@ -294,6 +294,19 @@ def test_long_captions_are_counted_as_truncated(cache, tmp_path):
     assert json.loads((cache / "captions" / "_stats" / "00000.json").read_text())["truncated"] == 1
 
 
+def test_truncated_counts_only_this_runs_encoded_captions(cache, tmp_path):
+    """Appending 2 short captions to a corpus holding a long one: the run encoded 2, truncated none."""
+    long = "a very long caption " + " ".join(f"word{i}" for i in range(40))  # > 32 tokens (lafite-tiny)
+    corpus = _corpus(tmp_path / "c.txt", ["short one", long])
+    cap.run_captions(_config(cache, corpus), embedded_clip(cache))
+    _corpus(corpus, ["short one", long, "short two", "short three"])
+    result = cap.run_captions(_config(cache, corpus), embedded_clip(cache))
+    assert result.shards_run == [0]
+    assert (result.summary["encoded"], result.summary["truncated"]) == (2, 0)
+    stats = json.loads((cache / "captions" / "_stats" / "00000.json").read_text())
+    assert (stats["truncated"], stats["encoded_truncated"]) == (1, 0)  # the shard holds one; none new
+
+
 def test_empty_corpus_is_a_config_error(cache, tmp_path):
     corpus = tmp_path / "blank.txt"
     corpus.write_text("\n   \n\t\n")

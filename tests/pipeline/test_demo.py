@@ -102,6 +102,33 @@ def test_demo_reruns_in_its_folder(demo, monkeypatch):
     assert_up_to_date(out, monkeypatch)
 
 
+def test_an_interrupted_demo_resumes_its_clip(tmp_path, monkeypatch):
+    """Ctrl-C in the CLIP's training, after a checkpoint: the rerun continues from it, not from step 0."""
+    import trainers.clip_train as clip_train
+
+    smoke = demo_module.PRESETS["smoke"]
+    monkeypatch.setitem(
+        demo_module.PRESETS, "smoke", {**smoke, "clip": {**smoke["clip"], "checkpoint_every": 4}}
+    )
+    save = clip_train.save_train_state
+
+    def save_then_stop(config, step, *args):
+        save(config, step, *args)
+        if step == 8:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(clip_train, "save_train_state", save_then_stop)
+    stopped = run_demo(tmp_path / "demo")
+    assert stopped.exit_code == 130, stopped.output  # as Ctrl-C
+    monkeypatch.setattr(clip_train, "save_train_state", save)
+    result = run_demo(tmp_path / "demo")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"^demo 2/4 clip: 10 steps \(resumed at step 8\) -> ", result.output, re.M), (
+        result.output
+    )
+    assert not (tmp_path / "demo" / "clip" / "train_state.pt").exists()
+
+
 def test_demo_bad_preset_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--preset", "huge"])
     assert result.exit_code == 2 and "--preset" in result.output

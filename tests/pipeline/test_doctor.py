@@ -1,12 +1,15 @@
 """`pipeline doctor`: its fields, the --json form, and exit 1 when something the config needs is missing.
 
 The machine is made what each test needs by monkeypatching doctor's probes (`package_version`,
-`cuda_devices`, the local-weights lookup), never by uninstalling anything.
+`cuda_devices`, the local-weights lookup, the hub probe, the load average), never by uninstalling anything.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
 import sys
 
 import pytest
@@ -15,22 +18,26 @@ from typer.testing import CliRunner
 
 import pipeline.clip
 import pipeline.doctor as doctor
+from pipeline import processes
 from pipeline.cli import app
 
 FIELDS = ["torch", "CUDA", "triton", "faiss", "open_clip", "dask", "pyarrow", "cpu", "kernel self-check"]
 FIELDS += ["faiss-gpu", "threads", "embed workers", "CLIP weights"]
 TINY_TOML = f'[embed]\nclip_model = "{TINY_CLIP}"\nclip_pretrained = ""\n'
+HUB_PROBE = pipeline.clip.offline_reason  # the real one, which `machine` replaces
 
 
 @pytest.fixture
 def machine(tmp_path, monkeypatch):
-    """A CPU machine, online as far as the environment says, in an empty project folder."""
+    """A quiet CPU machine whose hub answers (HF_HUB_OFFLINE unset), in an empty project folder."""
     from huggingface_hub import constants
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(doctor, "cuda_devices", lambda: [])
+    monkeypatch.setattr(processes, "load_average", lambda: 0.3)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(pipeline.clip, "offline_reason", lambda url=None: None)
     return tmp_path
 
 
@@ -107,16 +114,11 @@ def test_cuda_asked_for_but_absent_exits_1(machine):
     assert result.stderr.strip() == "doctor: missing [embed] device, [retrieve] index"
 
 
-def test_clip_weights_come_from_the_local_cache_only(machine, monkeypatch, tmp_path):
-    def offline(*args, **kwargs):
-        raise AssertionError("doctor must not ask the network")
+def test_clip_weights_on_disk_or_not_needed_never_ask_the_hub(machine, monkeypatch, tmp_path):
+    def probe(url=None):
+        raise AssertionError("asked the hub")
 
-    monkeypatch.setattr(pipeline.clip, "_offline_reason", offline)
-    monkeypatch.setattr(pipeline.clip, "cached_weights_file", lambda name, tag: None)
-    assert doctor.clip_weights_check("ViT-B-32", "auto").status == "warn"  # online: embed downloads them
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    missing = doctor.clip_weights_check("ViT-B-32", "auto")
-    assert missing.status == "missing" and "HF_HUB_OFFLINE" in missing.value
+    monkeypatch.setattr(pipeline.clip, "offline_reason", probe)
     weights = tmp_path / "open_clip_model.safetensors"
     monkeypatch.setattr(pipeline.clip, "cached_weights_file", lambda name, tag: weights)
     assert doctor.clip_weights_check("ViT-B-32", "openai").status == "ok"
@@ -124,6 +126,124 @@ def test_clip_weights_come_from_the_local_cache_only(machine, monkeypatch, tmp_p
     assert doctor.clip_weights_check(TINY_CLIP, "auto").status == "warn"  # random weights by default
     assert doctor.clip_weights_check(TINY_CLIP, "missing.pt").status == "missing"
     assert doctor.clip_weights_check("no-such-model", "auto").status == "missing"
+
+
+def test_clip_weights_the_hub_cannot_give_are_missing_with_the_file_to_download(machine, monkeypatch):
+    """Not on disk and the hub unreachable: `missing` and exit 1, as `pipeline embed` would fail, with the
+    file and repo the embed error names; when the hub answers, a warning that the first embed downloads."""
+    probes = []
+
+    def unreachable(url=None):
+        probes.append(url)
+        return "huggingface.co cannot be reached (Name or service not known)"
+
+    monkeypatch.setattr(pipeline.clip, "cached_weights_file", lambda name, tag: None)
+    monkeypatch.setattr(pipeline.clip, "offline_reason", unreachable)
+    result = invoke("doctor", "--json")
+    assert result.exit_code == 1 and result.stderr.strip() == "doctor: missing CLIP weights"
+    check = checks_of(result)["CLIP weights"]
+    assert check["status"] == "missing" and check["value"].endswith(
+        "huggingface.co cannot be reached (Name or service not known)"
+    )
+    assert check["hint"] == pipeline.clip.offline_fix("ViT-B-32", "openai")
+    assert (
+        "open_clip_model.safetensors from the Hugging Face repo timm/vit_base_patch32_clip_224.openai"
+        in check["hint"]
+    )
+    assert probes == [None]  # once, for the hub (not a URL-only tag)
+    monkeypatch.setattr(pipeline.clip, "offline_reason", lambda url=None: None)
+    online = doctor.clip_weights_check("ViT-B-32", "auto")
+    assert online.status == "warn" and "the first embed downloads them" in online.value
+
+
+def test_doctor_probes_the_hub_with_one_connect_and_not_under_hf_hub_offline(machine, monkeypatch):
+    """The real probe: one connection attempt (at an address nothing listens on), none with HF_HUB_OFFLINE."""
+    from huggingface_hub import constants
+
+    connects = []
+
+    def refuse(sock, address):
+        connects.append(address)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(pipeline.clip, "offline_reason", HUB_PROBE)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(machine / "empty-hub"))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    result = invoke("doctor", "--json")
+    assert result.exit_code == 1 and result.stderr.strip() == "doctor: missing CLIP weights"
+    assert "127.0.0.1 cannot be reached (Connection refused)" in checks_of(result)["CLIP weights"]["value"]
+    assert connects == [("127.0.0.1", 9)]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = doctor.clip_weights_check("ViT-B-32", "auto")
+    assert offline.status == "missing" and offline.value.endswith(
+        "not in the local cache, and HF_HUB_OFFLINE is set"
+    )
+    assert connects == [("127.0.0.1", 9)]
+
+
+def test_threads_follow_the_load_and_warn_when_a_count_was_forced(machine, monkeypatch):
+    """On 2 CPUs at load 7.8 a command starts 1 torch thread (pipeline.processes.default_threads) and says
+    why; --threads 2 or OMP_NUM_THREADS=2 keeps 2, which wait for each other behind the other jobs: a
+    warning naming --threads 1."""
+    monkeypatch.setattr(processes, "available_cpus", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(processes, "_own_load", lambda: 0.0)
+    monkeypatch.setattr(processes, "_explicit_threads", lambda: None)
+    monkeypatch.setattr(processes, "load_average", lambda: 7.8)
+    busy = doctor.thread_checks({})[0]
+    assert busy.status == "ok", busy
+    assert busy.value == (
+        "1 torch thread(s) (2 CPUs, and a load average of 7.8 says other jobs keep 1 busy; --threads N "
+        "chooses); load 7.8 on 2 CPUs"
+    )
+    monkeypatch.setattr(processes, "_explicit_threads", lambda: 2)  # --threads 2 or OMP_NUM_THREADS=2
+    forced = doctor.thread_checks({})[0]
+    assert forced.status == "warn" and "--threads 1" in forced.hint
+    assert forced.value.endswith("load 7.8 on 2 CPUs: a command would still start 2")
+    monkeypatch.setattr(processes, "_explicit_threads", lambda: None)
+    monkeypatch.setattr(processes, "load_average", lambda: 0.4)
+    quiet = doctor.thread_checks({})[0]
+    assert quiet.status == "ok" and quiet.value == (
+        "2 torch thread(s) (the CPUs this process may use); load 0.4 on 2 CPUs"
+    )
+
+
+def test_faiss_is_not_imported_without_a_cuda_device(machine, monkeypatch):
+    import pipeline.faiss_index
+
+    def faiss_gpus():
+        raise AssertionError("faiss imported to find no GPU")
+
+    monkeypatch.setattr(pipeline.faiss_index, "faiss_gpus", faiss_gpus)
+    assert doctor.faiss_gpu_check().status == "n/a"
+
+
+def test_doctor_in_a_fresh_process_imports_no_clip_model_code(tmp_path):
+    """open_clip's model code (torchvision, timm, torch._dynamo) took 2.9-5.4 s of doctor's 6.6-8.9 s on 2
+    busy cores; the weights check needs only open_clip's table of tags."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), HF_HUB_CACHE=str(tmp_path / "hf" / "hub"))
+    env["OMP_NUM_THREADS"] = "1"
+    code = (
+        "import sys\nfrom pipeline.cli import main\nsys.argv[0] = 'pipeline'\ntry:\n    main()\nfinally:\n"
+        "    print([m for m in ('open_clip', 'torchvision', 'timm', 'faiss') if m in sys.modules])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, "doctor"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1 and done.stderr.strip() == "doctor: missing CLIP weights", (
+        done.stdout + done.stderr
+    )
+    assert "HF_HUB_OFFLINE is set" in done.stdout
+    assert done.stdout.splitlines()[-1] == ("['faiss']" if doctor.cuda_devices() else "[]")
 
 
 def test_cache_summary_counts_each_stage(machine, tmp_path_factory):

@@ -344,7 +344,7 @@ def test_crash_while_writing_leaves_no_partial_file(image_folder, tmp_path, monk
     monkeypatch.setattr(embed_writer.EmbedShardWriter, "write", crash_mid_shard)
     with pytest.raises(KeyboardInterrupt):
         run_embed(_config([image_folder], cache))
-    assert sorted(p.name for p in (cache / "embed").iterdir()) == ["_plan.json"]
+    assert sorted(p.name for p in (cache / "embed").iterdir()) == ["_inputs.json", "_plan.json"]
     monkeypatch.setattr(embed_writer.EmbedShardWriter, "write", real_write)
     assert run_embed(_config([image_folder], cache)).rows_written == 6
 

@@ -176,7 +176,7 @@ def test_status_verify_sees_bit_rot_and_run_verify_repairs_it(project):
     verified = {s["stage"]: s for s in json.loads(_cli("status", "--json", "--verify"))}
     assert verified["embed"]["stale"] == {"1": "output damaged (content digest differs): embed/00001.parquet"}
     output = _cli("run", "--verify")
-    assert "embed: 1 shard(s) made, 2 up to date" in output
+    assert "embed: 1 shard(s) made (00001 identical to before), 2 up to date" in output  # as committed
     assert sidecar.read_bytes() == good  # remade from the inputs, byte-identical
     assert not _status()["embed"]["stale"]
 

@@ -238,3 +238,57 @@ def test_idle_openmp_threads_spin_briefly_unless_the_user_chose(torch_threads, m
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     processes.start_threads(None)
     assert "GOMP_SPINCOUNT" not in os.environ
+
+
+@pytest.mark.parametrize(
+    ("cpus", "machine", "load", "threads"),
+    [(2, 2, 0.3, 2), (2, 2, 1.0, 1), (2, 2, 7.8, 1), (16, 16, 4.2, 12), (4, 64, 32.0, 2), (1, 2, 9.0, 1)],
+)
+def test_the_default_threads_leave_the_cpus_other_jobs_keep_busy(monkeypatch, cpus, machine, load, threads):
+    """The load average counts every CPU of the machine: a process given 4 of 64 by a quota counts its
+    share of the load (32 * 4 / 64 = 2 busy)."""
+    monkeypatch.setattr(processes, "available_cpus", lambda: cpus)
+    monkeypatch.setattr(os, "cpu_count", lambda: machine)
+    monkeypatch.setattr(processes, "load_average", lambda: load)
+    monkeypatch.setattr(processes, "_own_load", lambda: 0.0)
+    chosen, why = processes.default_threads()
+    assert chosen == threads
+    assert ("load average" in why) == (threads < cpus), why
+
+
+def test_a_process_does_not_count_its_own_load_as_other_jobs(monkeypatch):
+    """A test session runs many commands in one busy process: its own share is not another job."""
+    monkeypatch.setattr(processes, "available_cpus", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(processes, "load_average", lambda: 1.0)
+    monkeypatch.setattr(processes, "_own_load", lambda: 0.95)
+    assert processes.default_threads()[0] == 2
+    assert 0.0 <= processes._own_load() <= 2.0  # the real one reads /proc: CPU seconds over age >= 60 s
+
+
+def test_a_busy_machine_lowers_a_commands_threads_and_its_first_bar_says_why(torch_threads, monkeypatch):
+    from pipeline import progress
+
+    monkeypatch.setattr(processes, "available_cpus", lambda: 2)
+    monkeypatch.setattr(processes, "_affinity_cpus", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(processes, "load_average", lambda: 1.9)
+    monkeypatch.setattr(processes, "_own_load", lambda: 0.0)
+    said = []
+    monkeypatch.setattr(progress, "print_line", said.append)
+    torch.set_num_threads(2)
+    assert processes.start_threads(None) == 1 == torch.get_num_threads()
+    assert os.environ["OMP_NUM_THREADS"] == "1"  # the processes it starts inherit it
+    with progress.progress_bar("embed", total=2):
+        pass
+    with progress.progress_bar("optimize", total=2):
+        pass
+    assert said == [
+        "threads: 1 torch thread(s) (2 CPUs, and a load average of 1.9 says other jobs keep 1 busy; "
+        "--threads N chooses)"
+    ]  # once, at the first bar
+    said.clear()
+    assert processes.start_threads(2) == 2  # asked for: kept, and nothing to say
+    with progress.progress_bar("embed", total=2):
+        pass
+    assert said == []

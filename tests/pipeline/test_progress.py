@@ -61,6 +61,55 @@ def test_off_a_terminal_lines_come_every_n_seconds_and_at_the_end(monkeypatch):
     assert lines[-1].startswith("optimize: 60 img,"), lines
 
 
+def test_the_rate_and_eta_start_after_the_first_step_not_at_start_up(monkeypatch):
+    """A run whose start-up (a model, the first batch) is long beside its steps: the first line has no
+    ETA rather than one counting start-up as work (`clip: 1/3,000 step, eta 5 days`), and the next lines
+    give the rate of the steps alone."""
+    console = plain_console(monkeypatch)
+    clock = [100.0]
+    with progress.make_progress(*progress.bar_columns("drops"), get_time=lambda: clock[0]) as bar:
+        task = bar.add_task("clip", total=3000, drops="", unit="step")
+        clock[0] += 60.0  # start-up
+        bar.update(task, advance=1)
+        for _ in range(2):
+            clock[0] += 40.0  # steps slower than rich's 30 s speed window: its estimate has one sample
+            bar.update(task, advance=1)
+    lines = lines_of(console)
+    assert lines[0] == "clip: 1/3,000 step (0%), elapsed 0:01:00", lines
+    assert lines[1] == "clip: 2/3,000 step (0%), 0.025 step/s, elapsed 0:01:40, eta 1 day, 9:18:40", lines
+
+
+def test_a_gan_bar_keeps_one_unit_from_start_to_end(monkeypatch, tmp_path):
+    """The GAN's bar driven by the trainers' step loop as run_gan drives it: its rate stays in steps/s
+    (it once switched to the loop's img/s at the first log step)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from trainers.distributed import SINGLE
+    from trainers.loop import train_steps
+    from trainers.train_gan import _progress
+
+    class Trainer:
+        step, world = 0, SINGLE
+
+        def train_step(self, batch):
+            time.sleep(0.01)
+            return {"loss_g": torch.tensor(1.0), "loss_d": torch.tensor(2.0)}
+
+        def state_dict(self):
+            return {}
+
+    console = plain_console(monkeypatch)
+    config = SimpleNamespace(steps=30, log_every=10, checkpoint_every=0)
+    batches = iter(lambda: {"image": torch.zeros(4, 3, 8, 8)}, None)
+    with _progress(config.steps, 0, True) as advance:
+        train_steps(Trainer(), batches, config, tmp_path, {}, advance=advance)
+    lines = lines_of(console)
+    rates = [re.search(r", ([\d.,]+ [\w/]+), elapsed", line) for line in lines[1:]]
+    assert len(rates) >= 2 and all(r and r.group(1).endswith(" step/s") for r in rates), lines
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Every training bar, driven to mid-run with its widest realistic fields
 # ---------------------------------------------------------------------------------------------------------
@@ -82,8 +131,7 @@ def drive_gan():
     with _progress(20000, 12000, True) as advance:
         for i in range(345):
             losses = {"loss_g": 1.234, "loss_d": 0.567, "con_g": 12.3, "con_d": 4.56, "r1": 0.01}
-            fields = {"rate": "1,234 img/s", "losses": losses}  # as run_gan passes them
-            advance(**(fields if i % 10 == 0 else {}))
+            advance(**({"losses": losses} if i % 10 == 0 else {}))  # as run_gan passes them
             if i == 100:
                 time.sleep(0.05)
         yield
@@ -98,7 +146,9 @@ def drive_compare():
         update(steps=12000)
         time.sleep(0.05)
         update(steps=345)
-        update(runs=3)
+        update(runs=2)
+        time.sleep(0.05)
+        update(runs=1)
         update(status="optimize-s2: train")
         yield
 

@@ -116,6 +116,36 @@ def test_each_change_reruns_exactly_what_it_requires(project, world_template):
     assert _made(_cli("run")) == {"embed": 0, "captions": 1, "index": True, "retrieve": 4, "optimize": 4}
 
 
+def _line(output: str, start: str) -> str:
+    """The summary line starting with `start` (not a progress bar's)."""
+    return next(line for line in output.splitlines() if line.startswith(start) and "elapsed" not in line)
+
+
+def test_run_prints_the_report_each_stage_command_prints(project):
+    """One report per stage: `pipeline run`'s lines are the stage commands' (optimize's cos/InfoNCE line)."""
+    ran = _cli("run")
+    assert "InfoNCE" in _line(ran, "  cos(image, pseudo)")
+    optimized = _cli("optimize")  # pipeline.toml's [optimize] section, as `pipeline run` reads it
+    noop = _cli("run")
+    assert _line(noop, "  cos(image, pseudo)") == _line(optimized, "  cos(image, pseudo)")
+    assert _line(noop, "optimize: ").split(";")[:2] == _line(optimized, "optimize: ").split(";")[:2]
+    embedded = _cli("embed", "world/*.tar")
+    assert _line(noop, "embed: ").split(";")[:2] == _line(embedded, "embed: ").split(";")[:2]
+
+
+def test_a_shard_remade_byte_identical_says_why_downstream_is_up_to_date(project):
+    _cli("run")
+    tar = project / "world" / "00001.tar"
+    st = tar.stat()
+    os.utime(tar, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: same bytes, new mtime
+    output = _cli("run")
+    note = "(embed shard 00001 remade with identical outputs)"
+    assert _line(output, "embed: ").startswith("embed: 1 shard(s) made (00001 identical to before), 2 up to")
+    assert _line(output, "retrieve: ").startswith(f"retrieve: 0 shard(s) made, 3 up to date {note};")
+    assert _line(output, "optimize: ").startswith(f"optimize: 0 shard(s) made, 3 up to date {note};")
+    assert note not in _cli("run"), "said once, by the run that remade it"
+
+
 def test_status_reports_altered_and_missing_outputs(project):
     _cli("run")
     (project / "cache" / "retrieve" / "00002.parquet").unlink()

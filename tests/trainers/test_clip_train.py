@@ -198,3 +198,48 @@ def test_the_stream_recipe_at_test_size_lowers_the_loss_and_beats_chance_on_colo
     assert ev["training_data"]["first_index"] == PRETRAIN_INDEX
     slots = ev["zero_shot_two_objects"]
     assert slots["n_images"] > 20 and set(slots["object_1"]) == set(ATTRIBUTES)
+
+
+def test_a_stopped_run_resumes_to_the_weights_of_a_run_never_stopped(world, tmp_path):
+    """Checkpointed every 2 steps and stopped (Ctrl-C) in step 4: --resume redoes steps 3-4 from the state
+    saved after step 2, and ends with every weight equal to the run that was never stopped."""
+    base = dict(data=(str(world / "*.tar"),), size="tiny", steps=5, batch_size=16, warmup=1, eval_n=0)
+    base.update(device="cpu", checkpoint_every=2)
+    straight = train_clip(ClipTrainConfig(out=tmp_path / "straight", **base))
+    assert not (tmp_path / "straight" / "train_state.pt").exists()  # removed once clip.pt is written
+
+    def stop_in_step_4(n, steps=[]):  # noqa: B006 - counts the calls
+        steps.append(n)
+        if len(steps) == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_clip(ClipTrainConfig(out=tmp_path / "stopped", **base), stop_in_step_4)
+    saved = torch.load(tmp_path / "stopped" / "train_state.pt", weights_only=True)
+    assert saved["step"] == 4 and not (tmp_path / "stopped" / "clip.pt").exists()
+
+    advanced = []
+    resumed = train_clip(ClipTrainConfig(out=tmp_path / "stopped", resume=True, **base), advanced.append)
+    assert advanced == [4, 1]  # the bar continues from the saved step
+    assert resumed.losses == pytest.approx(straight.losses, abs=0, rel=0)
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+
+def test_resuming_with_other_learnt_settings_is_one_line(world, tmp_path):
+    base = dict(data=(str(world / "*.tar"),), size="tiny", batch_size=16, eval_n=0, device="cpu")
+    args = ["clip", "--data", str(world / "*.tar"), "--size", "tiny", "--batch-size", "16"]
+    args += ["--eval-n", "0", "--device", "cpu", "--out", str(tmp_path), "--checkpoint-every", "1"]
+    with pytest.raises(KeyboardInterrupt):
+        train_clip(
+            ClipTrainConfig(out=tmp_path, steps=3, checkpoint_every=1, **base),
+            lambda n: (_ for _ in ()).throw(KeyboardInterrupt),
+        )
+    result = runner.invoke(app, [*args, "--steps", "4", "--resume"])
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        f"error: --resume: {tmp_path / 'train_state.pt'} was trained with steps 3 (now 4); give the same "
+        "options, or --force without --resume to start over"
+    )
+    result = runner.invoke(app, [*args, "--steps", "3", "--resume"])
+    assert result.exit_code == 0, result.output

@@ -221,7 +221,8 @@ def test_cli_trains_samples_and_evaluates(world, tmp_path):
     cache, dvae = world
     base = ["dalle", "--cache", cache, "--dvae", dvae.parent, "--out", tmp_path, "--size", "tiny"]
     args = base + ["--steps", 2, "--batch-size", 4, "--condition", "caption", "--paired-limit", 3]
-    args += ["--device", "cpu", "--top-k", 8, "--sample-every", 0]
+    args += ["--device", "cpu", "--top-k", 8, "--sample-every", 0, "--prompts", tmp_path / "prompts.txt"]
+    (tmp_path / "prompts.txt").write_text("a photo of my cat\n")
     result = runner.invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     run = tmp_path / "000-dalle"
@@ -229,6 +230,7 @@ def test_cli_trains_samples_and_evaluates(world, tmp_path):
     assert str(run / "0000002.pt") in result.output
     config = json.loads((run / "config.json").read_text())
     assert config["top_k"] == 8 and config["data"]["n_images"] == 3 and config["dvae"] == str(dvae.parent)
+    assert config["prompts"] == ["a photo of my cat"]  # the sample grid's one row
     files = {p.name for p in run.iterdir()}
     assert {"0000002.pt", "samples-0000002.png", "config.json", "pairs.txt"} <= files
     again = runner.invoke(app, ["dalle", "--resume", str(run)])

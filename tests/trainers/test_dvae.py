@@ -117,6 +117,7 @@ def test_training_lowers_the_loss_and_beats_the_mean_image_on_held_out_images(tr
     assert lines[-1]["tau"] == pytest.approx(1 / 16) and lines[-1]["kl_beta"] == pytest.approx(0.02)
     report = json.loads((trained.run_dir / "eval.json").read_text())
     assert report["n_eval"] == 4 and report["training_data"]["n_train"] == 12
+    assert report["training_data"]["condition"] is None  # a dVAE reads images alone
     # hard-code reconstructions of images never trained on beat the best constant image by dBs
     assert report["psnr_db"] > report["mean_image_psnr_db"] + 2.0, report
     assert 1.0 <= report["perplexity"] <= 64 and report["vocab_size"] == 64

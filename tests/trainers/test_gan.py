@@ -265,6 +265,32 @@ def test_run_dirs_are_numbered(tmp_path):
         new_run_dir(tmp_path, "../escape")
 
 
+def test_a_run_stopped_before_its_first_step_leaves_no_run_folder(tmp_path, monkeypatch):
+    """Ctrl-C (or an error) in its first step: the numbered folder the run opened is removed, so the next
+    run takes its number; one stopped after a step keeps its folder, metrics and all."""
+    from trainers.train_gan import GanTrainer
+
+    step = GanTrainer.train_step
+
+    def stop_at(n):
+        def train_step(self, batch):
+            if self.step == n:
+                raise KeyboardInterrupt
+            return step(self, batch)
+
+        monkeypatch.setattr(GanTrainer, "train_step", train_step)
+
+    stop_at(0)
+    with pytest.raises(KeyboardInterrupt):
+        run_gan(tiny_config(tmp_path, steps=3, log_every=1), fake_source(), progress=False)
+    assert list((tmp_path / "runs").iterdir()) == []
+    stop_at(1)
+    with pytest.raises(KeyboardInterrupt):
+        run_gan(tiny_config(tmp_path, steps=3, log_every=1), fake_source(), progress=False)
+    (kept,) = (tmp_path / "runs").iterdir()
+    assert kept.name == "000-gan" and (kept / "metrics.jsonl").read_text().count("\n") == 1
+
+
 def test_resume_refuses_a_changed_architecture(tmp_path):
     result = run_gan(tiny_config(tmp_path, steps=1), fake_source(), progress=False)
     with pytest.raises(ConfigError, match="--size small: the checkpoint was trained with tiny"):

@@ -229,6 +229,8 @@ def _user_error(args, message):
 def test_cli_trains_and_errors_are_one_line(world, tmp_path):
     cache, vae = world
     base = ["ldm", "--cache", cache, "--vae", vae, "--out", tmp_path, "--size", "tiny", "--device", "cpu"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# the grid's rows\na photo of my cat\n\na photo of my dog\n")
     result = runner.invoke(
         app,
         [
@@ -244,12 +246,15 @@ def test_cli_trains_and_errors_are_one_line(world, tmp_path):
                 "--paired-limit",
                 3,
                 "--allow-partial",
+                "--prompts",
+                prompts,
             ]
         ],
     )
     assert result.exit_code == 0, result.output
     assert "ldm: step 1" in result.output and "(3 pairs)" in result.output
     config = json.loads((tmp_path / "000-ldm" / "config.json").read_text())
+    assert config["prompts"] == ["a photo of my cat", "a photo of my dog"]  # the sample grid's rows
     assert config["allow_partial"] is True and config["data"]["partial"] is False  # the cache is whole
     assert config["data"]["n_images"] == 3 and config["data"]["shards"] == {"embed": [0, 1]}
     assert {"0000001.pt", "samples-0000001.png", "config.json"} <= {
@@ -260,7 +265,7 @@ def test_cli_trains_and_errors_are_one_line(world, tmp_path):
     _user_error(base + ["--condition", "perturb", "--init", vae], "--init")
     _user_error(["ldm", "--cache", cache, "--vae", tmp_path / "none.pt", "--out", tmp_path], "--vae")
     _user_error(["ldm", "--resume", tmp_path / "missing.pt"], "--resume")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["000-ldm"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000-ldm", "prompts.txt"]
 
 
 def test_config_replace_keeps_validation():

@@ -106,6 +106,7 @@ def test_cli_trains_checkpoints_and_reports_held_out_psnr(cache, tmp_path):
     assert data["n_images"] == 16 and data["partial"] is False and data["shards"] == {"embed": [0, 1]}
     assert config["allow_partial"] is True
     assert report["training_data"] == data  # eval.json keeps the same record of the rows
+    assert data["condition"] is None  # an autoencoder reads images alone: no condition to record
     model, ckpt = load_vae(run)
     assert ckpt["step"] == 2 and ckpt["arch"]["resolution"] == 32 and not model.training
 
