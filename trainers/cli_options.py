@@ -60,6 +60,10 @@ def defaults_from(config: str) -> type[TyperCommand]:
 
 
 RUNS_HELP = "Runs directory; the run goes to OUT/{idx:03d}-{name}/."
+# Each --size help ends with what a step of each size costs (benchmarks/bench_sizes.py, BENCHMARKS.md)
+STEP_COST = (
+    " Seconds per step on 2 quiet CPU cores at the default batch, measured (README, what a step costs): "
+)
 CHECKPOINTS_HELP = "Steps between checkpoints (0: end only)."
 NAME_HELP = "Run name."
 BATCH_HELP = "Images per step."

@@ -24,7 +24,7 @@ class DalleConfig(RunConfig):
     dvae: Path | None = None  # `trainers dvae` checkpoint (or run dir: its latest), frozen
     out: Path = Path("runs")  # the run goes to OUT/{idx:03d}-{name}/
     name: str = "dalle"  # run name (a folder name)
-    size: str = "small"  # DALLE_SIZES entry: tiny (tests), small, base
+    size: str = "small"  # DALLE_SIZES entry: tiny, mini (the CPU size), small, base
     condition: str = "optimize"  # conditioning source: optimize, retrieve, perturb, caption
     steps: int = 50_000  # total optimisation steps; a resumed run continues up to this
     batch_size: int = 64  # images per step

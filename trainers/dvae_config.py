@@ -22,7 +22,7 @@ class DvaeConfig(RunConfig):
     cache: Path | None = None  # feature cache (its images); on --resume the checkpoint's unless given
     out: Path = Path("runs")  # the run goes to OUT/{idx:03d}-{name}/
     name: str = "dvae"  # run name (a folder name)
-    size: str = "small"  # DVAE_SIZES entry: tiny (tests), small (x4), small8 (x8)
+    size: str = "small"  # DVAE_SIZES entry: tiny (x4, 64 codes), small (x4), small8 (x8)
     steps: int = 20_000  # total optimisation steps; a resumed run continues up to this
     batch_size: int = 32  # images per step (the global batch under torchrun, split between the ranks)
     lr: float = 1e-3  # Adam learning rate

@@ -21,7 +21,7 @@ class GanConfig(RunConfig):
     cache: Path | None = None  # feature cache (read-only); on --resume the checkpoint's unless given
     out: Path = Path("runs")  # the run goes to OUT/{idx:03d}-{name}/
     name: str = "gan"  # run name (a folder name)
-    size: str = "small"  # GAN_SIZES entry: tiny (tests, 32 px), small (64 px), base (128-256 px)
+    size: str = "small"  # GAN_SIZES entry: tiny (32 px; the CPU size), small (64 px), base (128-256 px)
     condition: str = "optimize"  # conditioning source: optimize, retrieve, perturb, caption
     steps: int = 20_000  # total optimisation steps; a resumed run continues up to this
     batch_size: int = 32  # images per step (InfoNCE contrasts within the batch: at least 2)

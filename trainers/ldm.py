@@ -35,7 +35,7 @@ class DitSize:
 
 
 LDM_SIZES: dict[str, DitSize] = {
-    "tiny": DitSize(2, 64, 2, 2),  # tests
+    "tiny": DitSize(2, 64, 2, 2),  # the CPU size (compare's cpu preset) and the tests
     "S": DitSize(12, 384, 6, 2),  # DiT-S/2, ~33M parameters
     "B": DitSize(12, 768, 12, 2),  # DiT-B/2, ~130M parameters
 }

@@ -22,7 +22,7 @@ class LdmConfig(RunConfig):
     vae: Path | None = None  # `trainers vae` checkpoint (or run dir: its latest), frozen
     out: Path = Path("runs")  # the run goes to OUT/{idx:03d}-{name}/
     name: str = "ldm"  # run name (a folder name)
-    size: str = "S"  # LDM_SIZES entry: tiny (tests), S, B
+    size: str = "S"  # LDM_SIZES entry: tiny (32 px; the CPU size), S, B
     condition: str = "optimize"  # conditioning source: optimize, retrieve, perturb, caption
     steps: int = 50_000  # total optimisation steps; a resumed run continues up to this
     batch_size: int = 64  # images per step

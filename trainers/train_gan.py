@@ -37,7 +37,7 @@ from pipeline.errors import ConfigError
 from trainers import loop
 from trainers.checkpoints import require_same_arch
 from trainers.distributed import SINGLE, World
-from trainers.gan import architecture, build_models
+from trainers.gan import architecture, build_models, check_size_fits
 from trainers.gan_config import RESUME_OVERRIDABLE, GanConfig
 from trainers.gan_source import DataSource, cache_source, data_record, first_batch_shape
 from trainers.runs import resolve_run_config, seed_everything, select_device
@@ -284,6 +284,8 @@ def _run_gan(config, source, resume_state, world: World, device_name: str, progr
         resolution, h_dim = first_batch_shape(first)
         loop.check_condition_dim(config.cache, h_dim, source.h_dim)
         arch = architecture(config.size, resolution, h_dim)
+        if world.main:
+            check_size_fits(config.size, resolution)
         if init_state is not None:
             hint = "use a checkpoint trained with the same --size on a cache of the same image size and CLIP"
             require_same_arch(init_path, init_state["arch"], arch, sorted(arch), hint)

@@ -56,7 +56,7 @@ class VaeSize:
 
 
 VAE_SIZES: dict[str, VaeSize] = {
-    "tiny": VaeSize((8, 16, 16)),  # tests: a few thousand parameters
+    "tiny": VaeSize((8, 16, 16)),  # the CPU size (compare's cpu preset) and the tests; 30k parameters
     "small": VaeSize((32, 64, 128)),  # 32-64 px synthetic world
 }
 DOWNSAMPLE = 4  # latent side = image side / 4

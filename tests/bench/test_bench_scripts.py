@@ -179,3 +179,49 @@ def test_bench_train_times_whole_runs_at_one_and_two_processes(results_dir, caps
     assert [(r["model"], r["nproc"], r["batch"]) for r in rows] == [("gan", "1", "8"), ("gan", "2", "8")]
     assert rows[0]["scaling"] == "1.00" and float(rows[1]["images_per_s"]) > 0
     assert "efficiency" in capsys.readouterr().out
+
+
+def test_bench_sizes_prints_a_row_per_family_at_the_tiny_sizes(results_dir, capsys):
+    bench = load_script("bench_sizes")
+    families = ["gan", "vae", "ldm", "dvae", "dalle", "clip"]
+    args = ["--families", ",".join(families), "--sizes", "tiny", "--steps", "1", "--batch", "4", "--no-csv"]
+    rows = bench.main([*args, "--in-process"])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["family", "size"])
+    table = [line.split() for line in lines[header + 1 :] if line.strip()]
+    assert [(cells[0], cells[1]) for cells in table] == [(f, "tiny") for f in families]
+    assert "ESTIMATE" in out
+    assert all(float(r["gflop_step"]) > 0 and float(r["cpu_s_step"]) > 0 for r in rows)  # both counted
+    assert not list(results_dir.glob("*.csv"))  # --no-csv wrote nothing
+    with pytest.raises(SystemExit):
+        bench.main(["--families", "gan,diffusion", "--no-csv"])
+
+
+def test_bench_sizes_runs_a_row_per_interpreter_and_reports_one_out_of_memory():
+    bench = load_script("bench_sizes")
+    case = bench.Case("dvae", "tiny", 32, 4, "")
+    row = bench.run_isolated(case, bench.parse_args(["--steps", "1"]))
+    assert row["status"] == "ok" and row["steps"] == 1 and float(row["peak_rss_gib"]) > 0
+    failed = bench.run_isolated(case, bench.parse_args(["--steps", "1", "--max-memory-gib", "1e-6"]))
+    assert failed["status"].startswith("out of memory") and failed["size"] == "tiny"
+
+
+def test_bench_sizes_weights_the_phases_of_a_step():
+    """The GAN's R1 step is one of 16: FLOPs (and seconds) are the phases' weighted mean; a warm-up step
+    over --max-seconds-per-step is reported untimed."""
+    bench = load_script("bench_sizes")
+    import torch
+
+    n = {"size": 8}
+    a = torch.ones(32, 32)
+
+    def step() -> None:
+        k = n["size"]
+        a[:k, :k] @ a[:k, :k]  # 2 k^3 FLOPs
+
+    phases = [(1 / 16, lambda: n.update(size=32)), (15 / 16, lambda: n.update(size=8))]
+    m = bench.measure(bench.Bench(step, 0, "", phases), steps=2, max_seconds=60.0)
+    assert m["flops"] == pytest.approx((2 * 32**3 + 15 * 2 * 8**3) / 16)
+    assert m["timed"] == 2 and m["seconds"] > 0
+    assert bench.measure(bench.Bench(step, 0, "", phases), steps=2, max_seconds=0.0)["timed"] == 0

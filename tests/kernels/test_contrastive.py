@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import contrastive_loss
+from kernels import UNVALIDATED_TRITON, contrastive_loss, triton_validated
 from kernels.contrastive import contrastive_forward_torch, default_chunk_rows
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -348,6 +348,7 @@ def test_triton_backend_rejects_cpu_tensors():
 
 @pytest.mark.skipif(IN_CHILD, reason="this is the parent of the interpreter run")
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(not triton_validated(), reason=UNVALIDATED_TRITON)
 def test_triton_backend_in_interpreter_subprocess():
     env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD_FLAG: "1"})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))

@@ -24,7 +24,7 @@ import torch
 
 import kernels.contrastive as contrastive
 import kernels.self_check as sc
-from kernels import contrastive_loss
+from kernels import UNVALIDATED_TRITON, contrastive_loss, triton_validated
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _CHILD_FLAG = "LAFITE_SELF_CHECK_INTERPRETER_CHILD"
@@ -219,6 +219,7 @@ def test_summary_is_json_safe():
 
 @pytest.mark.skipif(IN_CHILD, reason="this is the parent of the interpreter run")
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(not triton_validated(), reason=UNVALIDATED_TRITON)
 def test_self_check_in_interpreter_subprocess():
     env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD_FLAG: "1"})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
@@ -269,3 +270,13 @@ def test_child_injected_fault_falls_back_to_torch_and_warns_once(monkeypatch, ca
     assert "relative error 1.0e-02 > 1e-04" in warning
     assert not sc.first_use_check(CPU, torch.float32, 48).passed
     assert sc.first_use_check(CPU, torch.float32, 24).passed  # the other class is unaffected
+
+
+def test_the_validated_triton_is_read_from_the_installed_version(monkeypatch):
+    import importlib.metadata
+
+    import kernels
+
+    for installed, validated in (("3.8.0", True), ("3.10.1+git", True), ("3.5.1", False), ("2.2.0", False)):
+        monkeypatch.setattr(importlib.metadata, "version", lambda name, v=installed: v)
+        assert kernels.triton_validated() is validated, installed

@@ -433,7 +433,7 @@ def test_a_shard_committed_during_the_wait_is_used(scratch):
             LoaderConfig(cache=scratch, condition="optimize", batch_size=13, partial_wait_s=20)
         )
     writer.join()
-    assert 0.6 <= time.monotonic() - t0 < 20
+    assert time.monotonic() - t0 >= 0.6  # it waited, then read the shard whole (not skipped at the timeout)
     assert loader.info.skipped_shards == {} and loader.info.n_images == N_IMAGES - 1
     assert loader.info.record()["partial"] is False
 

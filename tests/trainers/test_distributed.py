@@ -114,9 +114,8 @@ def test_a_killed_rank_ends_the_job_and_leaves_whole_checkpoints(cache, tmp_path
     out = tmp_path / "killed"
     env = {**ENV, "PIPELINE_CRASH_AT": "train:rank1:step3"}  # rank 1 dies after step 3 (SIGKILL)
     launch = [*TORCHRUN, "--nproc_per_node", "2", "-m", "trainers", *map(str, gan_args(cache, out, 50))]
-    t0 = time.monotonic()
-    proc = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=240)
-    assert proc.returncode != 0 and time.monotonic() - t0 < 200  # ended, no hang
+    proc = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=240)  # a hang times out
+    assert proc.returncode != 0
     assert "rank" in proc.stderr and ("Signals.SIGKILL" in proc.stderr or "SIGKILL" in proc.stderr), (
         proc.stderr[-2000:]
     )

@@ -441,3 +441,12 @@ def test_cli_errors_are_one_line(cache, tmp_path):
     )
     _user_error(["gan", "--resume", tmp_path / "missing.pt"], "--resume")
     assert not list(tmp_path.glob("0*-gan"))  # a refused run leaves no run directory behind
+
+
+def test_a_cache_larger_than_the_size_is_meant_for_is_warned_about(tmp_path):
+    with pytest.warns(
+        UserWarning,
+        match="--size tiny is meant for 32 px images; the cache's are 64 px, so each "
+        "step costs about 4x more",
+    ):
+        run_gan(tiny_config(tmp_path, steps=1), fake_source(resolution=64), progress=False)

@@ -53,4 +53,5 @@ def test_two_nodes_meet_at_the_rendezvous_and_take_the_one_process_steps(tmp_pat
         assert_close(one[part], two[part], lrs_of(one["config"]))
     (run,) = [p for p in out.iterdir() if p.is_dir()]  # one run folder: node 1 wrote nothing of its own
     assert (run / "metrics.jsonl").is_file()
-    assert logs[1][0] == "", "only global rank 0 prints"
+    printed = [line for line in logs[1][0].splitlines() if not line.startswith("[Gloo]")]  # torch's own
+    assert printed == [], "only global rank 0 prints"
