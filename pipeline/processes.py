@@ -187,9 +187,10 @@ def _set_torch_threads(threads: int, exact: bool) -> int:
 
 def start_threads(threads: int | None) -> int:
     """The root callback of both CLIs, before anything imports torch: this command's threads are `threads`
-    (--threads), else OMP_NUM_THREADS, else `available_cpus()`. A count below torch's own default (the
-    affinity mask) is exported as OMP_NUM_THREADS, which torch reads on import and the processes the
-    command starts inherit. Returns the count.
+    (--threads), else OMP_NUM_THREADS, else `default_threads()` (the CPUs less those the load average
+    says other jobs keep busy). A count below torch's own default (the affinity mask) is exported as
+    OMP_NUM_THREADS, which torch reads on import and the processes the command starts inherit. Returns
+    the count.
 
     It also makes idle OpenMP threads (libgomp, torch's on Linux) stop spinning sooner, unless the user
     set how they wait: beside one busy process on 2 cores, 2 threads ran a GAN-sized step at 727-743
