@@ -386,9 +386,10 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def rss_gib(field_name: str = "VmHWM") -> float | None:
+def proc_gib(field_name: str, path: str = "/proc/self/status") -> float | None:
+    """A `Field:  N kB` line of a /proc file (this process's status, or /proc/meminfo) in GiB, or None."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             line = next(line for line in f if line.startswith(field_name + ":"))
     except (OSError, StopIteration):
         return None
@@ -406,7 +407,7 @@ def run_case(case: Case, args: argparse.Namespace, built: Callable[[], None] = l
     bench = BUILDERS[case.family](case.size, case.px, case.batch, args.clip_model, case.autoencoder)
     built()
     m = measure(bench, args.steps, args.max_seconds_per_step)
-    peak = rss_gib() if rss_ok else None
+    peak = proc_gib("VmHWM") if rss_ok else None
     compute_ms = m["flops"] / (args.gpu_tflops * 1e12) * 1e3
     launch_ms = m["ops"] * args.launch_us / 1e3
     return {
@@ -435,11 +436,11 @@ def run_limited(case: Case, args: argparse.Namespace) -> dict:
     kernel's OOM killer (which may pick another process: the machine is shared)."""
     import resource
 
-    limit_gib = args.max_memory_gib or 0.75 * (meminfo_gib("MemAvailable") or float("inf"))
+    limit_gib = args.max_memory_gib or 0.75 * (proc_gib("MemAvailable", "/proc/meminfo") or float("inf"))
 
     def cap() -> None:
-        if limit_gib < float("inf") and rss_gib("VmSize") is not None:
-            limit = int((rss_gib("VmSize") + limit_gib) * 2**30)
+        if limit_gib < float("inf") and proc_gib("VmSize") is not None:
+            limit = int((proc_gib("VmSize") + limit_gib) * 2**30)
             resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
 
     try:
@@ -448,15 +449,6 @@ def run_limited(case: Case, args: argparse.Namespace) -> dict:
         if not isinstance(e, MemoryError) and not any(m in str(e) for m in MEMORY_ERRORS):
             raise
         return {**case_cells(case), "steps": 0, "status": f"out of memory (over {limit_gib:.3g} GiB)"}
-
-
-def meminfo_gib(field_name: str) -> float | None:
-    try:
-        with open("/proc/meminfo") as f:
-            line = next(line for line in f if line.startswith(field_name + ":"))
-    except (OSError, StopIteration):
-        return None
-    return int(line.split()[1]) / 2**20  # kB -> GiB
 
 
 ROW_PREFIX = "bench_sizes row: "
@@ -549,7 +541,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             )
         cases = [c for c in cases if c.size in wanted]
     reset_peak_rss()
-    base = rss_gib("VmRSS")
+    base = proc_gib("VmRSS")
     print(
         f"{len(cases)} rows, {torch.get_num_threads()} torch threads, load average {load:.2f}, process RSS "
         f"{base or 0:.2f} GiB before the first; est_h100_ms is an ESTIMATE (max of FLOPs / "
