@@ -7,11 +7,13 @@ with one line naming the holder. Readers (status, trainers) never take it.
 `{cache}/.lock` is locked with `flock`, which the kernel releases when the holder exits or is killed
 (SIGKILL included), so a dead run's lock is never stale: the next run simply takes it. The file also
 records the holder's pid, host and start time, for the message the second run prints. The file itself
-is never deleted (deleting it would race with a process that has just opened it).
+is never deleted (deleting it would race with a process that has just opened it). A cache that cannot be
+written (read-only file system, no permission) is `NotWritable` before anything else is done.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -26,6 +28,23 @@ LOCK_NAME = ".lock"
 
 class LockHeld(CacheFault):
     """Another live run holds the cache."""
+
+
+NOT_WRITABLE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+class NotWritable(CacheFault):
+    """The cache (or a folder a command writes) is on a read-only file system or not writable by this user."""
+
+
+def not_writable(folder: Path, error: OSError) -> NotWritable:
+    """The one-line error of a command that must write `folder` and cannot (`error`: EROFS, EACCES, EPERM)."""
+    where = os.path.abspath(error.filename or folder)
+    return NotWritable(
+        f"{os.path.abspath(folder)} cannot be written ({error.strerror.lower()}: {where}), and this command "
+        "writes it: run it where it is writable. Commands that only read work on a read-only cache "
+        "(`pipeline status`, the trainers)"
+    )
 
 
 def read_lock(cache: Path) -> dict:
@@ -44,8 +63,13 @@ class CacheLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as e:
+            if e.errno in NOT_WRITABLE_ERRNOS:
+                raise not_writable(self.path.parent, e) from None
+            raise
         deadline = time.monotonic() + self.wait
         while True:
             try:

@@ -146,6 +146,14 @@ def embed(
     max_pixels: Annotated[
         int, typer.Option("--max-pixels", help="Skip larger images (decompression bombs).")
     ] = EmbedConfig.max_pixels,
+    max_aspect: Annotated[
+        float,
+        typer.Option(
+            "--max-aspect",
+            help="Skip images whose long side / short side is larger: the square centre crop of a 10:1 "
+            "image keeps a tenth of it, of a 1x60000 strip one pixel.",
+        ),
+    ] = EmbedConfig.max_aspect,
     shard_size: Annotated[
         int, typer.Option("--shard-size", help="Images per shard for folder inputs.")
     ] = EmbedConfig.shard_size,

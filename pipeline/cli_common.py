@@ -94,9 +94,11 @@ def writing(cache: Path, wait: float = 0.0, *, create: bool = False) -> CacheLoc
 
 
 def user_errors(command: Callable) -> Callable:
-    """A ConfigError or CacheFault (disk full, a damaged file) becomes one line on stderr and exit code 2,
-    never a traceback. An ENOSPC that escaped the atomic writers (a third-party writer) reads the same."""
+    """A ConfigError or CacheFault (disk full, a damaged file, a read-only cache) becomes one line on
+    stderr and exit code 2, never a traceback. An ENOSPC, EROFS or EACCES that escaped the writers' own
+    checks (a third-party writer, a folder of outputs) reads the same."""
     from manifests.errors import DISK_FULL_ERRNOS, CacheFault
+    from manifests.lock import NOT_WRITABLE_ERRNOS, not_writable
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -106,6 +108,8 @@ def user_errors(command: Callable) -> Callable:
         except (ConfigError, CacheFault) as e:
             fail(e)
         except OSError as e:
+            if e.errno in NOT_WRITABLE_ERRNOS and e.filename:
+                fail(not_writable(Path(e.filename).parent, e))
             if e.errno not in DISK_FULL_ERRNOS:
                 raise
             fail(f"no space left on device ({e.filename or e}); free space and rerun: committed work is kept")

@@ -57,6 +57,7 @@ RECORDED_OPTIONS = (
     "image_format",
     "quality",
     "max_pixels",
+    "max_aspect",
     "shard_size",
     "key_prefix",
 )
@@ -256,6 +257,7 @@ def embed_shard(task: EmbedTask, progress: Progress | None = None) -> dict[str, 
         max_pixels=cfg.max_pixels,
         clip_size=bundle.image_size,
         key_prefix=cfg.key_prefix,
+        max_aspect=cfg.max_aspect,
     )
     loader = shard_loader(
         dataset, batch_size=cfg.batch_size, workers=cfg.workers, pin_memory=bundle.device.type == "cuda"

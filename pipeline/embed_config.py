@@ -8,6 +8,7 @@ command, so nothing here may import numpy, PIL or torch.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,9 @@ IMAGE_FORMATS = ("jpg", "png", "webp")
 # covers every real camera and scan we expect (a 9000 x 7000 photo) while capping one decode at
 # ~192 MB of RGB, so a DataLoader worker cannot be OOM-killed by a single hostile file.
 DEFAULT_MAX_PIXELS = 64_000_000
+# Long side / short side. The square centre crop of a 10:1 image keeps a tenth of it; a 1x60000 strip
+# would be a single pixel blown up to the stored size, a flat colour standing for the image.
+DEFAULT_MAX_ASPECT = 10.0
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class EmbedConfig:
     image_format: str = "jpg"  # how stored images are encoded (sources already right are kept as-is)
     quality: int = 95  # JPEG/WebP quality of re-encoded images
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped (decompression-bomb guard)
+    max_aspect: float = DEFAULT_MAX_ASPECT  # long side / short side above this is skipped (the crop loses it)
     shard_size: int = 10_000  # images per shard for folder inputs (a tar or Parquet file is one shard)
     batch_size: int = 256  # images per CLIP forward pass (not keyed: does not change the output)
     workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))  # decoders (threads in Dask)
@@ -61,6 +66,8 @@ class EmbedConfig:
             raise ConfigError("--workers must be 0 (decode in the main process) or more")
         if self.max_pixels < 1:
             raise ConfigError("--max-pixels must be positive")
+        if not 1 <= self.max_aspect < math.inf:  # NaN fails too
+            raise ConfigError("--max-aspect must be a finite number of at least 1 (long side / short side)")
         check_key_prefix(self.key_prefix)
 
     def keyed_params(self, identity: dict[str, str]) -> dict[str, Any]:
@@ -74,6 +81,9 @@ class EmbedConfig:
             "max_pixels": self.max_pixels,
             # none leaves keys as they are: caches made before the option stay up to date
             **({} if self.key_prefix == "none" else {"key_prefix": self.key_prefix}),
+            # likewise at its default: caches made before the option are not re-embedded (--force does).
+            # float(): pipeline.toml's `10` and the flag's 10.0 must give one key.
+            **({} if self.max_aspect == DEFAULT_MAX_ASPECT else {"max_aspect": float(self.max_aspect)}),
         }
 
     def unkeyed_params(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from manifests.faults import stall_point
+from pipeline.embed_config import DEFAULT_MAX_ASPECT
 from pipeline.errors import SampleSkipped
 from pipeline.images import fit_square, prepare_image
 from pipeline.processes import limit_threads, loader_worker_init
@@ -61,10 +62,12 @@ class ShardSamples(torch.utils.data.IterableDataset):
         max_pixels: int,
         clip_size: int,
         key_prefix: str = "none",  # `--key-prefix` (pipeline.sources.key_prefix)
+        max_aspect: float = DEFAULT_MAX_ASPECT,
     ):
         self.units = units
         self.image_size, self.image_format, self.quality = image_size, image_format, quality
         self.max_pixels, self.clip_size, self.key_prefix = max_pixels, clip_size, key_prefix
+        self.max_aspect = max_aspect
 
     def _raw(self) -> Iterator[RawSample | Skip]:
         for unit in self.units:
@@ -92,6 +95,7 @@ class ShardSamples(torch.utils.data.IterableDataset):
                 image_size=self.image_size,
                 image_format=self.image_format,
                 max_pixels=self.max_pixels,
+                max_aspect=self.max_aspect,
                 quality=self.quality,
             )
         except SampleSkipped as e:

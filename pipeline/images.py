@@ -8,6 +8,8 @@ bytes (picklable, no global state touched) and every per-sample failure raises
 - `undecodable`: not an image, an unsupported format, a corrupt header or corrupt pixel data.
 - `truncated`: the header parses but the pixel data stops early.
 - `too_many_pixels`: width * height over `max_pixels` (read from the header, before decoding pixels).
+- `extreme_aspect` (`prepare_image` only): long side / short side over `max_aspect` (from the header, before
+  decoding pixels). The square centre crop would keep too little: of a 1x60000 strip, one pixel.
 - `unencodable` (`prepare_image` only): the target format cannot hold the image (WebP is limited to
   16383 px a side, which only `image_size=0` can reach).
 
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from pipeline.embed_config import DEFAULT_MAX_PIXELS, IMAGE_FORMATS
+from pipeline.embed_config import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, IMAGE_FORMATS
 from pipeline.errors import SampleSkipped
 
 # For folder scanning; lower-case, callers compare case-insensitively. Decoding itself ignores names.
@@ -35,7 +37,7 @@ SUPPORTED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # be kept as they are.
 _PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
-SKIP_REASONS = ("empty", "undecodable", "truncated", "too_many_pixels", "unencodable")
+SKIP_REASONS = ("empty", "undecodable", "truncated", "too_many_pixels", "extreme_aspect", "unencodable")
 
 # Formats tried by content, most common first. An allowlist, not PIL's full registry: PIL would also
 # open EPS (by running Ghostscript on untrusted input), PSD, FITS..., and formats with weak magic
@@ -132,9 +134,13 @@ def prepare_image(
     image_size: int,
     image_format: str = "jpg",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_aspect: float = DEFAULT_MAX_ASPECT,
     quality: int = 95,
 ) -> PreparedImage:
     """Decode, centre-crop to `image_size` (0 keeps the original size) and encode as `image_format`.
+
+    An image whose long side / short side exceeds `max_aspect` is skipped, whatever `image_size`: CLIP
+    always sees the square centre crop.
 
     The source bytes are stored unchanged (no generation loss) when they are already a clean 8-bit RGB
     image in the target format at the target size; otherwise the image is re-encoded.
@@ -146,7 +152,9 @@ def prepare_image(
     if not 1 <= quality <= 100:
         raise ValueError(f"quality must be in 1..100, got {quality}")
 
-    rgb, labels, (width, height), source_format = _decode(data, max_pixels=max_pixels, draft_size=image_size)
+    rgb, labels, (width, height), source_format = _decode(
+        data, max_pixels=max_pixels, max_aspect=max_aspect, draft_size=image_size
+    )
     right_size = image_size == 0 or rgb.size == (image_size, image_size)
     if not labels and right_size and source_format == _PIL_FORMAT[image_format]:
         return PreparedImage(data, image_format, width, height, _to_array(rgb), None)
@@ -162,9 +170,11 @@ def prepare_image(
 
 
 def _decode(
-    data: bytes, *, max_pixels: int, draft_size: int = 0
+    data: bytes, *, max_pixels: int, max_aspect: float | None = None, draft_size: int = 0
 ) -> tuple[Image.Image, list[str], tuple[int, int], str | None]:
     """decode_rgb, plus the original (EXIF-rotated) size and PIL's format name.
+
+    `max_aspect` None is no limit (decode_rgb: the limit is about the crop `prepare_image` makes).
 
     `draft_size` > 0 lets JPEG decode at a reduced scale (libjpeg DCT scaling, 1/2 to 1/8) that leaves the
     short side >= 2 * draft_size, so Lanczos still does the last >= 2x of the reduction: 6x faster for a
@@ -187,6 +197,11 @@ def _decode(
     width, height = img.size
     if width * height > max_pixels:
         raise SampleSkipped("too_many_pixels", f"{width}x{height} > {max_pixels} pixels")
+    long_side, short_side = max(width, height), min(width, height)
+    if max_aspect is not None and long_side > max_aspect * short_side:  # EXIF rotation keeps the ratio
+        aspect = f"{round(long_side / max(short_side, 1), 1):g}"  # max(): a header may declare a 0-px side
+        detail = f"{width}x{height}: aspect {aspect}:1 > --max-aspect {max_aspect:g}"
+        raise SampleSkipped("extreme_aspect", detail)
 
     labels: list[str] = []
     try:

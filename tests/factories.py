@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from pathlib import Path
 
@@ -65,3 +66,13 @@ k = 4
 steps = 3
 batch_size = 16
 """
+
+
+def flip_middle(path: Path, n: int = 16) -> None:
+    """Bit rot: n bytes in the middle of the file change; its size and mtime stay the same."""
+    st = path.stat()
+    raw = bytearray(path.read_bytes())
+    mid = len(raw) // 2
+    raw[mid : mid + n] = bytes(b ^ 0xFF for b in raw[mid : mid + n])
+    path.write_bytes(bytes(raw))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))

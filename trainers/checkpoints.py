@@ -21,6 +21,9 @@ from pipeline.errors import ConfigError
 from pipeline.torch_files import load_torch_file
 
 CHECKPOINT_RE = re.compile(r"^(\d{7})\.pt$")
+# The checkpoint the run in this process would continue from, (path, step): the last it wrote, else the one
+# it resumed. What a Ctrl-C names (trainers.loop.launch, which forgets it when the run ends).
+_LATEST: list[tuple[Path, int]] = []
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -80,12 +83,27 @@ def restore_rng(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state(cuda_state, i)
 
 
+def note_checkpoint(path: Path, step: int) -> None:
+    """`path`, holding the run after `step` steps, is the one it would continue from (see `_LATEST`)."""
+    _LATEST[:] = [(Path(path), int(step))]
+
+
+def latest_checkpoint() -> tuple[Path, int] | None:
+    """(path, step) of the checkpoint the run in this process would continue from; None before one."""
+    return _LATEST[-1] if _LATEST else None
+
+
+def forget_checkpoints() -> None:
+    _LATEST.clear()
+
+
 def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any]) -> Path:
     """Write `{step:07d}.pt` atomically (temp file, fsync, rename): a killed run never leaves half a file.
     `state` gets `step` and `rng` added; tensors are saved from wherever they live and load on the CPU."""
     path = checkpoint_path(run_dir, step)
     with atomic_write(path) as f:  # torch.save streams into it: no second in-memory copy
         torch.save({**state, "step": int(step), "rng": capture_rng()}, f)
+    note_checkpoint(path, step)
     return path
 
 

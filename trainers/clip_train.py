@@ -69,6 +69,7 @@ def save_train_state(config: ClipTrainConfig, step: int, model, optimizers, gene
     import torch
 
     from manifests import atomic_write
+    from trainers.checkpoints import note_checkpoint
 
     state = {
         "kind": "clip-train",
@@ -81,6 +82,7 @@ def save_train_state(config: ClipTrainConfig, step: int, model, optimizers, gene
     }
     with atomic_write(Path(config.out) / TRAIN_STATE) as f:
         torch.save(state, f)
+    note_checkpoint(Path(config.out) / TRAIN_STATE, step)  # what a Ctrl-C names (trainers.loop.launch)
 
 
 def resume_train_state(config: ClipTrainConfig, model, optimizers, generator) -> tuple[int, list[float]]:
@@ -90,7 +92,7 @@ def resume_train_state(config: ClipTrainConfig, model, optimizers, generator) ->
     path = Path(config.out) / TRAIN_STATE if config.out is not None else None
     if not (config.resume and path is not None and path.is_file()):
         return 0, []
-    from trainers.checkpoints import load_checkpoint
+    from trainers.checkpoints import load_checkpoint, note_checkpoint
 
     state = load_checkpoint(path, "--resume", kinds=("clip-train",))
     theirs, ours = state.get("learnt", {}), config.learnt()
@@ -105,6 +107,7 @@ def resume_train_state(config: ClipTrainConfig, model, optimizers, generator) ->
     for optimizer, saved in zip(optimizers, state["optimizers"], strict=True):
         optimizer.load_state_dict(saved)
     generator.set_state(state["generator"])
+    note_checkpoint(path, state["step"])
     return int(state["step"]), list(state["losses"])
 
 

@@ -9,7 +9,8 @@ A Parquet output whose bytes differ from the manifest's digest (bit rot) or that
 
 Shards a condition reads that cannot be used now (being rewritten, stale, not made yet) are a
 `PartialCache` naming them and the command that makes them (trainers.data waits for them, or trains on
-the rest with --allow-partial).
+the rest with --allow-partial). A file of another size than its manifest's is named with both sizes, and
+`pipeline run --verify` offered: still so after the wait, it was most likely truncated, not rewritten.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from manifests import digest_bytes
-from manifests.errors import damaged
+from manifests import digest_bytes, read_manifest
+from manifests.errors import VERIFY_FIX, damaged
 from pipeline.dag import command as stage_command
 from pipeline.errors import ConfigError
+
+SIZE_DIFFERS = "file size differs from the manifest's"
 
 
 def _describe(skipped: dict[int, str]) -> str:
@@ -56,10 +59,48 @@ class PartialCache(ConfigError):
             if rest
             else " (no other shard is usable, so --allow-partial cannot help)"
         )
+        described, faults = _file_faults(cache, skipped)
+        named = verify = ""
+        if faults:  # a file of another size first: it may be damaged, not being rewritten
+            reason, detail = next((f for f in faults if f[0] == SIZE_DIFFERS), faults[0])
+            named = f" {detail}" + (f" (and {len(faults) - 1} more files)" if len(faults) > 1 else "") + "."
+            if reason == SIZE_DIFFERS:
+                verify = f". If no stage is running, the file is damaged: {VERIFY_FIX.format(cache=cache)}"
         super().__init__(
-            f"--cache {cache}: part of the cache is not usable{after}: {describe_skipped(skipped)}. Wait for "
-            f"the running stage to commit them or rerun it ({runs}){partial}"
+            f"--cache {cache}: part of the cache is not usable{after}: {describe_skipped(described)}.{named} "
+            f"Wait for the running stage to commit them or rerun it ({runs}){partial}{verify}"
         )
+
+
+def _output_fault(cache: Path, out: dict[str, Any]) -> tuple[str, str] | None:
+    """(reason, the file and what is wrong with it) when a committed output's file is missing or its size
+    differs from the manifest's (being rewritten, or truncated); None when it matches."""
+    path = Path(cache) / out["path"]
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        return "file missing", f"{path} is missing"
+    if size != out["size"]:
+        return SIZE_DIFFERS, f"{path} is {size:,} bytes where its manifest says {out['size']:,}"
+    return None
+
+
+def _file_faults(
+    cache: Path, skipped: dict[str, dict[int, str]]
+) -> tuple[dict[str, dict[int, str]], list[tuple[str, str]]]:
+    """`skipped` with each shard whose committed files are missing or of another size saying which (the
+    readers only learn that a file could not be opened as committed), and every such file's fault."""
+    described: dict[str, dict[int, str]] = {}
+    faults: list[tuple[str, str]] = []
+    for stage, shards in skipped.items():
+        described[stage] = dict(shards)
+        for shard in shards:
+            outs = (read_manifest(cache, stage, shard) or {}).get("outs", [])
+            found = [fault for out in outs if (fault := _output_fault(cache, out))]
+            if found:
+                described[stage][shard] = found[0][0]
+                faults += found
+    return described, faults
 
 
 def open_committed(cache: Path, out: dict[str, Any]) -> int | None:

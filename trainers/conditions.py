@@ -250,13 +250,18 @@ def caption_features(rows: EmbedRows, batch_size: int = 256, device: str = "auto
     """float16 [N, D]: each embed row's own caption encoded by the cache's CLIP; NaN rows without one.
 
     Computed once per (embed outputs, CLIP) and shared through `{cache}/_trainers/` (atomic write, so
-    concurrent runs at worst both compute it). A read-only cache keeps the result in memory only.
+    concurrent runs at worst both compute it; sealed with its digest, checked at every read). A read-only
+    cache keeps the result in memory only.
     """
+    import io
+
+    from trainers.store_files import sealed, unsealed
+
     path = caption_features_path(rows)
     n, dim = len(rows), rows.clip.dim
     if path.is_file():
         try:
-            cached = np.load(path, allow_pickle=False)
+            cached = np.load(io.BytesIO(unsealed(path.read_bytes())), allow_pickle=False)
             if cached.shape != (n, dim):
                 raise ValueError(f"shape {cached.shape}, not {(n, dim)}")
             return cached
@@ -272,12 +277,10 @@ def caption_features(rows: EmbedRows, batch_size: int = 256, device: str = "auto
             part = todo[start : start + batch_size]
             emb = encode_texts(bundle, [rows.captions[i].strip() for i in part])
             out[part] = emb.cpu().numpy().astype(np.float16)
-    import io
-
     buffer = io.BytesIO()
     np.save(buffer, out, allow_pickle=False)
     try:
-        write_bytes_atomic(path, buffer.getvalue())
+        write_bytes_atomic(path, sealed(buffer.getvalue()))
     except OSError as e:
         warnings.warn(f"cannot cache caption features in {path.parent} ({e}); kept in memory", stacklevel=2)
     return out

@@ -22,12 +22,12 @@ and holding only the keys (their bytes and an int64 each) while it sorts them. O
 time per model (a lock file next to the stores: the other ranks of a torchrun job wait, then open it); the
 stores of the model's older cache states, and of models with no shards left, are removed. A store whose
 files are damaged is rebuilt with a warning; a cache that cannot be written keeps the rows in memory
-(`KeyedRows`), with a warning.
+(`KeyedRows`), with a warning. Damage counts whatever its size: info.json records each file's digest,
+checked before the store is used (trainers/store_files.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import warnings
@@ -47,9 +47,18 @@ from trainers.derived_shards import (
     model_digest,
     read_derived,
 )
-from trainers.store_files import RowFile, new_folder, npy_header
+from trainers.store_files import (
+    RowFile,
+    check_sealed,
+    info_bytes,
+    new_folder,
+    npy_header,
+    read_info,
+    renew_info,
+    seal_files,
+)
 
-STORE_VERSION = "1"
+STORE_VERSION = "2"  # 2: info.json records its own files' digests
 INFO = "info.json"
 BLOCK = 256  # index records a sparse key stands for: one pread of BLOCK * (width + 8) bytes per key looked up
 CHUNK = 4096  # keys searched at once
@@ -148,8 +157,9 @@ def derive_store(
             "files": _stamps(
                 cache, [o["path"] for m in manifests.values() if (o := shard_out(m, ".parquet"))]
             ),
+            "own_files": seal_files(tmp, ["values.npy", "index.npy", "sparse.npy"]),
         }
-        (tmp / INFO).write_text(json.dumps(record))
+        (tmp / INFO).write_bytes(info_bytes(record))
     prune_stores(kind, cache, digest, keep=folder)
     # the shards' buffers go back to the OS, not to pyarrow's pool: this process trains on afterwards
     # (its resident memory after deriving 1M latents: 580 MiB instead of 953, of which 511 are imports)
@@ -185,9 +195,11 @@ def open_store(kind: DerivedKind, cache: Path, folder: Path) -> StoredRows | Non
     if not info.is_file():
         return None
     try:
-        record = json.loads(info.read_text())
+        record = read_info(info)
         if record.get("version") != STORE_VERSION:
             raise ValueError(f"store version {record.get('version')!r}, not {STORE_VERSION!r}")
+        if check_sealed(folder, record["own_files"]):
+            renew_info(info, record)
         rows, files = StoredRows(kind, folder, record), dict(record["files"])
     except (OSError, ValueError, KeyError, TypeError) as e:  # derived: rebuilt rather than fatal
         warnings.warn(f"{folder}: cannot be read ({e}); rebuilding it", stacklevel=3)

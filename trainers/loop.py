@@ -68,38 +68,81 @@ def launch(
     """Validate `config`, join the world torchrun describes (one process without it), refuse a global
     `--batch-size` the ranks cannot split equally (`split_batch`), and return `train(world, device,
     progress)` (`progress` on rank 0, None on the others: one bar), leaving the world whatever happens."""
+    from trainers.checkpoints import forget_checkpoints
+
     config.validate()
     world, device = init_world(config.device)
     try:
         if split_batch:
             world.local_batch(config.batch_size)
         return train(world, device, progress if world.main else None)
-    except BaseException:  # an error, Ctrl-C: a run folder opened for nothing is not left behind
-        discard_empty_runs()
-        raise
+    except BaseException as e:  # an error, Ctrl-C: a run folder opened for nothing is not left behind
+        removed = discard_empty_runs()
+        if not interrupted(e):
+            raise
+        if world.main:  # Ctrl-C reaches every rank: rank 0 says what is left to continue from
+            say_interrupted([run_dir for run_dir in _OPENED if run_dir not in removed], removed)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise KeyboardInterrupt from e  # exit code 130 (Typer), not the traceback of what it broke
     finally:
         _OPENED.clear()
+        forget_checkpoints()
         close_world(world)
+
+
+def interrupted(error: BaseException) -> bool:
+    """A Ctrl-C, or an error raised while one unwound: torch.save's zip writer, stopped mid-write, raises
+    its own RuntimeError ("unexpected pos") on the way out."""
+    seen: BaseException | None = error
+    while seen is not None and not isinstance(seen, KeyboardInterrupt):
+        seen = seen.__context__
+    return seen is not None
+
+
+def say_interrupted(kept: list[Path], removed: list[Path]) -> None:
+    """One line on stderr for a run stopped by Ctrl-C: the checkpoint it would continue from (the last it
+    wrote, else the one it resumed) with its step, or that there is none yet, and the run folder it
+    removed (`discard_empty_runs`) or kept. Typer then exits with code 130."""
+    from rich.markup import escape
+
+    from pipeline.progress import stderr
+    from trainers.checkpoints import latest_checkpoint
+
+    latest = latest_checkpoint()
+    if latest is not None:
+        line = f"interrupted: the last checkpoint is {latest[0]} (step {latest[1]:,})"
+    else:
+        line = "interrupted: no checkpoint was written yet"
+        if removed:
+            line += f"; the run folder {removed[0]} held no step's work and was removed"
+        elif kept:
+            line += f"; the run folder {kept[0]} keeps its metrics so far"
+    stderr.print(escape(line), highlight=False, soft_wrap=True)
 
 
 _OPENED: list[Path] = []  # the new run directories this process opened (open_run), until launch ends
 EMPTY_RUN_FILES = {"config.json", "pairs.txt", "metrics.jsonl"}  # what a run writes before its first step
 
 
-def discard_empty_runs() -> None:
+def discard_empty_runs() -> list[Path]:
     """Remove the run directories this process opened that hold no step's work yet: nothing but what
-    open_run and write_config wrote, and no metrics line. A run stopped after a step keeps its folder
-    (its metrics, samples and checkpoints are what the user looks at). A SIGKILL leaves the folder."""
+    open_run and write_config wrote, and no metrics line; -> those removed. A run stopped after a step
+    keeps its folder (its metrics, samples and checkpoints are what the user looks at). A SIGKILL leaves
+    the folder."""
     import shutil
 
+    removed = []
     for run_dir in _OPENED:
         try:
             files = {p.name: p for p in run_dir.iterdir()}
             metrics = files.get("metrics.jsonl")
             if set(files) <= EMPTY_RUN_FILES and (metrics is None or metrics.stat().st_size == 0):
                 shutil.rmtree(run_dir)
+                removed.append(run_dir)
         except OSError:
             pass  # gone already, or not ours to judge
+    return removed
 
 
 @dataclass(frozen=True)
@@ -123,12 +166,14 @@ def load_resume(config: Any, kind: str, state: dict | None = None) -> Resume:
     """`config.resume` (a checkpoint file or a run directory's latest) and its `trainers {kind}` checkpoint;
     `state` when the caller has read it already (`trainers.runs.resolve_run_config`), so a big one is read
     once. No --resume: the empty Resume."""
-    from trainers.checkpoints import load_checkpoint, resolve_checkpoint
+    from trainers.checkpoints import load_checkpoint, note_checkpoint, resolve_checkpoint
 
     if config.resume is None:
         return Resume()
     path = resolve_checkpoint(config.resume, "--resume")
-    return Resume(path, state or load_checkpoint(path, "--resume", kinds=(kind,)))
+    resume = Resume(path, state or load_checkpoint(path, "--resume", kinds=(kind,)))
+    note_checkpoint(path, resume.step)  # what a Ctrl-C before the next checkpoint names
+    return resume
 
 
 def load_init_state(config: Any, kind: str) -> tuple[Path | None, dict | None]:

@@ -366,11 +366,14 @@ def summarise(scores: dict[str, list[bool]]) -> dict[str, Any]:
 
 
 def save_probe(probe: Probe, path: Path) -> Path:
+    """A torch file with a digest trailer (trainers/store_files.py), which torch.load ignores."""
     import torch
+
+    from trainers.store_files import sealed
 
     buffer = io.BytesIO()
     torch.save(probe.state(), buffer)
-    write_bytes_atomic(Path(path), buffer.getvalue())
+    write_bytes_atomic(Path(path), sealed(buffer.getvalue()))
     return Path(path)
 
 
@@ -411,9 +414,14 @@ def cached_probe(
     config = replace(config or ProbeConfig(), image_size=image_size or cache_image_size(cache))
     path = probe_path(cache, config)
     if path.is_file():
+        from trainers.store_files import unsealed
+
         try:
+            unsealed(path.read_bytes())  # damage of any size
             return load_probe(path, config.device), path
-        except ConfigError as e:  # damaged or foreign: derived, so retrain and replace it
+        except ValueError as e:  # derived, so retrain and replace it
+            warnings.warn(f"{path}: cannot be read ({e}); retraining it", stacklevel=2)
+        except ConfigError as e:  # foreign
             warnings.warn(f"{e}; retraining it", stacklevel=2)
     probe = train_probe(config, progress)
     try:

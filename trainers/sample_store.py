@@ -16,8 +16,9 @@ place: concurrent builders at worst both build); every later one opens it and re
 with one `pread` per row (`RowFile`), so start-up and resident memory stay flat as the cache grows: no
 array of the set is held, and no page of it is mapped into the process (the kernel's page cache, shared
 by every process on the node, keeps what was read). A cache whose shards were partly skipped (`--allow-
-partial`) is never stored: such a run reads the cache as before. A store whose files are damaged is
-rebuilt with a warning.
+partial`) is never stored: such a run reads the cache as before. A store whose files are damaged (cut
+short, or bytes that differ from the digests its info.json records: trainers/store_files.py) is rebuilt
+with a warning naming the file.
 """
 
 from __future__ import annotations
@@ -33,9 +34,17 @@ from typing import Any
 import numpy as np
 
 from manifests import digest_json, list_manifests
-from trainers.store_files import RowFile, new_folder
+from trainers.store_files import (
+    RowFile,
+    check_sealed,
+    info_bytes,
+    new_folder,
+    read_info,
+    renew_info,
+    seal_files,
+)
 
-STORE_VERSION = "1"
+STORE_VERSION = "2"  # 2: info.json records its files' digests
 INFO = "info.json"
 
 
@@ -103,10 +112,11 @@ def prune_stores(cache: Path, keep: Path) -> None:
         if folder == keep or not (folder / INFO).is_file():
             continue
         try:
-            outs = json.loads((folder / INFO).read_text()).get("read_outs", [])
+            record = json.loads((folder / INFO).read_text())
         except (OSError, ValueError):
             continue
-        if not all(_intact(cache, out) for out in outs):
+        outs = record.get("read_outs", [])
+        if record.get("version") != STORE_VERSION or not all(_intact(cache, out) for out in outs):
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -121,7 +131,8 @@ def save_store(folder: Path, arrays: dict[str, np.ndarray], keys: list[str], rec
             for name, values in arrays.items():
                 np.save(tmp / f"{name}.npy", np.asarray(values, dtypes[name]))
             np.save(tmp / "keys.npy", np.array([k.encode() for k in keys], dtype=bytes))  # dtype S{longest}
-            (tmp / INFO).write_text(json.dumps({"version": STORE_VERSION, **record}))
+            files = seal_files(tmp, [f"{name}.npy" for name in [*arrays, "keys"]])
+            (tmp / INFO).write_bytes(info_bytes({"version": STORE_VERSION, **record, "files": files}))
     except OSError as e:
         warnings.warn(f"cannot store the sample set in {folder} ({e}); kept in memory", stacklevel=3)
 
@@ -215,9 +226,11 @@ def open_store(cache: Path, folder: Path) -> tuple[dict[str, Any], StoredRows, d
     if not info_path.is_file():
         return None
     try:
-        record = json.loads(info_path.read_text())
+        record = read_info(info_path)
         if record.get("version") != STORE_VERSION:
             return None
+        if check_sealed(folder, record["files"]):
+            renew_info(info_path, record)
         names = ("cond", "pool", "where", "paired")
         arrays = {
             n: RowFile(folder / f"{n}.npy") for n in names if n != "paired" or (folder / f"{n}.npy").is_file()

@@ -1,12 +1,24 @@
 """The files of the trainers' derived stores (trainers/sample_store.py, trainers/derived_store.py): .npy
-arrays read one row (or one span of rows) per `pread`, and store folders that appear whole or not at all.
+arrays read one row (or one span of rows) per `pread`, store folders that appear whole or not at all, and
+the digests that let a reader trust them.
 
 Nothing here maps a file or keeps what it read, so a process's memory does not grow with the rows it
 reads; the kernel's page cache, shared by every process on the node, keeps what was read.
+
+Every derived file carries a digest (blake2b-128) recorded when it was made, checked before a run uses it:
+- a file read whole (caption features, the cached probe) ends in a trailer holding its payload's digest
+  (`sealed` / `unsealed`), checked at every read; .npy and torch readers ignore the trailer;
+- a store's row files (read per row, never whole) are listed in its info.json with their size, digest and
+  stamps (mtime, ctime, inode) at the time they were hashed (`seal_files`). A reader trusts a file whose
+  stamps are unchanged: any write through the file system changes its ctime, which no program can set
+  back. A file with other stamps (damaged, or the cache copied) is hashed whole (`check_sealed`): a
+  different digest is damage, the same one renews its stamps so the next process trusts it again. The
+  info file digests itself (`info_bytes` / `read_info`). Costs: benchmarks/bench_store_verify.py.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -16,6 +28,88 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from manifests import digest_bytes, digest_file_content, digest_json, write_bytes_atomic
+from manifests.errors import CacheFault
+
+SEAL = b"\nlafite-derived-blake2b-128:"  # then the payload's 32 hex digits
+RECORD_DIGEST = "record_digest"  # info.json's digest of the rest of itself
+
+
+def sealed(payload: bytes) -> bytes:
+    """`payload` with a trailer holding its digest (see the module docstring)."""
+    return payload + SEAL + digest_bytes(payload).encode()
+
+
+def unsealed(data: bytes) -> bytes:
+    """The payload of `sealed` bytes; ValueError when the trailer is missing or the payload differs from
+    the digest it records."""
+    size = len(SEAL) + 32
+    if len(data) < size or data[-size:-32] != SEAL:
+        raise ValueError("no digest trailer (cut short, or made by an older version)")
+    payload = data[:-size]
+    if digest_bytes(payload).encode() != data[-32:]:
+        raise ValueError("damaged: its bytes differ from the digest recorded when it was made")
+    return payload
+
+
+def _stamp(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def seal_files(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """name -> {digest, stamp} of each file of `folder`, for its info.json (see `check_sealed`)."""
+    return {
+        name: {"digest": digest_file_content(folder / name), "stamp": _stamp(os.stat(folder / name))}
+        for name in names
+    }
+
+
+def check_sealed(folder: Path, files: dict[str, dict[str, Any]]) -> bool:
+    """Raise ValueError naming the first of `files` (from `seal_files`) whose bytes differ from its digest.
+    A file whose stamp is unchanged is trusted unread; any other is hashed, and its new stamp is put in
+    `files` when intact. Returns whether a stamp was renewed (the caller records `files` again)."""
+    renewed = False
+    for name, sealed_file in files.items():
+        st = os.stat(folder / name)
+        if _stamp(st) == sealed_file["stamp"]:
+            continue
+        if st.st_size != sealed_file["stamp"][0]:
+            made = sealed_file["stamp"][0]
+            raise ValueError(f"{name} is {st.st_size} bytes, not the {made} it was made with")
+        if digest_file_content(folder / name) != sealed_file["digest"]:
+            raise ValueError(f"{name} is damaged: its bytes differ from the digest recorded when it was made")
+        sealed_file["stamp"], renewed = _stamp(os.stat(folder / name)), True
+    return renewed
+
+
+def info_bytes(record: dict[str, Any]) -> bytes:
+    """A store's info.json: `record` and the digest of it (see `read_info`)."""
+    body = {k: v for k, v in record.items() if k != RECORD_DIGEST}
+    return json.dumps({**body, RECORD_DIGEST: digest_json(body)}).encode()
+
+
+def read_info(path: Path) -> dict[str, Any]:
+    """The record of an info.json written by `info_bytes`; ValueError when damaged or not one."""
+    try:
+        record = json.loads(path.read_bytes())
+    except ValueError as e:  # not UTF-8, not JSON
+        raise ValueError(f"{path.name} is damaged: {e}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path.name} is damaged: not a record")
+    body = {k: v for k, v in record.items() if k != RECORD_DIGEST}
+    if record.get(RECORD_DIGEST) != digest_json(body):
+        raise ValueError(f"{path.name} is damaged: it differs from the digest it records")
+    return body
+
+
+def renew_info(path: Path, record: dict[str, Any]) -> None:
+    """Rewrite a store's info.json with renewed stamps, atomically; a cache that cannot be written keeps
+    the old one (its readers hash the files again)."""
+    try:
+        write_bytes_atomic(path, info_bytes(record))
+    except (OSError, CacheFault):
+        pass
 
 
 class RowFile:

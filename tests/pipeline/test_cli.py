@@ -82,6 +82,7 @@ def test_embed_then_noop_rerun_then_dry_run(world, tmp_path):
         (["/definitely/not/here"], "no such file or folder"),
         (["--image-size", "-3"], "--image-size"),
         (["--image-format", "gif"], "--image-format"),
+        (["--max-aspect", "0.5"], "--max-aspect must be a finite number of at least 1"),
         (["--clip-model", "no-such-arch"], "--clip-model"),
         (["--clip-pretrained", "/missing/ckpt.pt"], "checkpoint file not found"),
     ],

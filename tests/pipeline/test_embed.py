@@ -175,6 +175,29 @@ def test_every_bad_image_is_converted_or_skipped_and_counted(tmp_path):
     assert alpha.shape == (32, 32, 3)
 
 
+def test_extreme_aspect_images_are_dropped_and_counted_not_blown_up(tmp_path):
+    root = tmp_path / "thin"
+    root.mkdir()
+    (root / "good.jpg").write_bytes(image_bytes((10, 200, 10)))
+    (root / "tall.png").write_bytes(image_bytes((200, 10, 10), size=(1, 60_000), fmt="PNG"))
+    (root / "wide.png").write_bytes(image_bytes((10, 10, 200), size=(60_000, 1), fmt="PNG"))
+    cache = tmp_path / "cache"
+    result = run_embed(_config([root], cache))
+    stats = _stats(cache)
+    assert stats["dropped"] == {"extreme_aspect": 2} and result.dropped == {"extreme_aspect": 2}
+    assert stats["dropped_sources"] == {"extreme_aspect": [str(root / "tall.png"), str(root / "wide.png")]}
+    assert _sidecar(cache).column("key").to_pylist() == ["good"]
+    # at its default the limit is not keyed: caches made before the option stay up to date
+    manifest = json.loads((cache / "embed" / "_manifests" / "00000.json").read_text())
+    assert "max_aspect" not in manifest["params"]
+    assert run_embed(_config([root], cache)).shards_run == []
+    wider = run_embed(_config([root], cache, max_aspect=60_000))
+    assert wider.shards_run == [0] and wider.dropped == {}
+    assert _sidecar(cache).column("key").to_pylist() == ["good", "tall", "wide"]
+    with pytest.raises(ConfigError, match="--max-aspect must be a finite number of at least 1"):
+        run_embed(_config([root], cache, max_aspect=0.5))
+
+
 def test_unsafe_and_duplicate_tar_members_are_skipped_and_counted(tmp_path):
     img = image_bytes()
     tar_path = write_tar(

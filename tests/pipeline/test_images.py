@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from pipeline.embed_config import DEFAULT_MAX_PIXELS
+from pipeline.embed_config import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
 from pipeline.errors import SampleSkipped
 from pipeline.images import (
     SKIP_REASONS,
@@ -77,8 +77,15 @@ def close(actual, expected, tol: int = 6) -> bool:
 
 
 def test_skip_reason_strings_are_the_documented_ones():
-    assert SKIP_REASONS == ("empty", "undecodable", "truncated", "too_many_pixels", "unencodable")
-    assert DEFAULT_MAX_PIXELS == 64_000_000
+    assert SKIP_REASONS == (
+        "empty",
+        "undecodable",
+        "truncated",
+        "too_many_pixels",
+        "extreme_aspect",
+        "unencodable",
+    )
+    assert DEFAULT_MAX_PIXELS == 64_000_000 and DEFAULT_MAX_ASPECT == 10
 
 
 def test_zero_bytes_is_empty():
@@ -195,8 +202,47 @@ def test_pil_decompression_bomb_warning_is_too_many_pixels_when_warnings_are_err
 def test_webp_too_wide_for_the_format_is_unencodable():
     data = to_bytes(Image.new("RGB", (17_000, 1), RED), "PNG")
     with pytest.raises(SampleSkipped) as info:
-        prepare_image(data, image_size=0, image_format="webp")
+        prepare_image(data, image_size=0, image_format="webp", max_aspect=17_000)  # past extreme_aspect
     assert info.value.reason == "unencodable"
+
+
+# ---------------------------------------------------------------- extreme aspect ratios
+
+
+def prepare_skip(data: bytes, **kwargs) -> SampleSkipped:
+    with pytest.raises(SampleSkipped) as info:
+        prepare_image(data, image_size=32, **kwargs)
+    return info.value
+
+
+@pytest.mark.parametrize(("width", "height"), [(1, 60_000), (60_000, 1)])
+@pytest.mark.parametrize("image_size", [32, 0])  # 0 stores the source size, but CLIP still sees the crop
+def test_extreme_aspect_is_skipped_not_blown_up_from_one_pixel(width, height, image_size):
+    data = to_bytes(noise_rgb(width, height), "PNG")
+    with pytest.raises(SampleSkipped) as info:
+        prepare_image(data, image_size=image_size, image_format="png")
+    assert info.value.reason == "extreme_aspect"
+    assert info.value.detail == f"{width}x{height}: aspect 60000:1 > --max-aspect 10"
+    rgb, _ = decode_rgb(data)  # plain decoding has no aspect limit: it is about the crop
+    assert rgb.size == (width, height)
+
+
+def test_aspect_at_the_limit_is_kept_and_the_limit_is_a_parameter():
+    at_limit = to_bytes(noise_rgb(10, 100), "PNG")  # exactly 10:1
+    prepared = prepare_image(at_limit, image_size=8, image_format="png")
+    assert (prepared.width, prepared.height) == (10, 100) and prepared.pixels.shape == (8, 8, 3)
+    over = prepare_skip(to_bytes(noise_rgb(100, 9), "PNG"))
+    assert (over.reason, over.detail) == ("extreme_aspect", "100x9: aspect 11.1:1 > --max-aspect 10")
+    assert prepare_skip(at_limit, max_aspect=9.5).detail == "10x100: aspect 10:1 > --max-aspect 9.5"
+    strip = to_bytes(noise_rgb(1, 60_000), "PNG")
+    assert prepare_image(strip, image_size=8, max_aspect=60_000).height == 60_000
+
+
+def test_extreme_aspect_is_read_from_the_header_before_the_pixels():
+    data = to_bytes(noise_rgb(60_000, 1), "PNG")
+    cut = data[: len(data) // 2]
+    assert prepare_skip(cut, max_aspect=60_000).reason == "truncated"  # decoding the pixels fails...
+    assert prepare_skip(cut).reason == "extreme_aspect"  # ...and is never tried
 
 
 # ---------------------------------------------------------------- conversions

@@ -200,7 +200,7 @@ def test_the_stream_recipe_at_test_size_lowers_the_loss_and_beats_chance_on_colo
     assert slots["n_images"] > 20 and set(slots["object_1"]) == set(ATTRIBUTES)
 
 
-def test_a_stopped_run_resumes_to_the_weights_of_a_run_never_stopped(world, tmp_path):
+def test_a_stopped_run_resumes_to_the_weights_of_a_run_never_stopped(world, tmp_path, capsys):
     """Checkpointed every 2 steps and stopped (Ctrl-C) in step 4: --resume redoes steps 3-4 from the state
     saved after step 2, and ends with every weight equal to the run that was never stopped."""
     base = dict(data=(str(world / "*.tar"),), size="tiny", steps=5, batch_size=16, warmup=1, eval_n=0)
@@ -217,6 +217,8 @@ def test_a_stopped_run_resumes_to_the_weights_of_a_run_never_stopped(world, tmp_
         train_clip(ClipTrainConfig(out=tmp_path / "stopped", **base), stop_in_step_4)
     saved = torch.load(tmp_path / "stopped" / "train_state.pt", weights_only=True)
     assert saved["step"] == 4 and not (tmp_path / "stopped" / "clip.pt").exists()
+    said = f"interrupted: the last checkpoint is {tmp_path / 'stopped' / 'train_state.pt'} (step 4)"
+    assert capsys.readouterr().err.splitlines() == [said]  # as every trainer says it (trainers.loop.launch)
 
     advanced = []
     resumed = train_clip(ClipTrainConfig(out=tmp_path / "stopped", resume=True, **base), advanced.append)

@@ -12,13 +12,14 @@ import shutil
 import tarfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from factories import TINY_CLIP
+from factories import TINY_CLIP, flip_middle
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -37,7 +38,7 @@ from pipeline.embed import run_embed
 from pipeline.embed_config import EmbedConfig
 from pipeline.errors import ConfigError
 from pipeline.synth import SynthConfig, run_synth
-from trainers import conditions, data
+from trainers import conditions, data, store_files
 from trainers.cli import app
 from trainers.conditions import missing_stage_error
 from trainers.data import LoaderConfig, make_loader
@@ -405,7 +406,7 @@ def test_only_committed_intact_current_shards_are_read(scratch):
 
     with open(scratch / "embed" / "00001.tar", "ab") as f:
         f.write(b"\0" * 512)  # embed is rewriting shard 1
-    with pytest.raises(ConfigError, match="embed shards: files missing or being rewritten .* [(]1[)]"):
+    with pytest.raises(ConfigError, match="embed shards: file size differs from the manifest's [(]1[)]"):
         make_loader(LoaderConfig(cache=scratch, condition="perturb", partial_wait_s=0))
     with pytest.warns(UserWarning, match="leaving out embed shards"):
         loader = make_loader(partial(scratch, "perturb", batch_size=4))
@@ -463,9 +464,29 @@ def test_a_shard_being_rewritten_is_refused_after_the_wait(scratch, tmp_path, mo
     t0 = time.monotonic()
     line = one_line_error(runner.invoke(app, gan_args(scratch, tmp_path / "runs", "optimize")))
     assert time.monotonic() - t0 >= 0.5
-    assert "after waiting" in line and "optimize shards: file missing or being rewritten (1)" in line
+    assert "after waiting" in line and "optimize shards: file size differs from the manifest's (1)" in line
     assert f"pipeline optimize --cache {scratch}" in line and "--allow-partial" in line
     assert not (tmp_path / "runs").exists()  # refused before a run directory was made
+
+
+@pytest.mark.parametrize("damage", ["truncated", "removed"])
+def test_a_truncated_or_missing_shard_file_is_named_with_its_fix(scratch, tmp_path, monkeypatch, damage):
+    monkeypatch.setattr(data, "PARTIAL_WAIT_S", 0, raising=False)
+    path = scratch / "optimize" / "00001.parquet"
+    size = path.stat().st_size
+    if damage == "truncated":
+        os.truncate(path, size // 2)  # not being rewritten: no stage is running
+    else:
+        path.unlink()
+    line = one_line_error(runner.invoke(app, gan_args(scratch, tmp_path / "runs", "optimize")))
+    assert f"`pipeline optimize --cache {scratch}`" in line  # a rerun remakes it either way
+    verify = f"`pipeline run --cache {scratch} --verify`, which re-hashes every output and remakes damaged"
+    if damage == "truncated":
+        assert "optimize shards: file size differs from the manifest's (1)" in line
+        assert f"{path} is {size // 2:,} bytes where its manifest says {size:,}" in line and verify in line
+    else:
+        assert "optimize shards: file missing (1)" in line and f"{path} is missing" in line
+        assert "--verify" not in line
 
 
 def test_allow_partial_trains_on_the_rest_and_records_the_rows(scratch, tmp_path):
@@ -499,16 +520,6 @@ def test_allow_partial_trains_on_the_rest_and_records_the_rows(scratch, tmp_path
     evaluate(config, generate, info)
     training_data = json.loads((tmp_path / "eval" / "eval.json").read_text())["training_data"]
     assert training_data.pop("provenance")["stage"] == "optimize" and training_data == recorded
-
-
-def flip_middle(path: Path, n: int = 16) -> None:
-    """Bit rot: n bytes in the middle of the file change; its size and mtime stay the same."""
-    st = path.stat()
-    raw = bytearray(path.read_bytes())
-    mid = len(raw) // 2
-    raw[mid : mid + n] = bytes(b ^ 0xFF for b in raw[mid : mid + n])
-    path.write_bytes(bytes(raw))
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 @pytest.mark.parametrize(
@@ -561,10 +572,14 @@ def test_a_damaged_tar_header_is_unreadable_not_fewer_images(scratch):
         make_loader(LoaderConfig(cache=scratch, condition="perturb"))
 
 
-def test_damaged_caption_features_are_recomputed_with_a_warning(scratch):
+@pytest.mark.parametrize("damage", ["replaced", "flipped"])
+def test_damaged_caption_features_are_recomputed_with_a_warning(scratch, damage):
     shutil.rmtree(scratch / "_trainers", ignore_errors=True)
     first = make_loader(LoaderConfig(cache=scratch, condition="caption", batch_size=4)).info.caption_features
-    Path(first).write_bytes(b"not an array")  # a damaged derived file
+    if damage == "replaced":
+        Path(first).write_bytes(b"not an array")  # a damaged derived file
+    else:
+        flip_middle(Path(first), 64)  # still an array of the right shape
     for stored in (scratch / "_trainers").glob("samples-*"):
         shutil.rmtree(stored)  # a stored sample set holds the features already: it must be derived again
     with pytest.warns(UserWarning, match="caption_features-.*cannot be read.*recomputing it"):
@@ -731,6 +746,48 @@ def test_a_damaged_store_is_rebuilt_with_a_warning(fresh):
     with pytest.warns(UserWarning, match="samples-.*cannot be read.*rebuilding it"):
         loader = make_loader(config)
     same(before, batches(loader))
+
+
+@pytest.mark.parametrize("name", ["cond.npy", "where.npy", "keys.npy", "info.json"])
+def test_same_size_damage_to_a_store_is_rebuilt_with_one_warning_naming_the_file(fresh, name):
+    config = LoaderConfig(cache=fresh, condition="optimize", batch_size=5)
+    before = batches(make_loader(config))
+    (stored,) = (fresh / "_trainers").glob("samples-*")
+    if name == "info.json":  # still valid JSON, of the same size
+        text = (stored / name).read_text()
+        (stored / name).write_text(text.replace('"probability": 0', '"probability": 1', 1))
+        assert (stored / name).read_text() != text
+    else:
+        flip_middle(stored / name, 64)  # size and mtime as they were
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loader = make_loader(config)
+    (message,) = [str(w.message) for w in caught if w.category is UserWarning]
+    assert message.startswith(f"{stored}: cannot be read ({name} is damaged")
+    assert message.endswith("rebuilding it")
+    same(before, batches(loader))
+    assert [p.name for p in (fresh / "_trainers").glob("samples-*")] == [stored.name]
+    cond = np.asarray(loader.dataset.cond[np.arange(len(loader.dataset.cond))], np.float32)
+    assert np.allclose(np.linalg.norm(cond, axis=1), 1, atol=1e-2)  # the rebuilt rows, not the damage
+
+
+def test_a_copied_store_is_hashed_once_then_trusted(fresh, monkeypatch):
+    config = LoaderConfig(cache=fresh, condition="optimize", batch_size=5)
+    before = batches(make_loader(config))
+    (stored,) = (fresh / "_trainers").glob("samples-*")
+    copy = stored.with_name(stored.name + ".copy")
+    shutil.copytree(stored, copy)  # new inodes and ctimes, same bytes (as a copied cache has)
+    shutil.rmtree(stored)
+    copy.rename(stored)
+    hashed = []
+    real = store_files.digest_file_content
+    monkeypatch.setattr(store_files, "digest_file_content", lambda p: hashed.append(p.name) or real(p))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        same(before, batches(make_loader(config)))
+        assert sorted(hashed) == ["cond.npy", "keys.npy", "pool.npy", "where.npy"]
+        same(before, batches(make_loader(config)))
+    assert len(hashed) == 4  # its stamps were renewed: the second loader read nothing whole
 
 
 def test_a_partial_cache_is_never_stored(fresh):

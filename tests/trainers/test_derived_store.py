@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
+from factories import flip_middle
 
 from manifests import Dep, ShardSpec, commit_manifest, list_manifests, stat_out, write_parquet_atomic
 from pipeline.cache_writer import CacheWriter
@@ -191,7 +192,9 @@ def test_a_removed_altered_or_restored_shard_file_is_seen(world):
     same_rows(stored, read_derived(kind, cache, checkpoint), everything)
 
 
-@pytest.mark.parametrize("damage", ["index", "values", "info"])
+@pytest.mark.parametrize(
+    "damage", ["index", "values", "info", "values_flipped", "index_flipped", "sparse_flipped"]
+)
 def test_a_damaged_store_is_rebuilt_with_a_warning(world, damage):
     _, cache, checkpoint, _, shards = world
     kind = _kind(world)
@@ -202,10 +205,13 @@ def test_a_damaged_store_is_rebuilt_with_a_warning(world, damage):
     elif damage == "values":
         with open(folder / "values.npy", "r+b") as f:
             f.truncate(os.path.getsize(folder / "values.npy") - 7)
-    else:
+    elif damage == "info":
         record = json.loads((folder / "info.json").read_text())
         (folder / "info.json").write_text(json.dumps({**record, "rows": 3}))
-    with pytest.warns(UserWarning, match="derived-.*cannot be read.*rebuilding it"):
+    else:  # same size, same mtime
+        flip_middle(folder / f"{damage.split('_')[0]}.npy", 64)
+    match = f"derived-.*cannot be read.*{damage.split('_')[0] if 'flipped' in damage else ''}.*rebuilding it"
+    with pytest.warns(UserWarning, match=match):
         stored = load_derived(kind, cache, checkpoint)
     assert isinstance(stored, StoredRows) and len(stored) == 1600
     same_rows(stored, read_derived(kind, cache, checkpoint), [k for ks in shards.values() for k in ks])

@@ -110,6 +110,27 @@ def test_an_incomplete_torchrun_environment_is_refused(monkeypatch):
     assert launched_world() == World(0, 2, 0)
 
 
+def test_ctrl_c_is_said_once_by_rank_0(monkeypatch, capsys):
+    """Ctrl-C reaches every rank of a torchrun job; only rank 0 prints the line (trainers.loop.launch).
+    By hand, 2 gloo ranks under torchrun with SIGINT to their process group printed it once."""
+    from types import SimpleNamespace
+
+    from trainers import loop
+
+    def interrupted(world, device, progress):
+        raise KeyboardInterrupt
+
+    config = SimpleNamespace(validate=lambda: None, device="cpu", batch_size=2)
+    monkeypatch.setattr(loop, "close_world", lambda world: None)
+    said = []
+    for rank in (0, 1):
+        monkeypatch.setattr(loop, "init_world", lambda device, rank=rank: (World(rank, 2), "cpu"))
+        with pytest.raises(KeyboardInterrupt):
+            loop.launch(config, interrupted)
+        said.append(capsys.readouterr().err.splitlines())
+    assert said == [["interrupted: no checkpoint was written yet"], []]
+
+
 def test_a_killed_rank_ends_the_job_and_leaves_whole_checkpoints(cache, tmp_path):
     out = tmp_path / "killed"
     env = {**ENV, "PIPELINE_CRASH_AT": "train:rank1:step3"}  # rank 1 dies after step 3 (SIGKILL)

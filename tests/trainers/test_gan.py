@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -14,6 +19,7 @@ from typer.testing import CliRunner
 
 from pipeline.clip import load_clip
 from pipeline.errors import ConfigError
+from trainers.checkpoints import list_checkpoints
 from trainers.cli import app
 from trainers.gan import GAN_SIZES, ModulatedConv, architecture, build_models, count_params
 from trainers.gan_config import GanConfig
@@ -441,6 +447,66 @@ def test_cli_errors_are_one_line(cache, tmp_path):
     )
     _user_error(["gan", "--resume", tmp_path / "missing.pt"], "--resume")
     assert not list(tmp_path.glob("0*-gan"))  # a refused run leaves no run directory behind
+
+
+def cli_gan_args(cache, out, steps: int) -> list[str]:
+    args = ["gan", "--cache", cache, "--out", out, "--size", "tiny", "--condition", "perturb"]
+    args += ["--steps", steps, "--batch-size", 4, "--sample-every", 0, "--checkpoint-every", 2]
+    return [str(a) for a in [*args, "--log-every", 1, "--device", "cpu"]]
+
+
+@pytest.mark.parametrize(
+    ("stop", "masked", "said"),
+    [
+        (0, False, "no checkpoint was written yet; the run folder {run} held no step's work and was removed"),
+        (1, False, "no checkpoint was written yet; the run folder {run} keeps its metrics so far"),
+        (3, False, "the last checkpoint is {run}/0000002.pt (step 2)"),
+        (3, True, "the last checkpoint is {run}/0000002.pt (step 2)"),  # torch.save broken mid-write
+    ],
+)
+def test_ctrl_c_says_in_one_line_what_a_run_can_continue_from(
+    cache, tmp_path, monkeypatch, stop, masked, said
+):
+    step = GanTrainer.train_step
+
+    def train_step(self, batch):
+        if self.step != stop:
+            return step(self, batch)
+        if not masked:
+            raise KeyboardInterrupt
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("unexpected pos 928256 vs 928144") from None  # its zip writer's __exit__
+
+    monkeypatch.setattr(GanTrainer, "train_step", train_step)
+    result = runner.invoke(app, cli_gan_args(cache, tmp_path, 5))
+    assert result.exit_code == 130 and "Traceback" not in result.output, result.output
+    said = "interrupted: " + said.format(run=tmp_path / "000-gan")
+    assert [line for line in result.stderr.splitlines() if "interrupted" in line] == [said]
+    assert (tmp_path / "000-gan").exists() == (stop > 0)
+
+
+def test_sigint_exits_130_with_one_line_naming_the_last_checkpoint(cache, tmp_path):
+    """A real SIGINT to `trainers gan`, resumed from step 2 to a far --steps with no checkpoint before it,
+    so 0000002.pt is the last checkpoint whenever the signal lands."""
+    assert runner.invoke(app, cli_gan_args(cache, tmp_path, 2)).exit_code == 0
+    run = tmp_path / "000-gan"
+    args = ["gan", "--resume", str(run), "--steps", "100000", "--checkpoint-every", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainers", *args], stderr=subprocess.PIPE, text=True, env=env
+    )
+    deadline = time.monotonic() + 120
+    while (run / "metrics.jsonl").read_text().count("\n") < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)  # until a step after the resume is done
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert [line for line in err.splitlines() if "interrupted" in line] == [
+        f"interrupted: the last checkpoint is {run / '0000002.pt'} (step 2)"
+    ]
+    assert "Traceback" not in err and list_checkpoints(run) == [run / "0000002.pt"]
 
 
 def test_a_cache_larger_than_the_size_is_meant_for_is_warned_about(tmp_path):

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from factories import TINY_CLIP
+from factories import TINY_CLIP, flip_middle
 from typer.testing import CliRunner
 
 from pipeline.embed import run_embed
@@ -121,8 +121,8 @@ def test_cached_probe_trains_once_per_cache(tmp_path, monkeypatch):
     assert same == path and again.config == first.config
 
     monkeypatch.undo()
-    path.write_bytes(b"\0" * path.stat().st_size)  # a damaged derived file is retrained, with a warning
-    with pytest.warns(UserWarning, match="probe-.*: not a `trainers probe` file .*; retraining it"):
+    flip_middle(path, 64)  # same-size damage: still a loadable torch file
+    with pytest.warns(UserWarning, match="probe-.*: cannot be read .*damaged.*; retraining it"):
         remade, _ = cached_probe(cache, config)
     assert remade.config == first.config and probe_module.load_probe(path, "cpu").config == first.config
 
