@@ -82,9 +82,11 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 FAMILIES = ("gan", "vae", "ldm", "dvae", "dalle", "clip")
 # family -> size -> (resolutions, the autoencoder size it trains on) where neither the registry nor the
-# trainer says it: the compare presets' pairings (cpu: tiny/mini at 32 px, gpu: small/S at 64 px)
+# trainer says it: the compare presets' pairings when the rows were measured (cpu: tiny/mini at 32 px,
+# gpu: small/S at 64 px; since 2026-12-07 the cpu preset pairs ldm tiny with vae mini, dalle mini with
+# dvae tiny)
 SIZES: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {
-    "vae": {"tiny": ((32,), ""), "small": ((64,), "")},  # small: "32-64 px synthetic world"
+    "vae": {"tiny": ((32,), ""), "mini": ((32,), ""), "small": ((64,), "")},  # small: "32-64 px world"
     "ldm": {"tiny": ((32,), "tiny"), "S": ((64,), "small"), "B": ((64,), "small")},  # VAE_SIZES entry
     "dvae": {"tiny": ((32,), ""), "small": ((64,), ""), "small8": ((64,), "")},
     "dalle": {  # DVAE_SIZES entry: small at 32 px is 8 x 8 tokens, at 64 px 16 x 16

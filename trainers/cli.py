@@ -26,6 +26,7 @@ from trainers.cli_options import (
     NAME_HELP,
     RUNS_HELP,
     STEP_COST,
+    AcceptLossyOpt,
     AllowPartialOpt,
     BatchOpt,
     CheckpointEveryOpt,
@@ -268,17 +269,24 @@ def vae_command(
         str | None,
         shown(
             "--size",
-            "trainers.vae.VAE_SIZES entry: tiny or small."
-            + STEP_COST
-            + "tiny 0.08 at 32 px, small 1.3 at 64 px "
+            "trainers.vae.VAE_SIZES entry: tiny, mini (compare's cpu preset: keeps the objects at 32 "
+            "px) or small." + STEP_COST + "tiny 0.08 at 32 px (mini about twice that), small 1.3 at 64 px "
             "(24 at 256 px).",
         ),
     ] = None,
     steps: Annotated[int | None, shown("--steps", "Optimisation steps.")] = None,
     batch_size: Annotated[int | None, shown("--batch-size", BATCH_HELP)] = None,
-    lr: Annotated[float | None, shown("--lr", "Adam learning rate.")] = None,
+    lr: Annotated[
+        float | None,
+        shown("--lr", "Adam learning rate; unset: the size's (tiny and mini 2e-3, small 2e-4)."),
+    ] = None,
+    recon_loss: Annotated[
+        str | None, shown("--recon-loss", "The reconstruction term: l1 or mse (per pixel, mean).")
+    ] = None,
     seed: Annotated[int | None, shown("--seed", "Init, noise, data order, held-out choice.")] = None,
-    eval_n: Annotated[int | None, shown("--eval-n", "Held-out images for the PSNR in eval.json.")] = None,
+    eval_n: Annotated[
+        int | None, shown("--eval-n", "Held-out images for eval.json's PSNR and what the probe reads.")
+    ] = None,
     disc_weight: Annotated[
         float | None,
         shown("--disc-weight", "Patch-discriminator (hinge) term weight; 0 trains without one."),
@@ -300,12 +308,13 @@ def vae_command(
             show_default=False,
         ),
     ] = None,
+    accept_lossy: AcceptLossyOpt = False,
 ) -> None:
     """Train the KL autoencoder (x4 down, 4 latent channels) that `trainers ldm` works in.
 
     With --encode CKPT: precompute that VAE's latents of every embed shard once (no training).
     """
-    given = given_options(locals(), "encode")
+    given = given_options(locals(), "encode", "accept_lossy")
     from trainers.distributed import training_bar
     from trainers.vae import run_vae
     from trainers.vae_config import VaeConfig
@@ -316,15 +325,18 @@ def vae_command(
         from trainers.latents import describe, encode_latents
 
         run = lambda advance: encode_latents(cache, encode, config.batch_size, config.device, advance)  # noqa: E731
-        typer.echo(describe(encode_command("vae", cache, run)))
+        summary = encode_command("vae", cache, run, encode, config.batch_size, config.device, accept_lossy)
+        typer.echo(describe(summary))
         return
     config.validate()
     with training_bar("vae", config.steps) as advance:
         result = run_vae(config, advance)
     if result.run_dir is None:  # a torchrun rank other than 0: rank 0 reports
         return
+    from trainers.recon_probe import describe
+
     typer.echo(
-        f"vae: step {result.step:,}, loss {result.losses['loss']:.4f}, held-out PSNR {result.psnr:.2f} dB "
+        f"vae: step {result.step:,}, loss {result.losses['loss']:.4f}, {describe(result.reconstruction)} "
         f"-> {result.checkpoint}"
     )
 

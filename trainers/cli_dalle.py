@@ -11,6 +11,7 @@ import typer
 from pipeline.cli_common import given_options, user_errors
 from trainers.cli_options import (
     STEP_COST,
+    AcceptLossyOpt,
     BatchOpt,
     CheckpointEveryOpt,
     CompileOpt,
@@ -54,6 +55,14 @@ def dvae_command(
             + "tiny 0.03 at 32 px, small 0.73 and small8 0.64 at 64 px.",
         ),
     ] = None,
+    quantizer: Annotated[
+        str | None,
+        shown(
+            "--quantizer",
+            "gumbel: a learnt codebook, gumbel-softmax codes and a KL to the uniform prior (DALL-E); fsq: "
+            "finite scalar quantisation (levels 8 x 8 for 64 codes, 8 x 8 x 8 for 512), MSE alone.",
+        ),
+    ] = None,
     steps: TotalStepsOpt = None,
     batch_size: Annotated[
         int | None, shown("--batch-size", "Images per step (or per --encode batch).")
@@ -95,19 +104,21 @@ def dvae_command(
             show_default=False,
         ),
     ] = None,
+    accept_lossy: AcceptLossyOpt = False,
     dry_run: DryRunOpt = False,
 ) -> None:
     """Train DALL-E's discrete VAE (gumbel-softmax codes, KL to a uniform prior) on the cache's images.
 
     With --encode CKPT: write that dVAE's token cache for every embed shard once (no training).
     """
-    given = given_options(locals(), "resume", "encode", "dry_run")
+    given = given_options(locals(), "resume", "encode", "accept_lossy", "dry_run")
     if encode is not None:
         from trainers.derived_shards import encode_command
         from trainers.tokens import describe, encode_tokens
 
-        run = lambda advance: encode_tokens(cache, encode, batch_size or 64, device or "auto", advance)  # noqa: E731
-        typer.echo(describe(encode_command("dvae", cache, run)))
+        batch, dev = batch_size or 64, device or "auto"
+        run = lambda advance: encode_tokens(cache, encode, batch, dev, advance)  # noqa: E731
+        typer.echo(describe(encode_command("dvae", cache, run, encode, batch, dev, accept_lossy)))
         return
     from trainers.train_dvae import describe, resolve_config, run_dvae
 

@@ -108,6 +108,14 @@ AllowPartialOpt = Annotated[
         "it: wait briefly, then refuse); config.json records the rows used.",
     ),
 ]
+AcceptLossyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--accept-lossy",
+        help="With --encode: encode even when the reconstructions lose the objects (the probe reads under "
+        "half the real images' colour or position on the synthetic world; see trainers/recon_probe.py).",
+    ),
+]
 PairedLimitOpt = Annotated[
     int | None,
     typer.Option(

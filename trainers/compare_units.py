@@ -327,7 +327,24 @@ def do_autoencoder(config: CompareConfig, unit: Unit, progress: Callable[..., No
     result = run(unit.train, lambda n: progress(steps=n))
     files = [result.checkpoint, result.run_dir / "eval.json"]
     extra = {"checkpoint": result.checkpoint.relative_to(out).as_posix(), "psnr_db": result.psnr}
+    warn_if_lossy(unit.kind, result.reconstruction)
     return commit_unit(out, unit, files, {"train_s": round(time.perf_counter() - t0, 2)}, extra)
+
+
+def warn_if_lossy(kind: str, reconstruction: dict | None) -> None:
+    """Say loudly when the shared autoencoder's reconstructions lose the objects (trainers/recon_probe.py):
+    every generator of the comparison then draws through it, so its attribute figures measure the
+    autoencoder more than the conditions."""
+    from trainers.recon_probe import KEPT_MIN, lost
+
+    gone = lost(reconstruction or {})
+    if gone:
+        warnings.warn(
+            f"the shared {kind}'s reconstructions lose the objects (the probe reads {', '.join(gone)} on the "
+            f"real images, under {KEPT_MIN:g} of it): the generators drawing through it cannot show what "
+            "their conditions do; train it longer or larger (--vae-steps, --vae-size)",
+            stacklevel=2,
+        )
 
 
 def _train(unit: Unit, progress: Callable[..., None]) -> Path:

@@ -467,10 +467,19 @@ def cached_or_computed(
     return out
 
 
-def encode_command(command: str, cache: Path | None, encode: Callable[[Any], Any]) -> Any:
-    """`trainers {command} --encode`: one process (never under torchrun), holding the cache's lock (the
-    derived folder is a stage of the cache, written like the pipeline's), with a progress bar; -> what
-    `encode(advance)` returns."""
+def encode_command(
+    command: str,
+    cache: Path | None,
+    encode: Callable[[Any], Any],
+    checkpoint: Path,
+    batch_size: int,
+    device: str,
+    accept_lossy: bool = False,
+) -> Any:
+    """`trainers {command} --encode CHECKPOINT`: one process (never under torchrun), holding the cache's
+    lock (the derived folder is a stage of the cache, written like the pipeline's), refusing an
+    autoencoder that loses the objects unless `accept_lossy` (trainers.recon_probe.check_encoder), with
+    a progress bar; -> what `encode(advance)` returns."""
     from pipeline.cli_common import writing
     from pipeline.progress import progress_bar
     from trainers.distributed import launched_world
@@ -479,5 +488,11 @@ def encode_command(command: str, cache: Path | None, encode: Callable[[Any], Any
         raise ConfigError("--cache is required: the feature cache whose images --encode encodes")
     if launched_world().distributed:
         raise ConfigError(f"--encode runs as one process: run `trainers {command} --encode` without torchrun")
-    with writing(cache), progress_bar(f"{command} --encode", total=None, unit="img") as advance:
-        return encode(advance)
+    require_at_least(("--batch-size", batch_size, 1))
+    with writing(cache):
+        if not accept_lossy:
+            from trainers.recon_probe import check_encoder
+
+            check_encoder(cache, checkpoint, command, device)
+        with progress_bar(f"{command} --encode", total=None, unit="img") as advance:
+            return encode(advance)

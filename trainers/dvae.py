@@ -14,6 +14,12 @@ not DALL-E's logit-Laplace likelihood: at 32-64 px it is what the held-out PSNR 
 
 At encode time the codes are hard: `encode_codes` takes each cell's argmax, and `decode_codes` looks the
 code vectors up, so tokens -> image is deterministic (`decode_tokens`, for the `trainers dalle` sampler).
+
+`--quantizer fsq` replaces the codebook by finite scalar quantisation (Mentzer et al. 2023): the encoder
+gives d = len(levels) channels per cell, each bounded (tanh) to L_i levels and rounded (the gradient
+passes the rounding unchanged), so a cell's code is one of prod(L_i) points of a grid (K = 64: levels
+8 x 8; K = 512: 8 x 8 x 8), its token the mixed-radix number of its digits. No codebook to collapse, no
+temperature, no KL: the loss is the MSE alone, and every code is a point the decoder is trained on.
 """
 
 from __future__ import annotations
@@ -45,6 +51,31 @@ DVAE_SIZES: dict[str, DvaeSize] = {
     "small8": DvaeSize((32, 64, 128, 128)),  # x8, K 512, 2.0M: 64 px -> 8 x 8 tokens
 }
 MAX_VOCAB = 2**15 - 1  # tokens are stored as int16
+QUANTIZERS = ("gumbel", "fsq")
+FSQ_LEVELS = {64: (8, 8), 512: (8, 8, 8)}  # per vocabulary size (Mentzer et al.: levels >= 5 work best)
+
+
+def fsq_quantize(z: torch.Tensor, levels: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder output [B, d, h, w] (d = len(levels)) -> (the grid point each cell rounds to, in [-1, 1],
+    with the rounding's gradient passed straight through; its code int64 [B, h, w])."""
+    lv = torch.tensor(levels, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
+    half = (lv - 1) / 2
+    offset = (1 - lv % 2) / 2  # even L: the grid is not symmetric about 0
+    bounded = torch.tanh(z + torch.atanh(offset / half)) * half - offset  # in (-L/2, L/2)
+    rounded = bounded + (bounded.round() - bounded).detach()  # straight-through estimator
+    digits = (rounded.detach().round() + lv // 2).long()  # [B, d, h, w] in 0 .. L - 1
+    return rounded / (lv // 2), (digits * _radix(levels, z.device).view(1, -1, 1, 1)).sum(dim=1)
+
+
+def fsq_points(codes: torch.Tensor, levels: tuple[int, ...]) -> torch.Tensor:
+    """Codes int [B, h, w] -> their grid points [B, d, h, w] in [-1, 1] (what `fsq_quantize` gave)."""
+    lv = torch.tensor(levels, device=codes.device).view(1, -1, 1, 1)
+    digits = (codes.long().unsqueeze(1) // _radix(levels, codes.device).view(1, -1, 1, 1)) % lv
+    return ((digits - lv // 2) / (lv // 2)).float()
+
+
+def _radix(levels: tuple[int, ...], device) -> torch.Tensor:
+    return torch.tensor([math.prod(levels[:i]) for i in range(len(levels))], device=device)
 
 
 class DiscreteVAE(nn.Module):
@@ -53,13 +84,17 @@ class DiscreteVAE(nn.Module):
         widths = list(arch["channels"])
         k, d = int(arch["vocab_size"]), int(arch["embed_dim"])
         self.vocab_size, self.grid, self.resolution = k, tuple(arch["grid"]), int(arch["resolution"])
+        self.levels = tuple(arch.get("levels") or ())  # FSQ's; () for the gumbel codebook
+        width = len(self.levels) or k  # the encoder's output per cell: FSQ coordinates, or code logits
         enc: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, padding=1)]
         for c_in, c_out in zip(widths[:-1], widths[1:], strict=True):
             enc += [ResBlock(c_in, c_in), nn.Conv2d(c_in, c_out, 3, stride=2, padding=1)]  # side / 2
-        enc += [ResBlock(widths[-1], widths[-1]), _norm(widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], k, 1)]
+        top = widths[-1]
+        enc += [ResBlock(top, top), _norm(top), nn.SiLU(), nn.Conv2d(top, width, 1)]
         self.encoder = nn.Sequential(*enc)
-        self.codebook = nn.Embedding(k, d)
-        dec: list[nn.Module] = [nn.Conv2d(d, widths[-1], 1), ResBlock(widths[-1], widths[-1])]
+        if not self.levels:
+            self.codebook = nn.Embedding(k, d)
+        dec: list[nn.Module] = [nn.Conv2d(len(self.levels) or d, top, 1), ResBlock(top, top)]
         for c_in, c_out in zip(widths[:0:-1], widths[-2::-1], strict=True):
             dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1)]
             dec += [ResBlock(c_out, c_out)]  # side * 2
@@ -67,7 +102,7 @@ class DiscreteVAE(nn.Module):
         self.decoder = nn.Sequential(*dec)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, 3, R, R] in [-1, 1] -> code logits [B, K, h, w]."""
+        """[B, 3, R, R] in [-1, 1] -> code logits [B, K, h, w] (FSQ: its coordinates [B, d, h, w])."""
         return self.encoder(x)
 
     def decode_soft(self, y: torch.Tensor) -> torch.Tensor:
@@ -77,26 +112,40 @@ class DiscreteVAE(nn.Module):
 
     def forward(
         self, x: torch.Tensor, temperature: float, world: World = SINGLE
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training pass: (reconstruction [B, 3, R, R], logits [B, K, h, w]); the gumbel noise is drawn from
-        torch's global generator (so a resumed run, which restores it, draws the same), under torchrun
-        (`world`) for the global batch, this rank's rows kept."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Training pass: (reconstruction [B, 3, R, R], logits [B, K, h, w], hard codes [B, h, w]); the
+        gumbel noise is drawn from torch's global generator (so a resumed run, which restores it, draws the
+        same), under torchrun (`world`) for the global batch, this rank's rows kept. FSQ: logits None."""
+        if self.levels:
+            points, codes = fsq_quantize(self.logits(x), self.levels)
+            return self.decoder(points), None, codes
         logits = self.logits(x)
         shape = (logits.shape[0] * world.size, *logits.shape[1:])
         exp = world.part(torch.empty(shape, device=logits.device, dtype=logits.dtype).exponential_())
         gumbel = -exp.log()  # [B, K, h, w] ~ Gumbel(0, 1)
         y = F.softmax((logits + gumbel) / temperature, dim=1)
-        return self.decode_soft(y), logits
+        return self.decode_soft(y), logits, logits.detach().argmax(dim=1)
 
     @torch.no_grad()
     def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, R, R] in [-1, 1] -> hard codes int64 [B, h, w] (each cell's most likely code)."""
+        if self.levels:
+            return fsq_quantize(self.logits(x), self.levels)[1]
         return self.logits(x).argmax(dim=1)
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """int [B, h, w] -> [B, 3, R, R] (about [-1, 1], not clamped)."""
+        if self.levels:
+            return self.decoder(fsq_points(codes, self.levels))
         z = self.codebook(codes.long()).permute(0, 3, 1, 2)  # [B, D, h, w]
         return self.decoder(z)
+
+
+@torch.no_grad()
+def reconstruct(model: DiscreteVAE, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `--encode` keeps of float [-1, 1] images: (decoded hard codes, the codes), on the CPU."""
+    codes = model.encode_codes(images.to(next(model.parameters()).device).float())
+    return model.decode_codes(codes).float().cpu(), codes.cpu()
 
 
 def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
@@ -114,9 +163,11 @@ def codebook_usage(codes: torch.Tensor, vocab_size: int) -> dict[str, float | in
     return {"perplexity": float(entropy.exp()), "dead_codes": int((counts == 0).sum())}
 
 
-def dvae_architecture(size: str, resolution: int) -> dict[str, Any]:
+def dvae_architecture(size: str, resolution: int, quantizer: str = "gumbel") -> dict[str, Any]:
     if size not in DVAE_SIZES:
         raise ConfigError(f"--size {size}: choose one of {', '.join(DVAE_SIZES)}")
+    if quantizer not in QUANTIZERS:
+        raise ConfigError(f"--quantizer {quantizer}: choose one of {', '.join(QUANTIZERS)}")
     spec = DVAE_SIZES[size]
     down = 2 ** (len(spec.channels) - 1)
     if resolution % down:
@@ -132,6 +183,7 @@ def dvae_architecture(size: str, resolution: int) -> dict[str, Any]:
         "downsample": down,
         "resolution": resolution,
         "grid": [side, side],  # tokens per image: grid[0] * grid[1], row-major
+        **({"quantizer": "fsq", "levels": list(FSQ_LEVELS[spec.vocab_size])} if quantizer == "fsq" else {}),
     }
 
 

@@ -52,7 +52,7 @@ def check_run_options(
         ),
         *minimums,
     )
-    if not (math.isfinite(config.lr) and config.lr > 0):
+    if config.lr is not None and not (math.isfinite(config.lr) and config.lr > 0):  # None: the size's
         raise ConfigError("--lr must be a positive number")
     if hasattr(config, "prompts") and not config.prompts:
         raise ConfigError("--prompts: the file has no prompts (one per line)")

@@ -7,11 +7,15 @@ One step, on a batch of real images x in [-1, 1] (the conditions are not used):
     x', logits = dVAE(x, tau)                                                  gumbel-softmax codes
     loss = mean |x - x'|^2 + beta * KL(softmax(logits) || uniform)             KL in nats per cell
 
+with `--quantizer gumbel`; with `fsq` (the default: trainers/dvae.py) the codes are rounded coordinates,
+and the loss is the MSE alone (tau and beta are still logged, unused).
+
 A held-out slice of the cache (`eval_n` images, a fixed seeded choice: `trainers.vae.split_cache`, the
 same split `trainers vae` makes) is never trained on. eval.json reports, on it and with hard (argmax)
 codes: the reconstruction PSNR beside the PSNR of the held-out mean image (a reconstruction that does not
-beat it has learnt nothing per image), and codebook usage: the perplexity of the code frequencies (of K)
-and the number of dead codes (never chosen).
+beat it has learnt nothing per image) and of the images with their objects erased, what the world's
+probe reads on the reconstructions against the real images (`reconstruction`: trainers/recon_probe.py),
+and codebook usage: the perplexity of the code frequencies (of K) and the number of dead codes.
 
 Resume is bit-for-bit on the CPU, as `trainers ldm`: the checkpoint holds model, optimiser, step, config
 and every global RNG state (the gumbel noise comes from torch's), and the loader restarts at the step.
@@ -73,9 +77,9 @@ class DvaeTrainer:
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         x = batch["image"].to(self.device, non_blocking=True).float()  # [B, 3, R, R]
         tau, beta = self.temperature(), self.kl_beta()
-        recon, logits = self.model(x, tau, self.world)  # [B, 3, R, R], [B, K, h, w]
+        recon, logits, codes = self.model(x, tau, self.world)  # [B, 3, R, R], [B, K, h, w] (FSQ: None)
         mse = F.mse_loss(recon, x)
-        kl = kl_to_uniform(logits)
+        kl = kl_to_uniform(logits) if logits is not None else torch.zeros((), device=x.device)
         loss = mse + beta * kl
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -83,7 +87,7 @@ class DvaeTrainer:
         self.opt.step()
         self.step += 1
         # the codes of the whole global batch: a perplexity of fewer rows would read lower
-        codes = self.world.gather(logits.detach().argmax(dim=1))  # [B, h, w]
+        codes = self.world.gather(codes)  # [B, h, w]
         usage = codebook_usage(codes, self.model.vocab_size)
         return {
             "loss": loss.detach(),
@@ -102,30 +106,28 @@ class DvaeTrainer:
         self.opt.load_state_dict(state["opt"])
 
 
-@torch.no_grad()
-def evaluate_dvae(model: DiscreteVAE, images: torch.Tensor, batch_size: int = 64) -> dict[str, Any]:
-    """Held-out figures of `images` float [N, 3, R, R] in [-1, 1], with hard codes: reconstruction PSNR,
-    the mean image's PSNR (the reference to beat), codebook perplexity and dead codes."""
-    from trainers.vae import psnr
+def evaluate_dvae(
+    model: DiscreteVAE, images: torch.Tensor, cache: Path, keys: list[str], device: str = "auto"
+) -> dict[str, Any]:
+    """Held-out figures of `images` float [N, 3, R, R] in [-1, 1] (the cache's rows `keys`), with hard
+    codes: reconstruction PSNR beside the mean image's (the reference to beat), what the reconstructions
+    keep of the objects (`reconstruction`: trainers/recon_probe.py), codebook perplexity and dead codes."""
+    from trainers.dvae import reconstruct
+    from trainers.recon_probe import measure
 
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    scores, codes = [], []
-    for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size].to(device).float()
-        c = model.encode_codes(x)  # [b, h, w]
-        scores.append(psnr(model.decode_codes(c), x).cpu())
-        codes.append(c.cpu())
+    parts = [reconstruct(model, images[i : i + 64]) for i in range(0, len(images), 64)]
     model.train(was_training)
-    mean_image = images.float().mean(dim=0, keepdim=True).expand_as(images)  # [N, 3, R, R]
-    usage = codebook_usage(torch.cat(codes), model.vocab_size)
+    recon, codes = torch.cat([r for r, _ in parts]), torch.cat([c for _, c in parts])
+    report = measure(cache, images, recon, keys, device)
     return {
-        "psnr_db": float(torch.cat(scores).mean()),
-        "mean_image_psnr_db": float(psnr(mean_image, images.float()).mean()),
-        **usage,
+        "psnr_db": report["psnr_db"],
+        "mean_image_psnr_db": report["mean_image_psnr_db"],
+        **codebook_usage(codes, model.vocab_size),
         "vocab_size": model.vocab_size,
         "n_eval": len(images),
+        "reconstruction": report,
     }
 
 
@@ -142,6 +144,11 @@ class DvaeResult:
     def psnr(self) -> float | None:
         """Held-out reconstruction PSNR (dB) with hard codes, as `trainers vae` reports its own."""
         return self.eval.get("psnr_db")
+
+    @property
+    def reconstruction(self) -> dict[str, Any] | None:
+        """What the reconstructions keep of the objects (trainers/recon_probe.py), as `trainers vae`'s."""
+        return self.eval.get("reconstruction")
 
 
 def run_dvae(config: DvaeConfig, progress: Any = None, *, resume_state: dict | None = None) -> DvaeResult:
@@ -160,8 +167,8 @@ def _run_dvae(config: DvaeConfig, resume_state, world: World, device_name: str, 
     resume = loop.load_resume(config, "dvae", resume_state)
     if resume.finished(config.steps):  # nothing to do: say so, touch nothing
         return DvaeResult(resume.path.parent, resume.step, resume.path, {})
-    loader, eval_images, info = split_cache(config, resume.step, world)
-    arch = dvae_architecture(config.size, int(eval_images.shape[-1]))
+    loader, eval_images, info, eval_keys = split_cache(config, resume.step, world)
+    arch = dvae_architecture(config.size, int(eval_images.shape[-1]), config.quantizer)
     if resume.state is not None and resume.state["arch"] != arch:
         raise ConfigError(
             f"--resume {config.resume}: trained on {resume.state['arch']['resolution']}px images, the cache "
@@ -183,15 +190,18 @@ def _run_dvae(config: DvaeConfig, resume_state, world: World, device_name: str, 
     result.images_per_s = trained.images_per_s
     if not world.main:
         return result
-    result.eval = {"step": result.step, **evaluate_dvae(trainer.model, eval_images), **result.losses}
+    held_out = evaluate_dvae(trainer.model, eval_images, config.cache, eval_keys, device_name)
+    result.eval = {"step": result.step, **held_out, **result.losses}
     write_json_atomic(run_dir / "eval.json", {**result.eval, "training_data": data})
     return result
 
 
 def describe(result: DvaeResult) -> str:
+    from trainers.recon_probe import describe as kept
+
     ev = result.eval
     return (
-        f"dvae: step {result.step:,}, loss {result.losses['loss']:.4f}, held-out PSNR {ev['psnr_db']:.2f} dB "
-        f"(mean image {ev['mean_image_psnr_db']:.2f} dB), codebook perplexity {ev['perplexity']:.1f} of "
-        f"{ev['vocab_size']}, {ev['dead_codes']} dead -> {result.checkpoint}"
+        f"dvae: step {result.step:,}, loss {result.losses['loss']:.4f}, {kept(ev['reconstruction'])}; "
+        f"codebook perplexity {ev['perplexity']:.1f} of {ev['vocab_size']}, {ev['dead_codes']} dead "
+        f"-> {result.checkpoint}"
     )

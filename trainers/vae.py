@@ -3,7 +3,9 @@
 One step, on a batch of real images x in [-1, 1]:
 
     mean, logvar = E(x);  z = mean + exp(logvar / 2) * eps;  x' = D(z)
-    loss = |x - x'|_1  +  w_p * CLIP-perceptual(x', x)  +  w_kl * KL(q(z|x) || N(0, I))
+    loss = rec(x, x')  +  w_p * CLIP-perceptual(x', x)  +  w_kl * KL(q(z|x) || N(0, I))
+
+with rec the mean |x - x'| (`--recon-loss l1`) or |x - x'|^2 (`mse`).
            [ + w_d * -mean(P(x'))   once step >= disc_start, with --disc-weight w_d > 0 ]
 
 The perceptual term compares the cache's (frozen) CLIP image tower's intermediate features (forward
@@ -53,10 +55,16 @@ from trainers.vae_config import VaeConfig
 class VaeSize:
     channels: tuple[int, int, int]  # widths at full, 1/2 and 1/4 resolution
     latent_channels: int = 4
+    lr: float = 2e-4  # the default --lr
 
 
 VAE_SIZES: dict[str, VaeSize] = {
-    "tiny": VaeSize((8, 16, 16)),  # the CPU size (compare's cpu preset) and the tests; 30k parameters
+    # the tests' size; 30k parameters. lr by measurement on the 32 px world, 2,000 steps
+    # (benchmarks/bench_autoencoders.py): at 2e-4 its reconstructions kept no object
+    "tiny": VaeSize((8, 16, 16), lr=2e-3),
+    # compare's cpu preset for the LDM: 2,000 steps keep shape 0.78-0.81 of the real images' reading,
+    # where tiny keeps 0.49 (0.51-0.68 at 4,000 steps, about the same time); 250k parameters
+    "mini": VaeSize((16, 32, 64), lr=2e-3),
     "small": VaeSize((32, 64, 128)),  # 32-64 px synthetic world
 }
 DOWNSAMPLE = 4  # latent side = image side / 4
@@ -233,12 +241,14 @@ class VaeTrainer:
     def __init__(self, config: VaeConfig, arch: dict, clip: Any, device: torch.device, world: World = SINGLE):
         self.config, self.arch, self.device, self.world = config, arch, device, world
         self.model = AutoencoderKL(arch).to(device)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=config.lr, betas=(0.5, 0.9))
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate, betas=(0.5, 0.9))
         self.perceptual = ClipPerceptual(clip) if config.perceptual_weight > 0 else None
         self.disc = self.disc_opt = None
         if config.disc_weight > 0:
             self.disc = PatchDiscriminator(arch["channels"][1]).to(device)
-            self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=config.lr, betas=(0.5, 0.9))
+            self.disc_opt = torch.optim.Adam(
+                self.disc.parameters(), lr=config.learning_rate, betas=(0.5, 0.9)
+            )
         self.step = 0  # steps taken; the adversarial terms start at config.disc_start
 
     @property
@@ -248,12 +258,13 @@ class VaeTrainer:
     def losses(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The autoencoder's loss terms on x, and the reconstruction."""
         recon, mean, logvar = self.model(x, self.world)  # [B, 3, R, R], [B, 4, r, r] x 2
-        l1 = (recon - x).abs().mean()
+        cfg = self.config
+        error = recon - x
+        rec = error.square().mean() if cfg.recon_loss == "mse" else error.abs().mean()
         perc = self.perceptual(recon, x) if self.perceptual else torch.zeros((), device=x.device)
         kl = kl_loss(mean, logvar, x[0].numel())
-        cfg = self.config
-        terms = {"l1": l1, "perceptual": perc, "kl": kl}
-        total = l1 + cfg.perceptual_weight * perc + cfg.kl_weight * kl
+        terms = {cfg.recon_loss: rec, "perceptual": perc, "kl": kl}
+        total = rec + cfg.perceptual_weight * perc + cfg.kl_weight * kl
         if self.adversarial:
             self.disc.requires_grad_(False)  # the generator term trains the autoencoder only
             terms["g_adv"] = -self.disc(recon).mean()
@@ -286,15 +297,19 @@ class VaeTrainer:
         return out
 
     @torch.no_grad()
-    def eval_psnr(self, images: torch.Tensor, batch_size: int = 64) -> float:
+    def reconstruct(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """float [-1, 1] [N, 3, R, R] -> their reconstructions from the posterior means (CPU)."""
         self.model.eval()
-        scores = []
-        for i in range(0, len(images), batch_size):
-            x = images[i : i + batch_size].to(self.device).float()
-            mean, _ = self.model.encode(x)
-            scores.append(psnr(self.model.decode(mean), x).cpu())
+        out = [reconstruct(self.model, images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
         self.model.train()
-        return float(torch.cat(scores).mean())
+        return torch.cat(out)
+
+
+def reconstruct(model: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """What `--encode` keeps of float [-1, 1] images: decoded posterior means, on the CPU."""
+    device = next(model.parameters()).device
+    mean, _ = model.encode(images.to(device).float())
+    return model.decode(mean).float().cpu()
 
 
 @dataclass
@@ -305,11 +320,12 @@ class VaeResult:
     losses: dict[str, float]  # of the last step
     psnr: float | None  # held-out reconstruction PSNR, dB (None: not rank 0)
     images_per_s: float
+    reconstruction: dict[str, Any] | None = None  # trainers.recon_probe's report (None: not rank 0)
 
 
 def split_cache(config: Any, start_step: int = 0, world: World = SINGLE):
     """(training loader from step `start_step`, held-out images float [-1, 1] [n, 3, R, R], loader info,
-    whose `condition` is None: an autoencoder reads images alone):
+    whose `condition` is None: an autoencoder reads images alone, held-out keys):
     a fixed seeded `eval_n` of the cache's images are held out (at most half of them). `config`: any
     config with cache, batch_size, seed, allow_partial and eval_n (VaeConfig, dvae_config.DvaeConfig).
     Under torchrun the loader yields this rank's slice of each global batch; every rank holds the same
@@ -336,14 +352,17 @@ def split_cache(config: Any, start_step: int = 0, world: World = SINGLE):
         paired_pool=np.zeros(int((~held).sum()), dtype=bool),
         paired_probability=0.0,
     )
-    eval_images = dataset.rows.pixels(dataset.rows_idx[held]).float().div_(127.5).sub_(1.0)
+    eval_rows = dataset.rows_idx[held]
+    eval_images = dataset.rows.pixels(eval_rows).float().div_(127.5).sub_(1.0)
     loader = CacheLoader(train, info, config.batch_size, start_step, 0, world)
-    return loader, eval_images, info
+    return loader, eval_images, info, [dataset.rows.keys[int(r)] for r in eval_rows]
 
 
 def run_vae(config: VaeConfig, progress: Any = None) -> VaeResult:
     """Train a run from scratch; checkpoints, config.json, metrics.jsonl and eval.json in its dir. Under
     torchrun, data-parallel (trainers/distributed.py): rank 0 writes, evaluates and returns the result."""
+    if config.lr is None and config.size in VAE_SIZES:  # recorded as the number it trains with
+        config = replace(config, lr=config.learning_rate)
     return loop.launch(config, functools.partial(_run_vae, config), progress)
 
 
@@ -351,11 +370,12 @@ def _run_vae(config: VaeConfig, world: World, device_name: str, progress: Any) -
     from manifests import write_json_atomic
     from pipeline.clip import load_clip
     from trainers.embed_rows import cache_clip
+    from trainers.recon_probe import measure
     from trainers.runs import seed_everything, select_device
 
     device = select_device(device_name)
     clip_info = cache_clip(config.cache)
-    loader, eval_images, info = split_cache(config, 0, world)
+    loader, eval_images, info, eval_keys = split_cache(config, 0, world)
     arch = vae_architecture(config.size, int(eval_images.shape[-1]))
     clip = load_clip(clip_info.clip_model, clip_info.clip_pretrained or None, str(device))  # seeds torch
     seed_everything(config.seed)
@@ -371,10 +391,19 @@ def _run_vae(config: VaeConfig, world: World, device_name: str, progress: Any) -
     trained = loop.train_steps(trainer, loader, config, run_dir, record, advance=advance, log_rate=False)
     if not world.main:
         return VaeResult(None, config.steps, None, trained.losses, None, trained.images_per_s)
-    score = trainer.eval_psnr(eval_images)
-    scores = {"step": config.steps, "psnr_db": score, "n_eval": len(eval_images), **trained.losses}
+    report = measure(config.cache, eval_images, trainer.reconstruct(eval_images), eval_keys, device_name)
+    scores = {"step": config.steps, "psnr_db": report["psnr_db"], "n_eval": len(eval_images)}
+    scores.update(trained.losses, reconstruction=report)
     write_json_atomic(run_dir / "eval.json", {**scores, "training_data": data})
-    return VaeResult(run_dir, config.steps, trained.checkpoint, trained.losses, score, trained.images_per_s)
+    return VaeResult(
+        run_dir,
+        config.steps,
+        trained.checkpoint,
+        trained.losses,
+        report["psnr_db"],
+        trained.images_per_s,
+        report,
+    )
 
 
 def load_vae(path: Path | str, flag: str = "--vae") -> tuple[AutoencoderKL, dict[str, Any]]:

@@ -25,9 +25,10 @@ class VaeConfig:
     size: str = "small"  # VAE_SIZES entry
     steps: int = 10_000  # optimisation steps
     batch_size: int = 32  # images per step (the global batch under torchrun, split between the ranks)
-    lr: float = 2e-4  # Adam learning rate
+    lr: float | None = None  # Adam learning rate; None: the size's (trainers.vae.VAE_SIZES)
     seed: int = 0  # init, posterior noise, data order and the held-out choice
     device: str = "auto"  # auto, cpu, cuda, cuda:N
+    recon_loss: str = "mse"  # the reconstruction term: l1 or mse (l1 drops small objects: BENCHMARKS.md)
     perceptual_weight: float = 0.5  # CLIP-feature term weight
     kl_weight: float = 1e-6  # KL weight (per image element, see the module docstring)
     disc_weight: float = 0.0  # patch-discriminator term weight; 0: no discriminator
@@ -37,11 +38,20 @@ class VaeConfig:
     checkpoint_every: int = 5000  # steps between checkpoints, 0 for the final one only
     log_every: int = 10  # steps between metrics.jsonl lines
 
+    @property
+    def learning_rate(self) -> float:
+        """--lr, else the size's (trainers.vae.VAE_SIZES)."""
+        from trainers.vae import VAE_SIZES  # torch: read when a run starts, not for --help
+
+        return self.lr if self.lr is not None else VAE_SIZES[self.size].lr
+
     def validate(self) -> None:
         from trainers.vae import VAE_SIZES  # torch: validate() runs for a command, not for its --help
 
         minimums = (("--eval-n", self.eval_n, 1), ("--disc-start", self.disc_start, 0))
         check_run_options(self, VAE_SIZES, *minimums)
+        if self.recon_loss not in ("l1", "mse"):
+            raise ConfigError(f"--recon-loss {self.recon_loss}: choose l1 or mse")
         if min(self.perceptual_weight, self.kl_weight) < 0:
             raise ConfigError("the perceptual and KL weights must be non-negative")
         if not (math.isfinite(self.disc_weight) and self.disc_weight >= 0):

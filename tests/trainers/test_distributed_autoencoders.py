@@ -77,8 +77,10 @@ def test_two_vae_processes_take_the_one_process_steps_with_the_discriminator(cac
 
 
 def dvae_args(cache, out, steps: int, *more) -> list:
-    # both schedules move within the 3 steps, and do not depend on --steps (a resume changes it)
-    return ae_args("dvae", cache, out, steps, "--anneal-steps", 2, "--kl-warmup", 1, *more)
+    # both schedules move within the 3 steps, and do not depend on --steps (a resume changes it); the
+    # gumbel quantiser, whose noise is drawn for the global batch (fsq draws none)
+    args = ["--anneal-steps", 2, "--kl-warmup", 1, "--quantizer", "gumbel"]
+    return ae_args("dvae", cache, out, steps, *args, *more)
 
 
 def last_metrics(out) -> dict:

@@ -5,6 +5,7 @@ that lowers the loss and beats the mean image on held-out renders, bit-for-bit r
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -19,6 +20,8 @@ from trainers.dvae import (
     codebook_usage,
     decode_tokens,
     dvae_architecture,
+    fsq_points,
+    fsq_quantize,
     kl_to_uniform,
     load_dvae,
 )
@@ -40,6 +43,7 @@ def trained(cache, tmp_path_factory):
     config = DvaeConfig(
         cache=cache, out=tmp_path_factory.mktemp("dvae-runs"), size="tiny", steps=250, batch_size=8, lr=3e-3,
         eval_n=4, anneal_steps=170, kl_warmup=80, checkpoint_every=0, log_every=1, device="cpu",
+        quantizer="gumbel",
     )  # fmt: skip
     return run_dvae(config)
 
@@ -58,7 +62,7 @@ def test_shapes_hard_codes_and_decoding():
     torch.manual_seed(0)
     model = DiscreteVAE(dvae_architecture("tiny", 32)).eval()
     x = torch.rand(3, 3, 32, 32) * 2 - 1
-    recon, logits = model(x, temperature=0.5)
+    recon, logits, _ = model(x, temperature=0.5)
     assert recon.shape == (3, 3, 32, 32) and logits.shape == (3, 64, 8, 8)
     codes = model.encode_codes(x)
     assert codes.shape == (3, 8, 8) and codes.dtype == torch.int64
@@ -128,10 +132,11 @@ def test_training_lowers_the_loss_and_beats_the_mean_image_on_held_out_images(tr
     assert ckpt["arch"]["grid"] == [8, 8] and {"model", "opt", "rng", "config", "data"} <= set(ckpt)
 
 
-def test_resume_is_bit_for_bit(cache, tmp_path):
+@pytest.mark.parametrize("quantizer", ["gumbel", "fsq"])
+def test_resume_is_bit_for_bit(cache, tmp_path, quantizer):
     config = DvaeConfig(
         cache=cache, out=tmp_path, size="tiny", steps=4, batch_size=4, eval_n=4, checkpoint_every=2,
-        log_every=1, anneal_steps=3, kl_warmup=2, device="cpu",
+        log_every=1, anneal_steps=3, kl_warmup=2, device="cpu", quantizer=quantizer,
     )  # fmt: skip
     run = run_dvae(config).run_dir
     full = torch.load(run / "0000004.pt", weights_only=True)
@@ -147,6 +152,37 @@ def test_resume_is_bit_for_bit(cache, tmp_path):
     assert done.step == 4 and done.losses == {}  # already there: nothing is done
     with pytest.raises(ConfigError, match="--size small"):
         resolve_config({"size": "small"}, run)
+    assert full["arch"].get("quantizer", "gumbel") == quantizer
+
+
+@pytest.mark.parametrize("levels", [(8, 8), (8, 8, 8), (5, 3)])
+def test_fsq_reaches_every_code_and_its_points_round_trip(levels):
+    k = math.prod(levels)
+    axes = [torch.linspace(-4, 4, 60)] * len(levels)  # pre-bound values over every level's range
+    z = torch.stack(torch.meshgrid(*axes, indexing="ij")).reshape(len(levels), -1, 1)[None]  # [1, d, n, 1]
+    points, codes = fsq_quantize(z, levels)
+    assert sorted(set(codes.reshape(-1).tolist())) == list(range(k))  # every code reachable
+    assert points.abs().max() <= 1 and torch.equal(fsq_points(codes, levels), points)
+
+
+def test_fsq_model_encodes_and_decodes_what_it_trains_on():
+    torch.manual_seed(0)
+    arch = dvae_architecture("tiny", 32, "fsq")
+    assert arch["quantizer"] == "fsq" and arch["levels"] == [8, 8] and arch["vocab_size"] == 64
+    model = DiscreteVAE(arch).eval()
+    assert not hasattr(model, "codebook")
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        recon, logits, codes = model(x, temperature=0.5)
+        assert logits is None and codes.shape == (3, 8, 8) and int(codes.max()) < 64
+        assert torch.equal(model.encode_codes(x), codes)
+        torch.testing.assert_close(model.decode_codes(codes), recon)  # tokens -> image as trained
+    x.requires_grad_(True)
+    model.train()
+    model(x, temperature=1.0)[0].square().mean().backward()  # the rounding passes its gradient
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="--quantizer vq"):
+        dvae_architecture("tiny", 32, "vq")
 
 
 def test_load_dvae_refuses_missing_files_and_other_kinds(tmp_path):
@@ -169,7 +205,7 @@ def test_cli_trains_encodes_and_reruns_nothing(cache, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["kind"] == "dvae" and config["data"]["n_train"] == 12 and config["arch"]["grid"] == [8, 8]
 
-    encode = ["dvae", "--cache", str(cache), "--encode", str(run), "--device", "cpu"]
+    encode = ["dvae", "--cache", str(cache), "--encode", str(run), "--device", "cpu", "--accept-lossy"]
     first = runner.invoke(app, encode)
     assert first.exit_code == 0, first.output
     assert "dvae --encode: encoded 16 image(s) in 2 shard(s)" in first.output and "tokens/" in first.output

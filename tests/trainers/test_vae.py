@@ -71,9 +71,10 @@ def test_perceptual_term_is_zero_for_equal_images_and_has_gradients(tiny_clip, t
     assert float(loss.detach()) > 0 and y.grad is not None and float(y.grad.abs().sum()) > 0
 
 
-def test_a_few_steps_reduce_the_reconstruction_loss(tiny_clip):
+@pytest.mark.parametrize("recon_loss", ["l1", "mse"])
+def test_a_few_steps_reduce_the_reconstruction_loss(tiny_clip, recon_loss):
     torch.manual_seed(0)
-    config = VaeConfig(size="tiny", lr=3e-3, batch_size=4, cache=None)
+    config = VaeConfig(size="tiny", lr=3e-3, batch_size=4, cache=None, recon_loss=recon_loss)
     trainer = VaeTrainer(config, vae_architecture("tiny", 32), tiny_clip, torch.device("cpu"))
     g = torch.Generator().manual_seed(1)
     x = (torch.rand(4, 3, 32, 32, generator=g) > 0.5).float() * 2 - 1  # [4, 3, 32, 32] high contrast
@@ -81,12 +82,13 @@ def test_a_few_steps_reduce_the_reconstruction_loss(tiny_clip):
     def recon_l1() -> float:
         with torch.no_grad():
             mean, _ = trainer.model.encode(x)
-            return float((trainer.model.decode(mean) - x).abs().mean())
+            error = trainer.model.decode(mean) - x
+            return float(error.abs().mean() if recon_loss == "l1" else error.square().mean())
 
     before = recon_l1()
     for _ in range(25):
         losses = trainer.train_step({"image": x})
-        assert all(torch.isfinite(v) for v in losses.values())
+        assert all(torch.isfinite(v) for v in losses.values()) and recon_loss in losses
     assert recon_l1() < 0.8 * before
 
 
@@ -100,6 +102,10 @@ def test_cli_trains_checkpoints_and_reports_held_out_psnr(cache, tmp_path):
     assert "vae: step 2" in result.output and str(run / "0000002.pt") in result.output
     report = json.loads((run / "eval.json").read_text())
     assert report["n_eval"] == 4 and 0 < report["psnr_db"] < 100
+    kept = report["reconstruction"]  # a world cache, but 4 held-out images: too few for the probe
+    assert kept["psnr_db"] == report["psnr_db"] and kept["object_erased_psnr_db"] > kept["mean_image_psnr_db"]
+    assert kept["probe"] is None and kept["probe_note"].startswith("4 labelled held-out image(s): too few")
+    assert "objects erased" in result.output and "attributes not measured (4 labelled" in result.output
     config = json.loads((run / "config.json").read_text())
     data = config["data"]
     assert (data["n_train"], data["n_eval"]) == (12, 4)  # held-out images are not trained on
@@ -125,6 +131,7 @@ def test_cli_errors_are_one_line(cache, tmp_path):
     user_error(["vae", "--out", tmp_path], "--cache is required")
     user_error(["vae", "--cache", cache, "--out", tmp_path, "--disc-weight", -1], "--disc-weight")
     user_error(["vae", "--cache", cache, "--out", tmp_path, "--disc-start", -1], "--disc-start")
+    user_error(["vae", "--cache", cache, "--out", tmp_path, "--recon-loss", "huber"], "--recon-loss huber")
     assert not list(tmp_path.glob("0*-vae"))
 
 
@@ -147,7 +154,8 @@ def test_discriminator_starts_after_the_warm_up_and_trains(tiny_clip):
     for losses in adversarial:
         assert {"g_adv", "d_loss"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
         # the autoencoder's loss includes the weighted generator term
-        expected = losses["l1"] + config.kl_weight * losses["kl"] + config.disc_weight * losses["g_adv"]
+        expected = losses[config.recon_loss] + config.kl_weight * losses["kl"]
+        expected = expected + config.disc_weight * losses["g_adv"]
         torch.testing.assert_close(losses["loss"], expected)
     assert not all(torch.equal(a, b) for a, b in zip(disc_before, trainer.disc.parameters(), strict=True))
     assert all(p.requires_grad for p in trainer.disc.parameters())
