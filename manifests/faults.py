@@ -55,5 +55,8 @@ def disk_full_point(path: str) -> None:
 def stall_point(name: str) -> None:
     pattern = os.environ.get(STALL_ENV)
     if pattern and fnmatch.fnmatchcase(name, pattern):
-        print(f"stalled at {name} in {os.getpid()}", file=sys.stderr, flush=True)
+        # one write of the whole line: print's text and newline are two, which two workers interleaved
+        # ("stalled at X in 1stalled at X in 2\n\n")
+        sys.stderr.flush()
+        os.write(sys.stderr.fileno(), f"stalled at {name} in {os.getpid()}\n".encode())
         time.sleep(float(os.environ.get(STALL_S_ENV, "60")))

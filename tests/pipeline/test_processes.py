@@ -7,6 +7,7 @@ manifests/faults.py) so they are busy when the parent gets SIGKILL, and read chi
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -51,8 +52,7 @@ def _alive(pid: int) -> bool:
 
 def _stalled(log: Path) -> set[str]:
     """The processes that reached the stall point, from their `stalled at NAME in PID` lines."""
-    lines = log.read_text().splitlines()
-    return {line.rpartition(" in ")[2] for line in lines if line.startswith("stalled at")}
+    return set(re.findall(r"stalled at \S+ in (\d+)", log.read_text()))
 
 
 def _killed_leaves_nothing(cmd: list[str], n_workers: int, cwd: Path, stall: str) -> None:

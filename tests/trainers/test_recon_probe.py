@@ -20,7 +20,7 @@ from pipeline.errors import ConfigError
 from pipeline.labels import chance
 from pipeline.synth import make_sample
 from trainers.cli import app
-from trainers.probe import train_probe
+from trainers.probe import probe_path, save_probe, train_probe
 from trainers.probe_config import ProbeConfig
 from trainers.recon_probe import (
     KEPT_MIN,
@@ -48,7 +48,8 @@ def world():
 
 @pytest.fixture(scope="module")
 def probe(one_torch_thread):
-    return train_probe(ProbeConfig(image_size=32, n_eval=0, device="cpu"))
+    """The probe `measure` trains for a 32 px cache (the same config, so a cache can be given it)."""
+    return train_probe(ProbeConfig(image_size=32, device="cpu"))
 
 
 def test_the_images_themselves_keep_everything(world, probe):
@@ -82,9 +83,10 @@ def test_unlabelled_images_leave_the_probe_out(world, probe):
     assert lost(report) == [] and "attributes not measured (not the world)" in describe(report)
 
 
-def test_encode_check_refuses_an_encoder_that_loses_the_objects(tmp_path_factory, one_torch_thread):
+def test_encode_check_refuses_an_encoder_that_loses_the_objects(tmp_path_factory, probe):
     root = tmp_path_factory.mktemp("recon-check")
     cache = tiny_cache(root, n=32)
+    save_probe(probe, probe_path(cache, probe.config))  # as `measure` would have kept it
     kept = check_keeps_objects(cache, lambda x: x.clone(), "--encode good.pt", device="cpu")
     assert kept["probe"]["kept"]["colour"] == 1.0 and kept["n"] == 32
 
