@@ -270,7 +270,7 @@ def vae_command(
         shown(
             "--size",
             "trainers.vae.VAE_SIZES entry: tiny, mini (compare's cpu preset: keeps the objects at 32 "
-            "px) or small." + STEP_COST + "tiny 0.08 at 32 px (mini about twice that), small 1.3 at 64 px "
+            "px) or small." + STEP_COST + "tiny and mini 0.08 at 32 px, small 1.3 at 64 px "
             "(24 at 256 px).",
         ),
     ] = None,
