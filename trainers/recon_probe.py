@@ -40,13 +40,6 @@ NOT_WORLD = "the cache's images are not of the synthetic world (no labels to rea
 MIN_IMAGES = 32  # labelled images the probe reads before its accuracy means anything (+- 0.09 at 32)
 
 
-def to_uint8(images):
-    """float [-1, 1] [N, 3, S, S] -> uint8, as the probe reads images."""
-    import torch
-
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 def erase_objects(images, boxes: list[list[list[float]]]):
     """float [-1, 1] [N, 3, S, S] -> the same with each image's boxes (fractions of the side) painted the
     mean colour of its pixels outside every box."""
@@ -101,6 +94,7 @@ def reconstruction_report(
 ) -> dict[str, Any]:
     """The figures of the module docstring for real and reconstructed images float [-1, 1] [N, 3, S, S]
     and each image's world labels (None: unlabelled); `probe` None (or no labels) leaves the probe out."""
+    from trainers.dvae import to_uint8
     from trainers.probe import score_objects, summarise
     from trainers.vae import psnr
 
