@@ -88,7 +88,7 @@ FAMILIES = ("gan", "vae", "ldm", "dvae", "dalle", "clip")
 SIZES: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {
     "vae": {"tiny": ((32,), ""), "mini": ((32,), ""), "small": ((64,), "")},  # small: "32-64 px world"
     "ldm": {"tiny": ((32,), "tiny"), "S": ((64,), "small"), "B": ((64,), "small")},  # VAE_SIZES entry
-    "dvae": {"tiny": ((32,), ""), "small": ((64,), ""), "small8": ((64,), "")},
+    "dvae": {"tiny": ((32,), ""), "mini": ((32,), ""), "small": ((64,), ""), "small8": ((64,), "")},
     "dalle": {  # DVAE_SIZES entry: small at 32 px is 8 x 8 tokens, at 64 px 16 x 16
         "tiny": ((32,), "tiny"),
         "mini": ((32,), "small"),

@@ -219,17 +219,26 @@ def demo(
             "longer training) or smoke (about a minute: checks the wiring).",
         ),
     ] = ("cpu"),
+    generator: Annotated[
+        str,
+        typer.Option(
+            "--generator",
+            help="The family compared: gan (the default), ldm (diffusion, the compare preset's space) or dalle "
+            "(dVAE tokens + transformer). A rerun with another family reuses the world, CLIP and cache; each "
+            "family's runs go to OUT/compare[-FAMILY].",
+        ),
+    ] = "gan",
     workers: Annotated[int, typer.Option("--workers", help="Decoding processes.")] = 2,
     device: DeviceOpt = "auto",
 ) -> None:
     """The whole story offline on the synthetic world: synth, train a small CLIP on fresh synthetic pairs,
-    pipeline run, then `trainers compare` of GANs trained on perturb vs optimize features; prints the table
-    and where the outputs are."""
+    pipeline run, then `trainers compare` of generators (GANs unless --generator) trained on perturb vs
+    optimize features; prints the table and where the outputs are."""
     from pipeline.demo import run_demo
     from trainers.clip_train import read_eval
     from trainers.compare import describe
 
-    result = run_demo(out, preset, workers, device)
+    result = run_demo(out, preset, workers, device, generator)
     zero_shot = read_eval(result.clip_eval.parent).get("zero_shot") or {}
     files = result.compare.files
     typer.echo(f"world:    {result.world}")

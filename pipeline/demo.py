@@ -4,9 +4,11 @@
 2. train a small CLIP on its own stream of fresh synthetic pairs (`trainers clip`): a real CLIP is
    pretrained on pairs other than the generator's images, and none can be downloaded offline;
 3. `pipeline run` with that CLIP: embed, retrieve, optimize (pseudo text features from images alone);
-4. `trainers compare`: one LAFITE GAN per (condition, seed) at the same budget, trained on the LAFITE
+4. `trainers compare`: one generator per (condition, seed) at the same budget, trained on the LAFITE
    baseline (`perturb`) and on the pipeline's pseudo text features (`optimize`), each evaluated the same
-   way, with a table, figures and a sample grid of real prompts.
+   way, with a table, figures and a sample grid of real prompts. The generator is the LAFITE GAN unless
+   `--generator ldm|dalle` picks another family (with its autoencoder, when it has one, trained first);
+   each family's comparison has its own folder, so one demo folder holds all three.
 
 Each step is the same core its own command runs; outputs land under `--out`, with the `pipeline.toml` of
 step 3 (absolute paths), so `pipeline run` and `pipeline status` work in that folder. A rerun into the
@@ -26,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
+
+GENERATORS = ("gan", "ldm", "dalle")  # trainers.generators.FAMILIES, named here without importing torch
 
 PRESETS = {
     # smoke: a minute, checks the wiring (the test suite runs it); cpu: 12-27 minutes on 2 quiet cores
@@ -85,7 +89,15 @@ N_STEPS = 4
 WORLD_RECORD = "demo_world.json"  # in the world folder: the SynthConfig and files the demo rendered
 
 
-def run_demo(out: Path, preset: str = "cpu", workers: int = 2, device: str = "auto") -> DemoResult:
+def compare_dir(out: Path, generator: str) -> Path:
+    """Where step 4 writes: `compare/` for the GAN (the default), `compare-{generator}/` for the others, so
+    one demo folder holds every family's comparison against the one cache."""
+    return out / ("compare" if generator == "gan" else f"compare-{generator}")
+
+
+def run_demo(
+    out: Path, preset: str = "cpu", workers: int = 2, device: str = "auto", generator: str = "gan"
+) -> DemoResult:
     from manifests import list_manifests
     from pipeline.processes import threads_note, threads_reason
     from pipeline.progress import print_line, progress_bar
@@ -97,6 +109,8 @@ def run_demo(out: Path, preset: str = "cpu", workers: int = 2, device: str = "au
 
     if preset not in PRESETS:
         raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}")
+    if generator not in GENERATORS:
+        raise ConfigError(f"--generator {generator}: choose one of {', '.join(GENERATORS)}")
     p = PRESETS[preset]
     out = Path(out).resolve()  # pipeline.toml and the manifests then name the same files from anywhere
     world, cache, config_path = out / "world", out / "cache", out / "pipeline.toml"
@@ -163,9 +177,9 @@ def run_demo(out: Path, preset: str = "cpu", workers: int = 2, device: str = "au
     with demo_step(4, "compare") as step:
         config = CompareConfig.from_preset(
             p["compare"],
-            "gan",
+            generator,
             cache=cache,
-            out=out / "compare",
+            out=compare_dir(out, generator),
             conditions=DEMO_CONDITIONS,
             seeds=p["seeds"],
             device=device,

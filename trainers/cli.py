@@ -348,7 +348,16 @@ def ldm_command(
         Path | None, typer.Option("--cache", help="Feature cache (images + conditions).")
     ] = None,
     vae: Annotated[
-        Path | None, typer.Option("--vae", help="A `trainers vae` checkpoint or run directory.")
+        Path | None,
+        typer.Option("--vae", help="A `trainers vae` checkpoint or run directory (--space latent)."),
+    ] = None,
+    space: Annotated[
+        str | None,
+        shown(
+            "--space",
+            "latent: diffuse a frozen VAE's latents (--vae); pixel: the images themselves, no autoencoder "
+            "(nothing lost to one; at 32 px the mini VAE's latents did better: BENCHMARKS.md).",
+        ),
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help=RUNS_HELP)] = None,
     name: NameOpt = None,
@@ -365,7 +374,9 @@ def ldm_command(
     condition: ConditionOpt = None,
     steps: Annotated[int | None, shown("--steps", "Total steps.")] = None,
     batch_size: BatchOpt = None,
-    lr: Annotated[float | None, shown("--lr", "AdamW learning rate.")] = None,
+    lr: Annotated[
+        float | None, shown("--lr", "AdamW learning rate; unset: the size's (tiny 1e-3, S and B 1e-4).")
+    ] = None,
     seed: Annotated[int | None, shown("--seed", "Seed.")] = None,
     init: InitOpt = None,
     paired_limit: PairedLimitOpt = None,
@@ -380,7 +391,8 @@ def ldm_command(
     device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP)] = None,
     compile: CompileOpt = None,
 ) -> None:
-    """Train the DiT-style latent rectified-flow model on a frozen `trainers vae`, with guidance dropout."""
+    """Train the DiT-style rectified-flow model on a frozen `trainers vae`'s latents or on pixels, with
+    guidance dropout."""
     given = with_grid_prompts(given_options(locals(), "resume", "prompts"), prompts)
     from trainers.train_ldm import resolve_config, run_ldm
 

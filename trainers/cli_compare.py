@@ -77,6 +77,14 @@ def compare_command(
         int | None,
         typer.Option("--vae-steps", help="ldm, dalle: the shared VAE's or dVAE's steps.", show_default=False),
     ] = None,
+    space: Annotated[
+        str | None,
+        typer.Option(
+            "--space",
+            help="ldm: latent (the shared VAE's latents) or pixel (no VAE: the images themselves).",
+            show_default="the preset's",
+        ),
+    ] = None,
     sample_steps: Annotated[
         int | None,
         typer.Option("--sample-steps", help="ldm: sampler steps in eval and samples.", show_default=False),

@@ -49,8 +49,8 @@ def dvae_command(
         str | None,
         shown(
             "--size",
-            "trainers.dvae.DVAE_SIZES entry: tiny (x4 down, 64 codes), small (x4 down, 512 codes), "
-            "small8 (x8 down, 512 codes)."
+            "trainers.dvae.DVAE_SIZES entry: tiny (x4 down, 64 codes), mini (x4, 512 codes: compare's cpu "
+            "preset, keeps the objects at 32 px), small (x4, 512 codes), small8 (x8 down, 512 codes)."
             + STEP_COST
             + "tiny 0.03 at 32 px, small 0.73 and small8 0.64 at 64 px.",
         ),

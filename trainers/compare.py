@@ -64,7 +64,8 @@ from trainers.compare_units import (
     run_units,
     unit_checkpoint,
 )
-from trainers.generators import FAMILIES, autoencoder_kinds, member
+from trainers.generators import FAMILIES, Autoencoder, autoencoder_kinds, member
+from trainers.ldm_config import SPACES
 
 GENERATORS = tuple(FAMILIES)
 CONDITIONS = ("perturb", "retrieve", "optimize", "caption")  # trainers.conditions.CONDITIONS, in report order
@@ -75,9 +76,10 @@ CONDITIONS = ("perturb", "retrieve", "optimize", "caption")  # trainers.conditio
 # L_ConG); `trainers eval` of 500 images 1.2 s; the default probe about 15 s, once per cache. So the cpu
 # preset's 2 conditions x 2 seeds of 1,000 GAN steps take 4 x (110-155 s + 3 s) + 20 s: 8-11 minutes
 # (measured with lafite-rn32 on a quiet machine: 408 s for the 4 runs, probe and reports included).
-# ldm: a tiny-DiT step of batch 32 on cached latents 12 ms, a tiny-VAE step 70 ms, eval of 500 images at
-# 50 sampler steps 4.5 s: 2,000 VAE steps + 4 x 6,000 steps is about 8 minutes. gpu: not measured yet
-# (no GPU was lent); the demo's and `trainers gan`'s GPU defaults.
+# ldm: 2,000 mini-VAE steps about 4 minutes, then 6,000 tiny-DiT steps 2.5-3 minutes a run; dalle: 2,000
+# mini-dVAE steps 3.6 minutes, then 3,000 mini-transformer steps about 5.5 minutes a run (measured on the
+# demo's cache, 2 threads, 2026-12-07; BENCHMARKS.md has each compare's wall time). gpu: not measured
+# yet (no GPU was lent); the demo's and `trainers gan`'s GPU defaults.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # seconds: checks the wiring (the tests); a probe far too small to measure anything
     "smoke": {
@@ -91,11 +93,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # about 10 minutes on 2 cores for 2 conditions x 2 seeds, 32 px
     "cpu": {
         "gan": dict(size="tiny", steps=1000, batch_size=32, eval_n=500),
-        # the mini VAE keeps shape 0.78-0.81 of the real images' reading, tiny 0.49 (BENCHMARKS.md)
-        "ldm": dict(size="tiny", steps=6000, batch_size=32, eval_n=500, vae_size="mini", vae_steps=2000),
-        # the tiny fsq dVAE keeps more of the objects than small (shape 0.45-0.48 of the real images' against
-        # 0.34, colour 0.91-0.97 against 0.92) in a third of the time (BENCHMARKS.md)
-        "dalle": dict(size="mini", steps=3000, batch_size=32, eval_n=500, vae_size="tiny", vae_steps=2000),
+        # the mini VAE keeps shape 0.78-0.84 of the real images' reading, tiny 0.49; in its latents the tiny
+        # DiT (lr 1e-3) draws more of the objects than in pixel space at the same steps (BENCHMARKS.md)
+        "ldm": dict(
+            size="tiny", steps=6000, batch_size=32, eval_n=500, vae_size="mini", vae_steps=2000, space="latent"
+        ),
+        # the mini fsq dVAE (512 codes) keeps colour 0.97 and position 1.00 of the real images' reading on
+        # the demo's world, where tiny's 64 codes keep 0.52 and 0.83 (BENCHMARKS.md)
+        "dalle": dict(size="mini", steps=3000, batch_size=32, eval_n=500, vae_size="mini", vae_steps=2000),
         "probe": dict(),
     },
     # one GPU: the small (64 px) and S sizes, the single-run commands' GPU-scale defaults
@@ -137,6 +142,7 @@ class CompareConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N (recorded, not keyed)
     allow_partial: bool = False  # runs may train on a partial cache (unkeyed: the cache deps are keyed)
     features: bool = True  # also write the feature-level report (trainers.compare_features)
+    space: str = "latent"  # ldm: diffuse the shared VAE's latents, or the pixels with no VAE (trainers.ldm_space)
     language_free: str = "optimize"  # arms: what fewshot pre-trains on and semi mixes captions into
     finetune_share: float = 0.25  # fewshot arms: the share of the budget spent fine-tuning on the pairs
 
@@ -150,6 +156,13 @@ class CompareConfig:
         values = {**PRESETS[preset][generator], **PRESETS[preset]["probe"]}
         values.update({k: v for k, v in given.items() if v is not None})
         return cls(preset=preset, generator=generator, **values)
+
+    @property
+    def autoencoder(self) -> Autoencoder | None:
+        """The autoencoder every run works in, trained once (None: the gan, and the ldm in pixel space)."""
+        if self.generator == "ldm" and self.space == "pixel":
+            return None
+        return FAMILIES[self.generator].autoencoder
 
     @property
     def prompts(self) -> tuple[str, ...]:
@@ -187,7 +200,9 @@ class CompareConfig:
         sizes = member(FAMILIES[self.generator].sizes)
         if self.size not in sizes:
             raise ConfigError(f"--size {self.size}: the {self.generator} sizes are {', '.join(sizes)}")
-        autoencoder = FAMILIES[self.generator].autoencoder
+        if self.space not in SPACES or (self.space != "latent" and self.generator != "ldm"):
+            raise ConfigError(f"--space {self.space}: latent, or pixel with --generator ldm")
+        autoencoder = self.autoencoder
         if autoencoder is not None and self.vae_size not in (vae_sizes := member(autoencoder.sizes)):
             raise ConfigError(
                 f"--vae-size {self.vae_size}: the {autoencoder.title} sizes are {', '.join(vae_sizes)}"
@@ -261,7 +276,9 @@ def command_line(config: CompareConfig) -> str:
     if config.allow_partial:
         parts.append("--allow-partial")
     family = FAMILIES[config.generator]
-    if family.autoencoder is not None:
+    if config.space != "latent":
+        parts.append(f"--space {config.space}")
+    if config.autoencoder is not None:
         parts.append(f"--vae-size {config.vae_size} --vae-steps {config.vae_steps}")
     if "steps" in family.sampler:
         parts.append(f"--sample-steps {config.sample_steps}")
@@ -324,7 +341,7 @@ def plan_compare(config: CompareConfig) -> Plan:
         if reasons[vae.name] is None:
             vae_checkpoint = unit_checkpoint(out, vae.name)
     vae_pending = vae is not None and reasons[vae.name] is not None
-    autoencoder = FAMILIES[config.generator].autoencoder
+    autoencoder = config.autoencoder
     vae_first = f"the shared {autoencoder.title} is trained first" if autoencoder is not None else ""
     pretrains, pretrained = pretrain_units(config, vae_checkpoint), {}
     for unit in pretrains:
@@ -433,7 +450,7 @@ def _encode(config: CompareConfig, autoencoder: Unit, progress: Callable[..., No
     `trainers dvae --encode`' tokens; only stale shards are encoded), so no run encodes images on the fly."""
     progress(status=f"{autoencoder.kind} --encode")
     checkpoint = unit_checkpoint(Path(config.out), autoencoder.name)[0]
-    encode = member(FAMILIES[config.generator].autoencoder.encode)
+    encode = member(config.autoencoder.encode)
     encode(Path(config.cache), checkpoint, batch_size=64, device=config.device)
 
 

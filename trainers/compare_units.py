@@ -172,7 +172,7 @@ def _keyed(kind: str, train_dict: dict[str, Any]) -> dict[str, Any]:
 
 def autoencoder_unit(config: CompareConfig, embed_deps: list[Dep]) -> Unit | None:
     """The shared autoencoder of the compare's family (None for the gan), trained on the images alone."""
-    autoencoder = FAMILIES[config.generator].autoencoder
+    autoencoder = config.autoencoder
     if autoencoder is None:
         return None
     kind = autoencoder.kind
@@ -209,21 +209,26 @@ def _train_config(config: CompareConfig, name: str, seed: int, vae: tuple[Path, 
     )
     if config.lr is not None:
         common["lr"] = config.lr
+    if config.generator == "ldm":
+        common["space"] = config.space
+    if config.autoencoder is not None:  # every run works in the compare's one autoencoder
+        common[config.autoencoder.field] = vae[0] if vae is not None else None
     family = FAMILIES[config.generator]
-    if family.autoencoder is not None:  # every run works in the compare's one autoencoder
-        common[family.autoencoder.field] = vae[0] if vae is not None else None
     return member(family.config)(**common)
 
 
 def _vae_deps(config: CompareConfig, vae: tuple[Path, str] | None) -> list[Dep]:
-    autoencoder = FAMILIES[config.generator].autoencoder
+    autoencoder = config.autoencoder
     if autoencoder is None:
         return []
     return [Dep(autoencoder.kind, vae[1] if vae is not None else "not trained yet")]
 
 
 def _unit(config: CompareConfig, name: str, train: Any, condition: str, seed: int, deps, **params) -> Unit:
+    family = FAMILIES[config.generator]
     keyed = {"generator": config.generator, "condition": condition, "seed": seed, **params}
+    if family.version != "1":  # keys of runs made before versions were recorded stay as they were
+        keyed["model_version"] = family.version
     keyed["train"] = _keyed(config.generator, train.to_dict())
     return Unit(name, config.generator, train, keyed, deps, condition, seed)
 
@@ -323,7 +328,7 @@ def do_autoencoder(config: CompareConfig, unit: Unit, progress: Callable[..., No
     _restart(out, unit)
     progress(status=f"{unit.kind}: train")
     t0 = time.perf_counter()
-    run = member(FAMILIES[config.generator].autoencoder.train)
+    run = member(config.autoencoder.train)
     result = run(unit.train, lambda n: progress(steps=n))
     files = [result.checkpoint, result.run_dir / "eval.json"]
     extra = {"checkpoint": result.checkpoint.relative_to(out).as_posix(), "psnr_db": result.psnr}

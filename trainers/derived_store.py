@@ -50,6 +50,7 @@ from trainers.derived_shards import (
 from trainers.store_files import (
     RowFile,
     check_sealed,
+    file_stamp,
     info_bytes,
     new_folder,
     npy_header,
@@ -216,8 +217,7 @@ def _stamps(cache: Path, paths: list[str]) -> dict[str, list[int] | None]:
     stamps = {}
     for path in paths:
         try:
-            st = os.stat(Path(cache) / path)
-            stamps[path] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+            stamps[path] = file_stamp(os.stat(Path(cache) / path))
         except OSError:
             stamps[path] = None
     return stamps

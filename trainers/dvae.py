@@ -47,6 +47,9 @@ class DvaeSize:
 
 DVAE_SIZES: dict[str, DvaeSize] = {
     "tiny": DvaeSize((8, 16, 32), vocab_size=64, embed_dim=16),  # tests: x4, 65k parameters
+    # the cpu preset's: x4, K 512. On the 32 px world (fsq, 2,000 steps) it keeps colour 0.97, position
+    # 1.00 and size 0.90 of the real images' reading where tiny's 64 codes keep 0.52, 0.83, 0.80
+    "mini": DvaeSize((16, 32, 64)),
     "small": DvaeSize((32, 64, 128)),  # x4, K 512, 1.1M: 32 px -> 8 x 8 tokens, 64 px -> 16 x 16
     "small8": DvaeSize((32, 64, 128, 128)),  # x8, K 512, 2.0M: 64 px -> 8 x 8 tokens
 }

@@ -1,7 +1,7 @@
 """LAFITE-style conditional StyleGAN2-lite: a generator whose every style sees the text feature, and a
 residual discriminator with a per-sample projection of the condition.
 
-    generator      z -> mapping MLP -> w;  h -> MLP -> c;  every synthesis layer: style s = A([w; c])
+    generator      z -> mapping MLP -> w;  h sqrt(D) -> MLP -> c;  every synthesis layer: style s = A([w; c])
                    4x4 constant -> (upsample, modulated 3x3 conv x2, noise, toRGB skip) per resolution
     discriminator  fromRGB -> residual downsampling blocks -> minibatch std -> conv -> FC -> phi(x)
                    logit = linear(phi(x)) + <h, f_s(x)>,   f_s(x) = linear(phi(x)) in CLIP space (L_ConD)
@@ -182,10 +182,10 @@ def check_resolution(resolution: int) -> None:
 class Generator(nn.Module):
     """G(z, h) -> image in about [-1, 1], [B, 3, R, R]."""
 
-    def __init__(self, size: GanSize, resolution: int, h_dim: int):
+    def __init__(self, size: GanSize, resolution: int, h_dim: int, cond_scale: float = 1.0):
         super().__init__()
         check_resolution(resolution)
-        self.size, self.resolution, self.h_dim = size, resolution, h_dim
+        self.size, self.resolution, self.h_dim, self.cond_scale = size, resolution, h_dim, cond_scale
         # Mapping at 1/100 learning rate, as StyleGAN2: w moves slowly relative to the synthesis net.
         layers = [
             FC(size.z_dim if i == 0 else size.w_dim, size.w_dim, act=True, lr_mul=0.01)
@@ -206,7 +206,7 @@ class Generator(nn.Module):
     def styles(self, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         z = z * torch.rsqrt(z.square().mean(dim=1, keepdim=True) + 1e-8)  # [B, z_dim], unit 2nd moment
         w = self.mapping(z)  # [B, w_dim]
-        c = self.cond_mlp(h)  # [B, cond_dim]
+        c = self.cond_mlp(h * self.cond_scale)  # [B, cond_dim]
         return torch.cat([w, c], dim=1)  # [B, w_dim + cond_dim]: every layer's A sees [w; MLP(h)]
 
     def forward(
@@ -304,9 +304,8 @@ def build_models(arch: dict) -> tuple[Generator, Discriminator]:
     registry entry has changed since."""
     fields = {k: arch[k] for k in GanSize.__dataclass_fields__}
     size = GanSize(**{**fields, "resolutions": tuple(fields["resolutions"])})
-    return Generator(size, arch["resolution"], arch["h_dim"]), Discriminator(
-        size, arch["resolution"], arch["h_dim"]
-    )
+    generator = Generator(size, arch["resolution"], arch["h_dim"], arch.get("cond_scale", 1.0))
+    return generator, Discriminator(size, arch["resolution"], arch["h_dim"])
 
 
 def count_params(module: nn.Module) -> int:
@@ -336,6 +335,10 @@ def architecture(size_name: str, resolution: int, h_dim: int) -> dict:
         "size": size_name,
         "resolution": resolution,
         "h_dim": h_dim,
+        # unit-norm conditions times sqrt(D): entries of unit second moment, as z's (and StyleGAN2-ADA's
+        # normalised class embedding). Unscaled, a 512-d text feature reached the styles about 20x smaller
+        # than w, and shape was learnt slowly (BENCHMARKS.md); checkpoints made before it keep 1
+        "cond_scale": math.sqrt(h_dim),
         **size,
         "resolutions": list(size["resolutions"]),
     }

@@ -37,6 +37,9 @@ class Family:
     sizes: str  # "module:NAME" of its size registry (name -> size)
     sampler: tuple[str, ...] = ()  # the sampler options its generate takes (trainers sample --steps ...)
     autoencoder: Autoencoder | None = None  # the autoencoder it is trained in, if any
+    # the maths of its model and training: a change that alters what a run with the same config learns
+    # bumps it, so `trainers compare` redoes the runs made before (a committed run is keyed on it)
+    version: str = "1"
 
 
 FAMILIES: dict[str, Family] = {
@@ -46,6 +49,7 @@ FAMILIES: dict[str, Family] = {
         "trainers.train_gan:run_gan",
         "trainers.sample:load_gan",
         "trainers.gan:GAN_SIZES",
+        version="2",  # 2: the condition scaled to unit second moment (trainers.gan architecture's cond_scale)
     ),
     "ldm": Family(
         "ldm",
@@ -63,6 +67,7 @@ FAMILIES: dict[str, Family] = {
             "trainers.latents:encode_latents",
             "trainers.vae:VAE_SIZES",
         ),
+        version="2",  # 2: the condition scaled to unit RMS (cond_scale), the tiny size's lr 1e-3
     ),
     "dalle": Family(
         "dalle",

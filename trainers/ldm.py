@@ -1,5 +1,6 @@
-"""DiT-style latent flow model: a transformer over 2x2 latent patches, the text feature entering every
-block through adaLN-zero, plus the rectified-flow maths and the guided Euler sampler.
+"""DiT-style flow model: a transformer over 2x2 latent patches (or 4x4 pixel patches: `--space pixel`,
+trainers/ldm_space.py), the text feature entering every block through adaLN-zero, plus the
+rectified-flow maths and the guided Euler sampler.
 
 Objective: rectified flow (Liu et al. 2022; SD3). x_t = (1 - t) x_0 + t eps on a straight path from the
 data latent (t = 0) to noise (t = 1); the model predicts the constant velocity v = eps - x_0 (MSE).
@@ -32,33 +33,52 @@ class DitSize:
     width: int  # token width
     heads: int  # attention heads
     patch: int  # latent patch side
+    lr: float = 1e-4  # the default --lr (DiT's, for batch 256; AdamW without weight decay)
 
 
 LDM_SIZES: dict[str, DitSize] = {
-    "tiny": DitSize(2, 64, 2, 2),  # the CPU size (compare's cpu preset) and the tests
+    # the CPU size (compare's cpu preset) and the tests. lr by measurement on the 32 px world, 6,000 steps
+    # of batch 32 in pixel space: at 1e-4 colour and position stayed at chance, at 1e-3 they reached 0.97
+    # and 0.98 (BENCHMARKS.md, "An LDM that learns its condition")
+    "tiny": DitSize(2, 64, 2, 2, lr=1e-3),
     "S": DitSize(12, 384, 6, 2),  # DiT-S/2, ~33M parameters
     "B": DitSize(12, 768, 12, 2),  # DiT-B/2, ~130M parameters
 }
 
 
+PIXEL_PATCH_FACTOR = 2
+"""In pixel space a size's patch is this many times its latent patch: the tiny size's 4 px patches make 64
+tokens of a 32 px image (its 2-latent patches of a 4x-downsampled VAE: 16), a trade measured in
+BENCHMARKS.md ("An LDM that learns its condition")."""
+
+
 def ldm_architecture(
-    size: str, latent_channels: int, latent_size: int, h_dim: int, latent_scale: float
+    size: str,
+    latent_channels: int,
+    latent_size: int,
+    h_dim: int,
+    latent_scale: float,
+    space: str = "latent",
 ) -> dict[str, Any]:
     if size not in LDM_SIZES:
         raise ConfigError(f"--size {size}: choose one of {', '.join(LDM_SIZES)}")
     spec = LDM_SIZES[size]
-    if latent_size % spec.patch:
-        raise ConfigError(f"--vae: latents are {latent_size}px, not a multiple of the patch ({spec.patch})")
+    patch = spec.patch * (PIXEL_PATCH_FACTOR if space == "pixel" else 1)
+    if latent_size % patch:
+        what = "images" if space == "pixel" else "--vae: latents"
+        raise ConfigError(f"{what} are {latent_size}px, not a multiple of the patch ({patch})")
     return {
         "size": size,
+        "space": space,  # latent: a VAE's latents; pixel: the images (trainers.ldm_space)
         "depth": spec.depth,
         "width": spec.width,
         "heads": spec.heads,
-        "patch": spec.patch,
+        "patch": patch,
         "latent_channels": latent_channels,
         "latent_size": latent_size,
         "h_dim": h_dim,
         "latent_scale": float(latent_scale),  # latents are multiplied by it to have unit variance
+        "cond_scale": math.sqrt(h_dim),  # unit-norm conditions times it: entries of unit RMS (see Dit)
     }
 
 
@@ -112,7 +132,14 @@ class DitBlock(nn.Module):
 
 
 class Dit(nn.Module):
-    """v = Dit(x_t [B, C, r, r], t [B], h [B, D], drop [B] bool or None) -> [B, C, r, r]."""
+    """v = Dit(x_t [B, C, r, r], t [B], h [B, D], drop [B] bool or None) -> [B, C, r, r].
+
+    The condition is multiplied by `arch["cond_scale"]` (sqrt(D)) before its MLP: a unit-norm 512-d text
+    feature has entries of about 0.04, and through a Xavier-initialised Linear its embedding started 9-19x
+    smaller than the timestep's (whose sin-cos features have unit entries). Scaled, both start alike. On
+    the 32 px world at lr 1e-3 the scaling changed little by the end of 6,000 steps (BENCHMARKS.md): the
+    learning rate was what kept the condition from being learnt. Checkpoints made before it have no
+    `cond_scale` and keep 1."""
 
     def __init__(self, arch: dict[str, Any]):
         super().__init__()
@@ -147,6 +174,7 @@ class Dit(nn.Module):
         p, g = self.arch["patch"], self.grid
         if drop is not None:
             h = torch.where(drop[:, None], self.null_h.to(h.dtype)[None], h)  # [B, D]
+        h = h * self.arch.get("cond_scale", 1.0)
         cond = self.t_embed(timestep_embedding(t)) + self.h_embed(h)  # [B, W]
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos  # [B, N, W]
         for block in self.blocks:

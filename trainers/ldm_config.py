@@ -15,18 +15,21 @@ from pipeline.errors import ConfigError
 from trainers.run_options import check_run_options
 from trainers.runs import DEFAULT_PROMPTS, RunConfig
 
+SPACES = ("latent", "pixel")  # where the flow model works (trainers.ldm_space)
+
 
 @dataclass(frozen=True)
 class LdmConfig(RunConfig):
     cache: Path | None = None  # feature cache (read-only); on --resume the checkpoint's unless given
-    vae: Path | None = None  # `trainers vae` checkpoint (or run dir: its latest), frozen
+    vae: Path | None = None  # `trainers vae` checkpoint (or run dir: its latest), frozen; --space latent
+    space: str = "latent"  # latent: diffuse a frozen VAE's latents; pixel: the images (trainers.ldm_space)
     out: Path = Path("runs")  # the run goes to OUT/{idx:03d}-{name}/
     name: str = "ldm"  # run name (a folder name)
     size: str = "S"  # LDM_SIZES entry: tiny (32 px; the CPU size), S, B
     condition: str = "optimize"  # conditioning source: optimize, retrieve, perturb, caption
     steps: int = 50_000  # total optimisation steps; a resumed run continues up to this
     batch_size: int = 64  # images per step
-    lr: float = 1e-4  # AdamW learning rate (DiT's, no weight decay)
+    lr: float | None = None  # AdamW learning rate (no weight decay); None: the size's (trainers.ldm.LDM_SIZES)
     seed: int = 0  # init, t, noise, condition dropout and data order
     paired_limit: int | None = None  # few-shot: N real pairs (only them with caption, else mixed in)
     allow_partial: bool = False  # train on the usable shards of a partial cache (see LoaderConfig)
@@ -45,12 +48,23 @@ class LdmConfig(RunConfig):
     samples_per_prompt: int = 4  # sample-grid columns
     resume: Path | None = None  # checkpoint file or run directory (latest checkpoint) to continue
 
+    @property
+    def learning_rate(self) -> float:
+        """--lr, else the size's (trainers.ldm.LDM_SIZES)."""
+        from trainers.ldm import LDM_SIZES  # torch: read when a run starts, not for --help
+
+        return self.lr if self.lr is not None else LDM_SIZES[self.size].lr
+
     def validate(self) -> None:
         from trainers.ldm import LDM_SIZES  # torch: validate() runs for a command, not for its --help
 
         check_run_options(self, LDM_SIZES, ("sample_steps", self.sample_steps, 1))
-        if self.vae is None:
-            raise ConfigError("--vae is required: a `trainers vae` checkpoint or run directory")
+        if self.space not in SPACES:
+            raise ConfigError(f"--space {self.space}: choose one of {', '.join(SPACES)}")
+        if self.space == "latent" and self.vae is None:
+            raise ConfigError("--vae is required: a `trainers vae` checkpoint or run directory (or --space pixel)")
+        if self.space == "pixel" and self.vae is not None:
+            raise ConfigError("--vae is for --space latent: in pixel space there is no autoencoder")
 
 
 RESUME_OVERRIDABLE = (

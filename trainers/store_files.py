@@ -53,14 +53,15 @@ def unsealed(data: bytes) -> bytes:
     return payload
 
 
-def _stamp(st: os.stat_result) -> list[int]:
+def file_stamp(st: os.stat_result) -> list[int]:
+    """What any write through the file system changes: [size, mtime_ns, ctime_ns, inode]."""
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def seal_files(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     """name -> {digest, stamp} of each file of `folder`, for its info.json (see `check_sealed`)."""
     return {
-        name: {"digest": digest_file_content(folder / name), "stamp": _stamp(os.stat(folder / name))}
+        name: {"digest": digest_file_content(folder / name), "stamp": file_stamp(os.stat(folder / name))}
         for name in names
     }
 
@@ -72,14 +73,14 @@ def check_sealed(folder: Path, files: dict[str, dict[str, Any]]) -> bool:
     renewed = False
     for name, sealed_file in files.items():
         st = os.stat(folder / name)
-        if _stamp(st) == sealed_file["stamp"]:
+        if file_stamp(st) == sealed_file["stamp"]:
             continue
         if st.st_size != sealed_file["stamp"][0]:
             made = sealed_file["stamp"][0]
             raise ValueError(f"{name} is {st.st_size} bytes, not the {made} it was made with")
         if digest_file_content(folder / name) != sealed_file["digest"]:
             raise ValueError(f"{name} is damaged: its bytes differ from the digest recorded when it was made")
-        sealed_file["stamp"], renewed = _stamp(os.stat(folder / name)), True
+        sealed_file["stamp"], renewed = file_stamp(os.stat(folder / name)), True
     return renewed
 
 

@@ -1,4 +1,5 @@
-"""`trainers ldm`: train the DiT-style latent flow model (`trainers/ldm.py`) on a frozen `trainers vae`.
+"""`trainers ldm`: train the DiT-style flow model (`trainers/ldm.py`) on a frozen `trainers vae`'s latents,
+or on the pixels with `--space pixel` (the identity in place of the VAE: trainers/ldm_space.py).
 
 One step, on a batch of real images x with conditions h (unit-norm text-space features):
 
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ import torch
 from trainers import loop
 from trainers.checkpoints import require_same_arch
 from trainers.distributed import SINGLE, World
-from trainers.ldm import Dit, flow_loss, ldm_architecture, sample_euler
+from trainers.ldm import LDM_SIZES, Dit, flow_loss, ldm_architecture, sample_euler
 from trainers.ldm_config import RESUME_OVERRIDABLE, LdmConfig
 from trainers.runs import resolve_run_config, seed_everything, select_device
 
@@ -58,7 +59,7 @@ class LdmTrainer:
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.forward = loop.compiled(self.model, config.compile)  # the training step's
         self.vae = vae.to(device)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=0.0)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.learning_rate, weight_decay=0.0)
         self.amp = device.type == "cuda"
         self.step = 0
         self.latent_cache = None  # trainers.latents.LatentCache of this VAE (`trainers vae --encode`), if any
@@ -125,6 +126,8 @@ class LdmResult:
 def run_ldm(config: LdmConfig, resume_state: dict | None = None, progress: Any = None) -> LdmResult:
     """Train (or continue) a run; checkpoints, config.json and metrics.jsonl in its dir. Under torchrun,
     data-parallel (trainers/distributed.py): rank 0 writes, and returns the result."""
+    if config.lr is None and config.size in LDM_SIZES:  # recorded as the number it trains with
+        config = replace(config, lr=config.learning_rate)
     return loop.launch(config, functools.partial(_run_ldm, config, resume_state), progress)
 
 
@@ -132,7 +135,7 @@ def _run_ldm(config, resume_state, world: World, device_name: str, progress) -> 
     from trainers.data import make_loader
     from trainers.embed_rows import cache_clip
     from trainers.latents import load_latent_cache, posterior_means
-    from trainers.vae import load_vae
+    from trainers.ldm_space import downsampling, load_space
 
     device = select_device(device_name)
     resume = loop.load_resume(config, "ldm", resume_state)
@@ -141,22 +144,23 @@ def _run_ldm(config, resume_state, world: World, device_name: str, progress) -> 
     init_path, init_state = loop.load_init_state(config, "ldm")
     clip = cache_clip(config.cache)
     vae_path = resume.state["vae"]["path"] if resume.state is not None else config.vae
-    vae, vae_ckpt = load_vae(vae_path, "--vae")
-    latent_cache = load_latent_cache(config.cache, vae_ckpt["path"])  # None: encode every batch on the fly
+    vae, vae_ckpt = load_space(config.space, vae_path)
+    latent_cache = None  # this VAE's `trainers vae --encode` latents; None: encode every batch on the fly
+    if vae_ckpt["path"] is not None:
+        latent_cache = load_latent_cache(config.cache, vae_ckpt["path"])
     batches = make_loader(loop.cache_loader_config(config), start_step=resume.step, world=world)
     info = batches.info
-    resolution = vae_ckpt["arch"]["resolution"]
+    resolution = vae_ckpt["arch"]["resolution"] or info.image_size  # pixel space: any
     loop.check_autoencoder_fits(info, int(clip.dim), config.cache, f"--vae {vae_path}", resolution)
     data = info.record()
-    latent_size = info.image_size // 4
+    latent_size = info.image_size // downsampling(config.space)
     if resume.state is None:
         first = next(batches)
         # the latent scale from the global first batch: every rank (and one process) gets the same
         mean = world.gather(posterior_means(vae, first["image"], first.get("key"), latent_cache))
         scale = 1.0 / max(float(mean.float().std()), 1e-6)
-        arch = ldm_architecture(
-            config.size, vae_ckpt["arch"]["latent_channels"], latent_size, info.dim, scale
-        )
+        channels = vae_ckpt["arch"]["latent_channels"]
+        arch = ldm_architecture(config.size, channels, latent_size, info.dim, scale, config.space)
         batches = chain([first], batches)
         if init_state is not None:
             require_same_arch(init_path, init_state["arch"], arch, ARCH_KEYS_CHECKED_BY_INIT, INIT_HINT)

@@ -16,9 +16,9 @@ from pipeline import demo as demo_module
 from pipeline.cli import app
 
 
-def run_demo(out: Path):
+def run_demo(out: Path, *more: str):
     return CliRunner().invoke(
-        app, ["demo", "--out", str(out), "--preset", "smoke", "--workers", "0", "--device", "cpu"]
+        app, ["demo", "--out", str(out), "--preset", "smoke", "--workers", "0", "--device", "cpu", *more]
     )
 
 
@@ -52,6 +52,27 @@ def test_demo_smoke_runs_every_step_and_prints_the_comparison(demo):
     # one plain line per step, with its time (the output is no terminal here)
     for i, step in enumerate(("synth", "clip", "pipeline", "compare"), 1):
         assert re.search(rf"^demo {i}/4 {step}: .*\bin \d+:\d\d:\d\d\b", result.output, re.M), result.output
+
+
+@pytest.mark.parametrize("generator", ["ldm", "dalle"])
+def test_demo_runs_each_family_on_the_same_cache(demo, generator):
+    """`--generator` compares another family in its own folder, reusing the world, the CLIP and the cache."""
+    out, _ = demo
+    result = run_demo(out, "--generator", generator)
+    assert result.exit_code == 0, result.output
+    assert "demo 1/4 synth: kept" in result.output and "demo 2/4 clip: reused" in result.output, result.output
+    assert "demo 3/4 pipeline: 0 images embedded" in result.output, result.output
+    report = out / f"compare-{generator}" / "report.md"
+    assert str(report) in result.output and f"One `{generator}`" in report.read_text()
+    with open(out / f"compare-{generator}" / "results.csv", newline="") as f:
+        assert sorted(r["condition"] for r in csv.DictReader(f)) == ["optimize", "perturb"]
+    assert (out / "compare" / "report.md").is_file()  # the GAN's comparison is left as it was
+
+
+def test_demo_names_every_generator_family():
+    from trainers.generators import FAMILIES
+
+    assert demo_module.GENERATORS == tuple(FAMILIES)
 
 
 def folders(root: Path) -> list[str]:
@@ -132,3 +153,6 @@ def test_an_interrupted_demo_resumes_its_clip(tmp_path, monkeypatch):
 def test_demo_bad_preset_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--preset", "huge"])
     assert result.exit_code == 2 and "--preset" in result.output
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--generator", "vae"])
+    assert result.exit_code == 2 and "--generator vae: choose one of gan, ldm, dalle" in result.output
+    assert not any(tmp_path.iterdir())

@@ -60,7 +60,7 @@ def test_a_trainers_help_loads_neither_torch_nor_numpy():
     [
         ("gan", "Total steps (a resume continues to it). [default: 20000]"),
         ("dalle", "Total steps (a resume continues to it). [default: 50000]"),
-        ("ldm", "AdamW learning rate. [default: 0.0001]"),
+        ("ldm", "Total steps. [default: 50000]"),
         ("vae", "Optimisation steps. [default: 10000]"),
         ("clip", "Pairs per step (the InfoNCE negatives), in whole contrast groups. [default: 129]"),
         ("eval", "Images generated (and real images compared). [default: 1000]"),

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from factories import tiny_cache
 from PIL import Image
 from typer.testing import CliRunner
@@ -201,6 +202,35 @@ def test_an_autoencoder_family_trains_one_shared_autoencoder(
     assert run_compare(smoke(cache, out, **given)).ran == []
 
 
+def test_a_new_model_version_redoes_the_committed_runs(cache, tmp_path, monkeypatch):
+    """Runs made before a change of the family's maths (its `version`) are not reported as current."""
+    from dataclasses import replace
+
+    from trainers import generators
+
+    out = tmp_path / "cmp"
+    config = smoke(cache, out, conditions=("perturb",), features=False)
+    assert run_compare(config).ran == ["perturb-s0"] and run_compare(config).ran == []
+    gan = generators.FAMILIES["gan"]
+    monkeypatch.setitem(generators.FAMILIES, "gan", replace(gan, version=str(int(gan.version) + 1)))
+    again = run_compare(config)
+    assert again.ran == ["perturb-s0"] and "model_version" in again.reasons["perturb-s0"]
+
+
+def test_ldm_in_pixel_space_trains_no_autoencoder(cache, tmp_path):
+    out = tmp_path / "cmp"
+    given = dict(generator="ldm", space="pixel", conditions=("perturb",), features=False)
+    result = run_compare(smoke(cache, out, **given))
+    assert result.ran == ["perturb-s0"] and not (out / "vae").exists()
+    deps = json.loads((out / "_manifests/perturb-s0.json").read_text())["deps"]
+    assert "vae" not in {d["name"] for d in deps}
+    (run,) = (out / "runs/perturb-s0").glob("000-ldm/*.pt")
+    assert torch.load(run, weights_only=True)["arch"]["space"] == "pixel"
+    assert "--space pixel" in (out / "report.md").read_text()  # the command that reproduces it
+    assert run_compare(smoke(cache, out, **given)).ran == []
+    assert run_compare(smoke(cache, out, **{**given, "space": "latent"})).ran == ["vae", "perturb-s0"]
+
+
 def test_cli_runs_and_prints_the_table(cache, tmp_path):
     out = tmp_path / "cmp"
     args = ["compare", "--cache", str(cache), "--out", str(out), "--conditions", "perturb", "--seeds", "0"]
@@ -236,6 +266,8 @@ def test_cli_features_only_trains_nothing(cache, tmp_path):
         (["--seeds", "0,0"], "--seeds"),
         (["--preset", "huge"], "--preset huge"),
         (["--generator", "vae"], "--generator vae"),
+        (["--space", "pixel"], "--space pixel: latent, or pixel with --generator ldm"),
+        (["--generator", "ldm", "--space", "voxel"], "--space voxel"),
         (["--steps", "0"], "--steps must be at least 1"),
         (["--size", "huge"], "--size huge"),
         (["--conditions", "optimize"], "--condition optimize needs the optimize stage"),

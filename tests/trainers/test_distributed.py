@@ -146,11 +146,14 @@ def test_a_killed_rank_ends_the_job_and_leaves_whole_checkpoints(cache, tmp_path
     assert not [p for p in run.iterdir() if ".tmp" in p.name or p.name.startswith(".")]
 
 
-def test_two_ldm_processes_take_the_one_process_steps(cache, tmp_path):
-    vae = ["vae", "--cache", cache, "--out", tmp_path / "vae", "--size", "tiny", "--steps", 2]
-    trainers([*vae, "--batch-size", 4, "--eval-n", 4, "--device", "cpu"])
-    (vae_run,) = (tmp_path / "vae").iterdir()
-    ldm = ["ldm", "--cache", cache, "--vae", vae_run, "--size", "tiny", "--steps", 3, "--batch-size", 8]
+@pytest.mark.parametrize("space", ["latent", "pixel"])
+def test_two_ldm_processes_take_the_one_process_steps(cache, tmp_path, space):
+    ldm = ["ldm", "--cache", cache, "--space", space, "--size", "tiny", "--steps", 3, "--batch-size", 8]
+    if space == "latent":
+        vae = ["vae", "--cache", cache, "--out", tmp_path / "vae", "--size", "tiny", "--steps", 2]
+        trainers([*vae, "--batch-size", 4, "--eval-n", 4, "--device", "cpu"])
+        (vae_run,) = (tmp_path / "vae").iterdir()
+        ldm += ["--vae", vae_run]
     ldm += ["--condition", "perturb", "--device", "cpu", "--log-every", 1]
     trainers([*ldm, "--out", tmp_path / "one"])
     trainers([*ldm, "--out", tmp_path / "two"], nproc=2)

@@ -56,7 +56,7 @@ def user_error(args, message):
 
 
 def test_shapes_hard_codes_and_decoding():
-    for size, resolution, grid in (("tiny", 32, 8), ("small", 64, 16), ("small8", 64, 8)):
+    for size, resolution, grid in (("tiny", 32, 8), ("mini", 32, 8), ("small", 64, 16), ("small8", 64, 8)):
         arch = dvae_architecture(size, resolution)
         assert arch["grid"] == [grid, grid] and arch["vocab_size"] == DVAE_SIZES[size].vocab_size
     torch.manual_seed(0)

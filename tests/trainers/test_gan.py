@@ -73,6 +73,24 @@ def tiny_clip():
 # --- models -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("h_dim", [64, 512])
+def test_the_condition_reaches_the_styles_as_large_as_w(h_dim):
+    """A unit-norm condition enters the styles with w's magnitude, not 9-24x below it (without
+    `cond_scale`); a checkpoint made before it (no `cond_scale` in its arch) keeps the old maths."""
+    torch.manual_seed(0)
+    arch = architecture("tiny", 32, h_dim)
+    G, _ = build_models(arch)
+    z, h = torch.randn(256, G.size.z_dim), F.normalize(torch.randn(256, h_dim), dim=1)
+    with torch.no_grad():
+        styles = G.styles(z, h)
+        w, c = styles[:, : G.size.w_dim], styles[:, G.size.w_dim :]
+        old, _ = build_models({k: v for k, v in arch.items() if k != "cond_scale"})
+        old.load_state_dict(G.state_dict())
+        c_old = old.styles(z, h)[:, G.size.w_dim :]
+    assert 0.5 < float(c.std() / w.std()) < 2 and float(c_old.std() / w.std()) < 0.15
+    assert torch.equal(old.styles(z, h * arch["cond_scale"]), styles)
+
+
 @pytest.mark.parametrize("name", list(GAN_SIZES))
 def test_each_size_builds_at_its_resolution(name):
     resolution = GAN_SIZES[name].resolutions[0]

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from pipeline.errors import ConfigError
 from trainers.cli import app
 from trainers.data import LoaderConfig, make_loader
-from trainers.ldm import LDM_SIZES, Dit, ldm_architecture, sample_euler
+from trainers.ldm import LDM_SIZES, Dit, ldm_architecture, sample_euler, timestep_embedding
 from trainers.ldm_config import LdmConfig
 from trainers.ldm_sample import load_ldm_generator
 from trainers.train_ldm import resolve_config, run_ldm
@@ -87,6 +87,26 @@ def test_registry_and_adaln_zero_start():
         ldm_architecture("huge", 4, 8, H_DIM, 1.0)
 
 
+@pytest.mark.parametrize("h_dim", [64, 512])
+def test_the_condition_starts_as_large_as_the_timestep(h_dim):
+    """A unit-norm condition enters the blocks with the timestep's magnitude at initialisation, not some
+    10x below it (0.05-0.11 of it without `cond_scale`)."""
+    torch.manual_seed(0)
+    arch = ldm_architecture("tiny", 4, 8, h_dim, 1.0)
+    model = Dit(arch)
+    h, t = F.normalize(torch.randn(256, h_dim), dim=1), torch.rand(256)
+    with torch.no_grad():
+        t_std = model.t_embed(timestep_embedding(t)).std()
+        ratio = float(model.h_embed(h * arch["cond_scale"]).std() / t_std)
+        unscaled = float(model.h_embed(h).std() / t_std)
+    assert 0.5 < ratio < 3 and unscaled < 0.2
+    old = Dit({k: v for k, v in arch.items() if k != "cond_scale"})  # a checkpoint made before it
+    old.load_state_dict(model.state_dict())
+    x = torch.randn(2, 4, 8, 8)
+    randomize(model), randomize(old)
+    assert torch.equal(old(x, t[:2], h[:2] * arch["cond_scale"]), model(x, t[:2], h[:2]))
+
+
 def _euler(model, noise, h, steps, drop):
     ts = torch.linspace(1.0, 0.0, steps + 1)
     x = noise
@@ -139,6 +159,30 @@ def test_steps_are_finite_and_resume_is_bit_for_bit(world, tmp_path):
     assert sum(1 for _ in (run / "metrics.jsonl").read_text().splitlines()) == 3
     with pytest.raises(ConfigError, match="--size S"):
         resolve_config({"size": "S"}, run)
+
+
+def test_pixel_space_trains_samples_and_resumes_bit_for_bit(world, tmp_path):
+    config = tiny_config(world, tmp_path, space="pixel", vae=None, steps=3, checkpoint_every=1)
+    run = run_ldm(config).run_dir
+    full = torch.load(run / "0000003.pt", weights_only=True)
+    arch = full["arch"]
+    assert (arch["space"], arch["latent_channels"], arch["latent_size"], arch["patch"]) == ("pixel", 3, 32, 4)
+    recorded = json.loads((run / "config.json").read_text())
+    assert full["vae"]["path"] is None and recorded["space"] == "pixel"
+    assert recorded["lr"] == LDM_SIZES["tiny"].lr == 1e-3  # the size's, recorded as trained with
+    cfg, state = resolve_config({}, run / "0000002.pt")
+    assert cfg.space == "pixel" and run_ldm(cfg, resume_state=state).step == 3
+    resumed = torch.load(run / "0000003.pt", weights_only=True)
+    for part in ("model", "ema"):
+        for name, tensor in full[part].items():
+            assert torch.equal(tensor, resumed[part][name]), (part, name)
+    _randomized_checkpoint(run / "0000003.pt", tmp_path / "random.pt")
+    generate, info = load_ldm_generator(tmp_path / "random.pt", device="cpu")
+    assert info["resolution"] == 32 and info["vae"] is None
+    h = F.normalize(torch.randn(2, H_DIM, generator=torch.Generator().manual_seed(0)), dim=1)
+    images = generate(h, seed=1, steps=2)
+    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
+    assert torch.equal(images, generate(h, seed=1, steps=2)) and images.float().std() > 0
 
 
 def _randomized_checkpoint(src, dst):
@@ -265,6 +309,8 @@ def test_cli_trains_and_errors_are_one_line(world, tmp_path):
     _user_error(base + ["--condition", "perturb", "--init", vae], "--init")
     _user_error(["ldm", "--cache", cache, "--vae", tmp_path / "none.pt", "--out", tmp_path], "--vae")
     _user_error(["ldm", "--resume", tmp_path / "missing.pt"], "--resume")
+    _user_error(base + ["--space", "pixel"], "--vae is for --space latent")
+    _user_error(["ldm", "--cache", cache, "--out", tmp_path, "--space", "voxel"], "--space voxel")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000-ldm", "prompts.txt"]
 
 
