@@ -223,9 +223,9 @@ def demo(
         str,
         typer.Option(
             "--generator",
-            help="The family compared: gan (the default), ldm (diffusion, the compare preset's space) or dalle "
-            "(dVAE tokens + transformer). A rerun with another family reuses the world, CLIP and cache; each "
-            "family's runs go to OUT/compare[-FAMILY].",
+            help="The family compared: gan (the default), ldm (diffusion, the compare preset's space) or "
+            "dalle (dVAE tokens + transformer). A rerun with another family reuses the world, CLIP and "
+            "cache; each family's runs go to OUT/compare[-FAMILY].",
         ),
     ] = "gan",
     workers: Annotated[int, typer.Option("--workers", help="Decoding processes.")] = 2,

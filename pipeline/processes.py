@@ -10,14 +10,16 @@ LocalCluster workers need nothing here: distributed hands each one a pipe from t
 exits when it closes.
 
 Threads: a command starts with `--threads`, else OMP_NUM_THREADS, else `available_cpus()` (the affinity
-mask capped by a cgroup CPU quota) less the CPUs other jobs keep busy by the load average
-(`default_threads`), and a process that starts W workers beside it lowers itself to
-`available_cpus() // (1 + W)`, at least 1; decode and loader workers run 1 thread (torch sets it), Dask
-workers 1 (distributed sets OMP_NUM_THREADS=1). More threads than free cores is far worse than fewer: on
-2 cores beside one busy process, a GAN-sized step ran at 38-74 img/s on 2 threads and 480-1000 on 1
-(benchmarks/bench_threads.py). The load average sees other jobs only as they were over the last minute; a
-shorter OpenMP spin (`start_threads`) softens what it misses 2-5x, and on a shared machine --threads 1
-avoids it. When the load lowers the count, the first progress bar says so (`threads_note`).
+mask capped by a cgroup CPU quota) less the CPUs other jobs keep busy by the load average, where a short
+look at /proc/stat finds them busy now (`default_threads`: a demo started right after another job once
+got 1 thread of 2 from the minute-long memory of the load average), and a process that starts W workers
+beside it lowers itself to `available_cpus() // (1 + W)`, at least 1; decode and loader workers run 1
+thread (torch sets it), Dask workers 1 (distributed sets OMP_NUM_THREADS=1). More threads than free
+cores is far worse than fewer: on 2 cores beside one busy process, a GAN-sized step ran at 38-74 img/s
+on 2 threads and 480-1000 on 1 (benchmarks/bench_threads.py). The load average sees other jobs only as
+they were over the last minute, and the look at /proc/stat only as they are for 0.2 s; a shorter OpenMP
+spin (`start_threads`) softens what they miss 2-5x, and on a shared machine --threads 1 avoids it. When
+the load lowers the count, the first progress bar says so (`threads_note`).
 """
 
 from __future__ import annotations
@@ -128,6 +130,27 @@ def load_average() -> float | None:
         return None
 
 
+def busy_cpus(interval: float = 0.2) -> float | None:
+    """CPUs of the machine busy over the next `interval` seconds, from /proc/stat (None where there is
+    none). Unlike the load average it does not remember a job that ended within the last minute."""
+
+    def ticks() -> tuple[int, int]:  # (all, idle + iowait) of the "cpu" line, in clock ticks
+        user, nice, system, idle, iowait, irq, softirq, steal = map(
+            int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+        )
+        return user + nice + system + idle + iowait + irq + softirq + steal, idle + iowait
+
+    try:
+        total0, idle0 = ticks()
+        time.sleep(interval)
+        total1, idle1 = ticks()
+    except (OSError, ValueError):
+        return None
+    if total1 <= total0:
+        return None
+    return (1.0 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
 def _own_load() -> float:
     """This process's own share of the 1-minute load average, roughly: its CPU seconds over its age, at
     least a minute (a test session that runs many commands in one process is busy itself)."""
@@ -149,13 +172,18 @@ def _start_time() -> float:
 def default_threads() -> tuple[int, str]:
     """(threads, why) for a command not asked for a count: the CPUs this process may use, less the CPUs
     that other jobs keep busy by the load average (scaled to this process's CPUs where a quota or affinity
-    gives it part of the machine, less this process's own share), at least 1."""
+    gives it part of the machine, less this process's own share) where a 0.2 s look at /proc/stat agrees
+    they are busy now, at least 1."""
     cpus = available_cpus()
     load = load_average()
     if load is None or cpus == 1:
         return cpus, "the CPUs this process may use"
     machine = os.cpu_count() or cpus
     others = max(0.0, load * cpus / machine - _own_load())
+    if round(others) > 0:  # the load remembers the last minute: a job just ended still counts, so look now
+        busy = busy_cpus()
+        if busy is not None:
+            others = min(others, busy * cpus / machine)
     threads = max(1, cpus - round(others))
     if threads == cpus:
         return cpus, "the CPUs this process may use"

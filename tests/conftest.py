@@ -17,10 +17,12 @@ warnings.filterwarnings("ignore", message=".*random weights.*")
 def quiet_machine(monkeypatch):
     """In-process commands take their threads as on a quiet machine: the load average (this suite's own
     subprocesses, other jobs) would make their count and their `threads:` note vary from run to run. The
-    tests of that rule (tests/pipeline/test_processes.py) set the load they need."""
+    tests of that rule (tests/pipeline/test_processes.py) set the load they need; what /proc/stat shows
+    busy now is unknown unless a test sets it, so a load they set decides alone."""
     from pipeline import processes
 
     monkeypatch.setattr(processes, "load_average", lambda: None)
+    monkeypatch.setattr(processes, "busy_cpus", lambda: None)
 
 
 @pytest.fixture

@@ -94,7 +94,17 @@ def gan(
     condition: ConditionOpt = None,
     steps: TotalStepsOpt = None,
     batch_size: BatchOpt = None,
-    lr: Annotated[float | None, shown("--lr", "Adam learning rate of G and D.")] = None,
+    lr: Annotated[
+        float | None,
+        shown("--lr", "Adam learning rate of G and D; unset: the size's (tiny 0.01, small and base 0.0025)."),
+    ] = None,
+    con_g_weight: Annotated[
+        float | None, shown("--con-g-weight", "Weight of L_ConG (CLIP features of fakes vs their condition).")
+    ] = None,
+    con_d_weight: Annotated[
+        float | None, shown("--con-d-weight", "Weight of L_ConD (D's features vs the condition).")
+    ] = None,
+    tau: Annotated[float | None, shown("--tau", "InfoNCE temperature of both contrastive terms.")] = None,
     seed: Annotated[int | None, shown("--seed", "Seed of init, noise and data order.")] = None,
     resume: Annotated[
         Path | None,

@@ -71,15 +71,13 @@ GENERATORS = tuple(FAMILIES)
 CONDITIONS = ("perturb", "retrieve", "optimize", "caption")  # trainers.conditions.CONDITIONS, in report order
 
 # Budgets per preset and generator; explicit flags override them. Sized on the 2-core development machine,
-# one torch thread, the lafite-tiny CLIP (32 px): a tiny-GAN step of batch 32 takes 0.11 s idle and
-# 0.155 s with another training job on the other core (200 steps: 31 s; 0.17 s with a patch-4 CLIP in
-# L_ConG); `trainers eval` of 500 images 1.2 s; the default probe about 15 s, once per cache. So the cpu
-# preset's 2 conditions x 2 seeds of 1,000 GAN steps take 4 x (110-155 s + 3 s) + 20 s: 8-11 minutes
-# (measured with lafite-rn32 on a quiet machine: 408 s for the 4 runs, probe and reports included).
-# ldm: 2,000 mini-VAE steps about 4 minutes, then 6,000 tiny-DiT steps 2.5-3 minutes a run; dalle: 2,000
-# mini-dVAE steps 3.6 minutes, then 3,000 mini-transformer steps about 5.5 minutes a run (measured on the
-# demo's cache, 2 threads, 2026-12-07; BENCHMARKS.md has each compare's wall time). gpu: not measured
-# yet (no GPU was lent); the demo's and `trainers gan`'s GPU defaults.
+# 2 threads, the demo's cache (lafite-rn32 CLIP, 32 px), 2026-12-07; BENCHMARKS.md has each compare's
+# wall time. gan: 4,000 tiny-GAN steps of batch 8 took 237-274 s a run (the demo's 4 runs, probe and
+# reports: 17 minutes, on a machine that ran the old 1,000 steps of 32 in 186 s where another took 112 s);
+# `trainers eval` of 500 images about 1 s; the default probe about 15 s, once per cache. ldm: 2,000
+# mini-VAE steps about 4 minutes, then 6,000 tiny-DiT steps 2.5-3 minutes a run; dalle: 2,000 mini-dVAE
+# steps 3.6 minutes, then 3,000 mini-transformer steps about 5.5 minutes a run. gpu: not measured yet (no
+# GPU was lent); the demo's and `trainers gan`'s GPU defaults.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # seconds: checks the wiring (the tests); a probe far too small to measure anything
     "smoke": {
@@ -90,13 +88,21 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "dalle": dict(size="tiny", steps=2, batch_size=4, eval_n=16, vae_size="tiny", vae_steps=2),
         "probe": dict(probe_n_train=64, probe_epochs=1, probe_n_eval=0),
     },
-    # about 10 minutes on 2 cores for 2 conditions x 2 seeds, 32 px
+    # 2 conditions x 2 seeds of the GAN: 17 minutes on 2 cores of a slow day (2026-12-07), 32 px
     "cpu": {
-        "gan": dict(size="tiny", steps=1000, batch_size=32, eval_n=500),
+        # batch 8: at this size the GAN learns from updates more than from images; 4,000 steps of 8 drew
+        # shape 0.57 where 1,000 of 32 drew 0.45 (both at lr 0.01), in 1.2-1.6x the time (BENCHMARKS.md)
+        "gan": dict(size="tiny", steps=4000, batch_size=8, eval_n=500),
         # the mini VAE keeps shape 0.78-0.84 of the real images' reading, tiny 0.49; in its latents the tiny
         # DiT (lr 1e-3) draws more of the objects than in pixel space at the same steps (BENCHMARKS.md)
         "ldm": dict(
-            size="tiny", steps=6000, batch_size=32, eval_n=500, vae_size="mini", vae_steps=2000, space="latent"
+            size="tiny",
+            steps=6000,
+            batch_size=32,
+            eval_n=500,
+            vae_size="mini",
+            vae_steps=2000,
+            space="latent",
         ),
         # the mini fsq dVAE (512 codes) keeps colour 0.97 and position 1.00 of the real images' reading on
         # the demo's world, where tiny's 64 codes keep 0.52 and 0.83 (BENCHMARKS.md)
@@ -142,7 +148,7 @@ class CompareConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N (recorded, not keyed)
     allow_partial: bool = False  # runs may train on a partial cache (unkeyed: the cache deps are keyed)
     features: bool = True  # also write the feature-level report (trainers.compare_features)
-    space: str = "latent"  # ldm: diffuse the shared VAE's latents, or the pixels with no VAE (trainers.ldm_space)
+    space: str = "latent"  # ldm: diffuse the shared VAE's latents, or the pixels (trainers.ldm_space)
     language_free: str = "optimize"  # arms: what fewshot pre-trains on and semi mixes captions into
     finetune_share: float = 0.25  # fewshot arms: the share of the budget spent fine-tuning on the pairs
 

@@ -35,6 +35,7 @@ class GanSize:
     channel_max: int
     d_features: int  # width of the discriminator's phi(x)
     resolutions: tuple[int, ...]  # the image sizes this entry is meant for (others work, untested)
+    lr: float = 0.0025  # the default --lr (StyleGAN2's); not part of a checkpoint's architecture
 
     def channels(self, res: int) -> int:
         return max(1, min(self.channel_base // res, self.channel_max))
@@ -45,9 +46,11 @@ class GanSize:
 # base 26.6M / 24.2M at 128 px, 26.9M / 24.3M at 256 px (512-d).
 # fmt: off
 GAN_SIZES: dict[str, GanSize] = {
-    # the CPU size (and the tests): at 32 px, batch 32, 0.11 s per step on 2 quiet CPU cores (bench_sizes)
+    # the CPU size (and the tests): at 32 px, batch 32, 0.11 s per step on 2 quiet CPU cores (bench_sizes).
+    # lr by measurement on the 32 px world, 1,000 steps of batch 32: at 0.0025 shape/colour 0.30/0.69, at
+    # 0.01 0.45/0.91 (BENCHMARKS.md, "The GAN: learning shape in the demo's budget")
     "tiny": GanSize(z_dim=32, w_dim=32, mapping_layers=2, cond_dim=32, channel_base=512, channel_max=32,
-                    d_features=32, resolutions=(32,)),
+                    d_features=32, resolutions=(32,), lr=0.01),
     "small": GanSize(z_dim=128, w_dim=128, mapping_layers=4, cond_dim=128, channel_base=8192,
                      channel_max=256, d_features=256, resolutions=(64,)),
     "base": GanSize(z_dim=512, w_dim=512, mapping_layers=8, cond_dim=256, channel_base=16384,
@@ -302,7 +305,7 @@ class Discriminator(nn.Module):
 def build_models(arch: dict) -> tuple[Generator, Discriminator]:
     """Models from an `architecture()` dict: a checkpoint rebuilds what it was trained with, even if the
     registry entry has changed since."""
-    fields = {k: arch[k] for k in GanSize.__dataclass_fields__}
+    fields = {k: arch[k] for k in GanSize.__dataclass_fields__ if k != "lr"}
     size = GanSize(**{**fields, "resolutions": tuple(fields["resolutions"])})
     generator = Generator(size, arch["resolution"], arch["h_dim"], arch.get("cond_scale", 1.0))
     return generator, Discriminator(size, arch["resolution"], arch["h_dim"])
@@ -331,6 +334,7 @@ def check_size_fits(size_name: str, resolution: int) -> None:
 def architecture(size_name: str, resolution: int, h_dim: int) -> dict:
     """What a checkpoint needs to rebuild the models (plain types: loads with weights_only=True)."""
     size = asdict(GAN_SIZES[size_name])
+    del size["lr"]  # training, not the models: the run's config.json records the lr it used
     return {
         "size": size_name,
         "resolution": resolution,

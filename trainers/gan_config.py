@@ -25,7 +25,7 @@ class GanConfig(RunConfig):
     condition: str = "optimize"  # conditioning source: optimize, retrieve, perturb, caption
     steps: int = 20_000  # total optimisation steps; a resumed run continues up to this
     batch_size: int = 32  # images per step (InfoNCE contrasts within the batch: at least 2)
-    lr: float = 0.0025  # Adam learning rate of G and D (D's is scaled for lazy R1, as StyleGAN2)
+    lr: float | None = None  # Adam lr of G and D (D's scaled for lazy R1); None: the size's (GAN_SIZES)
     seed: int = 0  # model init, z, noise, augmentation and data order
     paired_fraction: float = 0.0  # share of each batch conditioned on real captions (few-shot runs)
     paired_limit: int | None = None  # few-shot: N real pairs (only them with caption, else mixed in)
@@ -48,16 +48,25 @@ class GanConfig(RunConfig):
     ema_rampup: float = 0.05  # early on, the half-life is at most this share of the images seen
     resume: Path | None = None  # checkpoint file or run directory (latest checkpoint) to continue
 
+    @property
+    def learning_rate(self) -> float:
+        """--lr, else the size's (trainers.gan.GAN_SIZES)."""
+        from trainers.gan import GAN_SIZES  # torch: read when a run starts, not for --help
+
+        return self.lr if self.lr is not None else GAN_SIZES[self.size].lr
+
     def validate(self) -> None:
         # the cache is checked when it is read (trainers.gan_source): tests and benchmarks give batches
         from trainers.gan import GAN_SIZES  # torch: validate() runs for a command, not for its --help
 
         check_run_options(self, GAN_SIZES, ("r1_every", self.r1_every, 1), min_batch=2, needs_cache=False)
-        if (
-            self.tau <= 0
-            or min(self.con_g_weight, self.con_d_weight, self.r1_gamma or 0.0, self.ema_kimg) < 0
-        ):
-            raise ConfigError("tau must be positive and the loss weights, r1_gamma and ema_kimg non-negative")
+        if not self.tau > 0:
+            raise ConfigError(f"--tau {self.tau}: the InfoNCE temperature must be positive")
+        for flag, value in (("--con-g-weight", self.con_g_weight), ("--con-d-weight", self.con_d_weight)):
+            if not value >= 0:
+                raise ConfigError(f"{flag} {value}: a loss weight must be zero or positive")
+        if min(self.r1_gamma or 0.0, self.ema_kimg) < 0:
+            raise ConfigError("r1_gamma and ema_kimg must be non-negative")
 
 
 # What a resumed run may change; anything else given must match the checkpoint (it shapes the model,

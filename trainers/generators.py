@@ -49,7 +49,9 @@ FAMILIES: dict[str, Family] = {
         "trainers.train_gan:run_gan",
         "trainers.sample:load_gan",
         "trainers.gan:GAN_SIZES",
-        version="2",  # 2: the condition scaled to unit second moment (trainers.gan architecture's cond_scale)
+        # 2: the condition scaled to unit second moment (trainers.gan architecture's cond_scale); 3: the tiny
+        # size's lr 0.01
+        version="3",
     ),
     "ldm": Family(
         "ldm",

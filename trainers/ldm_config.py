@@ -29,7 +29,7 @@ class LdmConfig(RunConfig):
     condition: str = "optimize"  # conditioning source: optimize, retrieve, perturb, caption
     steps: int = 50_000  # total optimisation steps; a resumed run continues up to this
     batch_size: int = 64  # images per step
-    lr: float | None = None  # AdamW learning rate (no weight decay); None: the size's (trainers.ldm.LDM_SIZES)
+    lr: float | None = None  # AdamW learning rate (no weight decay); None: the size's (LDM_SIZES)
     seed: int = 0  # init, t, noise, condition dropout and data order
     paired_limit: int | None = None  # few-shot: N real pairs (only them with caption, else mixed in)
     allow_partial: bool = False  # train on the usable shards of a partial cache (see LoaderConfig)
@@ -62,7 +62,9 @@ class LdmConfig(RunConfig):
         if self.space not in SPACES:
             raise ConfigError(f"--space {self.space}: choose one of {', '.join(SPACES)}")
         if self.space == "latent" and self.vae is None:
-            raise ConfigError("--vae is required: a `trainers vae` checkpoint or run directory (or --space pixel)")
+            raise ConfigError(
+                "--vae is required: a `trainers vae` checkpoint or run directory (or --space pixel)"
+            )
         if self.space == "pixel" and self.vae is not None:
             raise ConfigError("--vae is for --space latent: in pixel space there is no autoencoder")
 

@@ -5,8 +5,9 @@
     images = generate(cond, seed=0, steps=50, guidance=3.0)  # float32 [N, D] -> uint8 [N, 3, H, W]
 
 The EMA model integrates the rectified flow from noise with Euler steps (trainers.ldm.sample_euler),
-then the VAE the checkpoint records decodes the latents (in pixel space they are the images). Same checkpoint, cond, seed, steps and
-guidance: same pixels (the noise comes from a CPU generator seeded with `seed`).
+then the VAE the checkpoint records decodes the latents (in pixel space they are the images). Same
+checkpoint, cond, seed, steps and guidance: same pixels (the noise comes from a CPU generator seeded
+with `seed`).
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ def load_ldm(
     model = model.to(torch_device).eval().requires_grad_(False)
     space = arch.get("space", "latent")
     resolution = arch["latent_size"]  # pixel space's; a VAE's checkpoint records its own
-    vae, vae_ckpt = load_space(space, (vae_path or ckpt["vae"]["path"]) if space == "latent" else None, resolution)
+    vae, vae_ckpt = load_space(
+        space, (vae_path or ckpt["vae"]["path"]) if space == "latent" else None, resolution
+    )
     if vae_ckpt["arch"]["latent_channels"] != arch["latent_channels"]:
         raise ConfigError(f"--vae {vae_ckpt['path']}: its latents do not match the checkpoint's")
     vae = vae.to(torch_device)

@@ -37,7 +37,7 @@ from pipeline.errors import ConfigError
 from trainers import loop
 from trainers.checkpoints import require_same_arch
 from trainers.distributed import SINGLE, World
-from trainers.gan import architecture, build_models, check_size_fits
+from trainers.gan import GAN_SIZES, architecture, build_models, check_size_fits
 from trainers.gan_config import RESUME_OVERRIDABLE, GanConfig
 from trainers.gan_source import DataSource, cache_source, data_record, first_batch_shape
 from trainers.runs import resolve_run_config, seed_everything, select_device
@@ -78,12 +78,14 @@ class GanTrainer:
         # the training step's G (D stays eager: R1's double backward is not compilable)
         self.G_forward = loop.compiled(self.G, config.compile)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
-        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=config.lr, betas=(0.0, 0.99), eps=1e-8)
+        self.opt_G = torch.optim.Adam(
+            self.G.parameters(), lr=config.learning_rate, betas=(0.0, 0.99), eps=1e-8
+        )
         # Lazy R1 (StyleGAN2): D's Adam sees the regulariser every r1_every steps, so its lr and beta2
         # are rescaled as if the regulariser were applied every step.
         ratio = config.r1_every / (config.r1_every + 1)
         self.opt_D = torch.optim.Adam(
-            self.D.parameters(), lr=config.lr * ratio, betas=(0.0, 0.99**ratio), eps=1e-8
+            self.D.parameters(), lr=config.learning_rate * ratio, betas=(0.0, 0.99**ratio), eps=1e-8
         )
         self.r1_gamma = config.r1_gamma if config.r1_gamma is not None else default_r1_gamma(arch, config)
         self.clip_mean = torch.tensor(clip.mean, device=device).view(1, 3, 1, 1)
@@ -264,6 +266,8 @@ def run_gan(
     """Train (or continue) a run; checkpoints, sample grids, config.json and metrics.jsonl in its dir.
     `progress`: show the run's bar (True), nothing (False), or call `progress(1)` after every step.
     Under torchrun, data-parallel (trainers/distributed.py): rank 0 writes, and returns the result."""
+    if config.lr is None and config.size in GAN_SIZES:  # recorded as the number it trains with
+        config = replace(config, lr=config.learning_rate)
     return loop.launch(config, functools.partial(_run_gan, config, source, resume_state), progress)
 
 

@@ -250,10 +250,33 @@ def test_the_default_threads_leave_the_cpus_other_jobs_keep_busy(monkeypatch, cp
     monkeypatch.setattr(processes, "available_cpus", lambda: cpus)
     monkeypatch.setattr(os, "cpu_count", lambda: machine)
     monkeypatch.setattr(processes, "load_average", lambda: load)
+    monkeypatch.setattr(processes, "busy_cpus", lambda: min(load, machine))  # the jobs are busy now too
     monkeypatch.setattr(processes, "_own_load", lambda: 0.0)
     chosen, why = processes.default_threads()
     assert chosen == threads
     assert ("load average" in why) == (threads < cpus), why
+
+
+@pytest.mark.parametrize(("busy_now", "threads"), [(0.1, 2), (1.0, 1), (None, 1)])
+def test_a_load_average_left_by_a_job_that_ended_does_not_lower_the_threads(monkeypatch, busy_now, threads):
+    """The 1-minute load average still counts a job that just ended; what /proc/stat shows busy now
+    decides (where it cannot be read, the load alone)."""
+    monkeypatch.setattr(processes, "available_cpus", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(processes, "load_average", lambda: 1.9)
+    monkeypatch.setattr(processes, "busy_cpus", lambda: busy_now)
+    monkeypatch.setattr(processes, "_own_load", lambda: 0.0)
+    assert processes.default_threads()[0] == threads
+
+
+REAL_BUSY_CPUS = processes.busy_cpus  # as imported: tests/conftest.py replaces it in every test
+
+
+def test_busy_cpus_reads_the_machine_now():
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("no /proc/stat here")
+    busy = REAL_BUSY_CPUS(0.05)
+    assert busy is not None and 0.0 <= busy <= os.cpu_count()
 
 
 def test_a_process_does_not_count_its_own_load_as_other_jobs(monkeypatch):
@@ -273,6 +296,7 @@ def test_a_busy_machine_lowers_a_commands_threads_and_its_first_bar_says_why(tor
     monkeypatch.setattr(processes, "_affinity_cpus", lambda: 2)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setattr(processes, "load_average", lambda: 1.9)
+    monkeypatch.setattr(processes, "busy_cpus", lambda: 1.9)
     monkeypatch.setattr(processes, "_own_load", lambda: 0.0)
     said = []
     monkeypatch.setattr(progress, "print_line", said.append)

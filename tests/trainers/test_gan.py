@@ -264,6 +264,11 @@ def test_checkpoint_holds_everything_and_loads_safely(tmp_path):
     } <= ckpt.keys()
     assert ckpt["step"] == 1 and ckpt["kind"] == "gan" and ckpt["config"]["size"] == "tiny"
     assert ckpt["config"]["r1_gamma"] == pytest.approx(0.0002 * 32**2 / 4)  # the auto value, resolved
+    # the size's lr, recorded as trained with (D's scaled for lazy R1); the architecture has none
+    assert tiny_config(tmp_path).lr is None and ckpt["config"]["lr"] == GAN_SIZES["tiny"].lr
+    assert ckpt["opt_G"]["param_groups"][0]["lr"] == GAN_SIZES["tiny"].lr
+    assert ckpt["opt_D"]["param_groups"][0]["lr"] == pytest.approx(GAN_SIZES["tiny"].lr * 16 / 17)
+    assert "lr" not in ckpt["arch"] and "lr" not in architecture("small", 64, H_DIM)
     assert {"torch", "numpy", "python"} <= ckpt["rng"].keys()
     config = json.loads((result.run_dir / "config.json").read_text())
     assert config["arch"]["resolution"] == 32 and config["clip"]["model"] == TINY_CLIP
@@ -330,6 +335,9 @@ def test_resume_refuses_a_changed_architecture(tmp_path):
         ({"batch_size": 1}, "--batch-size"),
         ({"condition": "x"}, "--condition"),
         ({"lr": -1.0}, "--lr"),
+        ({"tau": 0.0}, "--tau 0.0"),
+        ({"con_g_weight": -1.0}, "--con-g-weight"),
+        ({"con_d_weight": float("nan")}, "--con-d-weight"),
     ],
 )
 def test_config_errors_name_the_flag(tmp_path, overrides, message):
@@ -440,6 +448,9 @@ def test_cli_dry_run_prints_the_config(cache, tmp_path):
     assert json.loads(result.stdout)["size"] == "tiny" and json.loads(result.stdout)["allow_partial"] is False
     partial = runner.invoke(app, ["gan", "--cache", str(cache), "--allow-partial", "--dry-run"])
     assert json.loads(partial.stdout)["allow_partial"] is True
+    loss_args = ["--con-g-weight", "3", "--con-d-weight", "1", "--tau", "0.2"]
+    weights = json.loads(runner.invoke(app, ["gan", "--cache", str(cache), *loss_args, "--dry-run"]).stdout)
+    assert (weights["con_g_weight"], weights["con_d_weight"], weights["tau"]) == (3.0, 1.0, 0.2)
 
 
 def test_cli_errors_are_one_line(cache, tmp_path):
