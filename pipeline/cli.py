@@ -215,8 +215,8 @@ def demo(
         str,
         typer.Option(
             "--preset",
-            help="cpu (12-27 min on 2 quiet cores, measured; longer on a busy machine), gpu (a larger world, "
-            "longer training) or smoke (about a minute: checks the wiring).",
+            help="cpu (24 min on 2 cores of a slow machine, measured; longer on a busy one), gpu (a larger "
+            "world, longer training) or smoke (about a minute: checks the wiring).",
         ),
     ] = ("cpu"),
     generator: Annotated[

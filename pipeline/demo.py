@@ -32,8 +32,8 @@ from pipeline.errors import ConfigError
 GENERATORS = ("gan", "ldm", "dalle")  # trainers.generators.FAMILIES, named here without importing torch
 
 PRESETS = {
-    # smoke: a minute, checks the wiring (the test suite runs it); cpu: 12-27 minutes on 2 quiet cores
-    # (11.5 and 27 measured on two machines of one kind; README); gpu: larger world, longer training
+    # smoke: a minute, checks the wiring (the test suite runs it); cpu: 23.6 minutes measured on 2 cores of a
+    # slow machine with the GAN's 4,000 steps of batch 8 (README); gpu: larger world, longer training
     "smoke": dict(
         n=96,
         n_captions=300,

@@ -91,7 +91,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # 2 conditions x 2 seeds of the GAN: 17 minutes on 2 cores of a slow day (2026-12-07), 32 px
     "cpu": {
         # batch 8: at this size the GAN learns from updates more than from images; 4,000 steps of 8 drew
-        # shape 0.57 where 1,000 of 32 drew 0.45 (both at lr 0.01), in 1.2-1.6x the time (BENCHMARKS.md)
+        # shape 0.57 where 1,000 of 32 drew 0.45 (both at lr 0.01), in 1.3-1.9x the time (BENCHMARKS.md)
         "gan": dict(size="tiny", steps=4000, batch_size=8, eval_n=500),
         # the mini VAE keeps shape 0.78-0.84 of the real images' reading, tiny 0.49; in its latents the tiny
         # DiT (lr 1e-3) draws more of the objects than in pixel space at the same steps (BENCHMARKS.md)
