@@ -18,6 +18,8 @@ from trainers.runs import DEFAULT_PROMPTS, RunConfig
 
 @dataclass(frozen=True)
 class GanConfig(RunConfig):
+    SIZES = "trainers.gan:GAN_SIZES"  # the default --lr is the size's (RunConfig.learning_rate)
+
     cache: Path | None = None  # feature cache (read-only); on --resume the checkpoint's unless given
     out: Path = Path("runs")  # the run goes to OUT/{idx:03d}-{name}/
     name: str = "gan"  # run name (a folder name)
@@ -47,13 +49,6 @@ class GanConfig(RunConfig):
     ema_kimg: float = 10.0  # EMA half-life, thousands of images
     ema_rampup: float = 0.05  # early on, the half-life is at most this share of the images seen
     resume: Path | None = None  # checkpoint file or run directory (latest checkpoint) to continue
-
-    @property
-    def learning_rate(self) -> float:
-        """--lr, else the size's (trainers.gan.GAN_SIZES)."""
-        from trainers.gan import GAN_SIZES  # torch: read when a run starts, not for --help
-
-        return self.lr if self.lr is not None else GAN_SIZES[self.size].lr
 
     def validate(self) -> None:
         # the cache is checked when it is read (trainers.gan_source): tests and benchmarks give batches

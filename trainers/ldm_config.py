@@ -20,6 +20,8 @@ SPACES = ("latent", "pixel")  # where the flow model works (trainers.ldm_space)
 
 @dataclass(frozen=True)
 class LdmConfig(RunConfig):
+    SIZES = "trainers.ldm:LDM_SIZES"  # the default --lr is the size's (RunConfig.learning_rate)
+
     cache: Path | None = None  # feature cache (read-only); on --resume the checkpoint's unless given
     vae: Path | None = None  # `trainers vae` checkpoint (or run dir: its latest), frozen; --space latent
     space: str = "latent"  # latent: diffuse a frozen VAE's latents; pixel: the images (trainers.ldm_space)
@@ -47,13 +49,6 @@ class LdmConfig(RunConfig):
     prompts: tuple[str, ...] = DEFAULT_PROMPTS  # sample-grid rows
     samples_per_prompt: int = 4  # sample-grid columns
     resume: Path | None = None  # checkpoint file or run directory (latest checkpoint) to continue
-
-    @property
-    def learning_rate(self) -> float:
-        """--lr, else the size's (trainers.ldm.LDM_SIZES)."""
-        from trainers.ldm import LDM_SIZES  # torch: read when a run starts, not for --help
-
-        return self.lr if self.lr is not None else LDM_SIZES[self.size].lr
 
     def validate(self) -> None:
         from trainers.ldm import LDM_SIZES  # torch: validate() runs for a command, not for its --help

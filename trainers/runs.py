@@ -6,13 +6,14 @@ order they were started) and holds `config.json`, checkpoints `{step:07d}.pt` an
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
 import re
 import warnings
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from manifests import write_bytes_atomic, write_json_atomic
 from pipeline.errors import ConfigError
@@ -38,7 +39,29 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 class RunConfig:
     """What the trainers' frozen config dataclasses share: `to_dict` in plain JSON types (config.json,
     and the checkpoint, which must load with weights_only=True: paths absolute, tuples as lists) and
-    `from_dict` back (keys it does not know, from older or newer code, are dropped)."""
+    `from_dict` back (keys it does not know, from older or newer code, are dropped).
+
+    A config whose `--lr` defaults to its size's names the size registry in `SIZES` ("module:NAME", entries
+    with an `lr`): `learning_rate` reads it, and `with_learning_rate()` records it as the number trained with.
+    """
+
+    SIZES: ClassVar[str | None] = None
+
+    @property
+    def learning_rate(self) -> float:
+        """--lr, else the size's (the registry is imported when a run starts, not for --help)."""
+        if self.lr is not None:
+            return self.lr
+        module, name = self.SIZES.split(":")
+        return getattr(importlib.import_module(module), name)[self.size].lr
+
+    def with_learning_rate(self):
+        """This config with `lr` set to the number it trains with (config.json records it); an unknown size
+        is left for validate() to name."""
+        module, name = self.SIZES.split(":")
+        if self.lr is None and self.size in getattr(importlib.import_module(module), name):
+            return replace(self, lr=self.learning_rate)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         out = {}

@@ -37,7 +37,7 @@ from pipeline.errors import ConfigError
 from trainers import loop
 from trainers.checkpoints import require_same_arch
 from trainers.distributed import SINGLE, World
-from trainers.gan import GAN_SIZES, architecture, build_models, check_size_fits
+from trainers.gan import architecture, build_models, check_size_fits
 from trainers.gan_config import RESUME_OVERRIDABLE, GanConfig
 from trainers.gan_source import DataSource, cache_source, data_record, first_batch_shape
 from trainers.runs import resolve_run_config, seed_everything, select_device
@@ -266,8 +266,7 @@ def run_gan(
     """Train (or continue) a run; checkpoints, sample grids, config.json and metrics.jsonl in its dir.
     `progress`: show the run's bar (True), nothing (False), or call `progress(1)` after every step.
     Under torchrun, data-parallel (trainers/distributed.py): rank 0 writes, and returns the result."""
-    if config.lr is None and config.size in GAN_SIZES:  # recorded as the number it trains with
-        config = replace(config, lr=config.learning_rate)
+    config = config.with_learning_rate()  # recorded as the number it trains with
     return loop.launch(config, functools.partial(_run_gan, config, source, resume_state), progress)
 
 

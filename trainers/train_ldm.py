@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ import torch
 from trainers import loop
 from trainers.checkpoints import require_same_arch
 from trainers.distributed import SINGLE, World
-from trainers.ldm import LDM_SIZES, Dit, flow_loss, ldm_architecture, sample_euler
+from trainers.ldm import Dit, flow_loss, ldm_architecture, sample_euler
 from trainers.ldm_config import RESUME_OVERRIDABLE, LdmConfig
 from trainers.runs import resolve_run_config, seed_everything, select_device
 
@@ -126,8 +126,7 @@ class LdmResult:
 def run_ldm(config: LdmConfig, resume_state: dict | None = None, progress: Any = None) -> LdmResult:
     """Train (or continue) a run; checkpoints, config.json and metrics.jsonl in its dir. Under torchrun,
     data-parallel (trainers/distributed.py): rank 0 writes, and returns the result."""
-    if config.lr is None and config.size in LDM_SIZES:  # recorded as the number it trains with
-        config = replace(config, lr=config.learning_rate)
+    config = config.with_learning_rate()  # recorded as the number it trains with
     return loop.launch(config, functools.partial(_run_ldm, config, resume_state), progress)
 
 

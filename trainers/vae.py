@@ -361,8 +361,7 @@ def split_cache(config: Any, start_step: int = 0, world: World = SINGLE):
 def run_vae(config: VaeConfig, progress: Any = None) -> VaeResult:
     """Train a run from scratch; checkpoints, config.json, metrics.jsonl and eval.json in its dir. Under
     torchrun, data-parallel (trainers/distributed.py): rank 0 writes, evaluates and returns the result."""
-    if config.lr is None and config.size in VAE_SIZES:  # recorded as the number it trains with
-        config = replace(config, lr=config.learning_rate)
+    config = config.with_learning_rate()  # recorded as the number it trains with
     return loop.launch(config, functools.partial(_run_vae, config), progress)
 
 

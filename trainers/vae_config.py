@@ -15,10 +15,13 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 from trainers.run_options import check_run_options
+from trainers.runs import RunConfig
 
 
 @dataclass(frozen=True)
-class VaeConfig:
+class VaeConfig(RunConfig):
+    SIZES = "trainers.vae:VAE_SIZES"  # the default --lr is the size's (RunConfig.learning_rate)
+
     cache: Path | None = None  # feature cache (its images; conditions are not used)
     out: Path = Path("runs")  # the run goes to OUT/{idx:03d}-{name}/
     name: str = "vae"  # run name (a folder name)
@@ -37,13 +40,6 @@ class VaeConfig:
     allow_partial: bool = False  # train on the usable shards of a partial cache (trainers.data.LoaderConfig)
     checkpoint_every: int = 5000  # steps between checkpoints, 0 for the final one only
     log_every: int = 10  # steps between metrics.jsonl lines
-
-    @property
-    def learning_rate(self) -> float:
-        """--lr, else the size's (trainers.vae.VAE_SIZES)."""
-        from trainers.vae import VAE_SIZES  # torch: read when a run starts, not for --help
-
-        return self.lr if self.lr is not None else VAE_SIZES[self.size].lr
 
     def validate(self) -> None:
         from trainers.vae import VAE_SIZES  # torch: validate() runs for a command, not for its --help
