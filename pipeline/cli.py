@@ -103,6 +103,19 @@ def synth(
     n_captions: Annotated[
         int, typer.Option("--n-captions", help="Size of the independent caption corpus.")
     ] = SynthConfig.n_captions,
+    caption_style: Annotated[
+        str,
+        typer.Option(
+            "--caption-style",
+            help="partial: each caption names a random 1-4 of an object's attributes, several per image (a "
+            "CLIP trained on such pairs has a real modality gap); full: the former world, one caption "
+            "naming every attribute (reproduces older numbers).",
+        ),
+    ] = SynthConfig.caption_style,
+    captions_per_image: Annotated[
+        int | None,
+        typer.Option("--captions-per-image", help="Captions per image [default: 5 partial, 1 full]."),
+    ] = SynthConfig.captions_per_image,
 ) -> None:
     """Render the synthetic world: WebDataset shards of labelled images, and an independent caption corpus."""
     config = SynthConfig(**given_options(locals()))
@@ -215,7 +228,7 @@ def demo(
         str,
         typer.Option(
             "--preset",
-            help="cpu (24 min on 2 cores of a slow machine, measured; longer on a busy one), gpu (a larger "
+            help="cpu (22 min on 2 cores of a slow machine, measured; longer on a busy one), gpu (a larger "
             "world, longer training) or smoke (about a minute: checks the wiring).",
         ),
     ] = ("cpu"),
@@ -228,6 +241,15 @@ def demo(
             "cache; each family's runs go to OUT/compare[-FAMILY].",
         ),
     ] = "gan",
+    world: Annotated[
+        str,
+        typer.Option(
+            "--world",
+            help="partial (captions name some of what an image shows, so the CLIP has a real modality "
+            "gap) or full (the former world: every caption names every attribute, almost no gap; "
+            "reproduces older numbers).",
+        ),
+    ] = "partial",
     workers: Annotated[int, typer.Option("--workers", help="Decoding processes.")] = 2,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -235,11 +257,12 @@ def demo(
     pipeline run, then `trainers compare` of generators (GANs unless --generator) trained on perturb vs
     optimize features; prints the table and where the outputs are."""
     from pipeline.demo import run_demo
-    from trainers.clip_train import read_eval
+    from trainers.clip_train import describe_gap, read_eval
     from trainers.compare import describe
 
-    result = run_demo(out, preset, workers, device, generator)
-    zero_shot = read_eval(result.clip_eval.parent).get("zero_shot") or {}
+    result = run_demo(out, preset, workers, device, generator, world)
+    clip_eval = read_eval(result.clip_eval.parent)
+    zero_shot = clip_eval.get("zero_shot") or {}
     files = result.compare.files
     typer.echo(f"world:    {result.world}")
     typer.echo(f"cache:    {result.cache}")
@@ -247,6 +270,7 @@ def demo(
     typer.echo(
         f"clip:     {result.clip_eval}   (zero-shot "
         + ", ".join(f"{k} {v:.2f}" for k, v in zero_shot.items())
+        + describe_gap(clip_eval.get("modality_gap"))
         + ")"
     )
     for name in ("report", "samples", "accuracy_bars", "results_csv"):

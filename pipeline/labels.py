@@ -25,11 +25,16 @@ class Labels(Protocol):
     held_out_pairs: tuple[tuple[str, str], ...]  # (colour, shape) pairs in captions but in no image
 
     def caption(self, objects: Sequence[Object], rng: random.Random) -> str:
-        """A caption stating every attribute of `objects`, its wording drawn from `rng`."""
+        """A caption stating every attribute `objects` hold (all, or a partial subset), its wording drawn
+        from `rng`."""
         ...
 
     def parse(self, text: str) -> list[Object]:
         """The objects `text` states, with the attribute values it names (the inverse of `caption`)."""
+        ...
+
+    def partial_objects(self, objects: Sequence[Object], rng: random.Random) -> list[Object]:
+        """Each object with a random non-empty subset of its attributes: what one partial caption states."""
         ...
 
     def phrase(self, attribute: str, value: str) -> str:

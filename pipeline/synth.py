@@ -1,18 +1,29 @@
 """The synthetic world: a deterministic image set with known labels and an independent caption corpus.
 
 Each image holds one or two flat-coloured shapes on a low-saturation background; its labels are the
-objects' shape, colour, size and position. Its language (vocabulary, caption templates and their exact
-inverse `parse_caption`, the caption corpus) is pipeline/synth_grammar.py; this module renders scenes
-and writes the world. A few (colour, shape) pairs never appear in an image but do appear in the caption
-corpus (`HELD_OUT_PAIRS`), as DESIGN asks.
+objects' shape, colour, size and position.
 
-Output (img2dataset-style): `out/{i:05d}.tar` WebDataset shards with `{key}.jpg`, `{key}.txt` and
-`{key}.json` (labels), plus `out/captions.parquet` and `out/captions.txt` (the corpus, text only).
-The same config gives byte-identical files.
+Captions (`caption_style`). `partial`, the default: each image has `captions_per_image` captions (5, as
+COCO), each stating a random non-empty subset of each object's attributes, and no caption ever names the
+background, so images hold more than their captions say. That information imbalance is what gives a
+CLIP trained on such pairs a modality gap like a real one's (Schrodi et al. 2025, "Two Effects, One
+Trigger"); the caption corpus is partial in the same way. `full`: the former world, one caption per image
+naming all four attributes of every object, byte-identical to what earlier versions rendered, so their
+numbers can be reproduced. The images themselves are the same in both.
+
+Its language (vocabulary, caption templates and their exact inverse `parse_caption`, the caption corpus)
+is pipeline/synth_grammar.py; this module renders scenes and writes the world. A few (colour, shape)
+pairs never appear in an image but do appear in the caption corpus (`HELD_OUT_PAIRS`), as DESIGN asks.
+
+Output (img2dataset-style): `out/{i:05d}.tar` WebDataset shards with `{key}.jpg`, `{key}.txt` (the
+first caption) and `{key}.json` (labels; in the partial world `captions` lists all of them), plus
+`out/captions.parquet` and `out/captions.txt` (the corpus, text only). The same config gives
+byte-identical files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -31,6 +42,7 @@ from pipeline.synth_grammar import (
     SHAPES,
     caption_corpus,
     make_caption,
+    partial_objects,
     sample_objects,
 )
 from pipeline.tars import add_member
@@ -88,6 +100,8 @@ _SUPERSAMPLE = 4  # render at 4x and box-downsample: clean antialiased edges at 
 
 MAX_IMAGES = 999_999_999  # keys are 9 digits
 MAX_SHARDS = 100_000  # shard names are 5 digits
+CAPTION_STYLES = ("partial", "full")
+CAPTIONS_PER_IMAGE = {"partial": 5, "full": 1}  # the default of each style
 
 
 @dataclass(frozen=True)
@@ -99,6 +113,8 @@ class SynthConfig:
     max_objects: int = 2  # 1 or 2 objects per image (and per corpus caption)
     shard_size: int = 500  # images per tar shard
     n_captions: int = 20000  # size of the independent caption corpus
+    caption_style: str = "partial"  # partial: captions name some attributes; full: the former world
+    captions_per_image: int | None = None  # None: 5 for partial, 1 for full
 
     def validate(self) -> None:
         """Raise ConfigError naming the flag for the first bad value; checks --out against the disk too."""
@@ -107,6 +123,15 @@ class SynthConfig:
         _check_int("--image-size", self.image_size, 16, 1024)
         _check_int("--max-objects", self.max_objects, 1, 2)
         _check_int("--shard-size", self.shard_size, 1, MAX_IMAGES)
+        if self.caption_style not in CAPTION_STYLES:
+            raise ConfigError(
+                f"--caption-style must be one of {', '.join(CAPTION_STYLES)}, got {self.caption_style!r}"
+            )
+        _check_int("--captions-per-image", self.per_image, 1, 100)
+        if self.caption_style == "full" and self.per_image != 1:
+            raise ConfigError(
+                "--captions-per-image: the full world has one caption per image (it is the former one)"
+            )
         if self.n_shards > MAX_SHARDS:
             raise ConfigError(
                 f"--shard-size {self.shard_size} makes {self.n_shards} shards for --n {self.n}; "
@@ -130,6 +155,12 @@ class SynthConfig:
     def n_shards(self) -> int:
         return -(-self.n // self.shard_size)
 
+    @property
+    def per_image(self) -> int:
+        """Captions per image: --captions-per-image, or its style's default."""
+        given = self.captions_per_image
+        return CAPTIONS_PER_IMAGE.get(self.caption_style, 1) if given is None else given
+
 
 def _check_int(flag: str, value: Any, lo: int, hi: int, why: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
@@ -152,20 +183,27 @@ class Scene:
     objects: list[dict[str, str]]  # [{"shape", "colour", "size", "position"}], in drawing order
     boxes: list[tuple[float, float, float, float]]  # per object: x0, y0, x1, y1 as fractions of the side
     background: dict[str, Any]  # {"tone", "style", "tints", "direction", "noise"}
-    caption: str
+    caption: str  # the first caption (`{key}.txt`)
+    captions: tuple[str, ...] = ()  # the partial world's captions, `caption` first; () in the full world
 
     def labels(self) -> dict[str, Any]:
         """The `{key}.json` payload."""
-        return {
+        labels = {
             "objects": self.objects,
             "boxes": [list(b) for b in self.boxes],
             "background": self.background,
             "caption": self.caption,
         }
+        if self.captions:
+            labels["captions"] = list(self.captions)
+        return labels
 
 
-def sample_scene(seed: int, index: int, max_objects: int = 2) -> Scene:
-    """The scene of image `index`: a pure function of (seed, index), so shards can be made in any order."""
+def sample_scene(
+    seed: int, index: int, max_objects: int = 2, caption_style: str = "full", per_image: int = 1
+) -> Scene:
+    """The scene of image `index`: a pure function of (seed, index), so shards can be made in any order.
+    The partial world's captions come from a stream of their own, so its scenes are the full world's."""
     rng = random.Random(f"synth/image/{seed}/{index}")  # str seeds hash with sha512: stable across runs
     objects = sample_objects(rng, max_objects)
     boxes = _place(objects, rng)
@@ -177,7 +215,16 @@ def sample_scene(seed: int, index: int, max_objects: int = 2) -> Scene:
         background = {"tone": tone, "style": "gradient", "tints": rng.sample(tints, 2),
                       "direction": rng.choice(GRADIENT_DIRECTIONS)}  # fmt: skip
     background["noise"] = round(rng.uniform(0.0, 5.0), 2)  # std of per-pixel noise, in 0..255 units
-    return Scene(objects=objects, boxes=boxes, background=background, caption=make_caption(objects, rng))
+    scene = Scene(objects=objects, boxes=boxes, background=background, caption=make_caption(objects, rng))
+    if caption_style == "full":
+        return scene
+    captions = partial_captions(objects, random.Random(f"synth/captions/{seed}/{index}"), per_image)
+    return dataclasses.replace(scene, caption=captions[0], captions=tuple(captions))
+
+
+def partial_captions(objects: list[dict[str, str]], rng: random.Random, n: int) -> list[str]:
+    """n captions of `objects`, each stating a fresh random subset of their attributes."""
+    return [make_caption(partial_objects(objects, rng), rng) for _ in range(n)]
 
 
 def _place(objects: list[dict[str, str]], rng: random.Random) -> list[tuple[float, float, float, float]]:
@@ -280,11 +327,18 @@ def _draw_shape(draw: Any, shape: str, cx: float, cy: float, r: float, fill: Any
 _PIXEL_STREAM = 1  # numpy stream id for per-image pixel randomness (scene choices use random.Random)
 
 
-def make_sample(seed: int, index: int, image_size: int = 64, max_objects: int = 2) -> dict[str, Any]:
+def make_sample(
+    seed: int,
+    index: int,
+    image_size: int = 64,
+    max_objects: int = 2,
+    caption_style: str = "full",
+    per_image: int = 1,
+) -> dict[str, Any]:
     """One WebDataset sample: `__key__`, `jpg` (bytes), `txt` (str), `json` (labels dict)."""
     import numpy as np
 
-    scene = sample_scene(seed, index, max_objects)
+    scene = sample_scene(seed, index, max_objects, caption_style, per_image)
     image = render_scene(scene, image_size, np.random.default_rng([seed, _PIXEL_STREAM, index]))
     buffer = io.BytesIO()
     # 4:4:4 chroma keeps small coloured shapes from bleeding into the background at 64 px.
@@ -308,7 +362,14 @@ def write_shard(
 
     with atomic_write(path) as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
         for index in range(start, stop):
-            sample = make_sample(config.seed, index, config.image_size, config.max_objects)
+            sample = make_sample(
+                config.seed,
+                index,
+                config.image_size,
+                config.max_objects,
+                config.caption_style,
+                config.per_image,
+            )
             key = sample["__key__"]
             n_objects += len(sample["json"]["objects"])
             add_member(tar, f"{key}.jpg", sample["jpg"])
@@ -323,7 +384,8 @@ def write_caption_corpus(config: SynthConfig) -> tuple[Path, Path, list[str]]:
     """Write `captions.parquet` (one string column `caption`) and `captions.txt`, both atomically."""
     import pyarrow as pa
 
-    captions = caption_corpus(config.seed, config.n_captions, config.max_objects)
+    partial = config.caption_style == "partial"
+    captions = caption_corpus(config.seed, config.n_captions, config.max_objects, partial)
     out = Path(config.out)
     schema = pa.schema([pa.field("caption", pa.string(), nullable=False)])
     table = pa.table({"caption": pa.array(captions, type=pa.string())}, schema=schema)

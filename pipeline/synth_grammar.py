@@ -1,7 +1,9 @@
 """The synthetic world's language: its vocabulary, the caption templates and their exact inverse.
 
 Captions are templated with synonyms and varied word order, and `parse_caption` inverts every template
-exactly, so retrieval precision and attribute accuracy can be measured without a human in the loop. A few
+exactly, so retrieval precision and attribute accuracy can be measured without a human in the loop. A
+caption states what its objects hold: every attribute for a full object, or the named subset of a partial
+one (`partial_objects`), as real captions leave out most of what an image shows. A few
 (colour, shape) pairs never appear in an image but do appear in the caption corpus (`HELD_OUT_PAIRS`).
 The renderer and the `pipeline synth` stage are in pipeline/synth.py; generic stages read captions
 through the labels interface (pipeline/labels.py, implemented by pipeline/synth_labels.py), not through
@@ -120,12 +122,52 @@ CAPTION_JOINERS: tuple[str, ...] = (" and ", ", and ", "; and ", " and also ")
 _ARTICLE = "\x01"
 
 
+# Object phrases for a partial object: (template, the attributes it needs). A missing attribute's slot is
+# left empty (and its comma dropped); an unnamed shape becomes a plain noun. Only the first four may
+# follow "a picture of" (`_NOUN_PHRASE_PARTIAL`).
+PARTIAL_TEMPLATES: tuple[tuple[str, frozenset[str]], ...] = (
+    ("{a} {size} {colour} {noun} {pos}", frozenset()),
+    ("{a} {colour} {noun}, {size}, {pos}", frozenset()),
+    ("{a} {size} {noun} in {colour} {pos}", frozenset({"colour"})),
+    ("there is {a} {size} {colour} {noun} {pos}", frozenset()),
+    ("{pos}, {a} {size} {colour} {noun}", frozenset({"position"})),
+    ("{where}: one {size} {colour} {noun}", frozenset({"position"})),
+    ("{a} {size} {colour} {noun} sits {pos}", frozenset({"position"})),
+    ("{pos} there is {a} {size} {colour} {noun}", frozenset({"position"})),
+)
+
+
+_NOUN_PHRASE_PARTIAL = frozenset({0, 1, 2})
+
+
+PLAIN_NOUNS: tuple[str, ...] = ("object", "shape", "thing")  # for an object whose shape is not named
+
+
+def partial_objects(objects: Sequence[dict[str, str]], rng: random.Random) -> list[dict[str, str]]:
+    """Each object with a random non-empty subset of its attributes: how many (1 to all) uniformly, then
+    which. What one partial caption of an image states."""
+    partial = []
+    for obj in objects:
+        named = rng.sample(sorted(obj), rng.randint(1, len(obj)))
+        partial.append({a: v for a, v in obj.items() if a in named})
+    return partial
+
+
 def make_caption(objects: Sequence[dict[str, str]], rng: random.Random) -> str:
-    """A templated caption for `objects`, with a random synonym per value and a random template."""
+    """A templated caption stating what `objects` hold, with a random synonym per value and a random
+    template: OBJECT_TEMPLATES when every object names all four attributes, else PARTIAL_TEMPLATES."""
+    if not all(set(ATTRIBUTES) <= set(obj) for obj in objects):
+        return _partial_caption(objects, rng)
     templates = [rng.randrange(len(OBJECT_TEMPLATES)) for _ in objects]
     phrases = [_object_phrase(o, OBJECT_TEMPLATES[t], rng) for o, t in zip(objects, templates, strict=True)]
+    return _joined(phrases, all(t in _NOUN_PHRASE_TEMPLATES for t in templates), rng)
+
+
+def _joined(phrases: list[str], noun_phrases: bool, rng: random.Random) -> str:
+    """The object phrases joined into one caption: maybe "a picture of " first (when every phrase is a
+    noun phrase), articles fitted, maybe capitalised."""
     text = rng.choice(CAPTION_JOINERS).join(phrases)
-    if all(t in _NOUN_PHRASE_TEMPLATES for t in templates) and rng.random() < 0.4:
+    if noun_phrases and rng.random() < 0.4:
         text = rng.choice(CAPTION_PREFIXES) + text
     text = re.sub(_ARTICLE + r" (\w)", _article, text)
     if rng.random() < 0.5:
@@ -146,6 +188,32 @@ def _object_phrase(obj: dict[str, str], template: str, rng: random.Random) -> st
         pos=rng.choice(SYNONYMS["position"][obj["position"]]),
         where=rng.choice(POSITION_HEADINGS[obj["position"]]),
     )
+
+
+def _partial_caption(objects: Sequence[dict[str, str]], rng: random.Random) -> str:
+    phrases, templates = [], []
+    for obj in objects:
+        fits = [i for i, (_, needs) in enumerate(PARTIAL_TEMPLATES) if needs <= set(obj)]
+        templates.append(rng.choice(fits))
+        phrases.append(_partial_phrase(obj, PARTIAL_TEMPLATES[templates[-1]][0], rng))
+    return _joined(phrases, all(t in _NOUN_PHRASE_PARTIAL for t in templates), rng)
+
+
+def _partial_phrase(obj: dict[str, str], template: str, rng: random.Random) -> str:
+    def word(attribute: str, table: dict[str, tuple[str, ...]]) -> str:
+        return rng.choice(table[obj[attribute]]) if attribute in obj else ""
+
+    phrase = template.format(
+        a=_ARTICLE,
+        size=word("size", SYNONYMS["size"]),
+        colour=word("colour", SYNONYMS["colour"]),
+        noun=word("shape", SYNONYMS["shape"]) or rng.choice(PLAIN_NOUNS),
+        pos=word("position", SYNONYMS["position"]),
+        where=word("position", POSITION_HEADINGS),
+    )
+    phrase = re.sub(r" +", " ", phrase)
+    phrase = re.sub(r" ?,(?: ?,)+", ",", phrase)  # an empty slot between two commas
+    return re.sub(r" ,", ",", phrase).strip(" ,")
 
 
 def _tokens(text: str) -> list[str]:
@@ -174,8 +242,9 @@ _LONGEST = max(len(k) for k in _LEXICON)
 def parse_caption(text: str) -> list[dict[str, str]]:
     """Recover the objects' attributes from a caption, in the order the caption mentions them.
 
-    Exact for every caption `make_caption` can produce. Other text gives partial dicts or [] and never
-    raises: mentions are found by longest match, and a new object starts when an attribute repeats.
+    Exact for every caption `make_caption` can produce, partial ones included. Other text gives partial
+    dicts or [] and never raises: mentions are found by longest match, and a new object starts at "and"
+    (every caption joiner has it, no template or synonym does) or when an attribute repeats.
     """
     if not isinstance(text, str):
         return []
@@ -184,6 +253,12 @@ def parse_caption(text: str) -> list[dict[str, str]]:
     current: dict[str, str] = {}
     i = 0
     while i < len(words):
+        if words[i] == "and":
+            if current:
+                objects.append(current)
+                current = {}
+            i += 1
+            continue
         for length in range(min(_LONGEST, len(words) - i), 0, -1):
             hit = _LEXICON.get(tuple(words[i : i + length]))
             if hit is not None:
@@ -228,12 +303,13 @@ def sample_objects(
     return objects
 
 
-def caption_corpus(seed: int, n_captions: int, max_objects: int = 2) -> list[str]:
+def caption_corpus(seed: int, n_captions: int, max_objects: int = 2, partial: bool = False) -> list[str]:
     """The text-only corpus: its own random stream, every colour-shape pair including HELD_OUT_PAIRS.
 
     Caption i's first object cycles through all 360 (colour, shape, size, position) combinations, so any
     36 consecutive captions cover every colour-shape pair and 360 cover every single-object combination;
-    the second object, synonyms and templates are random.
+    the second object, synonyms and templates are random. `partial`: each caption then states a random
+    non-empty subset of each object's attributes (`partial_objects`), as the partial world's captions do.
     """
     rng = random.Random(f"synth/corpus/{seed}")  # independent of the image stream
     all_pairs = [(c, s) for c in COLOURS for s in SHAPES]
@@ -256,5 +332,7 @@ def caption_corpus(seed: int, n_captions: int, max_objects: int = 2) -> list[str
                             "position": position2})  # fmt: skip
             if rng.random() < 0.5:  # vary which object is mentioned first
                 objects.reverse()
+        if partial:
+            objects = partial_objects(objects, rng)
         captions.append(make_caption(objects, rng))
     return captions

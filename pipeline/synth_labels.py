@@ -20,6 +20,9 @@ class SynthLabels:
     def caption(self, objects: Sequence[dict[str, str]], rng: random.Random) -> str:
         return grammar.make_caption(objects, rng)
 
+    def partial_objects(self, objects: Sequence[dict[str, str]], rng: random.Random) -> list[dict[str, str]]:
+        return grammar.partial_objects(objects, rng)
+
     def parse(self, text: str) -> list[dict[str, str]]:
         return grammar.parse_caption(text)
 

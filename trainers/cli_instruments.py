@@ -77,6 +77,23 @@ def clip_command(
             "two-object scenes but reads single objects less well in the same time; BENCHMARKS.md).",
         ),
     ] = None,
+    caption_style: Annotated[
+        str | None,
+        shown(
+            "--caption-style",
+            "Without --data: partial (each step's captions name a fresh random 1-4 of an object's "
+            "attributes: images say more than their captions, which gives the CLIP a modality gap like a "
+            "real one's) or full (every attribute, the former recipe: almost no gap).",
+        ),
+    ] = None,
+    temperature: Annotated[
+        str | None,
+        shown(
+            "--temperature",
+            "Fixed InfoNCE temperature, 0.01-10, or `learnt` (open_clip's: from 0.07, as the logit scale). "
+            "A low fixed one keeps the modality gap; a learnt one closes it (Liang et al. 2022).",
+        ),
+    ] = None,
     lr: Annotated[float | None, shown("--lr", "AdamW peak learning rate (warmup, then cosine).")] = None,
     seed: Annotated[int | None, shown("--seed", "Init, batch order and augmentation.")] = None,
     eval_n: Annotated[
@@ -107,10 +124,12 @@ def clip_command(
     """
     given = given_options(locals(), "shards", "data")
     from pipeline.errors import ConfigError
-    from trainers.clip_config import CLIP_SIZES, ClipTrainConfig
+    from trainers.clip_config import CLIP_SIZES, ClipTrainConfig, parse_temperature
     from trainers.clip_train import describe, train_clip
     from trainers.distributed import training_bar
 
+    if "temperature" in given:
+        given["temperature"] = parse_temperature(given["temperature"])
     config = ClipTrainConfig(**given, data=tuple(data or ()) + tuple(shards or ()))
     if config.size not in CLIP_SIZES:
         raise ConfigError(f"--size {config.size}: choose one of {', '.join(CLIP_SIZES)}")

@@ -35,6 +35,8 @@ class PairedImages:
     captions: list[str]
     dropped: dict[str, int]  # samples skipped, by reason
     group: int = 1  # consecutive rows form contrast groups of this size (1: independent pairs)
+    objects: list[list[dict[str, str]]] | None = None  # each row's full labels (the synthetic stream)
+    wording: list[float] | None = None  # each row's wording seed (shared within a contrast group)
 
 
 def read_pairs(inputs: tuple[str, ...], image_size: int) -> PairedImages:
@@ -83,8 +85,9 @@ def jpeg_round_trip(image) -> Any:
 
 
 def contrast_group(seed: int, index: int, group: int, image_size: int, max_objects: int):
-    """`group` (pixels uint8 [3, S, S], caption) pairs of one base scene whose first object takes `group`
-    different shapes (its own first). Every shape may meet every colour here: a real CLIP has seen them."""
+    """`group` (pixels uint8 [3, S, S], caption, objects, wording seed) of one base scene whose first object
+    takes `group` different shapes (its own first). Every shape may meet every colour here: a real CLIP
+    has seen them."""
     from pipeline.labels import labels
     from pipeline.synth import render_scene, sample_scene
 
@@ -103,7 +106,7 @@ def contrast_group(seed: int, index: int, group: int, image_size: int, max_objec
             base, objects=objects, caption=labels().caption(objects, random.Random(template_seed))
         )
         image = render_scene(scene, image_size, np.random.default_rng([seed, 2, index, k]))
-        pairs.append((jpeg_round_trip(image), scene.caption))
+        pairs.append((jpeg_round_trip(image), scene.caption, objects, template_seed))
     return pairs
 
 
@@ -116,12 +119,39 @@ def render_pairs(n: int, seed: int, image_size: int, group: int, max_objects: in
     n_shapes = len(labels().vocabulary["shape"])
     if not 1 <= group <= n_shapes:
         raise ConfigError(f"--contrast-group must be 1..{n_shapes} (the number of shapes), not {group}")
-    pixels, captions = [], []
+    pixels, captions, objects, wording = [], [], [], []
     for g in range(-(-n // group)):
-        for image, caption in contrast_group(seed, PRETRAIN_INDEX + g, group, image_size, max_objects):
+        for image, caption, labels_, seed_ in contrast_group(
+            seed, PRETRAIN_INDEX + g, group, image_size, max_objects
+        ):
             pixels.append(image)
             captions.append(caption)
-    return PairedImages(torch.stack(pixels), captions, {}, group)
+            objects.append(labels_)
+            wording.append(seed_)
+    return PairedImages(torch.stack(pixels), captions, {}, group, objects, wording)
+
+
+def step_captions(pairs: PairedImages, rows, seed: int, step: int) -> list[str]:
+    """Fresh partial captions of `rows` for training step `step` (a pure function of seed, step and row,
+    so a resumed or data-parallel run draws the same): each states a random non-empty subset of each
+    object's attributes, the same subset and wording for a whole contrast group, whose first object always
+    names its shape when the group has several (shape is all that tells the group's images apart)."""
+    from pipeline.labels import labels
+
+    world = labels()
+    if pairs.objects is None or pairs.wording is None:
+        raise ValueError("partial captions need the synthetic stream's labels")
+    captions = []
+    for row in (int(r) for r in rows):
+        group = row // pairs.group
+        rng = random.Random(f"trainers/clip/captions/{seed}/{step}/{group}")
+        objects = pairs.objects[row]
+        named = [set(o) for o in world.partial_objects(objects, rng)]
+        if pairs.group > 1:
+            named[0].add("shape")
+        stated = [{a: v for a, v in o.items() if a in keep} for o, keep in zip(objects, named, strict=True)]
+        captions.append(world.caption(stated, random.Random(f"{pairs.wording[row]}/{step}")))
+    return captions
 
 
 def batch_rows(pairs: PairedImages, batch: int, generator) -> Any:

@@ -54,8 +54,15 @@ from manifests import write_bytes_atomic, write_json_atomic
 from manifests.errors import read_json
 from pipeline.errors import ConfigError
 from trainers.clip_config import CLIP_SIZES, ClipTrainConfig
-from trainers.clip_data import PRETRAIN_INDEX, batch_rows, normalise, read_pairs, render_pairs
-from trainers.clip_eval import zero_shot, zero_shot_slots
+from trainers.clip_data import (
+    PRETRAIN_INDEX,
+    batch_rows,
+    normalise,
+    read_pairs,
+    render_pairs,
+    step_captions,
+)
+from trainers.clip_eval import modality_gap, zero_shot, zero_shot_slots
 
 if TYPE_CHECKING:
     from trainers.distributed import World
@@ -193,7 +200,7 @@ def clip_loss(loss_fn, img_feat, txt_feat, logit_scale, world: World):
     backpropagate `world.coupled(loss)`). The logit scale enters that loss whole on every rank, not
     through this rank's rows, so `coupled` would count its gradient once per rank: it is divided back."""
     scale = logit_scale.exp()
-    if world.distributed:
+    if world.distributed and scale.requires_grad:  # a fixed --temperature has no gradient to divide
         scale.register_hook(lambda grad: grad / world.size)
     return loss_fn(world.gather(img_feat), world.gather(txt_feat), scale)
 
@@ -314,10 +321,15 @@ def _train_clip(config: ClipTrainConfig, world: World, device_name: str, progres
             config.pretrain_n, config.seed, image_size, config.contrast_group, config.max_objects
         )
     groups_per_step(config.batch_size, data.group, len(data.captions) // data.group, world)
-    tokens = tokenizer(data.captions)  # [N, context_length]
+    redraw = config.caption_style == "partial" and data.objects is not None  # fresh captions every step
+    tokens = None if redraw else tokenizer(data.captions)  # [N, context_length]
     t_read = time.perf_counter()
 
     model.train()
+    if config.temperature is not None:  # fixed: the logit scale is 1 / temperature and not learnt
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(1.0 / config.temperature))
+        model.logit_scale.requires_grad_(False)
     optimizers = make_optimizers(model, config)
     generator = torch.Generator().manual_seed(config.seed)
     start, losses = resume_train_state(config, model, optimizers, generator)
@@ -331,7 +343,10 @@ def _train_clip(config: ClipTrainConfig, world: World, device_name: str, progres
         idx = batch_rows(data, config.batch_size, generator)  # [B]: the global batch, the same on every rank
         rows = world.part(idx)  # [b]: this rank's whole contrast groups
         images = normalise(augment(data.pixels[rows], generator, world), mean, std).to(device)  # [b, 3, S, S]
-        text = tokens[rows].to(device)  # [b, L]
+        if redraw:
+            text = tokenizer(step_captions(data, rows, config.seed, step)).to(device)  # [b, L]
+        else:
+            text = tokens[rows].to(device)  # [b, L]
         for optimizer in optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, config)
@@ -383,19 +398,21 @@ def _train_clip(config: ClipTrainConfig, world: World, device_name: str, progres
             "seed": config.seed,
             "contrast_group": config.contrast_group,
             "max_objects": config.max_objects,
+            "caption_style": config.caption_style,
         },
         "loss_first": round(float(np.mean(losses[: max(1, min(10, len(losses) // 10))])), 4),
         "loss_last": round(float(np.mean(losses[-max(1, min(10, len(losses) // 10)) :])), 4),
         "loss_every_10": [round(v, 4) for v in losses[::10]],
         "logit_scale": round(float(model.logit_scale.detach().exp()), 3),
+        "temperature": config.temperature,  # None: learnt (logit_scale is 1 / the learnt temperature)
         "seconds": {"read": round(t_read - t0, 2), "train": round(t_train - t_read, 2)},
         "device": str(device),
     }
     if config.eval_n:
         with torch.no_grad():
-            evaluation.update(
-                zero_shot(model, tokenizer, mean, std, image_size, config.eval_n, config.eval_seed, device)
-            )
+            held_out = (model, tokenizer, mean, std, image_size, config.eval_n, config.eval_seed, device)
+            evaluation.update(zero_shot(*held_out, config.caption_style))
+            evaluation["modality_gap"] = modality_gap(*held_out, config.caption_style)
             evaluation["zero_shot_two_objects"] = zero_shot_slots(
                 model, tokenizer, mean, std, image_size, config.eval_n, config.eval_seed, device
             )
@@ -422,7 +439,17 @@ def describe(result: ClipTrainResult) -> str:
     return (
         f"clip: {ev['steps']} steps{resumed} on {ev['pairs']:,} pairs, "
         f"loss {ev['loss_first']:.3f} -> {ev['loss_last']:.3f}; "
-        f"zero-shot {acc} -> {result.checkpoint}"
+        f"zero-shot {acc}{describe_gap(ev.get('modality_gap'))} -> {result.checkpoint}"
+    )
+
+
+def describe_gap(gap: dict[str, Any] | None) -> str:
+    """'; modality gap: cos(image, own caption) 0.31, gap vector 0.74' (empty when not measured)."""
+    if not gap:
+        return ""
+    return (
+        f"; modality gap: cos(image, own caption) {gap['cos_image_own_caption']:.2f}, "
+        f"gap vector {gap['gap_vector_length']:.2f}"
     )
 
 

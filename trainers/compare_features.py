@@ -12,6 +12,13 @@ For each method's conditioning feature h (what `trainers.data` feeds a generator
   `pipeline.attribute_precision` (the definition the retrieve and optimize stats report too).
 - `text_text`: Lafite2 Figure 1's other panel: mean cos(h_i, t_i) with the real caption feature t_i of
   the same image, against cos(h_i, t_j) for a random other image j.
+- `cone`: where h sits between the two modality cones: the mean of <h_i, g> along the unit gap direction
+  g = (mean f - mean t) / |mean f - mean t| (the images sit at `modality_gap.image`, their captions at
+  `modality_gap.caption`), and mean cos(h_i, mean f) and cos(h_i, mean t).
+
+`modality_gap` (the cache's CLIP, on these images): the gap vector's length |mean f - mean t|, cos(image,
+own caption), and text-text cos of two real captions of the same image (where the images have several,
+as the partial world's do: the second is encoded here) against captions of random images.
 
 `perturb` is one seeded draw of LAFITE's noise at the loader's default xi; `retrieve` is the loader's h0
 at its default tau_r; `caption` is the images' own captions encoded by the cache's CLIP (shared with the
@@ -87,6 +94,7 @@ def feature_report(
         t = None if captions is None else captions[candidates].astype(np.float32)  # [n, D], NaN rows
         bank, bank_note = _corpus_bank(cache, rows.clip.dim)
 
+        gap, cones = _modality_gap(rows, candidates, f, t, str(dev), seed)
         results: dict[str, dict[str, Any]] = {}
         scored: dict[str, dict[str, np.ndarray]] = {}  # per method: the similarity samples for the plots
         for method in methods:
@@ -122,6 +130,8 @@ def feature_report(
                 h_t = torch.from_numpy(np.ascontiguousarray(h)).to(dev)
                 row["attribute_precision"] = nearest_caption_precision(bank, h_t, labelled, dev)
             samples = {"image": cos}
+            if cones is not None:
+                row["cone"], samples["along_gap"] = _cone(h[ok], cones)
             if t is not None and method != "caption":
                 same, rand = _text_text(h, t, ok, seed)
                 if len(same):
@@ -138,6 +148,8 @@ def feature_report(
             # Lafite2 Fig. 1 always sets the features against cos(image, own real caption), compared or not
             have = usable_rows(t)
             scored["caption"] = {"image": np.sum(f[have] * _unit(t[have]), axis=1)}
+            if cones is not None:
+                scored["caption"]["along_gap"] = _unit(t[have]) @ cones["direction"]
         reference = _caption_reference(t, seed)
         histograms = _histograms(scored, reference)
         report: dict[str, Any] = {
@@ -161,10 +173,12 @@ def feature_report(
                 "mean": _round(sum(CHANCE.values()) / len(CHANCE)),
             },
             "real_caption_random_pair_cos": None if reference is None else _round(reference.mean()),
+            "modality_gap": gap,
             "histograms": histograms,
         }
         out.mkdir(parents=True, exist_ok=True)
-        figure = _plot(scored, reference, out / "similarity_histograms.png")
+        along_images = None if cones is None else f @ cones["direction"]
+        figure = _plot(scored, reference, along_images, out / "similarity_histograms.png")
         report["files"] = {
             "json": str(out / "features.json"),
             "markdown": str(out / "features.md"),
@@ -247,6 +261,78 @@ def _corpus_bank(cache: Path, dim: int):
 # ---------------------------------------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _modality_gap(rows, candidates: np.ndarray, f: np.ndarray, t: np.ndarray | None, device: str, seed: int):
+    """(the `modality_gap` figures, the cone references) of the cache's CLIP on these images, or (None,
+    None) without captions. The references: the unit gap direction g and the unit mean image and mean
+    caption features, which `_cone` places each method's features against."""
+    from pipeline.features import usable_rows
+
+    if t is None or not usable_rows(t).any():
+        return None, None
+    have = usable_rows(t)
+    tu = _unit(t[have])
+    mean_f, mean_t = f.mean(axis=0), tu.mean(axis=0)
+    vector = mean_f - mean_t
+    direction = vector / max(float(np.linalg.norm(vector)), 1e-12)
+    gap = {
+        "length": _round(np.linalg.norm(vector)),
+        "image_along_gap": _round((f @ direction).mean()),
+        "caption_along_gap": _round((tu @ direction).mean()),
+        "cos_image_own_caption": _round(np.sum(f[have] * tu, axis=1).mean()),
+        "text_text_same_image": None,
+        "text_text_random_image": None,
+    }
+    second = _second_captions(rows, candidates, device)
+    if second is not None:
+        both = have & usable_rows(second)
+        if both.sum() >= 2:
+            first, other = _unit(t[both]), _unit(second[both])
+            gap["text_text_same_image"] = _round(np.sum(first * other, axis=1).mean())
+            partner = _random_partner(len(first), seed)
+            gap["text_text_random_image"] = _round(np.sum(first * other[partner], axis=1).mean())
+            gap["text_text_n"] = int(both.sum())
+    cones = {
+        "direction": direction,
+        "image_mean": _unit(mean_f[None])[0],
+        "caption_mean": _unit(mean_t[None])[0],
+    }
+    return gap, cones
+
+
+def _cone(h: np.ndarray, cones: dict[str, np.ndarray]) -> tuple[dict[str, float], np.ndarray]:
+    """Where unit features h sit between the cones: (mean <h, g>, mean cos to the image and caption
+    means), and the <h_i, g> samples for the figure."""
+    along = h @ cones["direction"]
+    return {
+        "along_gap": _round(along.mean()),
+        "cos_image_mean": _round((h @ cones["image_mean"]).mean()),
+        "cos_caption_mean": _round((h @ cones["caption_mean"]).mean()),
+    }, along
+
+
+def _second_captions(rows, candidates: np.ndarray, device: str) -> np.ndarray | None:
+    """float32 [n, D]: each evaluated image's second real caption (the world's `{key}.json` lists them in
+    the partial world) encoded by the cache's CLIP, NaN rows without one; None when no image has two."""
+    from pipeline.clip import encode_texts
+    from trainers.conditions import load_cache_clip
+    from trainers.embed_rows import labels_of
+
+    texts = {}
+    for k, row in enumerate(candidates.tolist()):
+        captions = (labels_of(rows, row) or {}).get("captions")
+        if isinstance(captions, list) and len(captions) > 1 and isinstance(captions[1], str) and captions[1]:
+            texts[k] = captions[1]
+    if not texts:
+        return None
+    bundle = load_cache_clip(rows.clip, device)
+    out = np.full((len(candidates), rows.clip.dim), np.nan, dtype=np.float32)
+    keys = list(texts)
+    for start in range(0, len(keys), 256):
+        part = keys[start : start + 256]
+        out[part] = encode_texts(bundle, [texts[k] for k in part]).cpu().numpy().astype(np.float32)
+    return out
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -342,17 +428,26 @@ def _edges(values: list[np.ndarray]) -> np.ndarray:
     return np.linspace(lo, hi if hi > lo else lo + 1e-3, HIST_BINS + 1)
 
 
-def _plot(scored: dict[str, dict[str, np.ndarray]], reference: np.ndarray | None, path: Path) -> Path:
+def _plot(
+    scored: dict[str, dict[str, np.ndarray]],
+    reference: np.ndarray | None,
+    along_images: np.ndarray | None,
+    path: Path,
+) -> Path:
     """The two Lafite2 Figure 1 panels: cos(image, feature) per method against the real caption's, and
-    text-text cosine of each pseudo feature with the same image's real caption vs a random image's."""
+    text-text cosine of each pseudo feature with the same image's real caption vs a random image's; with
+    captions, a third: each feature's position along the modality gap direction, between the image cone
+    (`along_images`) and the caption cone."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     colours = {"perturb": "tab:red", "retrieve": "tab:orange", "optimize": "tab:blue", "caption": "black"}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    text_series = [v for samples in scored.values() for k, v in samples.items() if k != "image"]
+    panels = 2 if along_images is None else 3
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4))
+    left, right = axes[0], axes[1]
+    text_series = [v for samples in scored.values() for k, v in samples.items() if k in ("same", "random")]
     left_edges = _edges([samples["image"] for samples in scored.values()])
     right_edges = _edges(text_series + ([reference] if reference is not None else []))
     for method, samples in scored.items():
@@ -377,7 +472,17 @@ def _plot(scored: dict[str, dict[str, np.ndarray]], reference: np.ndarray | None
         )
     left.set(title="cos(image, conditioning feature)", xlabel="cosine", ylabel="density")
     right.set(title="cos(feature, real caption feature)", xlabel="cosine", ylabel="density")
-    for ax in (left, right):
+    if along_images is not None:
+        cones = axes[2]
+        along = {m: samples["along_gap"] for m, samples in scored.items() if "along_gap" in samples}
+        edges = _edges([along_images, *along.values()])
+        cones.hist(along_images, bins=edges, histtype="stepfilled", density=True, color="grey", alpha=0.3,
+                   label="images")  # fmt: skip
+        for method, values in along.items():
+            label = "caption (real)" if method == "caption" else method
+            cones.hist(values, bins=edges, histtype="step", density=True, color=colours[method], label=label)
+        cones.set(title="position along the modality gap (image mean - text mean)", xlabel="<x, g>")
+    for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
         else:
@@ -390,6 +495,25 @@ def _plot(scored: dict[str, dict[str, np.ndarray]], reference: np.ndarray | None
     return path
 
 
+def gap_lines(gap: dict[str, Any] | None) -> list[str]:
+    """The modality gap paragraph of features.md (none without captions)."""
+    if not gap:
+        return []
+    same, other = gap.get("text_text_same_image"), gap.get("text_text_random_image")
+    texts = (
+        f"; two real captions of the same image {same:.3f}, of random images {other:.3f}"
+        if same is not None
+        else ""
+    )
+    return [
+        "",
+        "Modality gap of the cache's CLIP on these images: |mean image - mean caption| = "
+        f"{gap['length']:.3f}; cos(image, own caption) {gap['cos_image_own_caption']:.3f}{texts}. Along the "
+        f"gap direction g the images sit at {gap['image_along_gap']:.3f} and their captions at "
+        f"{gap['caption_along_gap']:.3f}: the `along gap` column places each feature between the two cones.",
+    ]
+
+
 def markdown(report: dict[str, Any]) -> str:
     """features.md: one row per method, a chance row, and the skipped methods with their reasons."""
     from pipeline.attribute_precision import ATTRIBUTES
@@ -400,7 +524,7 @@ def markdown(report: dict[str, Any]) -> str:
     header = (
         "| method | n | cos(image, h) | top-1 (B<=256) | "
         + " | ".join(ATTRIBUTES)
-        + " | object | mean | cos(h, own caption) | cos(h, random caption) |"
+        + " | object | mean | cos(h, own caption) | cos(h, random caption) | along gap |"
     )
     lines = [
         "# Conditioning features compared",
@@ -428,6 +552,7 @@ def markdown(report: dict[str, Any]) -> str:
             *(cell(precision.get(a)) for a in (*ATTRIBUTES, "object", "mean")),
             cell(text.get("same")),
             cell(text.get("random")),
+            cell((row.get("cone") or {}).get("along_gap")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     chance = report["chance"]
@@ -441,13 +566,14 @@ def markdown(report: dict[str, Any]) -> str:
         + " | ".join(cell(chance[a]) for a in (*ATTRIBUTES, "object", "mean"))
         + " | | "
         + cell(report["real_caption_random_pair_cos"])
-        + " |"
+        + " | |"
     )
     notes = [n for n in (report["attribute_precision_note"], report["caption_note"]) if n]
     lines += ["", *skipped, *(f"- {n}" for n in notes)]
+    lines += [*gap_lines(report.get("modality_gap"))]
     lines += [
         "",
-        "The chance row's last cell is cos(real caption, real caption of a random image).",
+        "The chance row's cos(h, random caption) cell is cos(real caption, real caption of a random image).",
         "",
         "![similarity histograms](similarity_histograms.png)",
         "",

@@ -318,6 +318,22 @@ def text_table(result: CompareResult) -> str:
     return "\n".join(main_table(result))
 
 
+def prompts_named_line(evaluation: dict[str, Any]) -> list[str]:
+    """The line saying how many eval prompts name each attribute (accuracy counts only those), when some
+    name fewer than all four: the partial-caption world's prompts."""
+    named = (evaluation.get("prompts") or {}).get("by_attribute") or {}
+    n = evaluation.get("n")
+    counts = {a: named.get(a) for a in ATTRIBUTES}
+    if not named or all(c == n for c in counts.values()):
+        return []
+    said = ", ".join(f"{a} {c}" for a, c in counts.items())
+    return [
+        "",
+        f"Prompts name 1-4 attributes; each attribute's accuracy counts only the prompts naming it ({said} "
+        f"of {n}).",
+    ]
+
+
 def report_markdown(
     config: CompareConfig, result: CompareResult, evaluation: dict[str, Any], chance_source: str
 ) -> str:
@@ -340,6 +356,7 @@ def report_markdown(
         f"Chance: {chance_source}. Real images: the cache's own images scored against their labels by the "
         "same probe, the instrument's ceiling; their CLIP score against their own captions; their FID: "
         "two disjoint halves of them against each other.",
+        *prompts_named_line(evaluation),
         "",
         "## Seen vs held-out colour-shape pairs",
         "",

@@ -18,9 +18,11 @@ ATTRIBUTES = ("shape", "colour", "size", "position")  # what the probe reads
 CAPTION_STREAM = 12  # numpy stream id of the draw of the cache's captions as prompts (real images: 11)
 
 
-def synthetic_prompts(n: int, seed: int, max_objects: int = 2) -> list[str]:
+def synthetic_prompts(n: int, seed: int, max_objects: int = 2, partial: bool = False) -> list[str]:
     """n synthetic-world captions: one single-object prompt per held-out pair, then 1..max_objects object
-    captions over every colour-shape pair (held-out ones included), from a random stream of their own."""
+    captions over every colour-shape pair (held-out ones included), from a random stream of their own.
+    `partial` (a partial-caption world): each object names a random 1-4 of its attributes, as the world's
+    captions do, the held-out pair prompts always their colour and shape."""
     from pipeline.labels import labels
 
     world = labels()
@@ -33,10 +35,13 @@ def synthetic_prompts(n: int, seed: int, max_objects: int = 2) -> list[str]:
             "size": rng.choice(world.vocabulary["size"]),
             "position": rng.choice(world.vocabulary["position"]),
         }
+        if partial:
+            obj = {"shape": shape, "colour": colour, **world.partial_objects([obj], rng)[0]}
         prompts.append(world.caption([obj], rng))
     all_pairs = [(c, s) for c in world.vocabulary["colour"] for s in world.vocabulary["shape"]]
     while len(prompts) < n:
-        prompts.append(world.caption(world.sample_objects(rng, max_objects, pairs=all_pairs), rng))
+        objects = world.sample_objects(rng, max_objects, pairs=all_pairs)
+        prompts.append(world.caption(world.partial_objects(objects, rng) if partial else objects, rng))
     return prompts[:n]
 
 
@@ -46,15 +51,18 @@ def world_labels(rows, sample: int = 2000) -> dict[str, Any]:
     vocabulary), `max_objects` (the most objects a labelled row has; 0 without) and `measurable`: most
     sampled rows are labelled, so the probe (trained on rendered world images) and prompts in the world's
     grammar describe what the generator was trained on. Elsewhere (a user's own images) attribute accuracy
-    would score the probe's reading of pictures it was never made for."""
+    would score the probe's reading of pictures it was never made for. `partial`: most labelled rows list
+    several captions (`captions`), as the partial-caption world's do, so prompts should be partial too."""
     from pipeline.labels import labels
     from trainers.embed_rows import labels_of
 
     vocab = labels().vocabulary
     pick = np.random.default_rng(0).permutation(len(rows))[:sample]
-    counts = []
+    counts, partial = [], 0
     for r in pick:
-        objects = (labels_of(rows, int(r)) or {}).get("objects")
+        labelled_row = labels_of(rows, int(r)) or {}
+        partial += isinstance(labelled_row.get("captions"), list)
+        objects = labelled_row.get("objects")
         world = (
             isinstance(objects, list)
             and objects
@@ -67,6 +75,7 @@ def world_labels(rows, sample: int = 2000) -> dict[str, Any]:
         "labelled": labelled,
         "max_objects": max(counts, default=0),
         "measurable": labelled > 0 and 2 * labelled >= len(counts),
+        "partial": labelled > 0 and 2 * partial >= labelled,
     }
 
 
@@ -81,10 +90,11 @@ def default_prompts(rows, n: int, seed: int, world: dict[str, Any]) -> tuple[lis
     and CLIP score need some text), and its source says so."""
     count = min(n, 1000)
     if world["measurable"]:
-        max_objects = world["max_objects"]
+        max_objects, partial = world["max_objects"], world.get("partial", False)
+        named = ", each naming 1-4 attributes: as the cache's captions" if partial else ""
         return (
-            synthetic_prompts(count, seed, max_objects),
-            f"synthetic (seed {seed}, 1-{max_objects} objects: as the cache's images)",
+            synthetic_prompts(count, seed, max_objects, partial),
+            f"synthetic (seed {seed}, 1-{max_objects} objects: as the cache's images{named})",
             max_objects,
         )
     captions, seen = [], set()
@@ -148,6 +158,19 @@ def attribute_chance(targets: list[list[dict[str, str]]]) -> dict[str, float] | 
                 scores[a].append(value)
     chance = {a: round(float(np.mean(v)), 4) for a, v in scores.items() if v}
     return chance or None
+
+
+def attributes_named(targets: list[list[dict[str, str]]]) -> dict[str, int]:
+    """How many prompts name each attribute (of any of their objects), and how many name k attributes
+    (`k_attributes`, the most any of their objects names): accuracy on an attribute is counted only on the
+    prompts that name it."""
+    counts: Counter = Counter()
+    most: Counter = Counter()
+    for objects in targets:
+        named = [{a for a in ATTRIBUTES if a in obj} for obj in objects]
+        counts.update(set().union(*named) if named else set())
+        most[max((len(n) for n in named), default=0)] += 1
+    return {**{a: counts[a] for a in ATTRIBUTES}, "k_attributes": {str(k): most[k] for k in sorted(most)}}
 
 
 def objects_named(targets: list[list[dict[str, str]]]) -> dict[str, int]:

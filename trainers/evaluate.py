@@ -75,6 +75,7 @@ from trainers.eval_features import (
 from trainers.eval_prompts import (
     ATTRIBUTES,
     attribute_chance,
+    attributes_named,
     default_prompts,
     names_held_out_pair,
     objects_named,
@@ -321,6 +322,8 @@ def evaluate(
             ),
             # how many of the n prompts name k objects: what the position chance depends on (k/5 each)
             "by_objects": objects_named(targets) if world["measurable"] else None,
+            # how many of the n prompts name each attribute: its accuracy is counted on those alone
+            "by_attribute": attributes_named(targets) if world["measurable"] else None,
         },
         "image_size": {"generated": int(generated.shape[-1]), "real": int(real.shape[-1])},
         "clip": {"clip_model": rows.clip.clip_model, "clip_pretrained": rows.clip.clip_pretrained},

@@ -143,11 +143,14 @@ def test_parquet_writers_compared(results_dir):
 
 def test_clip_sweep_writes_a_row_per_arm_and_rejects_unknown_arms(results_dir):
     bench = load_script("bench_clip")
-    rows = bench.main(["--arms", "tiny-g1,rn32-g3", "--steps", "2", "--pretrain-n", "12", "--eval-n", "8"])
-    assert [r["arm"] for r in rows] == ["tiny-g1", "rn32-g3"]
-    assert rows[1]["model"] == "lafite-rn32" and rows[1]["contrast_group"] == 3
+    rows = bench.main(["--arms", "tiny-g1,default", "--steps", "2", "--pretrain-n", "12", "--eval-n", "8"])
+    assert [r["arm"] for r in rows] == ["tiny-g1", "default"]
+    assert rows[1]["model"] == "lafite-rn32" and rows[1]["contrast_group"] == 1  # the default recipe
+    assert rows[0]["caption_style"] == "full" and rows[1]["caption_style"] == "partial"
     fields, written = read_rows(results_dir / "clip.csv")
     assert len(written) == 2 and {"shape", "colour", "size", "position", "object_2_shape"} <= set(fields)
+    assert {"cos_image_own_caption", "gap_vector", "temperature"} <= set(fields)
+    assert all(-1 <= float(r["cos_image_own_caption"]) <= 1 for r in written)
     with pytest.raises(SystemExit):
         bench.main(["--arms", "vit-huge"])
 

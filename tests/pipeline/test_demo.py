@@ -49,6 +49,12 @@ def test_demo_smoke_runs_every_step_and_prints_the_comparison(demo):
     for stage in ("embed", "captions", "index", "retrieve", "optimize"):
         assert list((out / "cache" / stage / "_manifests").glob("*.json")), stage
     assert "perturb" in result.output and "optimize" in result.output and "zero-shot" in result.output
+    # the partial world by default, and the CLIP's gap printed beside its zero-shot accuracy
+    world = json.loads((out / "world" / "demo_world.json").read_text())["config"]
+    assert world["caption_style"] == "partial" and clip_eval["training_data"]["caption_style"] == "partial"
+    gap = clip_eval["modality_gap"]
+    assert f"cos(image, own caption) {gap['cos_image_own_caption']:.2f}" in result.output
+    assert re.search(r"^demo 2/4 clip: .*zero-shot .*modality gap: .*gap vector", result.output, re.M)
     # one plain line per step, with its time (the output is no terminal here)
     for i, step in enumerate(("synth", "clip", "pipeline", "compare"), 1):
         assert re.search(rf"^demo {i}/4 {step}: .*\bin \d+:\d\d:\d\d\b", result.output, re.M), result.output
@@ -156,3 +162,8 @@ def test_demo_bad_preset_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--generator", "vae"])
     assert result.exit_code == 2 and "--generator vae: choose one of gan, ldm, dalle" in result.output
     assert not any(tmp_path.iterdir())
+
+
+def test_demo_full_world_option_is_refused_when_unknown(tmp_path):
+    result = run_demo(tmp_path / "demo", "--world", "some")
+    assert result.exit_code == 2 and "--world some: choose one of partial, full" in result.output

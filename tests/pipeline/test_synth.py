@@ -20,7 +20,9 @@ N, SHARD_SIZE, IMAGE_SIZE, N_CAPTIONS = 40, 16, 32, 400
 
 
 def small_config(out: Path, **overrides) -> synth.SynthConfig:
+    """The full-caption world (the former default; the partial world's tests are below)."""
     values = dict(out=out, n=N, seed=0, image_size=IMAGE_SIZE, shard_size=SHARD_SIZE, n_captions=N_CAPTIONS)
+    values["caption_style"] = "full"
     values.update(overrides)
     return synth.SynthConfig(**values)
 
@@ -316,3 +318,115 @@ def test_progress_reports_every_image(tmp_path: Path) -> None:
     done: list[int] = []
     synth.run_synth(small_config(tmp_path, n=11, shard_size=4, n_captions=40), progress=done.append)
     assert done == list(range(1, 12))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The partial-caption world (the default)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def partial_config(out: Path, **overrides) -> synth.SynthConfig:
+    return synth.SynthConfig(**{**dict(out=out, n=N, seed=0, image_size=IMAGE_SIZE, shard_size=SHARD_SIZE,
+                                       n_captions=N_CAPTIONS), **overrides})  # fmt: skip
+
+
+def test_the_default_world_is_partial_with_five_captions_per_image() -> None:
+    config = synth.SynthConfig(out=Path("x"))
+    assert (config.caption_style, config.per_image) == ("partial", 5)
+    assert synth.SynthConfig(out=Path("x"), caption_style="full").per_image == 1
+
+
+def test_partial_world_captions_name_nonempty_subsets_of_true_attributes(tmp_path: Path) -> None:
+    result = synth.run_synth(partial_config(tmp_path, max_objects=2, captions_per_image=4))
+    samples = read_samples(result.shards)
+    assert len(samples) == N
+    named_counts = set()
+    for key, sample in samples.items():
+        labels = json.loads(sample["json"])
+        captions = labels["captions"]
+        assert len(captions) == 4 and captions[0] == labels["caption"] == sample["txt"].decode("utf-8")
+        for caption in captions:
+            parsed = grammar.parse_caption(caption)
+            assert len(parsed) == len(labels["objects"]), (key, caption)
+            for obj in parsed:
+                assert obj, (key, caption)  # every object names at least one attribute
+                named_counts.add(len(obj))
+                # ...each a true attribute of one of the image's objects
+                assert any(all(truth.get(a) == v for a, v in obj.items()) for truth in labels["objects"]), (
+                    key,
+                    caption,
+                )
+    assert named_counts == {1, 2, 3, 4}  # from one attribute to all four
+
+
+def test_partial_world_is_deterministic_and_its_images_are_the_full_worlds(tmp_path: Path) -> None:
+    synth.run_synth(partial_config(tmp_path / "a", n=12, shard_size=6, n_captions=60))
+    synth.run_synth(partial_config(tmp_path / "b", n=12, shard_size=6, n_captions=60))
+    synth.run_synth(partial_config(tmp_path / "c", n=12, shard_size=6, n_captions=60, seed=1))
+    synth.run_synth(small_config(tmp_path / "full", n=12, shard_size=6, n_captions=60))
+    a, b, c = (file_bytes(tmp_path / d) for d in "abc")
+    assert a == b and all(a[name] != c[name] for name in a)
+    partial, full = (
+        read_samples([tmp_path / "a" / "00000.tar"]),
+        read_samples([tmp_path / "full" / "00000.tar"]),
+    )
+    assert all(partial[k]["jpg"] == full[k]["jpg"] for k in full)  # same images, other captions
+    assert any(partial[k]["txt"] != full[k]["txt"] for k in full)
+
+
+def test_partial_corpus_names_nonempty_subsets_and_covers_every_pair() -> None:
+    corpus = grammar.caption_corpus(seed=0, n_captions=720, max_objects=2, partial=True)
+    counts = set()
+    for caption in corpus:
+        parsed = grammar.parse_caption(caption)
+        assert parsed and all(obj for obj in parsed), caption
+        counts.update(len(obj) for obj in parsed)
+    assert counts == {1, 2, 3, 4}
+    named = {
+        (o["colour"], o["shape"])
+        for c in corpus
+        for o in grammar.parse_caption(c)
+        if {"colour", "shape"} <= set(o)
+    }
+    assert set(grammar.HELD_OUT_PAIRS) <= named  # the text-only pairs are still in the corpus
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_parse_caption_is_exact_on_partial_captions(seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    pairs = [(c, s) for c in grammar.COLOURS for s in grammar.SHAPES]
+    for _ in range(500):
+        stated = grammar.partial_objects(grammar.sample_objects(rng, 2, pairs), rng)
+        caption = grammar.make_caption(stated, rng)
+        parsed = grammar.parse_caption(caption)
+        assert len(parsed) == len(stated) and grammar.objects_match(parsed, stated), (stated, caption, parsed)
+
+
+def test_validate_rejects_a_bad_caption_style_and_count(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--caption-style"):
+        partial_config(tmp_path, caption_style="some").validate()
+    with pytest.raises(ConfigError, match="--captions-per-image"):
+        partial_config(tmp_path, captions_per_image=0).validate()
+    with pytest.raises(ConfigError, match="--captions-per-image: the full world has one"):
+        partial_config(tmp_path, caption_style="full", captions_per_image=3).validate()
+
+
+def test_the_full_world_is_the_former_world_byte_for_byte(tmp_path: Path) -> None:
+    """`--caption-style full` must keep reproducing older numbers: its captions, labels and corpus hash to
+    what the world rendered before the partial world existed (JPEG bytes left out: the encoder's build
+    may differ between machines)."""
+    import hashlib
+    import tarfile
+
+    synth.run_synth(small_config(tmp_path, n_captions=400))
+    digest = hashlib.sha256()
+    for shard in sorted(tmp_path.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if not member.name.endswith(".jpg"):
+                    digest.update(member.name.encode())
+                    digest.update(tar.extractfile(member).read())
+    digest.update((tmp_path / "captions.txt").read_bytes())
+    assert digest.hexdigest() == "45cb6cd9ef14254b2d58c418d5703d267d938773eab46ec05b9ceff5d4926b65"

@@ -12,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from pipeline import synth_grammar as grammar
 from pipeline.clip import encode_images, encode_texts, load_clip
 from pipeline.embed import run_embed
 from pipeline.embed_config import EmbedConfig
@@ -19,8 +20,8 @@ from pipeline.synth import SynthConfig, run_synth
 from pipeline.synth_grammar import ATTRIBUTES, parse_caption
 from trainers.cli import app
 from trainers.clip_config import ClipTrainConfig
-from trainers.clip_data import PRETRAIN_INDEX, batch_rows, contrast_group, render_pairs
-from trainers.clip_eval import HELD_OUT_INDEX, held_out_images
+from trainers.clip_data import PRETRAIN_INDEX, batch_rows, contrast_group, render_pairs, step_captions
+from trainers.clip_eval import HELD_OUT_INDEX, held_out_images, modality_gap
 from trainers.clip_train import train_clip
 
 runner = CliRunner()
@@ -151,6 +152,9 @@ def test_clip_cli_trains_and_refuses_to_overwrite(world, tmp_path):
         (["--contrast-group", "7"], "--contrast-group"),
         (["--max-objects", "3"], "--max-objects"),
         (["--pretrain-n", "1"], "--pretrain-n"),
+        (["--temperature", "warm"], "--temperature must be a number or `learnt`"),
+        (["--temperature", "0.001"], "--temperature must be between 0.01 and 10"),
+        (["--caption-style", "some"], "--caption-style"),
     ],
 )
 def test_clip_cli_errors_are_one_line(world, tmp_path, extra, message):
@@ -164,7 +168,7 @@ def test_clip_cli_errors_are_one_line(world, tmp_path, extra, message):
 def test_contrast_groups_differ_only_in_the_first_objects_shape():
     for index in range(PRETRAIN_INDEX, PRETRAIN_INDEX + 12):
         pairs = contrast_group(seed=0, index=index, group=3, image_size=32, max_objects=2)
-        objects = [parse_caption(caption) for _, caption in pairs]
+        objects = [parse_caption(caption) for _, caption, _, _ in pairs]
         assert len({tuple(o[0].items()) for o in objects}) == 3  # three different first objects...
         assert len({o[0]["shape"] for o in objects}) == 3  # ...by shape
         for other in objects[1:]:
@@ -172,7 +176,7 @@ def test_contrast_groups_differ_only_in_the_first_objects_shape():
                 {k: v for k, v in objects[0][0].items() if k != "shape"}
             ]
             assert other[1:] == objects[0][1:]  # the second object, if any, is the same
-        images = [image for image, _ in pairs]
+        images = [image for image, _, _, _ in pairs]
         assert all(image.shape == (3, 32, 32) for image in images)
         assert not torch.equal(images[0], images[1])
 
@@ -187,7 +191,7 @@ def test_the_pretraining_stream_is_disjoint_from_worlds_and_eval_images():
 
 def test_the_stream_recipe_at_test_size_lowers_the_loss_and_beats_chance_on_colour(tmp_path):
     config = ClipTrainConfig(
-        out=tmp_path / "run", size="rn32", steps=200, batch_size=33, pretrain_n=990, warmup=20, eval_n=120,
+        out=tmp_path / "run", size="rn32", steps=300, batch_size=66, pretrain_n=990, warmup=20, eval_n=120,
         device="cpu",
     )  # fmt: skip
     result = train_clip(config)
@@ -195,7 +199,14 @@ def test_the_stream_recipe_at_test_size_lowers_the_loss_and_beats_chance_on_colo
     assert last < first - 0.5, result.losses
     ev = result.evaluation
     assert ev["zero_shot"]["colour"] > ev["chance"]["colour"] + 0.25, ev["zero_shot"]
+    assert ev["zero_shot_prompts"] == "the attribute alone"  # the partial world's recipe, by default
     assert ev["training_data"]["first_index"] == PRETRAIN_INDEX
+    assert ev["training_data"]["caption_style"] == "partial"
+    gap = ev["modality_gap"]  # computed and recorded beside zero-shot
+    assert gap["captions_per_image"] == 5 and gap["images"] == 120
+    assert -1 <= gap["cos_image_other_caption"] < gap["cos_image_own_caption"] <= 1, gap
+    assert 0 < gap["gap_vector_length"] <= 2
+    assert json.loads((tmp_path / "run" / "clip_eval.json").read_text())["modality_gap"] == gap
     slots = ev["zero_shot_two_objects"]
     assert slots["n_images"] > 20 and set(slots["object_1"]) == set(ATTRIBUTES)
 
@@ -245,3 +256,53 @@ def test_resuming_with_other_learnt_settings_is_one_line(world, tmp_path):
     )
     result = runner.invoke(app, [*args, "--steps", "3", "--resume"])
     assert result.exit_code == 0, result.output
+
+
+def test_step_captions_are_redrawn_each_step_and_name_true_subsets():
+    pairs = render_pairs(30, seed=0, image_size=32, group=3, max_objects=2)
+    rows = torch.arange(len(pairs.captions))
+    first, again, later = (step_captions(pairs, rows, seed=0, step=s) for s in (5, 5, 6))
+    assert first == again  # a pure function of (seed, step, row): resumed and data-parallel runs agree
+    assert first != later  # re-drawn at the next step
+    for row, caption in enumerate(first):
+        stated, truth = parse_caption(caption), pairs.objects[row]
+        assert len(stated) == len(truth) and all(stated), caption
+        named_truth = [{a: t[a] for a in s} for s, t in zip(stated, truth, strict=True)]
+        assert grammar.objects_match(stated, named_truth), caption  # true values, caption order
+    for g in range(0, len(first), 3):  # a group: one subset and wording, its first object's shape named
+        group = [parse_caption(c) for c in first[g : g + 3]]
+        assert len({tuple(sorted(o[0])) for o in group}) == 1 and "shape" in group[0][0]
+        assert len({o[0]["shape"] for o in group}) == 3
+
+
+class ConstantClip:
+    """encode_image gives e0 for every image, encode_text gives (e0 + e1) / sqrt 2 for every caption."""
+
+    def encode_image(self, x, normalize=True):
+        return torch.eye(4)[0].expand(len(x), 4)
+
+    def encode_text(self, tokens, normalize=True):
+        return ((torch.eye(4)[0] + torch.eye(4)[1]) / math.sqrt(2)).expand(len(tokens), 4)
+
+
+def test_modality_gap_figures_on_known_features():
+    gap = modality_gap(ConstantClip(), lambda texts: torch.zeros(len(texts), 3), (0.5,) * 3, (0.5,) * 3,
+                       32, n=6, seed=0, device="cpu", caption_style="partial")  # fmt: skip
+    half = round(1 / math.sqrt(2), 4)
+    assert gap["cos_image_own_caption"] == gap["cos_image_other_caption"] == half
+    assert gap["cos_text_same_image"] == gap["cos_text_other_image"] == gap["cos_image_image"] == 1.0
+    assert gap["gap_vector_length"] == pytest.approx(math.sqrt((1 - half) ** 2 + half**2), abs=1e-3)
+    assert gap["captions_per_image"] == 5
+
+
+def test_temperature_is_fixed_or_learnt(tmp_path):
+    from trainers.clip_config import parse_temperature
+
+    assert parse_temperature("learnt") is None and parse_temperature("0.05") == 0.05
+    config = ClipTrainConfig(out=tmp_path / "run", size="tiny", steps=3, batch_size=6, pretrain_n=12,
+                             eval_n=0, device="cpu", temperature=0.05)  # fmt: skip
+    result = train_clip(config)
+    assert result.evaluation["logit_scale"] == pytest.approx(20.0, rel=1e-4)  # 1 / 0.05, not learnt
+    learnt = train_clip(dataclasses.replace(config, out=tmp_path / "learnt", temperature=None))
+    assert learnt.evaluation["temperature"] is None
+    assert learnt.evaluation["logit_scale"] != pytest.approx(1 / 0.07, rel=1e-6)  # it moved

@@ -65,6 +65,19 @@ def test_every_method_on_a_full_cache(caches, tmp_path):
     series = report["histograms"]["series"]
     assert sum(series["optimize/image"]["counts"]) == N and "caption/random_real_pair" in series
 
+    # The modality gap and where each feature sits between the cones (the partial world: 5 captions each).
+    gap = report["modality_gap"]
+    assert gap["length"] > 0 and gap["text_text_n"] == N
+    assert gap["image_along_gap"] > gap["caption_along_gap"]  # g points from the captions to the images
+    for name in ("cos_image_own_caption", "text_text_same_image", "text_text_random_image"):
+        assert -1.0 <= gap[name] <= 1.0, name
+    assert gap["length"] == pytest.approx(gap["image_along_gap"] - gap["caption_along_gap"], abs=1e-5)
+    cone = report["methods"]["caption"]["cone"]
+    assert cone["along_gap"] == pytest.approx(gap["caption_along_gap"], abs=1e-5)  # the captions' own cone
+    for method in METHODS:
+        assert set(report["methods"][method]["cone"]) == {"along_gap", "cos_image_mean", "cos_caption_mean"}
+    assert "Modality gap of the cache's CLIP" in md and "along gap |" in md
+
     # The optimize row scores the stored pseudo features like the stage's stats score its output.
     stats = [
         json.loads(p.read_text()) for p in sorted((caches["full"] / "optimize" / "_stats").glob("*.json"))

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from pipeline.embed import run_embed
 from pipeline.embed_config import EmbedConfig
 from pipeline.errors import ConfigError
+from pipeline.labels import labels
 from pipeline.synth import Scene, SynthConfig, _place, render_scene, run_synth, sample_scene
 from pipeline.synth_grammar import parse_caption
 from trainers import eval_features
@@ -25,8 +26,9 @@ from trainers.cli import app
 from trainers.conditions import load_cache_clip
 from trainers.embed_rows import read_embed
 from trainers.eval_config import EvalConfig
+from trainers.eval_prompts import attributes_named
 from trainers.evaluate import evaluate, synthetic_prompts
-from trainers.probe import save_probe, train_probe
+from trainers.probe import save_probe, score_objects, summarise, train_probe
 from trainers.probe_config import ProbeConfig
 
 runner = CliRunner()
@@ -62,7 +64,7 @@ def probe():
 @pytest.fixture(scope="module")
 def oracle(cache):
     """Draws exactly what each prompt says: finds the prompt by its CLIP text feature, renders its objects."""
-    prompts = synthetic_prompts(N, 0)
+    prompts = synthetic_prompts(N, 0, partial=True)  # as eval draws them on the (partial) world
     bundle = load_cache_clip(read_embed(cache).clip, "cpu")
     from pipeline.clip import encode_texts
 
@@ -72,8 +74,8 @@ def oracle(cache):
         images = []
         for i, row in enumerate(cond):
             prompt = prompts[int((text @ row).argmax())]
-            objects = parse_caption(prompt)
             rng = __import__("random").Random(f"{seed}/{i}")
+            objects = completed(parse_caption(prompt), rng)
             background = sample_scene(seed, i).background
             scene = Scene(objects, _place(objects, rng), background, prompt)
             pixels = np.asarray(render_scene(scene, 32, np.random.default_rng([seed, i])))
@@ -81,6 +83,51 @@ def oracle(cache):
         return torch.stack(images)
 
     return generate
+
+
+def completed(objects, rng):
+    """The partial world's prompt objects with what they leave out drawn at random (positions distinct)."""
+    vocab = labels().vocabulary
+    free = [p for p in vocab["position"] if p not in {o.get("position") for o in objects}]
+    rng.shuffle(free)
+    full = []
+    for obj in objects:
+        drawn = {a: rng.choice(vocab[a]) for a in vocab if a != "position"}
+        full.append({**drawn, "position": obj.get("position") or free.pop(), **obj})
+    return full
+
+
+def test_partial_prompts_name_one_to_four_attributes_and_are_counted_per_attribute():
+    prompts = synthetic_prompts(200, 0, 2, partial=True)
+    targets = [parse_caption(p) for p in prompts]
+    named = attributes_named(targets)
+    assert set(named["k_attributes"]) == {"1", "2", "3", "4"}
+    for attribute in ("shape", "colour", "size", "position"):
+        assert named[attribute] == sum(any(attribute in o for o in objs) for objs in targets)
+        assert 0 < named[attribute] < 200
+    for objects in targets[:4]:  # one per held-out pair: its colour and shape always named
+        assert {"colour", "shape"} <= set(objects[0])
+    assert synthetic_prompts(40, 0, 2) == synthetic_prompts(40, 0, 2, partial=False)  # the full world's
+
+
+def test_accuracy_counts_only_the_attributes_a_prompt_names():
+    # one image: a small red star on the left (slot 0); prompts name some attributes, some wrongly
+    pred = {
+        "presence": np.array([[0.9, 0.1, 0.1, 0.1, 0.1]] * 3, dtype=np.float32),
+        "shape": np.array([[3, 0, 0, 0, 0]] * 3),
+        "colour": np.array([[0, 5, 5, 5, 5]] * 3),
+        "size": np.array([[0, 1, 1, 1, 1]] * 3),
+    }
+    targets = [[{"colour": "red"}], [{"shape": "circle", "position": "left"}], [{"size": "small"}]]
+    scores = summarise(score_objects(pred, targets))
+    assert scores["colour"] == 1.0 and scores["size"] == 1.0  # each counted on the one prompt naming it
+    assert scores["shape"] == 0.0 and scores["position"] == 1.0
+    assert scores["all"] == 0.6667 and scores["n_objects"] == 3  # rounded to 4 places
+    named = attributes_named(targets)
+    assert {a: named[a] for a in ("shape", "colour", "size", "position")} == {
+        "shape": 1, "colour": 1, "size": 1, "position": 1
+    }  # fmt: skip
+    assert named["k_attributes"] == {"1": 2, "2": 1}
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +192,10 @@ def test_eval_writes_every_field(results, tmp_path_factory):
     assert grid.size == (8 * 34 + 2, 8 * 34 + 2)  # 64 images of 32 px, 8 per row, 2 px gaps
     prompts_file = next(out.glob("evals*/oracle/grid_prompts.txt"))
     max_objects = written["prompts"]["max_objects"]
-    assert prompts_file.read_text().splitlines() == synthetic_prompts(N, 0, max_objects)[:64]
+    assert prompts_file.read_text().splitlines() == synthetic_prompts(N, 0, max_objects, partial=True)[:64]
+    assert "each naming 1-4 attributes" in written["prompts"]["source"]  # the partial world's prompts
+    by_attribute = written["prompts"]["by_attribute"]
+    assert all(0 < by_attribute[a] < N for a in ("shape", "colour", "size", "position")), by_attribute
 
 
 def test_metrics_order_oracle_real_images_and_noise(results):
@@ -168,6 +218,7 @@ def test_prompt_file_without_synthetic_captions_has_no_attribute_accuracy(cache,
         "max_objects": None,
         "naming_held_out_pairs": 0,
         "by_objects": {"0": N},  # no prompt names an object
+        "by_attribute": {"shape": 0, "colour": 0, "size": 0, "position": 0, "k_attributes": {"0": N}},
     }
     assert result["attribute_accuracy"] is None and result["probe"] is None
     assert not (tmp_path / "free" / "grid.png").exists() and (tmp_path / "free" / "eval.json").is_file()
@@ -489,8 +540,10 @@ def test_position_chance_is_k_over_5_per_object_of_a_k_object_prompt(results):
     by_objects = {int(k): v for k, v in written["prompts"]["by_objects"].items()}
     assert sum(by_objects.values()) == N and set(by_objects) == {1, 2}, by_objects
     objects = sum(k * count for k, count in by_objects.items())
-    expected = sum(k * count * k / 5 for k, count in by_objects.items()) / objects
-    assert written["attribute_accuracy_chance"]["position"] == pytest.approx(expected, abs=1e-4)
+    # the partial world's prompts: position chance is averaged over the objects that name a position
+    targets = [parse_caption(p) for p in synthetic_prompts(N, 0, 2, partial=True)]
+    positions = [len(objs) / 5 for objs in targets for o in objs if "position" in o]
+    assert written["attribute_accuracy_chance"]["position"] == pytest.approx(np.mean(positions), abs=1e-4)
     assert written["attribute_accuracy"]["n_objects"] == objects
 
 
