@@ -13,8 +13,8 @@ For each method's conditioning feature h (what `trainers.data` feeds a generator
 - `text_text`: Lafite2 Figure 1's other panel: mean cos(h_i, t_i) with the real caption feature t_i of
   the same image, against cos(h_i, t_j) for a random other image j.
 - `cone`: where h sits between the two modality cones: the mean of <h_i, g> along the unit gap direction
-  g = (mean f - mean t) / |mean f - mean t| (the images sit at `modality_gap.image`, their captions at
-  `modality_gap.caption`), and mean cos(h_i, mean f) and cos(h_i, mean t).
+  g = (mean f - mean t) / |mean f - mean t| (the images sit at `modality_gap.image_along_gap`, their
+  captions at `modality_gap.caption_along_gap`), and mean cos(h_i, mean f) and cos(h_i, mean t).
 
 `modality_gap` (the cache's CLIP, on these images): the gap vector's length |mean f - mean t|, cos(image,
 own caption), and text-text cos of two real captions of the same image (where the images have several,
