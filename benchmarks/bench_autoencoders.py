@@ -1,6 +1,6 @@
 """Sweep the autoencoders (`trainers vae`, `trainers dvae`) by what their reconstructions keep of the
-synthetic world's objects (trainers/recon_probe.py), not by PSNR alone: each variant is trained on one
-world cache and judged on its held-out images by the world's probe, beside the real images' accuracy
+synthetic world's objects (trainers/autoencoders/recon_probe.py), not by PSNR alone: each variant is trained
+on one world cache and judged on its held-out images by the world's probe, beside the real images' accuracy
 and the object-erased PSNR reference. The first variant of each family is the baseline, measured in the
 same run.
 
@@ -34,9 +34,9 @@ ATTRIBUTES = ("shape", "colour", "size", "position")
 
 
 def make_world(root: Path, n: int, image_size: int) -> Path:
-    from pipeline.embed import run_embed
-    from pipeline.embed_config import EmbedConfig
-    from pipeline.synth import SynthConfig, run_synth
+    from pipeline.embed.config import EmbedConfig
+    from pipeline.embed.stage import run_embed
+    from world.synth import SynthConfig, run_synth
 
     run_synth(SynthConfig(out=root / "world", n=n, shard_size=1000, n_captions=200, image_size=image_size))
     config = EmbedConfig(
@@ -63,13 +63,13 @@ def parse_variant(text: str) -> tuple[str, dict]:
 def train(family: str, fields: dict, cache: Path, out: Path, steps: int, seed: int):
     base = dict(cache=cache, out=out, steps=steps, seed=seed, checkpoint_every=0, device="cpu")
     if family == "vae":
-        from trainers.vae import run_vae
-        from trainers.vae_config import VaeConfig
+        from trainers.autoencoders.vae.config import VaeConfig
+        from trainers.autoencoders.vae.train import run_vae
 
         config = VaeConfig(**{"size": "tiny", "batch_size": 32, "eval_n": 256, **base, **fields})
         return run_vae(config).reconstruction, config
-    from trainers.dvae_config import DvaeConfig
-    from trainers.train_dvae import run_dvae
+    from trainers.autoencoders.dvae.config import DvaeConfig
+    from trainers.autoencoders.dvae.train import run_dvae
 
     config = DvaeConfig(**{"size": "tiny", "batch_size": 32, "eval_n": 256, **base, **fields})
     result = run_dvae(config)

@@ -51,8 +51,8 @@ ARMS: dict[str, dict] = {
 
 
 def run_arm(name: str, args: argparse.Namespace) -> dict:
-    from trainers.clip_config import ClipTrainConfig
-    from trainers.clip_train import train_clip
+    from trainers.clip.config import ClipTrainConfig
+    from trainers.clip.train import train_clip
 
     overrides = ARMS[name]
     with tempfile.TemporaryDirectory() as out:

@@ -36,13 +36,13 @@ from common import append_rows, print_table, stamp  # noqa: E402
 def main(argv: list[str] | None = None) -> None:
     import numpy as np
 
-    from trainers.dalle import DalleTransformer
-    from trainers.dalle_config import DalleConfig
-    from trainers.dalle_sample import sample_tokens
-    from trainers.derived_shards import KeyedRows
-    from trainers.dvae import DiscreteVAE, decode_tokens, dvae_architecture
-    from trainers.tokens import TokenCache, image_tokens
-    from trainers.train_dalle import DalleTrainer
+    from trainers.autoencoders.dvae.encode import TokenCache, image_tokens
+    from trainers.autoencoders.dvae.model import DiscreteVAE, decode_tokens, dvae_architecture
+    from trainers.data.derived import KeyedRows
+    from trainers.families.dalle.config import DalleConfig
+    from trainers.families.dalle.model import DalleTransformer
+    from trainers.families.dalle.sample import sample_tokens
+    from trainers.families.dalle.train import DalleTrainer
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

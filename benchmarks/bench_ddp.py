@@ -54,7 +54,7 @@ def run(command: list[str], env: dict[str, str]) -> None:
 
 def synthetic_cache(root: Path, n: int, resolution: int, env: dict[str, str]) -> Path:
     """A synthetic-world cache (embed only) at `resolution` px: what the trainers' tests train on, larger."""
-    pipeline = [sys.executable, "-c", "from pipeline.cli import main; main()"]
+    pipeline = [sys.executable, "-c", "from cli.pipeline import main; main()"]
     world = ["--n", n, "--shard-size", 256, "--image-size", resolution]
     run([*pipeline, "synth", "--out", root / "w", *world], env)
     run(

@@ -39,8 +39,8 @@ def make_shards(
 ) -> list[str]:
     from PIL import Image
 
-    from pipeline.synth import make_sample
-    from pipeline.tars import add_member
+    from core.tars import add_member
+    from world.synth import make_sample
 
     unique = []
     for i in range(n_unique):
@@ -66,8 +66,8 @@ def encoder_only(bundle, unique: list[bytes], n_images: int, batch_size: int, im
     import torch
     from PIL import Image
 
-    from pipeline.clip import encode_images
-    from pipeline.images import fit_square
+    from core.clip import encode_images
+    from inputs.images import fit_square
 
     pixels = [np.asarray(fit_square(Image.open(io.BytesIO(b)).convert("RGB"), image_size)) for b in unique]
     stack = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
@@ -88,8 +88,8 @@ def encoder_only(bundle, unique: list[bytes], n_images: int, batch_size: int, im
 
 
 def _embed_in_child(config, results) -> None:
-    from pipeline.clip import cached_clip
-    from pipeline.embed import run_embed
+    from core.clip import cached_clip
+    from pipeline.embed.stage import run_embed
 
     cached_clip(config.clip_model, config.clip_pretrained, config.device)  # model load is not timed
     t = time.perf_counter()
@@ -138,9 +138,9 @@ def main() -> None:
     parser.add_argument("--daemon-arms", action="store_true", help="also time decoding as in a Dask worker")
     args = parser.parse_args()
 
-    from pipeline.clip import cached_clip
-    from pipeline.embed import run_embed
-    from pipeline.embed_config import EmbedConfig
+    from core.clip import cached_clip
+    from pipeline.embed.config import EmbedConfig
+    from pipeline.embed.stage import run_embed
 
     bundle = cached_clip(args.model, "", args.device)
     rows = []

@@ -47,8 +47,8 @@ def timed(fn, device: torch.device, reps: int, warmup: int = 2) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from trainers.ldm import Dit, flow_loss, ldm_architecture, sample_euler
-    from trainers.vae import DOWNSAMPLE, AutoencoderKL, vae_architecture
+    from trainers.autoencoders.vae.model import DOWNSAMPLE, AutoencoderKL, vae_architecture
+    from trainers.families.ldm.model import Dit, flow_loss, ldm_architecture, sample_euler
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

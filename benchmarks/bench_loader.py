@@ -1,19 +1,19 @@
 """Benchmark the trainers' loader memory as the cache grows: the stored sample set, read per row
-(trainers/sample_store.py) against loading every feature into memory, at 1M, 4M and 10M rows.
+(trainers/data/sample_store.py) against loading every feature into memory, at 1M, 4M and 10M rows.
 
 For each size it writes a features-only cache (embed sidecars of random unit D-dim float16 features
-through pipeline/cache_writer.py: no images, so the image side of the loader, a pread per sample from the
+through feature_cache/writer.py: no images, so the image side of the loader, a pread per sample from the
 tars, is not part of it), then runs, each in a fresh process so the memory figures are its own:
 
     everything   the feature side of the loader before the store: every embed sidecar read and checked
-                 (trainers.committed.read_parquet_committed) and decoded into one float16 [N, D] array,
+                 (feature_cache.committed.read_parquet_committed) and decoded into one float16 [N, D] array,
                  the keys as Python strings, the sample set's own copy of the conditions
     derive       the first loader of a store: the same reads, then the store written (seconds only)
-    store        every later loader: trainers.sample_store.open_store, one pread per row
+    store        every later loader: trainers.data.sample_store.open_store, one pread per row
 
 and reports start-up seconds (to the first batch), resident memory after start-up and after the batches
 (VmRSS; RssAnon is the part that is not file pages the kernel can drop), the peak (VmHWM), and batches/s
-of B samples through trainers.stream.CacheDataset's own sample stream (epoch permutation, conditions and
+of B samples through trainers.data.stream.CacheDataset's own sample stream (epoch permutation, conditions and
 keys of the batch; the perturb condition: the image features themselves). Target: the store's resident
 memory flat within 20% from 1M to 10M rows, and its start-up under 10 s at 10M.
 
@@ -24,9 +24,9 @@ memory flat within 20% from 1M to 10M rows, and its start-up under 10 s at 10M.
 way: a cache of embed sidecars (D 8) and a latents shard per embed shard (float32 `--latent-shape`,
 written and committed as `--encode` does, by a stand-in VAE file), then, each in a fresh process:
 
-    everything   the read before the store: trainers.derived_shards.read_derived into one float32 array,
+    everything   the read before the store: trainers.data.derived.read_derived into one float32 array,
                  and a dict key -> row (KeyedRows)
-    derive       the first load: trainers.derived_store.load_derived deriving the store, then opening it
+    derive       the first load: trainers.data.derived_store.load_derived deriving the store, then opening it
     store        every later load: load_derived opening the store (a pread per key block and per latent)
 
 with batches/s of B random keys looked up (`lookup`, as `trainers ldm` does per step). Raw rows go to
@@ -57,7 +57,7 @@ SHARD_ROWS = 250_000
 def build_cache(cache: Path, rows: int, dim: int) -> None:
     import numpy as np
 
-    from pipeline.cache_writer import CacheWriter
+    from feature_cache.writer import CacheWriter
 
     writer, rng = CacheWriter(cache, dim), np.random.default_rng(0)
     for shard, start in enumerate(range(0, rows, SHARD_ROWS)):
@@ -72,11 +72,11 @@ def build_latents(cache: Path, rows: int, shape: tuple[int, ...]) -> Path:
     would for a stand-in VAE checkpoint (a file of random bytes: the cache is keyed on its digest)."""
     import numpy as np
 
+    from feature_cache.layout import shard_file
+    from feature_cache.writer import CacheWriter
     from manifests import Dep, ShardSpec, commit_manifest, list_manifests, stat_out, write_parquet_atomic
-    from pipeline.cache_writer import CacheWriter
-    from pipeline.layout import shard_file
-    from trainers.derived_shards import model_digest
-    from trainers.latents import CODEC, KIND
+    from trainers.autoencoders.vae.encode import CODEC, KIND
+    from trainers.data.derived import model_digest
 
     cache.mkdir(parents=True)
     checkpoint = cache.parent / f"{cache.name}-vae.pt"
@@ -101,13 +101,13 @@ def latents_child(mode: str, cache: Path, rows: int, batch: int, batches: int) -
     """One figure of the latent cache: start-up to the first looked-up batch, memory, batches/s."""
     import numpy as np
 
-    from trainers.derived_shards import read_derived
-    from trainers.derived_store import load_derived
-    from trainers.latents import KIND
+    from trainers.autoencoders.vae.encode import KIND
+    from trainers.data.derived import read_derived
+    from trainers.data.derived_store import load_derived
 
     checkpoint = cache.parent / f"{cache.name}-vae.pt"
     rng = np.random.default_rng(0)
-    base = memory()  # the interpreter, numpy, pyarrow and torch (trainers.latents imports it)
+    base = memory()  # the interpreter, numpy, pyarrow and torch (trainers.autoencoders.vae.encode imports it)
     t0 = time.perf_counter()
     latents = (read_derived if mode == "everything" else load_derived)(KIND, cache, checkpoint)
 
@@ -154,10 +154,10 @@ def read_everything(cache: Path, dim: int):
     """(float16 [N, D], keys) the way the loader read them before the store."""
     import numpy as np
 
+    from feature_cache.committed import read_parquet_committed
+    from feature_cache.features import fixed_rows
+    from feature_cache.layout import shard_out
     from manifests import list_manifests
-    from pipeline.features import fixed_rows
-    from pipeline.layout import shard_out
-    from trainers.committed import read_parquet_committed
 
     feats, keys = [], []
     for _, manifest in sorted(list_manifests(cache, "embed").items()):
@@ -170,8 +170,8 @@ def read_everything(cache: Path, dim: int):
 def child(mode: str, cache: Path, dim: int, batch: int, batches: int) -> dict:
     import numpy as np
 
-    from trainers.sample_store import open_store, save_store, store_dir
-    from trainers.stream import CacheDataset
+    from trainers.data.sample_store import open_store, save_store, store_dir
+    from trainers.data.stream import CacheDataset
 
     folder = store_dir(cache, "bench")
     t0 = time.perf_counter()

@@ -4,7 +4,7 @@ Two modes, both by default, each timing the `retrieve` method (no refinement) as
 same run:
 
     stage   `run_optimize` on a cache of N images in shards of --shard-size, written beforehand by
-            `pipeline.cache_writer.CacheWriter` (embed sidecars, one caption shard, retrieve shards,
+            `feature_cache.writer.CacheWriter` (embed sidecars, one caption shard, retrieve shards,
             manifests): planning, reading Parquet, the caption bank, the maths, the stats and writing
             optimize/*.parquet with manifests. This is the figure the 1M images/min target is about.
     core    `pseudo_txt_features` on tensors already on the device, as below.
@@ -46,7 +46,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from common import append_rows, print_table, stamp  # noqa: E402
 
-from pipeline.optimize_methods import Hyper, Neighbours, pseudo_txt_features, split_batches  # noqa: E402
+from methods.common import Hyper, Neighbours, split_batches  # noqa: E402
+from methods.run import pseudo_txt_features
 
 TARGET_IMAGES_PER_S = 1_000_000 / 60
 TABLE_COLUMNS = [
@@ -111,7 +112,7 @@ def time_core(f, nbrs, hp: Hyper, batch_size: int, device: torch.device) -> tupl
 def build_cache(root: Path, f: torch.Tensor, nbrs: Neighbours, shard_size: int) -> Path:
     """The same data as a cache: embed and retrieve shards of `shard_size` images, one caption shard
     (caption id = bank row), each committed with its manifest."""
-    from pipeline.cache_writer import CacheWriter
+    from feature_cache.writer import CacheWriter
 
     writer = CacheWriter(root, f.shape[1])
     bank = nbrs.bank.float().cpu().numpy()
@@ -137,9 +138,9 @@ def stage_cache_root(parent: Path | None, n: int) -> Path:
 
 def time_stage(cache: Path, method: str, backend: str, precision: str, args, device: torch.device):
     """Seconds of `run_optimize` remaking every shard, the caption bank loaded afresh; and its result."""
-    from pipeline import optimize_inputs
-    from pipeline.optimize import run_optimize
-    from pipeline.optimize_config import OptimizeConfig
+    from feature_cache import caption_bank
+    from pipeline.optimize.config import OptimizeConfig
+    from pipeline.optimize.stage import run_optimize
 
     config = OptimizeConfig(
         cache=cache,
@@ -152,7 +153,7 @@ def time_stage(cache: Path, method: str, backend: str, precision: str, args, dev
         device=str(device),
         force=True,
     )
-    optimize_inputs._BANKS.clear()
+    caption_bank._BANKS.clear()
     sync(device)
     start = time.perf_counter()
     result = run_optimize(config)

@@ -7,7 +7,7 @@ exact top-k by fp16 matmul on a GPU (`--index gpu-flat`), all on the same data i
 Data: caption-side vectors from a mixture of Gaussians on the sphere (`--centres` centres); image-side
 queries from the same mixture shifted by one common offset vector before normalising (CLIP's modality
 gap: image and text embeddings sit in different regions), so queries are not database vectors. nprobe is
-tuned exactly as the stage does it (`pipeline.index.tune_nprobe`) on 1,000 separate held-out queries.
+tuned exactly as the stage does it (`pipeline.retrieve.index.tune_nprobe`) on 1,000 separate held-out queries.
 
 Recall@k is measured against exact search on the first `--gt-queries` queries (exact Flat on all 100k
 queries of a 1M corpus takes too long on a CPU); Flat's own queries/s is timed on those same queries.
@@ -117,7 +117,7 @@ def main() -> None:
     import faiss
     import torch
 
-    from pipeline.faiss_index import (
+    from pipeline.retrieve.faiss_index import (
         auto_nlist,
         build_faiss_index,
         exact_search,

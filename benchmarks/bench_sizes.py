@@ -1,11 +1,11 @@
 """What each `--size` of every `trainers` family costs: seconds per training step on this CPU, FLOPs per
 step, and an *estimated* (not measured) time per step on one H100.
 
-For each family and each entry of its size registry (trainers.gan.GAN_SIZES, vae.VAE_SIZES, ldm.LDM_SIZES,
-dvae.DVAE_SIZES, dalle.DALLE_SIZES, clip_config.CLIP_SIZES) the family's trainer is built as its command
-builds it, with its config's default batch size, at the resolution the size is meant for (SIZES below),
-and stepped on one fixed synthetic batch in memory (images in [-1, 1], unit-norm conditions of the CLIP's
-width; `trainers clip`: uint8 images and tokenised captions). No cache, no loader, untrained weights:
+For each family and each entry of its size registry (trainers.families.gan.model.GAN_SIZES, vae.VAE_SIZES,
+ldm.LDM_SIZES, dvae.DVAE_SIZES, dalle.DALLE_SIZES, clip_config.CLIP_SIZES) the family's trainer is built as
+its command builds it, with its config's default batch size, at the resolution the size is meant for (SIZES
+below), and stepped on one fixed synthetic batch in memory (images in [-1, 1], unit-norm conditions of the
+CLIP's width; `trainers clip`: uint8 images and tokenised captions). No cache, no loader, untrained weights:
 untrained and trained weights cost the same.
 
     gan    GanTrainer.train_step; L_ConG's CLIP (random weights) as the cache would have at that size:
@@ -16,7 +16,7 @@ untrained and trained weights cost the same.
            without `trainers vae --encode`'s latents does; the encode is a small share of the step)
     dvae   DvaeTrainer.train_step
     dalle  DalleTrainer.train_step on a frozen untrained dVAE (tokens encoded in the step, likewise)
-    clip   the step of trainers.clip_train._train_clip (augment, both towers, ClipLoss, AdamW +
+    clip   the step of trainers.clip.train._train_clip (augment, both towers, ClipLoss, AdamW +
            SparseAdam, logit-scale clamp), which has no trainer object of its own
 
 Measured per row:
@@ -97,12 +97,12 @@ SIZES: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {
     },
 }
 FAMILY_MODULES = {  # family -> (its size registry, its command's config: the default --batch-size)
-    "gan": ("trainers.gan:GAN_SIZES", "trainers.gan_config:GanConfig"),
-    "vae": ("trainers.vae:VAE_SIZES", "trainers.vae_config:VaeConfig"),
-    "ldm": ("trainers.ldm:LDM_SIZES", "trainers.ldm_config:LdmConfig"),
-    "dvae": ("trainers.dvae:DVAE_SIZES", "trainers.dvae_config:DvaeConfig"),
-    "dalle": ("trainers.dalle:DALLE_SIZES", "trainers.dalle_config:DalleConfig"),
-    "clip": ("trainers.clip_config:CLIP_SIZES", "trainers.clip_config:ClipTrainConfig"),
+    "gan": ("trainers.families.gan.model:GAN_SIZES", "trainers.families.gan.config:GanConfig"),
+    "vae": ("trainers.autoencoders.vae.model:VAE_SIZES", "trainers.autoencoders.vae.config:VaeConfig"),
+    "ldm": ("trainers.families.ldm.model:LDM_SIZES", "trainers.families.ldm.config:LdmConfig"),
+    "dvae": ("trainers.autoencoders.dvae.model:DVAE_SIZES", "trainers.autoencoders.dvae.config:DvaeConfig"),
+    "dalle": ("trainers.families.dalle.model:DALLE_SIZES", "trainers.families.dalle.config:DalleConfig"),
+    "clip": ("trainers.clip.config:CLIP_SIZES", "trainers.clip.config:ClipTrainConfig"),
 }
 CLIP_AT = {32: "lafite-tiny", 64: "lafite-small"}  # the GAN's and VAE's CLIP by px; ViT-B-32 above
 CAPTIONS = ("a small red circle on the left", "one large blue star at the top", "a green cross, centre")
@@ -143,10 +143,10 @@ def n_params(*modules: torch.nn.Module) -> int:
 
 
 def build_gan(size: str, px: int, batch: int, clip_model: str | None, _ae: str) -> Bench:
-    from pipeline.clip import load_clip
-    from trainers.gan import architecture
-    from trainers.gan_config import GanConfig
-    from trainers.train_gan import GanTrainer
+    from core.clip import load_clip
+    from trainers.families.gan.config import GanConfig
+    from trainers.families.gan.model import architecture
+    from trainers.families.gan.train import GanTrainer
 
     clip = load_clip(clip_for(px, clip_model), None, "cpu")
     config = GanConfig(size=size, batch_size=batch, device="cpu")
@@ -162,9 +162,10 @@ def build_gan(size: str, px: int, batch: int, clip_model: str | None, _ae: str) 
 
 
 def build_vae(size: str, px: int, batch: int, clip_model: str | None, _ae: str) -> Bench:
-    from pipeline.clip import load_clip
-    from trainers.vae import VaeTrainer, vae_architecture
-    from trainers.vae_config import VaeConfig
+    from core.clip import load_clip
+    from trainers.autoencoders.vae.config import VaeConfig
+    from trainers.autoencoders.vae.model import vae_architecture
+    from trainers.autoencoders.vae.train import VaeTrainer
 
     clip = load_clip(clip_for(px, clip_model), None, "cpu")
     config = VaeConfig(size=size, batch_size=batch, device="cpu")
@@ -174,11 +175,11 @@ def build_vae(size: str, px: int, batch: int, clip_model: str | None, _ae: str) 
 
 
 def build_ldm(size: str, px: int, batch: int, clip_model: str | None, vae_size: str) -> Bench:
-    from pipeline.clip import model_dim
-    from trainers.ldm import ldm_architecture
-    from trainers.ldm_config import LdmConfig
-    from trainers.train_ldm import LdmTrainer
-    from trainers.vae import DOWNSAMPLE, AutoencoderKL, vae_architecture
+    from core.clip_models import model_dim
+    from trainers.autoencoders.vae.model import DOWNSAMPLE, AutoencoderKL, vae_architecture
+    from trainers.families.ldm.config import LdmConfig
+    from trainers.families.ldm.model import ldm_architecture
+    from trainers.families.ldm.train import LdmTrainer
 
     vae_arch = vae_architecture(vae_size, px)
     vae = AutoencoderKL(vae_arch).eval().requires_grad_(False)
@@ -190,9 +191,9 @@ def build_ldm(size: str, px: int, batch: int, clip_model: str | None, vae_size: 
 
 
 def build_dvae(size: str, px: int, batch: int, _clip: str | None, _ae: str) -> Bench:
-    from trainers.dvae import dvae_architecture
-    from trainers.dvae_config import DvaeConfig
-    from trainers.train_dvae import DvaeTrainer
+    from trainers.autoencoders.dvae.config import DvaeConfig
+    from trainers.autoencoders.dvae.model import dvae_architecture
+    from trainers.autoencoders.dvae.train import DvaeTrainer
 
     config = DvaeConfig(size=size, batch_size=batch, device="cpu")
     trainer = DvaeTrainer(config, dvae_architecture(size, px), torch.device("cpu"))
@@ -201,11 +202,11 @@ def build_dvae(size: str, px: int, batch: int, _clip: str | None, _ae: str) -> B
 
 
 def build_dalle(size: str, px: int, batch: int, clip_model: str | None, dvae_size: str) -> Bench:
-    from pipeline.clip import model_dim
-    from trainers.dalle import DalleTransformer
-    from trainers.dalle_config import DalleConfig
-    from trainers.dvae import DiscreteVAE, dvae_architecture
-    from trainers.train_dalle import DalleTrainer
+    from core.clip_models import model_dim
+    from trainers.autoencoders.dvae.model import DiscreteVAE, dvae_architecture
+    from trainers.families.dalle.config import DalleConfig
+    from trainers.families.dalle.model import DalleTransformer
+    from trainers.families.dalle.train import DalleTrainer
 
     dvae = DiscreteVAE(dvae_architecture(dvae_size, px)).eval().requires_grad_(False)
     h_dim = model_dim(clip_for(px, clip_model))
@@ -220,11 +221,11 @@ def build_dalle(size: str, px: int, batch: int, clip_model: str | None, dvae_siz
 def build_clip(size: str, px: int, batch: int, _clip: str | None, _ae: str) -> Bench:
     from open_clip.loss import ClipLoss
 
-    from trainers.clip_config import CLIP_SIZES, ClipTrainConfig
-    from trainers.clip_data import normalise
-    from trainers.clip_train import MAX_LOGIT_SCALE, augment, build_clip, clip_loss, make_optimizers
-    from trainers.distributed import SINGLE
-    from trainers.loop import lr_at
+    from trainers.clip.config import CLIP_SIZES, ClipTrainConfig
+    from trainers.clip.data import normalise
+    from trainers.clip.train import MAX_LOGIT_SCALE, augment, build_clip, clip_loss, make_optimizers
+    from trainers.engine.loop import lr_at
+    from trainers.runtime.distributed import SINGLE
 
     config = ClipTrainConfig(size=size, batch_size=batch, device="cpu")
     model, tokenizer, _, _, mean, std, image_size = build_clip(size, config.seed, "cpu")
@@ -234,7 +235,7 @@ def build_clip(size: str, px: int, batch: int, _clip: str | None, _ae: str) -> B
     pixels = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8, generator=g)
     text = tokenizer([CAPTIONS[i % len(CAPTIONS)] for i in range(batch)])  # [B, L]
 
-    def step() -> None:  # the loop body of trainers.clip_train._train_clip, one process
+    def step() -> None:  # the loop body of trainers.clip.train._train_clip, one process
         images = normalise(augment(pixels, g), mean, std)  # [B, 3, S, S]
         for optimizer in optimizers:
             for group in optimizer.param_groups:
@@ -274,8 +275,8 @@ class Case:
 
 def family_cases(family: str, resolution: int | None, batch: int | None) -> list[Case]:
     """Every size of the family's registry at the resolutions it is meant for, its command's batch."""
-    from pipeline.clip import model_config
-    from trainers.generators import member
+    from core.clip_models import model_config
+    from core.lazy import member
 
     registry, config = (member(ref) for ref in FAMILY_MODULES[family])
     if family == "gan":

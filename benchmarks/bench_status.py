@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import append_rows, print_table, stamp  # noqa: E402
 
-CLI = [sys.executable, "-c", "from pipeline.cli import main; main()"]
+CLI = [sys.executable, "-c", "from cli.pipeline import main; main()"]
 CONFIG = """
 cache = "cache"
 [embed]
@@ -50,12 +50,12 @@ def build(root: Path, shards: int, payload: int = 0) -> None:
     """Inputs, plan and committed manifests for `shards` shards, made through the stages' own planners.
 
     Each of the three outputs per shard holds `payload` random bytes (default: its own name)."""
+    from feature_cache.layout import shard_file
     from manifests import commit_manifest, digest_file_content, stat_out, write_bytes_atomic, write_stats
-    from pipeline.embed import plan_embed
-    from pipeline.embed_config import EmbedConfig
-    from pipeline.layout import shard_file
-    from pipeline.optimize import plan_optimize
-    from pipeline.optimize_config import OptimizeConfig
+    from pipeline.embed.config import EmbedConfig
+    from pipeline.embed.stage import plan_embed
+    from pipeline.optimize.config import OptimizeConfig
+    from pipeline.optimize.stage import plan_optimize
 
     (root / "inputs").mkdir(parents=True)
     for i in range(shards):

@@ -1,5 +1,5 @@
-"""Benchmark what verifying a trainer's derived store costs (trainers/store_files.py): a stored sample set
-(trainers/sample_store.py) of N rows of D-dim float16 conditions, written and opened with its digests
+"""Benchmark what verifying a trainer's derived store costs (trainers/data/store_files.py): a stored sample
+set (trainers/data/sample_store.py) of N rows of D-dim float16 conditions, written and opened with its digests
 checked, against the same open without the check, in one run and one process.
 
     write            save_store: the store's files written, then hashed for info.json (the hashing
@@ -38,8 +38,8 @@ def write_store(folder: Path, rows: int, dim: int) -> dict[str, float]:
     """A sample store of `rows` random unit features (no images: the where rows point nowhere)."""
     import numpy as np
 
-    from trainers.sample_store import save_store
-    from trainers.store_files import seal_files
+    from trainers.data.sample_store import save_store
+    from trainers.data.store_files import seal_files
 
     rng = np.random.default_rng(0)
     cond = rng.standard_normal((rows, dim), dtype=np.float32)
@@ -64,7 +64,7 @@ def open_and_read(folder: Path, batch: int, verified: bool = True) -> float:
     """Seconds to open the store and read one batch of `batch` rows spread over it."""
     import numpy as np
 
-    from trainers import sample_store
+    from trainers.data import sample_store
 
     real = sample_store.check_sealed
     if not verified:

@@ -1,5 +1,5 @@
 """Torch threads on a small or shared CPU: torch's default count against the count the CLIs choose
-(pipeline/processes.py), on a quiet machine and beside busy processes.
+(core/processes.py), on a quiet machine and beside busy processes.
 
 The workload is a fixed GAN-discriminator-sized training step (3 convs and a linear head, Adam, batch 32
 at 32 px), timed for `--seconds` after warm-up. The sweep axis is the number of busy processes started
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from common import append_rows, print_table, stamp  # noqa: E402
 
-from pipeline.processes import available_cpus  # noqa: E402
+from core.processes import available_cpus  # noqa: E402
 
 TORCH_DEFAULT = torch.get_num_threads()  # before anything here sets it
 COLUMNS = ["busy", "arm", "threads", "steps", "median_step_ms", "images_per_s", "median_images_per_s"]

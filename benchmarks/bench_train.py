@@ -10,7 +10,7 @@ Times `GanTrainer.train_step` (the D update with lazy R1 at its interval, the G 
 through the frozen CLIP, the EMA update) for a fixed number of steps after warm-up, from two sources:
 
     synthetic   an in-memory batch source (random images and unit-norm conditions): the model's ceiling
-    loader      the real cache loader (`trainers.data.make_loader`), only when --cache is given; the
+    loader      the real cache loader (`trainers.data.loader.make_loader`), only when --cache is given; the
                 `vs_synthetic` column is its median throughput over the synthetic row's, same batch size
 
 Sweeps the batch size. Defaults: size small at 64 px with a ViT-B-32 CLIP (random weights: same cost as
@@ -49,6 +49,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from common import append_rows, print_table, stamp  # noqa: E402
 
+from trainers.families.registry import FAMILIES  # noqa: E402
+
 TABLE_COLUMNS = [
     "size",
     "resolution",
@@ -62,7 +64,7 @@ TABLE_COLUMNS = [
     "vs_synthetic",
     "peak_mem_gib",
 ]
-MODELS = ("gan", "ldm", "dalle")
+MODELS = tuple(FAMILIES)  # every generator family
 DEFAULTS = {  # device type -> (size, resolution, clip model, batch sizes)
     "cuda": ("small", 64, "ViT-B-32", "32,64"),
     "cpu": ("tiny", 32, "lafite-tiny", "8,32"),
@@ -137,18 +139,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(rest)
     warnings.filterwarnings("ignore", message=".*random weights.*")
 
-    from pipeline.clip import load_clip
-    from trainers.gan import architecture
-    from trainers.gan_config import GanConfig
-    from trainers.train_gan import GanTrainer
+    from core.clip import load_clip
+    from trainers.families.gan.config import GanConfig
+    from trainers.families.gan.model import architecture
+    from trainers.families.gan.train import GanTrainer
 
     device = torch.device(args.device)
     size, resolution, clip_model, batch_sizes = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     size, resolution = args.size or size, args.resolution or resolution
     clip_model, clip_pretrained = args.clip_model or clip_model, ""
     if args.cache is not None:  # the cache decides the resolution and the CLIP, for both rows
-        from trainers.data import LoaderConfig, make_loader
-        from trainers.embed_rows import cache_clip
+        from feature_cache.embed_rows import cache_clip
+        from trainers.data.loader import LoaderConfig, make_loader
 
         embedded = cache_clip(args.cache)
         clip_model, clip_pretrained = embedded.clip_model, embedded.clip_pretrained

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.contrastive import validate_inputs, validate_tau
+from kernels.checks import validate_inputs, validate_tau
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453

@@ -152,7 +152,7 @@ def self_check(device, dtype, dim: int = 512, *, use_cache: bool = True) -> Self
 
 def compare_backends(device: torch.device, dtype: torch.dtype, dim: int) -> tuple[float, str]:
     """Largest relative error between the triton and torch backends' loss and dH over `CASES`, and where."""
-    from kernels.contrastive import contrastive_loss
+    from kernels.contrastive_torch import loss_with_backend
 
     fault = float(os.environ.get(FAULT_ENV) or 0.0)
     gen = torch.Generator().manual_seed(SEED)  # its own stream: the caller's RNG state is untouched
@@ -164,7 +164,7 @@ def compare_backends(device: torch.device, dtype: torch.dtype, dim: int) -> tupl
             out = {}
             for backend in ("triton", "torch"):
                 h_leaf = h.clone().requires_grad_(True)
-                loss = contrastive_loss(h_leaf, f, tau, backend=backend)
+                loss = loss_with_backend(h_leaf, f, tau, backend)
                 out[backend] = (loss.detach(), *torch.autograd.grad(loss, h_leaf))
             loss_k, dh_k = (x * (1.0 + fault) for x in out["triton"])
             loss_t, dh_t = out["torch"]

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import dag
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
+from feature_cache.steps import stage_names, step
 
 
 @dataclass(frozen=True)
@@ -29,18 +29,18 @@ class RunConfig:
     verify: bool = False  # re-hash every input and output instead of trusting size + mtime; remake damage
 
     def validate(self) -> None:
-        stages = dag.stage_names()
-        if self.until not in stages:
-            raise ConfigError(f"--until must be one of {', '.join(stages)}")
+        names = stage_names()
+        if self.until not in names:
+            raise ConfigError(f"--until must be one of {', '.join(names)}")
         for name in self.force:
-            if name not in stages:
-                raise ConfigError(f"--force {name}: not a stage (stages: {', '.join(stages)})")
+            if name not in names:
+                raise ConfigError(f"--force {name}: not a stage (stages: {', '.join(names)})")
         if self.executor not in ("local", "dask"):
             raise ConfigError("--executor must be local or dask")
 
     def stages(self) -> tuple[str, ...]:
-        stages = dag.stage_names()
-        return stages[: stages.index(self.until) + 1]
+        names = stage_names()
+        return names[: names.index(self.until) + 1]
 
 
 @dataclass
@@ -65,14 +65,14 @@ def stage_configs(
     """Every stage's configs from the pipeline.toml sections (each stage module's `configure`), with one
     cache for all. `verify` and `repair` are the run's: embed re-hashes its inputs, and rebuilds a damaged
     shard plan."""
+    from pipeline import stages  # the stage modules: numpy, not for `--help`
+
     return StageConfigs(
         {
-            stage.name: tuple(
-                stage.implementation().configure(
-                    sections, cache, force=stage.name in force, verify=verify, repair=repair
-                )
+            stage.NAME: tuple(
+                stage.configure(sections, cache, force=stage.NAME in force, verify=verify, repair=repair)
             )
-            for stage in dag.STAGE_LIST
+            for stage in stages.STAGES
         }
     )
 
@@ -80,14 +80,15 @@ def stage_configs(
 def run_pipeline(configs: StageConfigs, run: RunConfig, progress_factory=None) -> dict[str, Any]:
     """Run the stages in order under the cache lock; returns each config's result by its stage directory
     (`optimize-mix` for a variant)."""
+    from core.progress import null_progress
+    from feature_cache.executor import make_executor
     from manifests import verifying_outputs
     from manifests.lock import CacheLock
-    from pipeline.executor import make_executor
-    from pipeline.progress import null_progress
+    from pipeline import stages  # the stage modules: numpy, not for `--help`
 
     run.validate()
     if "embed" in run.stages():  # a first run that cannot load its CLIP leaves no cache behind
-        from pipeline.embed import check_first_run
+        from pipeline.embed.stage import check_first_run
 
         for config in configs.of("embed"):
             check_first_run(config)
@@ -96,7 +97,7 @@ def run_pipeline(configs: StageConfigs, run: RunConfig, progress_factory=None) -
         executor = make_executor(run.executor, run.scheduler, run.workers)
         try:
             for name in run.stages():
-                module = dag.stage(name).implementation()
+                module = stages.stage(name)
                 for config in configs.of(name):
                     key = result_key(name, config)
                     results[key] = module.run_stage(config, executor, progress_factory or null_progress)
@@ -116,14 +117,14 @@ def note_identical_upstream(key: str, results: dict[str, Any]) -> None:
     result = results[key]
     up_to_date = set(result.shards_up_to_date)
     try:
-        upstreams = dag.step(key).upstream
+        upstreams = step(key).upstream
     except StopIteration:  # a stage filed under no step of its own reads no upstream step
         return
     for upstream in upstreams:
         made = steps.get(upstream)
         if made is None or not made.shards_identical:
             continue
-        single = dag.step(upstream).single  # the index: every shard here read it
+        single = step(upstream).single  # the index: every shard here read it
         shards = [] if single else sorted(up_to_date & set(made.shards_identical))
         if up_to_date and (single or shards):
             result.upstream_identical[upstream] = shards
@@ -136,10 +137,12 @@ def result_key(stage_name: str, config) -> str:
 
 def report_lines(configs: StageConfigs, results: dict[str, Any]) -> list[str]:
     """What `pipeline run` prints: each stage module's `report` of each result, in DAG order."""
+    from pipeline import stages  # the stage modules: numpy, not for `--help`
+
     lines = []
-    for entry in dag.STAGE_LIST:
-        for config in configs.of(entry.name):
-            result = results.get(result_key(entry.name, config))
+    for stage in stages.STAGES:
+        for config in configs.of(stage.NAME):
+            result = results.get(result_key(stage.NAME, config))
             if result is not None:
-                lines += entry.implementation().report(result, config)
+                lines += stage.report(result, config)
     return lines

@@ -33,11 +33,19 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
     return path
 
 
+def embed_config(inputs, cache: Path, **given):
+    """`pipeline embed`'s config for test inputs: lafite-tiny with random weights, 32 px, in-process."""
+    from pipeline.embed.config import EmbedConfig
+
+    values = dict(clip_model=TINY_CLIP, clip_pretrained="", image_size=32, workers=0, batch_size=4)
+    return EmbedConfig(inputs=tuple(str(i) for i in inputs), cache=cache, **{**values, **given})
+
+
 def tiny_cache(root: Path, n: int = 16) -> Path:
     """A synthetic-world cache at 32 px under `root` (embed only, lafite-tiny with random weights)."""
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from cli.pipeline import app
 
     for args in (
         ["synth", "--out", root / "w", "--n", n, "--shard-size", 8, "--n-captions", 40, "--image-size", 32],

@@ -3,7 +3,7 @@ field's default, and an option that defaults to None (the config decides) says t
 `[default: X]`, the one way every help says a default. So a default is changed in one place, the config
 dataclass.
 
-The options are read as --help shows them: a trainer's `shown` options (trainers/cli_options.py) get their
+The options are read as --help shows them: a trainer's `shown` options (cli/options.py) get their
 defaults from the config only when the help is printed."""
 
 from __future__ import annotations
@@ -15,24 +15,24 @@ from typing import Annotated
 import pytest
 import typer
 
-from pipeline.cli import app as pipeline_app
-from pipeline.embed_config import EmbedConfig
-from pipeline.optimize_config import OptimizeConfig
-from pipeline.retrieve_config import CaptionsConfig, IndexConfig, RetrieveConfig, SearchConfig
+from cli.options import SHOWN
+from cli.pipeline import app as pipeline_app
+from cli.trainers import app as trainers_app
+from pipeline.embed.config import EmbedConfig
+from pipeline.optimize.config import OptimizeConfig
+from pipeline.retrieve.config import CaptionsConfig, IndexConfig, RetrieveConfig, SearchConfig
 from pipeline.run import RunConfig
-from pipeline.synth import SynthConfig
-from trainers.cli import app as trainers_app
-from trainers.cli_options import SHOWN
-from trainers.clip_config import ClipTrainConfig
-from trainers.compare import CompareConfig
-from trainers.dalle_config import DalleConfig
-from trainers.dvae_config import DvaeConfig
-from trainers.eval_config import EvalConfig
-from trainers.gan_config import GanConfig
-from trainers.ldm_config import LdmConfig
-from trainers.probe_config import ProbeConfig
-from trainers.sample import SampleConfig
-from trainers.vae_config import VaeConfig
+from trainers.autoencoders.dvae.config import DvaeConfig
+from trainers.autoencoders.vae.config import VaeConfig
+from trainers.clip.config import ClipTrainConfig
+from trainers.compare.config import CompareConfig
+from trainers.eval.config import EvalConfig
+from trainers.eval.sample import SampleConfig
+from trainers.families.dalle.config import DalleConfig
+from trainers.families.gan.config import GanConfig
+from trainers.families.ldm.config import LdmConfig
+from trainers.probe.config import ProbeConfig
+from world.synth import SynthConfig
 
 COMMANDS = [
     (pipeline_app, "synth", SynthConfig),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from trainers.checkpoints import list_checkpoints
+from trainers.runtime.checkpoints import list_checkpoints
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -50,11 +50,11 @@ def metrics(out) -> list[dict]:
 
 
 def assert_same_metrics(one: list[dict], two: list[dict], rel: float = 1e-4) -> None:
-    """The same steps logged with the same values (the global batch's, trainers.loop) to float tolerance,
-    images_per_s aside; a value is compared relative to the largest of its column (a loss near 0 rounds as
-    its column does). Rounding moved them by 2e-7 of that (gan, dalle); rank 0 logging its own half batch
-    moves them by 2e-3 (dalle, near its initial loss) to 0.24 (gan), which
-    tests/trainers/test_distributed_dalle_clip.py shows failing."""
+    """The same steps logged with the same values (the global batch's, trainers.engine.loop) to float
+    tolerance, images_per_s aside; a value is compared relative to the largest of its column (a loss near 0
+    rounds as its column does). Rounding moved them by 2e-7 of that (gan, dalle); rank 0 logging its own half
+    batch moves them by 2e-3 (dalle, near its initial loss) to 0.24 (gan), which
+    tests/trainers/runtime/test_distributed_dalle_clip.py shows failing."""
     assert [line["step"] for line in one] == [line["step"] for line in two]
     assert [line.keys() for line in one] == [line.keys() for line in two]
     for key in set().union(*one) - {"step", "images_per_s"}:
@@ -73,10 +73,10 @@ ROUNDING_SHARE = 0.1
 def lrs_of(config: dict, steps: int | None = None) -> list[float]:
     """The learning rate of each step a run's `config` (a checkpoint's or config.json's) took, `steps` of
     them (default: its --steps): constant, or the warm-up and cosine of `trainers dalle` and `trainers clip`
-    (trainers.loop.lr_at) where the config has a warmup."""
+    (trainers.engine.loop.lr_at) where the config has a warmup."""
     from types import SimpleNamespace
 
-    from trainers.loop import lr_at
+    from trainers.engine.loop import lr_at
 
     steps = config["steps"] if steps is None else steps
     if "warmup" not in config:
@@ -96,7 +96,7 @@ def assert_close(a: dict, b: dict, lrs: list[float]) -> None:
     can turn into a visible share of a step; the GAN's two players carry it on. Seen: 1e-8 (dalle, ldm)
     to 3e-5 (gan, clip) here, 1.2e-4 (gan) on another CPU. So two runs must agree to a tenth of the
     summed learning rate (1e-3 for 4 GAN steps): 8x above the worst rounding seen, 25x below a wrong
-    gradient (tests/trainers/test_distributed_dalle_clip.py shows the dropout-mask case failing)."""
+    gradient (tests/trainers/runtime/test_distributed_dalle_clip.py shows the dropout-mask case failing)."""
     atol = ROUNDING_SHARE * sum(lrs)
     assert atol > 0 and a.keys() == b.keys()
     for name in a:

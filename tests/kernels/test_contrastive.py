@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import UNVALIDATED_TRITON, contrastive_loss, triton_validated
-from kernels.contrastive import contrastive_forward_torch, default_chunk_rows
+from kernels.contrastive_torch import contrastive_forward_torch, default_chunk_rows
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _CHILD_FLAG = "LAFITE_CONTRASTIVE_INTERPRETER_CHILD"

@@ -15,9 +15,9 @@ import time
 import pytest
 from factories import TINY_CLIP
 
-from pipeline.synth import SynthConfig, run_synth
+from world.synth import SynthConfig, run_synth
 
-CLI = [sys.executable, "-c", "from pipeline.cli import main; main()"]
+CLI = [sys.executable, "-c", "from cli.pipeline import main; main()"]
 
 
 @pytest.fixture(scope="module")

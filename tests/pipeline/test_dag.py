@@ -1,8 +1,11 @@
-"""The stage registry (pipeline.dag) is what run, status and the trainers' error messages use."""
+"""The steps of a cache (feature_cache/steps.py) and the stages that make them (pipeline/stages.py): what
+run, status and the trainers' error messages use."""
 
 from __future__ import annotations
 
-from pipeline import dag
+from feature_cache import steps as dag
+from pipeline import stages
+from pipeline.engine.stage import Stage
 from pipeline.run import RunConfig
 from pipeline.status import other_stages
 
@@ -27,3 +30,10 @@ def test_status_lists_only_stages_outside_the_dag_as_others(tmp_path):
     for name in (*dag.step_names(), "optimize-mix", "latents/abc"):
         (tmp_path / name / "_manifests").mkdir(parents=True)
     assert other_stages(tmp_path) == ["latents/abc", "optimize-mix"]
+
+
+def test_every_registered_stage_implements_the_protocol_and_owns_its_steps_status():
+    assert tuple(s.NAME for s in stages.STAGES) == dag.stage_names()
+    for stage in stages.STAGES:
+        assert isinstance(stage, Stage), stage.__name__
+        assert set(stage.STATUS) == {step.name for step in dag.STEPS if step.stage == stage.NAME}

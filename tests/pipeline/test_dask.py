@@ -15,10 +15,10 @@ import shutil
 import pytest
 from factories import TINY_CLIP, image_bytes, write_tar
 
-from pipeline.embed_data import ShardSamples, shard_loader
-from pipeline.sources import expand_inputs
-from pipeline.synth import SynthConfig, run_synth
+from inputs.sources import expand_inputs
+from pipeline.embed.data import ShardSamples, shard_loader
 from tests.pipeline.test_run import _cli, _made, _outputs, _status, project, world_template  # noqa: F401
+from world.synth import SynthConfig, run_synth
 
 
 @pytest.fixture(scope="module")

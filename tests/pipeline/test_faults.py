@@ -18,8 +18,8 @@ import pytest
 from factories import TINY_CLIP
 from typer.testing import CliRunner
 
+from cli.pipeline import app
 from manifests.faults import ENOSPC_ENV
-from pipeline.cli import app
 
 runner = CliRunner()
 EMBED = ["embed", "world/00000.tar", "world/00001.tar", "world/00002.tar", "--clip-model", TINY_CLIP]
@@ -109,7 +109,7 @@ def test_disk_full_on_a_real_small_tmpfs(project):
 
 
 def test_a_trainer_checkpoint_on_a_full_disk_is_one_line(project):
-    from trainers.cli import app as trainers_app
+    from cli.trainers import app as trainers_app
 
     env = {ENOSPC_ENV: "0000001.pt"}
     args = ["gan", "--cache", "cache", "--size", "tiny", "--steps", "1", "--batch-size", "4"]

@@ -18,12 +18,12 @@ import pytest
 from factories import RUN_CONFIG
 from typer.testing import CliRunner
 
+from cli.trainers import app as trainers_app
 from manifests.lock import CacheLock, NotWritable
-from pipeline.synth import SynthConfig, run_synth
-from trainers.cli import app as trainers_app
+from world.synth import SynthConfig, run_synth
 
-PIPELINE = [sys.executable, "-c", "from pipeline.cli import main; main()"]
-TRAINERS = [sys.executable, "-c", "from trainers.cli import main; main()"]
+PIPELINE = [sys.executable, "-c", "from cli.pipeline import main; main()"]
+TRAINERS = [sys.executable, "-c", "from cli.trainers import main; main()"]
 UNSHARE = ["unshare", "--user", "--map-root-user", "--mount"]
 
 # Run inside the namespace: mount the cache read-only over itself, then run each command.

@@ -15,12 +15,12 @@ import pytest
 from factories import RUN_CONFIG as CONFIG
 from typer.testing import CliRunner
 
+from cli.pipeline import app
 from manifests.lock import CacheLock
-from pipeline.cli import app
-from pipeline.synth import SynthConfig, run_synth
+from world.synth import SynthConfig, run_synth
 
 runner = CliRunner()
-CLI = [sys.executable, "-c", "from pipeline.cli import main; main()"]
+CLI = [sys.executable, "-c", "from cli.pipeline import main; main()"]
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +216,7 @@ def test_run_warns_what_a_stage_warns(project, monkeypatch):
     """A stage's warnings (retrieve: a recall target its index missed) reach `pipeline run`, as they reach
     the stage's own command."""
     import pipeline.run
-    from pipeline.retrieve import index_warnings
+    from pipeline.retrieve.stage import index_warnings
 
     missed = {"target_reached": False, "k": 4, "recall_at_k": 0.5, "target_recall": 0.9}
     assert index_warnings({**missed, "target_reached": True}) == []

@@ -1,19 +1,20 @@
-"""The one shard runner (pipeline.stage.run_shards) takes a new stage as it is: a toy stage that plans
+"""The one shard runner (feature_cache.runner.run_shards) takes a new stage as it is: a toy stage that plans
 against its manifests and makes one shard per task is run, counted, cleaned up after a killed run, and
 skipped when up to date, with nothing stage-specific in the runner."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
+from feature_cache.layout import shard_file
+from feature_cache.runner import run_shards
 from manifests import ShardSpec, check_shard, commit_manifest, list_manifests, stat_out, write_parquet_atomic
 from manifests.atomic import TEMP_MARKER
-from pipeline.layout import shard_file
-from pipeline.stage import run_shards
 
 STAGE = "toy"
 
@@ -72,9 +73,12 @@ def test_a_toy_stage_runs_through_the_one_runner(tmp_path):
     assert added.shards_run == [2] and added.rows_written == 1
 
 
-# The same toy stage registered in pipeline.dag: this module is its protocol (configure, run_stage,
-# report, and its step's status function), and run, status, --until, --force and its pipeline.toml section
-# take it with no other change.
+# The same toy stage registered in pipeline/stages.py: this module implements the stage protocol
+# (pipeline/engine/stage.py: NAME, configure, run_stage, report, and STATUS, its step's status function), and
+# run, status, --until, --force and its pipeline.toml section take it with its step in feature_cache/steps.py
+# and no other change.
+
+NAME = STAGE
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,7 @@ def report(result, config: ToyConfig) -> list[str]:
 
 
 def toy_status(cache: Path, configs: tuple, upstream: dict):
-    from pipeline.status import StageStatus
+    from pipeline.engine.step_status import StageStatus
 
     status = StageStatus(STAGE)
     for task in plan(cache, configs[0].shards) if configs else []:
@@ -118,16 +122,24 @@ def toy_status(cache: Path, configs: tuple, upstream: dict):
     return [status]
 
 
+STATUS = {STAGE: toy_status}
+
+
 def test_a_registered_toy_stage_is_configured_run_reported_and_judged(tmp_path, monkeypatch):
-    from pipeline import dag
-    from pipeline.config import stage_sections
-    from pipeline.errors import ConfigError
+    from core.errors import ConfigError
+    from feature_cache import steps
+    from pipeline import stages
+    from pipeline.engine.config import stage_sections
+    from pipeline.engine.stage import Stage
     from pipeline.run import RunConfig, report_lines, run_pipeline, stage_configs
     from pipeline.status import pipeline_status
 
-    monkeypatch.setattr(dag, "STAGE_LIST", (dag.Stage(STAGE, __name__),))
-    step = dag.Step(STAGE, (), STAGE, "pipeline run --until toy --cache {cache}", f"{__name__}:toy_status")
-    monkeypatch.setattr(dag, "STEPS", (step,))
+    toy = sys.modules[__name__]
+    assert isinstance(toy, Stage)  # the protocol, checked
+    monkeypatch.setattr(stages, "STAGES", (toy,))  # the registry line
+    monkeypatch.setattr(
+        steps, "STEPS", (steps.Step(STAGE, (), STAGE, "pipeline run --until toy --cache {cache}"),)
+    )
     assert stage_sections() == ("toy", "run")
     sections = {STAGE: {"shards": {"0": [1, 2, 3], "1": [4, -1, 5]}}}
     configs = stage_configs(sections, tmp_path)

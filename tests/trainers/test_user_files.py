@@ -7,7 +7,7 @@ from bad_torch_files import bad_torch_files
 from factories import tiny_cache
 from typer.testing import CliRunner
 
-from trainers.cli import app
+from cli.trainers import app
 
 runner = CliRunner()
 
