@@ -41,6 +41,11 @@ ARMS: dict[str, dict] = {
     "partial-t0.02": dict(caption_style="partial", temperature=0.02),
     "partial-t0.03": dict(caption_style="partial", temperature=0.03),
     "partial-t0.01-g1": dict(caption_style="partial", temperature=0.01, contrast_group=1),
+    # the fixed 0.02 reached from a warmer start (--temperature-start), over the first half of the steps
+    "partial-warm0.1": dict(caption_style="partial", temperature=0.02, temperature_start=0.1),
+    "partial-warm0.1-s2600": dict(
+        caption_style="partial", temperature=0.02, temperature_start=0.1, steps=2600
+    ),
     "full-g3": dict(caption_style="full", temperature=None),  # the former recipe: full captions, no gap
     "tiny-g1": dict(size="tiny", contrast_group=1, caption_style="full"),  # the first recipe
     "tiny-g3": dict(size="tiny", contrast_group=3, caption_style="full"),  # ViT, 8 px patches, groups
@@ -48,6 +53,15 @@ ARMS: dict[str, dict] = {
     "rn32-g6": dict(size="rn32", contrast_group=6, caption_style="full"),
     "rn32-g3-o2": dict(size="rn32", contrast_group=3, max_objects=2, caption_style="full"),
 }
+
+
+def temperature_label(config) -> str | float:
+    """The CSV's temperature: a number, `learnt`, or `START->END` for an annealed one."""
+    if config.temperature is None:
+        return "learnt"
+    if config.temperature_start is not None:
+        return f"{config.temperature_start}->{config.temperature}"
+    return config.temperature
 
 
 def run_arm(name: str, args: argparse.Namespace) -> dict:
@@ -58,7 +72,9 @@ def run_arm(name: str, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as out:
         budget = {"steps": args.steps, "batch_size": args.batch_size, "pretrain_n": args.pretrain_n}
         given = {k: v for k, v in budget.items() if v is not None}
-        config = ClipTrainConfig(out=Path(out), eval_n=args.eval_n, device=args.device, **given, **overrides)
+        config = ClipTrainConfig(
+            out=Path(out), eval_n=args.eval_n, device=args.device, **{**given, **overrides}
+        )
         t0 = time.perf_counter()
         result = train_clip(config)
         wall = time.perf_counter() - t0
@@ -70,7 +86,7 @@ def run_arm(name: str, args: argparse.Namespace) -> dict:
         "contrast_group": config.contrast_group,
         "max_objects": config.max_objects,
         "caption_style": config.caption_style,
-        "temperature": config.temperature if config.temperature is not None else "learnt",
+        "temperature": temperature_label(config),
         "logit_scale": ev["logit_scale"],
         "steps": config.steps,
         "batch": ev["batch_size"],

@@ -279,12 +279,9 @@ def trained_clip(config) -> bool:
         recorded = json.loads((out / "config.json").read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    from trainers.clip.config import UNKEYED
+    from trainers.clip.config import learnt_of
 
-    return (
-        isinstance(recorded, dict)
-        and {k: v for k, v in recorded.items() if k not in UNKEYED} == config.learnt()
-    )
+    return isinstance(recorded, dict) and learnt_of(recorded) == config.learnt()
 
 
 def write_pipeline_toml(path: Path, cache: Path, sections: dict[str, dict[str, Any]]) -> None:

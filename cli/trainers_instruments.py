@@ -94,6 +94,14 @@ def clip_command(
             "A low fixed one keeps the modality gap; a learnt one closes it (Liang et al. 2022).",
         ),
     ] = None,
+    temperature_start: Annotated[
+        float | None,
+        shown(
+            "--temperature-start",
+            "With a fixed --temperature: start at this one and anneal to it, geometrically, over the first "
+            "half of the steps (a warmer start learns the harder attributes sooner; the gap stays).",
+        ),
+    ] = None,
     lr: Annotated[float | None, shown("--lr", "AdamW peak learning rate (warmup, then cosine).")] = None,
     seed: Annotated[int | None, shown("--seed", "Init, batch order and augmentation.")] = None,
     eval_n: Annotated[

@@ -20,6 +20,15 @@ CLIP_SIZES = {"rn32": "lafite-rn32", "tiny": "lafite-tiny", "small": "lafite-sma
 # ClipTrainConfig fields that do not change what is learnt: a run resumes, and the demo reuses a CLIP,
 # whatever they are
 UNKEYED = ("out", "device", "force", "resume", "checkpoint_every")
+TEMPERATURE_RAMP = 0.5  # the share of the steps --temperature-start anneals over
+
+
+def learnt_of(recorded: dict) -> dict:
+    """A recorded config's fields that decide what is learnt: all but UNKEYED, and no --temperature-start
+    when it is unset (as runs made before the option recorded them)."""
+    return {
+        k: v for k, v in recorded.items() if k not in UNKEYED and not (k == "temperature_start" and v is None)
+    }
 
 
 def parse_temperature(text: str) -> float | None:
@@ -44,6 +53,8 @@ class ClipTrainConfig:
     max_objects: int = 1  # objects per synthetic training image (1 or 2; see bench_clip in BENCHMARKS.md)
     caption_style: str = "partial"  # partial: captions name 1-4 attributes, re-drawn each step; full: all
     temperature: float | None = 0.02  # fixed InfoNCE temperature (keeps the gap); None: learnt from 0.07
+    # with a fixed temperature: start here and anneal (geometrically) to it over the first half of the steps
+    temperature_start: float | None = None
     lr: float = 1e-3  # AdamW peak learning rate (BENCHMARKS.md, "A CLIP with a modality gap")
     weight_decay: float = 0.1  # on matrices only
     warmup: int = 50  # linear warmup steps (clamped to steps // 2)
@@ -57,13 +68,21 @@ class ClipTrainConfig:
     )
     resume: bool = False  # continue from RUN/train_state.pt when it holds a run with these learnt settings
 
+    def temperature_at(self, step: int) -> float | None:
+        """The fixed temperature of `step`: from --temperature-start down to --temperature, geometrically,
+        over the first half of the steps (TEMPERATURE_RAMP), then --temperature; None when learnt."""
+        if self.temperature is None or self.temperature_start is None:
+            return self.temperature
+        ramp = max(1, int(TEMPERATURE_RAMP * self.steps))
+        done = min(1.0, step / ramp)
+        return self.temperature_start * (self.temperature / self.temperature_start) ** done
+
     def learnt(self) -> dict:
         """The fields that decide what is learnt (all but UNKEYED), as config.json records them."""
         import json
         from dataclasses import asdict
 
-        recorded = json.loads(json.dumps(asdict(self), default=str))
-        return {k: v for k, v in recorded.items() if k not in UNKEYED}
+        return learnt_of(json.loads(json.dumps(asdict(self), default=str)))
 
     def validate(self) -> None:
         if self.size not in CLIP_SIZES:
@@ -76,6 +95,11 @@ class ClipTrainConfig:
             math.isfinite(self.temperature) and 0.01 <= self.temperature <= 10
         ):
             raise ConfigError("--temperature must be between 0.01 and 10, or `learnt`")
+        if self.temperature_start is not None:
+            if self.temperature is None:
+                raise ConfigError("--temperature-start anneals a fixed --temperature; a learnt one has none")
+            if not (math.isfinite(self.temperature_start) and 0.01 <= self.temperature_start <= 10):
+                raise ConfigError("--temperature-start must be between 0.01 and 10")
         require_at_least(
             ("--pretrain-n", self.pretrain_n, 2),
             ("--contrast-group", self.contrast_group, 1),

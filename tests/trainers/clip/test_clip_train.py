@@ -155,6 +155,8 @@ def test_clip_cli_trains_and_refuses_to_overwrite(world, tmp_path):
         (["--temperature", "warm"], "--temperature must be a number or `learnt`"),
         (["--temperature", "0.001"], "--temperature must be between 0.01 and 10"),
         (["--caption-style", "some"], "--caption-style"),
+        (["--temperature", "learnt", "--temperature-start", "0.1"], "--temperature-start anneals a fixed"),
+        (["--temperature-start", "20"], "--temperature-start must be between 0.01 and 10"),
     ],
 )
 def test_clip_cli_errors_are_one_line(world, tmp_path, extra, message):
@@ -308,3 +310,31 @@ def test_temperature_is_fixed_or_learnt(tmp_path):
     learnt = train_clip(dataclasses.replace(config, out=tmp_path / "learnt", temperature=None))
     assert learnt.evaluation["temperature"] is None
     assert learnt.evaluation["logit_scale"] != pytest.approx(1 / 0.07, rel=1e-6)  # it moved
+
+
+def test_temperature_start_anneals_to_the_fixed_temperature_over_the_first_half(tmp_path):
+    config = ClipTrainConfig(out=tmp_path / "run", size="tiny", steps=8, batch_size=6, pretrain_n=12,
+                             eval_n=0, device="cpu", temperature=0.02, temperature_start=0.08)  # fmt: skip
+    schedule = [config.temperature_at(step) for step in range(8)]
+    assert schedule[0] == pytest.approx(0.08) and schedule[2] == pytest.approx(0.04)  # geometric: halfway
+    assert schedule[4:] == [pytest.approx(0.02)] * 4  # then the fixed temperature
+    assert config.learnt()["temperature_start"] == 0.08  # keyed: another schedule learns otherwise
+    # unset, it is not recorded, so a CLIP trained before the option is still reused
+    assert "temperature_start" not in dataclasses.replace(config, temperature_start=None).learnt()
+    result = train_clip(config)
+    assert result.evaluation["logit_scale"] == pytest.approx(50.0, rel=1e-4)  # ends at 1 / 0.02
+    assert result.evaluation["temperature_start"] == 0.08
+
+
+def test_caption_tokens_equal_the_tokenizers_and_tokenize_each_caption_once():
+    import open_clip
+    import torch
+
+    from trainers.clip.train import CaptionTokens
+
+    tokenizer, calls = open_clip.get_tokenizer("RN50"), []
+    cached = CaptionTokens(lambda texts: calls.append(list(texts)) or tokenizer(texts))
+    captions = ["a red circle", "a blue square on the left", "a red circle"]
+    assert torch.equal(cached(captions), tokenizer(captions))
+    assert torch.equal(cached(captions[::-1]), tokenizer(captions[::-1]))
+    assert calls == [["a red circle", "a blue square on the left"]]  # each new caption once, then remembered
