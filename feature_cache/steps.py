@@ -47,14 +47,14 @@ def stage_names() -> tuple[str, ...]:
 
 def step(name: str) -> Step:
     """The step of a stage directory; an optimize variant (`optimize-NAME`) is the optimize step."""
-    base = "optimize" if name.startswith("optimize-") else name
+    base = OPTIMIZE if name.startswith(f"{OPTIMIZE}-") else name
     return next(s for s in STEPS if s.name == base)
 
 
 def command(name: str, cache: Path | str) -> str:
     """The command that makes step `name` (an optimize variant's included) in `cache`."""
-    if name.startswith("optimize-"):
-        return f"pipeline optimize --variant {name.removeprefix('optimize-')} --cache {cache}"
+    if name.startswith(f"{OPTIMIZE}-"):
+        return f"pipeline optimize --variant {name.removeprefix(f'{OPTIMIZE}-')} --cache {cache}"
     return step(name).command.format(cache=cache)
 
 

@@ -30,9 +30,6 @@ from PIL import Image
 from core.errors import SampleSkipped
 from inputs.limits import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, IMAGE_FORMATS
 
-# For folder scanning; lower-case, callers compare case-insensitively. Decoding itself ignores names.
-SUPPORTED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
 # The PIL format name of each format `prepare_image` can store (IMAGE_FORMATS), which lets the source bytes
 # be kept as they are.
 _PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}

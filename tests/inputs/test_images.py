@@ -15,7 +15,6 @@ from PIL import Image, ImageFile
 from core.errors import SampleSkipped
 from inputs.images import (
     SKIP_REASONS,
-    SUPPORTED_EXTENSIONS,
     PreparedImage,
     decode_rgb,
     encode_image,
@@ -646,6 +645,9 @@ def test_prepare_propagates_skips():
 
 
 def test_supported_extensions_are_lower_case_and_decodable():
+    """The extensions folder scanning picks up (the image-file reader's) all decode."""
+    from inputs.image_file import IMAGE_EXTENSIONS as SUPPORTED_EXTENSIONS
+
     assert all(ext == ext.lower() and ext.startswith(".") for ext in SUPPORTED_EXTENSIONS)
     fmt_for = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP"}
     for ext in SUPPORTED_EXTENSIONS:
