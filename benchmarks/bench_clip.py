@@ -32,21 +32,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_rows, print_table, stamp  # noqa: E402
 
 ATTRIBUTES = ("shape", "colour", "size", "position")
+LEARNT = dict(temperature=None, temperature_start=None)  # open_clip's learnt temperature: nothing to anneal
 # arm -> ClipTrainConfig overrides. g = scenes per contrast group (1: independent pairs), o = objects.
 ARMS: dict[str, dict] = {
     "default": dict(),  # the current default recipe: the same-run baseline
     # partial captions (re-drawn each step) at a learnt or fixed temperature; p = partial, t = temperature
-    "partial-learnt": dict(caption_style="partial", temperature=None),
-    "partial-t0.01": dict(caption_style="partial", temperature=0.01),
-    "partial-t0.02": dict(caption_style="partial", temperature=0.02),
-    "partial-t0.03": dict(caption_style="partial", temperature=0.03),
-    "partial-t0.01-g1": dict(caption_style="partial", temperature=0.01, contrast_group=1),
-    # the fixed 0.02 reached from a warmer start (--temperature-start), over the first half of the steps
-    "partial-warm0.1": dict(caption_style="partial", temperature=0.02, temperature_start=0.1),
-    "partial-warm0.1-s2600": dict(
-        caption_style="partial", temperature=0.02, temperature_start=0.1, steps=2600
+    "partial-learnt": dict(caption_style="partial", **LEARNT),
+    "partial-t0.01": dict(caption_style="partial", temperature=0.01, temperature_start=None),
+    "partial-t0.02": dict(caption_style="partial", temperature=0.02, temperature_start=None),
+    "partial-t0.03": dict(caption_style="partial", temperature=0.03, temperature_start=None),
+    "partial-t0.01-g1": dict(caption_style="partial", temperature=0.01, temperature_start=None, contrast_group=1),
+    # the default before the warm start (issue 28, section 3's first comparison)
+    "partial-t0.02-s2200": dict(
+        caption_style="partial", temperature=0.02, temperature_start=None, steps=2200, pretrain_n=40000
     ),
-    "full-g3": dict(caption_style="full", temperature=None),  # the former recipe: full captions, no gap
+    # the fixed 0.02 reached from a warmer start (--temperature-start), over the first half of the steps
+    "partial-warm0.1": dict(caption_style="partial", temperature=0.02, temperature_start=0.1, pretrain_n=40000),
+    "partial-warm0.1-s2600": dict(
+        caption_style="partial", temperature=0.02, temperature_start=0.1, steps=2600, pretrain_n=40000
+    ),
+    "full-g3": dict(caption_style="full", **LEARNT),  # the former recipe: full captions, no gap
     "tiny-g1": dict(size="tiny", contrast_group=1, caption_style="full"),  # the first recipe
     "tiny-g3": dict(size="tiny", contrast_group=3, caption_style="full"),  # ViT, 8 px patches, groups
     "rn32-g1": dict(size="rn32", contrast_group=1, caption_style="full"),

@@ -71,7 +71,9 @@ PRESETS = {
 # full is the former world and recipe, kept to reproduce older numbers.
 WORLDS = {
     "partial": dict(caption_style="partial"),  # trainers clip's defaults
-    "full": dict(caption_style="full", temperature=None, contrast_group=3, steps=3000, lr=2e-3),
+    "full": dict(
+        caption_style="full", temperature=None, temperature_start=None, contrast_group=3, steps=3000, lr=2e-3
+    ),
 }
 DEMO_CONDITIONS = ("perturb", "optimize")  # the LAFITE baseline against the pipeline's features
 

@@ -99,7 +99,8 @@ def clip_command(
         shown(
             "--temperature-start",
             "With a fixed --temperature: start at this one and anneal to it, geometrically, over the first "
-            "half of the steps (a warmer start learns the harder attributes sooner; the gap stays).",
+            "half of the steps (a warmer start learns the harder attributes sooner; the gap stays). Equal to "
+            "--temperature: fixed from the first step.",
         ),
     ] = None,
     lr: Annotated[float | None, shown("--lr", "AdamW peak learning rate (warmup, then cosine).")] = None,
@@ -138,6 +139,8 @@ def clip_command(
 
     if "temperature" in given:
         given["temperature"] = parse_temperature(given["temperature"])
+        if given["temperature"] is None:  # learnt: no default warm start to anneal from
+            given.setdefault("temperature_start", None)
     config = ClipTrainConfig(**given, data=tuple(data or ()) + tuple(shards or ()))
     if config.size not in CLIP_SIZES:
         raise ConfigError(f"--size {config.size}: choose one of {', '.join(CLIP_SIZES)}")

@@ -307,9 +307,25 @@ def test_temperature_is_fixed_or_learnt(tmp_path):
                              eval_n=0, device="cpu", temperature=0.05)  # fmt: skip
     result = train_clip(config)
     assert result.evaluation["logit_scale"] == pytest.approx(20.0, rel=1e-4)  # 1 / 0.05, not learnt
-    learnt = train_clip(dataclasses.replace(config, out=tmp_path / "learnt", temperature=None))
+    learnt = train_clip(
+        dataclasses.replace(config, out=tmp_path / "learnt", temperature=None, temperature_start=None)
+    )
     assert learnt.evaluation["temperature"] is None
     assert learnt.evaluation["logit_scale"] != pytest.approx(1 / 0.07, rel=1e-6)  # it moved
+
+
+def test_the_default_warm_start_is_dropped_for_a_learnt_temperature_and_kept_for_a_fixed_one(tmp_path):
+    base = "clip --size tiny --steps 2 --batch-size 6 --pretrain-n 12 --eval-n 0 --device cpu".split()
+    for name, extra, start in (
+        ("fixed", [], ClipTrainConfig().temperature_start),
+        ("learnt", ["--temperature", "learnt"], None),
+    ):
+        result = runner.invoke(app, [*base, "--out", str(tmp_path / name), *extra])
+        assert result.exit_code == 0, result.output
+        assert (
+            json.loads((tmp_path / name / "config.json").read_text())["config"]["temperature_start"] == start
+        )
+    assert ClipTrainConfig().temperature_start is not None  # the default anneals
 
 
 def test_temperature_start_anneals_to_the_fixed_temperature_over_the_first_half(tmp_path):
