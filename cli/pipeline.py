@@ -67,13 +67,15 @@ def root(
 ) -> None:
     """Language-free text-to-image features: synth -> embed -> retrieve -> optimize, into one cache."""
     from core.processes import start_threads
-    from pipeline.engine.config import default_map, read_config
+    from pipeline.engine.config import STORAGE_OPTIONS, default_map, read_config
+    from storage import remote
 
     start_threads(threads)
     try:
         raw = read_config(config)
         if raw:
             ctx.default_map = default_map(raw, _commands(), str(config or "pipeline.toml"))
+            remote.configure(raw.get(STORAGE_OPTIONS, {}))
     except ConfigError as e:
         fail(e)
 

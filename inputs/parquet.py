@@ -9,6 +9,7 @@ from pathlib import Path
 from core.errors import ConfigError
 from inputs.reader import Reader
 from inputs.units import RawSample, Skip, Unit
+from storage import remote
 
 IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "img", "image_bytes", "bytes")
 CAPTION_COLUMNS = ("caption", "text", "txt")
@@ -25,7 +26,8 @@ def parquet_columns(path: str) -> tuple[str, str | None, str | None]:
     import pyarrow.parquet as pq
 
     try:
-        names = pq.read_schema(path).names
+        with remote.open_read(path) as f:
+            names = pq.read_schema(f).names
     except Exception as e:  # pyarrow raises several types for a bad file
         raise ConfigError(f"input {path}: not a readable Parquet file ({e})") from None
     image_col = _pick_column(names, IMAGE_COLUMNS)
@@ -42,10 +44,17 @@ def _read_parquet(unit: Unit) -> Iterator[RawSample | Skip]:
 
     try:
         image_col, key_col, caption_col = parquet_columns(unit.path)
-        pf = pq.ParquetFile(unit.path)
+        f = remote.open_read(unit.path)
     except (ConfigError, OSError) as e:  # changed since planning
         yield Skip("corrupt_parquet", f"{unit.path}: {e}")
         return
+    with f:
+        yield from _rows(unit, pq.ParquetFile(f), image_col, key_col, caption_col)
+
+
+def _rows(
+    unit: Unit, pf, image_col: str, key_col: str | None, caption_col: str | None
+) -> Iterator[RawSample | Skip]:
     stem = Path(unit.path).stem
     row = 0
     columns = [c for c in (image_col, key_col, caption_col) if c]
@@ -71,10 +80,11 @@ def _keys(unit: Unit) -> list[str]:
 
     try:
         _, key_col, _ = parquet_columns(unit.path)
-        if key_col:
-            return [str(k) for k in pq.read_table(unit.path, columns=[key_col])[key_col].to_pylist()]
-        stem = Path(unit.path).stem
-        return [f"{stem}/{row:09d}" for row in range(pq.ParquetFile(unit.path).metadata.num_rows)]
+        with remote.open_read(unit.path) as f:
+            if key_col:
+                return [str(k) for k in pq.read_table(f, columns=[key_col])[key_col].to_pylist()]
+            stem = Path(unit.path).stem
+            return [f"{stem}/{row:09d}" for row in range(pq.ParquetFile(f).metadata.num_rows)]
     except (ConfigError, OSError):
         return []  # read as corrupt_parquet later
 
@@ -84,7 +94,8 @@ def _count(unit: Unit) -> int:
     import pyarrow.parquet as pq
 
     try:
-        return pq.ParquetFile(unit.path).metadata.num_rows
+        with remote.open_read(unit.path) as f:
+            return pq.ParquetFile(f).metadata.num_rows
     except OSError:
         return 0  # read as corrupt_parquet later
 

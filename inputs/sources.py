@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import posixpath
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 from core.errors import ConfigError
 from inputs import registry
 from inputs.units import RawSample, Skip, Unit
+from storage import remote
 
 
 def _has_magic(pattern: str) -> bool:
@@ -31,54 +33,81 @@ def _expand_braces(pattern: str) -> list[str]:
     return list(braceexpand(pattern))
 
 
-def _unit_of_file(path: Path, root: Path) -> Unit | None:
-    reader = registry.reader_for(path.suffix.lower())
+def _unit_of_file(path: str, name: str) -> Unit | None:
+    """The unit of a file (or object) named `name` under its input root, or None for an unclaimed kind."""
+    reader = registry.reader_for(posixpath.splitext(path)[1].lower())
     if reader is None:
         return None
-    return Unit(reader.kind, str(path), path.relative_to(root).as_posix() if reader.in_folders else path.name)
+    return Unit(reader.kind, path, name if reader.in_folders else posixpath.basename(path))
+
+
+def _named_file(path: str, shown: str) -> Unit:
+    """The unit of a file named as an INPUT (not found in a folder): a ConfigError for an unknown kind or
+    an unusable file."""
+    unit = _unit_of_file(path, posixpath.basename(path))
+    if unit is None:
+        known = ", ".join(e for r in registry.READERS for e in r.extensions)
+        raise ConfigError(f"input {shown}: unsupported file type; give files of {known}, or folders")
+    registry.reader_of(unit.kind).check(unit)
+    return unit
+
+
+def _claimed(name: str) -> bool:
+    """Whether a folder scan picks up a file of this relative name: a single-sample kind, nothing hidden."""
+    reader = registry.reader_for(posixpath.splitext(name)[1].lower())
+    hidden = any(part.startswith(".") for part in name.split("/"))
+    return reader is not None and reader.in_folders and not hidden
+
+
+def _url_units(objects: dict[str, dict], folder: str | None) -> list[Unit] | None:
+    """The units of what one URL pattern names (storage.remote.expand): each object a glob or an object
+    URL names, or a folder's images; None when it names nothing."""
+    if not objects:
+        return None
+    if folder is None:
+        return [_named_file(url, url) for url in objects]
+    named = {url: url[len(folder) :].lstrip("/") for url in objects}
+    return [_unit_of_file(url, name) for url, name in named.items() if _claimed(name)]
 
 
 def _scan_folder(folder: Path) -> list[Unit]:
     """The single-sample files (images) under `folder`, recursively; containers in a folder are not picked
     up."""
-    claimed = {ext: r.kind for r in registry.READERS if r.in_folders for ext in r.extensions}
     units = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for fname in sorted(filenames):
-            kind = claimed.get(os.path.splitext(fname)[1].lower())
-            if fname.startswith(".") or kind is None:
-                continue
-            path = Path(dirpath) / fname
-            units.append(Unit(kind, str(path), path.relative_to(folder).as_posix()))
+            if _claimed(fname):
+                path = Path(dirpath) / fname
+                units.append(_unit_of_file(str(path), path.relative_to(folder).as_posix()))
     return units
 
 
+def _local_units(pattern: str) -> list[Unit] | None:
+    """The units of one local path pattern; None when it matches nothing."""
+    found: list[Unit] | None = None
+    for p in sorted(glob.glob(pattern)) if _has_magic(pattern) else [pattern]:
+        path = Path(p).expanduser().absolute()
+        if path.is_dir():
+            found = (found or []) + _scan_folder(path)
+        elif path.is_file():
+            found = (found or []) + [_named_file(str(path), p)]
+    return found
+
+
 def expand_inputs(inputs: list[str]) -> list[Unit]:
-    """INPUT arguments (paths, globs, brace patterns) -> units, deduplicated, in a stable order.
+    """INPUT arguments (paths, URLs, globs, brace patterns) -> units, deduplicated, in a stable order.
 
     Raises ConfigError when an input matches nothing or when nothing usable is found.
     """
     units: dict[str, Unit] = {}
     for arg in inputs:
         matched = False
-        for pattern in _expand_braces(arg):
-            paths = sorted(glob.glob(pattern)) if _has_magic(pattern) else [pattern]
-            for p in paths:
-                path = Path(p).expanduser().absolute()
-                if path.is_dir():
-                    found = _scan_folder(path)
-                elif path.is_file():
-                    unit = _unit_of_file(path, path.parent)
-                    if unit is None:
-                        known = ", ".join(e for r in registry.READERS for e in r.extensions)
-                        raise ConfigError(
-                            f"input {p}: unsupported file type; give files of {known}, or folders"
-                        )
-                    registry.reader_of(unit.kind).check(unit)
-                    found = [unit]
-                else:
-                    continue
+        patterns = _expand_braces(arg)
+        listed = remote.expand_all([p for p in patterns if remote.is_url(p)])
+        for pattern in patterns:
+            found = _url_units(*listed[pattern]) if pattern in listed else _local_units(pattern)
+            if found is not None:
                 matched = True
                 for unit in found:
                     units.setdefault(unit.id, unit)
@@ -116,9 +145,9 @@ def count_samples(units: list[Unit], budget_s: float = TAR_SCAN_BUDGET_S) -> int
             n = len(unit_keys(unit))
             spent += time.perf_counter() - t0
             total, scanned_samples = total + n, scanned_samples + n
-            scanned_bytes += os.path.getsize(unit.path) if os.path.exists(unit.path) else 0
+            scanned_bytes += remote.size(unit.path) or 0
         else:
-            left_bytes += os.path.getsize(unit.path) if os.path.exists(unit.path) else 0
+            left_bytes += remote.size(unit.path) or 0
     if left_bytes and scanned_bytes:
         total += round(left_bytes * scanned_samples / scanned_bytes)
     return total

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 from inputs.reader import Reader
 from inputs.units import RawSample, Skip, Unit, decode_text, unsafe_name
+from storage import remote
 
 
 def _split_member(name: str) -> tuple[str, str]:
@@ -36,7 +37,7 @@ def _read_tar(unit: Unit) -> Iterator[RawSample | Skip]:
         yield RawSample(key=current_key, data=files[image_ext], source=source, caption=caption, labels=labels)
 
     try:
-        with tarfile.open(unit.path, mode="r|*") as tar:
+        with remote.open_read(unit.path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     if not member.isdir():
@@ -53,6 +54,8 @@ def _read_tar(unit: Unit) -> Iterator[RawSample | Skip]:
                 files[ext] = handle.read() if handle is not None else b""
             yield from flush()
     except (tarfile.TarError, OSError, EOFError) as e:
+        if isinstance(e, OSError) and remote.is_url(unit.path):
+            raise  # the store failed (after its retries), not the tar: the shard fails, and a rerun retries
         # A truncated or corrupt tar: keep what was read so far, count the rest as one lost tail.
         yield Skip("corrupt_tar", f"{unit.path}: {e}")
 
@@ -60,8 +63,9 @@ def _read_tar(unit: Unit) -> Iterator[RawSample | Skip]:
 def _keys(unit: Unit) -> list[str]:
     """The sample keys in a tar's headers (the data is seeked over)."""
     keys: list[str] = []
-    try:
-        with tarfile.open(unit.path, mode="r:*") as tar:
+    try:  # seeking over the data; an object in a store is streamed (a ranged read would be a request each)
+        mode = "r|*" if remote.is_url(unit.path) else "r:*"
+        with remote.open_read(unit.path) as f, tarfile.open(fileobj=f, mode=mode) as tar:
             for member in tar:
                 if member.isfile() and not unsafe_name(member.name):
                     key = _split_member(member.name)[0]

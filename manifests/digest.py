@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 CHUNK = 1 << 20
 
@@ -24,12 +24,17 @@ def digest_json(obj: Any) -> str:
     return digest_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
 
 
-def digest_file_content(path: Path) -> str:
+def digest_stream(f: BinaryIO) -> str:
+    """Digest of everything left to read in a binary file, read CHUNK bytes at a time."""
     h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
+    while chunk := f.read(CHUNK):
+        h.update(chunk)
     return h.hexdigest()
+
+
+def digest_file_content(path: Path) -> str:
+    with open(path, "rb") as f:
+        return digest_stream(f)
 
 
 def digest_input_file(path: Path, name: str, *, content: bool = False) -> str:

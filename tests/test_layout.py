@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = (
     ("manifests",),
     ("core",),
+    ("storage",),
     ("kernels", "inputs", "world"),
     ("feature_cache",),
     ("methods",),

@@ -31,8 +31,6 @@ from manifests import (
     ShardSpec,
     check_shard,
     commit_manifest,
-    digest_file_content,
-    digest_input_file,
     group_units,
     list_manifests,
     read_manifest,
@@ -41,6 +39,7 @@ from manifests import (
 )
 from pipeline.embed.config import EmbedConfig
 from pipeline.engine.step_status import StageStatus, committed_status, some_names
+from storage import remote
 
 if TYPE_CHECKING:
     from feature_cache.runner import StageResult
@@ -122,7 +121,7 @@ def plan_embed(config: EmbedConfig, *, write_plan: bool = True) -> EmbedPlan:
     tasks, up_to_date = [], []
     for shard, unit_ids in enumerate(plan.shards):
         members = [by_id[uid] for uid in unit_ids if uid in by_id]
-        deps = [Dep(u.id, digest_input_file(Path(u.path), u.name)) for u in members]
+        deps = [Dep(u.id, remote.digest_input(u.path, u.name)) for u in members]
         spec = ShardSpec(STAGE, shard, STAGE_VERSION, params, deps, config.unkeyed_params())
         reason = "forced" if config.force else check_shard(config.cache, spec, verify=config.verify)
         if reason is None and config.verify:
@@ -176,6 +175,8 @@ def _collision(config: EmbedConfig, key: str, first: str, unit: Unit) -> str:
 def absolute_input(spec: str) -> str:
     """An INPUT as the cache records it: absolute, a glob or brace pattern still one, so that it expands to
     the same units from any working directory (units are identified by absolute path)."""
+    if remote.is_url(spec):
+        return spec
     path = os.path.expanduser(spec)
     return path if os.path.isabs(path) else os.path.join(glob.escape(os.getcwd()), path)
 
@@ -331,7 +332,7 @@ def embed_shard(task: EmbedTask, progress: Progress | None = None) -> dict[str, 
     }
     write_stats(cfg.cache, STAGE, spec.shard, stats)
     # Content digests of the raw inputs, so `--verify` can later tell a real change from a touch.
-    content = {u.id: digest_file_content(Path(u.path)) for u in task.units if os.path.exists(u.path)}
+    content = {u.id: remote.content_digest(u.path) for u in task.units if remote.exists(u.path)}
     extra = {
         "rows": len(keys_written),
         "dim": bundle.dim,
@@ -431,7 +432,7 @@ def _changed_content(cache: Path, shard: int, members: list[Unit]) -> str | None
     """`--verify`: sizes and mtimes can lie (copies that keep mtimes, coarse clocks); contents cannot."""
     recorded = (read_manifest(cache, STAGE, shard) or {}).get("input_content", {})
     for unit in members:
-        if recorded.get(unit.id) != digest_file_content(Path(unit.path)):
+        if recorded.get(unit.id) != remote.content_digest(unit.path):
             return f"input content changed: {unit.name}"
     return None
 

@@ -21,6 +21,8 @@ from typing import Any
 from core.errors import ConfigError
 
 DEFAULT_CONFIG = Path("pipeline.toml")
+# `[storage_options.PROTOCOL]` tables: fsspec options for URLs of that protocol (storage/remote.configure)
+STORAGE_OPTIONS = "storage_options"
 SKIPPED_OPTIONS = {"help", "dry_run", "config"}  # per-invocation flags, not project settings
 
 
@@ -114,7 +116,7 @@ def default_map(
 ) -> dict[str, dict]:
     """Validate the TOML against the command functions and turn it into click's `default_map`."""
     top = {k.replace("-", "_"): v for k, v in raw.items() if not isinstance(v, dict)}
-    sections = {k: v for k, v in raw.items() if isinstance(v, dict)}
+    sections = {k: v for k, v in raw.items() if isinstance(v, dict) and k != STORAGE_OPTIONS}
     for name in sections:
         if name not in stage_sections():
             raise ConfigError(f"{source}: unknown section [{name}] (sections: {', '.join(stage_sections())})")

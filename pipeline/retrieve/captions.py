@@ -44,7 +44,6 @@ from manifests import (
     check_outputs,
     check_shard,
     commit_manifest,
-    digest_input_file,
     list_manifests,
     manifest_path,
     read_manifest,
@@ -56,6 +55,7 @@ from manifests import (
 )
 from pipeline.retrieve.config import CaptionsConfig
 from pipeline.retrieve.corpus import corpus_files, read_corpus
+from storage import remote
 
 STAGE = "captions"
 STAGE_VERSION = "1"
@@ -202,10 +202,10 @@ def plan_captions(config: CaptionsConfig, clip) -> CaptionsPlan:
         )
     surplus = sorted(s for s in list_manifests(config.cache, STAGE) if s >= n_shards)
     corpus = {
-        "files": [str(p.resolve()) for p in files],
-        # size + mtime of each corpus file by resolved path: lets `pipeline status` judge the corpus
-        # without reading it, however its path is spelled
-        "file_digests": {str(p.resolve()): digest_input_file(p, str(p.resolve())) for p in files},
+        "files": files,
+        # size + mtime (an object's fingerprint) of each corpus file by resolved path: lets `pipeline
+        # status` judge the corpus without reading it, however its path is spelled
+        "file_digests": {p: remote.digest_input(p, p) for p in files},
         "records": records,
         "unique_captions": n_captions,
         "dropped": dict(sorted(drops.items())),

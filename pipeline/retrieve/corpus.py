@@ -12,10 +12,12 @@ import gzip
 import io
 import json
 from collections.abc import Iterator
-from pathlib import Path
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
 from typing import IO
 
 from core.errors import ConfigError
+from storage import remote
 
 FORMATS = {
     ".txt": "txt",
@@ -35,18 +37,12 @@ def normalise_caption(text: str) -> str:
     return " ".join(text.lstrip("\ufeff").split())
 
 
-def corpus_files(patterns: tuple[str, ...] | list[str]) -> list[Path]:
-    """Expand --captions arguments to files, in argument order; each glob or folder sorted by name."""
-    files: list[Path] = []
+def corpus_files(patterns: tuple[str, ...] | list[str]) -> list[str]:
+    """Expand --captions arguments to files (resolved paths, or URLs), in argument order; each glob or
+    folder sorted by name."""
+    files: list[str] = []
     for pattern in patterns:
-        if glob.has_magic(pattern):
-            matches = [Path(p) for p in sorted(glob.glob(pattern, recursive=True)) if Path(p).is_file()]
-        elif Path(pattern).is_dir():
-            matches = sorted(p for p in Path(pattern).rglob("*") if p.is_file() and _format(p, strict=False))
-        elif Path(pattern).is_file():
-            matches = [Path(pattern)]
-        else:
-            raise ConfigError(f"--captions {pattern}: no such file")
+        matches = _url_matches(pattern) if remote.is_url(pattern) else _local_matches(pattern)
         if not matches:
             raise ConfigError(f"--captions {pattern}: matches no caption file")
         for path in matches:
@@ -56,8 +52,27 @@ def corpus_files(patterns: tuple[str, ...] | list[str]) -> list[Path]:
     return files
 
 
-def _format(path: Path, strict: bool = True) -> str | None:
-    suffixes = [s.lower() for s in path.suffixes]
+def _local_matches(pattern: str) -> list[str]:
+    if glob.has_magic(pattern):
+        found = [Path(p) for p in sorted(glob.glob(pattern, recursive=True)) if Path(p).is_file()]
+    elif Path(pattern).is_dir():
+        found = sorted(p for p in Path(pattern).rglob("*") if p.is_file() and _format(str(p), strict=False))
+    elif Path(pattern).is_file():
+        found = [Path(pattern)]
+    else:
+        raise ConfigError(f"--captions {pattern}: no such file")
+    return [str(p.resolve()) for p in found]
+
+
+def _url_matches(pattern: str) -> list[str]:
+    objects, folder = remote.expand(pattern)
+    if not objects and folder is None and not glob.has_magic(pattern):
+        raise ConfigError(f"--captions {pattern}: no such file")
+    return [url for url in objects if folder is None or _format(url, strict=False)]
+
+
+def _format(path: str, strict: bool = True) -> str | None:
+    suffixes = [s.lower() for s in PurePosixPath(path).suffixes]
     if suffixes and suffixes[-1] == ".gz":
         suffixes = suffixes[:-1]
     fmt = FORMATS.get(suffixes[-1]) if suffixes else None
@@ -69,13 +84,20 @@ def _format(path: Path, strict: bool = True) -> str | None:
     return fmt
 
 
-def _open(path: Path) -> IO[bytes]:
-    with open(path, "rb") as f:
+@contextmanager
+def _open(path: str) -> Iterator[IO[bytes]]:
+    """A corpus file's bytes, gunzipped when it starts with gzip's magic (whatever its name)."""
+    with remote.open_read(path) as f:
         magic = f.read(2)
-    return gzip.open(path, "rb") if magic == GZIP_MAGIC else open(path, "rb")
+        f.seek(0)
+        if magic != GZIP_MAGIC:
+            yield f
+            return
+        with gzip.GzipFile(fileobj=f, mode="rb") as unzipped:
+            yield unzipped
 
 
-def read_corpus(files: list[Path], column: str = "caption") -> Iterator[tuple[str | None, str | None]]:
+def read_corpus(files: list[str], column: str = "caption") -> Iterator[tuple[str | None, str | None]]:
     """Yield `(caption, None)` for each normalised caption or `(None, reason)` for each dropped record.
 
     Duplicates are not removed here (see `plan_captions`).
@@ -100,7 +122,7 @@ def read_corpus(files: list[Path], column: str = "caption") -> Iterator[tuple[st
             raise ConfigError(f"--captions {path}: cannot read ({e})") from None
 
 
-def _read_txt(path: Path, column: str, fmt: str) -> Iterator[tuple[str | None, str | None]]:
+def _read_txt(path: str, column: str, fmt: str) -> Iterator[tuple[str | None, str | None]]:
     with _open(path) as f:
         for line in f:
             try:
@@ -109,7 +131,7 @@ def _read_txt(path: Path, column: str, fmt: str) -> Iterator[tuple[str | None, s
                 yield None, "non_utf8"
 
 
-def _read_jsonl(path: Path, column: str, fmt: str) -> Iterator[tuple[str | None, str | None]]:
+def _read_jsonl(path: str, column: str, fmt: str) -> Iterator[tuple[str | None, str | None]]:
     records = with_column = 0
     first_keys: list[str] | None = None
     with _open(path) as f:
@@ -147,7 +169,7 @@ def _read_jsonl(path: Path, column: str, fmt: str) -> Iterator[tuple[str | None,
         )
 
 
-def _read_csv(path: Path, column: str, fmt: str) -> Iterator[tuple[str | None, str | None]]:
+def _read_csv(path: str, column: str, fmt: str) -> Iterator[tuple[str | None, str | None]]:
     csv.field_size_limit(1 << 24)
     with _open(path) as raw:
         # surrogateescape keeps the reader going through bad bytes; the value is checked for them below.
@@ -180,12 +202,17 @@ def _read_csv(path: Path, column: str, fmt: str) -> Iterator[tuple[str | None, s
             raise ConfigError(f"--captions {where} ({e})") from None
 
 
-def _read_parquet(path: Path, column: str, fmt: str) -> Iterator[tuple[str | None, str | None]]:
+def _read_parquet(path: str, column: str, fmt: str) -> Iterator[tuple[str | None, str | None]]:
+    with remote.open_read(path) as f:
+        yield from _parquet_captions(path, f, column)
+
+
+def _parquet_captions(path: str, f: IO[bytes], column: str) -> Iterator[tuple[str | None, str | None]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(f)
     except pa.ArrowInvalid as e:
         raise ConfigError(f"--captions {path}: not a readable Parquet file ({e})") from None
     names = pf.schema_arrow.names

@@ -3,12 +3,14 @@ stats files and file stats only (pipeline/status.py says how `pipeline status` j
 
 from __future__ import annotations
 
+import posixpath
 from pathlib import Path
 
 from core.errors import ConfigError
-from manifests import absent_reason, digest_input_file, list_manifests
+from manifests import absent_reason, list_manifests
 from manifests.errors import read_json
 from pipeline.engine.step_status import StageStatus, committed_status
+from storage import remote
 
 
 def captions_status(cache: Path, configs: tuple, upstream: dict) -> list[StageStatus]:
@@ -29,20 +31,20 @@ def _captions_status(cache: Path, config) -> StageStatus:
         recorded = corpus.get("file_digests", {})
     except FileNotFoundError:
         recorded = None
-    current = {str(p.resolve()) for p in corpus_files(config.captions.corpus)}
+    current = set(corpus_files(config.captions.corpus))
     if recorded is None or not status.up_to_date and not status.stale:
         status.note = "never built"
         status.stale.setdefault(0, "new shard")
         return status
     # Older caches recorded each file as it was spelled (relative to where that run was): compare resolved
     # paths, and each file's stats digest under the name it was recorded with.
-    spelled = {str(Path(name).resolve()): name for name in recorded}
+    spelled = {name if remote.is_url(name) else str(Path(name).resolve()): name for name in recorded}
     changed = sorted(set(current) ^ set(spelled))
     changed += [
-        p for p in current & set(spelled) if digest_input_file(Path(p), spelled[p]) != recorded[spelled[p]]
+        p for p in current & set(spelled) if remote.digest_input(p, spelled[p]) != recorded[spelled[p]]
     ]
     if changed:
-        status.note = "corpus changed: " + ", ".join(Path(p).name for p in changed[:3])
+        status.note = "corpus changed: " + ", ".join(posixpath.basename(p) for p in changed[:3])
         for shard in list(status.up_to_date):
             status.mark(shard, "corpus changed (shards re-checked by content when run)")
     return status
