@@ -17,15 +17,13 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
 from core.errors import ConfigError
 from manifests.digest import digest_input_file, digest_json, digest_stream
 
-_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
-LOCAL_PROTOCOLS = ("file", "local")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 READ_BLOCK = 8 << 20  # bytes a streaming read fetches per request: memory stays this, not the object
 # what a listing says of an object that changes when its bytes do, most telling first (S3, GCS, HTTP, ...)
 FINGERPRINT_KEYS = ("ETag", "etag", "VersionId", "generation", "md5Hash", "crc32c", "LastModified", "mtime")
@@ -34,9 +32,8 @@ _INFO: dict[str, dict[str, Any]] = {}  # URL -> what the last listing of it said
 
 
 def is_url(path: str | os.PathLike) -> bool:
-    """Whether `path` is a URL that fsspec opens (`s3://...`), not a local path (`file://` is local)."""
-    match = _URL.match(str(path))
-    return match is not None and match.group(1).lower() not in LOCAL_PROTOCOLS
+    """Whether `path` is a URL that fsspec opens (`s3://...`, `file://...`), not a plain local path."""
+    return _URL.match(str(path)) is not None
 
 
 def configure(storage_options: dict[str, dict[str, Any]]) -> None:
@@ -113,13 +110,12 @@ def _has_magic(pattern: str) -> bool:
     return any(c in pattern for c in "*?[")
 
 
-def info(url: str, *, fresh: bool = False) -> dict[str, Any]:
-    """What the store says of one object: remembered from the last listing unless `fresh`."""
-    if not fresh and url in _INFO:
-        return _INFO[url]
-    fs, path = filesystem(url)
-    fs.invalidate_cache(path)
-    _INFO[url] = dict(fs.info(path))
+def info(url: str) -> dict[str, Any]:
+    """What the store says of one object: remembered from the last listing of it, else asked."""
+    if url not in _INFO:
+        fs, path = filesystem(url)
+        fs.invalidate_cache(path)
+        _INFO[url] = dict(fs.info(path))
     return _INFO[url]
 
 
@@ -172,9 +168,3 @@ def content_digest(path: str | os.PathLike) -> str:
 def read_bytes(path: str | os.PathLike) -> bytes:
     with open_read(path) as f:
         return f.read()
-
-
-def forget(urls: Iterable[str]) -> None:
-    """Drop what listings said of `urls`, so the next fingerprint asks the store (tests; long processes)."""
-    for url in urls:
-        _INFO.pop(url, None)

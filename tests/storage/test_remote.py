@@ -29,7 +29,7 @@ def put(fs, url: str, data: bytes) -> None:
 
 @pytest.mark.parametrize(
     "path, url",
-    [("s3://b/k.tar", True), ("gs://b/k", True), ("https://h/x.tar", True), ("file:///tmp/x", False),
+    [("s3://b/k.tar", True), ("gs://b/k", True), ("https://h/x.tar", True), ("file:///tmp/x", True),
      ("/tmp/x.tar", False), ("relative/x.tar", False), ("c:x", False)],
 )  # fmt: skip
 def test_urls_are_told_from_local_paths(path, url):
