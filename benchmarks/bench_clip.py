@@ -41,13 +41,17 @@ ARMS: dict[str, dict] = {
     "partial-t0.01": dict(caption_style="partial", temperature=0.01, temperature_start=None),
     "partial-t0.02": dict(caption_style="partial", temperature=0.02, temperature_start=None),
     "partial-t0.03": dict(caption_style="partial", temperature=0.03, temperature_start=None),
-    "partial-t0.01-g1": dict(caption_style="partial", temperature=0.01, temperature_start=None, contrast_group=1),
+    "partial-t0.01-g1": dict(
+        caption_style="partial", temperature=0.01, temperature_start=None, contrast_group=1
+    ),
     # the default before the warm start (issue 28, section 3's first comparison)
     "partial-t0.02-s2200": dict(
         caption_style="partial", temperature=0.02, temperature_start=None, steps=2200, pretrain_n=40000
     ),
     # the fixed 0.02 reached from a warmer start (--temperature-start), over the first half of the steps
-    "partial-warm0.1": dict(caption_style="partial", temperature=0.02, temperature_start=0.1, pretrain_n=40000),
+    "partial-warm0.1": dict(
+        caption_style="partial", temperature=0.02, temperature_start=0.1, pretrain_n=40000
+    ),
     "partial-warm0.1-s2600": dict(
         caption_style="partial", temperature=0.02, temperature_start=0.1, steps=2600, pretrain_n=40000
     ),

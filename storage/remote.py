@@ -29,6 +29,7 @@ READ_BLOCK = 8 << 20  # bytes a streaming read fetches per request: memory stays
 FINGERPRINT_KEYS = ("ETag", "etag", "VersionId", "generation", "md5Hash", "crc32c", "LastModified", "mtime")
 
 _INFO: dict[str, dict[str, Any]] = {}  # URL -> what the last listing of it said (per process)
+_LISTED: set[str] = set()  # folder URLs listed whole (with everything under them) by `expand`
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -103,6 +104,8 @@ def expand(pattern: str, *, fresh: bool = True) -> tuple[dict[str, dict[str, Any
             found = {path: entry}
     objects = {_url_of(fs, p): dict(entry) for p, entry in sorted(found.items()) if entry["type"] == "file"}
     _INFO.update(objects)
+    if folder is not None:
+        _LISTED.add(folder + "/")
     return objects, folder
 
 
@@ -139,6 +142,8 @@ def size(path: str | os.PathLike) -> int | None:
     """Bytes in a file or object, None when it is not there."""
     if not is_url(path):
         return os.path.getsize(path) if os.path.isfile(path) else None
+    if str(path) not in _INFO and any(str(path).startswith(folder) for folder in _LISTED):
+        return None  # not in its folder's listing (an image's absent caption file): no request
     try:
         return int(info(str(path))["size"])
     except FileNotFoundError:

@@ -110,7 +110,9 @@ def test_a_whole_pipeline_reads_its_inputs_and_corpus_from_s3_with_the_options_o
     assert again.exit_code == 0, again.output
     made = [line for line in again.output.splitlines() if "shard(s) made" in line]
     assert made and all(": 0 shard(s) made" in line for line in made), again.output
-    fs.pipe(f"{bucket}/world/captions.parquet", fs.cat(f"{bucket}/world/captions.parquet"))  # rewritten
+    fewer = io.BytesIO()
+    pq.write_table(pq.read_table(world / "captions.parquet").slice(1), fewer)
+    fs.pipe(f"{bucket}/world/captions.parquet", fewer.getvalue())  # rewritten: one caption fewer
     status = runner.invoke(app, ["status"])
     assert "corpus changed" in status.output, status.output
     for folder, _, files in os.walk(tmp_path / "cache"):
@@ -146,3 +148,17 @@ def test_judging_a_cache_of_many_s3_shards_is_one_listing_not_a_request_per_obje
         plan = plan_embed(embed_config([pattern], tmp_path / "cache"), write_plan=False)
         assert len(plan.tasks) == 40, pattern
         assert s3_requests == ["list_objects_v2"], (pattern, s3_requests)  # the objects' ETags come with it
+
+
+def test_reading_a_bucket_folder_of_images_asks_nothing_per_missing_caption_file(s3, s3_requests, tmp_path):
+    fs, bucket = s3
+    for i in range(6):
+        fs.pipe(f"{bucket}/photos/img{i}.jpg", image_bytes((40 * i, 90, 200)))
+    fs.pipe(f"{bucket}/photos/img0.txt", b"a caption\n")
+    s3_requests.clear()
+    result = run_embed(embed_config([f"{bucket}/photos"], tmp_path / "cache"))
+    assert result.rows_written == 6
+    assert s3_requests.count("head_object") <= 1, s3_requests  # is the folder an object? then listings
+    assert s3_requests.count("get_object") == 6 + 1 + 6, (
+        s3_requests
+    )  # the images read, a caption, the images hashed
