@@ -21,10 +21,6 @@ from inputs.units import RawSample, Skip, Unit
 from storage import remote
 
 
-def _has_magic(pattern: str) -> bool:
-    return any(c in pattern for c in "*?[")
-
-
 def _expand_braces(pattern: str) -> list[str]:
     if "{" not in pattern:
         return [pattern]
@@ -86,7 +82,7 @@ def _scan_folder(folder: Path) -> list[Unit]:
 def _local_units(pattern: str) -> list[Unit] | None:
     """The units of one local path pattern; None when it matches nothing."""
     found: list[Unit] | None = None
-    for p in sorted(glob.glob(pattern)) if _has_magic(pattern) else [pattern]:
+    for p in sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]:
         path = Path(p).expanduser().absolute()
         if path.is_dir():
             found = (found or []) + _scan_folder(path)

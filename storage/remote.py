@@ -14,6 +14,7 @@ protocol. None of it is written to a manifest or a log: manifests record URLs an
 
 from __future__ import annotations
 
+import glob
 import os
 import posixpath
 import re
@@ -68,7 +69,7 @@ def expand_all(patterns: list[str]) -> dict[str, tuple[dict[str, dict[str, Any]]
     (`{00000..09999}.tar`) listed once rather than asked about each object."""
     named: dict[str, list[str]] = {}
     for pattern in patterns:
-        if not _has_magic(pattern):
+        if not glob.has_magic(pattern):
             named.setdefault(posixpath.dirname(pattern.rstrip("/")), []).append(pattern)
     for pattern in patterns:
         filesystem(pattern)[0].invalidate_cache()  # no request: forgets this process's earlier listings
@@ -91,7 +92,7 @@ def expand(pattern: str, *, fresh: bool = True) -> tuple[dict[str, dict[str, Any
     if fresh:
         fs.invalidate_cache()
     folder = None
-    if _has_magic(path):
+    if glob.has_magic(path):
         found = fs.glob(path, detail=True)
     else:
         try:
@@ -107,10 +108,6 @@ def expand(pattern: str, *, fresh: bool = True) -> tuple[dict[str, dict[str, Any
     if folder is not None:
         _LISTED.add(folder + "/")
     return objects, folder
-
-
-def _has_magic(pattern: str) -> bool:
-    return any(c in pattern for c in "*?[")
 
 
 def info(url: str) -> dict[str, Any]:
